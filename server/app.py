@@ -1,0 +1,99 @@
+"""The composition root: builds the grpc.aio server from settings and runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jobwire.server.blobs.filesystem import FileBlobStore
+from jobwire.server.bus.memory import MemoryBus
+from jobwire.server.logs import LogHub
+from jobwire.server.scheduler import Scheduler
+from jobwire.server.servicers.files import FileServicer
+from jobwire.server.servicers.jobs import JobServicer
+from jobwire.server.servicers.server import ServerServicer
+from jobwire.server.servicers.workers import WorkerServicer
+from jobwire.server.settings import ServerSettings
+from jobwire.server.store import StateStore, open_store
+from jobwire.v1 import (
+    files_pb2,
+    files_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 64 * 1024 * 1024
+SERVICES = [
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+    server_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name,
+    workers_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+]
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass
+class Server:
+    """A built server: the grpc.aio server, the port it listens on, and what it owns."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    store: StateStore
+    scheduler: Scheduler
+    health: health.aio.HealthServicer
+
+    async def run(self, started: asyncio.Event | None = None) -> None:
+        """Serve until cancelled, then stop gracefully."""
+        await self.grpc_server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("jobwire server listening on port %d", self.port)
+        if started is not None:
+            started.set()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.scheduler.reap())
+                group.create_task(self.grpc_server.wait_for_termination())
+        finally:
+            await self.health.enter_graceful_shutdown()
+            await self.grpc_server.stop(grace=2)
+            await self.store.close()
+
+
+async def build_server(settings: ServerSettings, clock: Callable[[], float] = time.time) -> Server:
+    """Wire store, blobs, bus, scheduler and servicers into a server bound to its port."""
+    settings.data_directory.mkdir(parents=True, exist_ok=True)
+    store = await open_store(settings.database, settings.data_directory)
+    blobs = FileBlobStore(settings.data_directory / "blobs")
+    bus = MemoryBus()
+    scheduler = Scheduler(store, bus, settings, clock)
+    logs = LogHub(store, bus)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
+    files_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(blobs, settings.max_upload_size), server)
+    server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(store, settings), server)
+    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(scheduler, logs, clock), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return Server(server, port, store, scheduler, health_servicer)

@@ -1,0 +1,31 @@
+"""The EventBus protocol: topics of byte messages, delivered to live subscribers only.
+
+The bus is a notification path, never the record: a subscriber that falls
+behind gets `Lagged` and re-reads what it missed from the state store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+
+class Lagged(Exception):
+    """The subscriber fell behind and messages were dropped; re-read from the store."""
+
+
+class Subscription(Protocol):
+    """Messages of one topic from the moment of subscribing."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """Yield messages; raises Lagged after an overflow."""
+
+
+class EventBus(Protocol):
+    """Publish/subscribe by topic name."""
+
+    async def publish(self, topic: str, message: bytes) -> None:
+        """Deliver `message` to every current subscriber of `topic`."""
+
+    def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        """An async context manager yielding a subscription (use with `async with`)."""

@@ -1,0 +1,75 @@
+"""The server's errors: one tree, one table to gRPC status codes, one wrapper.
+
+    JobwireError
+     ├── InvalidArgument      bad input: definition, key, path, checksum   → INVALID_ARGUMENT (HTTP 400)
+     ├── NotFound             unknown job, file, input or output           → NOT_FOUND (HTTP 404)
+     ├── FailedPrecondition   the job's state forbids the action           → FAILED_PRECONDITION
+     ├── TooLarge             an upload past the size limit                → RESOURCE_EXHAUSTED (HTTP 429)
+     └── Unavailable          a backend (store, blobs) cannot be reached   → UNAVAILABLE (HTTP 503)
+
+Envoy turns the status codes into HTTP codes with a JSON body
+`{"code": …, "message": …}`. Messages are short, actionable and leak no internals.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+
+
+class JobwireError(Exception):
+    """Base of every error the server reports to clients."""
+
+
+class InvalidArgument(JobwireError):
+    """The request is malformed; the message says what to fix."""
+
+
+class NotFound(JobwireError):
+    """The job, file, input or output does not exist."""
+
+
+class FailedPrecondition(JobwireError):
+    """The job's state forbids the action."""
+
+
+class TooLarge(JobwireError):
+    """An upload exceeds the server's size limit."""
+
+
+class Unavailable(JobwireError):
+    """A backend cannot be reached; retrying later may work."""
+
+
+STATUS_CODES: dict[type[JobwireError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(error: JobwireError) -> grpc.StatusCode:
+    """The gRPC status code of `error` (the nearest class in the table)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class grpc_errors:  # noqa: N801 - used like a function: `async with grpc_errors(context):`
+    """Turn JobwireErrors raised in a handler body into gRPC status codes (never swallows)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        self.context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if isinstance(error, JobwireError):
+            await self.context.abort(status_code(error), str(error))

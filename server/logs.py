@@ -1,0 +1,118 @@
+"""Job logs: storing the batches workers send, reading them by cursor, following them live."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from jobwire.server import topics
+from jobwire.server.bus import EventBus, Lagged
+from jobwire.server.errors import NotFound
+from jobwire.server.store import StateStore
+from jobwire.server.store.base import Attempt
+from jobwire.server.store.rows import job_summary
+from jobwire.v1 import jobs_pb2
+
+READ_LIMIT = 100_000
+"""Most chunks returned by one read (and kept in a result's `logs`)."""
+
+_FINISHED = jobs_pb2.JOB_STATE_FINISHED
+
+
+class LogHub:
+    """Appends log batches (fenced by attempt) and serves them to readers and followers."""
+
+    def __init__(self, store: StateStore, bus: EventBus) -> None:
+        self.store, self.bus = store, bus
+
+    async def append(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk]) -> bool:
+        """Store and publish a batch; False if the attempt is stale."""
+        start = await self.store.append_logs(attempt, kind, chunks)
+        if start is None:
+            return False
+        batch = jobs_pb2.LogBatch(kind=kind, start=start, chunks=chunks, attempt=attempt.attempt)
+        message = jobs_pb2.WatchJobResponse(logs=batch)
+        await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
+        return True
+
+    async def read(self, job: jobs_pb2.Job, kind: int, since: int) -> list[jobs_pb2.LogChunk]:
+        """The current attempt's chunks of one log from index `since`."""
+        return await self.store.read_logs(Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT)
+
+    async def watch(self, job_id: str, run_since: int, build: bool) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        """The job's state, its logs so far, then every change until it finishes."""
+        async with self.bus.subscribe(topics.job(job_id)) as subscription:
+            follower = _Follower(self, job_id, run_since, build)
+            async for message in follower.resync():
+                yield message
+            while not follower.done:
+                try:
+                    async for payload in subscription:
+                        async for message in follower.handle(jobs_pb2.WatchJobResponse.FromString(payload)):
+                            yield message
+                        if follower.done:
+                            break
+                except Lagged:
+                    async for message in follower.resync():
+                        yield message
+
+
+class _Follower:
+    """Cursor state of one watcher: which attempt, and how far into each log."""
+
+    def __init__(self, hub: LogHub, job_id: str, run_since: int, build: bool) -> None:
+        self.hub, self.job_id = hub, job_id
+        self.kinds = [jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN] if build else [jobs_pb2.LOG_KIND_RUN]
+        self.cursors = {kind: 0 for kind in self.kinds}
+        self.cursors[jobs_pb2.LOG_KIND_RUN] = run_since
+        self.attempt = -1
+        self.done = False
+
+    async def resync(self) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        """Send the job's state and whatever the store has beyond the cursors."""
+        job = await self.hub.store.get_job(self.job_id)
+        if job is None:
+            raise NotFound(f"job {self.job_id} not found")
+        async for message in self._on_job(job):
+            yield message
+
+    async def handle(self, event: jobs_pb2.WatchJobResponse) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        """Forward one bus event, filling gaps from the store."""
+        if event.HasField("job"):
+            async for message in self._on_job(event.job):
+                yield message
+            return
+        batch = event.logs
+        if batch.attempt != self.attempt or batch.kind not in self.cursors:
+            return
+        cursor = self.cursors[batch.kind]
+        if batch.start > cursor:
+            async for message in self._catch_up():
+                yield message
+        elif batch.start + len(batch.chunks) > cursor:
+            yield self._batch(batch.kind, cursor, batch.chunks[cursor - batch.start :])
+
+    async def _on_job(self, job: jobs_pb2.Job) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        if job.attempt != self.attempt:
+            if self.attempt >= 0:
+                self.cursors = {kind: 0 for kind in self.kinds}
+            self.attempt = job.attempt
+        yield jobs_pb2.WatchJobResponse(job=job_summary(job))
+        async for message in self._catch_up():
+            yield message
+        self.done = job.state == _FINISHED
+
+    async def _catch_up(self) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        if self.attempt <= 0:
+            return
+        for kind in self.kinds:
+            while chunks := await self.hub.store.read_logs(
+                Attempt(self.job_id, self.attempt), kind, self.cursors[kind], READ_LIMIT
+            ):
+                yield self._batch(kind, self.cursors[kind], chunks)
+
+    def _batch(
+        self, kind: int, start: int, chunks: Sequence[jobs_pb2.LogChunk]
+    ) -> jobs_pb2.WatchJobResponse:
+        self.cursors[kind] = start + len(chunks)
+        batch = jobs_pb2.LogBatch(kind=kind, start=start, chunks=chunks, attempt=self.attempt)
+        return jobs_pb2.WatchJobResponse(logs=batch)

@@ -1,0 +1,175 @@
+"""Job lifecycle: submission, assignment to workers, fenced results, cancels and leases.
+
+Every transition is one atomic store call; the bus only tells the other
+parts (watchers, worker sessions, other replicas) that something changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from jobwire.definition import DefinitionError, job_id, validate
+from jobwire.server import topics
+from jobwire.server.bus import EventBus
+from jobwire.server.errors import InvalidArgument, NotFound
+from jobwire.server.settings import ServerSettings
+from jobwire.server.store import StateStore
+from jobwire.server.store.base import DEFAULT_NAMESPACE, Attempt, Cancelled
+from jobwire.server.store.rows import job_summary
+from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
+
+log = logging.getLogger(__name__)
+_QUEUE_NAME_MAX = 256
+
+
+class Scheduler:
+    """The domain core of the server; knows nothing of gRPC."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        bus: EventBus,
+        settings: ServerSettings,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store, self.bus, self.settings, self.clock = store, bus, settings, clock
+
+    async def submit(
+        self,
+        queue: str,
+        definition: definition_pb2.JobDefinition,
+        control: definition_pb2.JobControl,
+        claimed_id: str = "",
+    ) -> jobs_pb2.Job:
+        """Validate and enqueue; an identical in-flight or cached job is returned as is."""
+        check_queue(queue)
+        try:
+            validate(definition)
+        except DefinitionError as error:
+            raise InvalidArgument(f"invalid definition: {error}") from None
+        new_id = job_id(definition)
+        if claimed_id and claimed_id != new_id:
+            raise InvalidArgument(f"id {claimed_id!r} does not match the definition, whose id is {new_id}")
+        namespace = control.namespace if control.HasField("namespace") and control.namespace else DEFAULT_NAMESPACE
+        job, queued = await self.store.submit(
+            job_id=new_id, definition=definition, queue=queue, namespace=namespace, now=self.clock()
+        )
+        if queued:
+            log.info("job %s queued on %r", new_id, queue)
+            await self.publish_job(job)
+            await self.bus.publish(topics.queue(queue), b"")
+        return job
+
+    async def get_job(self, job_id: str, queue: str = "") -> jobs_pb2.Job:
+        """The full job, with a waiting reason while queued; NotFound if unknown."""
+        job = await self.store.get_job(job_id, queue=queue)
+        if job is None:
+            where = f" in queue {queue!r}" if queue else ""
+            raise NotFound(f"job {job_id} not found{where}")
+        if job.state == jobs_pb2.JOB_STATE_QUEUED:
+            job.waiting_reason = await self.waiting_reason(job)
+        return job
+
+    async def waiting_reason(self, job: jobs_pb2.Job) -> str:
+        """Why a queued job is not running yet, in words a person can act on."""
+        workers = await self.live_workers(job.queue)
+        if not workers:
+            return f"no worker is connected to queue {job.queue!r}; start one with `jobwire worker {job.queue}`"
+        slots = sum(w.cpus for w in workers)
+        busy = sum(len(w.running_job_ids) for w in workers)
+        ahead = await self.store.queue_position(job.queue, job.id)
+        if busy >= slots:
+            return f"all {slots} slots of the {len(workers)} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
+        return f"waiting for a worker to take it; {ahead} job(s) ahead"
+
+    async def live_workers(self, queue: str) -> list[jobs_pb2.WorkerInfo]:
+        """Workers of the queue heard from within a lease."""
+        return await self.store.list_workers(queue, seen_since=self.clock() - self.settings.lease_seconds)
+
+    async def cancel(self, queue: str, job_id: str, namespace: str) -> jobs_pb2.Job:
+        """Cancel for one namespace (`*`: all); the container is stopped when none is left."""
+        cancelled = await self.store.cancel(
+            queue=queue, job_id=job_id, namespace=namespace or DEFAULT_NAMESPACE, now=self.clock()
+        )
+        if cancelled is None:
+            raise NotFound(f"job {job_id} not found in queue {queue!r}")
+        await self._after_end(cancelled, "cancelled by a client")
+        return cancelled.job
+
+    async def delete(self, job_id: str) -> jobs_pb2.Job:
+        """Delete the job and its cached result; a running container is stopped."""
+        deleted = await self.store.delete(job_id, self.clock())
+        if deleted is None:
+            raise NotFound(f"job {job_id} not found")
+        await self._after_end(deleted, "deleted by a client")
+        return deleted.job
+
+    async def _after_end(self, ended: Cancelled, reason: str) -> None:
+        await self.publish_job(ended.job)
+        if ended.stop is not None:
+            stop = workers_pb2.JobCancel(job_id=ended.stop.job_id, attempt=ended.stop.attempt, reason=reason)
+            message = workers_pb2.ConnectResponse(cancel=stop)
+            await self.bus.publish(topics.worker(ended.worker_id), message.SerializeToString())
+
+    async def copy(self, job_id: str, queue: str, control: definition_pb2.JobControl) -> jobs_pb2.Job:
+        """Submit a stored job's definition to another queue."""
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return await self.submit(queue, job.definition, control)
+
+    async def claim(self, queue: str, worker_id: str) -> jobs_pb2.Job | None:
+        """Assign the queue's oldest waiting job to the worker."""
+        job = await self.store.claim(
+            queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds
+        )
+        if job is not None:
+            log.info("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)
+            await self.publish_job(job)
+        return job
+
+    async def started(self, attempt: Attempt) -> bool:
+        """The attempt's container started; False if stale."""
+        if not await self.store.start(attempt, self.clock()):
+            return False
+        job = await self.store.get_job(attempt.job_id)
+        if job is not None:
+            await self.publish_job(job)
+        return True
+
+    async def finished(self, attempt: Attempt, result: jobs_pb2.JobResult) -> jobs_pb2.Job | None:
+        """Record the attempt's result; None (logged) if the attempt is stale."""
+        result.attempt = attempt.attempt
+        job = await self.store.finish(attempt, result, self.clock())
+        if job is None:
+            log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
+            return None
+        log.info("job %s finished: %s", job.id, jobs_pb2.FinishReason.Name(job.finish_reason))
+        await self.publish_job(job)
+        return job
+
+    async def renew(self, worker_id: str, attempts: Sequence[Attempt]) -> list[Attempt]:
+        """Extend the worker's leases; returns its stale attempts."""
+        return await self.store.renew(worker_id, attempts, self.clock() + self.settings.lease_seconds)
+
+    async def reap(self) -> None:
+        """Re-queue jobs whose worker went silent past its lease (run forever)."""
+        while True:
+            for job, attempt in await self.store.requeue_expired(self.clock()):
+                log.warning("job %s: attempt %d lost its worker; re-queued", job.id, attempt.attempt)
+                await self.publish_job(job)
+                await self.bus.publish(topics.queue(job.queue), b"")
+            await asyncio.sleep(self.settings.reap_interval_seconds)
+
+    async def publish_job(self, job: jobs_pb2.Job) -> None:
+        """Tell watchers the job's new state (without definition, result logs and history)."""
+        message = jobs_pb2.WatchJobResponse(job=job_summary(job))
+        await self.bus.publish(topics.job(job.id), message.SerializeToString())
+
+
+def check_queue(queue: str) -> None:
+    """Reject an empty, overlong or path-like queue name."""
+    if not queue or len(queue) > _QUEUE_NAME_MAX or "/" in queue or "\0" in queue:
+        raise InvalidArgument(f"invalid queue name {queue!r} (1-{_QUEUE_NAME_MAX} characters, no '/')")

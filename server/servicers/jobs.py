@@ -1,0 +1,187 @@
+"""JobService: queues and jobs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+from collections.abc import AsyncIterator
+
+import grpc
+from google.api import httpbody_pb2
+
+from jobwire.server.blobs import BlobStore
+from jobwire.server.errors import InvalidArgument, NotFound, grpc_errors
+from jobwire.server.logs import LogHub
+from jobwire.server.metrics import queue_metrics
+from jobwire.server.scheduler import Scheduler
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+_PAGE_DEFAULT, _PAGE_MAX = 100, 1000
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    """Adapts JobService calls to the scheduler, the log hub and the blob store."""
+
+    def __init__(self, scheduler: Scheduler, logs: LogHub, blobs: BlobStore) -> None:
+        self.scheduler, self.logs, self.blobs = scheduler, logs, blobs
+
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.SubmitJobResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.submit(request.queue, request.definition, request.control, request.id)
+            return jobs_pb2.SubmitJobResponse(success=True, job_id=job.id, job=job)
+
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Context) -> jobs_pb2.ListJobsResponse:
+        async with grpc_errors(context):
+            after = _page_cursor(request.page_token)
+            limit = min(request.page_size or _PAGE_DEFAULT, _PAGE_MAX)
+            jobs, cursor = await self.scheduler.store.list_jobs(
+                request.queue, state=request.state, after=after, limit=limit
+            )
+            token = base64.urlsafe_b64encode(str(cursor).encode()).decode() if cursor else ""
+            return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.GetJobResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.get_job(request.job_id, request.queue)
+            await self._attach_logs(job)
+            return jobs_pb2.GetJobResponse(job=job)
+
+    async def GetJobDefinition(
+        self, request: jobs_pb2.GetJobDefinitionRequest, context: Context
+    ) -> jobs_pb2.GetJobDefinitionResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.get_job(request.job_id, request.queue)
+            return jobs_pb2.GetJobDefinitionResponse(definition=job.definition)
+
+    async def GetJobResult(
+        self, request: jobs_pb2.GetJobResultRequest, context: Context
+    ) -> jobs_pb2.GetJobResultResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.get_job(request.job_id, request.queue)
+            await self._attach_logs(job)
+            response = jobs_pb2.GetJobResultResponse(job_id=job.id, state=job.state)
+            if job.HasField("result"):
+                response.result.CopyFrom(job.result)
+            return response
+
+    async def _attach_logs(self, job: jobs_pb2.Job) -> None:
+        if job.state == jobs_pb2.JOB_STATE_FINISHED and job.HasField("result") and job.attempt:
+            job.result.logs.extend(await self.logs.read(job, jobs_pb2.LOG_KIND_RUN, 0))
+
+    async def GetJobLogs(self, request: jobs_pb2.GetJobLogsRequest, context: Context) -> jobs_pb2.GetJobLogsResponse:
+        async with grpc_errors(context):
+            if request.since < 0:
+                raise InvalidArgument("`since` must be 0 or more")
+            job = await self.scheduler.get_job(request.job_id)
+            chunks = await self.logs.read(job, request.kind, request.since) if job.attempt else []
+            return jobs_pb2.GetJobLogsResponse(
+                chunks=chunks,
+                slice_start=request.since,
+                next_cursor=request.since + len(chunks),
+                final=job.state == jobs_pb2.JOB_STATE_FINISHED,
+            )
+
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        async with grpc_errors(context):
+            async for message in self.logs.watch(request.job_id, request.run_logs_since, request.build_logs):
+                yield message
+
+    async def GetJobInput(
+        self, request: jobs_pb2.GetJobInputRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async with grpc_errors(context):
+            job = await self.scheduler.get_job(request.job_id, request.queue)
+            refs = {**job.definition.config_files, **job.definition.inputs}
+            if request.path not in refs:
+                raise NotFound(f"input {request.path!r} not found in job {job.id}")
+            async for body in self._serve(refs[request.path], request.path):
+                yield body
+
+    async def GetJobOutput(
+        self, request: jobs_pb2.GetJobOutputRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async with grpc_errors(context):
+            job = await self.scheduler.get_job(request.job_id, request.queue)
+            if job.state != jobs_pb2.JOB_STATE_FINISHED:
+                raise NotFound(f"job {job.id} has not finished; it has no outputs yet")
+            if request.path not in job.result.outputs:
+                raise NotFound(f"output {request.path!r} not found in job {job.id}")
+            async for body in self._serve(job.result.outputs[request.path], request.path):
+                yield body
+
+    async def _serve(self, ref: definition_pb2.DataRef, path: str) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        kind = ref.type or "utf8"
+        if kind == "key":
+            first = True
+            async for chunk in self.blobs.read(ref.value.string_value):
+                yield httpbody_pb2.HttpBody(content_type=content_type if first else "", data=chunk)
+                first = False
+            if first:
+                yield httpbody_pb2.HttpBody(content_type=content_type)
+            return
+        if kind == "url":
+            raise NotFound(f"{path!r} is a URL reference: {ref.value.string_value}")
+        yield httpbody_pb2.HttpBody(content_type=content_type, data=inline_bytes(ref))
+
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.CancelJobResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.cancel(request.queue, request.job_id, request.namespace)
+            return jobs_pb2.CancelJobResponse(job=job)
+
+    async def CopyJob(self, request: jobs_pb2.CopyJobRequest, context: Context) -> jobs_pb2.CopyJobResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.copy(request.job_id, request.queue, request.control)
+            return jobs_pb2.CopyJobResponse(success=True, job=job)
+
+    async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: Context) -> jobs_pb2.DeleteJobResponse:
+        async with grpc_errors(context):
+            job = await self.scheduler.delete(request.job_id)
+            return jobs_pb2.DeleteJobResponse(job_id=job.id)
+
+    async def GetQueueStatus(
+        self, request: jobs_pb2.GetQueueStatusRequest, context: Context
+    ) -> jobs_pb2.GetQueueStatusResponse:
+        async with grpc_errors(context):
+            counts = await self.scheduler.store.queue_counts(request.queue)
+            return jobs_pb2.GetQueueStatusResponse(
+                queue=request.queue,
+                queued=counts.get(jobs_pb2.JOB_STATE_QUEUED, 0),
+                running=counts.get(jobs_pb2.JOB_STATE_RUNNING, 0),
+                finished=counts.get(jobs_pb2.JOB_STATE_FINISHED, 0),
+                workers=await self.scheduler.live_workers(request.queue),
+            )
+
+    async def GetQueueMetrics(
+        self, request: jobs_pb2.GetQueueMetricsRequest, context: Context
+    ) -> httpbody_pb2.HttpBody:
+        async with grpc_errors(context):
+            counts = await self.scheduler.store.queue_counts(request.queue)
+            workers = await self.scheduler.live_workers(request.queue)
+            text = queue_metrics(request.queue, counts, workers)
+            return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4", data=text.encode())
+
+
+def _page_cursor(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except ValueError:
+        raise InvalidArgument("invalid page_token; pass the next_page_token of the previous page") from None
+
+
+def inline_bytes(ref: definition_pb2.DataRef) -> bytes:
+    """The bytes of an inline data ref (base64, utf8 or json)."""
+    kind = ref.type or "utf8"
+    if kind == "base64":
+        return base64.b64decode(ref.value.string_value)
+    if kind == "json":
+        from google.protobuf import json_format
+
+        return json.dumps(json_format.MessageToDict(ref.value), separators=(",", ":")).encode()
+    return ref.value.string_value.encode()

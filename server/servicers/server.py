@@ -1,0 +1,38 @@
+"""ServerService: health and info."""
+
+from __future__ import annotations
+
+import grpc
+from google.api import httpbody_pb2
+
+import jobwire
+from jobwire.server.errors import Unavailable, grpc_errors
+from jobwire.server.settings import ServerSettings
+from jobwire.server.store import StateStore
+from jobwire.v1 import server_pb2, server_pb2_grpc
+
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+
+class ServerServicer(server_pb2_grpc.ServerServiceServicer):
+    """Answers health checks and describes the server."""
+
+    def __init__(self, store: StateStore, settings: ServerSettings) -> None:
+        self.store, self.settings = store, settings
+
+    async def GetHealth(self, request: server_pb2.GetHealthRequest, context: Context) -> httpbody_pb2.HttpBody:
+        async with grpc_errors(context):
+            try:
+                await self.store.ping()
+            except Exception as error:
+                raise Unavailable(f"state store unreachable: {type(error).__name__}") from None
+            return httpbody_pb2.HttpBody(content_type="text/plain", data=b"OK")
+
+    async def GetServerInfo(
+        self, request: server_pb2.GetServerInfoRequest, context: Context
+    ) -> server_pb2.GetServerInfoResponse:
+        return server_pb2.GetServerInfoResponse(
+            version=jobwire.__version__,
+            inline_limit=self.settings.inline_limit,
+            max_upload_size=self.settings.max_upload_size,
+        )

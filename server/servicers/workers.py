@@ -1,0 +1,56 @@
+"""WorkerService: one bidirectional stream per connected worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from jobwire.server.logs import LogHub
+from jobwire.server.scheduler import Scheduler
+from jobwire.server.sessions import ProtocolError, WorkerSession
+from jobwire.v1 import workers_pb2, workers_pb2_grpc
+
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+
+class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
+    """Pumps a worker's stream into its WorkerSession and the session's outbox back out."""
+
+    def __init__(self, scheduler: Scheduler, logs: LogHub, clock: Callable[[], float]) -> None:
+        self.scheduler, self.logs, self.clock = scheduler, logs, clock
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[workers_pb2.ConnectRequest], context: Context
+    ) -> None:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        try:
+            if first is None or not first.HasField("register"):
+                raise ProtocolError("the first message must be `register`")
+            session = WorkerSession(self.scheduler, self.logs, first.register, self.clock)
+        except ProtocolError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await context.write(workers_pb2.ConnectResponse(registered=await session.open()))
+        try:
+            async with asyncio.TaskGroup() as group:
+                pump = group.create_task(_send(session, context))
+                runner = group.create_task(session.run())
+                try:
+                    async for request in requests:
+                        await session.handle(request)
+                finally:
+                    pump.cancel()
+                    runner.cancel()
+        except* ProtocolError as errors:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(errors.exceptions[0]))
+        finally:
+            with contextlib.suppress(Exception):
+                await session.close()
+
+
+async def _send(session: WorkerSession, context: Context) -> None:
+    while True:
+        await context.write(await session.outbox.get())

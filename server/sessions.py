@@ -1,0 +1,156 @@
+"""One connected worker: registration, filling its slots, and the messages it sends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+from google.protobuf import duration_pb2
+
+from jobwire.server import topics
+from jobwire.server.bus import Lagged
+from jobwire.server.logs import LogHub
+from jobwire.server.scheduler import Scheduler
+from jobwire.server.store.base import Attempt
+from jobwire.server.store.rows import timestamp
+from jobwire.v1 import jobs_pb2, workers_pb2
+
+log = logging.getLogger(__name__)
+OUTBOX_SIZE = 1024
+
+
+class ProtocolError(Exception):
+    """The worker broke the stream's protocol (e.g. did not register first)."""
+
+
+class WorkerSession:
+    """The server's side of one worker stream; `outbox` holds what to send it."""
+
+    def __init__(
+        self, scheduler: Scheduler, logs: LogHub, register: workers_pb2.RegisterWorker, clock: Callable[[], float]
+    ) -> None:
+        if not register.worker_id or not register.queue:
+            raise ProtocolError("the first message must be `register` with a worker_id and a queue")
+        self.scheduler, self.logs, self.register, self.clock = scheduler, logs, register, clock
+        self.worker_id, self.queue = register.worker_id, register.queue
+        self.session_id = uuid.uuid4().hex
+        self.outbox: asyncio.Queue[workers_pb2.ConnectResponse] = asyncio.Queue(OUTBOX_SIZE)
+        self.running: dict[str, int] = {}
+        self.wake = asyncio.Event()
+
+    async def open(self) -> workers_pb2.WorkerRegistered:
+        """Accept the registration: keep the attempts the worker still holds, report the stale ones."""
+        held = [Attempt(a.job_id, a.attempt) for a in self.register.running]
+        stale = await self.scheduler.renew(self.worker_id, held)
+        self.running = {a.job_id: a.attempt for a in held if a not in stale}
+        await self._save_info()
+        log.info("worker %s connected to queue %r (%d slots)", self.worker_id, self.queue, self.register.cpus)
+        settings = self.scheduler.settings
+        return workers_pb2.WorkerRegistered(
+            worker_id=self.worker_id,
+            heartbeat_interval=duration_pb2.Duration(seconds=round(settings.heartbeat_seconds)),
+            lease_duration=duration_pb2.Duration(seconds=round(settings.lease_seconds)),
+            stale=[workers_pb2.AttemptRef(job_id=a.job_id, attempt=a.attempt) for a in stale],
+            public_url=settings.public_url,
+        )
+
+    async def run(self) -> None:
+        """Fill slots and relay bus messages until cancelled."""
+        self.wake.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._fill_forever())
+            group.create_task(self._relay_queue())
+            group.create_task(self._relay_worker())
+
+    async def close(self) -> None:
+        """The stream ended: forget the connection (its jobs keep their leases until they expire)."""
+        await self.scheduler.store.remove_worker(self.worker_id, session=self.session_id)
+        log.info("worker %s disconnected", self.worker_id)
+
+    async def handle(self, request: workers_pb2.ConnectRequest) -> None:
+        """Act on one message from the worker."""
+        match request.WhichOneof("message"):
+            case "heartbeat":
+                await self._on_heartbeat(request.heartbeat)
+            case "started":
+                attempt = Attempt(request.started.job_id, request.started.attempt)
+                if not await self.scheduler.started(attempt):
+                    await self._stale(attempt, "the job is no longer assigned to this attempt")
+            case "logs":
+                attempt = Attempt(request.logs.job_id, request.logs.attempt)
+                if not await self.logs.append(attempt, request.logs.kind, request.logs.chunks):
+                    await self._stale(attempt, "logs of an attempt the server no longer holds")
+            case "finished":
+                await self._on_finished(request.finished)
+            case "register":
+                raise ProtocolError("`register` may only be the first message")
+            case _:
+                raise ProtocolError("empty message")
+
+    async def _on_heartbeat(self, heartbeat: workers_pb2.Heartbeat) -> None:
+        held = [Attempt(a.job_id, a.attempt) for a in heartbeat.running]
+        for attempt in await self.scheduler.renew(self.worker_id, held):
+            await self._stale(attempt, "the job is no longer assigned to this attempt")
+        await self._save_info()
+
+    async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
+        attempt = Attempt(finished.job_id, finished.attempt)
+        if self.running.get(attempt.job_id) == attempt.attempt:
+            del self.running[attempt.job_id]
+            self.wake.set()
+        result = finished.result
+        result.worker_id = self.worker_id
+        if await self.scheduler.finished(attempt, result) is None:
+            await self._stale(attempt, "result of an attempt the server no longer holds; it was discarded")
+        await self._save_info()
+
+    async def _stale(self, attempt: Attempt, reason: str) -> None:
+        if self.running.get(attempt.job_id) == attempt.attempt:
+            del self.running[attempt.job_id]
+            self.wake.set()
+        stale = workers_pb2.StaleAttempt(job_id=attempt.job_id, attempt=attempt.attempt, reason=reason)
+        await self.outbox.put(workers_pb2.ConnectResponse(stale=stale))
+
+    async def _fill_forever(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while len(self.running) < self.register.cpus:
+                job = await self.scheduler.claim(self.queue, self.worker_id)
+                if job is None:
+                    break
+                self.running[job.id] = job.attempt
+                assignment = workers_pb2.JobAssignment(
+                    job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
+                )
+                await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
+                await self._save_info()
+
+    async def _relay_queue(self) -> None:
+        async with self.scheduler.bus.subscribe(topics.queue(self.queue)) as subscription:
+            while True:
+                try:
+                    async for _ in subscription:
+                        self.wake.set()
+                except Lagged:  # the fill loop reads the store anyway
+                    self.wake.set()
+
+    async def _relay_worker(self) -> None:
+        async with self.scheduler.bus.subscribe(topics.worker(self.worker_id)) as subscription:
+            async for payload in subscription:
+                await self.outbox.put(workers_pb2.ConnectResponse.FromString(payload))
+
+    async def _save_info(self) -> None:
+        info = jobs_pb2.WorkerInfo(
+            id=self.worker_id,
+            cpus=self.register.cpus,
+            gpus=self.register.gpus,
+            running_job_ids=sorted(self.running),
+            last_seen_time=timestamp(self.clock()),
+            version=self.register.version,
+            hostname=self.register.hostname,
+            max_job_duration=self.register.max_job_duration,
+        )
+        await self.scheduler.store.upsert_worker(info, queue=self.queue, session=self.session_id)

@@ -1,0 +1,120 @@
+"""The StateStore protocol: every job transition is one atomic, fenced store call.
+
+Every backend passes the same contract suite (tests/test_store.py). Jobs are
+returned as `jobs_pb2.Job` messages; times are Unix seconds (injected, never
+read from a clock here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from jobwire.v1 import definition_pb2, jobs_pb2
+
+FINAL_REASONS = frozenset(
+    {
+        jobs_pb2.FINISH_REASON_SUCCESS,
+        jobs_pb2.FINISH_REASON_ERROR,
+        jobs_pb2.FINISH_REASON_TIMED_OUT,
+    }
+)
+"""Finished results that answer later identical submissions."""
+
+DEFAULT_NAMESPACE = "_"
+ALL_NAMESPACES = "*"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a job: the fencing token of a worker's assignment."""
+
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What a cancel did: the job after it, and the attempt to stop on its worker, if any."""
+
+    job: jobs_pb2.Job
+    stop: Attempt | None
+    worker_id: str
+
+
+class StateStore(Protocol):
+    """Jobs, queues, logs and workers, shared by every server replica."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def ping(self) -> None:
+        """Raise when the store cannot be reached."""
+
+    async def submit(
+        self, *, job_id: str, definition: definition_pb2.JobDefinition, queue: str, namespace: str, now: float
+    ) -> tuple[jobs_pb2.Job, bool]:
+        """Add the job to the queue; returns the job and whether it was (re)queued."""
+
+    async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
+        """The job with definition, result and history; None if unknown (or not in `queue`)."""
+
+    async def list_jobs(
+        self, queue: str, *, state: int, after: int, limit: int
+    ) -> tuple[list[jobs_pb2.Job], int]:
+        """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
+
+    async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:
+        """Assign the oldest queued job of `queue` to the worker as a new attempt."""
+
+    async def start(self, attempt: Attempt, now: float) -> bool:
+        """Record that the attempt's container started; False if the attempt is stale."""
+
+    async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+        """Extend the leases of the worker's attempts; returns those that are stale."""
+
+    async def finish(self, attempt: Attempt, result: jobs_pb2.JobResult, now: float) -> jobs_pb2.Job | None:
+        """Finish the job with `result`; None (and no change) if the attempt is stale."""
+
+    async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
+
+    async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
+        """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
+
+    async def delete(self, job_id: str, now: float) -> Cancelled | None:
+        """Finish the job as deleted and forget its result, so it can run again."""
+
+    async def append_logs(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk]) -> int | None:
+        """Store chunks of the attempt's log; returns the index of the first, None if stale."""
+
+    async def read_logs(self, attempt: Attempt, kind: int, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
+        """Chunks of the attempt's log from index `since`."""
+
+    async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
+        """Record a connected worker (or refresh its heartbeat)."""
+
+    async def remove_worker(self, worker_id: str, *, session: str) -> None:
+        """Forget the worker if `session` is still its current connection."""
+
+    async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
+        """Workers of the queue heard from since `seen_since`."""
+
+    async def queue_counts(self, queue: str) -> dict[int, int]:
+        """Number of the queue's jobs by state."""
+
+    async def queue_position(self, queue: str, job_id: str) -> int:
+        """How many queued jobs of the queue are ahead of this one."""
+
+
+async def open_store(url: str, data_directory: Path) -> StateStore:
+    """The store for `url`: `sqlite:///path` or empty for `<data>/jobwire.db`."""
+    from jobwire.server.store.sqlite import SqliteStore
+
+    if not url:
+        return await SqliteStore.open(data_directory / "jobwire.db")
+    if url.startswith("sqlite:///"):
+        return await SqliteStore.open(Path(url.removeprefix("sqlite:///")))
+    raise ValueError(f"unsupported database URL {url!r} (use sqlite:///PATH)")

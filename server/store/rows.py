@@ -1,0 +1,52 @@
+"""Building Job messages from store rows, shared by the store backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from jobwire.v1 import jobs_pb2
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """A Timestamp for Unix time `seconds`."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(round(seconds * 1e6))
+    return stamp
+
+
+def job_message(row: Sequence[Any], *, namespaces: Sequence[str]) -> jobs_pb2.Job:
+    """A Job from (id, state, queue, attempt, worker_id, create_time, update_time, finish_reason)."""
+    job_id, state, queue, attempt, worker_id, create_time, update_time, finish_reason = row
+    return jobs_pb2.Job(
+        id=job_id,
+        state=state,
+        queue=queue,
+        attempt=attempt,
+        worker_id=worker_id,
+        create_time=timestamp(create_time),
+        update_time=timestamp(update_time),
+        finish_reason=finish_reason,
+        namespaces=namespaces,
+    )
+
+
+def event(kind: int, now: float, *, attempt: int = 0, worker_id: str = "", message: str = "") -> jobs_pb2.JobEvent:
+    """One history entry."""
+    return jobs_pb2.JobEvent(
+        time=timestamp(now), kind=kind, attempt=attempt, worker_id=worker_id, message=message
+    )
+
+
+def job_summary(job: jobs_pb2.Job) -> jobs_pb2.Job:
+    """A copy of the job without definition, history and result logs, as watchers get it."""
+    summary = jobs_pb2.Job()
+    summary.CopyFrom(job)
+    summary.ClearField("definition")
+    summary.ClearField("history")
+    summary.result.ClearField("logs")
+    if not job.HasField("result"):
+        summary.ClearField("result")
+    return summary
