@@ -221,3 +221,13 @@ def check_key(key: str, *, where: str = "key") -> None:
 def is_sha256(key: str) -> bool:
     """True when `key` is a SHA-256 hex digest, so stored bytes must match it."""
     return _SHA256.match(key) is not None
+
+
+def inline_bytes(ref: definition_pb2.DataRef) -> bytes:
+    """The bytes of an inline data ref: base64 decoded, utf8 encoded, json written compactly (keys sorted: a Struct keeps no order)."""
+    kind = ref.type or "utf8"
+    if kind == "base64":
+        return base64.b64decode(ref.value.string_value)
+    if kind == "json":
+        return canonical_json(json_format.MessageToDict(ref.value)).encode()
+    return ref.value.string_value.encode()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf import timestamp_pb2
+
 _DURATION_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -70,3 +72,10 @@ def format_duration(seconds: float) -> str:
     hours, minutes = divmod(minutes, 60)
     parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
     return "".join(parts)
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """A Timestamp for Unix time `seconds` (microsecond precision)."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(round(seconds * 1e6))
+    return stamp

@@ -24,12 +24,17 @@ class LogHub:
     def __init__(self, store: StateStore, bus: EventBus) -> None:
         self.store, self.bus = store, bus
 
-    async def append(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk]) -> bool:
-        """Store and publish a batch; False if the attempt is stale."""
-        start = await self.store.append_logs(attempt, kind, chunks)
-        if start is None:
+    async def append(
+        self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int
+    ) -> bool:
+        """Store and publish a batch (skipping chunks already stored); False if the attempt is stale."""
+        stored = await self.store.append_logs(attempt, kind, chunks, start)
+        if stored is None:
             return False
-        batch = jobs_pb2.LogBatch(kind=kind, start=start, chunks=chunks, attempt=attempt.attempt)
+        first, skipped = stored
+        if skipped >= len(chunks):
+            return True
+        batch = jobs_pb2.LogBatch(kind=kind, start=first, chunks=chunks[skipped:], attempt=attempt.attempt)
         message = jobs_pb2.WatchJobResponse(logs=batch)
         await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
         return True

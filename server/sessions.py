@@ -14,7 +14,7 @@ from jobwire.server.bus import Lagged
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.store.base import Attempt
-from jobwire.server.store.rows import timestamp
+from jobwire.units import timestamp
 from jobwire.v1 import jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class WorkerSession:
                     await self._stale(attempt, "the job is no longer assigned to this attempt")
             case "logs":
                 attempt = Attempt(request.logs.job_id, request.logs.attempt)
-                if not await self.logs.append(attempt, request.logs.kind, request.logs.chunks):
+                logs = request.logs
+                if not await self.logs.append(attempt, logs.kind, logs.chunks, logs.start):
                     await self._stale(attempt, "logs of an attempt the server no longer holds")
             case "finished":
                 await self._on_finished(request.finished)
@@ -104,6 +105,8 @@ class WorkerSession:
         result.worker_id = self.worker_id
         if await self.scheduler.finished(attempt, result) is None:
             await self._stale(attempt, "result of an attempt the server no longer holds; it was discarded")
+        ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
+        await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
         await self._save_info()
 
     async def _stale(self, attempt: Attempt, reason: str) -> None:

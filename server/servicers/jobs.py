@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import mimetypes
 from collections.abc import AsyncIterator
 
 import grpc
 from google.api import httpbody_pb2
 
+from jobwire.definition import inline_bytes
 from jobwire.server.blobs import BlobStore
 from jobwire.server.errors import InvalidArgument, NotFound, grpc_errors
 from jobwire.server.logs import LogHub
@@ -173,15 +173,3 @@ def _page_cursor(token: str) -> int:
         return int(base64.urlsafe_b64decode(token.encode()).decode())
     except ValueError:
         raise InvalidArgument("invalid page_token; pass the next_page_token of the previous page") from None
-
-
-def inline_bytes(ref: definition_pb2.DataRef) -> bytes:
-    """The bytes of an inline data ref (base64, utf8 or json)."""
-    kind = ref.type or "utf8"
-    if kind == "base64":
-        return base64.b64decode(ref.value.string_value)
-    if kind == "json":
-        from google.protobuf import json_format
-
-        return json.dumps(json_format.MessageToDict(ref.value), separators=(",", ":")).encode()
-    return ref.value.string_value.encode()

@@ -87,8 +87,11 @@ class StateStore(Protocol):
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         """Finish the job as deleted and forget its result, so it can run again."""
 
-    async def append_logs(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk]) -> int | None:
-        """Store chunks of the attempt's log; returns the index of the first, None if stale."""
+    async def append_logs(
+        self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int
+    ) -> tuple[int, int] | None:
+        """Store chunks of the attempt's log that the worker numbers from `start`, skipping any already
+        stored; returns (index of the first stored chunk, how many were skipped), None if stale."""
 
     async def read_logs(self, attempt: Attempt, kind: int, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
         """Chunks of the attempt's log from index `since`."""

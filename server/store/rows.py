@@ -5,16 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-
+from jobwire.units import timestamp
 from jobwire.v1 import jobs_pb2
-
-
-def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    """A Timestamp for Unix time `seconds`."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMicroseconds(round(seconds * 1e6))
-    return stamp
 
 
 def job_message(row: Sequence[Any], *, namespaces: Sequence[str]) -> jobs_pb2.Job:

@@ -16,7 +16,8 @@ from jobwire.server.store.base import (
     Attempt,
     Cancelled,
 )
-from jobwire.server.store.rows import event, job_message, timestamp
+from jobwire.server.store.rows import event, job_message
+from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
 QUEUED, RUNNING, FINISHED = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
@@ -307,22 +308,26 @@ class SqliteStore:
         running = Attempt(job_id, attempt) if state == RUNNING else None
         return running, worker_id
 
-    async def append_logs(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk]) -> int | None:
-        batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks)
+    async def append_logs(
+        self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int
+    ) -> tuple[int, int] | None:
         async with self._transaction() as db:
             if not await self._holds(attempt):
                 return None
-            (start,) = await self._fetchone(
+            (stored,) = await self._fetchone(
                 "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
                 attempt.job_id,
                 attempt.attempt,
                 kind,
             )
-            await db.execute(
-                "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?)",
-                (attempt.job_id, attempt.attempt, kind, start, len(chunks), batch.SerializeToString()),
-            )
-            return int(start)
+            skipped = min(max(stored - start, 0), len(chunks))
+            if skipped < len(chunks):
+                batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
+                await db.execute(
+                    "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?)",
+                    (attempt.job_id, attempt.attempt, kind, stored, len(chunks) - skipped, batch.SerializeToString()),
+                )
+            return int(stored), skipped
 
     async def read_logs(self, attempt: Attempt, kind: int, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
         rows = await self._fetchall(

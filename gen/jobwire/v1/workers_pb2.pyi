@@ -82,6 +82,7 @@ class ConnectResponse(_message.Message):
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    FINISHED_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___WorkerRegistered:
         """Registration accepted."""
@@ -98,6 +99,13 @@ class ConnectResponse(_message.Message):
     def stale(self) -> Global___StaleAttempt:
         """A message concerned an attempt the server no longer holds."""
 
+    @_builtins.property
+    def finished_ack(self) -> Global___AttemptRef:
+        """A `finished` message was processed (accepted or stale); the worker
+        may forget that attempt. Unacknowledged results are sent again after
+        a reconnect.
+        """
+
     def __init__(
         self,
         *,
@@ -105,12 +113,13 @@ class ConnectResponse(_message.Message):
         assignment: Global___JobAssignment | None = ...,
         cancel: Global___JobCancel | None = ...,
         stale: Global___StaleAttempt | None = ...,
+        finished_ack: Global___AttemptRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "finished_ack", b"finished_ack", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "finished_ack", b"finished_ack", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "stale"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "stale", "finished_ack"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -412,12 +421,18 @@ class JobLogs(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
     attempt: _builtins.int
     """The attempt."""
     kind: _jobs_pb2.LogKind.ValueType
     """Run or build log."""
+    start: _builtins.int
+    """Index of the first chunk in the attempt's log, as counted by the
+    worker. Chunks the server already has (a batch sent again after a
+    reconnect) are skipped, so each chunk is stored once.
+    """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.LogChunk]:
         """The chunks, in order."""
@@ -429,10 +444,11 @@ class JobLogs(_message.Message):
         attempt: _builtins.int = ...,
         kind: _jobs_pb2.LogKind.ValueType = ...,
         chunks: _abc.Iterable[_jobs_pb2.LogChunk] | None = ...,
+        start: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunks", b"chunks", "job_id", b"job_id", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunks", b"chunks", "job_id", b"job_id", "kind", b"kind", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

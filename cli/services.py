@@ -1,0 +1,253 @@
+"""Long-running commands: `server`, `worker`, and `up` (server + Envoy + a local worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+from importlib import resources
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from cyclopts import Parameter
+
+from jobwire.cli.console import CliError
+from jobwire.envoy import config as envoy_config
+from jobwire.server.app import build_server
+from jobwire.server.settings import ServerSettings
+from jobwire.units import parse_duration
+from jobwire.worker.daemon import Daemon
+from jobwire.worker.runner import DockerRuntime
+from jobwire.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+async def server(
+    *,
+    host: str = "0.0.0.0",
+    port: int = 50051,
+    data_directory: Path = Path("./jobwire-data"),
+    database: str = "",
+    public_url: str = "http://localhost:8080",
+    lease: str = "30s",
+) -> None:
+    """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web).
+
+    Parameters
+    ----------
+    host
+        Address to listen on.
+    port
+        gRPC port.
+    data_directory
+        Where the SQLite database and the blobs live.
+    database
+        State store URL; empty means `<data-directory>/jobwire.db`.
+    public_url
+        Base URL of the REST API as users reach it (used in JOB_URL_PREFIX).
+    lease
+        How long a silent worker keeps its jobs before they are re-queued.
+    """
+    settings = ServerSettings(
+        data_directory=data_directory,
+        database=database,
+        host=host,
+        port=port,
+        public_url=public_url,
+        lease_seconds=parse_duration(lease),
+    )
+    built = await build_server(settings)
+    await _until_signal(built.run())
+
+
+async def worker(
+    queue: str,
+    *,
+    server: Annotated[str, Parameter(name=["--server", "-s"])] = "localhost:8080",
+    cpus: Annotated[int, Parameter(name=["--cpus", "-c"])] = 1,
+    gpus: Annotated[str, Parameter(name=["--gpus", "-g"])] = "0",
+    data_directory: Annotated[Path, Parameter(name=["--data-directory", "-d"])] = Path("/tmp/jobwire-worker"),
+    max_job_duration: Annotated[str, Parameter(name=["--max-job-duration", "-t"])] = "1h",
+    id: str = "",  # noqa: A002 - the seed's flag name
+) -> None:
+    """Run a worker: dial out to the server, take jobs of QUEUE, run them in Docker.
+
+    Parameters
+    ----------
+    queue
+        The queue to serve.
+    server
+        The server's gRPC address (Envoy's port or the server's own).
+    cpus
+        Most jobs to run at once.
+    gpus
+        GPUs to offer: a count (`2`), a device list (`device=1,3`) or `all`.
+    data_directory
+        Where job files, the blob cache and the worker id live.
+    max_job_duration
+        Longest a job may run here; a job's own `maxDuration` may be shorter.
+    id
+        The worker's id; by default one is created once and kept in the data directory.
+    """
+    settings = WorkerSettings(
+        queue=queue,
+        server=server,
+        cpus=cpus,
+        gpus=parse_gpus(gpus),
+        data_directory=data_directory,
+        max_job_duration=parse_duration(max_job_duration),
+        worker_id=id,
+    )
+    await _until_signal(Daemon(settings, _docker()).run())
+
+
+async def up(
+    *,
+    port: int = 8080,
+    grpc_port: int = 50051,
+    data_directory: Path = Path("./jobwire-data"),
+    queue: str = "local",
+    cpus: int = 2,
+    max_job_duration: str = "1h",
+) -> None:
+    """Run everything on this machine: server, Envoy on PORT, and a worker on queue `local`.
+
+    Parameters
+    ----------
+    port
+        Envoy's port: REST, gRPC and gRPC-Web.
+    grpc_port
+        The server's own gRPC port (loopback only).
+    data_directory
+        One folder for the database, blobs and the worker's files.
+    queue
+        The queue the local worker serves.
+    cpus
+        Most jobs the local worker runs at once.
+    max_job_duration
+        Longest a job may run on the local worker.
+    """
+    data_directory = data_directory.resolve()
+    settings = ServerSettings(
+        data_directory=data_directory / "server",
+        host="127.0.0.1",
+        port=grpc_port,
+        public_url=f"http://localhost:{port}",
+    )
+    worker_settings = WorkerSettings(
+        queue=queue,
+        server=f"127.0.0.1:{grpc_port}",
+        cpus=cpus,
+        data_directory=data_directory / "worker",
+        max_job_duration=parse_duration(max_job_duration),
+    )
+    runtime = _docker()
+    built = await build_server(settings)
+    envoy_file = envoy_config.write(
+        envoy_config.render(listen_port=port, upstreams=[("127.0.0.1", built.port)], descriptor_path=descriptor_path(), admin_port=None),
+        data_directory / "envoy.yaml",
+    )
+
+    async def everything() -> None:
+        started = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(built.run(started))
+            await started.wait()
+            group.create_task(Daemon(worker_settings, runtime).run())
+            group.create_task(run_envoy(envoy_file, port))
+
+    await _until_signal(everything())
+
+
+def descriptor_path() -> Path:
+    """The packaged descriptor set of jobwire.v1 that Envoy transcodes with."""
+    return Path(str(resources.files("jobwire.v1").joinpath("jobwire.binpb")))
+
+
+async def run_envoy(config_file: Path, port: int) -> None:
+    """Run Envoy until cancelled; log once it answers /healthz."""
+    process = await asyncio.create_subprocess_exec(
+        envoy_config.envoy_binary(), "-c", str(config_file), "--log-level", "warn", "--use-dynamic-base-id",
+    )
+    try:
+        await _wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+        log.info("jobwire is up: REST, gRPC and gRPC-Web on http://localhost:%d", port)
+        code = await process.wait()
+        raise CliError(f"envoy exited with code {code}")
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
+            if process.returncode is None:
+                process.kill()
+
+
+async def _wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            if process.returncode is not None:
+                raise CliError(f"envoy exited with code {process.returncode} (port in use?)")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url, timeout=1)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise CliError(f"envoy did not become healthy at {url}")
+
+
+def parse_gpus(spec: str) -> tuple[str, ...]:
+    """GPU device ids from `2` (devices 0 and 1), `device=1,3` or `all` (every device nvidia-smi lists)."""
+    spec = spec.strip().strip("'\"")
+    if spec.startswith("device="):
+        return tuple(d.strip() for d in spec.removeprefix("device=").split(",") if d.strip())
+    if spec == "all":
+        return tuple(str(i) for i in range(_count_gpus()))
+    try:
+        return tuple(str(i) for i in range(int(spec)))
+    except ValueError:
+        raise CliError(f"--gpus: expected a count, 'device=1,3' or 'all', not {spec!r}") from None
+
+
+def _count_gpus() -> int:
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def _docker() -> DockerRuntime:
+    try:
+        return DockerRuntime.from_env()
+    except Exception as error:
+        raise CliError(f"cannot reach Docker ({error}); is dockerd running? (`make docker` starts one)") from None
+
+
+async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` until it ends or SIGTERM/SIGINT arrives, then cancel it cleanly."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("stopped")
+    except BaseExceptionGroup as group:
+        errors = group.subgroup(CliError)
+        if errors is None:
+            raise
+        raise _first(errors) from None
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error = group.exceptions[0]
+    return _first(error) if isinstance(error, BaseExceptionGroup) else error

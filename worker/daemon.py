@@ -1,0 +1,185 @@
+"""The worker daemon: dial out, register, pump the stream, back off and reconnect.
+
+Jobs outlive a stream: a reconnect re-registers the attempts still running,
+and results the server has not acknowledged are sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+
+import jobwire
+from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
+from jobwire.worker.execution import Execution
+from jobwire.worker.files import FileClient
+from jobwire.worker.runner import DockerRuntime
+from jobwire.worker.settings import WorkerSettings
+from jobwire.worker.staging import Staging
+
+log = logging.getLogger(__name__)
+OUTBOX_SIZE = 256
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class StreamEnded(Exception):
+    """The server closed the stream."""
+
+
+@dataclass
+class _Running:
+    attempt: int
+    task: asyncio.Task[None]
+
+
+class Daemon:
+    """Serves one queue until cancelled."""
+
+    def __init__(self, settings: WorkerSettings, runtime: DockerRuntime) -> None:
+        self.settings, self.runtime = settings, runtime
+        self.worker_id = settings.resolved_id()
+        self.outbox: asyncio.Queue[workers_pb2.ConnectRequest] = asyncio.Queue(OUTBOX_SIZE)
+        self.retry: workers_pb2.ConnectRequest | None = None
+        self.running: dict[str, _Running] = {}
+        self.unacked: dict[tuple[str, int], workers_pb2.ConnectRequest] = {}
+        self.public_url = ""
+        self.registered = asyncio.Event()
+        self.stopping: set[tuple[str, int]] = set()
+
+    async def run(self) -> None:
+        """Connect and serve forever, reconnecting with exponential backoff and jitter."""
+        await self.runtime.prepare()
+        async with grpc.aio.insecure_channel(self.settings.server, options=CHANNEL_OPTIONS) as channel:
+            staging = Staging(FileClient(channel), self.settings.data_directory / "cache" / "blobs")
+            async with asyncio.TaskGroup() as jobs:
+                backoff = 0.5
+                while True:
+                    try:
+                        await self._session(workers_pb2_grpc.WorkerServiceStub(channel), jobs, staging)
+                    except (grpc.aio.AioRpcError, StreamEnded) as error:
+                        detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+                        log.warning("connection to %s lost (%s); reconnecting", self.settings.server, detail)
+                    if self.registered.is_set():
+                        backoff = 0.5
+                    self.registered.clear()
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, 30.0)
+
+    async def _session(
+        self, stub: workers_pb2_grpc.WorkerServiceStub, jobs: asyncio.TaskGroup, staging: Staging
+    ) -> None:
+        call = stub.Connect()
+        await call.write(workers_pb2.ConnectRequest(register=self._registration()))
+        first = await call.read()
+        if first is grpc.aio.EOF or not first.HasField("registered"):
+            raise StreamEnded("the server did not accept the registration")
+        registered = first.registered
+        self.public_url = registered.public_url
+        for stale in registered.stale:
+            self._stop(stale.job_id, stale.attempt, "the server no longer holds this attempt")
+        log.info("worker %s registered on queue %r at %s", self.worker_id, self.settings.queue, self.settings.server)
+        self.registered.set()
+        for message in list(self.unacked.values()):
+            await call.write(message)
+        interval = registered.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
+        async with asyncio.TaskGroup() as group:
+            writer = group.create_task(self._write(call))
+            beat = group.create_task(self._heartbeat(interval))
+            try:
+                await self._read(call, jobs, staging)
+            finally:
+                writer.cancel()
+                beat.cancel()
+
+    def _registration(self) -> workers_pb2.RegisterWorker:
+        return workers_pb2.RegisterWorker(
+            worker_id=self.worker_id,
+            queue=self.settings.queue,
+            cpus=self.settings.cpus,
+            gpus=self.settings.gpus,
+            version=jobwire.__version__,
+            max_job_duration=duration_pb2.Duration(seconds=round(self.settings.max_job_duration)),
+            running=self._held(),
+            hostname=socket.gethostname(),
+        )
+
+    def _held(self) -> list[workers_pb2.AttemptRef]:
+        return [workers_pb2.AttemptRef(job_id=j, attempt=r.attempt) for j, r in self.running.items()]
+
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        while True:
+            message = self.retry or await self.outbox.get()
+            self.retry = message
+            await call.write(message)
+            self.retry = None
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.outbox.put(workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held())))
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall, jobs: asyncio.TaskGroup, staging: Staging  # type: ignore[type-arg]
+    ) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                raise StreamEnded("the server closed the stream")
+            match message.WhichOneof("message"):
+                case "assignment":
+                    self._start(message.assignment, jobs, staging)
+                case "cancel":
+                    self._stop(message.cancel.job_id, message.cancel.attempt, message.cancel.reason)
+                case "stale":
+                    self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
+                case "finished_ack":
+                    self.unacked.pop((message.finished_ack.job_id, message.finished_ack.attempt), None)
+
+    def _start(self, assignment: workers_pb2.JobAssignment, jobs: asyncio.TaskGroup, staging: Staging) -> None:
+        if assignment.job_id in self.running:
+            log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
+            return
+        execution = Execution(
+            assignment, self.settings, self.worker_id, self.runtime, staging, self.outbox.put, self.public_url
+        )
+        task = jobs.create_task(self._execute(execution))
+        self.running[assignment.job_id] = _Running(assignment.attempt, task)
+
+    def _stop(self, job_id: str, attempt: int, reason: str) -> None:
+        running = self.running.get(job_id)
+        if running is not None and running.attempt == attempt:
+            log.info("stopping job %s (attempt %d): %s", job_id, attempt, reason)
+            self.stopping.add((job_id, attempt))
+            running.task.cancel()
+
+    async def _execute(self, execution: Execution) -> None:
+        log.info("running job %s (attempt %d)", execution.job_id, execution.attempt)
+        try:
+            result = await execution.run()
+        except asyncio.CancelledError:
+            if (execution.job_id, execution.attempt) not in self.stopping:
+                raise  # the worker is shutting down
+            self.stopping.discard((execution.job_id, execution.attempt))
+            result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED, message="stopped on request")
+        except Exception as error:  # a bug must not take the worker down: report it as the job's error
+            log.exception("job %s failed", execution.job_id)
+            result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_ERROR, message=f"worker error: {error!r}")
+        finally:
+            self.running.pop(execution.job_id, None)
+        finished = workers_pb2.JobFinished(job_id=execution.job_id, attempt=execution.attempt, result=result)
+        message = workers_pb2.ConnectRequest(finished=finished)
+        self.unacked[(execution.job_id, execution.attempt)] = message
+        await self.outbox.put(message)
+        log.info("job %s finished: %s", execution.job_id, jobs_pb2.FinishReason.Name(result.reason))

@@ -1,0 +1,199 @@
+"""One attempt of a job on this worker: inputs, image, container, logs, outputs, result."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+
+from jobwire.command import split_command
+from jobwire.units import format_duration, parse_duration, parse_size, timestamp
+from jobwire.v1 import jobs_pb2, workers_pb2
+from jobwire.worker.runner import LABEL, STDERR, ContainerSpec, DockerRuntime, ImageError, Outcome
+from jobwire.worker.settings import WorkerSettings
+from jobwire.worker.staging import Staging, StagingError
+
+log = logging.getLogger(__name__)
+Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
+_BATCH_CHUNKS = 2000
+
+
+class Execution:
+    """Runs one assignment to its result; never raises for a job's own failures."""
+
+    def __init__(
+        self,
+        assignment: workers_pb2.JobAssignment,
+        settings: WorkerSettings,
+        worker_id: str,
+        runtime: DockerRuntime,
+        staging: Staging,
+        send: Send,
+        public_url: str,
+    ) -> None:
+        self.assignment, self.settings, self.worker_id = assignment, settings, worker_id
+        self.runtime, self.staging, self.send, self.public_url = runtime, staging, send, public_url
+        self.job_id, self.attempt = assignment.job_id, assignment.attempt
+        self.directory = settings.data_directory / "jobs" / f"{self.job_id}-{self.attempt}"
+        self.logs = {kind: _LogStream(self, kind) for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)}
+
+    async def run(self) -> jobs_pb2.JobResult:
+        """Stage, pull, run and collect; the result says what happened."""
+        try:
+            return await self._run()
+        except (StagingError, ImageError) as error:
+            await self._build_log(f"error: {error}\n")
+            return self._error(str(error))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
+
+    async def _run(self) -> jobs_pb2.JobResult:
+        definition = self.assignment.definition
+        inputs, outputs = self.directory / "inputs", self.directory / "outputs"
+        for folder in (inputs, outputs):
+            folder.mkdir(parents=True, exist_ok=True)
+        binds = await self.staging.write_inputs(definition, inputs, self.directory / "config")
+        if definition.HasField("build"):
+            raise ImageError("image builds (`build`) are not supported by this worker yet; give an `image`")
+        loop = asyncio.get_running_loop()
+        await self.runtime.ensure_image(
+            definition.image, lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, 1, line.encode())
+        )
+        await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
+        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])
+        started = workers_pb2.JobStarted(job_id=self.job_id, attempt=self.attempt, start_time=timestamp(time.time()))
+        await self.send(workers_pb2.ConnectRequest(started=started))
+        outcome = await self.runtime.run(spec, self._on_output)
+        self.logs[jobs_pb2.LOG_KIND_RUN].end()
+        await self.logs[jobs_pb2.LOG_KIND_RUN].flush()
+        result = self._outcome(outcome, spec.timeout)
+        for name, ref in (await self.staging.collect_outputs(outputs, self.settings.inline_limit)).items():
+            result.outputs[name].CopyFrom(ref)
+        return result
+
+    def container_spec(self, binds: list[tuple[str, str, bool]]) -> ContainerSpec:
+        """The container for this attempt, per the container contract."""
+        definition = self.assignment.definition
+        env = dict(definition.env)
+        prefix = f"{self.public_url.rstrip('/')}/j/{self.job_id}"
+        env |= {
+            "JOB_ID": self.job_id,
+            "JOB_INPUTS": "/inputs",
+            "JOB_OUTPUTS": "/outputs",
+            "JOB_CACHE": "/job-cache",
+            "JOB_URL_PREFIX": prefix,
+            "JOB_INPUTS_URL_PREFIX": f"{prefix}/inputs/",
+            "JOB_OUTPUTS_URL_PREFIX": f"{prefix}/outputs/",
+        }
+        requirements = definition.requirements
+        return ContainerSpec(
+            name=f"jobwire-{self.job_id[:12]}-{self.attempt}-{self.worker_id}",
+            image=definition.image,
+            command=split_command(definition.command, definition.env) if definition.HasField("command") else None,
+            entrypoint=(
+                split_command(definition.entrypoint, definition.env) if definition.HasField("entrypoint") else None
+            ),
+            env=env,
+            workdir=definition.workdir or None,
+            binds=binds,
+            labels={
+                LABEL: "true",
+                f"{LABEL}.job": self.job_id,
+                f"{LABEL}.attempt": str(self.attempt),
+                f"{LABEL}.queue": self.assignment.queue,
+                f"{LABEL}.worker": self.worker_id,
+            },
+            timeout=self.time_limit(),
+            shm_size=parse_size(definition.shm_size) if definition.HasField("shm_size") else None,
+            memory=parse_size(requirements.memory) if requirements.HasField("memory") else None,
+            nano_cpus=round(requirements.cpus * 1e9) if requirements.HasField("cpus") else None,
+        )
+
+    def time_limit(self) -> float:
+        """The smallest of the definition's limits and the worker's `--max-job-duration`."""
+        definition = self.assignment.definition
+        limits = [self.settings.max_job_duration]
+        if definition.HasField("max_duration"):
+            limits.append(parse_duration(definition.max_duration))
+        if definition.requirements.HasField("max_duration"):
+            limits.append(parse_duration(definition.requirements.max_duration))
+        return min(limits)
+
+    async def _on_output(self, stream: int, data: bytes) -> None:
+        self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data)
+        await self.logs[jobs_pb2.LOG_KIND_RUN].flush_if_idle()
+
+    async def _build_log(self, text: str) -> None:
+        self.logs[jobs_pb2.LOG_KIND_BUILD].add(1, text.encode())
+        await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
+
+    def _outcome(self, outcome: Outcome, limit: float | None) -> jobs_pb2.JobResult:
+        result = jobs_pb2.JobResult(
+            reason=jobs_pb2.FINISH_REASON_SUCCESS,
+            exit_code=outcome.exit_code,
+            start_time=timestamp(outcome.start_time),
+            finish_time=timestamp(time.time()),
+            oom_killed=outcome.oom_killed,
+        )
+        result.duration.FromNanoseconds(round((outcome.end_time - outcome.start_time) * 1e9))
+        if outcome.timed_out:
+            result.reason = jobs_pb2.FINISH_REASON_TIMED_OUT
+            result.message = f"timed out: killed after its time limit of {format_duration(limit or 0)}"
+        elif outcome.oom_killed:
+            result.message = f"killed: out of memory (exit code {outcome.exit_code})"
+        elif outcome.exit_code != 0:
+            result.message = f"the container exited with code {outcome.exit_code}"
+        return result
+
+    def _error(self, message: str) -> jobs_pb2.JobResult:
+        return jobs_pb2.JobResult(
+            reason=jobs_pb2.FINISH_REASON_ERROR, message=message, finish_time=timestamp(time.time())
+        )
+
+
+class _LogStream:
+    """One log of an execution: decodes bytes as UTF-8 per stream, batches chunks, sends them in order."""
+
+    def __init__(self, execution: Execution, kind: int) -> None:
+        self.execution, self.kind = execution, kind
+        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in (1, STDERR)}
+        self.pending: list[jobs_pb2.LogChunk] = []
+        self.sent = 0
+        self.lock = asyncio.Lock()
+
+    def add(self, stream: int, data: bytes) -> None:
+        text = self.decoders[stream].decode(data)
+        if text:
+            chunk = jobs_pb2.LogChunk(text=text, time=timestamp(time.time()), stream=stream)
+            self.pending.append(chunk)
+
+    def end(self) -> None:
+        """Emit what the decoders still hold (an incomplete UTF-8 sequence at the very end)."""
+        for stream in self.decoders:
+            tail = self.decoders[stream].decode(b"", final=True)
+            if tail:
+                self.pending.append(jobs_pb2.LogChunk(text=tail, time=timestamp(time.time()), stream=stream))
+
+    async def flush_if_idle(self) -> None:
+        """Send now unless a send is in progress (then the pending chunks go with the next one)."""
+        if not self.lock.locked() or len(self.pending) >= _BATCH_CHUNKS:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            while self.pending:
+                chunks, self.pending = self.pending, []
+                logs = workers_pb2.JobLogs(
+                    job_id=self.execution.job_id,
+                    attempt=self.execution.attempt,
+                    kind=self.kind,
+                    chunks=chunks,
+                    start=self.sent,
+                )
+                self.sent += len(chunks)
+                await self.execution.send(workers_pb2.ConnectRequest(logs=logs))

@@ -1,0 +1,147 @@
+"""A job's files on the worker: inputs written before the run, outputs collected after it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+from google.protobuf import struct_pb2
+
+from jobwire.definition import DefinitionError, check_relative_path, inline_bytes, is_sha256
+from jobwire.v1 import definition_pb2
+from jobwire.worker.files import FileClient
+
+DOWNLOAD_TRIES = 5
+
+
+class StagingError(Exception):
+    """An input could not be written; the message says which and why."""
+
+
+class Staging:
+    """Writes data refs to disk (with a blob cache shared by jobs) and collects outputs."""
+
+    def __init__(self, files: FileClient, cache_dir: Path) -> None:
+        self.files, self.cache_dir = files, cache_dir
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    async def write_inputs(
+        self, definition: definition_pb2.JobDefinition, inputs_dir: Path, config_dir: Path
+    ) -> list[tuple[str, str, bool]]:
+        """Write inputs and config files; returns extra (host, container, read_only) binds."""
+        binds: list[tuple[str, str, bool]] = []
+        refs = list(definition.inputs.items())
+        for index, (name, ref) in enumerate(definition.config_files.items()):
+            if name.startswith("/"):
+                host = config_dir / str(index)
+                await self.write(ref, host, name)
+                binds.append((str(host), name, True))
+            else:
+                refs.append((name, ref))
+        for name, ref in refs:
+            try:
+                check_relative_path(name, what="inputs")
+            except DefinitionError as error:
+                raise StagingError(str(error)) from None
+            await self.write(ref, inputs_dir / name, name)
+        return binds
+
+    async def write(self, ref: definition_pb2.DataRef, destination: Path, name: str) -> None:
+        """Write one data ref to `destination`."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        kind = ref.type or "utf8"
+        try:
+            if kind == "key":
+                await self._cached(ref.value.string_value, destination, self.files.download)
+            elif kind == "url":
+                await self._cached(ref.hash or "", destination, lambda _, path: _fetch(ref.value.string_value, path))
+            else:
+                destination.write_bytes(inline_bytes(ref))
+        except StagingError:
+            raise
+        except Exception as error:
+            raise StagingError(f"input {name!r}: {type(error).__name__}: {error}") from None
+
+    async def _cached(self, key: str, destination: Path, fetch: Callable[[str, Path], Awaitable[None]]) -> None:
+        """Hard-link from the cache when `key` is a SHA-256 we hold; fetch (and cache) otherwise."""
+        if not is_sha256(key):
+            await fetch(key, destination)
+            return
+        cached = self.cache_dir / key
+        if not cached.exists():
+            await fetch(key, destination)
+            digest = await asyncio.to_thread(sha256_file, destination)
+            if digest != key:
+                raise StagingError(f"downloaded bytes hash to {digest}, expected {key}")
+            _link(destination, cached)
+            return
+        _link(cached, destination)
+
+    async def collect_outputs(self, outputs_dir: Path, inline_limit: int) -> dict[str, definition_pb2.DataRef]:
+        """Every regular file under `outputs_dir`: inline when small, else uploaded by SHA-256."""
+        outputs: dict[str, definition_pb2.DataRef] = {}
+        for path in sorted(_regular_files(outputs_dir)):
+            name = path.relative_to(outputs_dir).as_posix()
+            size = path.stat().st_size
+            if size <= inline_limit:
+                data = base64.b64encode(path.read_bytes()).decode()
+                outputs[name] = definition_pb2.DataRef(type="base64", value=_string(data))
+                continue
+            digest = await asyncio.to_thread(sha256_file, path)
+            if not await self.files.exists(digest):
+                await self.files.upload(path, digest)
+            outputs[name] = definition_pb2.DataRef(type="key", value=_string(digest), hash=digest)
+        return outputs
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def _fetch(url: str, destination: Path) -> None:
+    error: Exception | None = None
+    for _ in range(DOWNLOAD_TRIES):
+        try:
+            async with (
+                httpx.AsyncClient(follow_redirects=True, timeout=60) as client,
+                client.stream("GET", url, headers={"accept-encoding": "identity"}) as response,
+            ):
+                response.raise_for_status()
+                with destination.open("wb") as handle:
+                    async for block in response.aiter_bytes():
+                        handle.write(block)
+                return
+        except httpx.HTTPError as failure:
+            error = failure
+            await asyncio.sleep(1)
+    raise StagingError(f"download of {url} failed after {DOWNLOAD_TRIES} tries: {error}")
+
+
+def _link(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _regular_files(root: Path) -> list[Path]:
+    files: list[Path] = []
+    for folder, _, names in os.walk(root, followlinks=False):
+        files.extend(p for p in (Path(folder) / n for n in names) if p.is_file() and not p.is_symlink())
+    return files
+
+
+def _string(text: str) -> struct_pb2.Value:
+    return struct_pb2.Value(string_value=text)
