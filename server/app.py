@@ -70,13 +70,13 @@ class Server:
         if started is not None:
             started.set()
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.scheduler.reap())
-                group.create_task(self.grpc_server.wait_for_termination())
+            await self.scheduler.reap()
         finally:
-            await self.health.enter_graceful_shutdown()
-            await self.grpc_server.stop(grace=2)
-            await self.store.close()
+            try:
+                await self.health.enter_graceful_shutdown()
+                await self.grpc_server.stop(grace=2)
+            finally:
+                await self.store.close()
 
 
 async def build_server(settings: ServerSettings, clock: Callable[[], float] = time.time) -> Server:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -104,11 +105,20 @@ class DockerRuntime:
             raise ImageError(f"invalid image name {image!r}: {error.explanation}") from None
         progress(f"pulling {image}\n")
         repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+        api = self.client.api
+        # The raw response, so its socket is closed however the pull ends.
+        params = {"fromImage": repository, "tag": tag or "latest"}
         try:
-            for event in self.client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
-                if "error" in event:
-                    raise ImageError(f"image {image!r} is not available locally and the pull failed: {event['error']}")
-                progress(_progress_line(event))
+            with api._post(api._url("/images/create"), params=params, stream=True, timeout=None) as response:
+                api._raise_for_status(response)
+                for line in response.iter_lines():
+                    event = json.loads(line) if line else {}
+                    if "error" in event:
+                        raise ImageError(
+                            f"image {image!r} is not available locally and the pull failed: {event['error']}"
+                        )
+                    if event:
+                        progress(_progress_line(event))
             self.client.images.get(image)
         except docker.errors.APIError as error:
             raise ImageError(
@@ -204,6 +214,7 @@ def _read_output(
             if stderr:
                 put((STDERR, stderr))
     finally:
+        stream.close()
         put(None)
 
 

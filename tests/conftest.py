@@ -1,0 +1,201 @@
+"""Shared fixtures: a real grpc.aio server on a loopback port, real Envoy in front, real workers on dockerd.
+
+One server and one Envoy serve the whole session; each test gets its own
+unguessable queue (and its own worker where it needs one), so tests stay
+independent without paying for a new stack each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+
+from jobwire.cli.services import descriptor_path
+from jobwire.envoy import config as envoy_config
+from jobwire.server.app import Server, build_server
+from jobwire.server.settings import ServerSettings
+from jobwire.v1 import jobs_pb2, jobs_pb2_grpc
+from jobwire.worker.daemon import Daemon
+from jobwire.worker.runner import DockerRuntime
+from jobwire.worker.settings import WorkerSettings
+
+BUSYBOX = "jobwire/busybox:latest"
+PYTHON = "jobwire/python:3.11"
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    """The running server (and its Envoy): addresses for gRPC and REST."""
+
+    server: Server
+    grpc_target: str
+    envoy_port: int
+    data_directory: Path
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.envoy_port}"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A client of the real Docker engine."""
+    try:
+        client = docker.from_env(version="auto")
+    except docker.errors.DockerException as error:
+        pytest.fail(f"no Docker engine ({error}); `make docker` starts one (as `make test` does)")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_images(docker_client: docker.DockerClient) -> None:
+    """The locally built test images (`make images`); a clear failure when they are missing."""
+    for image in (BUSYBOX, PYTHON):
+        try:
+            docker_client.images.get(image)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"test image {image} missing; run `make images` (as `make test` does)")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """A server on a free loopback port with a short lease, and a real Envoy in front of it."""
+    data = tmp_path_factory.mktemp("server")
+    settings = ServerSettings(data_directory=data, host="127.0.0.1", port=0, lease_seconds=3, heartbeat_seconds=1)
+    server = await build_server(settings)
+    started = asyncio.Event()
+    task = asyncio.create_task(server.run(started))
+    await started.wait()
+    envoy_port = free_port()
+    config_file = envoy_config.write(
+        envoy_config.render(
+            listen_host="127.0.0.1",
+            listen_port=envoy_port,
+            upstreams=[("127.0.0.1", server.port)],
+            descriptor_path=descriptor_path(),
+            admin_port=None,
+        ),
+        data / "envoy.yaml",
+    )
+    async with _envoy(config_file, envoy_port):
+        yield Stack(server, f"127.0.0.1:{server.port}", envoy_port, data)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def _envoy(config_file: Path, port: int) -> AsyncIterator[None]:
+    process = subprocess.Popen(
+        [envoy_config.envoy_binary(), "-c", str(config_file), "--log-level", "warn", "--use-dynamic-base-id"]
+    )
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                        break
+                assert process.poll() is None, "envoy exited"
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+def queue() -> str:
+    """A fresh, unguessable queue name."""
+    return f"q-{uuid.uuid4().hex}"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
+    """A gRPC channel straight to the server."""
+    async with grpc.aio.insecure_channel(stack.grpc_target) as opened:
+        yield opened
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def jobs(channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
+    """The JobService stub."""
+    return jobs_pb2_grpc.JobServiceStub(channel)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rest(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the REST routes through Envoy."""
+    async with httpx.AsyncClient(base_url=stack.rest, timeout=30) as client:
+        yield client
+
+
+@dataclass
+class WorkerHandle:
+    """A running worker daemon and its task."""
+
+    daemon: Daemon
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.daemon.runtime.client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def start_worker(
+    stack: Stack, docker_images: None, tmp_path: Path
+) -> AsyncIterator[object]:
+    """Start workers on a queue: `await start_worker(queue, cpus=2)`; all are stopped after the test."""
+    handles: list[WorkerHandle] = []
+
+    async def start(queue: str, *, cpus: int = 2, max_job_duration: float = 600, target: str = "") -> WorkerHandle:
+        settings = WorkerSettings(
+            queue=queue,
+            server=target or stack.grpc_target,
+            cpus=cpus,
+            data_directory=tmp_path / f"worker-{len(handles)}",
+            max_job_duration=max_job_duration,
+        )
+        daemon = Daemon(settings, DockerRuntime.from_env())
+        handle = WorkerHandle(daemon, asyncio.create_task(daemon.run()))
+        handles.append(handle)
+        await asyncio.wait_for(daemon.registered.wait(), 30)
+        return handle
+
+    yield start
+    for handle in handles:
+        await handle.stop()
+
+
+async def wait_finished(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str, timeout: float = 60) -> jobs_pb2.Job:
+    """Follow the job until it finishes; returns it with its result."""
+
+    async def follow() -> None:
+        async for _ in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+            pass
+
+    await asyncio.wait_for(follow(), timeout)
+    return (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
