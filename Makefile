@@ -54,8 +54,8 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-test: install docker images check-gen lint typecheck
-	$(BIN)/python -m pytest
+test: install docker images check-gen lint
+	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.
 run: install docker images

@@ -15,7 +15,15 @@ from google.protobuf import json_format, struct_pb2
 
 from jobwire.cli.console import CliError, channel
 from jobwire.definition import DefinitionError, check_relative_path, inline_bytes
-from jobwire.v1 import definition_pb2, files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
+from jobwire.v1 import (
+    definition_pb2,
+    files_pb2,
+    files_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+)
 from jobwire.worker.files import FileClient
 
 job = App(name="job", help="Submit, inspect and follow jobs.")
@@ -119,7 +127,9 @@ async def _input_ref(opened: grpc.aio.Channel, path: Path, inline_limit: int) ->
     except OSError as error:
         raise CliError(f"cannot read {path}: {error.strerror}") from None
     if len(data) <= inline_limit:
-        return definition_pb2.DataRef(type="base64", value=struct_pb2.Value(string_value=base64.b64encode(data).decode()))
+        return definition_pb2.DataRef(
+            type="base64", value=struct_pb2.Value(string_value=base64.b64encode(data).decode())
+        )
     digest = hashlib.sha256(data).hexdigest()
     files = FileClient(opened)
     if not await files.exists(digest):

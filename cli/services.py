@@ -7,8 +7,8 @@ import contextlib
 import logging
 import signal
 import subprocess
-from importlib import resources
 from collections.abc import Coroutine
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,7 +73,7 @@ async def worker(
     gpus: Annotated[str, Parameter(name=["--gpus", "-g"])] = "0",
     data_directory: Annotated[Path, Parameter(name=["--data-directory", "-d"])] = Path("/tmp/jobwire-worker"),
     max_job_duration: Annotated[str, Parameter(name=["--max-job-duration", "-t"])] = "1h",
-    id: str = "",  # noqa: A002 - the seed's flag name
+    id: str = "",
 ) -> None:
     """Run a worker: dial out to the server, take jobs of QUEUE, run them in Docker.
 
@@ -149,7 +149,12 @@ async def up(
     runtime = _docker()
     built = await build_server(settings)
     envoy_file = envoy_config.write(
-        envoy_config.render(listen_port=port, upstreams=[("127.0.0.1", built.port)], descriptor_path=descriptor_path(), admin_port=None),
+        envoy_config.render(
+            listen_port=port,
+            upstreams=[("127.0.0.1", built.port)],
+            descriptor_path=descriptor_path(),
+            admin_port=None,
+        ),
         data_directory / "envoy.yaml",
     )
 
@@ -172,7 +177,12 @@ def descriptor_path() -> Path:
 async def run_envoy(config_file: Path, port: int) -> None:
     """Run Envoy until cancelled; log once it answers /healthz."""
     process = await asyncio.create_subprocess_exec(
-        envoy_config.envoy_binary(), "-c", str(config_file), "--log-level", "warn", "--use-dynamic-base-id",
+        envoy_config.envoy_binary(),
+        "-c",
+        str(config_file),
+        "--log-level",
+        "warn",
+        "--use-dynamic-base-id",
     )
     try:
         await _wait_healthy(f"http://127.0.0.1:{port}/healthz", process)

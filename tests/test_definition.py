@@ -42,7 +42,13 @@ def test_seed_vectors(payload: dict[str, object], expected: str) -> None:
 
 def test_empty_records_and_injected_env_hash_as_absent() -> None:
     plain = job_id(parse({"image": "a", "command": "ls"}))
-    noisy = {"image": "a", "command": "ls", "env": {"mp-x": "1", "channel": "c"}, "inputs": {}, "build": {}}
+    noisy = {
+        "image": "a",
+        "command": "ls",
+        "env": {"mp-x": "1", "channel": "c"},
+        "inputs": {},
+        "build": {},
+    }
     assert job_id(parse(noisy)) == plain
     assert job_id(parse({"image": "a", "command": "ls", "env": {"K": "1"}})) != plain
 
@@ -77,7 +83,10 @@ def test_split_command_follows_the_seed() -> None:
         ({"command": "ls"}, "needs an `image`"),
         ({"image": "a", "inputs": {"../x": {"type": "utf8", "value": "v"}}}, "invalid file name"),
         ({"image": "a", "inputs": {"/etc/x": {"type": "utf8", "value": "v"}}}, "invalid file name"),
-        ({"image": "a", "inputs": {"a\u0000b": {"type": "utf8", "value": "v"}}}, "invalid file name"),
+        (
+            {"image": "a", "inputs": {"a\u0000b": {"type": "utf8", "value": "v"}}},
+            "invalid file name",
+        ),
         ({"image": "a", "inputs": {"x": {"type": "zip", "value": "v"}}}, "unknown type"),
         ({"image": "a", "inputs": {"x": {"type": "base64", "value": "!!"}}}, "not valid base64"),
         ({"image": "a", "maxDuration": "forever"}, "not a duration"),

@@ -179,9 +179,7 @@ def test_transcoder_lists_every_annotated_service() -> None:
 def test_no_path_template_has_a_literal_beside_a_variable() -> None:
     files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
     templates = [
-        getattr(rule, rule.WhichOneof("pattern"))
-        if rule.WhichOneof("pattern") != "custom"
-        else rule.custom.path
+        getattr(rule, rule.WhichOneof("pattern")) if rule.WhichOneof("pattern") != "custom" else rule.custom.path
         for file in files.file
         for service in file.service
         for method in service.method
@@ -309,8 +307,6 @@ async def test_grpc_web(http: httpx.AsyncClient) -> None:
 
 async def test_native_grpc(envoy_port: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy_port}") as channel:
-        reply = await server_pb2_grpc.ServerServiceStub(channel).GetHealth(
-            server_pb2.GetHealthRequest(), timeout=10
-        )
+        reply = await server_pb2_grpc.ServerServiceStub(channel).GetHealth(server_pb2.GetHealthRequest(), timeout=10)
     assert reply.content_type == "text/plain"
     assert reply.data == b"OK"

@@ -42,7 +42,10 @@ async def test_healthz_through_envoy(rest: httpx.AsyncClient) -> None:
 
 
 async def test_rest_submit_runs_and_result_shows_logs(
-    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+    rest: httpx.AsyncClient,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker(queue)
     job_id = await submit(rest, queue, {"definition": {"image": BUSYBOX, "command": "echo hello"}})
@@ -101,14 +104,23 @@ async def test_cli_job_add_with_file_wait_and_outputs(
         "-c", 'sh -c "wc -l /inputs/data.csv > /outputs/n.txt"',
     ]  # fmt: skip
     done = await asyncio.to_thread(
-        subprocess.run, command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+        subprocess.run,
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "n.txt").read_text().split()[0] == "1234"
 
 
 async def test_missing_image_finishes_with_a_readable_error(
-    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+    rest: httpx.AsyncClient,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker(queue)
     job_id = await submit(rest, queue, {"definition": {"image": "jobwire/does-not-exist:1", "command": "true"}})
@@ -144,7 +156,10 @@ async def test_unknown_job_is_404(rest: httpx.AsyncClient) -> None:
 
 
 async def test_container_contract(
-    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+    rest: httpx.AsyncClient,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker(queue)
     script = (
@@ -209,7 +224,10 @@ async def test_stdout_stderr_and_exit_code(
 
 
 async def test_time_limit_kills_the_container(
-    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker, docker_client: docker.DockerClient
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
+    docker_client: docker.DockerClient,
 ) -> None:
     await start_worker(queue)
     request = jobs_pb2.SubmitJobRequest(
@@ -245,7 +263,10 @@ async def test_cancel_kills_a_running_container(
 
 
 async def test_identical_submissions_are_one_job_and_results_are_cached(
-    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+    rest: httpx.AsyncClient,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker(queue)
     body = {"definition": {"image": BUSYBOX, "command": f"echo {os.urandom(4).hex()}"}}
@@ -278,7 +299,11 @@ def _containers(client: docker.DockerClient, job_id: str) -> list[str]:
 def test_grpcurl_lists_services_and_health(stack: Stack) -> None:
     target = f"127.0.0.1:{stack.envoy_port}"
     listing = subprocess.run(
-        [GRPCURL, "-plaintext", target, "list"], capture_output=True, text=True, timeout=60, check=True
+        [GRPCURL, "-plaintext", target, "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.split()
     assert {"jobwire.v1.JobService", "jobwire.v1.FileService", "jobwire.v1.WorkerService"} <= set(listing)
     health = subprocess.run(

@@ -89,7 +89,12 @@ class Daemon:
         self.public_url = registered.public_url
         for stale in registered.stale:
             self._stop(stale.job_id, stale.attempt, "the server no longer holds this attempt")
-        log.info("worker %s registered on queue %r at %s", self.worker_id, self.settings.queue, self.settings.server)
+        log.info(
+            "worker %s registered on queue %r at %s",
+            self.worker_id,
+            self.settings.queue,
+            self.settings.server,
+        )
         self.registered.set()
         for message in list(self.unacked.values()):
             await call.write(message)
@@ -131,7 +136,10 @@ class Daemon:
             await self.outbox.put(workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held())))
 
     async def _read(
-        self, call: grpc.aio.StreamStreamCall, jobs: asyncio.TaskGroup, staging: Staging  # type: ignore[type-arg]
+        self,
+        call: grpc.aio.StreamStreamCall,
+        jobs: asyncio.TaskGroup,
+        staging: Staging,  # type: ignore[type-arg]
     ) -> None:
         while True:
             message = await call.read()
@@ -152,7 +160,13 @@ class Daemon:
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
             return
         execution = Execution(
-            assignment, self.settings, self.worker_id, self.runtime, staging, self.outbox.put, self.public_url
+            assignment,
+            self.settings,
+            self.worker_id,
+            self.runtime,
+            staging,
+            self.outbox.put,
+            self.public_url,
         )
         task = jobs.create_task(self._execute(execution))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)

@@ -8,8 +8,6 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-
 
 from jobwire.command import split_command
 from jobwire.units import format_duration, parse_duration, parse_size, timestamp
@@ -62,7 +60,8 @@ class Execution:
             raise ImageError("image builds (`build`) are not supported by this worker yet; give an `image`")
         loop = asyncio.get_running_loop()
         await self.runtime.ensure_image(
-            definition.image, lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, 1, line.encode())
+            definition.image,
+            lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, 1, line.encode()),
         )
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
         spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])

@@ -201,9 +201,7 @@ async def _wait(container: Any) -> int:
     return int(result.get("StatusCode", -1))
 
 
-def _read_output(
-    stream: Any, chunks: asyncio.Queue[tuple[int, bytes] | None], loop: asyncio.AbstractEventLoop
-) -> None:
+def _read_output(stream: Any, chunks: asyncio.Queue[tuple[int, bytes] | None], loop: asyncio.AbstractEventLoop) -> None:
     def put(item: tuple[int, bytes] | None) -> None:
         asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
 

@@ -60,7 +60,11 @@ class Staging:
             if kind == "key":
                 await self._cached(ref.value.string_value, destination, self.files.download)
             elif kind == "url":
-                await self._cached(ref.hash or "", destination, lambda _, path: _fetch(ref.value.string_value, path))
+                await self._cached(
+                    ref.hash or "",
+                    destination,
+                    lambda _, path: _fetch(ref.value.string_value, path),
+                )
             else:
                 destination.write_bytes(inline_bytes(ref))
         except StagingError:

@@ -22,9 +22,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     def __init__(self, scheduler: Scheduler, logs: LogHub, clock: Callable[[], float]) -> None:
         self.scheduler, self.logs, self.clock = scheduler, logs, clock
 
-    async def Connect(
-        self, request_iterator: AsyncIterator[workers_pb2.ConnectRequest], context: Context
-    ) -> None:
+    async def Connect(self, request_iterator: AsyncIterator[workers_pb2.ConnectRequest], context: Context) -> None:
         requests = aiter(request_iterator)
         first = await anext(requests, None)
         try:

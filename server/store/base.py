@@ -54,16 +54,20 @@ class StateStore(Protocol):
         """Raise when the store cannot be reached."""
 
     async def submit(
-        self, *, job_id: str, definition: definition_pb2.JobDefinition, queue: str, namespace: str, now: float
+        self,
+        *,
+        job_id: str,
+        definition: definition_pb2.JobDefinition,
+        queue: str,
+        namespace: str,
+        now: float,
     ) -> tuple[jobs_pb2.Job, bool]:
         """Add the job to the queue; returns the job and whether it was (re)queued."""
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
         """The job with definition, result and history; None if unknown (or not in `queue`)."""
 
-    async def list_jobs(
-        self, queue: str, *, state: int, after: int, limit: int
-    ) -> tuple[list[jobs_pb2.Job], int]:
+    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
 
     async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:

@@ -20,7 +20,11 @@ from jobwire.server.store.rows import event, job_message
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
-QUEUED, RUNNING, FINISHED = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
+QUEUED, RUNNING, FINISHED = (
+    jobs_pb2.JOB_STATE_QUEUED,
+    jobs_pb2.JOB_STATE_RUNNING,
+    jobs_pb2.JOB_STATE_FINISHED,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -65,7 +69,12 @@ class SqliteStore:
         """Open (creating) the database file and apply the schema."""
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "busy_timeout=5000",
+            "foreign_keys=ON",
+        ):
             await db.execute(f"PRAGMA {pragma}")
         await db.executescript(SCHEMA)
         return cls(db)
@@ -116,7 +125,13 @@ class SqliteStore:
         return job_message(row, namespaces=[r[0] for r in rows])
 
     async def submit(
-        self, *, job_id: str, definition: definition_pb2.JobDefinition, queue: str, namespace: str, now: float
+        self,
+        *,
+        job_id: str,
+        definition: definition_pb2.JobDefinition,
+        queue: str,
+        namespace: str,
+        now: float,
     ) -> tuple[jobs_pb2.Job, bool]:
         async with self._transaction() as db:
             row = await self._job_row(job_id)
@@ -144,9 +159,7 @@ class SqliteStore:
             return job, True
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
-        if queue and not await self._fetchone(
-            "SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id
-        ):
+        if queue and not await self._fetchone("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
             return None
         job = await self._job(job_id, queue)
         if job is None:
@@ -160,9 +173,7 @@ class SqliteStore:
         job.tags.extend(job.definition.tags)
         return job
 
-    async def list_jobs(
-        self, queue: str, *, state: int, after: int, limit: int
-    ) -> tuple[list[jobs_pb2.Job], int]:
+    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         where = "q.queue = ? AND q.seq > ?" + (" AND j.state = ?" if state else "")
         args: list[Any] = [queue, after] + ([state] if state else [])
         rows = await self._fetchall(
@@ -191,7 +202,11 @@ class SqliteStore:
                 (RUNNING, attempt, worker_id, now, now + lease, queue, job_id),
             )
             await self._event(
-                job_id, jobs_pb2.JOB_EVENT_KIND_ASSIGNED, now, attempt=attempt, worker_id=worker_id,
+                job_id,
+                jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
+                now,
+                attempt=attempt,
+                worker_id=worker_id,
                 message=f"assigned to worker {worker_id} as attempt {attempt}",
             )
         return await self.get_job(job_id)
@@ -206,8 +221,12 @@ class SqliteStore:
                 return False
             row = await self._fetchone("SELECT worker_id FROM jobs WHERE id = ?", attempt.job_id)
             await self._event(
-                attempt.job_id, jobs_pb2.JOB_EVENT_KIND_STARTED, now, attempt=attempt.attempt,
-                worker_id=row[0], message="container started",
+                attempt.job_id,
+                jobs_pb2.JOB_EVENT_KIND_STARTED,
+                now,
+                attempt=attempt.attempt,
+                worker_id=row[0],
+                message="container started",
             )
             return True
 
@@ -233,8 +252,12 @@ class SqliteStore:
                 (FINISHED, result.reason, now, result.SerializeToString(), attempt.job_id),
             )
             await self._event(
-                attempt.job_id, jobs_pb2.JOB_EVENT_KIND_FINISHED, now, attempt=attempt.attempt,
-                worker_id=result.worker_id, message=_finish_message(result),
+                attempt.job_id,
+                jobs_pb2.JOB_EVENT_KIND_FINISHED,
+                now,
+                attempt=attempt.attempt,
+                worker_id=result.worker_id,
+                message=_finish_message(result),
             )
         return await self.get_job(attempt.job_id)
 
@@ -242,7 +265,9 @@ class SqliteStore:
         lost: list[tuple[str, Attempt, str]] = []
         async with self._transaction() as db:
             rows = await self._fetchall(
-                "SELECT id, attempt, worker_id FROM jobs WHERE state = ? AND lease_expires < ?", RUNNING, now
+                "SELECT id, attempt, worker_id FROM jobs WHERE state = ? AND lease_expires < ?",
+                RUNNING,
+                now,
             )
             for job_id, attempt, worker_id in rows:
                 await db.execute(
@@ -250,7 +275,11 @@ class SqliteStore:
                     (QUEUED, now, job_id),
                 )
                 await self._event(
-                    job_id, jobs_pb2.JOB_EVENT_KIND_REQUEUED, now, attempt=attempt, worker_id=worker_id,
+                    job_id,
+                    jobs_pb2.JOB_EVENT_KIND_REQUEUED,
+                    now,
+                    attempt=attempt,
+                    worker_id=worker_id,
                     message=f"worker {worker_id} lost (no heartbeat within its lease); re-queued",
                 )
                 lost.append((job_id, Attempt(job_id, attempt), worker_id))
@@ -269,7 +298,9 @@ class SqliteStore:
                     (queue, job_id, namespace),
                 )
             await self._event(
-                job_id, jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED, now,
+                job_id,
+                jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
+                now,
                 message=f"cancel requested on {queue!r} for namespace {namespace!r}",
             )
             held = await self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
@@ -325,7 +356,14 @@ class SqliteStore:
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
                 await db.execute(
                     "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?)",
-                    (attempt.job_id, attempt.attempt, kind, stored, len(chunks) - skipped, batch.SerializeToString()),
+                    (
+                        attempt.job_id,
+                        attempt.attempt,
+                        kind,
+                        stored,
+                        len(chunks) - skipped,
+                        batch.SerializeToString(),
+                    ),
                 )
             return int(stored), skipped
 
@@ -351,7 +389,13 @@ class SqliteStore:
             await db.execute(
                 "INSERT INTO workers VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET queue = excluded.queue,"
                 " session = excluded.session, last_seen = excluded.last_seen, info = excluded.info",
-                (info.id, queue, session, info.last_seen_time.ToMicroseconds() / 1e6, info.SerializeToString()),
+                (
+                    info.id,
+                    queue,
+                    session,
+                    info.last_seen_time.ToMicroseconds() / 1e6,
+                    info.SerializeToString(),
+                ),
             )
 
     async def remove_worker(self, worker_id: str, *, session: str) -> None:
@@ -360,7 +404,9 @@ class SqliteStore:
 
     async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
         rows = await self._fetchall(
-            "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id", queue, seen_since
+            "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id",
+            queue,
+            seen_since,
         )
         return [jobs_pb2.WorkerInfo.FromString(row[0]) for row in rows]
 
