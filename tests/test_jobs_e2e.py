@@ -296,18 +296,20 @@ def _containers(client: docker.DockerClient, job_id: str) -> list[str]:
     return [c.id for c in client.containers.list(all=True, filters={"label": f"io.jobwire.job={job_id}"})]
 
 
-def test_grpcurl_lists_services_and_health(stack: Stack) -> None:
+async def test_grpcurl_lists_services_and_health(stack: Stack) -> None:
     target = f"127.0.0.1:{stack.envoy_port}"
-    listing = subprocess.run(
-        [GRPCURL, "-plaintext", target, "list"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.split()
+
+    async def grpcurl(*args: str) -> str:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [GRPCURL, "-plaintext", target, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
+
+    listing = (await grpcurl("list")).split()
     assert {"jobwire.v1.JobService", "jobwire.v1.FileService", "jobwire.v1.WorkerService"} <= set(listing)
-    health = subprocess.run(
-        [GRPCURL, "-plaintext", target, "grpc.health.v1.Health/Check"],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout  # fmt: skip
-    assert '"SERVING"' in health
+    assert '"SERVING"' in await grpcurl("grpc.health.v1.Health/Check")
