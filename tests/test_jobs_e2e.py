@@ -248,9 +248,11 @@ async def test_cancel_kills_a_running_container(
 ) -> None:
     await start_worker(queue)
     job_id = await submit(rest, queue, {"definition": {"image": BUSYBOX, "command": "sleep 600"}})
-    async for event in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
-        if event.job.state == jobs_pb2.JOB_STATE_RUNNING and _containers(docker_client, job_id):
+    for _ in range(300):  # until the container exists
+        if _containers(docker_client, job_id):
             break
+        await asyncio.sleep(0.1)
+    assert _containers(docker_client, job_id), "the container never started"
     response = await rest.post(f"/q/{queue}/j/{job_id}/cancel")
     assert response.status_code == 200, response.text
     job = await wait_finished(jobs, job_id)
