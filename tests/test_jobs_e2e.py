@@ -247,7 +247,7 @@ async def test_cancel_kills_a_running_container(
     docker_client: docker.DockerClient,
 ) -> None:
     await start_worker(queue)
-    job_id = await submit(rest, queue, {"definition": {"image": BUSYBOX, "command": "sleep 600"}})
+    job_id = await submit(rest, queue, {"definition": {"image": BUSYBOX, "command": "sleep 600", "env": {"N": queue}}})
     for _ in range(300):  # until the container exists
         if _containers(docker_client, job_id):
             break
