@@ -174,28 +174,39 @@ def descriptor_path() -> Path:
     return Path(str(resources.files("jobwire.v1").joinpath("jobwire.binpb")))
 
 
-async def run_envoy(config_file: Path, port: int) -> None:
-    """Run Envoy until cancelled; log once it answers /healthz."""
+async def start_envoy(config_file: Path, port: int) -> asyncio.subprocess.Process:
+    """Start Envoy and wait until it answers /healthz (through to the server)."""
     process = await asyncio.create_subprocess_exec(
-        envoy_config.envoy_binary(),
-        "-c",
-        str(config_file),
-        "--log-level",
-        "warn",
-        "--use-dynamic-base-id",
+        envoy_config.envoy_binary(), "-c", str(config_file), "--log-level", "warn", "--use-dynamic-base-id"
     )
     try:
         await _wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+    except BaseException:
+        await stop_envoy(process)
+        raise
+    return process
+
+
+async def stop_envoy(process: asyncio.subprocess.Process) -> None:
+    """Terminate Envoy, killing it if it does not exit within 5 s."""
+    if process.returncode is None:
+        process.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 5)
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def run_envoy(config_file: Path, port: int) -> None:
+    """Run Envoy until cancelled; an exit of its own is an error."""
+    process = await start_envoy(config_file, port)
+    try:
         log.info("jobwire is up: REST, gRPC and gRPC-Web on http://localhost:%d", port)
         code = await process.wait()
         raise CliError(f"envoy exited with code {code}")
     finally:
-        if process.returncode is None:
-            process.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 5)
-            if process.returncode is None:
-                process.kill()
+        await stop_envoy(process)
 
 
 async def _wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:

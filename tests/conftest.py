@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from jobwire.cli.services import descriptor_path
+from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import Server, build_server
 from jobwire.server.settings import ServerSettings
@@ -98,37 +97,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         ),
         data / "envoy.yaml",
     )
-    async with _envoy(config_file, envoy_port):
-        yield Stack(server, f"127.0.0.1:{server.port}", envoy_port, data)
+    envoy = await start_envoy(config_file, envoy_port)
+    yield Stack(server, f"127.0.0.1:{server.port}", envoy_port, data)
+    await stop_envoy(envoy)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-@contextlib.asynccontextmanager
-async def _envoy(config_file: Path, port: int) -> AsyncIterator[None]:
-    process = subprocess.Popen(
-        [
-            envoy_config.envoy_binary(),
-            "-c",
-            str(config_file),
-            "--log-level",
-            "warn",
-            "--use-dynamic-base-id",
-        ]
-    )
-    try:
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
-                        break
-                assert process.poll() is None, "envoy exited"
-                await asyncio.sleep(0.05)
-        yield
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture
