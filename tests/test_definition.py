@@ -15,27 +15,28 @@ def parse(payload: dict[str, object]) -> definition_pb2.JobDefinition:
     return json_format.ParseDict(payload, definition_pb2.JobDefinition())
 
 
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        (
-            {"image": "alpine:3.18.5", "command": "ls"},
-            "74202ec00eefff2982ef0a51077ce7f28d4a51e5bbee46ede2321455a4d83923",
-        ),
-        (
-            {"command": 'echo "hello world"', "image": "alpine:3.19.1"},
-            "9a684c59f4270fa102f102d2aafe92d5e78ad285116f02d845e5dabbfb0ba873",
-        ),
-        (
-            {
-                "image": "alpine:latest",
-                "command": "echo hello",
-                "inputs": {"file1": {"value": "some data", "type": "utf8", "hash": "x"}},
-            },
-            "e57a0594623a986212185099462e8abedf5756ca1cdff572df5b0ad84c322c35",
-        ),
-    ],
-)
+SEED_VECTORS = [
+    (
+        {"image": "alpine:3.18.5", "command": "ls"},
+        "74202ec00eefff2982ef0a51077ce7f28d4a51e5bbee46ede2321455a4d83923",
+    ),
+    (
+        {"command": 'echo "hello world"', "image": "alpine:3.19.1"},
+        "9a684c59f4270fa102f102d2aafe92d5e78ad285116f02d845e5dabbfb0ba873",
+    ),
+    (
+        {
+            "image": "alpine:latest",
+            "command": "echo hello",
+            "inputs": {"file1": {"value": "some data", "type": "utf8", "hash": "x"}},
+        },
+        "e57a0594623a986212185099462e8abedf5756ca1cdff572df5b0ad84c322c35",
+    ),
+]
+"""The seed's job-id test vectors (seed-spec.md §3): (definition, id)."""
+
+
+@pytest.mark.parametrize(("payload", "expected"), SEED_VECTORS)
 def test_seed_vectors(payload: dict[str, object], expected: str) -> None:
     assert job_id(parse(payload)) == expected
 

@@ -19,6 +19,7 @@ from google.protobuf import json_format
 
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import BUSYBOX, PYTHON, Stack, WorkerHandle, wait_finished
+from tests.test_definition import SEED_VECTORS
 
 pytestmark = pytest.mark.docker
 StartWorker = Callable[..., Awaitable[WorkerHandle]]
@@ -66,27 +67,7 @@ async def test_rest_submit_runs_and_result_shows_logs(
     assert (job["definition"]["image"], job["definition"]["command"]) == (BUSYBOX, "echo hello")
 
 
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (
-            {"image": "alpine:3.18.5", "command": "ls"},
-            "74202ec00eefff2982ef0a51077ce7f28d4a51e5bbee46ede2321455a4d83923",
-        ),
-        (
-            {"command": 'echo "hello world"', "image": "alpine:3.19.1"},
-            "9a684c59f4270fa102f102d2aafe92d5e78ad285116f02d845e5dabbfb0ba873",
-        ),
-        (
-            {
-                "image": "alpine:latest",
-                "command": "echo hello",
-                "inputs": {"file1": {"value": "some data", "type": "utf8", "hash": "x"}},
-            },
-            "e57a0594623a986212185099462e8abedf5756ca1cdff572df5b0ad84c322c35",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("body", "expected"), SEED_VECTORS)
 async def test_seed_test_vectors_over_rest(
     rest: httpx.AsyncClient, queue: str, body: dict[str, object], expected: str
 ) -> None:
