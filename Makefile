@@ -54,7 +54,7 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-test: install docker images check-gen lint
+test: install docker images check-gen lint typecheck
 	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.

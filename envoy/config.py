@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import yaml
-from google.api import annotations_pb2  # type: ignore[import-untyped, unused-ignore]
+from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 _TRANSCODER = "envoy.filters.http.grpc_json_transcoder"

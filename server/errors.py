@@ -14,8 +14,12 @@ Envoy turns the status codes into HTTP codes with a JSON body
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any, TypeAlias
 
 import grpc
+
+# A gRPC handler's context, whatever its request and response types.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class JobwireError(Exception):
@@ -62,7 +66,7 @@ def status_code(error: JobwireError) -> grpc.StatusCode:
 class grpc_errors:
     """Turn JobwireErrors raised in a handler body into gRPC status codes (never swallows)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    def __init__(self, context: Context) -> None:
         self.context = context
 
     async def __aenter__(self) -> None:

@@ -24,7 +24,9 @@ class LogHub:
     def __init__(self, store: StateStore, bus: EventBus) -> None:
         self.store, self.bus = store, bus
 
-    async def append(self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int) -> bool:
+    async def append(
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
+    ) -> bool:
         """Store and publish a batch (skipping chunks already stored); False if the attempt is stale."""
         stored = await self.store.append_logs(attempt, kind, chunks, start)
         if stored is None:
@@ -37,7 +39,7 @@ class LogHub:
         await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
         return True
 
-    async def read(self, job: jobs_pb2.Job, kind: int, since: int) -> list[jobs_pb2.LogChunk]:
+    async def read(self, job: jobs_pb2.Job, kind: jobs_pb2.LogKind.ValueType, since: int) -> list[jobs_pb2.LogChunk]:
         """The current attempt's chunks of one log from index `since`."""
         return await self.store.read_logs(
             Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT
@@ -49,12 +51,12 @@ class LogHub:
             follower = _Follower(self, job_id, run_since, build)
             async for message in follower.resync():
                 yield message
-            while not follower.done:
+            while not follower.finished():
                 try:
                     async for payload in subscription:
                         async for message in follower.handle(jobs_pb2.WatchJobResponse.FromString(payload)):
                             yield message
-                        if follower.done:
+                        if follower.finished():
                             break
                 except Lagged:
                     async for message in follower.resync():
@@ -70,7 +72,7 @@ class _Follower:
         self.cursors = {kind: 0 for kind in self.kinds}
         self.cursors[jobs_pb2.LOG_KIND_RUN] = run_since
         self.attempt = -1
-        self.done = False
+        self.state: jobs_pb2.JobState.ValueType = jobs_pb2.JOB_STATE_UNSPECIFIED
 
     async def resync(self) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """Send the job's state and whatever the store has beyond the cursors."""
@@ -104,7 +106,10 @@ class _Follower:
         yield jobs_pb2.WatchJobResponse(job=job_summary(job))
         async for message in self._catch_up():
             yield message
-        self.done = job.state == _FINISHED
+        self.state = job.state
+
+    def finished(self) -> bool:
+        return self.state == _FINISHED
 
     async def _catch_up(self) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         if self.attempt <= 0:
@@ -115,7 +120,9 @@ class _Follower:
             ):
                 yield self._batch(kind, self.cursors[kind], chunks)
 
-    def _batch(self, kind: int, start: int, chunks: Sequence[jobs_pb2.LogChunk]) -> jobs_pb2.WatchJobResponse:
+    def _batch(
+        self, kind: jobs_pb2.LogKind.ValueType, start: int, chunks: Sequence[jobs_pb2.LogChunk]
+    ) -> jobs_pb2.WatchJobResponse:
         self.cursors[kind] = start + len(chunks)
         batch = jobs_pb2.LogBatch(kind=kind, start=start, chunks=chunks, attempt=self.attempt)
         return jobs_pb2.WatchJobResponse(logs=batch)

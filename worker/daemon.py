@@ -11,6 +11,7 @@ import logging
 import random
 import socket
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import duration_pb2
@@ -25,6 +26,7 @@ from jobwire.worker.staging import Staging
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 256
+Call: TypeAlias = "grpc.aio.StreamStreamCall[workers_pb2.ConnectRequest, workers_pb2.ConnectResponse]"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -78,12 +80,12 @@ class Daemon:
                     backoff = min(backoff * 2, 30.0)
 
     async def _session(
-        self, stub: workers_pb2_grpc.WorkerServiceStub, jobs: asyncio.TaskGroup, staging: Staging
+        self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, jobs: asyncio.TaskGroup, staging: Staging
     ) -> None:
         call = stub.Connect()
         await call.write(workers_pb2.ConnectRequest(register=self._registration()))
         first = await call.read()
-        if first is grpc.aio.EOF or not first.HasField("registered"):
+        if not isinstance(first, workers_pb2.ConnectResponse) or not first.HasField("registered"):
             raise StreamEnded("the server did not accept the registration")
         registered = first.registered
         self.public_url = registered.public_url
@@ -123,7 +125,7 @@ class Daemon:
     def _held(self) -> list[workers_pb2.AttemptRef]:
         return [workers_pb2.AttemptRef(job_id=j, attempt=r.attempt) for j, r in self.running.items()]
 
-    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async def _write(self, call: Call) -> None:
         while True:
             message = self.retry or await self.outbox.get()
             self.retry = message
@@ -137,13 +139,13 @@ class Daemon:
 
     async def _read(
         self,
-        call: grpc.aio.StreamStreamCall,
+        call: Call,
         jobs: asyncio.TaskGroup,
-        staging: Staging,  # type: ignore[type-arg]
+        staging: Staging,
     ) -> None:
         while True:
             message = await call.read()
-            if message is grpc.aio.EOF:
+            if not isinstance(message, workers_pb2.ConnectResponse):  # grpc.aio.EOF
                 raise StreamEnded("the server closed the stream")
             match message.WhichOneof("message"):
                 case "assignment":

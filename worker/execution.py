@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from jobwire.command import split_command
 from jobwire.units import format_duration, parse_duration, parse_size, timestamp
 from jobwire.v1 import jobs_pb2, workers_pb2
-from jobwire.worker.runner import LABEL, STDERR, ContainerSpec, DockerRuntime, ImageError, Outcome
+from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, ImageError, Outcome
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging, StagingError
 
@@ -61,7 +61,7 @@ class Execution:
         loop = asyncio.get_running_loop()
         await self.runtime.ensure_image(
             definition.image,
-            lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, 1, line.encode()),
+            lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode()),
         )
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
         spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])
@@ -123,12 +123,12 @@ class Execution:
             limits.append(parse_duration(definition.requirements.max_duration))
         return min(limits)
 
-    async def _on_output(self, stream: int, data: bytes) -> None:
+    async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes) -> None:
         self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data)
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush_if_idle()
 
     async def _build_log(self, text: str) -> None:
-        self.logs[jobs_pb2.LOG_KIND_BUILD].add(1, text.encode())
+        self.logs[jobs_pb2.LOG_KIND_BUILD].add(STDOUT, text.encode())
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
 
     def _outcome(self, outcome: Outcome, limit: float | None) -> jobs_pb2.JobResult:
@@ -158,14 +158,14 @@ class Execution:
 class _LogStream:
     """One log of an execution: decodes bytes as UTF-8 per stream, batches chunks, sends them in order."""
 
-    def __init__(self, execution: Execution, kind: int) -> None:
+    def __init__(self, execution: Execution, kind: jobs_pb2.LogKind.ValueType) -> None:
         self.execution, self.kind = execution, kind
-        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in (1, STDERR)}
+        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in (STDOUT, STDERR)}
         self.pending: list[jobs_pb2.LogChunk] = []
         self.sent = 0
         self.lock = asyncio.Lock()
 
-    def add(self, stream: int, data: bytes) -> None:
+    def add(self, stream: jobs_pb2.LogStream.ValueType, data: bytes) -> None:
         text = self.decoders[stream].decode(data)
         if text:
             chunk = jobs_pb2.LogChunk(text=text, time=timestamp(time.time()), stream=stream)

@@ -14,19 +14,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import docker
 import docker.errors
 from docker.types import DeviceRequest, Mount
 
+from jobwire.v1 import jobs_pb2
+
 log = logging.getLogger(__name__)
 LABEL = "io.jobwire"
 NETWORK = "jobwire-jobs"
 CACHE_VOLUME = "jobwire-job-cache"
-STDOUT, STDERR = 1, 2
+STDOUT, STDERR = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
+Stream: TypeAlias = "jobs_pb2.LogStream.ValueType"
 
-Output = Callable[[int, bytes], Awaitable[None]]
+Output = Callable[[Stream, bytes], Awaitable[None]]
 """Receives (stream, bytes) as the container writes them."""
 
 
@@ -91,11 +94,11 @@ class DockerRuntime:
         with contextlib.suppress(docker.errors.APIError):
             self.client.volumes.create(CACHE_VOLUME, labels={LABEL: "true"})
 
-    async def ensure_image(self, image: str, progress: Callable[[str], None]) -> None:
+    async def ensure_image(self, image: str, progress: Callable[[str], object]) -> None:
         """Use the local image, else pull it (progress lines to `progress`); ImageError if neither works."""
         await asyncio.to_thread(self._ensure_image, image, progress)
 
-    def _ensure_image(self, image: str, progress: Callable[[str], None]) -> None:
+    def _ensure_image(self, image: str, progress: Callable[[str], object]) -> None:
         try:
             self.client.images.get(image)
             return
@@ -105,8 +108,8 @@ class DockerRuntime:
             raise ImageError(f"invalid image name {image!r}: {error.explanation}") from None
         progress(f"pulling {image}\n")
         repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
-        api = self.client.api
-        # The raw response, so its socket is closed however the pull ends.
+        # The raw response (private APIClient helpers), so its socket is closed however the pull ends.
+        api: Any = self.client.api
         params = {"fromImage": repository, "tag": tag or "latest"}
         try:
             with api._post(api._url("/images/create"), params=params, stream=True, timeout=None) as response:
@@ -158,7 +161,7 @@ class DockerRuntime:
 
     async def _run(self, container: Any, spec: ContainerSpec, output: Output) -> Outcome:
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(1024)
+        chunks: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(1024)
         # Attach before starting, as `docker run` does: no output is missed, however short the run.
         stream = await asyncio.to_thread(container.attach, stdout=True, stderr=True, stream=True, demux=True)
         await asyncio.to_thread(container.start)
@@ -189,7 +192,7 @@ class DockerRuntime:
         return await asyncio.to_thread(self._remove_labelled, labels)
 
     def _remove_labelled(self, labels: dict[str, str]) -> int:
-        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
         containers = self.client.containers.list(all=True, filters=filters)
         for container in containers:
             _remove(container)
@@ -201,8 +204,10 @@ async def _wait(container: Any) -> int:
     return int(result.get("StatusCode", -1))
 
 
-def _read_output(stream: Any, chunks: asyncio.Queue[tuple[int, bytes] | None], loop: asyncio.AbstractEventLoop) -> None:
-    def put(item: tuple[int, bytes] | None) -> None:
+def _read_output(
+    stream: Any, chunks: asyncio.Queue[tuple[Stream, bytes] | None], loop: asyncio.AbstractEventLoop
+) -> None:
+    def put(item: tuple[Stream, bytes] | None) -> None:
         asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
 
     try:
@@ -216,7 +221,7 @@ def _read_output(stream: Any, chunks: asyncio.Queue[tuple[int, bytes] | None], l
         put(None)
 
 
-async def _forward(chunks: asyncio.Queue[tuple[int, bytes] | None], output: Output) -> None:
+async def _forward(chunks: asyncio.Queue[tuple[Stream, bytes] | None], output: Output) -> None:
     while (item := await chunks.get()) is not None:
         await output(*item)
 

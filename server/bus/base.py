@@ -7,6 +7,7 @@ behind gets `Lagged` and re-reads what it missed from the state store.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 
@@ -27,5 +28,5 @@ class EventBus(Protocol):
     async def publish(self, topic: str, message: bytes) -> None:
         """Deliver `message` to every current subscriber of `topic`."""
 
-    def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+    def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]:
         """An async context manager yielding a subscription (use with `async with`)."""

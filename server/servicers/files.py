@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 from google.api import httpbody_pb2
 
 from jobwire.definition import DefinitionError, check_key
 from jobwire.server.blobs import BlobStore
-from jobwire.server.errors import InvalidArgument, NotFound, TooLarge, grpc_errors
+from jobwire.server.errors import Context, InvalidArgument, NotFound, TooLarge, grpc_errors
 from jobwire.v1 import files_pb2, files_pb2_grpc
-
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
 
 
 class FileServicer(files_pb2_grpc.FileServiceServicer):

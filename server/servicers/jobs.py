@@ -6,18 +6,16 @@ import base64
 import mimetypes
 from collections.abc import AsyncIterator
 
-import grpc
 from google.api import httpbody_pb2
 
 from jobwire.definition import inline_bytes
 from jobwire.server.blobs import BlobStore
-from jobwire.server.errors import InvalidArgument, NotFound, grpc_errors
+from jobwire.server.errors import Context, InvalidArgument, NotFound, grpc_errors
 from jobwire.server.logs import LogHub
 from jobwire.server.metrics import queue_metrics
 from jobwire.server.scheduler import Scheduler
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
 _PAGE_DEFAULT, _PAGE_MAX = 100, 1000
 
 

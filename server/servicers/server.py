@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
 from google.api import httpbody_pb2
 
 import jobwire
-from jobwire.server.errors import Unavailable, grpc_errors
+from jobwire.server.errors import Context, Unavailable, grpc_errors
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
 from jobwire.v1 import server_pb2, server_pb2_grpc
-
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
 
 
 class ServerServicer(server_pb2_grpc.ServerServiceServicer):

@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from jobwire.server.errors import Context
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
 from jobwire.v1 import workers_pb2, workers_pb2_grpc
-
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
 
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
@@ -22,7 +21,10 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     def __init__(self, scheduler: Scheduler, logs: LogHub, clock: Callable[[], float]) -> None:
         self.scheduler, self.logs, self.clock = scheduler, logs, clock
 
-    async def Connect(self, request_iterator: AsyncIterator[workers_pb2.ConnectRequest], context: Context) -> None:
+    # Responses go out through context.write from a pump task, so this handler returns None.
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[workers_pb2.ConnectRequest], context: Context
+    ) -> None:
         requests = aiter(request_iterator)
         first = await anext(requests, None)
         try:

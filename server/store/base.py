@@ -92,12 +92,14 @@ class StateStore(Protocol):
         """Finish the job as deleted and forget its result, so it can run again."""
 
     async def append_logs(
-        self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> tuple[int, int] | None:
         """Store chunks of the attempt's log that the worker numbers from `start`, skipping any already
         stored; returns (index of the first stored chunk, how many were skipped), None if stale."""
 
-    async def read_logs(self, attempt: Attempt, kind: int, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
+    async def read_logs(
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int
+    ) -> list[jobs_pb2.LogChunk]:
         """Chunks of the attempt's log from index `since`."""
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:

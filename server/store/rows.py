@@ -25,7 +25,9 @@ def job_message(row: Sequence[Any], *, namespaces: Sequence[str]) -> jobs_pb2.Jo
     )
 
 
-def event(kind: int, now: float, *, attempt: int = 0, worker_id: str = "", message: str = "") -> jobs_pb2.JobEvent:
+def event(
+    kind: jobs_pb2.JobEventKind.ValueType, now: float, *, attempt: int = 0, worker_id: str = "", message: str = ""
+) -> jobs_pb2.JobEvent:
     """One history entry."""
     return jobs_pb2.JobEvent(time=timestamp(now), kind=kind, attempt=attempt, worker_id=worker_id, message=message)
 

@@ -104,7 +104,7 @@ class SqliteStore:
         async with self._db.execute(sql, args) as cursor:
             return list(await cursor.fetchall())
 
-    async def _event(self, job_id: str, kind: int, now: float, **fields: Any) -> None:
+    async def _event(self, job_id: str, kind: jobs_pb2.JobEventKind.ValueType, now: float, **fields: Any) -> None:
         await self._db.execute(
             "INSERT INTO events (job_id, data) VALUES (?, ?)",
             (job_id, event(kind, now, **fields).SerializeToString()),
@@ -320,7 +320,7 @@ class SqliteStore:
         return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
 
     async def _end(
-        self, job_id: str, reason: int, now: float, words: str, *, force: bool = False
+        self, job_id: str, reason: jobs_pb2.FinishReason.ValueType, now: float, words: str, *, force: bool = False
     ) -> tuple[Attempt | None, str] | None:
         """Finish a queued or running job (any job with `force`); the attempt to stop and its worker."""
         state, attempt, worker_id = await self._fetchone(
@@ -340,7 +340,7 @@ class SqliteStore:
         return running, worker_id
 
     async def append_logs(
-        self, attempt: Attempt, kind: int, chunks: Sequence[jobs_pb2.LogChunk], start: int
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> tuple[int, int] | None:
         async with self._transaction() as db:
             if not await self._holds(attempt):
@@ -367,7 +367,9 @@ class SqliteStore:
                 )
             return int(stored), skipped
 
-    async def read_logs(self, attempt: Attempt, kind: int, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
+    async def read_logs(
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int
+    ) -> list[jobs_pb2.LogChunk]:
         rows = await self._fetchall(
             "SELECT start, data FROM logs WHERE job_id = ? AND attempt = ? AND kind = ? AND start + count > ?"
             " ORDER BY start",
