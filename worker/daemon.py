@@ -123,7 +123,10 @@ class Daemon:
         )
 
     def _held(self) -> list[workers_pb2.AttemptRef]:
-        return [workers_pb2.AttemptRef(job_id=j, attempt=r.attempt) for j, r in self.running.items()]
+        """Attempts running here, and finished ones whose result the server has not acknowledged yet
+        (so a re-registration does not give them up before the result arrives)."""
+        held = {(job_id, running.attempt) for job_id, running in self.running.items()} | set(self.unacked)
+        return [workers_pb2.AttemptRef(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held)]
 
     async def _write(self, call: Call) -> None:
         while True:

@@ -85,6 +85,12 @@ class StateStore(Protocol):
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
 
+    async def requeue_worker(
+        self, worker_id: str, keep: Sequence[Attempt], now: float
+    ) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        """Put the worker's running jobs back in their queues, except the attempts in `keep` (it came back
+        without the others, e.g. after a restart); returns them and the lost attempts."""
+
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
 
