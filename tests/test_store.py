@@ -344,8 +344,10 @@ async def test_requeue_worker_gives_up_only_the_attempts_it_came_back_without(st
     other = await claim(store, worker="w2")
     requeued = await store.requeue_worker("w1", [attempt_of(kept)], T0 + 5)
     assert [(job.id, attempt) for job, attempt in requeued] == [(lost.id, attempt_of(lost))]
-    assert requeued[0][0].history[-1].kind == jobs_pb2.JOB_EVENT_KIND_REQUEUED
-    assert "worker-lost" in requeued[0][0].history[-1].message
+    stored = await store.get_job(lost.id)
+    assert stored is not None
+    assert stored.history[-1].kind == jobs_pb2.JOB_EVENT_KIND_REQUEUED
+    assert "worker-lost" in stored.history[-1].message
     assert await state(store, lost) == QUEUED
     assert await state(store, kept) == RUNNING
     assert await state(store, other) == RUNNING
