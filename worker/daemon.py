@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2
 
 import jobwire
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from jobwire.worker.execution import Execution
+from jobwire.worker.execution import ATTEMPT_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.files import FileClient
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
@@ -66,6 +66,7 @@ class Daemon:
         async with grpc.aio.insecure_channel(self.settings.server, options=CHANNEL_OPTIONS) as channel:
             staging = Staging(FileClient(channel), self.settings.data_directory / "cache" / "blobs")
             async with asyncio.TaskGroup() as jobs:
+                await self._resume(jobs, staging)
                 backoff = 0.5
                 while True:
                     try:
@@ -160,7 +161,26 @@ class Daemon:
                 case "finished_ack":
                     self.unacked.pop((message.finished_ack.job_id, message.finished_ack.attempt), None)
 
-    def _start(self, assignment: workers_pb2.JobAssignment, jobs: asyncio.TaskGroup, staging: Staging) -> None:
+    async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
+        """Re-attach to the containers an earlier run of this worker (same id) left behind; they are
+        re-registered with the server, which keeps their attempts if their lease has not run out."""
+        for labels in await self.runtime.ours({WORKER_LABEL: self.worker_id}):
+            job_id, attempt = labels.get(JOB_LABEL, ""), int(labels.get(ATTEMPT_LABEL) or 0)
+            assignment = Execution.saved_assignment(self.settings, job_id, attempt)
+            if assignment is None or job_id in self.running:
+                log.warning("removing container %s of this worker: nothing to resume it with", labels["id"][:12])
+                await self.runtime.remove(labels["id"])
+                continue
+            log.info("re-attaching to job %s (attempt %d), still running on this machine", job_id, attempt)
+            self._start(assignment, jobs, staging, container_id=labels["id"])
+
+    def _start(
+        self,
+        assignment: workers_pb2.JobAssignment,
+        jobs: asyncio.TaskGroup,
+        staging: Staging,
+        container_id: str = "",
+    ) -> None:
         if assignment.job_id in self.running:
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
             return
@@ -173,7 +193,7 @@ class Daemon:
             self.outbox.put,
             self.public_url,
         )
-        task = jobs.create_task(self._execute(execution))
+        task = jobs.create_task(self._execute(execution, container_id))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)
 
     def _stop(self, job_id: str, attempt: int, reason: str) -> None:
@@ -183,10 +203,10 @@ class Daemon:
             self.stopping.add((job_id, attempt))
             running.task.cancel()
 
-    async def _execute(self, execution: Execution) -> None:
+    async def _execute(self, execution: Execution, container_id: str) -> None:
         log.info("running job %s (attempt %d)", execution.job_id, execution.attempt)
         try:
-            result = await execution.run()
+            result = await (execution.resume(container_id) if container_id else execution.run())
         except asyncio.CancelledError:
             if (execution.job_id, execution.attempt) not in self.stopping:
                 raise  # the worker is shutting down
