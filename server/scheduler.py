@@ -162,7 +162,11 @@ class Scheduler:
         return stale
 
     async def reap(self) -> None:
-        """Re-queue jobs whose worker went silent past its lease, the grace period (run forever)."""
+        """Re-queue jobs whose worker went silent past its lease, the grace period (run forever).
+
+        Running jobs first get a whole new lease: while this server was down their workers could not
+        renew, and they deserve the grace period to reconnect."""
+        await self.store.extend_leases(self.clock() + self.settings.lease_seconds)
         while True:
             await self._requeued(await self.store.requeue_expired(self.clock()))
             await asyncio.sleep(self.settings.reap_interval_seconds)

@@ -57,7 +57,18 @@ class WorkerSession:
             self.register.cpus,
         )
         settings = self.scheduler.settings
+        cursors = [
+            workers_pb2.LogCursor(
+                job_id=job_id,
+                attempt=attempt,
+                kind=kind,
+                stored=await self.scheduler.store.log_length(Attempt(job_id, attempt), kind),
+            )
+            for job_id, attempt in self.running.items()
+            for kind in (jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN)
+        ]
         return workers_pb2.WorkerRegistered(
+            log_cursors=cursors,
             worker_id=self.worker_id,
             heartbeat_interval=duration_pb2.Duration(seconds=round(settings.heartbeat_seconds)),
             lease_duration=duration_pb2.Duration(seconds=round(settings.lease_seconds)),

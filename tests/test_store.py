@@ -354,6 +354,26 @@ async def test_requeue_worker_gives_up_only_the_attempts_it_came_back_without(st
     await assert_stale(store, attempt_of(lost))
 
 
+async def test_extend_leases_gives_running_jobs_a_new_lease(store: StateStore) -> None:
+    await submit(store, 1)
+    running = await claim(store, worker="w1")
+    await store.extend_leases(T0 + LEASE + 100)
+    assert await store.requeue_expired(T0 + LEASE + 50) == []
+    assert await state(store, running) == RUNNING
+    assert len(await store.requeue_expired(T0 + LEASE + 101)) == 1
+
+
+async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    assert await store.append_logs(running, RUN, chunks("a", "b"), 0) == (0, 0)
+    assert await store.append_logs(running, RUN, chunks("d"), 3) == (2, 1)
+    assert await store.log_length(running, RUN) == 2
+    assert await store.append_logs(running, RUN, chunks("b", "c", "d"), 1) == (2, 1)
+    assert await store.log_length(running, RUN) == 4
+    assert await log_texts(store, running) == ["a", "b", "c", "d"]
+
+
 async def test_renew_extends_the_lease(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))

@@ -56,6 +56,8 @@ class Daemon:
         self.retry: workers_pb2.ConnectRequest | None = None
         self.running: dict[str, _Running] = {}
         self.unacked: dict[tuple[str, int], workers_pb2.ConnectRequest] = {}
+        # Every execution until the server acknowledged its result: their logs may need resending.
+        self.executions: dict[tuple[str, int], Execution] = {}
         self.public_url = ""
         self.registered = asyncio.Event()
         self.stopping: set[tuple[str, int]] = set()
@@ -99,17 +101,24 @@ class Daemon:
             self.settings.server,
         )
         self.registered.set()
+        for cursor in registered.log_cursors:
+            execution = self.executions.get((cursor.job_id, cursor.attempt))
+            if execution is not None and (resend := execution.logs[cursor.kind].resend_from(cursor.stored)):
+                await call.write(resend)
         for message in list(self.unacked.values()):
             await call.write(message)
         interval = registered.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
-        async with asyncio.TaskGroup() as group:
-            writer = group.create_task(self._write(call))
-            beat = group.create_task(self._heartbeat(interval))
-            try:
-                await self._read(call, jobs, staging)
-            finally:
-                writer.cancel()
-                beat.cancel()
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write(call))
+                beat = group.create_task(self._heartbeat(interval))
+                try:
+                    await self._read(call, jobs, staging)
+                finally:
+                    writer.cancel()
+                    beat.cancel()
+        except* (grpc.aio.AioRpcError, StreamEnded) as lost:
+            raise lost.exceptions[0] from None  # the stream broke: reconnect
 
     def _registration(self) -> workers_pb2.RegisterWorker:
         return workers_pb2.RegisterWorker(
@@ -159,7 +168,9 @@ class Daemon:
                 case "stale":
                     self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
                 case "finished_ack":
-                    self.unacked.pop((message.finished_ack.job_id, message.finished_ack.attempt), None)
+                    acked = (message.finished_ack.job_id, message.finished_ack.attempt)
+                    self.unacked.pop(acked, None)
+                    self.executions.pop(acked, None)
 
     async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
         """Re-attach to the containers an earlier run of this worker (same id) left behind; they are
@@ -195,6 +206,7 @@ class Daemon:
         )
         task = jobs.create_task(self._execute(execution, container_id))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)
+        self.executions[(assignment.job_id, assignment.attempt)] = execution
 
     def _stop(self, job_id: str, attempt: int, reason: str) -> None:
         running = self.running.get(job_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import logging
 import shutil
 import time
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
 _BATCH_CHUNKS = 2000
 _ASSIGNMENT = "assignment.binpb"
+_RETAINED_CHUNKS = 50_000
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
 
 
@@ -87,9 +89,7 @@ class Execution:
         )
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
         spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])
-        started = workers_pb2.JobStarted(job_id=self.job_id, attempt=self.attempt, start_time=timestamp(time.time()))
-        await self.send(workers_pb2.ConnectRequest(started=started))
-        outcome = await self.runtime.run(spec, self._on_output)
+        outcome = await self.runtime.run(spec, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
 
     async def _result(self, outcome: Outcome, limit: float | None) -> jobs_pb2.JobResult:
@@ -149,6 +149,10 @@ class Execution:
             limits.append(parse_duration(definition.requirements.max_duration))
         return min(limits)
 
+    async def _started(self) -> None:
+        started = workers_pb2.JobStarted(job_id=self.job_id, attempt=self.attempt, start_time=timestamp(time.time()))
+        await self.send(workers_pb2.ConnectRequest(started=started))
+
     async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str) -> None:
         self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data, stamp)
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush_if_idle()
@@ -170,7 +174,8 @@ class Execution:
             result.reason = jobs_pb2.FINISH_REASON_TIMED_OUT
             result.message = f"timed out: killed after its time limit of {format_duration(limit or 0)}"
         elif outcome.oom_killed:
-            result.message = f"killed: out of memory (exit code {outcome.exit_code})"
+            memory = self.assignment.definition.requirements.memory or "the machine's"
+            result.message = f"killed: out of memory (limit {memory}, exit code {outcome.exit_code})"
         elif outcome.exit_code != 0:
             result.message = f"the container exited with code {outcome.exit_code}"
         return result
@@ -190,6 +195,8 @@ class _LogStream:
         self.pending: list[jobs_pb2.LogChunk] = []
         self.sent = 0
         self.lock = asyncio.Lock()
+        # The latest chunks handed to `send`, for sending again what a broken stream lost.
+        self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque(maxlen=_RETAINED_CHUNKS)
 
     def add(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str = "") -> None:
         """One entry of output; `stamp` is the engine's RFC 3339 time of it (default: now).
@@ -228,4 +235,24 @@ class _LogStream:
                     start=self.sent,
                 )
                 self.sent += len(chunks)
+                self.recent.extend(chunks)
                 await self.execution.send(workers_pb2.ConnectRequest(logs=logs))
+
+    def resend_from(self, stored: int) -> workers_pb2.ConnectRequest | None:
+        """The chunks from index `stored` on that were sent already (the server lost them in flight)."""
+        if stored >= self.sent:
+            return None
+        first = self.sent - len(self.recent)
+        chunks = list(self.recent)[max(stored - first, 0) :]
+        if stored < first:  # older than what is kept: fill the hole so later indices still line up
+            log.warning("job %s: %d log chunks lost for good", self.execution.job_id, first - stored)
+            note = jobs_pb2.LogChunk(text=f"[jobwire: {first - stored} log entries lost]\n", stream=STDERR)
+            chunks = [note] + [jobs_pb2.LogChunk() for _ in range(first - stored - 1)] + chunks
+        logs = workers_pb2.JobLogs(
+            job_id=self.execution.job_id,
+            attempt=self.execution.attempt,
+            kind=self.kind,
+            chunks=chunks,
+            start=stored,
+        )
+        return workers_pb2.ConnectRequest(logs=logs)

@@ -129,11 +129,13 @@ class DockerRuntime:
                 f"image {image!r} is not available locally and could not be pulled: {error.explanation}"
             ) from None
 
-    async def run(self, spec: ContainerSpec, output: Output) -> Outcome:
-        """Run the container to its end (or its timeout), streaming output; always removes it."""
+    async def run(self, spec: ContainerSpec, output: Output, started: Callable[[], Awaitable[None]]) -> Outcome:
+        """Run the container to its end (or its timeout), streaming output; always removes it.
+        `started` is awaited once the engine has started the container."""
         container = await asyncio.to_thread(self._create, spec)
         try:
             await asyncio.to_thread(container.start)
+            await started()
             return await self._follow(container, spec.timeout, output)
         finally:
             await asyncio.shield(asyncio.to_thread(_remove, container))
@@ -170,6 +172,7 @@ class DockerRuntime:
             network=NETWORK,
             shm_size=spec.shm_size,
             mem_limit=spec.memory,
+            memswap_limit=spec.memory,  # the limit is of memory, not memory + swap
             nano_cpus=spec.nano_cpus,
             device_requests=devices if spec.gpu_devices else None,
             security_opt=["no-new-privileges"],

@@ -275,6 +275,12 @@ class SqliteStore:
                 )
         return await self._jobs_of([Attempt(job_id, attempt) for job_id, attempt, _ in rows])
 
+    async def extend_leases(self, until: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE state = ? AND lease_expires < ?", (until, RUNNING, until)
+            )
+
     async def requeue_worker(
         self, worker_id: str, keep: Sequence[Attempt], now: float
     ) -> list[tuple[jobs_pb2.Job, Attempt]]:
@@ -366,13 +372,10 @@ class SqliteStore:
         async with self._transaction() as db:
             if not await self._holds(attempt):
                 return None
-            (stored,) = await self._fetchone(
-                "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
-                attempt.job_id,
-                attempt.attempt,
-                kind,
-            )
-            skipped = min(max(stored - start, 0), len(chunks))
+            stored = await self.log_length(attempt, kind)
+            if start > stored:  # a gap: earlier batches were lost in flight; the worker sends them again
+                return stored, len(chunks)
+            skipped = min(stored - start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
                 await db.execute(
@@ -387,6 +390,15 @@ class SqliteStore:
                     ),
                 )
             return int(stored), skipped
+
+    async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
+        (stored,) = await self._fetchone(
+            "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
+            attempt.job_id,
+            attempt.attempt,
+            kind,
+        )
+        return int(stored)
 
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int
