@@ -88,6 +88,8 @@ class SqliteStore:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
+            if self._db.in_transaction:  # left open by a task cancelled while BEGIN ran in the thread
+                await self._db.rollback()
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
