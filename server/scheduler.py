@@ -60,6 +60,11 @@ class Scheduler:
             log.info("job %s queued on %r", new_id, queue)
             await self.publish_job(job)
             await self.bus.publish(topics.queue(queue), b"")
+        if namespace != DEFAULT_NAMESPACE:
+            for replaced in await self.store.replace_in_namespace(
+                queue=queue, namespace=namespace, keep=new_id, now=self.clock()
+            ):
+                await self._after_end(replaced, f"replaced by job {new_id}")
         return job
 
     async def get_job(self, job_id: str, queue: str = "") -> jobs_pb2.Job:

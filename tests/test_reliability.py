@@ -20,6 +20,7 @@ from pathlib import Path
 
 import docker
 import grpc
+import httpx
 import pytest
 import pytest_asyncio
 from google.protobuf import json_format
@@ -419,3 +420,42 @@ async def test_jobs_survive_random_worker_kills_and_restarts(
         assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, (n, job.result.message)
         assert log_text(job) == f"{n}\n{n}-end\n", (n, [(e.kind, e.message) for e in job.history])
         assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
+
+
+async def test_namespaces_one_live_job_each_and_scoped_cancel(
+    rest: httpx.AsyncClient,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
+    docker_client: docker.DockerClient,
+) -> None:
+    await start_worker(queue, cpus=2)
+
+    async def submit(command: str, namespace: str) -> str:
+        body = {"definition": {"image": BUSYBOX, "command": command}, "control": {"namespace": namespace}}
+        response = await rest.post(f"/q/{queue}", json=body)
+        assert response.status_code == 200, response.text
+        job_id: str = response.json()["jobId"]
+        return job_id
+
+    older = await submit(f"sh -c 'echo {queue}; sleep 600'", "editor")
+    await eventually(lambda: _started(jobs, older), "the first job to start")
+    newer = await submit(f"sh -c 'echo {queue}-2; sleep 600'", "editor")
+    replaced = await wait_finished(jobs, older)
+    assert replaced.finish_reason == jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT
+    await eventually(lambda: _gone(docker_client, older), "the replaced job's container to go")
+
+    # `newer` is also held by a second namespace: cancelling for one namespace leaves it running.
+    assert await submit(f"sh -c 'echo {queue}-2; sleep 600'", "viewer") == newer
+    response = await rest.post(f"/q/{queue}/j/{newer}/cancel", params={"namespace": "editor"})
+    assert response.status_code == 200, response.text
+    assert (await get(jobs, newer)).state != jobs_pb2.JOB_STATE_FINISHED
+    response = await rest.post(f"/q/{queue}/j/{newer}/cancel", params={"namespace": "*"})
+    assert response.status_code == 200, response.text
+    assert (await wait_finished(jobs, newer)).finish_reason == jobs_pb2.FINISH_REASON_CANCELLED
+    await eventually(lambda: _gone(docker_client, newer), "the cancelled job's container to go")
+
+
+async def _gone(docker_client: docker.DockerClient, job_id: str) -> bool:
+    filters = {"label": f"io.jobwire.job={job_id}"}
+    return not await asyncio.to_thread(docker_client.containers.list, all=True, filters=filters)

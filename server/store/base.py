@@ -97,6 +97,10 @@ class StateStore(Protocol):
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
 
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        """One live job per namespace: drop the namespace's hold on its other unfinished jobs in the
+        queue, finishing as replaced those no namespace holds any more."""
+
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         """Finish the job as deleted and forget its result, so it can run again."""
 

@@ -338,6 +338,42 @@ class SqliteStore:
         assert job is not None
         return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
 
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        ended: list[tuple[str, tuple[Attempt | None, str] | None]] = []
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.id = n.job_id"
+                " WHERE n.queue = ? AND n.namespace = ? AND n.job_id != ? AND j.state != ?",
+                queue,
+                namespace,
+                keep,
+                FINISHED,
+            )
+            for (job_id,) in rows:
+                await db.execute(
+                    "DELETE FROM namespaces WHERE queue = ? AND job_id = ? AND namespace = ?",
+                    (queue, job_id, namespace),
+                )
+                await self._event(
+                    job_id,
+                    jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
+                    now,
+                    message=f"replaced by job {keep} in namespace {namespace!r} of {queue!r}",
+                )
+                held = await self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
+                stop = (
+                    None
+                    if held
+                    else await self._end(job_id, jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT, now, "replaced")
+                )
+                ended.append((job_id, stop))
+        replaced = []
+        for job_id, stop in ended:
+            job = await self.get_job(job_id)
+            assert job is not None
+            replaced.append(Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else ""))
+        return replaced
+
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:
             if await self._job_row(job_id) is None:
