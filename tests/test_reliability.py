@@ -76,11 +76,13 @@ class Processes:
     started: list[Process] = field(default_factory=list)
     worker_ids: list[str] = field(default_factory=list)
 
-    async def worker(self, queue: str, target: str, *, worker_id: str = "", cpus: int = 1) -> Process:
+    async def worker(
+        self, queue: str, target: str, *, worker_id: str = "", cpus: int = 1, extra: tuple[str, ...] = ()
+    ) -> Process:
         worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
         data = self.directory / worker_id
         data.mkdir(exist_ok=True)
-        args = ["worker", queue, "--server", target, "--id", worker_id, "-d", str(data), "--cpus", str(cpus)]
+        args = ["worker", queue, "--server", target, "--id", worker_id, "-d", str(data), "--cpus", str(cpus), *extra]
         process = Process(args, data / "worker.log")
         self.worker_ids.append(worker_id)
         return await self._start(process)
@@ -459,3 +461,29 @@ async def test_namespaces_one_live_job_each_and_scoped_cancel(
 async def _gone(docker_client: docker.DockerClient, job_id: str) -> bool:
     filters = {"label": f"io.jobwire.job={job_id}"}
     return not await asyncio.to_thread(docker_client.containers.list, all=True, filters=filters)
+
+
+async def test_sigterm_drains_finishing_short_jobs_and_handing_back_long_ones(
+    stack: Stack,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    processes: Processes,
+    docker_client: docker.DockerClient,
+) -> None:
+    worker = await processes.worker(queue, stack.grpc_target, cpus=2, extra=("--drain-timeout", "4s"))
+    ids = []
+    for command in (f"sh -c 'sleep 2; echo {queue}'", f"sh -c 'echo {queue}; sleep 600'"):
+        request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+        ids.append((await jobs.SubmitJob(request)).job_id)
+    short, long = ids
+    await eventually(lambda: _count_started(jobs, ids, 2), "both jobs to start")
+    assert await worker.terminate() == 0
+    finished = await get(jobs, short)
+    assert finished.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS
+    assert log_text(finished) == f"{queue}\n"
+    handed_back = await get(jobs, long)
+    assert handed_back.state == jobs_pb2.JOB_STATE_QUEUED
+    (requeued,) = kinds(handed_back, jobs_pb2.JOB_EVENT_KIND_REQUEUED)
+    assert "shutting down" in requeued.message
+    assert await _gone(docker_client, long)
+    assert "draining" in worker.output()

@@ -85,6 +85,9 @@ class StateStore(Protocol):
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
 
+    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
+        """Put the attempt's job back in its queue (its worker gave it back); None if stale."""
+
     async def extend_leases(self, until: float) -> None:
         """Let every running job's lease last at least until `until`."""
 

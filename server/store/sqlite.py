@@ -297,6 +297,13 @@ class SqliteStore:
                 )
         return await self._jobs_of(lost)
 
+    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
+        async with self._transaction():
+            if not await self._holds(attempt):
+                return None
+            await self._requeue(attempt, worker_id, now, f"released by worker {worker_id}: {reason}")
+        return await self._job(attempt.job_id)
+
     async def _requeue(self, attempt: Attempt, worker_id: str, now: float, message: str) -> None:
         await self._db.execute(
             "UPDATE jobs SET state = ?, worker_id = '', update_time = ?, lease_expires = NULL WHERE id = ?",
