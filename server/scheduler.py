@@ -84,9 +84,18 @@ class Scheduler:
         workers = await self.live_workers(job.queue)
         if not workers:
             return f"no worker is connected to queue {job.queue!r}; start one with `jobwire worker {job.queue}`"
+        needs = job.definition.requirements.gpus
+        if needs and all(len(w.gpus) < needs for w in workers):
+            most = max(len(w.gpus) for w in workers)
+            return (
+                f"needs {needs} GPU(s) but no worker on {job.queue!r} has that many (the most is {most});"
+                f" start one with `jobwire worker {job.queue} --gpus {needs}`"
+            )
         slots = sum(w.cpus for w in workers)
         busy = sum(len(w.running_job_ids) for w in workers)
         ahead = await self.store.queue_position(job.queue, job.id)
+        if needs:
+            return f"needs {needs} GPU(s): waiting for a worker with that many free; {ahead} job(s) ahead"
         if busy >= slots:
             return f"all {slots} slots of the {len(workers)} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
         return f"waiting for a worker to take it; {ahead} job(s) ahead"
@@ -127,10 +136,10 @@ class Scheduler:
             raise NotFound(f"job {job_id} not found")
         return await self.submit(queue, job.definition, control)
 
-    async def claim(self, queue: str, worker_id: str) -> jobs_pb2.Job | None:
-        """Assign the queue's oldest waiting job to the worker."""
+    async def claim(self, queue: str, worker_id: str, gpus: int) -> jobs_pb2.Job | None:
+        """Assign the queue's oldest waiting job that needs at most `gpus` devices to the worker."""
         job = await self.store.claim(
-            queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds
+            queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds, gpus=gpus
         )
         if job is not None:
             log.info("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)

@@ -487,3 +487,18 @@ async def test_sigterm_drains_finishing_short_jobs_and_handing_back_long_ones(
     assert "shutting down" in requeued.message
     assert await _gone(docker_client, long)
     assert "draining" in worker.output()
+
+
+async def test_gpu_jobs_wait_for_a_worker_with_gpus_without_blocking_the_queue(
+    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    await start_worker(queue)  # offers no GPUs
+    gpu_body = {"definition": {"image": BUSYBOX, "command": "nvidia-smi", "requirements": {"gpus": 1}}}
+    gpu_job = (await rest.post(f"/q/{queue}", json=gpu_body)).json()["jobId"]
+    cpu_body = {"definition": {"image": BUSYBOX, "command": f"echo {queue}"}}
+    cpu_job = (await rest.post(f"/q/{queue}", json=cpu_body)).json()["jobId"]
+    assert log_text(await wait_finished(jobs, cpu_job)) == f"{queue}\n"
+    waiting = (await rest.get(f"/j/{gpu_job}")).json()["job"]
+    assert waiting["state"] == "JOB_STATE_QUEUED"
+    assert "needs 1 GPU(s) but no worker" in waiting["waitingReason"]
+    assert "--gpus 1" in waiting["waitingReason"]

@@ -392,6 +392,18 @@ async def test_a_newer_job_replaces_older_live_jobs_of_its_namespace(store: Stat
     assert await store.replace_in_namespace(queue="q", namespace="ns", keep=newest.id, now=T0 + 10) == []
 
 
+async def test_claim_skips_jobs_needing_more_gpus_than_the_worker_has_free(store: StateStore) -> None:
+    gpu_job = definition(1)
+    gpu_job.requirements.gpus = 2
+    gpu, _ = await store.submit(job_id=job_id(gpu_job), definition=gpu_job, queue="q", namespace="_", now=T0)
+    cpu = await submit(store, 2)
+    taken = await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1)
+    assert taken is not None and taken.id == cpu.id
+    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1) is None
+    taken = await store.claim(queue="q", worker_id="w2", now=T0, lease=LEASE, gpus=2)
+    assert taken is not None and taken.id == gpu.id
+
+
 async def test_renew_extends_the_lease(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))

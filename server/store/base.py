@@ -70,8 +70,11 @@ class StateStore(Protocol):
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
 
-    async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:
-        """Assign the oldest queued job of `queue` to the worker as a new attempt."""
+    async def claim(
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
+    ) -> jobs_pb2.Job | None:
+        """Assign the oldest queued job of `queue` needing at most `gpus` GPU devices to the worker as a
+        new attempt."""
 
     async def start(self, attempt: Attempt, now: float) -> bool:
         """Record that the attempt's container started; False if the attempt is stale."""

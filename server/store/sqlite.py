@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE INDEX IF NOT EXISTS workers_queue ON workers (queue, last_seen);
 """
 
+MIGRATIONS = [
+    # 1: GPU devices a job needs, so claims can skip jobs a worker has no room for.
+    "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+]
+"""Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
+
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 
 
@@ -77,6 +83,10 @@ class SqliteStore:
         ):
             await db.execute(f"PRAGMA {pragma}")
         await db.executescript(SCHEMA)
+        async with db.execute("PRAGMA user_version") as cursor:
+            (version,) = await cursor.fetchone() or (0,)
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
         return cls(db)
 
     async def close(self) -> None:
@@ -141,9 +151,9 @@ class SqliteStore:
             await db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, namespace))
             if row is None:
                 await db.execute(
-                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, queue, now, now, definition.SerializeToString()),
+                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
                 )
             elif row[1] == FINISHED and row[7] not in FINAL_REASONS:
                 await db.execute(
@@ -187,13 +197,16 @@ class SqliteStore:
         jobs = [job_message(row[1:], namespaces=[]) for row in rows[:limit]]
         return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
 
-    async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:
+    async def claim(
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
+    ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
             row = await self._fetchone(
                 "SELECT j.id, j.attempt FROM queue_jobs q JOIN jobs j ON j.id = q.job_id"
-                " WHERE q.queue = ? AND j.state = ? ORDER BY q.seq LIMIT 1",
+                " WHERE q.queue = ? AND j.state = ? AND j.gpus <= ? ORDER BY q.seq LIMIT 1",
                 queue,
                 QUEUED,
+                gpus,
             )
             if row is None:
                 return None
