@@ -81,7 +81,7 @@ def docker_images(docker_client: docker.DockerClient) -> None:
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """A server on a free loopback port with a short lease, and a real Envoy in front of it."""
     data = tmp_path_factory.mktemp("server")
-    settings = ServerSettings(data_directory=data, host="127.0.0.1", port=0, lease_seconds=3, heartbeat_seconds=1)
+    settings = ServerSettings(data_directory=data, host="127.0.0.1", port=0, lease_seconds=5, heartbeat_seconds=1)
     server = await build_server(settings)
     started = asyncio.Event()
     task = asyncio.create_task(server.run(started))

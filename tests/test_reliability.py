@@ -1,7 +1,7 @@
 """Workers and servers that fail: kill -9, cut streams, stale attempts, limits — real processes and dockerd.
 
 Workers here are separate `jobwire worker` processes (so `kill -9` is real) unless a test needs to
-look inside one; the session server has a 3 s grace period (`lease_seconds`).
+look inside one; the session server has a 5 s grace period (`lease_seconds`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Processes:
     async def server(self, port: int, data: Path) -> Process:
         data.mkdir(exist_ok=True)
         args = ["server", "--host", "127.0.0.1", "--port", str(port), "--data-directory", str(data)]
-        return await self._start(Process([*args, "--worker-grace", "3s"], data / "server.log"))
+        return await self._start(Process([*args, "--worker-grace", "15s"], data / "server.log"))
 
     async def _start(self, process: Process) -> Process:
         await process.start()
