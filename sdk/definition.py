@@ -143,6 +143,12 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
         raise DefinitionError("definition needs an `image` (or a `build`)")
     if definition.HasField("build") and not (definition.build.dockerfile or definition.build.context):
         raise DefinitionError("`build` needs a `dockerfile` or a `context`")
+    for field, path in (
+        ("build.buildContext", definition.build.build_context),
+        ("build.filename", definition.build.filename),
+    ):
+        if path.removeprefix("./").rstrip("/") not in ("", "."):
+            check_relative_path(path.removeprefix("./").rstrip("/"), what=field)
     for name in ("command", "entrypoint"):
         if definition.HasField(name):
             try:

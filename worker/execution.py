@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from jobwire.command import split_command
 from jobwire.units import format_duration, parse_duration, parse_size, timestamp
 from jobwire.v1 import jobs_pb2, workers_pb2
+from jobwire.worker.builds import Builder, BuildError
 from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, ImageError, Outcome
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging, StagingError
@@ -50,7 +51,7 @@ class Execution:
         """Stage, pull, run and collect; the result says what happened."""
         try:
             return await self._run()
-        except (StagingError, ImageError) as error:
+        except (StagingError, ImageError, BuildError) as error:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
         finally:
@@ -80,15 +81,20 @@ class Execution:
             folder.mkdir(parents=True, exist_ok=True)
         (self.directory / _ASSIGNMENT).write_bytes(self.assignment.SerializeToString())
         binds = await self.staging.write_inputs(definition, inputs, self.directory / "config")
-        if definition.HasField("build"):
-            raise ImageError("image builds (`build`) are not supported by this worker yet; give an `image`")
         loop = asyncio.get_running_loop()
-        await self.runtime.ensure_image(
-            definition.image,
-            lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode()),
-        )
+
+        def build_log(line: str) -> None:
+            loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode())
+
+        if definition.HasField("build"):
+            builder = Builder(self.runtime.client, self.staging, self.settings.data_directory / "builds")
+            image = await builder.ensure_built(definition.build, build_log)
+        else:
+            image = definition.image
+            await self.runtime.ensure_image(image, build_log)
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe land
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
-        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])
+        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds], image)
         outcome = await self.runtime.run(spec, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
 
@@ -101,7 +107,7 @@ class Execution:
             result.outputs[name].CopyFrom(ref)
         return result
 
-    def container_spec(self, binds: list[tuple[str, str, bool]]) -> ContainerSpec:
+    def container_spec(self, binds: list[tuple[str, str, bool]], image: str) -> ContainerSpec:
         """The container for this attempt, per the container contract."""
         definition = self.assignment.definition
         env = dict(definition.env)
@@ -118,7 +124,7 @@ class Execution:
         requirements = definition.requirements
         return ContainerSpec(
             name=f"jobwire-{self.job_id[:12]}-{self.attempt}-{self.worker_id}",
-            image=definition.image,
+            image=image,
             command=split_command(definition.command, definition.env) if definition.HasField("command") else None,
             entrypoint=(
                 split_command(definition.entrypoint, definition.env) if definition.HasField("entrypoint") else None
