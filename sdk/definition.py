@@ -141,14 +141,8 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
     """Raise DefinitionError naming the first field that cannot work."""
     if not definition.image and not definition.HasField("build"):
         raise DefinitionError("definition needs an `image` (or a `build`)")
-    if definition.HasField("build") and not (definition.build.dockerfile or definition.build.context):
-        raise DefinitionError("`build` needs a `dockerfile` or a `context`")
-    for field, path in (
-        ("build.buildContext", definition.build.build_context),
-        ("build.filename", definition.build.filename),
-    ):
-        if path.removeprefix("./").rstrip("/") not in ("", "."):
-            check_relative_path(path.removeprefix("./").rstrip("/"), what=field)
+    if definition.HasField("build"):
+        _check_build(definition.build)
     for name in ("command", "entrypoint"):
         if definition.HasField(name):
             try:
@@ -166,6 +160,14 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
         elif "\0" in path or ".." in path.split("/"):
             raise DefinitionError(f"configFiles: invalid path {path!r}")
         check_data_ref(ref, where=f"configFiles[{path!r}]")
+
+
+def _check_build(build: definition_pb2.ImageBuild) -> None:
+    if not (build.dockerfile or build.context):
+        raise DefinitionError("`build` needs a `dockerfile` or a `context`")
+    for field, path in (("build.buildContext", build.build_context), ("build.filename", build.filename)):
+        if path.removeprefix("./").rstrip("/") not in ("", "."):
+            check_relative_path(path.removeprefix("./").rstrip("/"), what=field)
 
 
 def _check_env(definition: definition_pb2.JobDefinition) -> None:
