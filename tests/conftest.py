@@ -150,11 +150,14 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
     """Start workers on a queue: `await start_worker(queue, cpus=2)`; all are stopped after the test."""
     handles: list[WorkerHandle] = []
 
-    async def start(queue: str, *, cpus: int = 2, max_job_duration: float = 600, target: str = "") -> WorkerHandle:
+    async def start(
+        queue: str, *, cpus: int = 2, max_job_duration: float = 600, target: str = "", gpus: tuple[str, ...] = ()
+    ) -> WorkerHandle:
         settings = WorkerSettings(
             queue=queue,
             server=target or stack.grpc_target,
             cpus=cpus,
+            gpus=gpus,
             data_directory=tmp_path / f"worker-{len(handles)}",
             max_job_duration=max_job_duration,
         )

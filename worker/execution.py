@@ -26,6 +26,7 @@ _BATCH_CHUNKS = 2000
 _ASSIGNMENT = "assignment.binpb"
 _RETAINED_CHUNKS = 50_000
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
+GPUS_LABEL = f"{LABEL}.gpus"
 
 
 class Execution:
@@ -46,6 +47,8 @@ class Execution:
         self.job_id, self.attempt = assignment.job_id, assignment.attempt
         self.directory = settings.data_directory / "jobs" / f"{self.job_id}-{self.attempt}"
         self.logs = {kind: _LogStream(self, kind) for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)}
+        self.gpu_devices: list[str] = []  # set by the daemon from its GpuPool
+        self.refusal = ""  # why this worker cannot run the job at all, if it cannot
 
     async def run(self) -> jobs_pb2.JobResult:
         """Stage, pull, run and collect; the result says what happened."""
@@ -75,6 +78,8 @@ class Execution:
             return None
 
     async def _run(self) -> jobs_pb2.JobResult:
+        if self.refusal:
+            raise StagingError(self.refusal)
         definition = self.assignment.definition
         inputs, outputs = self.directory / "inputs", self.directory / "outputs"
         for folder in (inputs, outputs):
@@ -121,6 +126,8 @@ class Execution:
             "JOB_INPUTS_URL_PREFIX": f"{prefix}/inputs/",
             "JOB_OUTPUTS_URL_PREFIX": f"{prefix}/outputs/",
         }
+        if self.gpu_devices:  # the container sees its devices numbered from 0
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(len(self.gpu_devices)))
         requirements = definition.requirements
         return ContainerSpec(
             name=f"jobwire-{self.job_id[:12]}-{self.attempt}-{self.worker_id}",
@@ -138,11 +145,13 @@ class Execution:
                 ATTEMPT_LABEL: str(self.attempt),
                 f"{LABEL}.queue": self.assignment.queue,
                 WORKER_LABEL: self.worker_id,
+                GPUS_LABEL: ",".join(self.gpu_devices),
             },
             timeout=self.time_limit(),
             shm_size=parse_size(definition.shm_size) if definition.HasField("shm_size") else None,
             memory=parse_size(requirements.memory) if requirements.HasField("memory") else None,
             nano_cpus=round(requirements.cpus * 1e9) if requirements.HasField("cpus") else None,
+            gpu_devices=self.gpu_devices,
         )
 
     def time_limit(self) -> float:

@@ -35,7 +35,7 @@ Output = Callable[[Stream, bytes, str], Awaitable[None]]
 
 
 class ImageError(Exception):
-    """The image is not available locally and could not be pulled."""
+    """The image is not available locally and could not be pulled, or the engine refused the container."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,15 @@ class DockerRuntime:
     async def run(self, spec: ContainerSpec, output: Output, started: Callable[[], Awaitable[None]]) -> Outcome:
         """Run the container to its end (or its timeout), streaming output; always removes it.
         `started` is awaited once the engine has started the container."""
-        container = await asyncio.to_thread(self._create, spec)
         try:
-            await asyncio.to_thread(container.start)
+            container = await asyncio.to_thread(self._create, spec)
+        except docker.errors.APIError as error:
+            raise ImageError(f"the Docker engine refused the container: {error.explanation}") from None
+        try:
+            try:
+                await asyncio.to_thread(container.start)
+            except docker.errors.APIError as error:
+                raise ImageError(f"the Docker engine could not start the container: {error.explanation}") from None
             await started()
             return await self._follow(container, spec.timeout, output)
         finally:
