@@ -39,6 +39,8 @@ _PARENT_INJECTED_ENV = frozenset({"channel", "CHANNEL", "readonly", "edit", "par
 _KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_PATH_LENGTH = 1024
+MAX_INLINE_BYTES = 1024 * 1024
+"""Largest inline (base64, utf8, json) input or config file; larger files go to the blob store."""
 
 
 class DefinitionError(ValueError):
@@ -220,6 +222,11 @@ def check_data_ref(ref: definition_pb2.DataRef, *, where: str) -> None:
     kind = ref.type or "utf8"
     if kind not in DATA_REF_TYPES:
         raise DefinitionError(f"{where}: unknown type {ref.type!r} (one of {', '.join(sorted(DATA_REF_TYPES))})")
+    if kind in ("base64", "utf8", "json") and (size := ref.value.ByteSize()) > MAX_INLINE_BYTES:
+        raise DefinitionError(
+            f"{where}: the inline value is {size} bytes, over the {MAX_INLINE_BYTES} byte limit;"
+            " upload the file (PUT /f/{sha256}) and give a `key` ref"
+        )
     if kind == "json":
         return
     if ref.value.WhichOneof("kind") != "string_value":

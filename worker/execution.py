@@ -149,7 +149,12 @@ class Execution:
             },
             timeout=self.time_limit(),
             shm_size=parse_size(definition.shm_size) if definition.HasField("shm_size") else None,
-            memory=parse_size(requirements.memory) if requirements.HasField("memory") else None,
+            memory=(
+                parse_size(requirements.memory)
+                if requirements.HasField("memory")
+                else self.settings.job_memory_default()
+            ),
+            pids_limit=self.settings.pids_limit,
             nano_cpus=round(requirements.cpus * 1e9) if requirements.HasField("cpus") else None,
             gpu_devices=self.gpu_devices,
         )
@@ -189,7 +194,7 @@ class Execution:
             result.reason = jobs_pb2.FINISH_REASON_TIMED_OUT
             result.message = f"timed out: killed after its time limit of {format_duration(limit or 0)}"
         elif outcome.oom_killed:
-            memory = self.assignment.definition.requirements.memory or "the machine's"
+            memory = self.assignment.definition.requirements.memory or "the worker's default"
             result.message = f"killed: out of memory (limit {memory}, exit code {outcome.exit_code})"
         elif outcome.exit_code != 0:
             result.message = f"the container exited with code {outcome.exit_code}"

@@ -56,6 +56,7 @@ class ContainerSpec:
     nano_cpus: int | None = None
     gpu_devices: list[str] = field(default_factory=list)
     user: str | None = None
+    pids_limit: int = 4096
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ class DockerRuntime:
             nano_cpus=spec.nano_cpus,
             device_requests=devices if spec.gpu_devices else None,
             security_opt=["no-new-privileges"],
+            pids_limit=spec.pids_limit,
+            privileged=False,
             tty=False,
             stdin_open=False,
         )
