@@ -11,12 +11,12 @@ import logging
 from collections.abc import Callable, Sequence
 
 from jobwire.definition import DefinitionError, job_id, validate
-from jobwire.server import topics
+from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus
 from jobwire.server.errors import InvalidArgument, NotFound
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
-from jobwire.server.store.base import DEFAULT_NAMESPACE, Attempt, Cancelled
+from jobwire.server.store.base import DEFAULT_NAMESPACE, FINISHED_HOOK, QUEUED_HOOK, Attempt, Cancelled, Webhook
 from jobwire.server.store.rows import job_summary
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
@@ -49,6 +49,9 @@ class Scheduler:
             validate(definition)
         except DefinitionError as error:
             raise InvalidArgument(f"invalid definition: {error}") from None
+        for callback in (control.callbacks.queued, control.callbacks.finished):
+            if callback.url and not callback.url.startswith(("http://", "https://")):
+                raise InvalidArgument(f"callback url {callback.url!r} must start with http:// or https://")
         new_id = job_id(definition)
         if claimed_id and claimed_id != new_id:
             raise InvalidArgument(f"id {claimed_id!r} does not match the definition, whose id is {new_id}")
@@ -60,6 +63,7 @@ class Scheduler:
             log.info("job %s queued on %r", new_id, queue)
             await self.publish_job(job)
             await self.bus.publish(topics.queue(queue), b"")
+        await self._add_webhooks(job, namespace, control, queued)
         if namespace != DEFAULT_NAMESPACE:
             for replaced in await self.store.replace_in_namespace(
                 queue=queue, namespace=namespace, keep=new_id, now=self.clock()
@@ -68,6 +72,20 @@ class Scheduler:
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
             job.waiting_reason = await self.waiting_reason(job)
         return job
+
+    async def _add_webhooks(
+        self, job: jobs_pb2.Job, namespace: str, control: definition_pb2.JobControl, queued: bool
+    ) -> None:
+        """`queued` fires when this submission (re)queued the job; `finished` whenever the job finishes
+        (at once when it already has: a cached result)."""
+        callbacks = control.callbacks
+        for event, callback, armed in (
+            (QUEUED_HOOK, callbacks.queued, True),
+            (FINISHED_HOOK, callbacks.finished, False),
+        ):
+            if callback.url and (queued or event == FINISHED_HOOK):
+                hook = Webhook(job.id, event, callback.url, webhooks.body(job.id, job.queue, namespace, callback))
+                await self.store.add_webhook(hook, armed=armed, now=self.clock())
 
     async def get_job(self, job_id: str, queue: str = "") -> jobs_pb2.Job:
         """The full job, with a waiting reason while queued; NotFound if unknown."""

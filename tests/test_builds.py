@@ -11,8 +11,7 @@ import pytest
 from google.protobuf import json_format
 
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
-from tests.conftest import BUSYBOX, wait_finished
-from tests.test_reliability import StartWorker
+from tests.conftest import BUSYBOX, StartWorker, wait_finished
 
 pytestmark = pytest.mark.docker
 

@@ -7,8 +7,7 @@ from google.protobuf import json_format
 
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from jobwire.worker.gpus import GpuPool
-from tests.conftest import BUSYBOX, wait_finished
-from tests.test_reliability import StartWorker
+from tests.conftest import BUSYBOX, StartWorker, wait_finished
 
 
 def test_jobs_get_distinct_free_devices_lowest_first() -> None:
