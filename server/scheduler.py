@@ -14,6 +14,7 @@ from jobwire.definition import DefinitionError, job_id, validate
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus
 from jobwire.server.errors import InvalidArgument, NotFound
+from jobwire.server.metrics import Metrics
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import DEFAULT_NAMESPACE, FINISHED_HOOK, QUEUED_HOOK, Attempt, Cancelled, Webhook
@@ -35,6 +36,7 @@ class Scheduler:
         clock: Callable[[], float],
     ) -> None:
         self.store, self.bus, self.settings, self.clock = store, bus, settings, clock
+        self.metrics = Metrics()
 
     async def submit(
         self,
@@ -181,6 +183,7 @@ class Scheduler:
             log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
             return None
         log.info("job %s finished: %s", job.id, jobs_pb2.FinishReason.Name(job.finish_reason))
+        self.metrics.finished(job)
         await self.publish_job(job)
         return job
 

@@ -107,3 +107,21 @@ async def test_bad_inputs_are_refused_naming_the_problem(
     assert response.status_code == 400, response.text
     assert problem in response.json()["message"]
     assert (await rest.get(f"/q/{queue}")).json().get("jobs", []) == []
+
+
+async def test_status_and_metrics_show_workers_states_and_durations(
+    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    await start_worker(queue, cpus=3, gpus=("0",))
+    job = await run(jobs, queue, {"image": BUSYBOX, "command": f"echo {queue}"})
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS
+    status = (await rest.get(f"/q/{queue}/status")).json()
+    assert (status["queued"], status["running"], status["finished"]) == ("0", "0", "1")
+    (worker,) = status["workers"]
+    assert (worker["cpus"], worker["gpus"], worker["runningJobIds"]) == (3, ["0"], [])
+    assert worker["version"]
+    text = (await rest.get(f"/q/{queue}/metrics")).text
+    assert f'jobwire_job_duration_seconds_count{{queue="{queue}"}} 1' in text
+    assert f'jobwire_jobs{{queue="{queue}",state="finished"}} 1' in text
+    assert f'jobwire_worker_gpus{{queue="{queue}"}} 1' in text
+    assert "queue_length 0" in text
