@@ -39,8 +39,9 @@ class BlobStore(Protocol):
         Stored bytes past `offset` are dropped. Raises Conflict when another upload of the
         key is in progress or `offset` passes the stored bytes."""
 
-    async def pending(self, key: str) -> int:
-        """Bytes stored by a suspended upload of `key`: the offset to resume from (0: none)."""
+    async def pending(self, key: str) -> tuple[int, bool]:
+        """Bytes stored by an unfinished upload of `key` (the offset to resume from; 0: none),
+        and whether an upload of it is running now."""
 
     def read(self, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         """The blob's bytes from `offset` (at most `length`; 0: to the end), in chunks;

@@ -43,13 +43,12 @@ class FileBlobStore:
             raise
         return FileBlobWriter(key, partial, self.root / key, handle, digest, offset, self._uploading.discard)
 
-    async def pending(self, key: str) -> int:
-        if key in self._uploading:
-            return 0
+    async def pending(self, key: str) -> tuple[int, bool]:
         try:
-            return (await asyncio.to_thread(os.stat, self._partials / key)).st_size
+            stored = (await asyncio.to_thread(os.stat, self._partials / key)).st_size
         except FileNotFoundError:
-            return 0
+            stored = 0
+        return stored, key in self._uploading
 
     async def read(self, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         try:

@@ -69,7 +69,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         async with grpc_errors(context):
             key = checked_key(request.key)
             complete = await self.blobs.size(key) is not None
-            return files_pb2.GetUploadResponse(key=key, offset=await self.blobs.pending(key), complete=complete)
+            offset, running = await self.blobs.pending(key)
+            return files_pb2.GetUploadResponse(key=key, offset=offset, complete=complete, in_progress=running)
 
 
 async def _data(

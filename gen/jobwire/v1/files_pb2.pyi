@@ -199,6 +199,7 @@ class GetUploadResponse(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    IN_PROGRESS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The blob's key."""
     offset: _builtins.int
@@ -207,16 +208,21 @@ class GetUploadResponse(_message.Message):
     """
     complete: _builtins.bool
     """True when the blob itself exists (complete and verified)."""
+    in_progress: _builtins.bool
+    """True while an upload of the key is running; a resume now gets ABORTED
+    (HTTP 409), so wait for it to end.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         offset: _builtins.int = ...,
         complete: _builtins.bool = ...,
+        in_progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "key", b"key", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "in_progress", b"in_progress", "key", b"key", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

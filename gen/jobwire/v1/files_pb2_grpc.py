@@ -108,7 +108,7 @@ class FileServiceServicer:
 
     def GetUpload(self, request, context):
         """Tells how much of an interrupted upload is stored, i.e. the offset to
-        resume from; 0 when there is none.
+        resume from (0 when there is none), and whether one is running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,7 +64,7 @@ class FileServiceStub:
     """
     GetUpload: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]
     """Tells how much of an interrupted upload is stored, i.e. the offset to
-    resume from; 0 when there is none.
+    resume from (0 when there is none), and whether one is running.
     """
 
 @_typing.type_check_only
@@ -102,7 +102,7 @@ class FileServiceAsyncStub(FileServiceStub):
     """
     GetUpload: _aio.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]  # type: ignore[assignment]
     """Tells how much of an interrupted upload is stored, i.e. the offset to
-    resume from; 0 when there is none.
+    resume from (0 when there is none), and whether one is running.
     """
 
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,7 +161,7 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_files_pb2.GetUploadResponse, _abc.Awaitable[_files_pb2.GetUploadResponse]]:
         """Tells how much of an interrupted upload is stored, i.e. the offset to
-        resume from; 0 when there is none.
+        resume from (0 when there is none), and whether one is running.
         """
 
 def add_FileServiceServicer_to_server(servicer: FileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
