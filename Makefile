@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: install gen check-gen lint typecheck test run images docker clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -55,7 +55,12 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-test: install docker images check-gen lint typecheck
+# Debian tools the tests drive: Chromium (gRPC-Web from a browser) and grpc-gateway's
+# protoc-gen-swagger (the proto's HTTP rules checked by grpc-gateway itself).
+browser:
+	bash scripts/ensure-debian-packages.sh chromium=chromium protoc-gen-swagger=golang-grpc-gateway
+
+test: install docker images browser check-gen lint typecheck
 	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.

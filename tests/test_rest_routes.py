@@ -204,7 +204,9 @@ def plain(expected: str) -> Callable[[httpx.Response, World], None]:
 EXPECTED: dict[tuple[str, str], Check] = {
     ("put", "/f/{key}"): put_file,
     ("get", "/f/{key}"): get("/f/{k}", lambda r, w: r.content == w.blob),
-    ("get", "/f/{key}/exists"): get("/f/{k}/exists", lambda r, w: r.json() == {"exists": True, "size": str(len(w.blob))}),
+    ("get", "/f/{key}/exists"): get(
+        "/f/{k}/exists", lambda r, w: r.json() == {"exists": True, "size": str(len(w.blob))}
+    ),
     ("get", "/f/{key}/upload"): get(
         "/f/{k}/upload", lambda r, w: r.json() == {"key": w.key, "offset": "0", "complete": True, "inProgress": False}
     ),

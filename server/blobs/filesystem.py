@@ -135,15 +135,17 @@ class FileBlobWriter:
             self._release(self.key)
         return digest
 
+    # Closing and unlinking happen without awaiting: they run while the upload's task is being
+    # cancelled (the client went away), where a second cancel could cut an await short.
     async def suspend(self) -> None:
         try:
-            await asyncio.to_thread(self._handle.close)
+            self._handle.close()
         finally:
             self._release(self.key)
 
     async def abort(self) -> None:
         try:
-            await asyncio.to_thread(self._handle.close)
+            self._handle.close()
             self._partial.unlink(missing_ok=True)
         finally:
             self._release(self.key)
