@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import os
 import time
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from jobwire.definition import is_sha256
+from jobwire.definition import DefinitionError, check_key, is_sha256
 from jobwire.server.blobs.base import CHUNK_SIZE
 from jobwire.server.errors import Conflict, InvalidArgument, NotFound
 
@@ -19,40 +21,51 @@ PARTIAL_MAX_AGE = 7 * 24 * 3600
 
 
 class FileBlobStore:
-    """Blobs as files `<root>/<key>`; uploads go to `<root>/.partial/<key>` until committed.
+    """Blobs as files `<root>/<key>`; each upload writes its own `<root>/.partial/<key>.<uuid>`.
 
-    One upload per key at a time (in this process): a partial file belongs to the upload
-    that holds the key, and survives it when suspended so that the next one can resume."""
+    Uploads of one key never mix. A suspended upload becomes the key's resumable partial,
+    `<root>/.partial/<key>` (the latest one wins); a resume claims it by renaming it to
+    its own name, so two resumes cannot both continue it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._partials = root / ".partial"
         self._partials.mkdir(parents=True, exist_ok=True)
-        self._uploading: set[str] = set()
+        self._running: Counter[str] = Counter()
         _remove_stale(self._partials, time.time() - PARTIAL_MAX_AGE)
 
-    async def writer(self, key: str, offset: int = 0) -> FileBlobWriter:
-        if key in self._uploading:
-            raise Conflict(f"another upload of {key!r} is in progress; retry when it has ended")
-        self._uploading.add(key)
+    def _path(self, key: str) -> Path:
+        """The file of `key`; InvalidArgument for a key that could name a path outside the root."""
         try:
-            partial = self._partials / key
-            handle, digest = await asyncio.to_thread(_open_at, partial, offset)
-        except BaseException:
-            self._uploading.discard(key)
-            raise
-        return FileBlobWriter(key, partial, self.root / key, handle, digest, offset, self._uploading.discard)
+            check_key(key)
+        except DefinitionError as error:
+            raise InvalidArgument(str(error)) from None
+        return self.root / key
+
+    async def writer(self, key: str, offset: int = 0) -> FileBlobWriter:
+        final = self._path(key)
+        own = self._partials / f"{key}.{uuid.uuid4().hex}"
+        handle, digest = await asyncio.to_thread(_open_at, self._partials / key, own, offset)
+        self._running[key] += 1
+        return FileBlobWriter(key, own, final, self._partials / key, handle, digest, offset, self._ended)
+
+    def _ended(self, key: str) -> None:
+        self._running[key] -= 1
+        if self._running[key] <= 0:
+            del self._running[key]
 
     async def pending(self, key: str) -> tuple[int, bool]:
+        self._path(key)
         try:
             stored = (await asyncio.to_thread(os.stat, self._partials / key)).st_size
         except FileNotFoundError:
             stored = 0
-        return stored, key in self._uploading
+        return stored, key in self._running
 
     async def read(self, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+        path = self._path(key)
         try:
-            handle = await asyncio.to_thread((self.root / key).open, "rb")
+            handle = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError:
             raise NotFound(f"file {key!r} not found") from None
         remaining = length if length > 0 else None
@@ -69,24 +82,28 @@ class FileBlobStore:
 
     async def size(self, key: str) -> int | None:
         try:
-            return (await asyncio.to_thread(os.stat, self.root / key)).st_size
+            return (await asyncio.to_thread(os.stat, self._path(key))).st_size
         except FileNotFoundError:
             return None
 
 
-def _open_at(partial: Path, offset: int) -> tuple[BinaryIO, hashlib._Hash]:
-    """The partial file opened for appending at `offset`, and the hash of its bytes before it."""
+def _open_at(resumable: Path, own: Path, offset: int) -> tuple[BinaryIO, hashlib._Hash]:
+    """The upload's own partial file, open for appending at `offset`, and the hash of the bytes before it.
+
+    Offset 0 starts an empty file; a larger offset claims the key's resumable partial."""
     digest = hashlib.sha256()
     if offset == 0:
-        return partial.open("wb"), digest
+        return own.open("wb"), digest
     try:
-        handle = partial.open("r+b")
+        os.rename(resumable, own)
     except FileNotFoundError:
-        raise Conflict(f"no interrupted upload of {partial.name!r} is stored; start at offset 0") from None
+        raise Conflict(f"no interrupted upload of {resumable.name!r} is stored; start at offset 0") from None
+    handle = own.open("r+b")
     stored = os.fstat(handle.fileno()).st_size
     if offset > stored:
         handle.close()
-        raise Conflict(f"only {stored} bytes of {partial.name!r} are stored; resume at offset {stored}")
+        os.rename(own, resumable)
+        raise Conflict(f"only {stored} bytes of {resumable.name!r} are stored; resume at offset {stored}")
     handle.truncate(offset)
     while chunk := handle.read(min(CHUNK_SIZE, offset - handle.tell())):
         digest.update(chunk)
@@ -100,21 +117,22 @@ def _remove_stale(folder: Path, before: float) -> None:
 
 
 class FileBlobWriter:
-    """An upload to a partial file, hashed as it is written."""
+    """An upload to its own partial file, hashed as it is written."""
 
     def __init__(
         self,
         key: str,
         partial: Path,
         final: Path,
+        resumable: Path,
         handle: BinaryIO,
         digest: hashlib._Hash,
         offset: int,
-        release: Callable[[str], None],
+        ended: Callable[[str], None],
     ) -> None:
         self.key, self.size = key, offset
-        self._partial, self._final, self._handle = partial, final, handle
-        self._hash, self._release = digest, release
+        self._partial, self._final, self._resumable, self._handle = partial, final, resumable, handle
+        self._hash, self._ended = digest, ended
 
     async def write(self, data: bytes) -> None:
         self._hash.update(data)
@@ -131,21 +149,23 @@ class FileBlobWriter:
         try:
             await asyncio.to_thread(self._handle.close)
             await asyncio.to_thread(os.replace, self._partial, self._final)
+            self._resumable.unlink(missing_ok=True)  # the blob is complete: nothing left to resume
         finally:
-            self._release(self.key)
+            self._ended(self.key)
         return digest
 
-    # Closing and unlinking happen without awaiting: they run while the upload's task is being
-    # cancelled (the client went away), where a second cancel could cut an await short.
+    # Closing, renaming and unlinking happen without awaiting: they run while the upload's task
+    # is being cancelled (the client went away), where a second cancel could cut an await short.
     async def suspend(self) -> None:
         try:
             self._handle.close()
+            os.replace(self._partial, self._resumable)
         finally:
-            self._release(self.key)
+            self._ended(self.key)
 
     async def abort(self) -> None:
         try:
             self._handle.close()
             self._partial.unlink(missing_ok=True)
         finally:
-            self._release(self.key)
+            self._ended(self.key)
