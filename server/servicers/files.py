@@ -10,6 +10,7 @@ from jobwire.definition import DefinitionError, check_key
 from jobwire.server import transfers
 from jobwire.server.blobs import BlobStore
 from jobwire.server.errors import Context, InvalidArgument, NotFound, grpc_errors
+from jobwire.server.metrics import Metrics
 from jobwire.server.servicers.http import header
 from jobwire.v1 import files_pb2, files_pb2_grpc
 
@@ -17,8 +18,8 @@ from jobwire.v1 import files_pb2, files_pb2_grpc
 class FileServicer(files_pb2_grpc.FileServiceServicer):
     """Adapts FileService calls to the blob store."""
 
-    def __init__(self, blobs: BlobStore, max_upload_size: int) -> None:
-        self.blobs, self.max_upload_size = blobs, max_upload_size
+    def __init__(self, blobs: BlobStore, max_upload_size: int, metrics: Metrics) -> None:
+        self.blobs, self.max_upload_size, self.metrics = blobs, max_upload_size, metrics
 
     async def UploadFile(
         self, request_iterator: AsyncIterator[files_pb2.UploadFileRequest], context: Context
@@ -40,6 +41,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
                 expected=expected,
                 limit=self.max_upload_size,
             )
+            self.metrics.bytes["uploaded"] += size - first.offset
             return files_pb2.UploadFileResponse(key=key, size=size, sha256=digest)
 
     async def DownloadFile(
@@ -54,6 +56,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             await context.send_initial_metadata(part.metadata())
             chunks = self.blobs.read(key, part.start, part.length) if part.length else _nothing()
             async for body in transfers.bodies(chunks, transfers.content_type(key)):
+                self.metrics.bytes["downloaded"] += len(body.data)
                 yield body
 
     async def GetFileInfo(
