@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +32,7 @@ from jobwire.v1 import jobs_pb2, jobs_pb2_grpc
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
+from tests.services import PostgresCluster, S3Server
 
 BUSYBOX = "jobwire/busybox:latest"
 PYTHON = "jobwire/python:3.11"
@@ -105,6 +107,28 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the session (`make postgres` installs Debian's PostgreSQL)."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        cluster.stop()
+        pytest.fail(f"cannot start PostgreSQL: {error}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3-compatible server for the session."""
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

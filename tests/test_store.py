@@ -24,7 +24,9 @@ from jobwire.server.store.base import (
     Attempt,
     Webhook,
 )
+from jobwire.server.store.postgres import PostgresStore
 from jobwire.server.store.sqlite import SqliteStore
+from tests.services import PostgresCluster
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -43,14 +45,23 @@ async def sqlite(tmp_path: Path) -> AsyncIterator[StateStore]:
         await store.close()
 
 
-BackendFactory = Callable[[Path], AbstractAsyncContextManager[StateStore]]
+@asynccontextmanager
+async def postgres(tmp_path: Path, cluster: PostgresCluster) -> AsyncIterator[StateStore]:
+    store = await PostgresStore.open(await cluster.create_database(), max_size=4)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
-@pytest.fixture(params=[sqlite])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    factory: BackendFactory = request.param
-    async with factory(tmp_path) as opened:
-        yield opened
+    if request.param == "sqlite":
+        opened = sqlite(tmp_path)
+    else:
+        opened = postgres(tmp_path, request.getfixturevalue("postgres_cluster"))
+    async with opened as store:
+        yield store
 
 
 def definition(n: int) -> definition_pb2.JobDefinition:

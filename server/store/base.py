@@ -171,12 +171,21 @@ class StateStore(Protocol):
         """How many queued jobs of the queue are ahead of this one."""
 
 
+def is_postgres(url: str) -> bool:
+    """True for a PostgreSQL URL (`postgresql://…` or `postgres://…`)."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 async def open_store(url: str, data_directory: Path) -> StateStore:
-    """The store for `url`: `sqlite:///path` or empty for `<data>/jobwire.db`."""
+    """The store for `url`: `postgresql://…`, `sqlite:///path`, or empty for `<data>/jobwire.db`."""
     from jobwire.server.store.sqlite import SqliteStore
 
     if not url:
         return await SqliteStore.open(data_directory / "jobwire.db")
     if url.startswith("sqlite:///"):
         return await SqliteStore.open(Path(url.removeprefix("sqlite:///")))
-    raise ValueError(f"unsupported database URL {url!r} (use sqlite:///PATH)")
+    if is_postgres(url):
+        from jobwire.server.store.postgres import PostgresStore
+
+        return await PostgresStore.open(url)
+    raise ValueError(f"unsupported database URL {url!r} (use postgresql://… or sqlite:///PATH)")
