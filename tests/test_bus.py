@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
+import asyncpg
 import pytest
 
 from jobwire.server.bus import EventBus, Lagged, Subscription
 from jobwire.server.bus import memory as memory_bus
+from jobwire.server.bus.postgres import PostgresBus
+from tests.services import PostgresCluster
 
 
 @dataclass(frozen=True)
@@ -18,20 +22,36 @@ class Backend:
 
     bus: EventBus
     bound: int
+    settle: Callable[[], Awaitable[None]]
+    """Wait until what was published has reached the subscribers (buses may deliver asynchronously)."""
+
+
+async def _settled() -> None:
+    pass
 
 
 @asynccontextmanager
-async def memory() -> AsyncIterator[Backend]:
-    yield Backend(memory_bus.MemoryBus(), memory_bus.QUEUE_SIZE)
+async def memory(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    yield Backend(memory_bus.MemoryBus(), memory_bus.QUEUE_SIZE, _settled)
 
 
-BackendFactory = Callable[[], AbstractAsyncContextManager[Backend]]
+@asynccontextmanager
+async def postgres(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    bus = await PostgresBus.open(await cluster.create_database(), queue_size=64)
+    try:
+        yield Backend(bus, 64, bus.flush)
+    finally:
+        await bus.close()
 
 
-@pytest.fixture(params=[memory])
+BackendFactory = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[Backend]]
+
+
+@pytest.fixture(params=[memory, postgres])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     factory: BackendFactory = request.param
-    async with factory() as opened:
+    async with factory(request) as opened:
         yield opened
 
 
@@ -111,6 +131,7 @@ async def test_slow_subscriber_gets_lagged_not_unbounded_buffering(backend: Back
     async with bus.subscribe("t") as slow:
         for index in range(published):
             await bus.publish("t", str(index).encode())
+        await backend.settle()
         received: list[bytes] = []
         with pytest.raises(Lagged):
             await drain(slow, published, received)
@@ -134,8 +155,63 @@ async def test_lagged_subscription_keeps_delivering_new_messages(backend: Backen
     async with bus.subscribe("t") as subscription:
         for index in range(backend.bound + 1):
             await bus.publish("t", str(index).encode())
+        await backend.settle()
         with pytest.raises(Lagged):
             await drain(subscription, backend.bound + 1, [])
         # Consumers catch Lagged, re-read the store, then iterate the same subscription again.
         await bus.publish("t", b"fresh")
         assert await take(subscription, 1) == [b"fresh"]
+
+
+# PostgreSQL specifics: two replicas' buses on one database, payloads past NOTIFY's limit, a lost connection.
+
+
+@pytest.fixture
+async def two_buses(postgres_cluster: PostgresCluster) -> AsyncIterator[tuple[PostgresBus, PostgresBus]]:
+    database = await postgres_cluster.create_database()
+    first, second = await PostgresBus.open(database), await PostgresBus.open(database)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_postgres_bus_reaches_another_replica_with_small_and_large_messages(
+    two_buses: tuple[PostgresBus, PostgresBus],
+) -> None:
+    publisher, subscriber = two_buses
+    large = bytes(range(256)) * 400  # 100 KiB: far past NOTIFY's 8000 bytes, so it travels as a pointer
+    async with subscriber.subscribe("job:x") as subscription:
+        await publisher.publish("job:x", b"small")
+        await publisher.publish("job:x", large)
+        await publisher.publish("job:x", b"")
+        assert await asyncio.wait_for(take(subscription, 3), 10) == [b"small", large, b""]
+
+
+async def test_postgres_bus_lost_connection_lags_subscribers_then_delivers_again(
+    two_buses: tuple[PostgresBus, PostgresBus], postgres_cluster: PostgresCluster
+) -> None:
+    publisher, subscriber = two_buses
+    async with subscriber.subscribe("t") as subscription:
+        connection = await asyncpg.connect(postgres_cluster.dsn())
+        try:  # the server ends the listening connection, as a restart or a network cut would
+            await connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"
+            )
+        finally:
+            await connection.close()
+        with pytest.raises(Lagged):
+            await asyncio.wait_for(take(subscription, 1), 10)
+
+        async def delivered() -> bool:
+            await publisher.publish("t", b"again")
+            try:
+                return await asyncio.wait_for(take(subscription, 1), 0.5) == [b"again"]
+            except (TimeoutError, Lagged):
+                return False
+
+        for _ in range(50):
+            if await delivered():
+                return
+        pytest.fail("the bus did not deliver again after reconnecting")

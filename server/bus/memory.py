@@ -15,8 +15,8 @@ QUEUE_SIZE = 4096
 class MemorySubscription:
     """A bounded queue of one topic's messages."""
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+    def __init__(self, size: int = QUEUE_SIZE) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(size)  # None: wake up to see a lag
         self.lagged = False
 
     def offer(self, message: bytes) -> None:
@@ -25,12 +25,20 @@ class MemorySubscription:
         except asyncio.QueueFull:
             self.lagged = True
 
+    def lag(self) -> None:
+        """Messages were lost on the way here: make the subscriber re-read the store."""
+        self.lagged = True
+        if self.queue.empty():
+            self.queue.put_nowait(None)
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             if self.lagged and self.queue.empty():
                 self.lagged = False
                 raise Lagged
-            yield await self.queue.get()
+            message = await self.queue.get()
+            if message is not None:
+                yield message
 
 
 class MemoryBus:
