@@ -34,6 +34,7 @@ from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 from tests.services import PostgresCluster, S3Server
 
+S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "jobwire-test", "AWS_SECRET_ACCESS_KEY": "jobwire-test"}
 BUSYBOX = "jobwire/busybox:latest"
 PYTHON = "jobwire/python:3.11"
 
@@ -124,10 +125,13 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """moto's S3-compatible server for the session."""
+    """moto's S3-compatible server for the session (and dummy credentials, which it accepts)."""
     server = S3Server(tmp_path_factory.mktemp("moto"))
     server.start()
-    yield server
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in S3_ENVIRONMENT.items():
+            patch.setenv(name, value)
+        yield server
     server.stop()
 
 
