@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser postgres clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -60,7 +60,12 @@ images: docker
 browser:
 	bash scripts/ensure-debian-packages.sh chromium=chromium protoc-gen-swagger=golang-grpc-gateway
 
-test: install docker images browser check-gen lint typecheck
+# Debian's PostgreSQL, for the scale-out tests (each test session runs a throwaway cluster of its
+# own in a temporary folder; the system cluster is not used).
+postgres:
+	bash scripts/ensure-debian-packages.sh pg_ctlcluster=postgresql
+
+test: install docker images browser postgres check-gen lint typecheck
 	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.

@@ -33,6 +33,10 @@ async def server(
     port: int = 50051,
     data_directory: Path = Path("./jobwire-data"),
     database: str = "",
+    blobs: str = "",
+    s3_endpoint: str = "",
+    s3_public_endpoint: str = "",
+    s3_region: str = "",
     public_url: str = "http://localhost:8080",
     worker_grace: str = "30s",
     retention: str = "30d",
@@ -48,7 +52,20 @@ async def server(
     data_directory
         Where the SQLite database and the blobs live.
     database
-        State store URL; empty means `<data-directory>/jobwire.db`.
+        State store URL: `postgresql://USER:PASSWORD@HOST/DB` lets several replicas share the state
+        (and their event bus then runs over it, with LISTEN/NOTIFY); empty means the SQLite file
+        `<data-directory>/jobwire.db`.
+    blobs
+        Blob store URL: `s3://BUCKET/PREFIX` keeps files in an S3-compatible bucket (credentials from
+        the usual AWS sources, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); empty means
+        `<data-directory>/blobs`.
+    s3_endpoint
+        URL of the S3-compatible service (MinIO, moto, ...) as this server reaches it; empty for AWS.
+    s3_public_endpoint
+        URL of the same service as clients and workers reach it, used in presigned URLs; empty: the
+        same as `--s3-endpoint`.
+    s3_region
+        The bucket's region; empty: from the AWS configuration, else us-east-1.
     public_url
         Base URL of the REST API as users reach it (used in JOB_URL_PREFIX).
     worker_grace
@@ -60,6 +77,10 @@ async def server(
     settings = ServerSettings(
         data_directory=data_directory,
         database=database,
+        blobs=blobs,
+        s3_endpoint=s3_endpoint,
+        s3_public_endpoint=s3_public_endpoint,
+        s3_region=s3_region,
         host=host,
         port=port,
         public_url=public_url,

@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jobwire.server.blobs.filesystem import FileBlobStore
-from jobwire.server.bus.memory import MemoryBus
+from jobwire.server.blobs import BlobStore, open_blobs
+from jobwire.server.bus import EventBus, open_bus
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.servicers.files import FileServicer
@@ -62,6 +62,8 @@ class Server:
     store: StateStore
     scheduler: Scheduler
     health: health.aio.HealthServicer
+    blobs: BlobStore
+    bus: EventBus
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Serve until cancelled, then stop gracefully."""
@@ -80,6 +82,8 @@ class Server:
                 await self.health.enter_graceful_shutdown()
                 await self.grpc_server.stop(grace=2)
             finally:
+                await self.bus.close()
+                await self.blobs.close()
                 await self.store.close()
 
 
@@ -87,8 +91,14 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     """Wire store, blobs, bus, scheduler and servicers into a server bound to its port."""
     settings.data_directory.mkdir(parents=True, exist_ok=True)
     store = await open_store(settings.database, settings.data_directory)
-    blobs = FileBlobStore(settings.data_directory / "blobs")
-    bus = MemoryBus()
+    blobs = await open_blobs(
+        settings.blobs,
+        settings.data_directory,
+        endpoint=settings.s3_endpoint,
+        public_endpoint=settings.s3_public_endpoint,
+        region=settings.s3_region,
+    )
+    bus = await open_bus(settings.database)
     scheduler = Scheduler(store, bus, settings, clock)
     logs = LogHub(store, bus, settings.max_log_entries)
     server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -102,4 +112,4 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    return Server(server, port, store, scheduler, health_servicer)
+    return Server(server, port, store, scheduler, health_servicer, blobs, bus)

@@ -12,6 +12,15 @@ class ServerSettings:
 
     data_directory: Path = Path("./jobwire-data")
     database: str = ""
+    """State store URL: `postgresql://…` (several replicas share it; the event bus then runs over it
+    too), `sqlite:///PATH`, or empty for `<data_directory>/jobwire.db`."""
+    blobs: str = ""
+    """Blob store URL: `s3://bucket/prefix`, or empty for `<data_directory>/blobs`."""
+    s3_endpoint: str = ""
+    """The S3-compatible service's URL (MinIO, moto, …) as the server reaches it; empty: AWS."""
+    s3_public_endpoint: str = ""
+    """The same service's URL as clients reach it, for presigned URLs; empty: `s3_endpoint`."""
+    s3_region: str = ""
     host: str = "127.0.0.1"
     port: int = 50051
     public_url: str = "http://localhost:8080"

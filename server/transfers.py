@@ -110,6 +110,11 @@ async def bodies(chunks: AsyncIterator[bytes], content_type: str) -> AsyncIterat
         yield httpbody_pb2.HttpBody(content_type=content_type)
 
 
+def redirect(location: str) -> list[tuple[str, str]]:
+    """Response metadata that Envoy's Lua filter turns into a `302 Found` to `location` (REST only)."""
+    return [(HTTP_STATUS, "302"), ("location", location), (CONTENT_LENGTH, "0")]
+
+
 def attachment(name: str) -> str:
     """A Content-Disposition value naming the file (RFC 6266; ASCII-safe for metadata)."""
     fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)

@@ -12,11 +12,11 @@ import httpx
 import pytest
 
 from jobwire.server.blobs import BlobStore
-from jobwire.server.blobs.base import CHUNK_SIZE
+from jobwire.server.blobs.base import CHUNK_SIZE, put_headers
 from jobwire.server.blobs.filesystem import FileBlobStore
-from jobwire.server.blobs.s3 import S3BlobStore, put_headers
-from tests.services import S3Server
+from jobwire.server.blobs.s3 import S3BlobStore
 from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from tests.services import S3Server
 
 MIB = 1024 * 1024
 DATA = bytes(range(256)) * (CHUNK_SIZE // 256 * 2 + 3)

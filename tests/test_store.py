@@ -7,8 +7,8 @@ Times are injected (`now`), so leases expire without sleeping. A new backend is 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,9 @@ from jobwire.server.store.base import (
 )
 from jobwire.server.store.postgres import PostgresStore
 from jobwire.server.store.sqlite import SqliteStore
-from tests.services import PostgresCluster
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
+from tests.services import PostgresCluster
 
 QUEUED, RUNNING, FINISHED = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
 RUN, BUILD = jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD

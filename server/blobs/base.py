@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Protocol
 
+from jobwire.definition import is_sha256
+
 CHUNK_SIZE = 1024 * 1024
+URL_SECONDS = 3600
+"""How long a presigned URL works."""
+
+
+def put_headers(key: str) -> dict[str, str]:
+    """Headers a presigned PUT of `key` must carry: the S3 checksum of a SHA-256 key, which the
+    URL's signature covers, so the bucket refuses bytes of another hash."""
+    if not is_sha256(key):
+        return {}
+    return {"x-amz-checksum-sha256": base64.b64encode(bytes.fromhex(key)).decode()}
 
 
 class BlobWriter(Protocol):
@@ -49,3 +63,29 @@ class BlobStore(Protocol):
 
     async def size(self, key: str) -> int | None:
         """The blob's size, or None if it does not exist."""
+
+    async def presigned_url(
+        self, key: str, *, method: str = "GET", filename: str = "", content_type: str = ""
+    ) -> str | None:
+        """A URL that reads (GET) or writes (PUT) the blob without passing its bytes through the
+        server, or None when this store has none (the bytes then go through the server).
+        `filename` (a Content-Disposition value) and `content_type` shape a GET's response."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+async def open_blobs(
+    url: str, data_directory: Path, *, endpoint: str = "", public_endpoint: str = "", region: str = ""
+) -> BlobStore:
+    """The blob store for `url`: `s3://bucket/prefix` (at `endpoint`, e.g. a MinIO or moto server;
+    empty: AWS; presigned URLs name `public_endpoint`), or empty for the folder `<data>/blobs`."""
+    if not url:
+        from jobwire.server.blobs.filesystem import FileBlobStore
+
+        return FileBlobStore(data_directory / "blobs")
+    if url.startswith("s3://"):
+        from jobwire.server.blobs.s3 import S3BlobStore
+
+        return await S3BlobStore.open(url, endpoint=endpoint, public_endpoint=public_endpoint, region=region)
+    raise ValueError(f"unsupported blob store URL {url!r} (use s3://bucket/prefix, or nothing for the data directory)")

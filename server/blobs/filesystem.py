@@ -86,6 +86,15 @@ class FileBlobStore:
         except FileNotFoundError:
             return None
 
+    async def presigned_url(
+        self, key: str, *, method: str = "GET", filename: str = "", content_type: str = ""
+    ) -> str | None:
+        """None: files are only reachable through the server."""
+        return None
+
+    async def close(self) -> None:
+        pass
+
 
 def _open_at(resumable: Path, own: Path, offset: int) -> tuple[BinaryIO, hashlib._Hash]:
     """The upload's own partial file, open for appending at `offset`, and the hash of the bytes before it.

@@ -13,7 +13,6 @@ bytes never pass through the server.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import uuid
@@ -28,7 +27,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from jobwire.definition import DefinitionError, check_key, is_sha256
-from jobwire.server.blobs.base import CHUNK_SIZE
+from jobwire.server.blobs.base import CHUNK_SIZE, URL_SECONDS, put_headers
 from jobwire.server.errors import Conflict, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -38,8 +37,6 @@ else:
 
 SEGMENT_SIZE = 8 * 1024 * 1024
 """Bytes per stored segment (S3 parts other than the last must be at least 5 MiB)."""
-URL_SECONDS = 3600
-"""How long a presigned URL works."""
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
@@ -72,30 +69,41 @@ class _Resumable:
 class S3BlobStore:
     """BlobStore on one bucket (and prefix) of an S3-compatible service."""
 
-    def __init__(self, client: S3Client, bucket: str, prefix: str, stack: AsyncExitStack, segment_size: int) -> None:
+    def __init__(
+        self, client: S3Client, signer: S3Client, bucket: str, prefix: str, stack: AsyncExitStack, segment_size: int
+    ) -> None:
         self.client, self.bucket, self.prefix, self.segment_size = client, bucket, prefix, segment_size
+        self._signer = signer  # presigns for the public endpoint (presigning makes no request)
         self._stack = stack
         self._running: Counter[str] = Counter()
         self._claims: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def open(
-        cls, url: str, *, endpoint: str = "", region: str = "", segment_size: int = SEGMENT_SIZE
+        cls,
+        url: str,
+        *,
+        endpoint: str = "",
+        public_endpoint: str = "",
+        region: str = "",
+        segment_size: int = SEGMENT_SIZE,
     ) -> S3BlobStore:
         """Connect to the bucket of `s3://bucket/prefix` (credentials from the usual AWS sources),
-        creating the bucket if it does not exist."""
+        creating the bucket if it does not exist; presigned URLs name `public_endpoint` (default
+        `endpoint`)."""
         bucket, prefix = parse_url(url)
         session = get_session()
         stack = AsyncExitStack()
-        config = AioConfig(signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"})
-        client: S3Client = await stack.enter_async_context(
-            session.create_client(
-                "s3",
-                endpoint_url=endpoint or None,
-                region_name=region or session.get_config_variable("region") or "us-east-1",
-                config=config,
+        region = region or session.get_config_variable("region") or "us-east-1"
+
+        async def connect(at: str) -> S3Client:
+            config = AioConfig(signature_version="s3v4", s3={"addressing_style": "path" if at else "auto"})
+            return await stack.enter_async_context(
+                session.create_client("s3", endpoint_url=at or None, region_name=region, config=config)
             )
-        )
+
+        client = await connect(endpoint)
+        signer = await connect(public_endpoint) if public_endpoint and public_endpoint != endpoint else client
         try:
             await client.head_bucket(Bucket=bucket)
         except ClientError as error:
@@ -103,7 +111,7 @@ class S3BlobStore:
                 await stack.aclose()
                 raise
             await client.create_bucket(Bucket=bucket)
-        return cls(client, bucket, prefix, stack, segment_size)
+        return cls(client, signer, bucket, prefix, stack, segment_size)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -128,7 +136,9 @@ class S3BlobStore:
                 if resumable is None:
                     raise Conflict(f"no interrupted upload of {key!r} is stored; start at offset 0")
                 if offset > resumable.size:
-                    raise Conflict(f"only {resumable.size} bytes of {key!r} are stored; resume at offset {resumable.size}")
+                    raise Conflict(
+                        f"only {resumable.size} bytes of {key!r} are stored; resume at offset {resumable.size}"
+                    )
                 await self.client.delete_object(Bucket=self.bucket, Key=self._partial(key) + "resume.json")
             await writer.resume(resumable, offset)
         self._running[key] += 1
@@ -210,19 +220,12 @@ class S3BlobStore:
                 params["ResponseContentDisposition"] = filename
             if content_type:
                 params["ResponseContentType"] = content_type
-            return await self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=URL_SECONDS)
+            return await self._signer.generate_presigned_url("get_object", Params=params, ExpiresIn=URL_SECONDS)
         if method != "PUT":
             raise InvalidArgument(f"no presigned URL for method {method!r} (GET or PUT)")
         if is_sha256(key):
             params["ChecksumSHA256"] = put_headers(key)["x-amz-checksum-sha256"]
-        return await self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=URL_SECONDS)
-
-
-def put_headers(key: str) -> dict[str, str]:
-    """Headers a presigned PUT of `key` must carry: the S3 checksum of a SHA-256 key."""
-    if not is_sha256(key):
-        return {}
-    return {"x-amz-checksum-sha256": base64.b64encode(bytes.fromhex(key)).decode()}
+        return await self._signer.generate_presigned_url("put_object", Params=params, ExpiresIn=URL_SECONDS)
 
 
 class S3BlobWriter:
@@ -303,11 +306,14 @@ class S3BlobWriter:
                     Key=final,
                     UploadId=upload_id,
                     PartNumber=number,
-                    CopySource={"Bucket": bucket, "Key": name},  # type: ignore[typeddict-item]
+                    CopySource={"Bucket": bucket, "Key": name},
                 )
                 parts.append({"ETag": copied["CopyPartResult"]["ETag"], "PartNumber": number})
             await client.complete_multipart_upload(
-                Bucket=bucket, Key=final, UploadId=upload_id, MultipartUpload={"Parts": parts}  # type: ignore[typeddict-item]
+                Bucket=bucket,
+                Key=final,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
             )
         except BaseException:
             await client.abort_multipart_upload(Bucket=bucket, Key=final, UploadId=upload_id)

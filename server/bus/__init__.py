@@ -1,5 +1,5 @@
-"""Event delivery between the parts of the server (and, later, between replicas)."""
+"""Event delivery between the parts of the server and between replicas."""
 
-from jobwire.server.bus.base import EventBus, Lagged, Subscription
+from jobwire.server.bus.base import EventBus, Lagged, Subscription, open_bus
 
-__all__ = ["EventBus", "Lagged", "Subscription"]
+__all__ = ["EventBus", "Lagged", "Subscription", "open_bus"]

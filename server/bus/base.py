@@ -30,3 +30,20 @@ class EventBus(Protocol):
 
     def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]:
         """An async context manager yielding a subscription (use with `async with`)."""
+
+    async def close(self) -> None:
+        """Stop delivering and release connections."""
+
+
+async def open_bus(database: str) -> EventBus:
+    """The bus that reaches every replica sharing `database`: LISTEN/NOTIFY on PostgreSQL,
+    in-process otherwise (one server process)."""
+    from jobwire.server.store.base import is_postgres
+
+    if is_postgres(database):
+        from jobwire.server.bus.postgres import PostgresBus
+
+        return await PostgresBus.open(database)
+    from jobwire.server.bus.memory import MemoryBus
+
+    return MemoryBus()

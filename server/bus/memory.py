@@ -47,6 +47,9 @@ class MemoryBus:
     def __init__(self) -> None:
         self._topics: defaultdict[str, set[MemorySubscription]] = defaultdict(set)
 
+    async def close(self) -> None:
+        pass
+
     async def publish(self, topic: str, message: bytes) -> None:
         for subscription in list(self._topics.get(topic, ())):
             subscription.offer(message)

@@ -128,9 +128,9 @@ class PostgresBus:
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     await self._listener.remove_listener(name, self._on_notify)
 
-    def _on_notify(self, connection: object, pid: int, name: str, payload: str) -> None:
+    def _on_notify(self, connection: object, pid: int, name: str, payload: object) -> None:
         try:
-            self._inbox.put_nowait((name, payload))
+            self._inbox.put_nowait((name, str(payload)))
         except asyncio.QueueFull:
             self._lag_all()
 

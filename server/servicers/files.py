@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
@@ -9,9 +10,11 @@ from google.api import httpbody_pb2
 from jobwire.definition import DefinitionError, check_key
 from jobwire.server import transfers
 from jobwire.server.blobs import BlobStore
+from jobwire.server.blobs.base import URL_SECONDS, put_headers
 from jobwire.server.errors import Context, InvalidArgument, NotFound, grpc_errors
 from jobwire.server.metrics import Metrics
-from jobwire.server.servicers.http import header
+from jobwire.server.servicers.http import header, is_rest
+from jobwire.units import timestamp
 from jobwire.v1 import files_pb2, files_pb2_grpc
 
 
@@ -52,6 +55,10 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             size = await self.blobs.size(key)
             if size is None:
                 raise NotFound(f"file {key!r} not found")
+            if is_rest(context) and (url := await self.blobs.presigned_url(key)):
+                await context.send_initial_metadata(transfers.redirect(url))
+                yield httpbody_pb2.HttpBody(content_type=transfers.content_type(key))
+                return
             part = transfers.span(size, request.offset, request.length, header(context, "range"))
             await context.send_initial_metadata(part.metadata())
             chunks = self.blobs.read(key, part.start, part.length) if part.length else _nothing()
@@ -74,6 +81,19 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             complete = await self.blobs.size(key) is not None
             offset, running = await self.blobs.pending(key)
             return files_pb2.GetUploadResponse(key=key, offset=offset, complete=complete, in_progress=running)
+
+    async def GetFileUrl(self, request: files_pb2.GetFileUrlRequest, context: Context) -> files_pb2.GetFileUrlResponse:
+        async with grpc_errors(context):
+            key = checked_key(request.key)
+            upload = request.method == files_pb2.FILE_URL_METHOD_PUT
+            if not upload and await self.blobs.size(key) is None:
+                raise NotFound(f"file {key!r} not found")
+            url = await self.blobs.presigned_url(key, method="PUT" if upload else "GET")
+            if url is None:
+                return files_pb2.GetFileUrlResponse()
+            response = files_pb2.GetFileUrlResponse(url=url, headers=put_headers(key) if upload else {})
+            response.expire_time.CopyFrom(timestamp(time.time() + URL_SECONDS))
+            return response
 
 
 async def _data(

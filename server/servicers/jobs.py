@@ -14,7 +14,7 @@ from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, 
 from jobwire.server.logs import LogHub
 from jobwire.server.metrics import queue_metrics
 from jobwire.server.scheduler import Scheduler
-from jobwire.server.servicers.http import header
+from jobwire.server.servicers.http import header, is_rest
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 
 _PAGE_DEFAULT, _PAGE_MAX = 100, 1000
@@ -130,15 +130,24 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         kind = ref.type or "utf8"
         if kind == "url":
             raise NotFound(f"{path!r} is a URL reference: {ref.value.string_value}")
+        disposition = ("content-disposition", transfers.attachment(path.rpartition("/")[2]))
         if kind == "key":
-            size = await self.blobs.size(ref.value.string_value)
+            key = ref.value.string_value
+            size = await self.blobs.size(key)
             if size is None:
                 raise NotFound(f"the file of {path!r} is missing from the blob store")
-            chunks = self.blobs.read(ref.value.string_value)
+            if is_rest(context) and (
+                url := await self.blobs.presigned_url(
+                    key, filename=disposition[1], content_type=transfers.content_type(path)
+                )
+            ):
+                await context.send_initial_metadata(transfers.redirect(url))
+                yield httpbody_pb2.HttpBody(content_type=transfers.content_type(path))
+                return
+            chunks = self.blobs.read(key)
         else:
             data = inline_bytes(ref)
             size, chunks = len(data), _once(data)
-        disposition = ("content-disposition", transfers.attachment(path.rpartition("/")[2]))
         await context.send_initial_metadata([(transfers.CONTENT_LENGTH, str(size)), disposition])
         async for body in transfers.bodies(chunks, transfers.content_type(path)):
             yield body

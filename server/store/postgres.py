@@ -204,7 +204,9 @@ class PostgresStore:
             await db.execute(
                 "INSERT INTO queue_jobs (queue, job_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", queue, job_id
             )
-            await db.execute("INSERT INTO namespaces VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", queue, job_id, namespace)
+            await db.execute(
+                "INSERT INTO namespaces VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", queue, job_id, namespace
+            )
             if inserted is None:
                 state, reason = await db.fetchrow(
                     "SELECT state, finish_reason FROM jobs WHERE id = $1 FOR UPDATE", job_id
@@ -231,9 +233,7 @@ class PostgresStore:
             return await self._full_job(db, job_id, queue)
 
     async def _full_job(self, db: Connection, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
-        if queue and not await db.fetchval(
-            "SELECT 1 FROM queue_jobs WHERE queue = $1 AND job_id = $2", queue, job_id
-        ):
+        if queue and not await db.fetchval("SELECT 1 FROM queue_jobs WHERE queue = $1 AND job_id = $2", queue, job_id):
             return None
         job = await self._job(db, job_id, queue)
         if job is None:
@@ -407,7 +407,9 @@ class PostgresStore:
     ) -> list[tuple[jobs_pb2.Job, Attempt]]:
         async with self._transaction() as db:
             rows = await db.fetch(
-                "SELECT id, attempt FROM jobs WHERE state = $1 AND worker_id = $2 ORDER BY id FOR UPDATE", RUNNING, worker_id
+                "SELECT id, attempt FROM jobs WHERE state = $1 AND worker_id = $2 ORDER BY id FOR UPDATE",
+                RUNNING,
+                worker_id,
             )
             lost = [Attempt(job_id, attempt) for job_id, attempt in rows if Attempt(job_id, attempt) not in keep]
             for attempt in lost:

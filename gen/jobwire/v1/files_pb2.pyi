@@ -3,9 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -16,6 +20,114 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _FileUrlMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileUrlMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileUrlMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_URL_METHOD_UNSPECIFIED: _FileUrlMethod.ValueType  # 0
+    """Treated as `FILE_URL_METHOD_GET`."""
+    FILE_URL_METHOD_GET: _FileUrlMethod.ValueType  # 1
+    """Download the blob with an HTTP GET (a `Range` header works)."""
+    FILE_URL_METHOD_PUT: _FileUrlMethod.ValueType  # 2
+    """Upload the blob with an HTTP PUT of its bytes."""
+
+class FileUrlMethod(_FileUrlMethod, metaclass=_FileUrlMethodEnumTypeWrapper):
+    """What a URL of `GetFileUrl` is for."""
+
+FILE_URL_METHOD_UNSPECIFIED: FileUrlMethod.ValueType  # 0
+"""Treated as `FILE_URL_METHOD_GET`."""
+FILE_URL_METHOD_GET: FileUrlMethod.ValueType  # 1
+"""Download the blob with an HTTP GET (a `Range` header works)."""
+FILE_URL_METHOD_PUT: FileUrlMethod.ValueType  # 2
+"""Upload the blob with an HTTP PUT of its bytes."""
+Global___FileUrlMethod: _TypeAlias = FileUrlMethod  # noqa: Y015
+
+@_typing.final
+class GetFileUrlRequest(_message.Message):
+    """Request of `GetFileUrl`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The blob's key."""
+    method: Global___FileUrlMethod.ValueType
+    """Download (GET, the default) or upload (PUT)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        method: Global___FileUrlMethod.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "method", b"method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFileUrlRequest: _TypeAlias = GetFileUrlRequest  # noqa: Y015
+
+@_typing.final
+class GetFileUrlResponse(_message.Message):
+    """Response of `GetFileUrl`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The URL to send the request to; empty when the server's blob store has
+    no direct URLs (move the bytes through `UploadFile` / `DownloadFile`).
+    """
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """HTTP headers the request must carry exactly as given (e.g. the
+        signed `x-amz-checksum-sha256` of an upload).
+        """
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the URL stops working."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "headers", b"headers", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFileUrlResponse: _TypeAlias = GetFileUrlResponse  # noqa: Y015
 
 @_typing.final
 class UploadFileRequest(_message.Message):

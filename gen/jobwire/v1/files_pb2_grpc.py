@@ -61,6 +61,11 @@ class FileServiceStub:
                 request_serializer=jobwire_dot_v1_dot_files__pb2.GetUploadRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_files__pb2.GetUploadResponse.FromString,
                 _registered_method=True)
+        self.GetFileUrl = channel.unary_unary(
+                '/jobwire.v1.FileService/GetFileUrl',
+                request_serializer=jobwire_dot_v1_dot_files__pb2.GetFileUrlRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_files__pb2.GetFileUrlResponse.FromString,
+                _registered_method=True)
 
 
 class FileServiceServicer:
@@ -114,6 +119,20 @@ class FileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFileUrl(self, request, context):
+        """Gives a URL that moves a blob's bytes straight to or from the blob
+        store, bypassing the server: a presigned S3 URL when the server keeps
+        blobs in S3 (`jobwire server --blobs s3://…`). `url` is empty when the
+        store has no such URLs (the embedded filesystem store): then use
+        `UploadFile` / `DownloadFile`. A download URL of a missing blob is
+        NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
+        that hash (the bucket checks the signed checksum sent in `headers`);
+        the blob is visible once the PUT succeeds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +155,11 @@ def add_FileServiceServicer_to_server(servicer, server):
                     servicer.GetUpload,
                     request_deserializer=jobwire_dot_v1_dot_files__pb2.GetUploadRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_files__pb2.GetUploadResponse.SerializeToString,
+            ),
+            'GetFileUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFileUrl,
+                    request_deserializer=jobwire_dot_v1_dot_files__pb2.GetFileUrlRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_files__pb2.GetFileUrlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -252,6 +276,33 @@ class FileService:
             '/jobwire.v1.FileService/GetUpload',
             jobwire_dot_v1_dot_files__pb2.GetUploadRequest.SerializeToString,
             jobwire_dot_v1_dot_files__pb2.GetUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFileUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.FileService/GetFileUrl',
+            jobwire_dot_v1_dot_files__pb2.GetFileUrlRequest.SerializeToString,
+            jobwire_dot_v1_dot_files__pb2.GetFileUrlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,16 @@ class FileServiceStub:
     """Tells how much of an interrupted upload is stored, i.e. the offset to
     resume from (0 when there is none), and whether one is running.
     """
+    GetFileUrl: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetFileUrlRequest, _files_pb2.GetFileUrlResponse]
+    """Gives a URL that moves a blob's bytes straight to or from the blob
+    store, bypassing the server: a presigned S3 URL when the server keeps
+    blobs in S3 (`jobwire server --blobs s3://…`). `url` is empty when the
+    store has no such URLs (the embedded filesystem store): then use
+    `UploadFile` / `DownloadFile`. A download URL of a missing blob is
+    NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
+    that hash (the bucket checks the signed checksum sent in `headers`);
+    the blob is visible once the PUT succeeds.
+    """
 
 @_typing.type_check_only
 class FileServiceAsyncStub(FileServiceStub):
@@ -103,6 +113,16 @@ class FileServiceAsyncStub(FileServiceStub):
     GetUpload: _aio.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]  # type: ignore[assignment]
     """Tells how much of an interrupted upload is stored, i.e. the offset to
     resume from (0 when there is none), and whether one is running.
+    """
+    GetFileUrl: _aio.UnaryUnaryMultiCallable[_files_pb2.GetFileUrlRequest, _files_pb2.GetFileUrlResponse]  # type: ignore[assignment]
+    """Gives a URL that moves a blob's bytes straight to or from the blob
+    store, bypassing the server: a presigned S3 URL when the server keeps
+    blobs in S3 (`jobwire server --blobs s3://…`). `url` is empty when the
+    store has no such URLs (the embedded filesystem store): then use
+    `UploadFile` / `DownloadFile`. A download URL of a missing blob is
+    NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
+    that hash (the bucket checks the signed checksum sent in `headers`);
+    the blob is visible once the PUT succeeds.
     """
 
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -162,6 +182,22 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_files_pb2.GetUploadResponse, _abc.Awaitable[_files_pb2.GetUploadResponse]]:
         """Tells how much of an interrupted upload is stored, i.e. the offset to
         resume from (0 when there is none), and whether one is running.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFileUrl(
+        self,
+        request: _files_pb2.GetFileUrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.GetFileUrlResponse, _abc.Awaitable[_files_pb2.GetFileUrlResponse]]:
+        """Gives a URL that moves a blob's bytes straight to or from the blob
+        store, bypassing the server: a presigned S3 URL when the server keeps
+        blobs in S3 (`jobwire server --blobs s3://…`). `url` is empty when the
+        store has no such URLs (the embedded filesystem store): then use
+        `UploadFile` / `DownloadFile`. A download URL of a missing blob is
+        NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
+        that hash (the bucket checks the signed checksum sent in `headers`);
+        the blob is visible once the PUT succeeds.
         """
 
 def add_FileServiceServicer_to_server(servicer: FileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
