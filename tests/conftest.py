@@ -267,10 +267,10 @@ class Processes:
         self.worker_ids.append(worker_id)
         return await self._start(process)
 
-    async def server(self, port: int, data: Path) -> Process:
+    async def server(self, port: int, data: Path, *, extra: tuple[str, ...] = ()) -> Process:
         data.mkdir(exist_ok=True)
         args = ["server", "--host", "127.0.0.1", "--port", str(port), "--data-directory", str(data)]
-        return await self._start(Process([*args, "--worker-grace", "15s"], data / "server.log"))
+        return await self._start(Process([*args, "--worker-grace", "15s", *extra], data / "server.log"))
 
     async def _start(self, process: Process) -> Process:
         await process.start()
