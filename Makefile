@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser postgres clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser postgres deploy-envoy clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -64,6 +64,11 @@ browser:
 # own in a temporary folder; the system cluster is not used).
 postgres:
 	bash scripts/ensure-debian-packages.sh pg_ctlcluster=postgresql
+
+# deploy/envoy.yaml: envoy/envoy.yaml rendered for the three replicas of deploy/docker-compose.yml.
+deploy-envoy: $(STAMP)
+	$(BIN)/python -c 'import sys; from pathlib import Path; from jobwire.envoy import config; \
+	  config.write(config.deployment(), Path("deploy/envoy.yaml"))'
 
 test: install docker images browser postgres check-gen lint typecheck
 	$(BIN)/pytest

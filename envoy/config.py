@@ -69,6 +69,19 @@ def render(
     return config
 
 
+DEPLOYMENT_REPLICAS = ("server-1", "server-2", "server-3")
+"""The server replicas of the reference deployment (deploy/docker-compose.yml)."""
+
+
+def deployment() -> dict[str, Any]:
+    """The Envoy config of the reference deployment: every replica an endpoint of one cluster."""
+    return render(
+        upstreams=[(name, 50051) for name in DEPLOYMENT_REPLICAS],
+        descriptor_path="/etc/jobwire/jobwire.binpb",
+        admin_port=9901,
+    )
+
+
 def write(config: dict[str, Any], path: Path) -> Path:
     """Write `config` as YAML to `path` (parents created); returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
