@@ -54,7 +54,11 @@ class FileServiceStub:
     DownloadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]
     """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
     bytes=` header (one range) gives a 206 with `Content-Range`; the
-    response carries `Content-Length`.
+    response carries `Content-Length`. With blobs in S3 (`jobwire server
+    --blobs s3://…`) a REST request is answered with `302 Found` to a
+    presigned URL of the bucket, so the bytes never pass through the
+    server (`curl -L` follows it; a `Range` header goes along); gRPC
+    clients still get the bytes, or ask `GetFileUrl` for the URL.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -102,7 +106,11 @@ class FileServiceAsyncStub(FileServiceStub):
     DownloadFile: _aio.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
     bytes=` header (one range) gives a 206 with `Content-Range`; the
-    response carries `Content-Length`.
+    response carries `Content-Length`. With blobs in S3 (`jobwire server
+    --blobs s3://…`) a REST request is answered with `302 Found` to a
+    presigned URL of the bucket, so the bytes never pass through the
+    server (`curl -L` follows it; a `Range` header goes along); gRPC
+    clients still get the bytes, or ask `GetFileUrl` for the URL.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -159,7 +167,11 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
         """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
         bytes=` header (one range) gives a 206 with `Content-Range`; the
-        response carries `Content-Length`.
+        response carries `Content-Length`. With blobs in S3 (`jobwire server
+        --blobs s3://…`) a REST request is answered with `302 Found` to a
+        presigned URL of the bucket, so the bytes never pass through the
+        server (`curl -L` follows it; a `Range` header goes along); gRPC
+        clients still get the bytes, or ask `GetFileUrl` for the URL.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

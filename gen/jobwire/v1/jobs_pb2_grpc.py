@@ -195,7 +195,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobInput(self, request, context):
-        """Serves one input file of a job (nested paths allowed).
+        """Serves one input file of a job (nested paths allowed). With blobs in S3
+        (`jobwire server --blobs s3://…`) a REST request for a file stored by
+        key is answered with `302 Found` to a presigned URL of the bucket.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -204,7 +206,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobOutput(self, request, context):
-        """Serves one output file of a finished job (nested paths allowed).
+        """Serves one output file of a finished job (nested paths allowed). With
+        blobs in S3 a REST request for a file stored by key is answered with
+        `302 Found` to a presigned URL of the bucket (`curl -L` follows it).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

@@ -72,12 +72,16 @@ class JobServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetJobInput: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetJobInputRequest, _httpbody_pb2.HttpBody]
-    """Serves one input file of a job (nested paths allowed).
+    """Serves one input file of a job (nested paths allowed). With blobs in S3
+    (`jobwire server --blobs s3://…`) a REST request for a file stored by
+    key is answered with `302 Found` to a presigned URL of the bucket.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetJobOutput: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetJobOutputRequest, _httpbody_pb2.HttpBody]
-    """Serves one output file of a finished job (nested paths allowed).
+    """Serves one output file of a finished job (nested paths allowed). With
+    blobs in S3 a REST request for a file stored by key is answered with
+    `302 Found` to a presigned URL of the bucket (`curl -L` follows it).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -143,12 +147,16 @@ class JobServiceAsyncStub(JobServiceStub):
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetJobInput: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetJobInputRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """Serves one input file of a job (nested paths allowed).
+    """Serves one input file of a job (nested paths allowed). With blobs in S3
+    (`jobwire server --blobs s3://…`) a REST request for a file stored by
+    key is answered with `302 Found` to a presigned URL of the bucket.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetJobOutput: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetJobOutputRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """Serves one output file of a finished job (nested paths allowed).
+    """Serves one output file of a finished job (nested paths allowed). With
+    blobs in S3 a REST request for a file stored by key is answered with
+    `302 Found` to a presigned URL of the bucket (`curl -L` follows it).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -265,7 +273,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobInputRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
-        """Serves one input file of a job (nested paths allowed).
+        """Serves one input file of a job (nested paths allowed). With blobs in S3
+        (`jobwire server --blobs s3://…`) a REST request for a file stored by
+        key is answered with `302 Found` to a presigned URL of the bucket.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -276,7 +286,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobOutputRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
-        """Serves one output file of a finished job (nested paths allowed).
+        """Serves one output file of a finished job (nested paths allowed). With
+        blobs in S3 a REST request for a file stored by key is answered with
+        `302 Found` to a presigned URL of the bucket (`curl -L` follows it).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
