@@ -23,7 +23,7 @@ from google.protobuf import json_format
 
 from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
 from jobwire.envoy import config as envoy_config
-from jobwire.v1 import definition_pb2, files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from jobwire.v1 import definition_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import BUSYBOX, Process, Processes, eventually, free_port
 from tests.services import PostgresCluster, S3Server
 
@@ -80,7 +80,7 @@ async def deployment(
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         replicas.append(Replica(process, f"127.0.0.1:{port}", channel))
     for replica in replicas:
-        await eventually(lambda r=replica: _serving(r), f"replica {replica.target}", timeout=60)  # type: ignore[misc]
+        await eventually(lambda r=replica: _serving(r), f"replica {replica.target}", timeout=60)
     envoy_port = free_port()
     config_file = envoy_config.write(
         envoy_config.render(
@@ -141,7 +141,7 @@ async def test_worker_on_one_replica_serves_a_client_of_the_other(
     # Submit on B; follow the logs live on B while the worker streams them to A.
     command = (
         "sh -c 'for i in 1 2 3; do echo line$i; sleep 1; done;"
-        f" head -c 3000 /dev/zero | tr \"\\0\" x > /outputs/big.txt; echo {queue}'"
+        f' head -c 3000 /dev/zero | tr "\\0" x > /outputs/big.txt; echo {queue}\''
     )
     job_id = await submit(b, queue, command)
     text, batches_before_finish = "", 0
