@@ -17,9 +17,9 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
+from jobwire.files import FileClient
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from jobwire.worker.execution import Execution
-from jobwire.worker.files import FileClient
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
