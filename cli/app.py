@@ -35,10 +35,18 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        result = app(exit_on_error=True)
+        result = app(_stdin_marker(sys.argv[1:]), exit_on_error=True)
     except (CliError, JobwireError) as error:
         fail(str(error), exit_code(error))
     except KeyboardInterrupt:
         sys.exit(130)
     if isinstance(result, int):
         sys.exit(result)
+
+
+def _stdin_marker(argv: list[str]) -> list[str]:
+    """`job add QUEUE -` reads the definition from stdin; cyclopts takes a lone `-` for an option, so name it."""
+    if argv[:2] == ["job", "add"] and "-" in argv:
+        at = argv.index("-")
+        return [*argv[:at], "--definition=-", *argv[at + 1 :]]
+    return argv

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import sys
-from json import dumps, loads
+from json import dumps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from cyclopts import App, Parameter
 from google.protobuf import json_format
 
-from jobwire import Job, SubmitOptions
-from jobwire.cli.console import CliError, Connection, Json, connect, print_json
+from jobwire import Job
+from jobwire.cli.console import CliError, Connection, Json, connect, human_size, print_json
+from jobwire.cli.submission import stdin_definition, submit_options
 from jobwire.cli.terminal import Transfers, stderr_console, stream_job, summary
 from jobwire.cli.views import job_lines, job_row
-from jobwire.errors import InvalidDefinition, JobFailed
+from jobwire.definition import inline_bytes
+from jobwire.errors import JobFailed
 from jobwire.states import parse_state
 from jobwire.v1 import jobs_pb2
 
 job = App(name="job", help="Submit, inspect and follow jobs.")
-DEFAULT_IMAGE = "alpine:latest"
 Outputs = Annotated[Path, Parameter(name=["--outputs", "-o"])]
 ExitCode = Annotated[bool, Parameter(negative="")]
 
@@ -75,8 +76,8 @@ async def add(
     exit_code
         With --wait: exit with the container's exit code.
     """
-    base, stdin_namespace = _stdin_definition() if definition == "-" else (None, None)
-    options = _options(base, image, file, command, env, gpus, max_duration, build_file, context)
+    base, stdin_namespace = stdin_definition() if definition == "-" else (None, None)
+    options = submit_options(base, image, file, command, env, gpus, max_duration, build_file, context)
     namespace = namespace if namespace is not None else stdin_namespace
     if namespace is not None:
         options["namespace"] = namespace
@@ -238,7 +239,14 @@ async def list_outputs(
             print(dumps({"outputs": {name: json_format.MessageToDict(ref) for name, ref in refs.items()}}, indent=2))
             return
         for name, ref in sorted(refs.items()):
-            print(f"{name}\t{ref.type}\t{ref.hash or ''}")
+            if ref.type == "key":
+                size = await client.files.size(ref.value.string_value)
+                where = f"blob {ref.value.string_value}, " + (human_size(size) if size is not None else "missing")
+            elif ref.type == "url":
+                where = ref.value.string_value
+            else:
+                where = f"inline, {human_size(len(inline_bytes(ref)))}"
+            print(f"{name}\t{where}")
 
 
 @job.command
@@ -284,62 +292,3 @@ def _print_chunk(chunk: jobs_pb2.LogChunk, as_json: bool) -> None:
     stream = sys.stderr if chunk.stream == jobs_pb2.LOG_STREAM_STDERR else sys.stdout
     stream.write(chunk.text)
     stream.flush()
-
-
-def _stdin_definition() -> tuple[dict[str, Any], str | None]:
-    """The definition JSON on stdin (a bare definition or the seed's `{definition, control}`) and its namespace."""
-    try:
-        payload = loads(sys.stdin.read())
-    except ValueError as error:
-        raise InvalidDefinition(f"invalid definition on stdin: {error}") from None
-    if not isinstance(payload, dict):
-        raise InvalidDefinition("invalid definition on stdin: expected a JSON object")
-    if "definition" not in payload:
-        return payload, None
-    definition, control = payload["definition"], payload.get("control") or {}
-    if not isinstance(definition, dict) or not isinstance(control, dict):
-        raise InvalidDefinition("invalid definition on stdin: `definition` and `control` must be objects")
-    return definition, control.get("namespace")
-
-
-def _options(
-    base: dict[str, Any] | None,
-    image: str,
-    files: list[Path] | None,
-    command: str | None,
-    env: list[str] | None,
-    gpus: int | None,
-    max_duration: str | None,
-    build_file: Path | None,
-    context: Path | None,
-) -> SubmitOptions:
-    """The SDK's submit options from the flags (only those given, so a stdin definition keeps its own)."""
-    options: SubmitOptions = {}
-    built = bool(base and ("image" in base or "build" in base)) or build_file is not None or context is not None
-    if image or not built:
-        options["image"] = image or DEFAULT_IMAGE  # the seed's default
-    if files:
-        options["files"] = files
-    if command is not None:
-        options["command"] = command
-    if env:
-        options["env"] = dict(_pair(text) for text in env)
-    if gpus is not None:
-        options["gpus"] = gpus
-    if max_duration is not None:
-        options["max_duration"] = max_duration
-    if build_file is not None:
-        try:
-            options["dockerfile"] = build_file.read_text()
-        except OSError as error:
-            raise InvalidDefinition(f"cannot read --build-file {build_file}: {error.strerror}") from None
-    if context is not None:
-        options["context"] = context
-    return options
-
-
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise CliError(f"--env expects KEY=VALUE, not {text!r}", 2)
-    return key, value

@@ -98,6 +98,8 @@ def pack_context(directory: Path) -> bytes:
 
 
 def _named(files: Files) -> Iterator[tuple[str, Path | bytes]]:
+    if isinstance(files, str | os.PathLike):
+        files = [files]
     items = files.items() if isinstance(files, Mapping) else ((None, f) for f in files)
     for name, source in items:
         if isinstance(source, bytes):

@@ -28,6 +28,8 @@ from jobwire import (
     ServerUnavailable,
     Transfer,
 )
+from jobwire.server.app import build_server
+from jobwire.server.settings import ServerSettings
 from jobwire.v1 import jobs_pb2
 from tests.conftest import BUSYBOX, Stack, WorkerHandle, free_port
 
@@ -230,3 +232,45 @@ async def test_file_client_round_trip(client: Client, tmp_path: Path) -> None:
     assert (tmp_path / "blob").read_bytes() == data
     assert seen[-1] == Transfer("blob", len(data), len(data), complete=True)
     assert not (tmp_path / "blob.partial").exists()
+
+
+async def test_calls_and_watches_survive_a_server_restart(tmp_path: Path, queue: str) -> None:
+    settings = ServerSettings(data_directory=tmp_path, host="127.0.0.1", port=free_port(), lease_seconds=3)
+
+    async def serve() -> asyncio.Task[None]:
+        server = await build_server(settings)
+        started = asyncio.Event()
+        task = asyncio.create_task(server.run(started))
+        await started.wait()
+        return task
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    running = await serve()
+    retry = Retry(attempts=40, initial_backoff=0.05, max_backoff=0.25)
+    try:
+        async with Client(f"127.0.0.1:{settings.port}", retry=retry) as client:
+            job = await client.submit(queue, image=BUSYBOX, command="echo restart", env={"Q": queue})
+            states: list[jobs_pb2.JobState.ValueType] = []
+            watching = asyncio.Event()
+
+            async def follow() -> None:
+                async for event in job.watch():
+                    if isinstance(event, jobs_pb2.Job):
+                        states.append(event.state)
+                        watching.set()
+
+            watcher = asyncio.create_task(follow())
+            await watching.wait()
+            await stop(running)
+            restart = asyncio.create_task(serve())
+            assert (await client.queue_status(queue)).queued == 1  # retried until the server is back
+            running = await restart
+            await job.cancel()
+            await asyncio.wait_for(watcher, 10)  # the watch resumed and saw the end
+            assert states[0] == jobs_pb2.JOB_STATE_QUEUED and states[-1] == jobs_pb2.JOB_STATE_FINISHED
+    finally:
+        await stop(running)
