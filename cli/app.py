@@ -10,6 +10,8 @@ import sys
 
 from cyclopts import App
 from cyclopts.config import Env
+from rich.console import Console
+from rich.text import Text
 
 import jobwire
 from jobwire.cli.console import CliError, exit_code, fail
@@ -20,6 +22,8 @@ app = App(
     help="Public compute queues: submit Docker jobs, run them on workers you bring.",
     version=jobwire.__version__,
     config=Env("JOBWIRE_", command=False),
+    error_console=Console(stderr=True, soft_wrap=True, highlight=False),
+    error_formatter=lambda error: Text(f"error: {' '.join(str(error).split())} (see --help)"),
 )
 app.command("jobwire.cli.jobs:job", help="Submit, inspect and follow jobs.")
 app.command("jobwire.cli.queues:queue", help="Create queue names, watch queues and their workers.")

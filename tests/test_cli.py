@@ -187,7 +187,8 @@ async def test_errors_are_one_line_with_distinct_exit_codes(cli: Cli, queue: str
     body = {"definition": {"image": BUSYBOX, "inputs": {"../escape": {"type": "utf8", "value": "x"}}}}
     invalid = await cli("job", "add", queue, "-", stdin=json.dumps(body))
     not_json = await cli("job", "add", queue, "-", stdin="{not json")
-    for ran in (unreachable, unknown, invalid, not_json):
+    usage = await cli("job", "add", queue, "--gpus", "many")
+    for ran in (unreachable, unknown, invalid, not_json, usage):
         assert len(ran.err.splitlines()) == 1, ran.err
         assert ran.err.startswith("error: ") and "Traceback" not in ran.err
         assert ran.out == ""
@@ -195,7 +196,8 @@ async def test_errors_are_one_line_with_distinct_exit_codes(cli: Cli, queue: str
     assert unknown.code == 4 and f"job {'0' * 64} not found" in unknown.err
     assert invalid.code == 5 and "invalid definition: inputs: invalid file name '../escape'" in invalid.err
     assert not_json.code == 5 and "invalid definition on stdin" in not_json.err
-    assert len({unreachable.code, unknown.code, invalid.code}) == 3
+    assert usage.code == 2 and "--gpus" in usage.err
+    assert len({unreachable.code, unknown.code, invalid.code, usage.code}) == 4
 
 
 async def test_queue_file_and_job_commands(cli: Cli, client: Client, queue: str, tmp_path: Path) -> None:
