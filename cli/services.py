@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import subprocess
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,8 +75,14 @@ async def worker(
     data_directory: Annotated[Path, Parameter(name=["--data-directory", "-d"])] = Path("/tmp/jobwire-worker"),
     max_job_duration: Annotated[str, Parameter(name=["--max-job-duration", "-t"])] = "1h",
     id: str = "",
+    drain_timeout: str = "1m",
+    debug: bool = False,
 ) -> None:
     """Run a worker: dial out to the server, take jobs of QUEUE, run them in Docker.
+
+    The first SIGTERM or Ctrl-C drains: no new jobs, running ones get `--drain-timeout` to finish,
+    the rest go back to the queue at once. A second one stops at once (jobs are then re-queued
+    after the server's grace period, or resumed if the worker comes back with the same id).
 
     Parameters
     ----------
@@ -94,7 +100,13 @@ async def worker(
         Longest a job may run here; a job's own `maxDuration` may be shorter.
     id
         The worker's id; by default one is created once and kept in the data directory.
+    drain_timeout
+        On shutdown, how long running jobs may take to finish before they are handed back.
+    debug
+        Log every message of the worker stream.
     """
+    if debug:
+        logging.getLogger("jobwire").setLevel(logging.DEBUG)
     settings = WorkerSettings(
         queue=queue,
         server=server,
@@ -104,7 +116,8 @@ async def worker(
         max_job_duration=parse_duration(max_job_duration),
         worker_id=id,
     )
-    await _until_signal(Daemon(settings, _docker()).run())
+    daemon = Daemon(settings, _docker())
+    await _until_signal(daemon.run(), drain=lambda: daemon.drain(parse_duration(drain_timeout)))
 
 
 async def up(
@@ -250,12 +263,25 @@ def _docker() -> DockerRuntime:
         raise CliError(f"cannot reach Docker ({error}); is dockerd running? (`make docker` starts one)") from None
 
 
-async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` until it ends or SIGTERM/SIGINT arrives, then cancel it cleanly."""
+async def _until_signal(
+    work: Coroutine[Any, Any, None], drain: Callable[[], Coroutine[Any, Any, None]] | None = None
+) -> None:
+    """Run `work` until it ends or SIGTERM/SIGINT arrives, then cancel it cleanly; with `drain`, the
+    first signal runs it and cancels `work` when it is done, a second one cancels at once."""
     task = asyncio.ensure_future(work)
+    draining: list[asyncio.Future[None]] = []
+
+    def on_signal() -> None:
+        if drain is None or draining:
+            task.cancel()
+            return
+        log.info("draining; signal again to stop at once")
+        draining.append(asyncio.ensure_future(drain()))
+        draining[0].add_done_callback(lambda _: task.cancel())
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await task
     except asyncio.CancelledError:

@@ -60,6 +60,13 @@ class Scheduler:
             log.info("job %s queued on %r", new_id, queue)
             await self.publish_job(job)
             await self.bus.publish(topics.queue(queue), b"")
+        if namespace != DEFAULT_NAMESPACE:
+            for replaced in await self.store.replace_in_namespace(
+                queue=queue, namespace=namespace, keep=new_id, now=self.clock()
+            ):
+                await self._after_end(replaced, f"replaced by job {new_id}")
+        if job.state == jobs_pb2.JOB_STATE_QUEUED:
+            job.waiting_reason = await self.waiting_reason(job)
         return job
 
     async def get_job(self, job_id: str, queue: str = "") -> jobs_pb2.Job:
@@ -149,6 +156,13 @@ class Scheduler:
         log.info("job %s finished: %s", job.id, jobs_pb2.FinishReason.Name(job.finish_reason))
         await self.publish_job(job)
         return job
+
+    async def release(self, attempt: Attempt, worker_id: str, reason: str) -> bool:
+        """The worker gave the attempt back unfinished: re-queue the job now; False if stale."""
+        job = await self.store.release(attempt, worker_id, reason, self.clock())
+        if job is not None:
+            await self._requeued([(job, attempt)])
+        return job is not None
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt]) -> list[Attempt]:
         """Extend the worker's leases; returns its stale attempts."""

@@ -374,6 +374,24 @@ async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
 
 
+async def test_a_newer_job_replaces_older_live_jobs_of_its_namespace(store: StateStore) -> None:
+    await submit(store, 1, namespace="ns")
+    running = await claim(store, worker="w1")
+    shared = await submit(store, 2, namespace="ns")
+    await submit(store, 2, namespace="other")
+    default = await submit(store, 3)
+    newest = await submit(store, 4, namespace="ns")
+    replaced = await store.replace_in_namespace(queue="q", namespace="ns", keep=newest.id, now=T0 + 9)
+    by_id = {ended.job.id: ended for ended in replaced}
+    assert set(by_id) == {running.id, shared.id}
+    assert by_id[running.id].stop == attempt_of(running) and by_id[running.id].worker_id == "w1"
+    assert by_id[running.id].job.finish_reason == jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT
+    assert by_id[shared.id].stop is None and by_id[shared.id].job.state == QUEUED  # "other" still holds it
+    assert await state(store, default) == QUEUED
+    assert await state(store, newest) == QUEUED
+    assert await store.replace_in_namespace(queue="q", namespace="ns", keep=newest.id, now=T0 + 10) == []
+
+
 async def test_renew_extends_the_lease(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))

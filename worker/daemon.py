@@ -7,6 +7,7 @@ and results the server has not acknowledged are sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -18,6 +19,7 @@ from google.protobuf import duration_pb2
 
 import jobwire
 from jobwire.files import FileClient
+from jobwire.units import format_duration
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from jobwire.worker.execution import ATTEMPT_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.runner import DockerRuntime
@@ -61,6 +63,9 @@ class Daemon:
         self.public_url = ""
         self.registered = asyncio.Event()
         self.stopping: set[tuple[str, int]] = set()
+        self.releasing: set[tuple[str, int]] = set()
+        self.draining = False
+        self.all_acked = asyncio.Event()
 
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with exponential backoff and jitter."""
@@ -101,6 +106,8 @@ class Daemon:
             self.settings.server,
         )
         self.registered.set()
+        if self.draining:
+            await call.write(self._heartbeat_message())
         for cursor in registered.log_cursors:
             execution = self.executions.get((cursor.job_id, cursor.attempt))
             if execution is not None and (resend := execution.logs[cursor.kind].resend_from(cursor.stored)):
@@ -142,13 +149,17 @@ class Daemon:
         while True:
             message = self.retry or await self.outbox.get()
             self.retry = message
+            log.debug("→ %s", message.WhichOneof("message"))
             await call.write(message)
             self.retry = None
 
     async def _heartbeat(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self.outbox.put(workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held())))
+            await self.outbox.put(self._heartbeat_message())
+
+    def _heartbeat_message(self) -> workers_pb2.ConnectRequest:
+        return workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held(), draining=self.draining))
 
     async def _read(
         self,
@@ -160,6 +171,7 @@ class Daemon:
             message = await call.read()
             if not isinstance(message, workers_pb2.ConnectResponse):  # grpc.aio.EOF
                 raise StreamEnded("the server closed the stream")
+            log.debug("← %s", message.WhichOneof("message"))
             match message.WhichOneof("message"):
                 case "assignment":
                     self._start(message.assignment, jobs, staging)
@@ -171,6 +183,8 @@ class Daemon:
                     acked = (message.finished_ack.job_id, message.finished_ack.attempt)
                     self.unacked.pop(acked, None)
                     self.executions.pop(acked, None)
+                    if not self.unacked:
+                        self.all_acked.set()
 
     async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
         """Re-attach to the containers an earlier run of this worker (same id) left behind; they are
@@ -215,14 +229,43 @@ class Daemon:
             self.stopping.add((job_id, attempt))
             running.task.cancel()
 
+    async def drain(self, timeout: float) -> None:
+        """Shut down gently: take no new job, let running ones finish for up to `timeout` seconds, give
+        the rest back to the server (re-queued at once), and wait briefly for the server to confirm."""
+        self.draining = True
+        log.info("draining: %d job(s) running; giving them %s to finish", len(self.running), format_duration(timeout))
+        await self.outbox.put(self._heartbeat_message())
+        if self.running:
+            await asyncio.wait([running.task for running in self.running.values()], timeout=timeout)
+        for job_id, running in list(self.running.items()):
+            log.info("giving job %s back to the server", job_id)
+            self.releasing.add((job_id, running.attempt))
+            running.task.cancel()
+        if self.running:
+            await asyncio.wait([running.task for running in self.running.values()], timeout=10)
+        if self.unacked:
+            self.all_acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_acked.wait(), 10)
+
     async def _execute(self, execution: Execution, container_id: str) -> None:
         log.info("running job %s (attempt %d)", execution.job_id, execution.attempt)
+        key = (execution.job_id, execution.attempt)
         try:
             result = await (execution.resume(container_id) if container_id else execution.run())
         except asyncio.CancelledError:
-            if (execution.job_id, execution.attempt) not in self.stopping:
+            if key in self.releasing:
+                self.releasing.discard(key)
+                self.running.pop(execution.job_id, None)
+                released = workers_pb2.JobReleased(
+                    job_id=execution.job_id, attempt=execution.attempt, reason="the worker is shutting down"
+                )
+                self.unacked[key] = workers_pb2.ConnectRequest(released=released)
+                await self.outbox.put(self.unacked[key])
+                return
+            if key not in self.stopping:
                 raise  # the worker is shutting down
-            self.stopping.discard((execution.job_id, execution.attempt))
+            self.stopping.discard(key)
             result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED, message="stopped on request")
         except Exception as error:  # a bug must not take the worker down: report it as the job's error
             log.exception("job %s failed", execution.job_id)

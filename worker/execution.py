@@ -59,7 +59,7 @@ class Execution:
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
         """Follow this attempt's container, started before the worker restarted, to its result."""
         try:
-            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output)
+            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)

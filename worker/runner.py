@@ -140,13 +140,20 @@ class DockerRuntime:
         finally:
             await asyncio.shield(asyncio.to_thread(_remove, container))
 
-    async def resume(self, container_id: str, timeout: float, output: Output) -> Outcome:
-        """Follow a container started earlier (by this worker before a restart) from its first output
-        to its end, within `timeout` seconds of its start; always removes it."""
+    async def resume(
+        self, container_id: str, timeout: float, output: Output, started: Callable[[], Awaitable[None]]
+    ) -> Outcome:
+        """Follow a container created earlier (by this worker before a restart) from its first output
+        to its end, within `timeout` seconds of its start, starting it if it never was; always removes it."""
         container = await asyncio.to_thread(self.client.containers.get, container_id)
         try:
-            started = _docker_time((await asyncio.to_thread(_inspect, container))["State"]["StartedAt"])
-            return await self._follow(container, max(timeout - (time.time() - started), 0.1), output)
+            state = (await asyncio.to_thread(_inspect, container))["State"]
+            if state["Status"] == "created":
+                await asyncio.to_thread(container.start)
+                await started()
+                state = (await asyncio.to_thread(_inspect, container))["State"]
+            begun = _docker_time(state["StartedAt"])
+            return await self._follow(container, max(timeout - (time.time() - begun), 0.1), output)
         finally:
             await asyncio.shield(asyncio.to_thread(_remove, container))
 

@@ -85,6 +85,9 @@ class StateStore(Protocol):
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
 
+    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
+        """Put the attempt's job back in its queue (its worker gave it back); None if stale."""
+
     async def extend_leases(self, until: float) -> None:
         """Let every running job's lease last at least until `until`."""
 
@@ -96,6 +99,10 @@ class StateStore(Protocol):
 
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
+
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        """One live job per namespace: drop the namespace's hold on its other unfinished jobs in the
+        queue, finishing as replaced those no namespace holds any more."""
 
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         """Finish the job as deleted and forget its result, so it can run again."""

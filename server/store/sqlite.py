@@ -88,6 +88,8 @@ class SqliteStore:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
+            if self._db.in_transaction:  # left open by a task cancelled while BEGIN ran in the thread
+                await self._db.rollback()
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -295,6 +297,13 @@ class SqliteStore:
                 )
         return await self._jobs_of(lost)
 
+    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
+        async with self._transaction():
+            if not await self._holds(attempt):
+                return None
+            await self._requeue(attempt, worker_id, now, f"released by worker {worker_id}: {reason}")
+        return await self._job(attempt.job_id)
+
     async def _requeue(self, attempt: Attempt, worker_id: str, now: float, message: str) -> None:
         await self._db.execute(
             "UPDATE jobs SET state = ?, worker_id = '', update_time = ?, lease_expires = NULL WHERE id = ?",
@@ -335,6 +344,42 @@ class SqliteStore:
         job = await self.get_job(job_id, queue=queue)
         assert job is not None
         return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
+
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        ended: list[tuple[str, tuple[Attempt | None, str] | None]] = []
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.id = n.job_id"
+                " WHERE n.queue = ? AND n.namespace = ? AND n.job_id != ? AND j.state != ?",
+                queue,
+                namespace,
+                keep,
+                FINISHED,
+            )
+            for (job_id,) in rows:
+                await db.execute(
+                    "DELETE FROM namespaces WHERE queue = ? AND job_id = ? AND namespace = ?",
+                    (queue, job_id, namespace),
+                )
+                await self._event(
+                    job_id,
+                    jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
+                    now,
+                    message=f"replaced by job {keep} in namespace {namespace!r} of {queue!r}",
+                )
+                held = await self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
+                stop = (
+                    None
+                    if held
+                    else await self._end(job_id, jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT, now, "replaced")
+                )
+                ended.append((job_id, stop))
+        replaced = []
+        for job_id, stop in ended:
+            job = await self.get_job(job_id)
+            assert job is not None
+            replaced.append(Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else ""))
+        return replaced
 
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:
