@@ -19,7 +19,7 @@ from jobwire.cli.console import CliError
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from jobwire.units import parse_duration
+from jobwire.units import parse_duration, parse_size
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
@@ -76,6 +76,8 @@ async def worker(
     max_job_duration: Annotated[str, Parameter(name=["--max-job-duration", "-t"])] = "1h",
     id: str = "",
     drain_timeout: str = "1m",
+    default_memory: str = "",
+    pids_limit: int = 4096,
     debug: bool = False,
 ) -> None:
     """Run a worker: dial out to the server, take jobs of QUEUE, run them in Docker.
@@ -102,6 +104,11 @@ async def worker(
         The worker's id; by default one is created once and kept in the data directory.
     drain_timeout
         On shutdown, how long running jobs may take to finish before they are handed back.
+    default_memory
+        Memory limit of jobs whose definition sets none (`requirements.memory`); default 80% of
+        this machine's memory.
+    pids_limit
+        Most processes a job's container may have.
     debug
         Log every message of the worker stream.
     """
@@ -115,6 +122,8 @@ async def worker(
         data_directory=data_directory,
         max_job_duration=parse_duration(max_job_duration),
         worker_id=id,
+        default_memory=parse_size(default_memory) if default_memory else 0,
+        pids_limit=pids_limit,
     )
     daemon = Daemon(settings, _docker())
     await _until_signal(daemon.run(), drain=lambda: daemon.drain(parse_duration(drain_timeout)))

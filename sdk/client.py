@@ -47,9 +47,9 @@ class SubmitOptions(TypedDict, total=False):
     max_duration: str
     namespace: str
     dockerfile: str
-    """Dockerfile contents; the image is built from it (on workers that build)."""
+    """Dockerfile contents; the worker builds the image from it (and the `context`)."""
     context: str | os.PathLike[str]
-    """A local folder, packed (reproducibly) and uploaded as the build context."""
+    """A local folder, packed (reproducibly) and uploaded as the build context (`/f/KEY`)."""
     progress: Progress
 
 
@@ -73,8 +73,8 @@ class Client:
     ) -> None:
         """`target` is `host:port`, `http://host:port` or `https://host`; `timeout` bounds each unary call.
 
-        `public_url` is the REST base URL users reach (for job URLs and uploaded build
-        contexts); by default the target's own URL.
+        `public_url` is the REST base URL users reach (for `Job.url`); by default the
+        target's own URL.
         """
         self.target = Target.parse(target, tls)
         self.calls = Calls(target=self.target.address, timeout=timeout, retry=retry or Retry())
@@ -142,7 +142,7 @@ class Client:
             archive = await asyncio.to_thread(pack_context, Path(options["context"]))
             key = hashlib.sha256(archive).hexdigest()
             uploads.append(Upload("build context", archive, key, len(archive)))
-            built.build.context = f"{self.public_url}/f/{key}"
+            built.build.context = f"/f/{key}"  # the uploaded blob; the same folder is the same job anywhere
         try:
             validate(built)
         except DefinitionError as error:

@@ -22,6 +22,7 @@ from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.servicers.workers import WorkerServicer
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore, open_store
+from jobwire.server.webhooks import Webhooks
 from jobwire.v1 import (
     files_pb2,
     files_pb2_grpc,
@@ -70,7 +71,9 @@ class Server:
         if started is not None:
             started.set()
         try:
-            await self.scheduler.reap()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.scheduler.reap())
+                group.create_task(Webhooks(self.store, self.scheduler.clock).run())
         finally:
             try:
                 await self.health.enter_graceful_shutdown()

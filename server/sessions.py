@@ -42,6 +42,7 @@ class WorkerSession:
         self.session_id = uuid.uuid4().hex
         self.outbox: asyncio.Queue[workers_pb2.ConnectResponse] = asyncio.Queue(OUTBOX_SIZE)
         self.running: dict[str, int] = {}
+        self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
         self.wake = asyncio.Event()
         self.draining = False
 
@@ -50,6 +51,9 @@ class WorkerSession:
         held = [Attempt(a.job_id, a.attempt) for a in self.register.running]
         stale = await self.scheduler.reconnect(self.worker_id, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
+        for job_id in self.running:
+            job = await self.scheduler.store.get_job(job_id)
+            self.gpus_used[job_id] = job.definition.requirements.gpus if job is not None else 0
         await self._save_info()
         log.info(
             "worker %s connected to queue %r (%d slots)",
@@ -133,6 +137,7 @@ class WorkerSession:
     def _forget(self, attempt: Attempt) -> None:
         if self.running.get(attempt.job_id) == attempt.attempt:
             del self.running[attempt.job_id]
+            self.gpus_used.pop(attempt.job_id, None)
             self.wake.set()
 
     async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
@@ -156,10 +161,12 @@ class WorkerSession:
             await self.wake.wait()
             self.wake.clear()
             while not self.draining and len(self.running) < self.register.cpus:
-                job = await self.scheduler.claim(self.queue, self.worker_id)
+                free_gpus = len(self.register.gpus) - sum(self.gpus_used.values())
+                job = await self.scheduler.claim(self.queue, self.worker_id, free_gpus)
                 if job is None:
                     break
                 self.running[job.id] = job.attempt
+                self.gpus_used[job.id] = job.definition.requirements.gpus
                 assignment = workers_pb2.JobAssignment(
                     job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
                 )

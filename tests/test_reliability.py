@@ -1,7 +1,7 @@
 """Workers and servers that fail: kill -9, cut streams, stale attempts, limits — real processes and dockerd.
 
 Workers here are separate `jobwire worker` processes (so `kill -9` is real) unless a test needs to
-look inside one; the session server has a 3 s grace period (`lease_seconds`).
+look inside one; the session server has a 5 s grace period (`lease_seconds`).
 """
 
 from __future__ import annotations
@@ -11,124 +11,27 @@ import contextlib
 import logging
 import os
 import random
-import signal
-import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 import grpc
 import httpx
 import pytest
-import pytest_asyncio
 from google.protobuf import json_format
 
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
-from tests.conftest import BUSYBOX, PYTHON, Stack, WorkerHandle, free_port, wait_finished
+from tests.conftest import BUSYBOX, PYTHON, Processes, Stack, StartWorker, eventually, free_port, wait_finished
 
 pytestmark = pytest.mark.docker
-JOBWIRE = str(Path(sys.executable).parent / "jobwire")
-StartWorker = Callable[..., Awaitable[WorkerHandle]]
 
 
 def definition(**fields: object) -> definition_pb2.JobDefinition:
     return json_format.ParseDict(fields, definition_pb2.JobDefinition())
 
 
-@dataclass
-class Process:
-    """A `jobwire` subprocess whose output goes to a file."""
-
-    args: list[str]
-    log: Path
-    process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                JOBWIRE, *self.args, stdout=out, stderr=out, cwd=self.log.parent, start_new_session=True
-            )
-
-    async def kill(self) -> None:
-        """kill -9: no clean-up of any kind."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-    async def terminate(self) -> int:
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), 60)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
-class Processes:
-    """Spawns workers and servers; kills what is left and removes their containers after the test."""
-
-    directory: Path
-    docker_client: docker.DockerClient
-    started: list[Process] = field(default_factory=list)
-    worker_ids: list[str] = field(default_factory=list)
-
-    async def worker(
-        self, queue: str, target: str, *, worker_id: str = "", cpus: int = 1, extra: tuple[str, ...] = ()
-    ) -> Process:
-        worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
-        data = self.directory / worker_id
-        data.mkdir(exist_ok=True)
-        args = ["worker", queue, "--server", target, "--id", worker_id, "-d", str(data), "--cpus", str(cpus), *extra]
-        process = Process(args, data / "worker.log")
-        self.worker_ids.append(worker_id)
-        return await self._start(process)
-
-    async def server(self, port: int, data: Path) -> Process:
-        data.mkdir(exist_ok=True)
-        args = ["server", "--host", "127.0.0.1", "--port", str(port), "--data-directory", str(data)]
-        return await self._start(Process([*args, "--worker-grace", "3s"], data / "server.log"))
-
-    async def _start(self, process: Process) -> Process:
-        await process.start()
-        self.started.append(process)
-        return process
-
-    async def close(self) -> None:
-        for process in self.started:
-            await process.kill()
-        for worker_id in self.worker_ids:
-            for container in self.docker_client.containers.list(
-                all=True, filters={"label": f"io.jobwire.worker={worker_id}"}
-            ):
-                container.remove(force=True)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def processes(
-    tmp_path: Path, docker_client: docker.DockerClient, docker_images: None
-) -> AsyncIterator[Processes]:
-    spawned = Processes(tmp_path, docker_client)
-    yield spawned
-    await spawned.close()
-
-
 async def workers_of(jobs: jobs_pb2_grpc.JobServiceStub, queue: str) -> set[str]:
     status = await jobs.GetQueueStatus(jobs_pb2.GetQueueStatusRequest(queue=queue))
     return {worker.id for worker in status.workers}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
-    """Poll `check` until true; fail with `what` after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def get(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str) -> jobs_pb2.Job:
@@ -487,3 +390,18 @@ async def test_sigterm_drains_finishing_short_jobs_and_handing_back_long_ones(
     assert "shutting down" in requeued.message
     assert await _gone(docker_client, long)
     assert "draining" in worker.output()
+
+
+async def test_gpu_jobs_wait_for_a_worker_with_gpus_without_blocking_the_queue(
+    rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    await start_worker(queue)  # offers no GPUs
+    gpu_body = {"definition": {"image": BUSYBOX, "command": "nvidia-smi", "requirements": {"gpus": 1}}}
+    gpu_job = (await rest.post(f"/q/{queue}", json=gpu_body)).json()["jobId"]
+    cpu_body = {"definition": {"image": BUSYBOX, "command": f"echo {queue}"}}
+    cpu_job = (await rest.post(f"/q/{queue}", json=cpu_body)).json()["jobId"]
+    assert log_text(await wait_finished(jobs, cpu_job)) == f"{queue}\n"
+    waiting = (await rest.get(f"/j/{gpu_job}")).json()["job"]
+    assert waiting["state"] == "JOB_STATE_QUEUED"
+    assert "needs 1 GPU(s) but no worker" in waiting["waitingReason"]
+    assert "--gpus 1" in waiting["waitingReason"]

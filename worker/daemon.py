@@ -21,7 +21,8 @@ import jobwire
 from jobwire.files import FileClient
 from jobwire.units import format_duration
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from jobwire.worker.execution import ATTEMPT_LABEL, JOB_LABEL, WORKER_LABEL, Execution
+from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
+from jobwire.worker.gpus import GpuPool
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
@@ -65,6 +66,7 @@ class Daemon:
         self.stopping: set[tuple[str, int]] = set()
         self.releasing: set[tuple[str, int]] = set()
         self.draining = False
+        self.gpus = GpuPool(settings.gpus)
         self.all_acked = asyncio.Event()
 
     async def run(self) -> None:
@@ -197,7 +199,8 @@ class Daemon:
                 await self.runtime.remove(labels["id"])
                 continue
             log.info("re-attaching to job %s (attempt %d), still running on this machine", job_id, attempt)
-            self._start(assignment, jobs, staging, container_id=labels["id"])
+            devices = self.gpus.take_these(filter(None, labels.get(GPUS_LABEL, "").split(",")))
+            self._start(assignment, jobs, staging, container_id=labels["id"], devices=devices)
 
     def _start(
         self,
@@ -205,6 +208,7 @@ class Daemon:
         jobs: asyncio.TaskGroup,
         staging: Staging,
         container_id: str = "",
+        devices: list[str] | None = None,
     ) -> None:
         if assignment.job_id in self.running:
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
@@ -218,6 +222,13 @@ class Daemon:
             self.outbox.put,
             self.public_url,
         )
+        try:
+            execution.gpu_devices = (
+                self.gpus.take(assignment.definition.requirements.gpus) if devices is None else devices
+            )
+        except ValueError as error:  # the server assigned more than we have: say so as the job's error
+            execution.gpu_devices, container_id = [], ""
+            execution.refusal = str(error)
         task = jobs.create_task(self._execute(execution, container_id))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)
         self.executions[(assignment.job_id, assignment.attempt)] = execution
@@ -272,6 +283,7 @@ class Daemon:
             result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_ERROR, message=f"worker error: {error!r}")
         finally:
             self.running.pop(execution.job_id, None)
+            self.gpus.give_back(execution.gpu_devices)
         finished = workers_pb2.JobFinished(job_id=execution.job_id, attempt=execution.attempt, result=result)
         message = workers_pb2.ConnectRequest(finished=finished)
         self.unacked[(execution.job_id, execution.attempt)] = message

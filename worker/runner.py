@@ -35,7 +35,7 @@ Output = Callable[[Stream, bytes, str], Awaitable[None]]
 
 
 class ImageError(Exception):
-    """The image is not available locally and could not be pulled."""
+    """The image is not available locally and could not be pulled, or the engine refused the container."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ContainerSpec:
     nano_cpus: int | None = None
     gpu_devices: list[str] = field(default_factory=list)
     user: str | None = None
+    pids_limit: int = 4096
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,15 @@ class DockerRuntime:
     async def run(self, spec: ContainerSpec, output: Output, started: Callable[[], Awaitable[None]]) -> Outcome:
         """Run the container to its end (or its timeout), streaming output; always removes it.
         `started` is awaited once the engine has started the container."""
-        container = await asyncio.to_thread(self._create, spec)
         try:
-            await asyncio.to_thread(container.start)
+            container = await asyncio.to_thread(self._create, spec)
+        except docker.errors.APIError as error:
+            raise ImageError(f"the Docker engine refused the container: {error.explanation}") from None
+        try:
+            try:
+                await asyncio.to_thread(container.start)
+            except docker.errors.APIError as error:
+                raise ImageError(f"the Docker engine could not start the container: {error.explanation}") from None
             await started()
             return await self._follow(container, spec.timeout, output)
         finally:
@@ -183,6 +190,8 @@ class DockerRuntime:
             nano_cpus=spec.nano_cpus,
             device_requests=devices if spec.gpu_devices else None,
             security_opt=["no-new-privileges"],
+            pids_limit=spec.pids_limit,
+            privileged=False,
             tty=False,
             stdin_open=False,
         )

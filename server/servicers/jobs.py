@@ -160,7 +160,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             counts = await self.scheduler.store.queue_counts(request.queue)
             workers = await self.scheduler.live_workers(request.queue)
-            text = queue_metrics(request.queue, counts, workers)
+            text = queue_metrics(request.queue, counts, workers, self.scheduler.metrics)
             return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4", data=text.encode())
 
 

@@ -13,8 +13,10 @@ import aiosqlite
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
     FINAL_REASONS,
+    FINISHED_HOOK,
     Attempt,
     Cancelled,
+    Webhook,
 )
 from jobwire.server.store.rows import event, job_message
 from jobwire.units import timestamp
@@ -54,6 +56,17 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE INDEX IF NOT EXISTS workers_queue ON workers (queue, last_seen);
 """
 
+MIGRATIONS = [
+    # 1: GPU devices a job needs, so claims can skip jobs a worker has no room for.
+    "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+    # 2: webhooks: waiting for their event (armed = 0) or due at next_time.
+    "CREATE TABLE webhooks (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, event TEXT NOT NULL,"
+    " url TEXT NOT NULL, body BLOB NOT NULL, armed INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+    " next_time REAL NOT NULL); CREATE INDEX webhooks_due ON webhooks (armed, next_time);"
+    " CREATE INDEX webhooks_job ON webhooks (job_id, event)",
+]
+"""Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
+
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 
 
@@ -77,6 +90,10 @@ class SqliteStore:
         ):
             await db.execute(f"PRAGMA {pragma}")
         await db.executescript(SCHEMA)
+        async with db.execute("PRAGMA user_version") as cursor:
+            (version,) = await cursor.fetchone() or (0,)
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
         return cls(db)
 
     async def close(self) -> None:
@@ -111,6 +128,42 @@ class SqliteStore:
             "INSERT INTO events (job_id, data) VALUES (?, ?)",
             (job_id, event(kind, now, **fields).SerializeToString()),
         )
+        if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
+            await self._db.execute(
+                "UPDATE webhooks SET armed = 1, next_time = ? WHERE job_id = ? AND event = ? AND armed = 0",
+                (now, job_id, FINISHED_HOOK),
+            )
+
+    async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
+        async with self._transaction() as db:
+            finished = await self._fetchone("SELECT 1 FROM jobs WHERE id = ? AND state = ?", hook.job_id, FINISHED)
+            await db.execute(
+                "INSERT INTO webhooks (job_id, event, url, body, armed, next_time) VALUES (?, ?, ?, ?, ?, ?)",
+                (hook.job_id, hook.event, hook.url, hook.body, int(armed or bool(finished)), now),
+            )
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[Webhook]:
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT id, job_id, event, url, body, attempts FROM webhooks WHERE armed = 1 AND next_time <= ?"
+                " ORDER BY next_time LIMIT ?",
+                now,
+                limit,
+            )
+            for row in rows:
+                await db.execute("UPDATE webhooks SET next_time = ? WHERE id = ?", (until, row[0]))
+        return [
+            Webhook(job_id, event, url, bytes(body), id, attempts) for id, job_id, event, url, body, attempts in rows
+        ]
+
+    async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
+        async with self._transaction() as db:
+            if retry_at is None:
+                await db.execute("DELETE FROM webhooks WHERE id = ?", (hook_id,))
+            else:
+                await db.execute(
+                    "UPDATE webhooks SET attempts = attempts + 1, next_time = ? WHERE id = ?", (retry_at, hook_id)
+                )
 
     async def _job_row(self, job_id: str) -> Any:
         return await self._fetchone(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
@@ -141,9 +194,9 @@ class SqliteStore:
             await db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, namespace))
             if row is None:
                 await db.execute(
-                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, queue, now, now, definition.SerializeToString()),
+                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
                 )
             elif row[1] == FINISHED and row[7] not in FINAL_REASONS:
                 await db.execute(
@@ -187,13 +240,16 @@ class SqliteStore:
         jobs = [job_message(row[1:], namespaces=[]) for row in rows[:limit]]
         return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
 
-    async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:
+    async def claim(
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
+    ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
             row = await self._fetchone(
                 "SELECT j.id, j.attempt FROM queue_jobs q JOIN jobs j ON j.id = q.job_id"
-                " WHERE q.queue = ? AND j.state = ? ORDER BY q.seq LIMIT 1",
+                " WHERE q.queue = ? AND j.state = ? AND j.gpus <= ? ORDER BY q.seq LIMIT 1",
                 queue,
                 QUEUED,
+                gpus,
             )
             if row is None:
                 return None
