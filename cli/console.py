@@ -78,7 +78,10 @@ class Connection:
 
     def client(self) -> Client:
         """A Client with these settings; a malformed address is a one-line error."""
-        roots = self.ca_file.read_bytes() if self.ca_file else None
+        try:
+            roots = self.ca_file.read_bytes() if self.ca_file else None
+        except OSError as error:
+            raise CliError(f"cannot read --ca-file {self.ca_file}: {error.strerror}", 2) from None
         try:
             return Client(
                 self.server, tls=self.tls, root_certificates=roots, timeout=self.timeout, retry=Retry(self.retries + 1)

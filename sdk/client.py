@@ -81,6 +81,7 @@ class Client:
         self.public_url = (public_url or self.target.url).rstrip("/")
         self._root_certificates = root_certificates
         self._channel: grpc.aio.Channel | None = None
+        self._jobs: jobs_pb2_grpc.JobServiceAsyncStub | None = None
         self._files: FileClient | None = None
         self._info: server_pb2.GetServerInfoResponse | None = None
 
@@ -95,7 +96,7 @@ class Client:
     async def close(self) -> None:
         """Close the connection; calls in flight are cancelled."""
         if self._channel is not None:
-            channel, self._channel, self._files = self._channel, None, None
+            channel, self._channel, self._jobs, self._files = self._channel, None, None, None
             await channel.close()
 
     @property
@@ -108,7 +109,9 @@ class Client:
     @property
     def job_service(self) -> jobs_pb2_grpc.JobServiceAsyncStub:
         """The generated JobService stub, for calls the SDK does not wrap."""
-        return jobs_pb2_grpc.JobServiceStub(self.channel)
+        if self._jobs is None:
+            self._jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+        return self._jobs
 
     @property
     def files(self) -> FileClient:

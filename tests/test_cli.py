@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 import httpx
 import pytest
 import pytest_asyncio
@@ -30,7 +31,9 @@ from jobwire import (
 )
 from jobwire.cli.app import _stdin_marker, app
 from jobwire.cli.console import CliError, exit_code
+from jobwire.inputs import pack_context
 from jobwire.v1 import jobs_pb2
+from jobwire.worker.builds import build_tag
 from tests.conftest import BUSYBOX, Stack, WorkerHandle, free_port
 
 pytestmark = pytest.mark.docker
@@ -255,3 +258,25 @@ def test_a_lone_dash_reads_the_definition_from_stdin() -> None:
 def test_shell_completion_covers_the_commands() -> None:
     script = app.generate_completion(prog_name="jobwire", shell="bash")
     assert all(name in script for name in ("job", "queue", "file", "logs", "--exit-code"))
+
+
+async def test_job_add_builds_from_a_dockerfile_and_a_packed_context(
+    cli: Cli, client: Client, queue: str, start_worker: StartWorker, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    await start_worker(queue)
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "hello.txt").write_text(f"built {queue}\n")
+    (tmp_path / "Dockerfile").write_text(f"FROM {BUSYBOX}\nCOPY hello.txt /hello.txt\n")
+    ran = await cli("job", "add", queue, "--build-file", "Dockerfile", "--context", "ctx", "-c", "cat /hello.txt", "-w")
+    job = await client.job(_job_id(ran.err)).get()
+    try:
+        assert ran.code == 0, ran.err
+        assert ran.out == f"built {queue}\n"
+        assert "build context: uploaded" in ran.err
+        key = hashlib.sha256(pack_context(tmp_path / "ctx")).hexdigest()
+        assert job.definition.build.context == f"/f/{key}"  # no host in it: the same folder is the same job
+        assert job.definition.build.dockerfile.startswith(f"FROM {BUSYBOX}")
+        assert not job.definition.HasField("image")
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(build_tag(job.definition.build), force=True)
