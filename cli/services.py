@@ -35,6 +35,7 @@ async def server(
     database: str = "",
     public_url: str = "http://localhost:8080",
     worker_grace: str = "30s",
+    retention: str = "30d",
 ) -> None:
     """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web).
 
@@ -53,6 +54,8 @@ async def server(
     worker_grace
         How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued
         as worker-lost; a worker that reconnects within it keeps them, with no restart.
+    retention
+        How long finished jobs (results, logs, history) are kept.
     """
     settings = ServerSettings(
         data_directory=data_directory,
@@ -61,6 +64,7 @@ async def server(
         port=port,
         public_url=public_url,
         lease_seconds=parse_duration(worker_grace),
+        retention_seconds=parse_duration(retention),
     )
     built = await build_server(settings)
     await _until_signal(built.run())

@@ -41,6 +41,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_PATH_LENGTH = 1024
 MAX_INLINE_BYTES = 1024 * 1024
 """Largest inline (base64, utf8, json) input or config file; larger files go to the blob store."""
+MAX_DEFINITION_BYTES = 8 * 1024 * 1024
+"""Largest definition, inline inputs included."""
 
 
 class DefinitionError(ValueError):
@@ -141,10 +143,7 @@ def js_number(number: float) -> str:
 
 def validate(definition: definition_pb2.JobDefinition) -> None:
     """Raise DefinitionError naming the first field that cannot work."""
-    if not definition.image and not definition.HasField("build"):
-        raise DefinitionError("definition needs an `image` (or a `build`)")
-    if definition.HasField("build"):
-        _check_build(definition.build)
+    _check_shape(definition)
     for name in ("command", "entrypoint"):
         if definition.HasField(name):
             try:
@@ -162,6 +161,15 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
         elif "\0" in path or ".." in path.split("/"):
             raise DefinitionError(f"configFiles: invalid path {path!r}")
         check_data_ref(ref, where=f"configFiles[{path!r}]")
+
+
+def _check_shape(definition: definition_pb2.JobDefinition) -> None:
+    if not definition.image and not definition.HasField("build"):
+        raise DefinitionError("definition needs an `image` (or a `build`)")
+    if (size := definition.ByteSize()) > MAX_DEFINITION_BYTES:
+        raise DefinitionError(f"the definition is {size} bytes, over the {MAX_DEFINITION_BYTES} byte limit")
+    if definition.HasField("build"):
+        _check_build(definition.build)
 
 
 def _check_build(build: definition_pb2.ImageBuild) -> None:

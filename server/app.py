@@ -73,6 +73,7 @@ class Server:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.scheduler.reap())
+                group.create_task(self.scheduler.sweep())
                 group.create_task(Webhooks(self.store, self.scheduler.clock).run())
         finally:
             try:
@@ -89,7 +90,7 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     blobs = FileBlobStore(settings.data_directory / "blobs")
     bus = MemoryBus()
     scheduler = Scheduler(store, bus, settings, clock)
-    logs = LogHub(store, bus)
+    logs = LogHub(store, bus, settings.max_log_entries)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
     files_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(blobs, settings.max_upload_size), server)

@@ -21,13 +21,22 @@ _FINISHED = jobs_pb2.JOB_STATE_FINISHED
 class LogHub:
     """Appends log batches (fenced by attempt) and serves them to readers and followers."""
 
-    def __init__(self, store: StateStore, bus: EventBus) -> None:
-        self.store, self.bus = store, bus
+    def __init__(self, store: StateStore, bus: EventBus, max_entries: int = 1_000_000) -> None:
+        self.store, self.bus, self.max_entries = store, bus, max_entries
 
     async def append(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> bool:
-        """Store and publish a batch (skipping chunks already stored); False if the attempt is stale."""
+        """Store and publish a batch (skipping chunks already stored); False if the attempt is stale.
+        A log is kept up to `max_entries` chunks; the one after says it was cut, the rest is dropped."""
+        if start + len(chunks) > self.max_entries:
+            kept = list(chunks[: max(self.max_entries - start, 0)])
+            if start <= self.max_entries:
+                text = f"[jobwire: log cut at {self.max_entries} entries; the rest of it was dropped]\n"
+                kept.append(jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDERR))
+            if not kept:
+                return await self.store.append_logs(attempt, kind, [], start) is not None  # only fencing
+            chunks = kept
         stored = await self.store.append_logs(attempt, kind, chunks, start)
         if stored is None:
             return False

@@ -703,3 +703,18 @@ async def test_a_finished_webhook_for_a_finished_job_is_due_at_once(store: State
     await store.finish(attempt_of(await claim(store)), result(), T0 + 1)
     await store.add_webhook(Webhook(job.id, FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0 + 2)
     assert len(await store.claim_webhooks(T0 + 2, T0 + 30, 10)) == 1
+
+
+async def test_expire_forgets_only_jobs_finished_before_the_cutoff(store: StateStore) -> None:
+    old = await submit(store, 1)
+    running = attempt_of(await claim(store))
+    await store.append_logs(running, RUN, chunks("a"), 0)
+    await store.finish(running, result(), T0 + 10)
+    young = await submit(store, 2)
+    await store.finish(attempt_of(await claim(store)), result(), T0 + 100)
+    live = await submit(store, 3)
+    assert await store.expire(T0 + 50, 10) == [old.id]
+    assert await store.get_job(old.id) is None
+    assert await store.read_logs(running, RUN, 0, 10) == []
+    assert await store.get_job(young.id) is not None and await store.get_job(live.id) is not None
+    assert await store.expire(T0 + 10_000, 10) == [young.id]  # never a live job

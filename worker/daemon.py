@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import socket
@@ -43,6 +44,22 @@ class StreamEnded(Exception):
     """The server closed the stream."""
 
 
+class Outbox:
+    """Messages for the server in order, except heartbeats, which go first: a backlog of log batches
+    must never delay the heartbeat that keeps the worker's leases."""
+
+    def __init__(self, size: int) -> None:
+        self._queue: asyncio.PriorityQueue[tuple[int, int, workers_pb2.ConnectRequest]] = asyncio.PriorityQueue(size)
+        self._sequence = itertools.count()
+
+    async def put(self, message: workers_pb2.ConnectRequest) -> None:
+        priority = 0 if message.HasField("heartbeat") else 1
+        await self._queue.put((priority, next(self._sequence), message))
+
+    async def get(self) -> workers_pb2.ConnectRequest:
+        return (await self._queue.get())[2]
+
+
 @dataclass
 class _Running:
     attempt: int
@@ -55,7 +72,7 @@ class Daemon:
     def __init__(self, settings: WorkerSettings, runtime: DockerRuntime) -> None:
         self.settings, self.runtime = settings, runtime
         self.worker_id = settings.resolved_id()
-        self.outbox: asyncio.Queue[workers_pb2.ConnectRequest] = asyncio.Queue(OUTBOX_SIZE)
+        self.outbox = Outbox(OUTBOX_SIZE)
         self.retry: workers_pb2.ConnectRequest | None = None
         self.running: dict[str, _Running] = {}
         self.unacked: dict[tuple[str, int], workers_pb2.ConnectRequest] = {}

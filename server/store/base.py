@@ -116,6 +116,10 @@ class StateStore(Protocol):
     async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
         """Forget a delivered (or abandoned) webhook, or count a failed try and retry it at `retry_at`."""
 
+    async def expire(self, before: float, limit: int) -> list[str]:
+        """Forget up to `limit` jobs finished before `before`, with their logs, history and webhooks;
+        returns their ids."""
+
     async def extend_leases(self, until: float) -> None:
         """Let every running job's lease last at least until `until`."""
 

@@ -333,6 +333,23 @@ class SqliteStore:
                 )
         return await self._jobs_of([Attempt(job_id, attempt) for job_id, attempt, _ in rows])
 
+    async def expire(self, before: float, limit: int) -> list[str]:
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT id FROM jobs WHERE state = ? AND update_time < ? LIMIT ?", FINISHED, before, limit
+            )
+            for (job_id,) in rows:
+                for table, column in (
+                    ("jobs", "id"),
+                    ("queue_jobs", "job_id"),
+                    ("namespaces", "job_id"),
+                    ("events", "job_id"),
+                    ("logs", "job_id"),
+                    ("webhooks", "job_id"),
+                ):
+                    await db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+        return [job_id for (job_id,) in rows]
+
     async def extend_leases(self, until: float) -> None:
         async with self._transaction() as db:
             await db.execute(
