@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: install gen check-gen lint typecheck test run images docker clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set) from proto/.
+# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set, OpenAPI document) from proto/.
 gen: $(STAMP)
 	rm -rf gen/jobwire/v1 && mkdir -p gen/jobwire/v1
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
@@ -24,6 +24,7 @@ gen: $(STAMP)
 	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis --include_imports \
 	  --descriptor_set_out=gen/jobwire/v1/jobwire.binpb $(PROTOS)
+	$(BIN)/python scripts/openapi.py gen/jobwire/v1/openapi.json $(PROTOS)
 	printf '"""Generated from proto/jobwire/v1 by `make gen`; never edit by hand."""\n' > gen/jobwire/v1/__init__.py
 	touch gen/jobwire/v1/py.typed
 
@@ -54,7 +55,12 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-test: install docker images check-gen lint typecheck
+# Debian tools the tests drive: Chromium (gRPC-Web from a browser) and grpc-gateway's
+# protoc-gen-swagger (the proto's HTTP rules checked by grpc-gateway itself).
+browser:
+	bash scripts/ensure-debian-packages.sh chromium=chromium protoc-gen-swagger=golang-grpc-gateway
+
+test: install docker images browser check-gen lint typecheck
 	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.

@@ -93,7 +93,9 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     logs = LogHub(store, bus, settings.max_log_entries)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
-    files_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(blobs, settings.max_upload_size), server)
+    files_pb2_grpc.add_FileServiceServicer_to_server(
+        FileServicer(blobs, settings.max_upload_size, scheduler.metrics), server
+    )
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(store, settings), server)
     workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(scheduler, logs, clock), server)
     health_servicer = health.aio.HealthServicer()

@@ -13,7 +13,11 @@ from jobwire.server.store.rows import job_summary
 from jobwire.v1 import jobs_pb2
 
 READ_LIMIT = 100_000
-"""Most chunks returned by one read (and kept in a result's `logs`)."""
+"""Most chunks returned by one read."""
+
+TAIL_CHUNKS, TAIL_BYTES = 10_000, 1024 * 1024
+"""Most chunks, and most bytes of text, of the run log that a result carries inline: results
+are unary responses (Envoy buffers them whole, gRPC clients cap them at 4 MiB by default)."""
 
 _FINISHED = jobs_pb2.JOB_STATE_FINISHED
 
@@ -53,6 +57,19 @@ class LogHub:
         return await self.store.read_logs(
             Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT
         )
+
+    async def tail(self, job: jobs_pb2.Job) -> tuple[int, list[jobs_pb2.LogChunk]]:
+        """The end of the current attempt's run log that fits a result, and the index it starts at."""
+        start, chunks = 0, list[jobs_pb2.LogChunk]()
+        while batch := await self.read(job, jobs_pb2.LOG_KIND_RUN, start + len(chunks)):
+            chunks += batch
+            if len(chunks) > TAIL_CHUNKS:
+                start, chunks = start + len(chunks) - TAIL_CHUNKS, chunks[-TAIL_CHUNKS:]
+        size, first = 0, len(chunks)
+        while first > 0 and size + len(chunks[first - 1].text) <= TAIL_BYTES:
+            first -= 1
+            size += len(chunks[first].text)
+        return start + first, chunks[first:]
 
     async def watch(self, job_id: str, run_since: int, build: bool) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The job's state, its logs so far, then every change until it finishes."""

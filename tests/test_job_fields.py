@@ -125,3 +125,4 @@ async def test_status_and_metrics_show_workers_states_and_durations(
     assert f'jobwire_jobs{{queue="{queue}",state="finished"}} 1' in text
     assert f'jobwire_worker_gpus{{queue="{queue}"}} 1' in text
     assert "queue_length 0" in text
+    assert 'jobwire_file_bytes_total{direction="uploaded"}' in text
