@@ -1,9 +1,9 @@
 """Blobs on the server (FileService): chunked uploads and downloads by key, with progress.
 
 The one file-transfer client: the SDK, the CLI and the worker all move bytes with it.
-Uploads under a SHA-256 key are skipped when the server already has the blob, and
-retried whole on UNAVAILABLE (the key makes them idempotent); downloads resume at
-the byte they reached and are checked against a SHA-256 key.
+Uploads under a SHA-256 key are skipped when the server already has the blob; an
+upload cut short resumes at the offset the server kept (`GetUpload`), also across
+runs; downloads resume at the byte they reached and are checked against a SHA-256 key.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from jobwire.errors import FileNotFound, RequestFailed, translate
 from jobwire.v1 import files_pb2, files_pb2_grpc
 
 CHUNK_SIZE = 1024 * 1024
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,7 @@ class FileClient:
         if is_sha256(key) and await self.exists(key):
             report(Transfer(name, total, total, complete=True, skipped=True))
             return key
-        delays = self.calls.retry.delays()
-        while True:
-            try:
-                await self.stub.UploadFile(_chunks(source, key, lambda done: report(Transfer(name, done, total))))
-                break
-            except grpc.aio.AioRpcError as error:
-                delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
-                if delay is None:
-                    raise translate(error, target=self.calls.target, not_found=FileNotFound) from None
-            await asyncio.sleep(delay)
+        await _Upload(self, source, key, total, report, name).run()
         report(Transfer(name, total, total, complete=True))
         return key
 
@@ -107,6 +99,62 @@ class FileClient:
             raise FileNotFound(f"file {key!r} not found", grpc.StatusCode.NOT_FOUND)
         download = _Download(self, key, destination, progress or _ignore, name or destination.name, total)
         await download.run()
+
+
+class _Upload:
+    """One upload, resumed from the bytes the server kept when the connection drops."""
+
+    def __init__(self, files: FileClient, source: Path | bytes, key: str, total: int, report: Progress, name: str):
+        self.files, self.source, self.key, self.total = files, source, key, total
+        self.report, self.name = report, name
+
+    async def run(self) -> None:
+        delays = self.files.calls.retry.delays()
+        # A blob stored under its SHA-256 is verified by the server, so any interrupted upload of
+        # it (even another client's) can be resumed; other keys start over the first time.
+        offset = await self._resume_at() if is_sha256(self.key) else 0
+        while offset is not None:
+            try:
+                await self.files.stub.UploadFile(self._chunks(offset))
+                return
+            except grpc.aio.AioRpcError as error:
+                # UNAVAILABLE: the connection dropped; ABORTED: another upload of the key is running.
+                delay = next(delays, None) if error.code() in _RESUMABLE else None
+                if delay is None:
+                    raise translate(error, target=self.files.calls.target, not_found=FileNotFound) from None
+            await asyncio.sleep(delay)
+            offset = await self._resume_at()
+
+    async def _resume_at(self) -> int | None:
+        """The byte to go on from: what an interrupted upload left on the server; None once it is complete."""
+        request = files_pb2.GetUploadRequest(key=self.key)
+        try:
+            state = await self.files.calls.unary(self.files.stub.GetUpload, request)
+        except RequestFailed as error:
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:  # a server without resumable uploads
+                return 0
+            raise
+        if state.complete and is_sha256(self.key):
+            return None
+        return min(state.offset, self.total)
+
+    async def _chunks(self, offset: int) -> AsyncIterator[files_pb2.UploadFileRequest]:
+        source = self.source
+        with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as handle:
+            handle.seek(offset)
+            first, done = True, offset
+            while True:
+                data = await asyncio.to_thread(handle.read, CHUNK_SIZE)
+                if first:  # the total size lets the server keep a cut-short upload for resuming
+                    yield files_pb2.UploadFileRequest(
+                        key=self.key, offset=offset, size=self.total, body=httpbody_pb2.HttpBody(data=data)
+                    )
+                elif data:
+                    yield files_pb2.UploadFileRequest(body=httpbody_pb2.HttpBody(data=data))
+                if not data:
+                    return
+                first, done = False, done + len(data)
+                self.report(Transfer(self.name, done, self.total))
 
 
 class _Download:
@@ -145,21 +193,6 @@ class _Download:
             self.digest.update(body.data)
             self.done += len(body.data)
             self.report(Transfer(self.name, self.done, max(self.total, self.done)))
-
-
-async def _chunks(
-    source: Path | bytes, key: str, advanced: Callable[[int], None]
-) -> AsyncIterator[files_pb2.UploadFileRequest]:
-    with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as handle:
-        done, first = 0, True
-        while True:
-            data = await asyncio.to_thread(handle.read, CHUNK_SIZE)
-            if data or first:
-                yield files_pb2.UploadFileRequest(key=key if first else "", body=httpbody_pb2.HttpBody(data=data))
-            if not data:
-                return
-            done, first = done + len(data), False
-            advanced(done)
 
 
 def _ignore(_: Transfer) -> None:

@@ -18,6 +18,7 @@ from types import ModuleType
 import grpc
 import pytest
 import pytest_asyncio
+from google.api import httpbody_pb2
 
 from jobwire import (
     Client,
@@ -30,7 +31,7 @@ from jobwire import (
 )
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from jobwire.v1 import jobs_pb2
+from jobwire.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 from tests.conftest import BUSYBOX, Stack, WorkerHandle, free_port
 
 pytestmark = pytest.mark.docker
@@ -274,3 +275,34 @@ async def test_calls_and_watches_survive_a_server_restart(tmp_path: Path, queue:
             assert states[0] == jobs_pb2.JOB_STATE_QUEUED and states[-1] == jobs_pb2.JOB_STATE_FINISHED
     finally:
         await stop(running)
+
+
+async def test_an_interrupted_upload_resumes_where_the_server_stopped(client: Client) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    key = hashlib.sha256(data).hexdigest()
+    stub = files_pb2_grpc.FileServiceStub(client.channel)
+    half = 2 * 1024 * 1024
+
+    async def cut_short() -> AsyncIterator[files_pb2.UploadFileRequest]:
+        yield files_pb2.UploadFileRequest(key=key, size=len(data), body=httpbody_pb2.HttpBody(data=data[:half]))
+        await asyncio.Event().wait()  # the client hangs; it is then cancelled
+
+    call = stub.UploadFile(cut_short())
+
+    async def upload_state(done: Callable[[files_pb2.GetUploadResponse], bool]) -> files_pb2.GetUploadResponse:
+        while True:
+            state = await stub.GetUpload(files_pb2.GetUploadRequest(key=key))
+            if done(state):
+                return state
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(upload_state(lambda state: state.in_progress), 10)
+    await asyncio.sleep(1)  # the server stores the first half, then the client goes away
+    call.cancel()
+    kept = await asyncio.wait_for(upload_state(lambda state: not state.in_progress), 10)
+    assert (kept.offset, kept.complete) == (half, False)
+    seen: list[Transfer] = []
+    assert await client.files.upload(data, progress=seen.append) == key
+    assert seen[0].done == half + 1024 * 1024  # the first chunk sent went on from the kept half
+    assert seen[-1] == Transfer(key, len(data), len(data), complete=True)
+    assert await client.files.size(key) == len(data)
