@@ -201,7 +201,7 @@ class DockerRuntime:
         chunks: asyncio.Queue[tuple[Stream, bytes, str] | None] = asyncio.Queue(1024)
         # The engine's log of the container, from its first line: nothing is missed however short the
         # run, and a worker restarted mid-job reads the same entries in the same order again.
-        reader = asyncio.create_task(asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop))
+        reader = asyncio.create_task(asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop, True))
         forwarder = asyncio.create_task(_forward(chunks, output))
         timed_out = False
         try:
@@ -214,9 +214,14 @@ class DockerRuntime:
             # Kill first; the log stream then ends by itself, which frees the reader thread.
             await asyncio.shield(asyncio.to_thread(_kill, container))
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(asyncio.gather(reader, forwarder)), 10)
+                await asyncio.wait_for(asyncio.shield(reader), 10)
+            forwarder.cancel()
             raise
-        await reader
+        seen = await reader
+        # A follower may end before the engine wrote the last entry (an unterminated last line is
+        # flushed when the output closes): read on from the last entry seen, without following.
+        await asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop, False, seen)
+        await chunks.put(None)
         await forwarder
         state = (await asyncio.to_thread(_inspect, container))["State"]
         started, ended = _docker_time(state["StartedAt"]), _docker_time(state["FinishedAt"])
@@ -238,24 +243,46 @@ def _read_logs(
     container_id: str,
     chunks: asyncio.Queue[tuple[Stream, bytes, str] | None],
     loop: asyncio.AbstractEventLoop,
-) -> None:
-    """Follow the container's log: frames of an 8-byte header (stream, size) and a timestamped entry."""
+    follow: bool,
+    after: tuple[str, int] = ("", 0),
+) -> tuple[str, int]:
+    """Read the container's log: frames of an 8-byte header (stream, size) and a timestamped entry.
 
-    def put(item: tuple[Stream, bytes, str] | None) -> None:
-        asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
-
+    `after` is (the last timestamp seen, how many entries had it): only later entries are put.
+    Returns the same for what this read saw."""
+    last, repeats = after
+    params: dict[str, Any] = {"follow": int(follow), "stdout": 1, "stderr": 1, "timestamps": 1}
+    if last:
+        params["since"] = _docker_since(last)
     api: Any = client.api  # the raw response: the SDK's helpers drop the stream ids of timestamped logs
-    params = {"follow": 1, "stdout": 1, "stderr": 1, "timestamps": 1}
-    try:
-        url = api._url("/containers/{0}/logs", container_id)
-        with api._get(url, params=params, stream=True, timeout=None) as response:
-            api._raise_for_status(response)
-            while len(header := _read_exactly(response.raw, 8)) == 8:
-                stream = STDERR if header[0] == 2 else STDOUT
-                stamp, _, data = _read_exactly(response.raw, int.from_bytes(header[4:8], "big")).partition(b" ")
-                put((stream, data, stamp.decode()))
-    finally:
-        put(None)
+    url = api._url("/containers/{0}/logs", container_id)
+    skip, last_key = (repeats, _stamp_key(last)) if last else (0, (0, 0))
+    with api._get(url, params=params, stream=True, timeout=None) as response:
+        api._raise_for_status(response)
+        while len(header := _read_exactly(response.raw, 8)) == 8:
+            stream = STDERR if header[0] == 2 else STDOUT
+            stamp_bytes, _, data = _read_exactly(response.raw, int.from_bytes(header[4:8], "big")).partition(b" ")
+            stamp = stamp_bytes.decode()
+            key = _stamp_key(stamp)
+            if key < last_key or (key == last_key and skip > 0):
+                skip -= key == last_key
+                continue
+            repeats = repeats + 1 if key == last_key else 1
+            last, last_key = stamp, key
+            asyncio.run_coroutine_threadsafe(chunks.put((stream, data, stamp)), loop).result()
+    return last, repeats
+
+
+def _docker_since(stamp: str) -> str:
+    """An engine timestamp as the `since` parameter: seconds.nanoseconds."""
+    seconds, nanos = _stamp_key(stamp)
+    return f"{seconds}.{nanos:09d}"
+
+
+def _stamp_key(stamp: str) -> tuple[int, int]:
+    parsed = timestamp_pb2.Timestamp()
+    parsed.FromJsonString(stamp)
+    return parsed.seconds, parsed.nanos
 
 
 def _read_exactly(raw: Any, size: int) -> bytes:

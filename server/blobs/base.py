@@ -49,3 +49,9 @@ class BlobStore(Protocol):
 
     async def size(self, key: str) -> int | None:
         """The blob's size, or None if it does not exist."""
+
+    async def stale(self, before: float) -> list[str]:
+        """Keys of the blobs last written before `before` (Unix seconds)."""
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob, if it exists."""
