@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from jobwire.server.blobs import BlobStore, open_blobs
 from jobwire.server.bus import EventBus, open_bus
 from jobwire.server.logs import LogHub
+from jobwire.server.retention import Retention
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.servicers.files import FileServicer
 from jobwire.server.servicers.jobs import JobServicer
@@ -64,6 +65,7 @@ class Server:
     health: health.aio.HealthServicer
     blobs: BlobStore
     bus: EventBus
+    retention: Retention
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Serve until cancelled, then stop gracefully."""
@@ -75,7 +77,7 @@ class Server:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.scheduler.reap())
-                group.create_task(self.scheduler.sweep())
+                group.create_task(self.retention.run())
                 group.create_task(Webhooks(self.store, self.scheduler.clock).run())
         finally:
             try:
@@ -112,4 +114,5 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    return Server(server, port, store, scheduler, health_servicer, blobs, bus)
+    retention = Retention(store, blobs, clock, settings.retention_seconds, settings.sweep_interval_seconds)
+    return Server(server, port, store, scheduler, health_servicer, blobs, bus, retention)

@@ -215,14 +215,6 @@ class Scheduler:
             await self._requeued(await self.store.requeue_expired(self.clock()))
             await asyncio.sleep(self.settings.reap_interval_seconds)
 
-    async def sweep(self) -> None:
-        """Forget finished jobs older than the retention period, every `sweep_interval` (run forever)."""
-        while True:
-            before = self.clock() - self.settings.retention_seconds
-            while expired := await self.store.expire(before, 1000):
-                log.info("retention: forgot %d job(s) finished before the retention period", len(expired))
-            await asyncio.sleep(self.settings.sweep_interval_seconds)
-
     async def _requeued(self, lost: Sequence[tuple[jobs_pb2.Job, Attempt]]) -> None:
         for job, attempt in lost:
             log.warning("job %s: attempt %d lost its worker; re-queued", job.id, attempt.attempt)

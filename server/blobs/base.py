@@ -64,6 +64,12 @@ class BlobStore(Protocol):
     async def size(self, key: str) -> int | None:
         """The blob's size, or None if it does not exist."""
 
+    async def stale(self, before: float) -> list[str]:
+        """Keys of the blobs last written before `before` (Unix seconds)."""
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob, if it exists."""
+
     async def presigned_url(
         self, key: str, *, method: str = "GET", filename: str = "", content_type: str = ""
     ) -> str | None:

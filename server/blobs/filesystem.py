@@ -86,6 +86,16 @@ class FileBlobStore:
         except FileNotFoundError:
             return None
 
+    async def stale(self, before: float) -> list[str]:
+        def scan() -> list[str]:
+            with os.scandir(self.root) as entries:
+                return [e.name for e in entries if e.is_file() and e.stat().st_mtime < before]
+
+        return await asyncio.to_thread(scan)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._path(key).unlink, True)
+
     async def presigned_url(
         self, key: str, *, method: str = "GET", filename: str = "", content_type: str = ""
     ) -> str | None:

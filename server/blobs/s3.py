@@ -167,9 +167,9 @@ class S3BlobStore:
         await self.client.put_object(Bucket=self.bucket, Key=self._partial(key) + "resume.json", Body=body)
         if previous is not None:
             mine = {name for name, _ in resumable.segments}
-            await self.delete([name for name, _ in previous.segments if name not in mine])
+            await self.delete_objects([name for name, _ in previous.segments if name not in mine])
 
-    async def delete(self, names: list[str]) -> None:
+    async def delete_objects(self, names: list[str]) -> None:
         for start in range(0, len(names), 1000):
             batch = [{"Key": name} for name in names[start : start + 1000]]
             await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})  # type: ignore[typeddict-item]
@@ -208,6 +208,19 @@ class S3BlobStore:
                 return None
             raise
         return int(head["ContentLength"])
+
+    async def stale(self, before: float) -> list[str]:
+        names: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                key = item["Key"][len(self.prefix) :]
+                if "/" not in key and not key.startswith(".") and item["LastModified"].timestamp() < before:
+                    names.append(key)
+        return names
+
+    async def delete(self, key: str) -> None:
+        await self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
     async def presigned_url(self, key: str, *, method: str = "GET", filename: str = "", content_type: str = "") -> str:
         """A URL that reads (GET) or writes (PUT) the blob without credentials, for URL_SECONDS.
@@ -255,7 +268,7 @@ class S3BlobWriter:
                 dropped.append(name)
             start += size
         self.size = offset
-        await self.store.delete(dropped)
+        await self.store.delete_objects(dropped)
 
     async def write(self, data: bytes) -> None:
         self._hash.update(data)
@@ -280,7 +293,7 @@ class S3BlobWriter:
             )
         try:
             await self._assemble()
-            await self.store.delete([name for name, _ in self._segments])
+            await self.store.delete_objects([name for name, _ in self._segments])
         finally:
             self.store.ended(self.key)
         return digest
@@ -329,6 +342,6 @@ class S3BlobWriter:
 
     async def abort(self) -> None:
         try:
-            await self.store.delete([name for name, _ in self._segments])
+            await self.store.delete_objects([name for name, _ in self._segments])
         finally:
             self.store.ended(self.key)

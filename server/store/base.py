@@ -120,6 +120,9 @@ class StateStore(Protocol):
         """Forget up to `limit` jobs finished before `before`, with their logs, history and webhooks;
         returns their ids."""
 
+    async def blob_references(self) -> set[str]:
+        """Blob keys that jobs in the store refer to (inputs, config files, build contexts, outputs)."""
+
     async def extend_leases(self, until: float) -> None:
         """Let every running job's lease last at least until `until`."""
 

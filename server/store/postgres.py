@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from jobwire.server.store.base import ALL_NAMESPACES, FINAL_REASONS, FINISHED_HOOK, Attempt, Cancelled, Webhook
-from jobwire.server.store.rows import event, job_message
+from jobwire.server.store.rows import blob_keys, event, job_message
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -396,6 +396,16 @@ class PostgresStore:
             ):
                 await db.execute(f"DELETE FROM {table} WHERE {column} = ANY($1)", ids)
         return ids
+
+    async def blob_references(self) -> set[str]:
+        keys: set[str] = set()
+        async with self.pool.acquire() as db, db.transaction():
+            async for definition, result in db.cursor("SELECT definition, result FROM jobs", prefetch=500):
+                keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
+                if result is not None:
+                    outputs = jobs_pb2.JobResult.FromString(result).outputs.values()
+                    keys |= {ref.value.string_value for ref in outputs if ref.type == "key"}
+        return keys
 
     async def extend_leases(self, until: float) -> None:
         await self.pool.execute(

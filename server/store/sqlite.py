@@ -18,7 +18,7 @@ from jobwire.server.store.base import (
     Cancelled,
     Webhook,
 )
-from jobwire.server.store.rows import event, job_message
+from jobwire.server.store.rows import blob_keys, event, job_message
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -349,6 +349,19 @@ class SqliteStore:
                 ):
                     await db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
         return [job_id for (job_id,) in rows]
+
+    async def blob_references(self) -> set[str]:
+        rows = await self._fetchall("SELECT definition, result FROM jobs")
+        keys: set[str] = set()
+        for definition, result in rows:
+            keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
+            if result is not None:
+                keys |= {
+                    ref.value.string_value
+                    for ref in jobs_pb2.JobResult.FromString(result).outputs.values()
+                    if ref.type == "key"
+                }
+        return keys
 
     async def extend_leases(self, until: float) -> None:
         async with self._transaction() as db:
