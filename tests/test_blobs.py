@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -298,3 +299,18 @@ async def test_s3_presigned_urls_move_bytes_without_the_server(s3_server: S3Serv
             assert response.headers["content-disposition"] == "attachment; filename=x.txt"
     finally:
         await store.close()
+
+
+async def test_stale_lists_committed_blobs_written_before_and_delete_removes_them(blobs: BlobStore) -> None:
+    await put(blobs, "old", b"bytes")
+    writer = await blobs.writer("unfinished")
+    await writer.write(b"partial")
+    await writer.suspend()
+    now = time.time()
+    assert await blobs.stale(now - 3600) == []
+    assert await blobs.stale(now + 3600) == ["old"]  # never a partial upload
+    await blobs.delete("old")
+    await blobs.delete("old")  # gone already: not an error
+    assert await blobs.size("old") is None
+    assert await blobs.stale(now + 3600) == []
+    assert await blobs.pending("unfinished") == (7, False)

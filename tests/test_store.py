@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from google.protobuf import struct_pb2
 
 from jobwire.definition import job_id
 from jobwire.server.store import StateStore
@@ -729,3 +730,19 @@ async def test_expire_forgets_only_jobs_finished_before_the_cutoff(store: StateS
     assert await store.read_logs(running, RUN, 0, 10) == []
     assert await store.get_job(young.id) is not None and await store.get_job(live.id) is not None
     assert await store.expire(T0 + 10_000, 10) == [young.id]  # never a live job
+
+
+async def test_blob_references_are_the_keys_of_inputs_build_contexts_and_outputs(store: StateStore) -> None:
+    def ref(key: str) -> definition_pb2.DataRef:
+        return definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=key))
+
+    inputs, context, output = "1" * 64, "2" * 64, "3" * 64
+    first = definition_pb2.JobDefinition(image="x", inputs={"a": ref(inputs), "b": definition_pb2.DataRef()})
+    second = definition_pb2.JobDefinition(image="x", build=definition_pb2.ImageBuild(context=f"/f/{context}"))
+    for spec in (first, second):
+        await store.submit(job_id=job_id(spec), definition=spec, queue="q", namespace=DEFAULT_NAMESPACE, now=T0)
+    running = attempt_of(await claim(store))
+    await store.finish(
+        running, jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, outputs={"o": ref(output)}), T0
+    )
+    assert await store.blob_references() == {inputs, context, output}
