@@ -292,11 +292,17 @@ async def test_s3_mode_redirects_rest_downloads_to_presigned_urls(
     headers, body = await asyncio.to_thread(curl, "-L", "-r", "10-19", f"{rest}/f/{key}")
     assert body == data[10:20]
 
-    # A job's output by key: the same redirect, with the file's name for the download.
+    # A job reads the blob as an input (the worker fetches it from the bucket with a presigned
+    # GET) and writes an output by key: the same redirect, with the file's name for the download.
     await processes.worker(queue, deployment.a.target, cpus=1)
-    command = f"sh -c 'head -c 5000 /dev/zero | tr \"\\0\" y > /outputs/report.txt; echo {queue}'"
-    job_id = await submit(deployment.b, queue, command)
+    report = 'head -c 5000 /dev/zero | tr "\\0" y > /outputs/report.txt'
+    command = f"sh -c ': {queue}; wc -c < /inputs/data.bin; {report}'"
+    spec = definition(image=BUSYBOX, command=command, inputs={"data.bin": {"type": "key", "value": key}})
+    request = jobs_pb2.SubmitJobRequest(queue=queue, definition=spec)
+    job_id = (await deployment.b.jobs.SubmitJob(request)).job_id
     await eventually(lambda: _is_finished(deployment.b, job_id), "the job", timeout=90)
+    job = await get(deployment.b, job_id)
+    assert "".join(chunk.text for chunk in job.result.logs).strip() == str(len(data)), job.result.message
     headers, body = await asyncio.to_thread(curl, "-L", f"{rest}/j/{job_id}/outputs/report.txt")
     assert body == b"y" * 5000
     assert headers.startswith("HTTP/1.1 302")
