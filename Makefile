@@ -5,8 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
+# The browser client: npm packages, generated TypeScript, the Vite build.
+WEB_STAMP := web/node_modules/.installed
+WEB_GEN := web/src/gen
+WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
+GOOGLE_API_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto
 
-.PHONY: install gen check-gen lint typecheck test run images docker clean
+.PHONY: install gen check-gen lint typecheck test run images docker web web-typecheck chromium clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -16,8 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set) from proto/.
-gen: $(STAMP)
+# npm packages of web/ exactly as package-lock.json pins them.
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $(WEB_STAMP)
+
+# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set) and web's
+# TypeScript (protoc-gen-es, run by the same protoc) from proto/.
+gen: $(STAMP) $(WEB_STAMP)
 	rm -rf gen/jobwire/v1 && mkdir -p gen/jobwire/v1
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
@@ -26,11 +37,28 @@ gen: $(STAMP)
 	  --descriptor_set_out=gen/jobwire/v1/jobwire.binpb $(PROTOS)
 	printf '"""Generated from proto/jobwire/v1 by `make gen`; never edit by hand."""\n' > gen/jobwire/v1/__init__.py
 	touch gen/jobwire/v1/py.typed
+	rm -rf $(WEB_GEN) && mkdir -p $(WEB_GEN)
+	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
+	  --plugin=protoc-gen-es=web/node_modules/.bin/protoc-gen-es \
+	  --es_out=$(WEB_GEN) --es_opt=target=ts,import_extension=none $(PROTOS) $(GOOGLE_API_PROTOS)
 
-# Fails when gen/ is not what `make gen` makes from proto/.
+# Fails when gen/ or web/src/gen is not what `make gen` makes from proto/.
 check-gen: gen
-	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run 'make gen' and commit" && exit 1)
-	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen; echo "gen/ has untracked files: run 'make gen' and commit" && exit 1)
+	@git diff --exit-code --stat -- gen $(WEB_GEN) || (echo "generated code is stale: run 'make gen' and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- gen $(WEB_GEN))" || (git status --porcelain -- gen $(WEB_GEN); echo "generated code has untracked files: run 'make gen' and commit" && exit 1)
+
+# The browser client built into web/dist (rebuilt only when a source changed).
+web: web/dist/index.html
+web/dist/index.html: $(WEB_STAMP) $(WEB_SOURCES)
+	cd web && npx tsc --noEmit && npx vite build --logLevel warn
+	touch web/dist/index.html
+
+web-typecheck: $(WEB_STAMP)
+	cd web && npx tsc --noEmit
+
+# Debian's Chromium for the browser tests (playwright-core drives it; no browser download).
+chromium:
+	bash scripts/ensure-chromium.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
