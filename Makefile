@@ -67,7 +67,7 @@ lint: $(STAMP)
 	$(BIN)/buf format --diff --exit-code
 
 # mypy --strict over the jobwire namespace, laid out as it is imported.
-typecheck: $(STAMP)
+typecheck: $(STAMP) web-typecheck
 	rm -rf .typecheck && mkdir -p .typecheck/jobwire
 	for d in server worker cli envoy; do ln -s ../../$$d .typecheck/jobwire/$$d; done
 	ln -s ../../gen/jobwire/v1 .typecheck/jobwire/v1
@@ -82,12 +82,12 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-test: install docker images check-gen lint typecheck
+test: install docker images chromium check-gen lint typecheck web
 	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.
-run: install docker images
+run: install docker images web
 	$(BIN)/jobwire up
 
 clean:
-	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info web/dist web/test-results

@@ -77,9 +77,7 @@ def render(
 
 
 # The transcoder must not see page requests: with `reject_unknown_method` it would answer 404.
-_NO_TRANSCODER = {
-    _TRANSCODER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-}
+_NO_TRANSCODER = {_TRANSCODER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
 # Paths of the built web client (Vite's output). `/j/{id}` is the page only for a browser
 # navigating there (Accept: text/html); curl and fetch() still get the REST JSON of GetJob.
 _WEB_MATCHES: list[dict[str, Any]] = [

@@ -32,6 +32,8 @@ export class App {
   private watcher: JobWatcher | undefined;
   private building = false;
   private finishedSeen = "";
+  /** An edit not yet turned into a definition and id (the refresh is debounced). */
+  private dirty = false;
   private finishedListeners: Finished[] = [];
   readonly ui: Layout;
 
@@ -90,6 +92,7 @@ export class App {
 
   /** The definition or a switch changed (called on every keystroke: everything here is cheap). */
   changed(): void {
+    this.dirty = true;
     this.writeHash();
     this.refresh();
   }
@@ -115,6 +118,7 @@ export class App {
 
   setMetaframeInputs(inputs: Record<string, DataRefJson>): void {
     this.metaframeInputs = inputs;
+    this.dirty = true;
     this.ui.inputs.render();
     this.ui.counts();
     this.refresh();
@@ -129,6 +133,7 @@ export class App {
   refresh = debounce(() => this.refreshNow(), 400);
 
   private async refreshNow(): Promise<void> {
+    this.dirty = false;
     this.definition = assemble(this.job, {
       env: this.hash.envParams(),
       textFiles: this.textFiles,
@@ -171,6 +176,7 @@ export class App {
       this.ui.rerenderQueue();
     }
     this.ui.showState();
+    void this.ui.queuePanel.refresh(); // the queue's counts changed with this job
     if (job.state === JobState.FINISHED && this.finishedSeen !== job.id + job.attempt) {
       this.finishedSeen = job.id + job.attempt;
       void this.finished(job, api);
@@ -224,6 +230,7 @@ export class App {
   // --- actions ---------------------------------------------------------------------
 
   async run(): Promise<void> {
+    if (this.dirty) await this.refreshNow(); // Run right after an edit runs the edited job
     const { api, queue } = this.target;
     if (!queue || !this.jobId) return;
     try {

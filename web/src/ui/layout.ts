@@ -55,14 +55,14 @@ export class Layout {
     const copy = this.copyControls();
     replace(
       this.main,
-      h("section.terminal-pane", {}, termBox, copy),
+      h("section.terminal-pane", {}, h("div.terminal-bar", {}, h("span", {}, "Logs: stdout, stderr and build"), copy), termBox),
       h("section.side", {}, this.editor.element, this.inputs.element, this.outputs.element, this.queuePanel.element),
     );
     const header = h(
       "header",
       {},
       h("a.brand", { href: "/", title: "jobwire: run a container from a URL" }, "jobwire"),
-      h("label.queue", {}, h("span", {}, "Queue"), this.queueInput),
+      h("label.queue-field", {}, h("span", {}, "Queue"), this.queueInput),
       tabs,
     );
     const footer = h("footer", {}, this.statusBox, this.idLink, this.queueSummary, this.connection, this.actionButton);
