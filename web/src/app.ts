@@ -163,6 +163,8 @@ export class App {
       logs: (kind, chunks, fresh) => this.onLogs(kind, chunks, fresh),
       missing: () => {
         this.current = undefined;
+        this.ui.terminal.clear();
+        this.ui.terminal.note("Not run yet: press Run, and the logs appear here live.");
         this.ui.showState();
       },
       connection: (problem) => this.ui.showConnection(problem),

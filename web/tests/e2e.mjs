@@ -185,6 +185,21 @@ async function views(page) {
   await page.locator("nav.tabs button[data-tab='queue']").click();
   await page.locator(".queue table").first().waitFor();
   await shot(page, "9-queue");
+  // A queue nobody serves: queued, and the page says why.
+  await page.locator("nav.tabs button[data-tab='job']").click();
+  await page.locator("input[name='command']").fill(`echo waiting-${TOKEN}`);
+  await page.locator("#queue").fill(`nobody-${TOKEN}`);
+  await page.locator("#queue").press("Enter");
+  await clickAction(page, "run");
+  await waitForState(page, "queued");
+  const why = await page.locator("#status .state-detail").textContent();
+  assert(why.length > 5, `a queued job says why it waits: ${why}`);
+  await shot(page, "12-queued-waiting-reason");
+  await clickAction(page, "cancel");
+  await waitForState(page, "finished");
+  await page.locator("input[name='command']").fill(`echo edited-${TOKEN}`);
+  await page.locator("#queue").fill("local");
+  await page.locator("#queue").press("Enter");
   await page.setViewportSize({ width: 390, height: 844 });
   await page.locator("nav.tabs button[data-tab='terminal']").click();
   await clickAction(page, "run");

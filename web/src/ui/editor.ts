@@ -173,8 +173,8 @@ export class Editor {
       };
       name.addEventListener("keydown", (e) => e.key === "Enter" && add());
       replace(box, rows, h("div.row", {}, name, h("button", { type: "button", onclick: add }, "Add variable")));
-      const hashEnv = Object.keys(this.host.hash.envParams());
-      if (hashEnv.length) box.append(h("p.hint", {}, `From the URL: ${hashEnv.join(", ")}`));
+      const hashEnv = Object.entries(this.host.hash.envParams()).map(([k, v]) => `${k}=${v}`);
+      if (hashEnv.length) box.append(h("p.hint", {}, `Also from the URL's other parameters: ${hashEnv.join(", ")}`));
     };
     const remove = (key: string) => {
       delete job.env![key];

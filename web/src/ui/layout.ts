@@ -55,7 +55,7 @@ export class Layout {
     const copy = this.copyControls();
     replace(
       this.main,
-      h("section.terminal-pane", {}, h("div.terminal-bar", {}, h("span", {}, "Logs: stdout, stderr and build"), copy), termBox),
+      h("section.terminal-pane", {}, h("div.terminal-bar", {}, h("span", {}, "Logs"), copy), termBox),
       h("section.side", {}, this.editor.element, this.inputs.element, this.outputs.element, this.queuePanel.element),
     );
     const header = h(
