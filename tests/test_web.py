@@ -101,3 +101,7 @@ def test_job_page_shows_the_finished_job_with_logs_after_a_reload(web_stack: str
 
 def test_editor_queue_panel_and_phone_layout(web_stack: str) -> None:
     scenario(web_stack, "views")
+
+
+def test_terminal_scrollback_stays_bounded_on_a_long_log(web_stack: str) -> None:
+    scenario(web_stack, "longlog")

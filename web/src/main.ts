@@ -7,6 +7,7 @@ const app = new App();
   app,
   /** The terminal's recent text (tests read it; xterm draws on a canvas-like DOM). */
   terminalText: () => app.ui.terminal.text(),
+  terminalLines: () => app.ui.terminal.lines(),
 };
 void app.start();
 if (window.self !== window.top) {

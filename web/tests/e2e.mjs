@@ -16,7 +16,7 @@ const SHOTS = process.env.SCREENSHOTS || join(dirname(fileURLToPath(import.meta.
 const BUSYBOX = "jobwire/busybox:latest";
 const TOKEN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 
-const scenarios = { run, drop, cancel, reload, views };
+const scenarios = { run, drop, cancel, reload, views, longlog };
 
 function assert(condition, message) {
   if (!condition) throw new Error(`assertion failed: ${message}`);
@@ -89,6 +89,11 @@ async function run(page) {
   assert(download.suggestedFilename() === "hello.txt", `download name ${download.suggestedFilename()}`);
   const bytes = readFileSync(await download.path(), "utf8");
   assert(bytes === `hello-${TOKEN}\n`, `downloaded bytes: ${JSON.stringify(bytes)}`);
+  // Copy logs fetches the stored logs (all of them, not just what the terminal kept).
+  await page.locator("select[name='copy-mode']").selectOption("stderr");
+  await page.locator(".copy button").click();
+  await page.locator(".copy button").filter({ hasText: "Copied" }).waitFor();
+  assert((await page.evaluate(() => navigator.clipboard.readText())) === "oops\n", "copied stderr");
   const [zip] = await Promise.all([page.waitForEvent("download"), page.locator("button.download-all").click()]);
   assert(readFileSync(await zip.path()).subarray(0, 2).toString() === "PK", "download all is a zip");
   // The same job id as the server computes (client-side hash matches the server's).
@@ -99,9 +104,13 @@ async function run(page) {
 
 // 2. A dropped file is uploaded by hash and visible to the job at /inputs/<name>.
 async function drop(page) {
-  const command = `sh -c 'echo listing-${TOKEN}; ls /inputs; cat /inputs/data.txt'`;
+  const command = `sh -c 'echo listing-${TOKEN}; ls /inputs; cat /inputs/data.txt /inputs/note.txt'`;
   await page.goto(jobUrl({ image: BUSYBOX, command }));
   await page.locator("nav.tabs button[data-tab='inputs']").click();
+  // A small text input, edited in place (kept in the URL's `inputs` parameter).
+  await page.locator("input[name='text.new']").fill("note.txt");
+  await page.locator("input[name='text.new']").press("Enter");
+  await page.locator("textarea[name='text.note.txt']").fill(`typed-${TOKEN}`);
   const content = `dropped-${TOKEN} 🚀\n`;
   const transfer = await page.evaluateHandle((text) => {
     const data = new DataTransfer();
@@ -116,10 +125,12 @@ async function drop(page) {
   await clickAction(page, "run");
   await waitForState(page, "finished");
   await waitForText(page, `dropped-${TOKEN}`);
+  await waitForText(page, `typed-${TOKEN}`);
   await shot(page, "5-input-seen-by-job");
   const url = page.url();
   const job = JSON.parse(Buffer.from(decodeURIComponent(new URL(url).hash.match(/job=([^&]+)/)[1]), "base64").toString());
   assert(job.inputs?.["data.txt"]?.type === "key", `the URL carries the input: ${JSON.stringify(job)}`);
+  assert(new URL(url).hash.includes("inputs="), "the URL carries the text file");
   // The URL alone reproduces the job: a fresh page shows the same finished job.
   const again = await page.context().newPage();
   await again.goto(url);
@@ -177,9 +188,16 @@ async function views(page) {
   await shot(page, "8-job-editor");
   // Typing edits the URL (debounced), and the id follows the definition.
   const before = await currentJobId(page);
-  await page.locator("input[name='command']").fill(`echo edited-${TOKEN}`);
+  const calls = [];
+  const count = (request) => request.url().includes("/jobwire.v1.") && calls.push(request.url());
+  page.on("request", count);
+  await page.locator("input[name='command']").fill("");
+  await page.locator("input[name='command']").pressSequentially(`echo edited-${TOKEN}`, { delay: 20 });
   await page.waitForFunction((b) => document.querySelector("a.job-id")?.dataset.id !== b, before, { timeout: 5000 });
   await page.waitForFunction(() => location.hash.includes("job="));
+  await page.waitForTimeout(600);
+  page.off("request", count);
+  assert(calls.length <= 3, `no request per keystroke (${calls.length} for ${`echo edited-${TOKEN}`.length} keys)`);
   const job = JSON.parse(Buffer.from(decodeURIComponent(new URL(page.url()).hash.match(/job=([^&]+)/)[1]), "base64").toString());
   assert(job.command === `echo edited-${TOKEN}`, "the URL carries the edit");
   await page.locator("nav.tabs button[data-tab='queue']").click();
@@ -209,6 +227,17 @@ async function views(page) {
   await shot(page, "11-phone-job");
 }
 
+// The terminal keeps a bounded scrollback, whatever the job prints.
+async function longlog(page) {
+  await page.goto(jobUrl({ image: BUSYBOX, command: `sh -c 'seq 1 30000; echo done-${TOKEN}'` }));
+  await clickAction(page, "run");
+  await waitForState(page, "finished");
+  await waitForText(page, `done-${TOKEN}`);
+  const lines = await page.evaluate(() => window.jobwire.terminalLines());
+  assert(lines <= 5000 + 100, `bounded scrollback: ${lines} lines kept`);
+  await shot(page, "13-long-log");
+}
+
 const name = process.argv[2];
 if (!BASE || !scenarios[name]) {
   console.error(`usage: JOBWIRE_URL=http://… node e2e.mjs ${Object.keys(scenarios).join("|")}`);
@@ -227,6 +256,7 @@ const browser = await chromium.launch({
   ],
 });
 const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
+await context.grantPermissions(["clipboard-read", "clipboard-write"]);
 const page = await context.newPage();
 const problems = [];
 page.on("pageerror", (error) => problems.push(`page error: ${error.message}`));

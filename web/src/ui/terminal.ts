@@ -43,6 +43,11 @@ export class LogTerminal {
     this.tail = "";
   }
 
+  /** Lines xterm holds (scrollback plus screen): bounded whatever the job logs. */
+  lines(): number {
+    return this.term.buffer.active.length;
+  }
+
   /** The last ~20,000 characters written, without styling (the tests read this). */
   text(): string {
     return this.tail;
