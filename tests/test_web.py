@@ -105,3 +105,7 @@ def test_editor_queue_panel_and_phone_layout(web_stack: str) -> None:
 
 def test_terminal_scrollback_stays_bounded_on_a_long_log(web_stack: str) -> None:
     scenario(web_stack, "longlog")
+
+
+def test_metaframe_inputs_become_job_inputs_and_outputs_come_back(web_stack: str) -> None:
+    scenario(web_stack, "metaframe")

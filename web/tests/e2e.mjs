@@ -16,7 +16,7 @@ const SHOTS = process.env.SCREENSHOTS || join(dirname(fileURLToPath(import.meta.
 const BUSYBOX = "jobwire/busybox:latest";
 const TOKEN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 
-const scenarios = { run, drop, cancel, reload, views, longlog };
+const scenarios = { run, drop, cancel, reload, views, longlog, metaframe };
 
 function assert(condition, message) {
   if (!condition) throw new Error(`assertion failed: ${message}`);
@@ -238,6 +238,45 @@ async function longlog(page) {
   await shot(page, "13-long-log");
 }
 
+// Embedded in a metapage: metaframe inputs become job inputs, outputs become metaframe outputs.
+async function metaframe(page) {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const library = readFileSync(join(here, "..", "node_modules", "@metapages", "metapage", "dist", "index.js"));
+  const command = `sh -c 'cat /inputs/greeting.txt; tr a-z A-Z < /inputs/greeting.txt > /outputs/shout.txt'`;
+  const frameUrl = jobUrl({ image: BUSYBOX, command });
+  const host = `<!doctype html><body style="margin:0;background:#333">
+    <p style="color:#ccc;font:13px sans-serif;margin:6px">a metapage embedding jobwire</p>
+    <script type="module">
+      import { Metapage } from "/metapage-test/metapage.js";
+      window.outputs = {};
+      const metapage = await Metapage.from({ version: "2", metaframes: { jobwire: { url: ${JSON.stringify(frameUrl)} } } });
+      metapage.onOutputs((outputs) => Object.assign(window.outputs, outputs.jobwire || {}));
+      const iframe = await metapage.getMetaframe("jobwire").iframe;
+      iframe.style.cssText = "width:100%;height:700px;border:0";
+      document.body.appendChild(iframe);
+      metapage.setInputs("jobwire", { "greeting.txt": "hello metapage ${TOKEN}" });
+    </script>`;
+  // The host page lives on another origin (localhost vs 127.0.0.1: both loopback, so Chromium's
+  // private-network rules stay out of the way), served by the browser itself.
+  const origin = new URL(BASE);
+  const hostOrigin = `http://${origin.hostname === "localhost" ? "127.0.0.1" : "localhost"}:${origin.port}`;
+  await page.route(`${hostOrigin}/metapage-test/**`, (route) =>
+    new URL(route.request().url()).pathname.endsWith("/metapage.js")
+      ? route.fulfill({ body: library, contentType: "text/javascript" })
+      : route.fulfill({ body: host, contentType: "text/html" }),
+  );
+  await page.goto(`${hostOrigin}/metapage-test/host.html`);
+  const frame = page.frameLocator("iframe");
+  await frame.locator("nav.tabs button[data-tab='inputs']").filter({ hasText: "(1)" }).waitFor({ timeout: 20_000 });
+  await frame.locator("#action[data-action='run']").click();
+  await page.waitForFunction(() => window.outputs["shout.txt"], null, { timeout: 60_000 });
+  const output = await page.evaluate(() => window.outputs["shout.txt"]);
+  assert(output.type === "base64", `an output DataRef: ${JSON.stringify(output)}`);
+  const text = Buffer.from(output.value, "base64").toString();
+  assert(text === `HELLO METAPAGE ${TOKEN.toUpperCase()}`, `the job saw the metaframe input: ${text}`);
+  await shot(page, "14-metaframe");
+}
+
 const name = process.argv[2];
 if (!BASE || !scenarios[name]) {
   console.error(`usage: JOBWIRE_URL=http://… node e2e.mjs ${Object.keys(scenarios).join("|")}`);
@@ -256,7 +295,7 @@ const browser = await chromium.launch({
   ],
 });
 const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
-await context.grantPermissions(["clipboard-read", "clipboard-write"]);
+await context.grantPermissions(["clipboard-read", "clipboard-write", "local-network-access"]);
 const page = await context.newPage();
 const problems = [];
 page.on("pageerror", (error) => problems.push(`page error: ${error.message}`));
