@@ -209,7 +209,7 @@ async def run_envoy(config_file: Path, port: int) -> None:
     """Run Envoy until cancelled; an exit of its own is an error."""
     process = await start_envoy(config_file, port)
     try:
-        log.info("jobwire is up: REST, gRPC and gRPC-Web on http://localhost:%d", port)
+        log.info("jobwire is up: web UI, REST, gRPC and gRPC-Web on http://localhost:%d/", port)
         code = await process.wait()
         raise CliError(f"envoy exited with code {code}")
     finally:
