@@ -35,7 +35,7 @@ async def server(
     data_directory: Path = Path("./jobwire-data"),
     database: str = "",
     public_url: str = "http://localhost:8080",
-    lease: str = "30s",
+    worker_grace: str = "30s",
 ) -> None:
     """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web).
 
@@ -51,8 +51,9 @@ async def server(
         State store URL; empty means `<data-directory>/jobwire.db`.
     public_url
         Base URL of the REST API as users reach it (used in JOB_URL_PREFIX).
-    lease
-        How long a silent worker keeps its jobs before they are re-queued.
+    worker_grace
+        How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued
+        as worker-lost; a worker that reconnects within it keeps them, with no restart.
     """
     settings = ServerSettings(
         data_directory=data_directory,
@@ -60,7 +61,7 @@ async def server(
         host=host,
         port=port,
         public_url=public_url,
-        lease_seconds=parse_duration(lease),
+        lease_seconds=parse_duration(worker_grace),
     )
     built = await build_server(settings)
     await _until_signal(built.run())

@@ -154,14 +154,28 @@ class Scheduler:
         """Extend the worker's leases; returns its stale attempts."""
         return await self.store.renew(worker_id, attempts, self.clock() + self.settings.lease_seconds)
 
+    async def reconnect(self, worker_id: str, held: Sequence[Attempt]) -> list[Attempt]:
+        """A worker registered holding `held`: renew those, re-queue its other jobs; returns the stale ones."""
+        stale = await self.renew(worker_id, held)
+        kept = [attempt for attempt in held if attempt not in stale]
+        await self._requeued(await self.store.requeue_worker(worker_id, kept, self.clock()))
+        return stale
+
     async def reap(self) -> None:
-        """Re-queue jobs whose worker went silent past its lease (run forever)."""
+        """Re-queue jobs whose worker went silent past its lease, the grace period (run forever).
+
+        Running jobs first get a whole new lease: while this server was down their workers could not
+        renew, and they deserve the grace period to reconnect."""
+        await self.store.extend_leases(self.clock() + self.settings.lease_seconds)
         while True:
-            for job, attempt in await self.store.requeue_expired(self.clock()):
-                log.warning("job %s: attempt %d lost its worker; re-queued", job.id, attempt.attempt)
-                await self.publish_job(job)
-                await self.bus.publish(topics.queue(job.queue), b"")
+            await self._requeued(await self.store.requeue_expired(self.clock()))
             await asyncio.sleep(self.settings.reap_interval_seconds)
+
+    async def _requeued(self, lost: Sequence[tuple[jobs_pb2.Job, Attempt]]) -> None:
+        for job, attempt in lost:
+            log.warning("job %s: attempt %d lost its worker; re-queued", job.id, attempt.attempt)
+            await self.publish_job(job)
+            await self.bus.publish(topics.queue(job.queue), b"")
 
     async def publish_job(self, job: jobs_pb2.Job) -> None:
         """Tell watchers the job's new state (without definition, result logs and history)."""

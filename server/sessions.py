@@ -47,7 +47,7 @@ class WorkerSession:
     async def open(self) -> workers_pb2.WorkerRegistered:
         """Accept the registration: keep the attempts the worker still holds, report the stale ones."""
         held = [Attempt(a.job_id, a.attempt) for a in self.register.running]
-        stale = await self.scheduler.renew(self.worker_id, held)
+        stale = await self.scheduler.reconnect(self.worker_id, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
         await self._save_info()
         log.info(
@@ -57,7 +57,18 @@ class WorkerSession:
             self.register.cpus,
         )
         settings = self.scheduler.settings
+        cursors = [
+            workers_pb2.LogCursor(
+                job_id=job_id,
+                attempt=attempt,
+                kind=kind,
+                stored=await self.scheduler.store.log_length(Attempt(job_id, attempt), kind),
+            )
+            for job_id, attempt in self.running.items()
+            for kind in (jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN)
+        ]
         return workers_pb2.WorkerRegistered(
+            log_cursors=cursors,
             worker_id=self.worker_id,
             heartbeat_interval=duration_pb2.Duration(seconds=round(settings.heartbeat_seconds)),
             lease_duration=duration_pb2.Duration(seconds=round(settings.lease_seconds)),
@@ -151,8 +162,12 @@ class WorkerSession:
 
     async def _relay_worker(self) -> None:
         async with self.scheduler.bus.subscribe(topics.worker(self.worker_id)) as subscription:
-            async for payload in subscription:
-                await self.outbox.put(workers_pb2.ConnectResponse.FromString(payload))
+            while True:
+                try:
+                    async for payload in subscription:
+                        await self.outbox.put(workers_pb2.ConnectResponse.FromString(payload))
+                except Lagged:  # only cancels travel here; the worker's heartbeats learn of the rest as stale
+                    log.warning("worker %s fell behind on its messages", self.worker_id)
 
     async def _save_info(self) -> None:
         info = jobs_pb2.WorkerInfo(

@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2
 
 import jobwire
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from jobwire.worker.execution import Execution
+from jobwire.worker.execution import ATTEMPT_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.files import FileClient
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
@@ -56,6 +56,8 @@ class Daemon:
         self.retry: workers_pb2.ConnectRequest | None = None
         self.running: dict[str, _Running] = {}
         self.unacked: dict[tuple[str, int], workers_pb2.ConnectRequest] = {}
+        # Every execution until the server acknowledged its result: their logs may need resending.
+        self.executions: dict[tuple[str, int], Execution] = {}
         self.public_url = ""
         self.registered = asyncio.Event()
         self.stopping: set[tuple[str, int]] = set()
@@ -66,6 +68,7 @@ class Daemon:
         async with grpc.aio.insecure_channel(self.settings.server, options=CHANNEL_OPTIONS) as channel:
             staging = Staging(FileClient(channel), self.settings.data_directory / "cache" / "blobs")
             async with asyncio.TaskGroup() as jobs:
+                await self._resume(jobs, staging)
                 backoff = 0.5
                 while True:
                     try:
@@ -98,17 +101,24 @@ class Daemon:
             self.settings.server,
         )
         self.registered.set()
+        for cursor in registered.log_cursors:
+            execution = self.executions.get((cursor.job_id, cursor.attempt))
+            if execution is not None and (resend := execution.logs[cursor.kind].resend_from(cursor.stored)):
+                await call.write(resend)
         for message in list(self.unacked.values()):
             await call.write(message)
         interval = registered.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
-        async with asyncio.TaskGroup() as group:
-            writer = group.create_task(self._write(call))
-            beat = group.create_task(self._heartbeat(interval))
-            try:
-                await self._read(call, jobs, staging)
-            finally:
-                writer.cancel()
-                beat.cancel()
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write(call))
+                beat = group.create_task(self._heartbeat(interval))
+                try:
+                    await self._read(call, jobs, staging)
+                finally:
+                    writer.cancel()
+                    beat.cancel()
+        except* (grpc.aio.AioRpcError, StreamEnded) as lost:
+            raise lost.exceptions[0] from None  # the stream broke: reconnect
 
     def _registration(self) -> workers_pb2.RegisterWorker:
         return workers_pb2.RegisterWorker(
@@ -123,7 +133,10 @@ class Daemon:
         )
 
     def _held(self) -> list[workers_pb2.AttemptRef]:
-        return [workers_pb2.AttemptRef(job_id=j, attempt=r.attempt) for j, r in self.running.items()]
+        """Attempts running here, and finished ones whose result the server has not acknowledged yet
+        (so a re-registration does not give them up before the result arrives)."""
+        held = {(job_id, running.attempt) for job_id, running in self.running.items()} | set(self.unacked)
+        return [workers_pb2.AttemptRef(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held)]
 
     async def _write(self, call: Call) -> None:
         while True:
@@ -155,9 +168,30 @@ class Daemon:
                 case "stale":
                     self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
                 case "finished_ack":
-                    self.unacked.pop((message.finished_ack.job_id, message.finished_ack.attempt), None)
+                    acked = (message.finished_ack.job_id, message.finished_ack.attempt)
+                    self.unacked.pop(acked, None)
+                    self.executions.pop(acked, None)
 
-    def _start(self, assignment: workers_pb2.JobAssignment, jobs: asyncio.TaskGroup, staging: Staging) -> None:
+    async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
+        """Re-attach to the containers an earlier run of this worker (same id) left behind; they are
+        re-registered with the server, which keeps their attempts if their lease has not run out."""
+        for labels in await self.runtime.ours({WORKER_LABEL: self.worker_id}):
+            job_id, attempt = labels.get(JOB_LABEL, ""), int(labels.get(ATTEMPT_LABEL) or 0)
+            assignment = Execution.saved_assignment(self.settings, job_id, attempt)
+            if assignment is None or job_id in self.running:
+                log.warning("removing container %s of this worker: nothing to resume it with", labels["id"][:12])
+                await self.runtime.remove(labels["id"])
+                continue
+            log.info("re-attaching to job %s (attempt %d), still running on this machine", job_id, attempt)
+            self._start(assignment, jobs, staging, container_id=labels["id"])
+
+    def _start(
+        self,
+        assignment: workers_pb2.JobAssignment,
+        jobs: asyncio.TaskGroup,
+        staging: Staging,
+        container_id: str = "",
+    ) -> None:
         if assignment.job_id in self.running:
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
             return
@@ -170,8 +204,9 @@ class Daemon:
             self.outbox.put,
             self.public_url,
         )
-        task = jobs.create_task(self._execute(execution))
+        task = jobs.create_task(self._execute(execution, container_id))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)
+        self.executions[(assignment.job_id, assignment.attempt)] = execution
 
     def _stop(self, job_id: str, attempt: int, reason: str) -> None:
         running = self.running.get(job_id)
@@ -180,10 +215,10 @@ class Daemon:
             self.stopping.add((job_id, attempt))
             running.task.cancel()
 
-    async def _execute(self, execution: Execution) -> None:
+    async def _execute(self, execution: Execution, container_id: str) -> None:
         log.info("running job %s (attempt %d)", execution.job_id, execution.attempt)
         try:
-            result = await execution.run()
+            result = await (execution.resume(container_id) if container_id else execution.run())
         except asyncio.CancelledError:
             if (execution.job_id, execution.attempt) not in self.stopping:
                 raise  # the worker is shutting down

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+
+from google.protobuf.message import DecodeError
 
 from jobwire.command import split_command
 from jobwire.units import format_duration, parse_duration, parse_size, timestamp
@@ -19,6 +22,9 @@ from jobwire.worker.staging import Staging, StagingError
 log = logging.getLogger(__name__)
 Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
 _BATCH_CHUNKS = 2000
+_ASSIGNMENT = "assignment.binpb"
+_RETAINED_CHUNKS = 50_000
+JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
 
 
 class Execution:
@@ -50,11 +56,29 @@ class Execution:
         finally:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
+    async def resume(self, container_id: str) -> jobs_pb2.JobResult:
+        """Follow this attempt's container, started before the worker restarted, to its result."""
+        try:
+            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output)
+            return await self._result(outcome, self.time_limit())
+        finally:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
+
+    @classmethod
+    def saved_assignment(cls, settings: WorkerSettings, job_id: str, attempt: int) -> workers_pb2.JobAssignment | None:
+        """The assignment an earlier run of this worker saved for the attempt, if it is still there."""
+        path = settings.data_directory / "jobs" / f"{job_id}-{attempt}" / _ASSIGNMENT
+        try:
+            return workers_pb2.JobAssignment.FromString(path.read_bytes())
+        except (OSError, DecodeError):
+            return None
+
     async def _run(self) -> jobs_pb2.JobResult:
         definition = self.assignment.definition
         inputs, outputs = self.directory / "inputs", self.directory / "outputs"
         for folder in (inputs, outputs):
             folder.mkdir(parents=True, exist_ok=True)
+        (self.directory / _ASSIGNMENT).write_bytes(self.assignment.SerializeToString())
         binds = await self.staging.write_inputs(definition, inputs, self.directory / "config")
         if definition.HasField("build"):
             raise ImageError("image builds (`build`) are not supported by this worker yet; give an `image`")
@@ -65,13 +89,15 @@ class Execution:
         )
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
         spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])
-        started = workers_pb2.JobStarted(job_id=self.job_id, attempt=self.attempt, start_time=timestamp(time.time()))
-        await self.send(workers_pb2.ConnectRequest(started=started))
-        outcome = await self.runtime.run(spec, self._on_output)
+        outcome = await self.runtime.run(spec, self._on_output, self._started)
+        return await self._result(outcome, spec.timeout)
+
+    async def _result(self, outcome: Outcome, limit: float | None) -> jobs_pb2.JobResult:
         self.logs[jobs_pb2.LOG_KIND_RUN].end()
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush()
-        result = self._outcome(outcome, spec.timeout)
-        for name, ref in (await self.staging.collect_outputs(outputs, self.settings.inline_limit)).items():
+        result = self._outcome(outcome, limit)
+        outputs = await self.staging.collect_outputs(self.directory / "outputs", self.settings.inline_limit)
+        for name, ref in outputs.items():
             result.outputs[name].CopyFrom(ref)
         return result
 
@@ -102,10 +128,10 @@ class Execution:
             binds=binds,
             labels={
                 LABEL: "true",
-                f"{LABEL}.job": self.job_id,
-                f"{LABEL}.attempt": str(self.attempt),
+                JOB_LABEL: self.job_id,
+                ATTEMPT_LABEL: str(self.attempt),
                 f"{LABEL}.queue": self.assignment.queue,
-                f"{LABEL}.worker": self.worker_id,
+                WORKER_LABEL: self.worker_id,
             },
             timeout=self.time_limit(),
             shm_size=parse_size(definition.shm_size) if definition.HasField("shm_size") else None,
@@ -123,8 +149,12 @@ class Execution:
             limits.append(parse_duration(definition.requirements.max_duration))
         return min(limits)
 
-    async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes) -> None:
-        self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data)
+    async def _started(self) -> None:
+        started = workers_pb2.JobStarted(job_id=self.job_id, attempt=self.attempt, start_time=timestamp(time.time()))
+        await self.send(workers_pb2.ConnectRequest(started=started))
+
+    async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str) -> None:
+        self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data, stamp)
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush_if_idle()
 
     async def _build_log(self, text: str) -> None:
@@ -144,7 +174,8 @@ class Execution:
             result.reason = jobs_pb2.FINISH_REASON_TIMED_OUT
             result.message = f"timed out: killed after its time limit of {format_duration(limit or 0)}"
         elif outcome.oom_killed:
-            result.message = f"killed: out of memory (exit code {outcome.exit_code})"
+            memory = self.assignment.definition.requirements.memory or "the machine's"
+            result.message = f"killed: out of memory (limit {memory}, exit code {outcome.exit_code})"
         elif outcome.exit_code != 0:
             result.message = f"the container exited with code {outcome.exit_code}"
         return result
@@ -164,11 +195,20 @@ class _LogStream:
         self.pending: list[jobs_pb2.LogChunk] = []
         self.sent = 0
         self.lock = asyncio.Lock()
+        # The latest chunks handed to `send`, for sending again what a broken stream lost.
+        self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque(maxlen=_RETAINED_CHUNKS)
 
-    def add(self, stream: jobs_pb2.LogStream.ValueType, data: bytes) -> None:
+    def add(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str = "") -> None:
+        """One entry of output; `stamp` is the engine's RFC 3339 time of it (default: now).
+
+        Chunks are numbered from 0 in the order added, one per entry with text, so the same
+        entries added again (a restarted worker re-reading a container's log) get the same numbers
+        and the server stores each once."""
         text = self.decoders[stream].decode(data)
         if text:
             chunk = jobs_pb2.LogChunk(text=text, time=timestamp(time.time()), stream=stream)
+            if stamp:
+                chunk.time.FromJsonString(stamp)
             self.pending.append(chunk)
 
     def end(self) -> None:
@@ -195,4 +235,24 @@ class _LogStream:
                     start=self.sent,
                 )
                 self.sent += len(chunks)
+                self.recent.extend(chunks)
                 await self.execution.send(workers_pb2.ConnectRequest(logs=logs))
+
+    def resend_from(self, stored: int) -> workers_pb2.ConnectRequest | None:
+        """The chunks from index `stored` on that were sent already (the server lost them in flight)."""
+        if stored >= self.sent:
+            return None
+        first = self.sent - len(self.recent)
+        chunks = list(self.recent)[max(stored - first, 0) :]
+        if stored < first:  # older than what is kept: fill the hole so later indices still line up
+            log.warning("job %s: %d log chunks lost for good", self.execution.job_id, first - stored)
+            note = jobs_pb2.LogChunk(text=f"[jobwire: {first - stored} log entries lost]\n", stream=STDERR)
+            chunks = [note] + [jobs_pb2.LogChunk() for _ in range(first - stored - 1)] + chunks
+        logs = workers_pb2.JobLogs(
+            job_id=self.execution.job_id,
+            attempt=self.execution.attempt,
+            kind=self.kind,
+            chunks=chunks,
+            start=stored,
+        )
+        return workers_pb2.ConnectRequest(logs=logs)

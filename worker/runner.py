@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import docker
 import docker.errors
 from docker.types import DeviceRequest, Mount
+from google.protobuf import timestamp_pb2
 
 from jobwire.v1 import jobs_pb2
 
@@ -29,8 +30,8 @@ CACHE_VOLUME = "jobwire-job-cache"
 STDOUT, STDERR = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
 Stream: TypeAlias = "jobs_pb2.LogStream.ValueType"
 
-Output = Callable[[Stream, bytes], Awaitable[None]]
-"""Receives (stream, bytes) as the container writes them."""
+Output = Callable[[Stream, bytes, str], Awaitable[None]]
+"""Receives (stream, bytes, the engine's RFC 3339 timestamp) per log entry, in the engine's order."""
 
 
 class ImageError(Exception):
@@ -128,13 +129,32 @@ class DockerRuntime:
                 f"image {image!r} is not available locally and could not be pulled: {error.explanation}"
             ) from None
 
-    async def run(self, spec: ContainerSpec, output: Output) -> Outcome:
-        """Run the container to its end (or its timeout), streaming output; always removes it."""
+    async def run(self, spec: ContainerSpec, output: Output, started: Callable[[], Awaitable[None]]) -> Outcome:
+        """Run the container to its end (or its timeout), streaming output; always removes it.
+        `started` is awaited once the engine has started the container."""
         container = await asyncio.to_thread(self._create, spec)
         try:
-            return await self._run(container, spec, output)
+            await asyncio.to_thread(container.start)
+            await started()
+            return await self._follow(container, spec.timeout, output)
         finally:
             await asyncio.shield(asyncio.to_thread(_remove, container))
+
+    async def resume(self, container_id: str, timeout: float, output: Output) -> Outcome:
+        """Follow a container started earlier (by this worker before a restart) from its first output
+        to its end, within `timeout` seconds of its start; always removes it."""
+        container = await asyncio.to_thread(self.client.containers.get, container_id)
+        try:
+            started = _docker_time((await asyncio.to_thread(_inspect, container))["State"]["StartedAt"])
+            return await self._follow(container, max(timeout - (time.time() - started), 0.1), output)
+        finally:
+            await asyncio.shield(asyncio.to_thread(_remove, container))
+
+    async def ours(self, labels: dict[str, str]) -> list[dict[str, str]]:
+        """Labels (and `id`) of every container, running or not, that carries all `labels`."""
+        filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        containers = await asyncio.to_thread(self.client.containers.list, all=True, filters=filters)
+        return [{**container.labels, "id": str(container.id)} for container in containers]
 
     def _create(self, spec: ContainerSpec) -> Any:
         devices = [DeviceRequest(driver="nvidia", device_ids=spec.gpu_devices, capabilities=[["gpu"]])]
@@ -152,6 +172,7 @@ class DockerRuntime:
             network=NETWORK,
             shm_size=spec.shm_size,
             mem_limit=spec.memory,
+            memswap_limit=spec.memory,  # the limit is of memory, not memory + swap
             nano_cpus=spec.nano_cpus,
             device_requests=devices if spec.gpu_devices else None,
             security_opt=["no-new-privileges"],
@@ -159,44 +180,36 @@ class DockerRuntime:
             stdin_open=False,
         )
 
-    async def _run(self, container: Any, spec: ContainerSpec, output: Output) -> Outcome:
+    async def _follow(self, container: Any, timeout: float | None, output: Output) -> Outcome:
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(1024)
-        # Attach before starting, as `docker run` does: no output is missed, however short the run.
-        stream = await asyncio.to_thread(container.attach, stdout=True, stderr=True, stream=True, demux=True)
-        await asyncio.to_thread(container.start)
-        started = time.time()
-        reader = asyncio.create_task(asyncio.to_thread(_read_output, stream, chunks, loop))
+        chunks: asyncio.Queue[tuple[Stream, bytes, str] | None] = asyncio.Queue(1024)
+        # The engine's log of the container, from its first line: nothing is missed however short the
+        # run, and a worker restarted mid-job reads the same entries in the same order again.
+        reader = asyncio.create_task(asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop))
         forwarder = asyncio.create_task(_forward(chunks, output))
         timed_out = False
         try:
-            exit_code = await asyncio.wait_for(_wait(container), spec.timeout)
+            exit_code = await asyncio.wait_for(_wait(container), timeout)
         except TimeoutError:
             timed_out = True
             await asyncio.to_thread(_kill, container)
             exit_code = await _wait(container)
         except asyncio.CancelledError:
-            # Kill first; the output stream then ends by itself, which frees the reader thread.
+            # Kill first; the log stream then ends by itself, which frees the reader thread.
             await asyncio.shield(asyncio.to_thread(_kill, container))
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(asyncio.gather(reader, forwarder)), 10)
             raise
-        ended = time.time()
         await reader
         await forwarder
         state = (await asyncio.to_thread(_inspect, container))["State"]
-        return Outcome(exit_code, timed_out, bool(state.get("OOMKilled")), started, ended)
+        started, ended = _docker_time(state["StartedAt"]), _docker_time(state["FinishedAt"])
+        return Outcome(exit_code, timed_out, bool(state.get("OOMKilled")), started, max(ended, started))
 
-    async def remove_labelled(self, labels: dict[str, str]) -> int:
-        """Kill and remove containers carrying all `labels`; returns how many."""
-        return await asyncio.to_thread(self._remove_labelled, labels)
-
-    def _remove_labelled(self, labels: dict[str, str]) -> int:
-        filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
-        containers = self.client.containers.list(all=True, filters=filters)
-        for container in containers:
-            _remove(container)
-        return len(containers)
+    async def remove(self, container_id: str) -> None:
+        """Kill and remove the container, if it is still there."""
+        with contextlib.suppress(docker.errors.NotFound):
+            _remove(await asyncio.to_thread(self.client.containers.get, container_id))
 
 
 async def _wait(container: Any) -> int:
@@ -204,26 +217,48 @@ async def _wait(container: Any) -> int:
     return int(result.get("StatusCode", -1))
 
 
-def _read_output(
-    stream: Any, chunks: asyncio.Queue[tuple[Stream, bytes] | None], loop: asyncio.AbstractEventLoop
+def _read_logs(
+    client: docker.DockerClient,
+    container_id: str,
+    chunks: asyncio.Queue[tuple[Stream, bytes, str] | None],
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
-    def put(item: tuple[Stream, bytes] | None) -> None:
+    """Follow the container's log: frames of an 8-byte header (stream, size) and a timestamped entry."""
+
+    def put(item: tuple[Stream, bytes, str] | None) -> None:
         asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
 
+    api: Any = client.api  # the raw response: the SDK's helpers drop the stream ids of timestamped logs
+    params = {"follow": 1, "stdout": 1, "stderr": 1, "timestamps": 1}
     try:
-        for stdout, stderr in stream:
-            if stdout:
-                put((STDOUT, stdout))
-            if stderr:
-                put((STDERR, stderr))
+        url = api._url("/containers/{0}/logs", container_id)
+        with api._get(url, params=params, stream=True, timeout=None) as response:
+            api._raise_for_status(response)
+            while len(header := _read_exactly(response.raw, 8)) == 8:
+                stream = STDERR if header[0] == 2 else STDOUT
+                stamp, _, data = _read_exactly(response.raw, int.from_bytes(header[4:8], "big")).partition(b" ")
+                put((stream, data, stamp.decode()))
     finally:
-        stream.close()
         put(None)
 
 
-async def _forward(chunks: asyncio.Queue[tuple[Stream, bytes] | None], output: Output) -> None:
+def _read_exactly(raw: Any, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (piece := raw.read(size - len(data))):
+        data += piece
+    return data
+
+
+async def _forward(chunks: asyncio.Queue[tuple[Stream, bytes, str] | None], output: Output) -> None:
     while (item := await chunks.get()) is not None:
         await output(*item)
+
+
+def _docker_time(text: str) -> float:
+    """Seconds since the epoch of an engine timestamp (RFC 3339 with nanoseconds)."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromJsonString(text)
+    return stamp.seconds + stamp.nanos / 1e9
 
 
 def _inspect(container: Any) -> dict[str, Any]:

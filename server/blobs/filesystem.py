@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from jobwire.definition import is_sha256
+from jobwire.definition import DefinitionError, check_key, is_sha256
 from jobwire.server.blobs.base import CHUNK_SIZE
 from jobwire.server.errors import InvalidArgument, NotFound
 
@@ -22,14 +22,24 @@ class FileBlobStore:
         self.root = root
         (root / ".partial").mkdir(parents=True, exist_ok=True)
 
+    def _path(self, key: str) -> Path:
+        """The file of `key`; InvalidArgument for a key that could name a path outside the root."""
+        try:
+            check_key(key)
+        except DefinitionError as error:
+            raise InvalidArgument(str(error)) from None
+        return self.root / key
+
     async def writer(self, key: str) -> FileBlobWriter:
+        final = self._path(key)
         partial = self.root / ".partial" / f"{key}.{uuid.uuid4().hex}"
         handle = await asyncio.to_thread(partial.open, "wb")
-        return FileBlobWriter(key, partial, self.root / key, handle)
+        return FileBlobWriter(key, partial, final, handle)
 
     async def read(self, key: str, offset: int = 0) -> AsyncIterator[bytes]:
+        path = self._path(key)
         try:
-            handle = await asyncio.to_thread((self.root / key).open, "rb")
+            handle = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError:
             raise NotFound(f"file {key!r} not found") from None
         with handle:
@@ -39,7 +49,7 @@ class FileBlobStore:
 
     async def size(self, key: str) -> int | None:
         try:
-            return (await asyncio.to_thread(os.stat, self.root / key)).st_size
+            return (await asyncio.to_thread(os.stat, self._path(key))).st_size
         except FileNotFoundError:
             return None
 

@@ -33,7 +33,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Context) -> jobs_pb2.ListJobsResponse:
         async with grpc_errors(context):
             after = _page_cursor(request.page_token)
-            limit = min(request.page_size or _PAGE_DEFAULT, _PAGE_MAX)
+            limit = min(max(request.page_size, 0) or _PAGE_DEFAULT, _PAGE_MAX)
             jobs, cursor = await self.scheduler.store.list_jobs(
                 request.queue, state=request.state, after=after, limit=limit
             )

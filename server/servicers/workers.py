@@ -20,6 +20,9 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
 
     def __init__(self, scheduler: Scheduler, logs: LogHub, clock: Callable[[], float]) -> None:
         self.scheduler, self.logs, self.clock = scheduler, logs, clock
+        # The handler task of each worker's newest stream: a worker that reconnects before its old
+        # stream timed out here replaces it, so no job is assigned on a stream nobody reads.
+        self.streams: dict[str, asyncio.Task[object]] = {}
 
     # Responses go out through context.write from a pump task, so this handler returns None.
     async def Connect(  # type: ignore[override]
@@ -33,6 +36,11 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
             session = WorkerSession(self.scheduler, self.logs, first.register, self.clock)
         except ProtocolError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        current = asyncio.current_task()
+        assert current is not None
+        if (previous := self.streams.get(session.worker_id)) is not None:
+            previous.cancel()
+        self.streams[session.worker_id] = current
         await context.write(workers_pb2.ConnectResponse(registered=await session.open()))
         try:
             async with asyncio.TaskGroup() as group:
@@ -47,6 +55,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         except* ProtocolError as errors:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(errors.exceptions[0]))
         finally:
+            if self.streams.get(session.worker_id) is current:
+                del self.streams[session.worker_id]
             with contextlib.suppress(Exception):
                 await session.close()
 

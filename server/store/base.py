@@ -85,6 +85,15 @@ class StateStore(Protocol):
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
 
+    async def extend_leases(self, until: float) -> None:
+        """Let every running job's lease last at least until `until`."""
+
+    async def requeue_worker(
+        self, worker_id: str, keep: Sequence[Attempt], now: float
+    ) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        """Put the worker's running jobs back in their queues, except the attempts in `keep` (it came back
+        without the others, e.g. after a restart); returns them and the lost attempts."""
+
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
 
@@ -95,7 +104,12 @@ class StateStore(Protocol):
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> tuple[int, int] | None:
         """Store chunks of the attempt's log that the worker numbers from `start`, skipping any already
-        stored; returns (index of the first stored chunk, how many were skipped), None if stale."""
+        stored; returns (index of the first stored chunk, how many were skipped), None if stale.
+        A batch starting past the stored end (a gap) is skipped whole: the worker resends from
+        `log_length` when it registers again."""
+
+    async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
+        """How many chunks of the attempt's log are stored."""
 
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int

@@ -262,28 +262,55 @@ class SqliteStore:
         return await self.get_job(attempt.job_id)
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
-        lost: list[tuple[str, Attempt, str]] = []
-        async with self._transaction() as db:
+        async with self._transaction():
             rows = await self._fetchall(
-                "SELECT id, attempt, worker_id FROM jobs WHERE state = ? AND lease_expires < ?",
-                RUNNING,
-                now,
+                "SELECT id, attempt, worker_id FROM jobs WHERE state = ? AND lease_expires < ?", RUNNING, now
             )
             for job_id, attempt, worker_id in rows:
-                await db.execute(
-                    "UPDATE jobs SET state = ?, worker_id = '', update_time = ?, lease_expires = NULL WHERE id = ?",
-                    (QUEUED, now, job_id),
-                )
-                await self._event(
-                    job_id,
-                    jobs_pb2.JOB_EVENT_KIND_REQUEUED,
+                await self._requeue(
+                    Attempt(job_id, attempt),
+                    worker_id,
                     now,
-                    attempt=attempt,
-                    worker_id=worker_id,
-                    message=f"worker {worker_id} lost (no heartbeat within its lease); re-queued",
+                    f"worker-lost: no word from worker {worker_id} within its lease",
                 )
-                lost.append((job_id, Attempt(job_id, attempt), worker_id))
-        jobs = [(await self._job(job_id), attempt) for job_id, attempt, _ in lost]
+        return await self._jobs_of([Attempt(job_id, attempt) for job_id, attempt, _ in rows])
+
+    async def extend_leases(self, until: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE state = ? AND lease_expires < ?", (until, RUNNING, until)
+            )
+
+    async def requeue_worker(
+        self, worker_id: str, keep: Sequence[Attempt], now: float
+    ) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        async with self._transaction():
+            rows = await self._fetchall(
+                "SELECT id, attempt FROM jobs WHERE state = ? AND worker_id = ?", RUNNING, worker_id
+            )
+            lost = [Attempt(job_id, attempt) for job_id, attempt in rows if Attempt(job_id, attempt) not in keep]
+            for attempt in lost:
+                await self._requeue(
+                    attempt, worker_id, now, f"worker-lost: worker {worker_id} came back without this attempt"
+                )
+        return await self._jobs_of(lost)
+
+    async def _requeue(self, attempt: Attempt, worker_id: str, now: float, message: str) -> None:
+        await self._db.execute(
+            "UPDATE jobs SET state = ?, worker_id = '', update_time = ?, lease_expires = NULL WHERE id = ?",
+            (QUEUED, now, attempt.job_id),
+        )
+        await self._event(
+            attempt.job_id,
+            jobs_pb2.JOB_EVENT_KIND_REQUEUED,
+            now,
+            attempt=attempt.attempt,
+            worker_id=worker_id,
+            message=f"re-queued: {message}",
+        )
+
+    async def _jobs_of(self, attempts: Sequence[Attempt]) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        jobs = [(await self._job(attempt.job_id), attempt) for attempt in attempts]
         return [(job, attempt) for job, attempt in jobs if job is not None]
 
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
@@ -345,13 +372,10 @@ class SqliteStore:
         async with self._transaction() as db:
             if not await self._holds(attempt):
                 return None
-            (stored,) = await self._fetchone(
-                "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
-                attempt.job_id,
-                attempt.attempt,
-                kind,
-            )
-            skipped = min(max(stored - start, 0), len(chunks))
+            stored = await self.log_length(attempt, kind)
+            if start > stored:  # a gap: earlier batches were lost in flight; the worker sends them again
+                return stored, len(chunks)
+            skipped = min(stored - start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
                 await db.execute(
@@ -366,6 +390,15 @@ class SqliteStore:
                     ),
                 )
             return int(stored), skipped
+
+    async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
+        (stored,) = await self._fetchone(
+            "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
+            attempt.job_id,
+            attempt.attempt,
+            kind,
+        )
+        return int(stored)
 
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int

@@ -218,6 +218,7 @@ class WorkerRegistered(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     PUBLIC_URL_FIELD_NUMBER: _builtins.int
+    LOG_CURSORS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The id the server knows the worker by."""
     public_url: _builtins.str
@@ -236,6 +237,13 @@ class WorkerRegistered(_message.Message):
         holds; the worker stops them.
         """
 
+    @_builtins.property
+    def log_cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogCursor]:
+        """For each attempt the server keeps, how many chunks of each of its logs
+        it has stored. Batches still in flight when the last stream broke may
+        be missing: the worker sends its logs again from these indices.
+        """
+
     def __init__(
         self,
         *,
@@ -244,14 +252,49 @@ class WorkerRegistered(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         stale: _abc.Iterable[Global___AttemptRef] | None = ...,
         public_url: _builtins.str = ...,
+        log_cursors: _abc.Iterable[Global___LogCursor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "public_url", b"public_url", "stale", b"stale", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "log_cursors", b"log_cursors", "public_url", b"public_url", "stale", b"stale", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerRegistered: _TypeAlias = WorkerRegistered  # noqa: Y015
+
+@_typing.final
+class LogCursor(_message.Message):
+    """How much of one log of an attempt the server has stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job."""
+    attempt: _builtins.int
+    """Its attempt."""
+    kind: _jobs_pb2.LogKind.ValueType
+    """Which log."""
+    stored: _builtins.int
+    """Chunks stored: the index the next chunk should have."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        kind: _jobs_pb2.LogKind.ValueType = ...,
+        stored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogCursor: _TypeAlias = LogCursor  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):

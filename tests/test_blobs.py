@@ -1,0 +1,203 @@
+"""BlobStore contract: every backend stores whole, verified blobs and reads them back from any offset."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from jobwire.server.blobs import BlobStore
+from jobwire.server.blobs.base import CHUNK_SIZE
+from jobwire.server.blobs.filesystem import FileBlobStore
+from jobwire.server.errors import InvalidArgument, NotFound
+
+DATA = bytes(range(256)) * (CHUNK_SIZE // 256 * 2 + 3)
+"""A little over two read chunks, so reads cross chunk boundaries."""
+
+
+@asynccontextmanager
+async def filesystem(tmp_path: Path) -> AsyncIterator[BlobStore]:
+    yield FileBlobStore(tmp_path / "blobs")
+
+
+BackendFactory = Callable[[Path], AbstractAsyncContextManager[BlobStore]]
+
+
+@pytest.fixture(params=[filesystem])
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    factory: BackendFactory = request.param
+    async with factory(tmp_path) as store:
+        yield store
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def put(blobs: BlobStore, key: str, data: bytes, *, pieces: int = 3) -> str:
+    """Write `data` under `key` in a few writes and commit; the digest commit returned."""
+    writer = await blobs.writer(key)
+    step = max(1, -(-len(data) // pieces))
+    for start in range(0, len(data), step):
+        await writer.write(data[start : start + step])
+    return await writer.commit()
+
+
+async def read_all(blobs: BlobStore, key: str, offset: int = 0) -> bytes:
+    return b"".join([chunk async for chunk in blobs.read(key, offset)])
+
+
+async def test_committed_blob_reads_back_whole(blobs: BlobStore) -> None:
+    assert await put(blobs, "report.bin", DATA) == sha256(DATA)
+    assert await blobs.size("report.bin") == len(DATA)
+    assert await read_all(blobs, "report.bin") == DATA
+
+
+async def test_writer_counts_bytes_written(blobs: BlobStore) -> None:
+    writer = await blobs.writer("counted")
+    await writer.write(b"abc")
+    await writer.write(b"defgh")
+    assert writer.size == 8
+    await writer.commit()
+
+
+async def test_blob_under_its_sha256_is_accepted(blobs: BlobStore) -> None:
+    key = sha256(DATA)
+    assert await put(blobs, key, DATA) == key
+    assert await read_all(blobs, key) == DATA
+
+
+async def test_empty_blob(blobs: BlobStore) -> None:
+    key = sha256(b"")
+    writer = await blobs.writer(key)
+    assert await writer.commit() == key
+    assert await blobs.size(key) == 0
+    assert await read_all(blobs, key) == b""
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 17, len(DATA) - 1, len(DATA), len(DATA) + 5],
+)
+async def test_read_from_offset(blobs: BlobStore, offset: int) -> None:
+    await put(blobs, "offsets", DATA)
+    assert await read_all(blobs, "offsets", offset) == DATA[offset:]
+
+
+async def test_blob_is_invisible_until_committed(blobs: BlobStore) -> None:
+    writer = await blobs.writer("pending")
+    await writer.write(b"half")
+    assert await blobs.size("pending") is None
+    with pytest.raises(NotFound):
+        await read_all(blobs, "pending")
+    await writer.commit()
+    assert await read_all(blobs, "pending") == b"half"
+
+
+async def test_missing_blob(blobs: BlobStore) -> None:
+    assert await blobs.size("absent") is None
+    with pytest.raises(NotFound, match="absent"):
+        await read_all(blobs, "absent")
+
+
+async def test_checksum_mismatch_is_rejected_and_stores_nothing(blobs: BlobStore) -> None:
+    key = sha256(b"what the client promised")
+    writer = await blobs.writer(key)
+    await writer.write(b"what it sent")
+    with pytest.raises(InvalidArgument, match="checksum mismatch") as caught:
+        await writer.commit()
+    assert sha256(b"what it sent") in str(caught.value)
+    assert await blobs.size(key) is None
+    with pytest.raises(NotFound):
+        await read_all(blobs, key)
+
+
+async def test_rejected_upload_can_be_retried_with_the_right_bytes(blobs: BlobStore) -> None:
+    key = sha256(b"right")
+    writer = await blobs.writer(key)
+    await writer.write(b"wrong")
+    with pytest.raises(InvalidArgument):
+        await writer.commit()
+    assert await put(blobs, key, b"right") == key
+    assert await read_all(blobs, key) == b"right"
+
+
+async def test_abort_stores_nothing(blobs: BlobStore) -> None:
+    writer = await blobs.writer("dropped")
+    await writer.write(b"partial bytes")
+    await writer.abort()
+    assert await blobs.size("dropped") is None
+    with pytest.raises(NotFound):
+        await read_all(blobs, "dropped")
+
+
+async def test_abort_keeps_the_committed_blob(blobs: BlobStore) -> None:
+    await put(blobs, "kept", b"original")
+    writer = await blobs.writer("kept")
+    await writer.write(b"replacement that never lands")
+    await writer.abort()
+    assert await read_all(blobs, "kept") == b"original"
+
+
+async def test_concurrent_uploads_of_one_key_never_mix(blobs: BlobStore) -> None:
+    first, second = await blobs.writer("shared"), await blobs.writer("shared")
+    for index in range(4):
+        await first.write(b"A" * (index + 1) * 1000)
+        await second.write(b"B" * (index + 1) * 1000)
+    await first.commit()
+    await second.commit()
+    stored = await read_all(blobs, "shared")
+    assert stored in {b"A" * 10_000, b"B" * 10_000}
+    assert await blobs.size("shared") == 10_000
+
+
+# Absolute keys are tested below, inside tmp_path: a regression must not write files elsewhere.
+BAD_KEYS = ["", "../escape", "a/b", ".partial", ".hidden", "..", "x" * 129, "sp ace", "nul\0"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_bad_keys_are_rejected(blobs: BlobStore, key: str) -> None:
+    with pytest.raises(InvalidArgument, match="invalid blob key"):
+        await blobs.writer(key)
+    with pytest.raises(InvalidArgument, match="invalid blob key"):
+        await read_all(blobs, key)
+    with pytest.raises(InvalidArgument, match="invalid blob key"):
+        await blobs.size(key)
+
+
+# The filesystem backend's own promises: where files go and what is left behind.
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+async def test_filesystem_leaves_no_partial_file_after_mismatch_or_abort(tmp_path: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    writer = await blobs.writer(sha256(b"promised"))
+    await writer.write(b"sent")
+    with pytest.raises(InvalidArgument):
+        await writer.commit()
+    writer = await blobs.writer("aborted")
+    await writer.write(b"bytes")
+    await writer.abort()
+    await put(blobs, "kept", b"bytes")
+    assert files_under(tmp_path) == ["blobs/kept"]
+
+
+async def test_filesystem_traversal_cannot_reach_outside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(b"database")
+    blobs = FileBlobStore(tmp_path / "blobs")
+    with pytest.raises(InvalidArgument):
+        await read_all(blobs, "../secret")
+    with pytest.raises(InvalidArgument):
+        await read_all(blobs, str(tmp_path / "secret"))
+    with pytest.raises(InvalidArgument):
+        await blobs.size(str(tmp_path / "secret"))
+    for key in ("../planted", str(tmp_path / "planted")):
+        with pytest.raises(InvalidArgument):
+            await blobs.writer(key)
+    assert files_under(tmp_path) == ["secret"]

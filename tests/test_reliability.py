@@ -1,0 +1,418 @@
+"""Workers and servers that fail: kill -9, cut streams, stale attempts, limits — real processes and dockerd.
+
+Workers here are separate `jobwire worker` processes (so `kill -9` is real) unless a test needs to
+look inside one; the session server has a 3 s grace period (`lease_seconds`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf import json_format
+
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
+from tests.conftest import BUSYBOX, PYTHON, Stack, WorkerHandle, free_port, wait_finished
+
+pytestmark = pytest.mark.docker
+JOBWIRE = str(Path(sys.executable).parent / "jobwire")
+StartWorker = Callable[..., Awaitable[WorkerHandle]]
+
+
+def definition(**fields: object) -> definition_pb2.JobDefinition:
+    return json_format.ParseDict(fields, definition_pb2.JobDefinition())
+
+
+@dataclass
+class Process:
+    """A `jobwire` subprocess whose output goes to a file."""
+
+    args: list[str]
+    log: Path
+    process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                JOBWIRE, *self.args, stdout=out, stderr=out, cwd=self.log.parent, start_new_session=True
+            )
+
+    async def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def terminate(self) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), 60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Processes:
+    """Spawns workers and servers; kills what is left and removes their containers after the test."""
+
+    directory: Path
+    docker_client: docker.DockerClient
+    started: list[Process] = field(default_factory=list)
+    worker_ids: list[str] = field(default_factory=list)
+
+    async def worker(self, queue: str, target: str, *, worker_id: str = "", cpus: int = 1) -> Process:
+        worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
+        data = self.directory / worker_id
+        data.mkdir(exist_ok=True)
+        args = ["worker", queue, "--server", target, "--id", worker_id, "-d", str(data), "--cpus", str(cpus)]
+        process = Process(args, data / "worker.log")
+        self.worker_ids.append(worker_id)
+        return await self._start(process)
+
+    async def server(self, port: int, data: Path) -> Process:
+        data.mkdir(exist_ok=True)
+        args = ["server", "--host", "127.0.0.1", "--port", str(port), "--data-directory", str(data)]
+        return await self._start(Process([*args, "--worker-grace", "3s"], data / "server.log"))
+
+    async def _start(self, process: Process) -> Process:
+        await process.start()
+        self.started.append(process)
+        return process
+
+    async def close(self) -> None:
+        for process in self.started:
+            await process.kill()
+        for worker_id in self.worker_ids:
+            for container in self.docker_client.containers.list(
+                all=True, filters={"label": f"io.jobwire.worker={worker_id}"}
+            ):
+                container.remove(force=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def processes(
+    tmp_path: Path, docker_client: docker.DockerClient, docker_images: None
+) -> AsyncIterator[Processes]:
+    spawned = Processes(tmp_path, docker_client)
+    yield spawned
+    await spawned.close()
+
+
+async def workers_of(jobs: jobs_pb2_grpc.JobServiceStub, queue: str) -> set[str]:
+    status = await jobs.GetQueueStatus(jobs_pb2.GetQueueStatusRequest(queue=queue))
+    return {worker.id for worker in status.workers}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
+    """Poll `check` until true; fail with `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def get(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str) -> jobs_pb2.Job:
+    return (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
+
+
+def kinds(job: jobs_pb2.Job, kind: int) -> list[jobs_pb2.JobEvent]:
+    return [event for event in job.history if event.kind == kind]
+
+
+def log_text(job: jobs_pb2.Job) -> str:
+    return "".join(chunk.text for chunk in job.result.logs)
+
+
+async def test_worker_killed_mid_job_is_replaced_after_the_grace_period(
+    stack: Stack, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, processes: Processes
+) -> None:
+    lost = await processes.worker(queue, stack.grpc_target)
+    await eventually(lambda: _has_workers(jobs, queue, 1), "the first worker")
+    command = f"sh -c 'echo {queue}; sleep 2; echo done'"
+    job_id = (
+        await jobs.SubmitJob(
+            jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+        )
+    ).job_id
+    await eventually(lambda: _started(jobs, job_id), "the job to start on the first worker")
+    await lost.kill()
+    rescuer = await processes.worker(queue, stack.grpc_target)
+    job = await wait_finished(jobs, job_id, timeout=60)
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
+    assert log_text(job) == f"{queue}\ndone\n"
+    assert job.result.attempt == 2
+    assigned = kinds(job, jobs_pb2.JOB_EVENT_KIND_ASSIGNED)
+    assert [(event.attempt, event.worker_id) for event in assigned] == [
+        (1, processes.worker_ids[0]),
+        (2, processes.worker_ids[1]),
+    ]
+    (requeued,) = kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED)
+    assert "worker-lost" in requeued.message and requeued.attempt == 1
+    assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
+    assert rescuer.process is not None and rescuer.process.returncode is None
+
+
+async def _has_workers(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, count: int) -> bool:
+    return len(await workers_of(jobs, queue)) >= count
+
+
+async def _started(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str) -> bool:
+    return bool(kinds(await get(jobs, job_id), jobs_pb2.JOB_EVENT_KIND_STARTED))
+
+
+class CuttableProxy:
+    """A TCP proxy whose live connections can be cut at once (new ones are accepted as usual)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.host, port = upstream.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.links: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def cut(self) -> int:
+        cut = len(self.links)
+        for writer in list(self.links):
+            writer.transport.abort()
+        return cut
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
+        self.links |= {writer, up_writer}
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_pipe(reader, up_writer))
+                group.create_task(_pipe(up_reader, writer))
+        except* (ConnectionError, OSError):
+            pass
+        finally:
+            for end in (writer, up_writer):
+                self.links.discard(end)
+                end.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.transport.abort()
+
+
+async def test_stream_cut_shorter_than_the_grace_period_keeps_the_job_running(
+    stack: Stack,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
+    docker_client: docker.DockerClient,
+) -> None:
+    proxy = CuttableProxy(stack.grpc_target)
+    try:
+        handle = await start_worker(queue, target=await proxy.start())
+        command = f"sh -c 'echo {queue}; sleep 3; echo done'"
+        request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+        job_id = (await jobs.SubmitJob(request)).job_id
+        await eventually(lambda: _started(jobs, job_id), "the job to start")
+        (container,) = docker_client.containers.list(filters={"label": f"io.jobwire.job={job_id}"})
+        handle.daemon.registered.clear()
+        assert proxy.cut() > 0
+        await asyncio.wait_for(handle.daemon.registered.wait(), 10)  # reconnected and re-registered
+        (same,) = docker_client.containers.list(filters={"label": f"io.jobwire.job={job_id}"})
+        assert same.id == container.id  # the container was never restarted or re-created
+        job = await wait_finished(jobs, job_id)
+    finally:
+        await proxy.close()
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
+    assert log_text(job) == f"{queue}\ndone\n"
+    assert (job.result.attempt, job.result.worker_id) == (1, handle.daemon.worker_id)
+    assert kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED) == []
+    assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_STARTED)) == 1
+    assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
+    assert docker_client.containers.list(all=True, filters={"label": f"io.jobwire.job={job_id}"}) == []
+
+
+async def test_server_killed_with_jobs_queued_and_running_finishes_each_once(
+    tmp_path: Path, queue: str, processes: Processes
+) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    data = tmp_path / "server"
+    server = await processes.server(port, data)
+    async with grpc.aio.insecure_channel(target) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        await eventually(lambda: _serving(jobs, queue), "the server", timeout=30)
+        await processes.worker(queue, target, cpus=2)
+        await eventually(lambda: _has_workers(jobs, queue, 1), "the worker")
+        ids = []
+        for n in range(4):
+            command = f"sh -c 'echo {queue}-{n}; sleep 2; echo done'"
+            request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+            ids.append((await jobs.SubmitJob(request)).job_id)
+        await eventually(lambda: _count_started(jobs, ids, 2), "two jobs to start")
+        await server.kill()
+        await asyncio.sleep(1)
+        await server.start()
+        await eventually(lambda: _all_finished(jobs, ids), "every job to finish after the restart", timeout=90)
+        for n, job_id in enumerate(ids):
+            job = await get(jobs, job_id)
+            assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
+            assert log_text(job) == f"{queue}-{n}\ndone\n"
+            assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
+            assert kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED) == [], "a running job lost its worker"
+
+
+async def _serving(jobs: jobs_pb2_grpc.JobServiceStub, queue: str) -> bool:
+    try:
+        await jobs.GetQueueStatus(jobs_pb2.GetQueueStatusRequest(queue=queue), timeout=2)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+async def _count_started(jobs: jobs_pb2_grpc.JobServiceStub, ids: list[str], count: int) -> bool:
+    return sum([await _started(jobs, job_id) for job_id in ids]) >= count
+
+
+async def _all_finished(jobs: jobs_pb2_grpc.JobServiceStub, ids: list[str]) -> bool:
+    try:
+        states = [(await get(jobs, job_id)).state for job_id in ids]
+    except grpc.aio.AioRpcError:
+        return False  # the server is still coming back
+    return all(state == jobs_pb2.JOB_STATE_FINISHED for state in states)
+
+
+async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
+    channel: grpc.aio.Channel,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two hand-driven worker streams: the first holds attempt 1 and goes silent past the grace period."""
+    stub = workers_pb2_grpc.WorkerServiceStub(channel)
+    first = stub.Connect()
+    await first.write(
+        workers_pb2.ConnectRequest(register=workers_pb2.RegisterWorker(worker_id="w-old", queue=queue, cpus=1))
+    )
+    assert (await first.read()).HasField("registered")
+    request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=f"echo {queue}"))
+    job_id = (await jobs.SubmitJob(request)).job_id
+    old = await first.read()
+    assert (old.assignment.job_id, old.assignment.attempt) == (job_id, 1)
+    await eventually(lambda: _requeued(jobs, job_id), "the silent worker's job to be re-queued", timeout=30)
+
+    second = stub.Connect()
+    await second.write(
+        workers_pb2.ConnectRequest(register=workers_pb2.RegisterWorker(worker_id="w-new", queue=queue, cpus=1))
+    )
+    assert (await second.read()).HasField("registered")
+    new = await second.read()
+    assert (new.assignment.job_id, new.assignment.attempt) == (job_id, 2)
+
+    with caplog.at_level(logging.WARNING, logger="jobwire.server.scheduler"):
+        stale_result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, exit_code=7)
+        await first.write(
+            workers_pb2.ConnectRequest(finished=workers_pb2.JobFinished(job_id=job_id, attempt=1, result=stale_result))
+        )
+        replies = [await first.read(), await first.read()]
+    assert {reply.WhichOneof("message") for reply in replies} == {"stale", "finished_ack"}
+    assert any("stale attempt 1" in record.getMessage() for record in caplog.records)
+    assert (await get(jobs, job_id)).state == jobs_pb2.JOB_STATE_RUNNING
+
+    result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, exit_code=0)
+    await second.write(
+        workers_pb2.ConnectRequest(finished=workers_pb2.JobFinished(job_id=job_id, attempt=2, result=result))
+    )
+    assert (await second.read()).HasField("finished_ack")
+    job = await get(jobs, job_id)
+    assert (job.state, job.result.attempt, job.result.exit_code, job.result.worker_id) == (
+        jobs_pb2.JOB_STATE_FINISHED,
+        2,
+        0,
+        "w-new",
+    )
+    for call in (first, second):
+        call.cancel()
+
+
+async def _requeued(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str) -> bool:
+    return bool(kinds(await get(jobs, job_id), jobs_pb2.JOB_EVENT_KIND_REQUEUED))
+
+
+async def test_memory_hog_is_reported_out_of_memory(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    await start_worker(queue)
+    hog = definition(
+        image=PYTHON,
+        command="python3 -c 'b = bytearray(b\"x\") * (512 * 1024 * 1024); print(len(b))'",
+        requirements={"memory": "64m"},
+        env={"Q": queue},
+    )
+    job = await wait_finished(
+        jobs, (await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=hog))).job_id
+    )
+    assert job.result.oom_killed, job.result
+    assert job.result.exit_code == 137
+    assert "out of memory" in job.result.message and "64" in job.result.message
+
+
+async def test_jobs_survive_random_worker_kills_and_restarts(
+    stack: Stack, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, processes: Processes
+) -> None:
+    """200 jobs over 3 workers, each killed with -9 and restarted (same id) at random: each finishes once."""
+    count = 200
+    workers = [await processes.worker(queue, stack.grpc_target, cpus=2) for _ in range(3)]
+    ids = []
+    for n in range(count):
+        command = f"sh -c 'echo {n}; sleep 0.{random.randint(0, 5)}; echo {n}-end'"
+        request = jobs_pb2.SubmitJobRequest(
+            queue=queue, definition=definition(image=BUSYBOX, command=command, env={"Q": queue})
+        )
+        ids.append((await jobs.SubmitJob(request)).job_id)
+
+    async def chaos() -> None:
+        chaos_random = random.Random(os.getpid())
+        while True:
+            await asyncio.sleep(chaos_random.uniform(1.0, 3.0))
+            victim = chaos_random.choice(workers)
+            await victim.kill()
+            await asyncio.sleep(chaos_random.uniform(0.0, 1.0))
+            await victim.start()  # same id, same data directory: it re-attaches to its containers
+
+    monkey = asyncio.create_task(chaos())
+    try:
+        await eventually(lambda: _all_finished(jobs, ids), f"all {count} jobs to finish", timeout=420)
+    finally:
+        monkey.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monkey
+    for n, job_id in enumerate(ids):
+        job = await get(jobs, job_id)
+        assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, (n, job.result.message)
+        assert log_text(job) == f"{n}\n{n}-end\n", (n, [(e.kind, e.message) for e in job.history])
+        assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1

@@ -1,0 +1,639 @@
+"""StateStore contract: every backend runs the same job lifecycle, fenced by attempt, with the same pages.
+
+Times are injected (`now`), so leases expire without sleeping. A new backend is one more entry in the
+`store` fixture's `params`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from jobwire.definition import job_id
+from jobwire.server.store import StateStore
+from jobwire.server.store.base import ALL_NAMESPACES, DEFAULT_NAMESPACE, FINAL_REASONS, Attempt
+from jobwire.server.store.sqlite import SqliteStore
+from jobwire.units import timestamp
+from jobwire.v1 import definition_pb2, jobs_pb2
+
+QUEUED, RUNNING, FINISHED = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
+RUN, BUILD = jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD
+T0 = 1_700_000_000.0
+LEASE = 30.0
+
+
+@asynccontextmanager
+async def sqlite(tmp_path: Path) -> AsyncIterator[StateStore]:
+    store = await SqliteStore.open(tmp_path / "jobwire.db")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+BackendFactory = Callable[[Path], AbstractAsyncContextManager[StateStore]]
+
+
+@pytest.fixture(params=[sqlite])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    factory: BackendFactory = request.param
+    async with factory(tmp_path) as opened:
+        yield opened
+
+
+def definition(n: int) -> definition_pb2.JobDefinition:
+    return definition_pb2.JobDefinition(image="busybox", command=f"echo {n}", tags=[f"tag-{n}"])
+
+
+async def submit(
+    store: StateStore, n: int, *, queue: str = "q", namespace: str = DEFAULT_NAMESPACE, now: float = T0
+) -> jobs_pb2.Job:
+    job, _ = await store.submit(
+        job_id=job_id(definition(n)), definition=definition(n), queue=queue, namespace=namespace, now=now
+    )
+    return job
+
+
+async def claim(store: StateStore, *, queue: str = "q", worker: str = "w1", now: float = T0) -> jobs_pb2.Job:
+    job = await store.claim(queue=queue, worker_id=worker, now=now, lease=LEASE)
+    assert job is not None, f"nothing to claim on {queue!r}"
+    return job
+
+
+def attempt_of(job: jobs_pb2.Job) -> Attempt:
+    return Attempt(job.id, job.attempt)
+
+
+def result(
+    reason: jobs_pb2.FinishReason.ValueType = jobs_pb2.FINISH_REASON_SUCCESS, *, exit_code: int = 0
+) -> jobs_pb2.JobResult:
+    return jobs_pb2.JobResult(reason=reason, exit_code=exit_code, worker_id="w1", message="done")
+
+
+def chunks(*texts: str) -> list[jobs_pb2.LogChunk]:
+    return [jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDOUT) for text in texts]
+
+
+async def log_texts(
+    store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType = RUN, since: int = 0, limit: int = 100
+) -> list[str]:
+    return [chunk.text for chunk in await store.read_logs(attempt, kind, since, limit)]
+
+
+async def state(store: StateStore, job: jobs_pb2.Job) -> int:
+    current = await store.get_job(job.id)
+    assert current is not None
+    return current.state
+
+
+def event_kinds(job: jobs_pb2.Job) -> list[int]:
+    return [event.kind for event in job.history]
+
+
+# Submission and deduplication
+
+
+async def test_submit_queues_a_new_job(store: StateStore) -> None:
+    await store.ping()
+    job, queued = await store.submit(
+        job_id=job_id(definition(1)), definition=definition(1), queue="q", namespace="ns", now=T0
+    )
+    assert queued
+    assert (job.id, job.state, job.queue, job.attempt, list(job.namespaces)) == (
+        job_id(definition(1)),
+        QUEUED,
+        "q",
+        0,
+        ["ns"],
+    )
+    assert job.create_time == timestamp(T0)
+    stored = await store.get_job(job.id)
+    assert stored is not None
+    assert stored.definition == definition(1)
+    assert list(stored.tags) == ["tag-1"]
+    assert event_kinds(stored) == [jobs_pb2.JOB_EVENT_KIND_QUEUED]
+
+
+async def test_same_job_submitted_twice_is_one_job(store: StateStore) -> None:
+    first = await submit(store, 1)
+    again, queued = await store.submit(
+        job_id=first.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 5
+    )
+    assert not queued
+    assert again.id == first.id
+    assert again.create_time == timestamp(T0)
+    jobs, _ = await store.list_jobs("q", state=0, after=0, limit=10)
+    assert [job.id for job in jobs] == [first.id]
+    assert await store.queue_counts("q") == {QUEUED: 1}
+    stored = await store.get_job(first.id)
+    assert stored is not None
+    assert event_kinds(stored) == [jobs_pb2.JOB_EVENT_KIND_QUEUED]
+
+
+async def test_each_namespace_holds_the_same_job(store: StateStore) -> None:
+    await submit(store, 1, namespace="b")
+    job = await submit(store, 1, namespace="a")
+    assert list(job.namespaces) == ["a", "b"]
+    assert await store.queue_counts("q") == {QUEUED: 1}
+
+
+async def test_running_job_is_not_requeued_by_resubmission(store: StateStore) -> None:
+    await submit(store, 1)
+    running = await claim(store)
+    again, queued = await store.submit(
+        job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 1
+    )
+    assert not queued
+    assert (again.state, again.attempt, again.worker_id) == (RUNNING, 1, "w1")
+
+
+@pytest.mark.parametrize("reason", sorted(FINAL_REASONS))
+async def test_final_result_answers_later_submissions(
+    store: StateStore, reason: jobs_pb2.FinishReason.ValueType
+) -> None:
+    await submit(store, 1)
+    running = await claim(store)
+    assert await store.finish(attempt_of(running), result(reason), T0 + 1) is not None
+    again, queued = await store.submit(
+        job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
+    )
+    assert not queued
+    assert (again.state, again.finish_reason) == (FINISHED, reason)
+    assert await store.claim(queue="q", worker_id="w2", now=T0 + 3, lease=LEASE) is None
+
+
+async def test_cancelled_job_runs_again_as_a_new_attempt_when_resubmitted(store: StateStore) -> None:
+    await submit(store, 1)
+    first = await claim(store)
+    await store.cancel(queue="q", job_id=first.id, namespace=DEFAULT_NAMESPACE, now=T0 + 1)
+    again, queued = await store.submit(
+        job_id=first.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
+    )
+    assert queued
+    assert (again.state, again.finish_reason, again.worker_id) == (QUEUED, jobs_pb2.FINISH_REASON_UNSPECIFIED, "")
+    stored = await store.get_job(first.id)
+    assert stored is not None and not stored.HasField("result")
+    second = await claim(store, worker="w2", now=T0 + 3)
+    assert second.attempt > first.attempt
+    assert await store.finish(attempt_of(first), result(), T0 + 4) is None
+    assert await store.finish(attempt_of(second), result(), T0 + 4) is not None
+
+
+async def test_get_job_unknown_or_in_another_queue(store: StateStore) -> None:
+    job = await submit(store, 1, queue="q")
+    assert await store.get_job(job_id(definition(2))) is None
+    assert await store.get_job(job.id, queue="other") is None
+    in_queue = await store.get_job(job.id, queue="q")
+    assert in_queue is not None and in_queue.id == job.id
+
+
+# Claiming
+
+
+async def test_claim_takes_jobs_in_submission_order(store: StateStore) -> None:
+    submitted = [await submit(store, n, now=T0 + n) for n in range(4)]
+    claimed = [await claim(store, now=T0 + 10) for _ in submitted]
+    assert [job.id for job in claimed] == [job.id for job in submitted]
+    assert await store.claim(queue="q", worker_id="w1", now=T0 + 10, lease=LEASE) is None
+
+
+async def test_claim_makes_a_running_attempt_for_the_worker(store: StateStore) -> None:
+    submitted = await submit(store, 1)
+    job = await claim(store, worker="w7", now=T0 + 2)
+    assert (job.id, job.state, job.attempt, job.worker_id) == (submitted.id, RUNNING, 1, "w7")
+    assert job.update_time == timestamp(T0 + 2)
+    assigned = job.history[-1]
+    assert (assigned.kind, assigned.attempt, assigned.worker_id) == (jobs_pb2.JOB_EVENT_KIND_ASSIGNED, 1, "w7")
+    assert await store.queue_counts("q") == {RUNNING: 1}
+
+
+async def test_claim_on_empty_or_other_queue_returns_nothing(store: StateStore) -> None:
+    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE) is None
+    job = await submit(store, 1, queue="q")
+    assert await store.claim(queue="other", worker_id="w1", now=T0, lease=LEASE) is None
+    assert await state(store, job) == QUEUED
+
+
+async def test_concurrent_claims_assign_a_job_once(store: StateStore) -> None:
+    await submit(store, 1)
+    claims = await asyncio.gather(*(store.claim(queue="q", worker_id=f"w{n}", now=T0, lease=LEASE) for n in range(5)))
+    assert len([job for job in claims if job is not None]) == 1
+
+
+# Attempt fencing
+
+
+async def assert_stale(store: StateStore, attempt: Attempt, worker: str = "w1") -> None:
+    """Every write of the attempt is refused and changes nothing."""
+    before = await store.get_job(attempt.job_id)
+    assert await store.start(attempt, T0 + 50) is False
+    assert await store.renew(worker, [attempt], T0 + 500) == [attempt]
+    assert await store.append_logs(attempt, RUN, chunks("late"), 0) is None
+    assert await store.finish(attempt, result(), T0 + 50) is None
+    assert await log_texts(store, attempt) == []
+    assert await store.get_job(attempt.job_id) == before
+
+
+async def test_attempt_is_stale_after_its_lease_expired(store: StateStore) -> None:
+    await submit(store, 1)
+    lost = attempt_of(await claim(store))
+    assert len(await store.requeue_expired(T0 + LEASE + 1)) == 1
+    await assert_stale(store, lost)
+
+
+async def test_attempt_is_stale_once_another_attempt_claimed_the_job(store: StateStore) -> None:
+    await submit(store, 1)
+    lost = attempt_of(await claim(store, worker="w1"))
+    await store.requeue_expired(T0 + LEASE + 1)
+    current = attempt_of(await claim(store, worker="w2", now=T0 + LEASE + 2))
+    assert current.attempt == lost.attempt + 1
+    await assert_stale(store, lost, worker="w1")
+    assert await store.append_logs(current, RUN, chunks("mine"), 0) == (0, 0)
+    finished = await store.finish(current, result(exit_code=3), T0 + 60)
+    assert finished is not None and finished.result.exit_code == 3
+
+
+async def test_renew_refuses_another_workers_or_unknown_attempt(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w1"))
+    wrong_attempt = Attempt(running.job_id, running.attempt + 1)
+    unknown = Attempt(job_id(definition(9)), 1)
+    assert await store.renew("w2", [running], T0 + 500) == [running]
+    assert await store.renew("w1", [wrong_attempt, running, unknown], T0 + 500) == [wrong_attempt, unknown]
+
+
+async def test_start_records_that_the_container_started(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w3"))
+    assert await store.start(running, T0 + 1)
+    job = await store.get_job(running.job_id)
+    assert job is not None
+    started = job.history[-1]
+    assert (started.kind, started.attempt, started.worker_id) == (jobs_pb2.JOB_EVENT_KIND_STARTED, 1, "w3")
+    assert job.state == RUNNING
+
+
+async def test_a_result_is_recorded_once(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    outcomes = await asyncio.gather(
+        store.finish(running, result(exit_code=1), T0 + 1), store.finish(running, result(exit_code=2), T0 + 1)
+    )
+    assert len([job for job in outcomes if job is not None]) == 1
+    assert await store.finish(running, result(exit_code=5), T0 + 2) is None
+    job = await store.get_job(running.job_id)
+    assert job is not None and job.result.exit_code in (1, 2)
+    assert event_kinds(job).count(jobs_pb2.JOB_EVENT_KIND_FINISHED) == 1
+
+
+# Finishing
+
+
+async def test_finish_records_the_result(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    sent = jobs_pb2.JobResult(
+        reason=jobs_pb2.FINISH_REASON_SUCCESS, exit_code=3, message="exit 3", worker_id="w1", attempt=1
+    )
+    sent.outputs["out.txt"].CopyFrom(definition_pb2.DataRef(type="utf8"))
+    finished = await store.finish(running, sent, T0 + 9)
+    assert finished is not None
+    assert (finished.state, finished.finish_reason, finished.update_time) == (
+        FINISHED,
+        jobs_pb2.FINISH_REASON_SUCCESS,
+        timestamp(T0 + 9),
+    )
+    stored = await store.get_job(running.job_id)
+    assert stored is not None
+    assert stored.result == sent
+    last = stored.history[-1]
+    assert (last.kind, last.attempt) == (jobs_pb2.JOB_EVENT_KIND_FINISHED, 1)
+    assert await store.queue_counts("q") == {FINISHED: 1}
+
+
+# Leases
+
+
+async def test_requeue_expired_puts_only_expired_leases_back(store: StateStore) -> None:
+    await submit(store, 1)
+    await submit(store, 2)
+    early = await claim(store, worker="w1", now=T0)
+    late = await claim(store, worker="w2", now=T0 + 20)
+    assert await store.requeue_expired(T0 + LEASE - 1) == []
+    requeued = await store.requeue_expired(T0 + LEASE + 1)
+    assert [(job.id, attempt) for job, attempt in requeued] == [(early.id, attempt_of(early))]
+    job, _ = requeued[0]
+    assert (job.state, job.worker_id, job.queue) == (QUEUED, "", "q")
+    stored = await store.get_job(early.id)
+    assert stored is not None
+    assert stored.history[-1].kind == jobs_pb2.JOB_EVENT_KIND_REQUEUED
+    assert await state(store, late) == RUNNING
+    again = await claim(store, worker="w3", now=T0 + LEASE + 2)
+    assert (again.id, again.attempt) == (early.id, early.attempt + 1)
+
+
+async def test_requeue_worker_gives_up_only_the_attempts_it_came_back_without(store: StateStore) -> None:
+    for n in (1, 2, 3):
+        await submit(store, n)
+    kept = await claim(store, worker="w1")
+    lost = await claim(store, worker="w1")
+    other = await claim(store, worker="w2")
+    requeued = await store.requeue_worker("w1", [attempt_of(kept)], T0 + 5)
+    assert [(job.id, attempt) for job, attempt in requeued] == [(lost.id, attempt_of(lost))]
+    stored = await store.get_job(lost.id)
+    assert stored is not None
+    assert stored.history[-1].kind == jobs_pb2.JOB_EVENT_KIND_REQUEUED
+    assert "worker-lost" in stored.history[-1].message
+    assert await state(store, lost) == QUEUED
+    assert await state(store, kept) == RUNNING
+    assert await state(store, other) == RUNNING
+    await assert_stale(store, attempt_of(lost))
+
+
+async def test_extend_leases_gives_running_jobs_a_new_lease(store: StateStore) -> None:
+    await submit(store, 1)
+    running = await claim(store, worker="w1")
+    await store.extend_leases(T0 + LEASE + 100)
+    assert await store.requeue_expired(T0 + LEASE + 50) == []
+    assert await state(store, running) == RUNNING
+    assert len(await store.requeue_expired(T0 + LEASE + 101)) == 1
+
+
+async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    assert await store.append_logs(running, RUN, chunks("a", "b"), 0) == (0, 0)
+    assert await store.append_logs(running, RUN, chunks("d"), 3) == (2, 1)
+    assert await store.log_length(running, RUN) == 2
+    assert await store.append_logs(running, RUN, chunks("b", "c", "d"), 1) == (2, 1)
+    assert await store.log_length(running, RUN) == 4
+    assert await log_texts(store, running) == ["a", "b", "c", "d"]
+
+
+async def test_renew_extends_the_lease(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w1"))
+    assert await store.renew("w1", [running], T0 + 100) == []
+    assert await store.requeue_expired(T0 + 60) == []
+    assert [attempt for _, attempt in await store.requeue_expired(T0 + 101)] == [running]
+
+
+async def test_requeue_expired_leaves_queued_and_finished_jobs_alone(store: StateStore) -> None:
+    await submit(store, 1)
+    done = attempt_of(await claim(store))
+    await store.finish(done, result(), T0 + 1)
+    waiting = await submit(store, 2)
+    assert await store.requeue_expired(T0 + 10_000) == []
+    assert await state(store, waiting) == QUEUED
+    assert await store.queue_counts("q") == {QUEUED: 1, FINISHED: 1}
+
+
+# Cancel and delete
+
+
+async def test_cancel_queued_job(store: StateStore) -> None:
+    job = await submit(store, 1)
+    cancelled = await store.cancel(queue="q", job_id=job.id, namespace=DEFAULT_NAMESPACE, now=T0 + 1)
+    assert cancelled is not None
+    assert (cancelled.job.state, cancelled.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_CANCELLED)
+    assert (cancelled.stop, cancelled.worker_id) == (None, "")
+    assert jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED in event_kinds(cancelled.job)
+    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) is None
+
+
+async def test_cancel_running_job_names_the_attempt_to_stop_and_fences_it(store: StateStore) -> None:
+    await submit(store, 1)
+    running = await claim(store, worker="w4")
+    cancelled = await store.cancel(queue="q", job_id=running.id, namespace=DEFAULT_NAMESPACE, now=T0 + 1)
+    assert cancelled is not None
+    assert (cancelled.stop, cancelled.worker_id) == (attempt_of(running), "w4")
+    assert (cancelled.job.state, cancelled.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_CANCELLED)
+    await assert_stale(store, attempt_of(running), worker="w4")
+
+
+async def test_cancel_finishes_the_job_only_when_no_namespace_holds_it(store: StateStore) -> None:
+    await submit(store, 1, namespace="a")
+    job = await submit(store, 1, namespace="b")
+    first = await store.cancel(queue="q", job_id=job.id, namespace="a", now=T0 + 1)
+    assert first is not None
+    assert (first.job.state, list(first.job.namespaces), first.stop) == (QUEUED, ["b"], None)
+    second = await store.cancel(queue="q", job_id=job.id, namespace="b", now=T0 + 2)
+    assert second is not None
+    assert (second.job.state, second.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_CANCELLED)
+
+
+async def test_cancel_for_all_namespaces(store: StateStore) -> None:
+    await submit(store, 1, namespace="a")
+    job = await submit(store, 1, namespace="b")
+    cancelled = await store.cancel(queue="q", job_id=job.id, namespace=ALL_NAMESPACES, now=T0 + 1)
+    assert cancelled is not None
+    assert (cancelled.job.state, list(cancelled.job.namespaces)) == (FINISHED, [])
+
+
+async def test_cancel_unknown_job_or_wrong_queue(store: StateStore) -> None:
+    job = await submit(store, 1, queue="q")
+    assert await store.cancel(queue="other", job_id=job.id, namespace=ALL_NAMESPACES, now=T0) is None
+    assert await store.cancel(queue="q", job_id=job_id(definition(2)), namespace=ALL_NAMESPACES, now=T0) is None
+    assert await state(store, job) == QUEUED
+
+
+async def test_cancel_keeps_a_finished_result(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    await store.finish(running, result(exit_code=7), T0 + 1)
+    cancelled = await store.cancel(queue="q", job_id=running.job_id, namespace=ALL_NAMESPACES, now=T0 + 2)
+    assert cancelled is not None
+    assert cancelled.stop is None
+    assert (cancelled.job.finish_reason, cancelled.job.result.exit_code) == (jobs_pb2.FINISH_REASON_SUCCESS, 7)
+
+
+async def test_delete_running_job_stops_it_and_fences_the_attempt(store: StateStore) -> None:
+    await submit(store, 1)
+    running = await claim(store, worker="w5")
+    deleted = await store.delete(running.id, T0 + 1)
+    assert deleted is not None
+    assert (deleted.stop, deleted.worker_id) == (attempt_of(running), "w5")
+    assert (deleted.job.state, deleted.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_DELETED)
+    assert list(deleted.job.namespaces) == []
+    await assert_stale(store, attempt_of(running), worker="w5")
+
+
+async def test_delete_queued_job(store: StateStore) -> None:
+    job = await submit(store, 1)
+    deleted = await store.delete(job.id, T0 + 1)
+    assert deleted is not None
+    assert (deleted.stop, deleted.job.finish_reason) == (None, jobs_pb2.FINISH_REASON_DELETED)
+    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) is None
+
+
+async def test_delete_forgets_the_result_so_the_job_runs_again(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    await store.finish(running, result(exit_code=4), T0 + 1)
+    await store.delete(running.job_id, T0 + 2)
+    stored = await store.get_job(running.job_id)
+    assert stored is not None and stored.result.exit_code != 4
+    again, queued = await store.submit(
+        job_id=running.job_id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 3
+    )
+    assert queued and again.state == QUEUED
+
+
+async def test_delete_unknown_job(store: StateStore) -> None:
+    assert await store.delete(job_id(definition(1)), T0) is None
+
+
+# Logs
+
+
+async def test_logs_read_back_in_order(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    assert await store.append_logs(running, RUN, chunks("a", "b", "c"), 0) == (0, 0)
+    assert await store.append_logs(running, RUN, chunks("d"), 3) == (3, 0)
+    assert await log_texts(store, running) == ["a", "b", "c", "d"]
+
+
+async def test_resent_log_chunks_are_stored_once(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    assert await store.append_logs(running, RUN, chunks("a", "b"), 0) == (0, 0)
+    # The worker re-sends from index 1 (it missed the acknowledgement): "b" is skipped, "c", "d" stored at 2.
+    assert await store.append_logs(running, RUN, chunks("b", "c", "d"), 1) == (2, 1)
+    assert await store.append_logs(running, RUN, chunks("a", "b", "c", "d"), 0) == (4, 4)
+    assert await store.append_logs(running, RUN, chunks("d"), 3) == (4, 1)
+    assert await log_texts(store, running) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize(
+    ("since", "limit", "expected"),
+    [(0, 10, "abcde"), (1, 2, "bc"), (2, 3, "cde"), (3, 1, "d"), (4, 10, "e"), (5, 10, ""), (0, 0, "")],
+)
+async def test_read_logs_from_an_index(store: StateStore, since: int, limit: int, expected: str) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    await store.append_logs(running, RUN, chunks("a", "b", "c"), 0)
+    await store.append_logs(running, RUN, chunks("d", "e"), 3)
+    assert "".join(await log_texts(store, running, since=since, limit=limit)) == expected
+
+
+async def test_chunk_fields_survive_the_store(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+    sent = jobs_pb2.LogChunk(text="oops\n", stream=jobs_pb2.LOG_STREAM_STDERR, time=timestamp(T0 + 0.25))
+    await store.append_logs(running, RUN, [sent], 0)
+    assert await store.read_logs(running, RUN, 0, 10) == [sent]
+
+
+async def test_logs_are_kept_per_kind_and_per_attempt(store: StateStore) -> None:
+    await submit(store, 1)
+    first = attempt_of(await claim(store))
+    await store.append_logs(first, BUILD, chunks("pull"), 0)
+    await store.append_logs(first, RUN, chunks("run 1"), 0)
+    await store.requeue_expired(T0 + LEASE + 1)
+    second = attempt_of(await claim(store, now=T0 + LEASE + 2))
+    # Each attempt's log starts at index 0.
+    assert await store.append_logs(second, RUN, chunks("run 2"), 0) == (0, 0)
+    assert await log_texts(store, first, BUILD) == ["pull"]
+    assert await log_texts(store, first, RUN) == ["run 1"]
+    assert await log_texts(store, second, RUN) == ["run 2"]
+    assert await log_texts(store, second, BUILD) == []
+
+
+# Listing
+
+
+async def walk(store: StateStore, queue: str, *, state: int = 0, limit: int) -> list[list[str]]:
+    """Every page of the listing, following cursors until the store returns 0."""
+    pages: list[list[str]] = []
+    after = 0
+    while True:
+        jobs, after = await store.list_jobs(queue, state=state, after=after, limit=limit)
+        pages.append([job.id for job in jobs])
+        assert len(pages) < 100, "the cursor never ends"
+        if not after:
+            return pages
+
+
+@pytest.mark.parametrize(("count", "limit"), [(0, 2), (1, 1), (4, 2), (5, 2), (5, 1), (3, 10)])
+async def test_list_pages_cover_the_queue_in_submission_order(store: StateStore, count: int, limit: int) -> None:
+    submitted = [(await submit(store, n, now=T0 + n)).id for n in range(count)]
+    await submit(store, 99, queue="other")
+    pages = await walk(store, "q", limit=limit)
+    assert [job for page in pages for job in page] == submitted
+    assert all(0 < len(page) <= limit for page in pages) or pages == [[]]
+    assert len(pages) == max(1, -(-count // limit))
+
+
+async def test_list_filters_by_state_across_pages(store: StateStore) -> None:
+    ids = [(await submit(store, n, now=T0 + n)).id for n in range(5)]
+    taken = [await claim(store) for _ in range(2)]
+    await store.finish(attempt_of(taken[0]), result(), T0 + 10)
+    assert await walk(store, "q", state=QUEUED, limit=2) == [ids[2:4], ids[4:]]
+    assert await walk(store, "q", state=RUNNING, limit=2) == [[ids[1]]]
+    assert await walk(store, "q", state=FINISHED, limit=2) == [[ids[0]]]
+
+
+async def test_listed_jobs_are_summaries(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w6"))
+    await store.finish(running, result(exit_code=2), T0 + 1)
+    (job,), _ = await store.list_jobs("q", state=0, after=0, limit=10)
+    assert (job.id, job.state, job.finish_reason, job.worker_id, job.attempt) == (
+        running.job_id,
+        FINISHED,
+        jobs_pb2.FINISH_REASON_SUCCESS,
+        "w6",
+        1,
+    )
+    assert not job.HasField("definition")
+    assert not job.HasField("result")
+    assert len(job.history) == 0
+
+
+async def test_queue_position_counts_queued_jobs_ahead(store: StateStore) -> None:
+    ids = [(await submit(store, n, now=T0 + n)).id for n in range(3)]
+    assert [await store.queue_position("q", job) for job in ids] == [0, 1, 2]
+    await claim(store)
+    assert [await store.queue_position("q", job) for job in ids[1:]] == [0, 1]
+    assert await store.queue_counts("q") == {QUEUED: 2, RUNNING: 1}
+    assert await store.queue_counts("other") == {}
+
+
+# Workers
+
+
+def worker(worker_id: str, seen: float, running: Sequence[str] = ()) -> jobs_pb2.WorkerInfo:
+    return jobs_pb2.WorkerInfo(
+        id=worker_id, cpus=2, running_job_ids=running, last_seen_time=timestamp(seen), hostname="h", version="1"
+    )
+
+
+async def test_workers_are_listed_by_queue_and_last_seen(store: StateStore) -> None:
+    await store.upsert_worker(worker("w2", T0), queue="q", session="s2")
+    await store.upsert_worker(worker("w1", T0 - 100), queue="q", session="s1")
+    await store.upsert_worker(worker("w3", T0), queue="other", session="s3")
+    assert await store.list_workers("q", seen_since=T0 - 200) == [worker("w1", T0 - 100), worker("w2", T0)]
+    assert await store.list_workers("q", seen_since=T0 - 50) == [worker("w2", T0)]
+    assert await store.list_workers("q", seen_since=T0 + 1) == []
+    assert await store.list_workers("none", seen_since=0) == []
+
+
+async def test_upsert_refreshes_the_worker(store: StateStore) -> None:
+    await store.upsert_worker(worker("w1", T0), queue="q", session="s1")
+    await store.upsert_worker(worker("w1", T0 + 5, ["job-a"]), queue="q", session="s1")
+    assert await store.list_workers("q", seen_since=0) == [worker("w1", T0 + 5, ["job-a"])]
+
+
+async def test_remove_worker_only_for_its_current_session(store: StateStore) -> None:
+    await store.upsert_worker(worker("w1", T0), queue="q", session="old")
+    await store.upsert_worker(worker("w1", T0 + 1), queue="q", session="new")
+    # The old connection's cleanup arrives after the worker reconnected: it must not remove it.
+    await store.remove_worker("w1", session="old")
+    assert [info.id for info in await store.list_workers("q", seen_since=0)] == ["w1"]
+    await store.remove_worker("w1", session="new")
+    assert await store.list_workers("q", seen_since=0) == []
