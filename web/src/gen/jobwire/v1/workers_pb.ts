@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/workers.proto.
  */
 export const file_jobwire_v1_workers: GenFile = /*@__PURE__*/
-  fileDesc("Chhqb2J3aXJlL3YxL3dvcmtlcnMucHJvdG8SCmpvYndpcmUudjEi9AEKDkNvbm5lY3RSZXF1ZXN0Ei4KCHJlZ2lzdGVyGAEgASgLMhouam9id2lyZS52MS5SZWdpc3RlcldvcmtlckgAEioKCWhlYXJ0YmVhdBgCIAEoCzIVLmpvYndpcmUudjEuSGVhcnRiZWF0SAASKQoHc3RhcnRlZBgDIAEoCzIWLmpvYndpcmUudjEuSm9iU3RhcnRlZEgAEiMKBGxvZ3MYBCABKAsyEy5qb2J3aXJlLnYxLkpvYkxvZ3NIABIrCghmaW5pc2hlZBgFIAEoCzIXLmpvYndpcmUudjEuSm9iRmluaXNoZWRIAEIJCgdtZXNzYWdlIoUCCg9Db25uZWN0UmVzcG9uc2USMgoKcmVnaXN0ZXJlZBgBIAEoCzIcLmpvYndpcmUudjEuV29ya2VyUmVnaXN0ZXJlZEgAEi8KCmFzc2lnbm1lbnQYAiABKAsyGS5qb2J3aXJlLnYxLkpvYkFzc2lnbm1lbnRIABInCgZjYW5jZWwYAyABKAsyFS5qb2J3aXJlLnYxLkpvYkNhbmNlbEgAEikKBXN0YWxlGAQgASgLMhguam9id2lyZS52MS5TdGFsZUF0dGVtcHRIABIuCgxmaW5pc2hlZF9hY2sYBSABKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWZIAEIJCgdtZXNzYWdlIi0KCkF0dGVtcHRSZWYSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUizwEKDlJlZ2lzdGVyV29ya2VyEhEKCXdvcmtlcl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRIMCgRjcHVzGAMgASgFEgwKBGdwdXMYBCADKAkSDwoHdmVyc2lvbhgFIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEicKB3J1bm5pbmcYByADKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWYSEAoIaG9zdG5hbWUYCCABKAkiygEKEFdvcmtlclJlZ2lzdGVyZWQSEQoJd29ya2VyX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIlCgVzdGFsZRgEIAMoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZhISCgpwdWJsaWNfdXJsGAUgASgJIl4KCUhlYXJ0YmVhdBInCgdydW5uaW5nGAEgAygLMhYuam9id2lyZS52MS5BdHRlbXB0UmVmEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIm4KDUpvYkFzc2lnbm1lbnQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSLQoKZGVmaW5pdGlvbhgDIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbhINCgVxdWV1ZRgEIAEoCSI8CglKb2JDYW5jZWwSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIj8KDFN0YWxlQXR0ZW1wdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiXQoKSm9iU3RhcnRlZBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKCAQoHSm9iTG9ncxIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIhCgRraW5kGAMgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEiQKBmNodW5rcxgEIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDQoFc3RhcnQYBSABKAMiVQoLSm9iRmluaXNoZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSJQoGcmVzdWx0GAMgASgLMhUuam9id2lyZS52MS5Kb2JSZXN1bHQyWQoNV29ya2VyU2VydmljZRJICgdDb25uZWN0Ehouam9id2lyZS52MS5Db25uZWN0UmVxdWVzdBobLmpvYndpcmUudjEuQ29ubmVjdFJlc3BvbnNlIgAoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition, file_jobwire_v1_jobs]);
+  fileDesc("Chhqb2J3aXJlL3YxL3dvcmtlcnMucHJvdG8SCmpvYndpcmUudjEi9AEKDkNvbm5lY3RSZXF1ZXN0Ei4KCHJlZ2lzdGVyGAEgASgLMhouam9id2lyZS52MS5SZWdpc3RlcldvcmtlckgAEioKCWhlYXJ0YmVhdBgCIAEoCzIVLmpvYndpcmUudjEuSGVhcnRiZWF0SAASKQoHc3RhcnRlZBgDIAEoCzIWLmpvYndpcmUudjEuSm9iU3RhcnRlZEgAEiMKBGxvZ3MYBCABKAsyEy5qb2J3aXJlLnYxLkpvYkxvZ3NIABIrCghmaW5pc2hlZBgFIAEoCzIXLmpvYndpcmUudjEuSm9iRmluaXNoZWRIAEIJCgdtZXNzYWdlIoUCCg9Db25uZWN0UmVzcG9uc2USMgoKcmVnaXN0ZXJlZBgBIAEoCzIcLmpvYndpcmUudjEuV29ya2VyUmVnaXN0ZXJlZEgAEi8KCmFzc2lnbm1lbnQYAiABKAsyGS5qb2J3aXJlLnYxLkpvYkFzc2lnbm1lbnRIABInCgZjYW5jZWwYAyABKAsyFS5qb2J3aXJlLnYxLkpvYkNhbmNlbEgAEikKBXN0YWxlGAQgASgLMhguam9id2lyZS52MS5TdGFsZUF0dGVtcHRIABIuCgxmaW5pc2hlZF9hY2sYBSABKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWZIAEIJCgdtZXNzYWdlIi0KCkF0dGVtcHRSZWYSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUizwEKDlJlZ2lzdGVyV29ya2VyEhEKCXdvcmtlcl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRIMCgRjcHVzGAMgASgFEgwKBGdwdXMYBCADKAkSDwoHdmVyc2lvbhgFIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEicKB3J1bm5pbmcYByADKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWYSEAoIaG9zdG5hbWUYCCABKAki9gEKEFdvcmtlclJlZ2lzdGVyZWQSEQoJd29ya2VyX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIlCgVzdGFsZRgEIAMoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZhISCgpwdWJsaWNfdXJsGAUgASgJEioKC2xvZ19jdXJzb3JzGAYgAygLMhUuam9id2lyZS52MS5Mb2dDdXJzb3IiXwoJTG9nQ3Vyc29yEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEiEKBGtpbmQYAyABKA4yEy5qb2J3aXJlLnYxLkxvZ0tpbmQSDgoGc3RvcmVkGAQgASgDIl4KCUhlYXJ0YmVhdBInCgdydW5uaW5nGAEgAygLMhYuam9id2lyZS52MS5BdHRlbXB0UmVmEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIm4KDUpvYkFzc2lnbm1lbnQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSLQoKZGVmaW5pdGlvbhgDIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbhINCgVxdWV1ZRgEIAEoCSI8CglKb2JDYW5jZWwSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIj8KDFN0YWxlQXR0ZW1wdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiXQoKSm9iU3RhcnRlZBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKCAQoHSm9iTG9ncxIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIhCgRraW5kGAMgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEiQKBmNodW5rcxgEIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDQoFc3RhcnQYBSABKAMiVQoLSm9iRmluaXNoZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSJQoGcmVzdWx0GAMgASgLMhUuam9id2lyZS52MS5Kb2JSZXN1bHQyWQoNV29ya2VyU2VydmljZRJICgdDb25uZWN0Ehouam9id2lyZS52MS5Db25uZWN0UmVxdWVzdBobLmpvYndpcmUudjEuQ29ubmVjdFJlc3BvbnNlIgAoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition, file_jobwire_v1_jobs]);
 
 /**
  * A message from the worker.
@@ -281,6 +281,15 @@ export type WorkerRegistered = Message<"jobwire.v1.WorkerRegistered"> & {
    * @generated from field: string public_url = 5;
    */
   publicUrl: string;
+
+  /**
+   * For each attempt the server keeps, how many chunks of each of its logs
+   * it has stored. Batches still in flight when the last stream broke may
+   * be missing: the worker sends its logs again from these indices.
+   *
+   * @generated from field: repeated jobwire.v1.LogCursor log_cursors = 6;
+   */
+  logCursors: LogCursor[];
 };
 
 /**
@@ -289,6 +298,48 @@ export type WorkerRegistered = Message<"jobwire.v1.WorkerRegistered"> & {
  */
 export const WorkerRegisteredSchema: GenMessage<WorkerRegistered> = /*@__PURE__*/
   messageDesc(file_jobwire_v1_workers, 4);
+
+/**
+ * How much of one log of an attempt the server has stored.
+ *
+ * @generated from message jobwire.v1.LogCursor
+ */
+export type LogCursor = Message<"jobwire.v1.LogCursor"> & {
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Its attempt.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * Which log.
+   *
+   * @generated from field: jobwire.v1.LogKind kind = 3;
+   */
+  kind: LogKind;
+
+  /**
+   * Chunks stored: the index the next chunk should have.
+   *
+   * @generated from field: int64 stored = 4;
+   */
+  stored: bigint;
+};
+
+/**
+ * Describes the message jobwire.v1.LogCursor.
+ * Use `create(LogCursorSchema)` to create a new message.
+ */
+export const LogCursorSchema: GenMessage<LogCursor> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_workers, 5);
 
 /**
  * The worker is alive.
@@ -316,7 +367,7 @@ export type Heartbeat = Message<"jobwire.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 5);
+  messageDesc(file_jobwire_v1_workers, 6);
 
 /**
  * Run a job.
@@ -358,7 +409,7 @@ export type JobAssignment = Message<"jobwire.v1.JobAssignment"> & {
  * Use `create(JobAssignmentSchema)` to create a new message.
  */
 export const JobAssignmentSchema: GenMessage<JobAssignment> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 6);
+  messageDesc(file_jobwire_v1_workers, 7);
 
 /**
  * Stop a job.
@@ -393,7 +444,7 @@ export type JobCancel = Message<"jobwire.v1.JobCancel"> & {
  * Use `create(JobCancelSchema)` to create a new message.
  */
 export const JobCancelSchema: GenMessage<JobCancel> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 7);
+  messageDesc(file_jobwire_v1_workers, 8);
 
 /**
  * A message concerned an attempt the server no longer holds.
@@ -428,7 +479,7 @@ export type StaleAttempt = Message<"jobwire.v1.StaleAttempt"> & {
  * Use `create(StaleAttemptSchema)` to create a new message.
  */
 export const StaleAttemptSchema: GenMessage<StaleAttempt> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 8);
+  messageDesc(file_jobwire_v1_workers, 9);
 
 /**
  * A job's container started.
@@ -463,7 +514,7 @@ export type JobStarted = Message<"jobwire.v1.JobStarted"> & {
  * Use `create(JobStartedSchema)` to create a new message.
  */
 export const JobStartedSchema: GenMessage<JobStarted> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 9);
+  messageDesc(file_jobwire_v1_workers, 10);
 
 /**
  * New log chunks of a job.
@@ -514,7 +565,7 @@ export type JobLogs = Message<"jobwire.v1.JobLogs"> & {
  * Use `create(JobLogsSchema)` to create a new message.
  */
 export const JobLogsSchema: GenMessage<JobLogs> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 10);
+  messageDesc(file_jobwire_v1_workers, 11);
 
 /**
  * A job finished on the worker.
@@ -550,7 +601,7 @@ export type JobFinished = Message<"jobwire.v1.JobFinished"> & {
  * Use `create(JobFinishedSchema)` to create a new message.
  */
 export const JobFinishedSchema: GenMessage<JobFinished> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 11);
+  messageDesc(file_jobwire_v1_workers, 12);
 
 /**
  * The worker link. A worker dials out to the server and holds one
