@@ -2,7 +2,7 @@
 // browsers cannot do bidi) through Envoy, plus the two raw-bytes REST routes gRPC-Web cannot
 // carry well: `PUT /f/{key}` (a client stream) and output downloads.
 
-import { createClient, type Client } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { FileService } from "./gen/jobwire/v1/files_pb";
 import { JobService } from "./gen/jobwire/v1/jobs_pb";
@@ -17,11 +17,30 @@ export interface Api {
 
 const apis = new Map<string, Api>();
 
+/**
+ * Unary calls retried (twice, briefly) when the request never got an answer: browsers fail
+ * in-flight requests when the machine's network changes (ERR_NETWORK_CHANGED, e.g. when Docker
+ * adds a container's interface). Every unary RPC the page makes is idempotent (a submission of
+ * the same definition is the same job). Streams reconnect on their own (watcher.ts).
+ */
+const retryUnary: Interceptor = (next) => async (request) => {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await next(request);
+    } catch (error) {
+      const problem = ConnectError.from(error);
+      const network = problem.code === Code.Unavailable || /fetch|network/i.test(problem.rawMessage);
+      if (request.stream || !network || attempt >= 2 || request.signal.aborted) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 300 * (attempt + 1)));
+    }
+  }
+};
+
 /** The clients for one server origin (cached: one transport per origin). */
 export function apiFor(origin: string): Api {
   let api = apis.get(origin);
   if (!api) {
-    const transport = createGrpcWebTransport({ baseUrl: origin, useBinaryFormat: true });
+    const transport = createGrpcWebTransport({ baseUrl: origin, useBinaryFormat: true, interceptors: [retryUnary] });
     api = { origin, jobs: createClient(JobService, transport), files: createClient(FileService, transport) };
     apis.set(origin, api);
   }
