@@ -13,7 +13,9 @@ import pytest
 from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
 from jobwire.cli.webui import WebServer
 from jobwire.envoy import config as envoy_config
-from tests.conftest import Stack, free_port
+from jobwire.server.app import build_server
+from jobwire.server.settings import ServerSettings
+from tests.conftest import free_port
 
 
 def _site(root: Path) -> Path:
@@ -73,32 +75,39 @@ def test_config_with_web_routes_validates(tmp_path: Path) -> None:
 
 
 @pytest.mark.envoy
-async def test_envoy_routes_pages_to_the_web_server_and_keeps_rest(stack: Stack, tmp_path: Path) -> None:
+async def test_envoy_routes_pages_to_the_web_server_and_keeps_rest(tmp_path: Path) -> None:
+    # Its own server: the session stack may be busy with (or wounded by) other tests.
+    server = await build_server(ServerSettings(data_directory=tmp_path / "server", host="127.0.0.1", port=0))
+    started = asyncio.Event()
     web = WebServer(_site(tmp_path / "dist"))
-    task = asyncio.create_task(web.run())
+    tasks = [asyncio.create_task(server.run(started)), asyncio.create_task(web.run())]
     port = free_port()
-    cfg = envoy_config.render(
-        listen_host="127.0.0.1",
-        listen_port=port,
-        upstreams=[("127.0.0.1", stack.server.port)],
-        descriptor_path=descriptor_path(),
-        admin_port=None,
-        web=(web.host, web.port),
-    )
-    envoy = await start_envoy(envoy_config.write(cfg, tmp_path / "envoy.yaml"), port)
     job = "b" * 64
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            page = await client.get("/")
-            asset = await client.get("/assets/app-1234.js")
-            html = await client.get(f"/j/{job}", headers={"accept": "text/html,application/xhtml+xml"})
-            rest = await client.get(f"/j/{job}")
-            health = await client.get("/healthz")
+        await started.wait()
+        cfg = envoy_config.render(
+            listen_host="127.0.0.1",
+            listen_port=port,
+            upstreams=[("127.0.0.1", server.port)],
+            descriptor_path=descriptor_path(),
+            admin_port=None,
+            web=(web.host, web.port),
+        )
+        envoy = await start_envoy(envoy_config.write(cfg, tmp_path / "envoy.yaml"), port)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                page = await client.get("/")
+                asset = await client.get("/assets/app-1234.js")
+                html = await client.get(f"/j/{job}", headers={"accept": "text/html,application/xhtml+xml"})
+                rest = await client.get(f"/j/{job}")
+                health = await client.get("/healthz")
+        finally:
+            await stop_envoy(envoy)
     finally:
-        await stop_envoy(envoy)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     assert page.status_code == 200 and "jobwire" in page.text
     assert asset.status_code == 200
     assert html.status_code == 200 and "<title>jobwire" in html.text
