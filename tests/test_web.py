@@ -109,3 +109,7 @@ def test_terminal_scrollback_stays_bounded_on_a_long_log(web_stack: str) -> None
 
 def test_metaframe_inputs_become_job_inputs_and_outputs_come_back(web_stack: str) -> None:
     scenario(web_stack, "metaframe")
+
+
+def test_failed_job_and_non_zero_exit_are_told_apart(web_stack: str) -> None:
+    scenario(web_stack, "failures")

@@ -34,6 +34,7 @@ export class App {
   private finishedSeen = "";
   /** An edit not yet turned into a definition and id (the refresh is debounced). */
   private dirty = false;
+  private reasonTimer: ReturnType<typeof setTimeout> | undefined;
   private finishedListeners: Finished[] = [];
   readonly ui: Layout;
 
@@ -172,7 +173,11 @@ export class App {
   }
 
   private onJob(job: Job, api: Api): void {
+    if (job.state === JobState.QUEUED && !job.waitingReason && this.current?.state === JobState.QUEUED) {
+      job.waitingReason = this.current.waitingReason; // WatchJob omits it; keep the last one read
+    }
     this.current = job;
+    this.followWaitingReason(job, api);
     if (!this.hash.get("queue") && !this.hash.get("queueOverride") && job.queue && job.queue !== this.jobQueue) {
       this.jobQueue = job.queue;
       this.ui.rerenderQueue();
@@ -183,6 +188,24 @@ export class App {
       this.finishedSeen = job.id + job.attempt;
       void this.finished(job, api);
     }
+  }
+
+  /** While queued, ask why now and then (workers come and go); WatchJob does not say. */
+  private followWaitingReason(job: Job, api: Api): void {
+    clearTimeout(this.reasonTimer);
+    if (job.state !== JobState.QUEUED) return;
+    this.reasonTimer = setTimeout(async () => {
+      try {
+        const fresh = (await api.jobs.getJob({ jobId: job.id })).job;
+        if (fresh && this.current?.id === fresh.id && this.current.state === JobState.QUEUED) {
+          this.current.waitingReason = fresh.waitingReason;
+          this.ui.showState();
+          this.followWaitingReason(this.current, api);
+        }
+      } catch {
+        // the next state change tells more
+      }
+    }, job.waitingReason ? 5000 : 0);
   }
 
   private async finished(job: Job, api: Api): Promise<void> {

@@ -16,7 +16,7 @@ const SHOTS = process.env.SCREENSHOTS || join(dirname(fileURLToPath(import.meta.
 const BUSYBOX = "jobwire/busybox:latest";
 const TOKEN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 
-const scenarios = { run, drop, cancel, reload, views, longlog, metaframe };
+const scenarios = { run, drop, cancel, reload, views, longlog, metaframe, failures };
 
 function assert(condition, message) {
   if (!condition) throw new Error(`assertion failed: ${message}`);
@@ -211,8 +211,7 @@ async function views(page) {
   await page.locator("#queue").press("Enter");
   await clickAction(page, "run");
   await waitForState(page, "queued");
-  const why = await page.locator("#status .state-detail").textContent();
-  assert(why.length > 5, `a queued job says why it waits: ${why}`);
+  await page.locator("#status .state-detail").filter({ hasText: "no worker" }).waitFor({ timeout: 10_000 });
   await shot(page, "12-queued-waiting-reason");
   await clickAction(page, "cancel");
   await waitForState(page, "finished");
@@ -226,6 +225,22 @@ async function views(page) {
   await shot(page, "10-phone-terminal");
   await page.locator("nav.tabs button[data-tab='job']").click();
   await shot(page, "11-phone-job");
+}
+
+// A job that cannot start says why; a program that fails shows its exit code.
+async function failures(page) {
+  await page.goto(jobUrl({ image: `jobwire/missing-${TOKEN}:never`, command: "true" }));
+  await clickAction(page, "run");
+  await waitForState(page, "finished");
+  assert((await stateText(page)) === "Failed", `an image that cannot be had fails: ${await stateText(page)}`);
+  const why = await page.locator("#status .state-detail").textContent();
+  assert(why.length > 10, `with a reason: ${why}`);
+  await shot(page, "15-failed-missing-image");
+  await page.goto(jobUrl({ image: BUSYBOX, command: `sh -c 'echo failing-${TOKEN} >&2; exit 3'` }));
+  await clickAction(page, "run");
+  await waitForState(page, "finished");
+  assert((await stateText(page)) === "Finished with exit code 3", `exit code: ${await stateText(page)}`);
+  await shot(page, "16-exit-code-3");
 }
 
 // The terminal keeps a bounded scrollback, whatever the job prints.

@@ -120,6 +120,7 @@ export class Layout {
     this.statusBox.dataset.state = state.state;
     this.statusText.textContent = state.text;
     this.statusDetail.textContent = state.detail ? ` — ${state.detail}` : "";
+    this.statusBox.title = state.detail ? `${state.text}: ${state.detail}` : state.text;
     const id = this.app.jobId;
     this.idLink.textContent = id ? id.slice(0, 8) : "";
     this.idLink.href = id ? `/j/${id}${this.queueHash()}` : "#";
