@@ -59,7 +59,11 @@ function containers(jobId) {
 
 // 1. Run from a URL: live logs, then outputs; a text output previews; a download returns its bytes.
 async function run(page) {
-  const command = `sh -c 'echo start-${TOKEN}; sleep 2; printf "\\033[32mgreen\\033[0m\\n"; echo oops >&2; echo hello-${TOKEN} > /outputs/hello.txt; echo end-${TOKEN}'`;
+  const png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+  const command =
+    `sh -c 'echo start-${TOKEN}; sleep 2; printf "\\033[32mgreen\\033[0m\\n"; echo oops >&2; ` +
+    `echo hello-${TOKEN} > /outputs/hello.txt; seq 1 2000 > /outputs/numbers.txt; ` +
+    `echo ${png} | base64 -d > /outputs/dot.png; echo end-${TOKEN}'`;
   await page.goto(jobUrl({ image: BUSYBOX, command }));
   await page.waitForFunction(() => document.querySelector("#status")?.dataset.state === "none");
   assert((await stateText(page)) === "Not run yet", "a new job is not run yet");
@@ -94,6 +98,16 @@ async function run(page) {
   await page.locator(".copy button").click();
   await page.locator(".copy button").filter({ hasText: "Copied" }).waitFor();
   assert((await page.evaluate(() => navigator.clipboard.readText())) === "oops\n", "copied stderr");
+  // A larger output is stored on the server (a `key` ref): fetched through /j/{id}/outputs/….
+  const numbers = page.locator(".outputs-list li[data-name='numbers.txt']");
+  assert((await numbers.locator(".size").textContent()) === "8.7 KiB", "size of a stored output");
+  const [big] = await Promise.all([page.waitForEvent("download"), numbers.locator("button.download").click()]);
+  const got = readFileSync(await big.path(), "utf8");
+  assert(got.length === 8893 && got.startsWith("1\n2\n") && got.endsWith("2000\n"), "stored output downloads whole");
+  // An image output previews as an image.
+  await page.locator(".outputs-list li[data-name='dot.png'] button.link").click();
+  await page.waitForFunction(() => document.querySelector(".preview img")?.naturalWidth === 1);
+  await shot(page, "3b-image-preview");
   const [zip] = await Promise.all([page.waitForEvent("download"), page.locator("button.download-all").click()]);
   assert(readFileSync(await zip.path()).subarray(0, 2).toString() === "PK", "download all is a zip");
   // The same job id as the server computes (client-side hash matches the server's).
