@@ -10,7 +10,7 @@ import { JobResultSchema, JobState, LogKind, type Job, type LogChunk } from "./g
 import { HashParams } from "./hashparams";
 import { Layout } from "./ui/layout";
 import { debounce } from "./ui/dom";
-import { cachedResult, describe } from "./ui/status";
+import { action, footer, type Action, type Footer } from "./ui/status";
 import { JobWatcher } from "./watcher";
 
 const SHORT_PATH = /^\/j\/([0-9a-f]{64})\/?$/;
@@ -235,21 +235,13 @@ export class App {
   }
 
   /** The footer's words for the current job. */
-  state(): { text: string; detail: string; tone: string; state: string } {
-    if (!this.jobId) return { text: "No job", detail: "Set an image or a build to run.", tone: "idle", state: "none" };
-    if (!this.target.queue) return { text: "No queue", detail: "Choose a queue to run on.", tone: "idle", state: "none" };
-    if (!this.current) return { text: "Not run yet", detail: "Press Run.", tone: "idle", state: "none" };
-    const described = describe(this.current, this.building);
-    return { ...described, state: JobState[this.current.state].toLowerCase() };
+  state(): Footer {
+    return footer(this.jobId, this.target.queue, this.current, this.building);
   }
 
   /** Which action the main button offers. */
-  action(): "run" | "cancel" | "retry" | "none" {
-    if (!this.jobId || !this.target.queue) return "none";
-    const job = this.current;
-    if (!job) return "run";
-    if (job.state === JobState.QUEUED || job.state === JobState.RUNNING) return "cancel";
-    return cachedResult(job) ? "retry" : "run";
+  action(): Action {
+    return action(this.jobId, this.target.queue, this.current);
   }
 
   // --- actions ---------------------------------------------------------------------

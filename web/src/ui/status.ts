@@ -73,3 +73,26 @@ export function cachedResult(job: Job): boolean {
     [FinishReason.SUCCESS, FinishReason.ERROR, FinishReason.TIMED_OUT].includes(reason)
   );
 }
+
+export interface Footer extends Described {
+  /** `none` before the job exists, else the job state's name (`queued`, `running`, `finished`). */
+  state: string;
+}
+
+/** What the footer says: no job, no queue, not run yet, or the job's state in words. */
+export function footer(jobId: string, queue: string, job: Job | undefined, building: boolean): Footer {
+  if (!jobId) return { text: "No job", detail: "Set an image or a build to run.", tone: "idle", state: "none" };
+  if (!queue) return { text: "No queue", detail: "Choose a queue to run on.", tone: "idle", state: "none" };
+  if (!job) return { text: "Not run yet", detail: "Press Run.", tone: "idle", state: "none" };
+  return { ...describe(job, building), state: JobState[job.state].toLowerCase() };
+}
+
+export type Action = "run" | "cancel" | "retry" | "none";
+
+/** The main button: Run, Cancel while queued or running, Delete & retry once a result is cached. */
+export function action(jobId: string, queue: string, job: Job | undefined): Action {
+  if (!jobId || !queue) return "none";
+  if (!job) return "run";
+  if (job.state === JobState.QUEUED || job.state === JobState.RUNNING) return "cancel";
+  return cachedResult(job) ? "retry" : "run";
+}
