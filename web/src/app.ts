@@ -36,6 +36,7 @@ export class App {
   private dirty = false;
   private reasonTimer: ReturnType<typeof setTimeout> | undefined;
   private finishedListeners: Finished[] = [];
+  private hashListeners: (() => void)[] = [];
   readonly ui: Layout;
 
   constructor() {
@@ -71,6 +72,11 @@ export class App {
 
   onFinished(listener: Finished): void {
     this.finishedListeners.push(listener);
+  }
+
+  /** Called after the page rewrote its own URL (replaceState fires no hashchange). */
+  onHashWritten(listener: () => void): void {
+    this.hashListeners.push(listener);
   }
 
   private readHash(): void {
@@ -129,6 +135,7 @@ export class App {
     if (this.shortId) this.shortId = undefined; // edited: the URL now carries the job itself
     this.hash.setJson("job", this.job);
     history.replaceState(history.state, "", `/${this.hash}`);
+    for (const listener of this.hashListeners) listener();
   }, 250);
 
   refresh = debounce(() => this.refreshNow(), 400);

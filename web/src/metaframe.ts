@@ -19,6 +19,8 @@ const INLINE_LIMIT = 200;
 export function connectMetaframe(app: App): Metaframe {
   const metaframe = new Metaframe();
   let sentFor = "";
+  // The parent metapage keeps each metaframe's URL: tell it about our own edits.
+  app.onHashWritten(() => metaframe._onHashUrlChange(undefined));
   metaframe.onInputs(async (inputs: Record<string, unknown>) => {
     const all = await Metaframe.deserializeInputs({ ...metaframe.getInputs(), ...inputs });
     const refs: Record<string, DataRefJson> = {};

@@ -279,7 +279,7 @@ async function metaframe(page) {
     <script type="module">
       import { Metapage } from "/metapage-test/metapage.js";
       window.outputs = {};
-      const metapage = await Metapage.from({ version: "2", metaframes: { jobwire: { url: ${JSON.stringify(frameUrl)} } } });
+      const metapage = window.metapage = await Metapage.from({ version: "2", metaframes: { jobwire: { url: ${JSON.stringify(frameUrl)} } } });
       metapage.onOutputs((outputs) => Object.assign(window.outputs, outputs.jobwire || {}));
       const iframe = await metapage.getMetaframe("jobwire").iframe;
       iframe.style.cssText = "width:100%;height:700px;border:0";
@@ -305,6 +305,18 @@ async function metaframe(page) {
   const text = Buffer.from(output.value, "base64").toString();
   assert(text === `HELLO METAPAGE ${TOKEN.toUpperCase()}`, `the job saw the metaframe input: ${text}`);
   await shot(page, "14-metaframe");
+  // Edits inside the frame reach the parent's definition (the metaframe's URL is the job).
+  await frame.locator("nav.tabs button[data-tab='job']").click();
+  await frame.locator("input[name='command']").fill(`echo edited-in-frame-${TOKEN}`);
+  await page.waitForFunction(
+    (token) => {
+      const url = window.metapage.getDefinition().metaframes.jobwire.url;
+      const job = new URL(url).hash.match(/job=([^&]+)/);
+      return job && atob(decodeURIComponent(job[1])).includes(`edited-in-frame-${token}`);
+    },
+    TOKEN,
+    { timeout: 10_000 },
+  );
 }
 
 const name = process.argv[2];
