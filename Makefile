@@ -11,7 +11,7 @@ WEB_GEN := web/src/gen
 WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
 GOOGLE_API_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto
 
-.PHONY: install gen check-gen lint typecheck test run images docker web web-typecheck chromium clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -26,8 +26,8 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --loglevel=error
 	touch $(WEB_STAMP)
 
-# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set) and web's
-# TypeScript (protoc-gen-es, run by the same protoc) from proto/.
+# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set, OpenAPI document) and
+# web's TypeScript (protoc-gen-es, run by the same protoc) from proto/.
 gen: $(STAMP) $(WEB_STAMP)
 	rm -rf gen/jobwire/v1 && mkdir -p gen/jobwire/v1
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
@@ -35,6 +35,7 @@ gen: $(STAMP) $(WEB_STAMP)
 	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis --include_imports \
 	  --descriptor_set_out=gen/jobwire/v1/jobwire.binpb $(PROTOS)
+	$(BIN)/python scripts/openapi.py gen/jobwire/v1/openapi.json $(PROTOS)
 	printf '"""Generated from proto/jobwire/v1 by `make gen`; never edit by hand."""\n' > gen/jobwire/v1/__init__.py
 	touch gen/jobwire/v1/py.typed
 	rm -rf $(WEB_GEN) && mkdir -p $(WEB_GEN)
@@ -55,10 +56,6 @@ web/dist/index.html: $(WEB_STAMP) $(WEB_SOURCES)
 
 web-typecheck: $(WEB_STAMP)
 	cd web && npx tsc --noEmit
-
-# Debian's Chromium for the browser tests (playwright-core drives it; no browser download).
-chromium:
-	bash scripts/ensure-chromium.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -82,7 +79,13 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-test: install docker images chromium check-gen lint typecheck web
+# Debian tools the tests drive: Chromium (gRPC-Web from a browser, and the web client's tests
+# through playwright-core) and grpc-gateway's protoc-gen-swagger (the proto's HTTP rules checked
+# by grpc-gateway itself).
+browser:
+	bash scripts/ensure-debian-packages.sh chromium=chromium protoc-gen-swagger=golang-grpc-gateway
+
+test: install docker images browser check-gen lint typecheck web
 	$(BIN)/pytest
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import subprocess
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +20,7 @@ from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from jobwire.units import parse_duration
+from jobwire.units import parse_duration, parse_size
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
@@ -36,6 +36,7 @@ async def server(
     database: str = "",
     public_url: str = "http://localhost:8080",
     worker_grace: str = "30s",
+    retention: str = "30d",
 ) -> None:
     """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web).
 
@@ -54,6 +55,8 @@ async def server(
     worker_grace
         How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued
         as worker-lost; a worker that reconnects within it keeps them, with no restart.
+    retention
+        How long finished jobs (results, logs, history) are kept.
     """
     settings = ServerSettings(
         data_directory=data_directory,
@@ -62,6 +65,7 @@ async def server(
         port=port,
         public_url=public_url,
         lease_seconds=parse_duration(worker_grace),
+        retention_seconds=parse_duration(retention),
     )
     built = await build_server(settings)
     await _until_signal(built.run())
@@ -76,8 +80,16 @@ async def worker(
     data_directory: Annotated[Path, Parameter(name=["--data-directory", "-d"])] = Path("/tmp/jobwire-worker"),
     max_job_duration: Annotated[str, Parameter(name=["--max-job-duration", "-t"])] = "1h",
     id: str = "",
+    drain_timeout: str = "1m",
+    default_memory: str = "",
+    pids_limit: int = 4096,
+    debug: bool = False,
 ) -> None:
     """Run a worker: dial out to the server, take jobs of QUEUE, run them in Docker.
+
+    The first SIGTERM or Ctrl-C drains: no new jobs, running ones get `--drain-timeout` to finish,
+    the rest go back to the queue at once. A second one stops at once (jobs are then re-queued
+    after the server's grace period, or resumed if the worker comes back with the same id).
 
     Parameters
     ----------
@@ -95,7 +107,18 @@ async def worker(
         Longest a job may run here; a job's own `maxDuration` may be shorter.
     id
         The worker's id; by default one is created once and kept in the data directory.
+    drain_timeout
+        On shutdown, how long running jobs may take to finish before they are handed back.
+    default_memory
+        Memory limit of jobs whose definition sets none (`requirements.memory`); default 80% of
+        this machine's memory.
+    pids_limit
+        Most processes a job's container may have.
+    debug
+        Log every message of the worker stream.
     """
+    if debug:
+        logging.getLogger("jobwire").setLevel(logging.DEBUG)
     settings = WorkerSettings(
         queue=queue,
         server=server,
@@ -104,8 +127,11 @@ async def worker(
         data_directory=data_directory,
         max_job_duration=parse_duration(max_job_duration),
         worker_id=id,
+        default_memory=parse_size(default_memory) if default_memory else 0,
+        pids_limit=pids_limit,
     )
-    await _until_signal(Daemon(settings, _docker()).run())
+    daemon = Daemon(settings, _docker())
+    await _until_signal(daemon.run(), drain=lambda: daemon.drain(parse_duration(drain_timeout)))
 
 
 async def up(
@@ -257,12 +283,25 @@ def _docker() -> DockerRuntime:
         raise CliError(f"cannot reach Docker ({error}); is dockerd running? (`make docker` starts one)") from None
 
 
-async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` until it ends or SIGTERM/SIGINT arrives, then cancel it cleanly."""
+async def _until_signal(
+    work: Coroutine[Any, Any, None], drain: Callable[[], Coroutine[Any, Any, None]] | None = None
+) -> None:
+    """Run `work` until it ends or SIGTERM/SIGINT arrives, then cancel it cleanly; with `drain`, the
+    first signal runs it and cancels `work` when it is done, a second one cancels at once."""
     task = asyncio.ensure_future(work)
+    draining: list[asyncio.Future[None]] = []
+
+    def on_signal() -> None:
+        if drain is None or draining:
+            task.cancel()
+            return
+        log.info("draining; signal again to stop at once")
+        draining.append(asyncio.ensure_future(drain()))
+        draining[0].add_done_callback(lambda _: task.cancel())
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await task
     except asyncio.CancelledError:

@@ -39,6 +39,10 @@ _PARENT_INJECTED_ENV = frozenset({"channel", "CHANNEL", "readonly", "edit", "par
 _KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_PATH_LENGTH = 1024
+MAX_INLINE_BYTES = 1024 * 1024
+"""Largest inline (base64, utf8, json) input or config file; larger files go to the blob store."""
+MAX_DEFINITION_BYTES = 8 * 1024 * 1024
+"""Largest definition, inline inputs included."""
 
 
 class DefinitionError(ValueError):
@@ -139,10 +143,7 @@ def js_number(number: float) -> str:
 
 def validate(definition: definition_pb2.JobDefinition) -> None:
     """Raise DefinitionError naming the first field that cannot work."""
-    if not definition.image and not definition.HasField("build"):
-        raise DefinitionError("definition needs an `image` (or a `build`)")
-    if definition.HasField("build") and not (definition.build.dockerfile or definition.build.context):
-        raise DefinitionError("`build` needs a `dockerfile` or a `context`")
+    _check_shape(definition)
     for name in ("command", "entrypoint"):
         if definition.HasField(name):
             try:
@@ -160,6 +161,23 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
         elif "\0" in path or ".." in path.split("/"):
             raise DefinitionError(f"configFiles: invalid path {path!r}")
         check_data_ref(ref, where=f"configFiles[{path!r}]")
+
+
+def _check_shape(definition: definition_pb2.JobDefinition) -> None:
+    if not definition.image and not definition.HasField("build"):
+        raise DefinitionError("definition needs an `image` (or a `build`)")
+    if (size := definition.ByteSize()) > MAX_DEFINITION_BYTES:
+        raise DefinitionError(f"the definition is {size} bytes, over the {MAX_DEFINITION_BYTES} byte limit")
+    if definition.HasField("build"):
+        _check_build(definition.build)
+
+
+def _check_build(build: definition_pb2.ImageBuild) -> None:
+    if not (build.dockerfile or build.context):
+        raise DefinitionError("`build` needs a `dockerfile` or a `context`")
+    for field, path in (("build.buildContext", build.build_context), ("build.filename", build.filename)):
+        if path.removeprefix("./").rstrip("/") not in ("", "."):
+            check_relative_path(path.removeprefix("./").rstrip("/"), what=field)
 
 
 def _check_env(definition: definition_pb2.JobDefinition) -> None:
@@ -212,6 +230,11 @@ def check_data_ref(ref: definition_pb2.DataRef, *, where: str) -> None:
     kind = ref.type or "utf8"
     if kind not in DATA_REF_TYPES:
         raise DefinitionError(f"{where}: unknown type {ref.type!r} (one of {', '.join(sorted(DATA_REF_TYPES))})")
+    if kind in ("base64", "utf8", "json") and (size := ref.value.ByteSize()) > MAX_INLINE_BYTES:
+        raise DefinitionError(
+            f"{where}: the inline value is {size} bytes, over the {MAX_INLINE_BYTES} byte limit;"
+            " upload the file (PUT /f/{sha256}) and give a `key` ref"
+        )
     if kind == "json":
         return
     if ref.value.WhichOneof("kind") != "string_value":

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from jobwire.server.blobs.filesystem import FileBlobStore
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import LogHub
+from jobwire.server.retention import Retention
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.servicers.files import FileServicer
 from jobwire.server.servicers.jobs import JobServicer
@@ -22,6 +23,7 @@ from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.servicers.workers import WorkerServicer
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore, open_store
+from jobwire.server.webhooks import Webhooks
 from jobwire.v1 import (
     files_pb2,
     files_pb2_grpc,
@@ -61,6 +63,7 @@ class Server:
     store: StateStore
     scheduler: Scheduler
     health: health.aio.HealthServicer
+    retention: Retention
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Serve until cancelled, then stop gracefully."""
@@ -70,7 +73,10 @@ class Server:
         if started is not None:
             started.set()
         try:
-            await self.scheduler.reap()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.scheduler.reap())
+                group.create_task(self.retention.run())
+                group.create_task(Webhooks(self.store, self.scheduler.clock).run())
         finally:
             try:
                 await self.health.enter_graceful_shutdown()
@@ -86,14 +92,17 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     blobs = FileBlobStore(settings.data_directory / "blobs")
     bus = MemoryBus()
     scheduler = Scheduler(store, bus, settings, clock)
-    logs = LogHub(store, bus)
+    logs = LogHub(store, bus, settings.max_log_entries)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
-    files_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(blobs, settings.max_upload_size), server)
+    files_pb2_grpc.add_FileServiceServicer_to_server(
+        FileServicer(blobs, settings.max_upload_size, scheduler.metrics), server
+    )
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(store, settings), server)
     workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(scheduler, logs, clock), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    return Server(server, port, store, scheduler, health_servicer)
+    retention = Retention(store, blobs, clock, settings.retention_seconds, settings.sweep_interval_seconds)
+    return Server(server, port, store, scheduler, health_servicer, retention)

@@ -3,7 +3,8 @@
     JobwireError
      ├── InvalidArgument      bad input: definition, key, path, checksum   → INVALID_ARGUMENT (HTTP 400)
      ├── NotFound             unknown job, file, input or output           → NOT_FOUND (HTTP 404)
-     ├── FailedPrecondition   the job's state forbids the action           → FAILED_PRECONDITION
+     ├── FailedPrecondition   the server's state forbids the action        → FAILED_PRECONDITION (HTTP 400)
+     ├── Conflict             the job's or upload's state forbids it now   → ABORTED (HTTP 409)
      ├── TooLarge             an upload past the size limit                → RESOURCE_EXHAUSTED (HTTP 429)
      └── Unavailable          a backend (store, blobs) cannot be reached   → UNAVAILABLE (HTTP 503)
 
@@ -38,6 +39,13 @@ class FailedPrecondition(JobwireError):
     """The job's state forbids the action."""
 
 
+class Conflict(JobwireError):
+    """The job's or upload's current state forbids the action; it may succeed later.
+
+    ABORTED rather than FAILED_PRECONDITION because Envoy (like the gRPC-HTTP mapping in
+    google/rpc/code.proto) turns ABORTED into HTTP 409 and FAILED_PRECONDITION into 400."""
+
+
 class TooLarge(JobwireError):
     """An upload exceeds the server's size limit."""
 
@@ -50,6 +58,7 @@ STATUS_CODES: dict[type[JobwireError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Conflict: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }

@@ -13,7 +13,11 @@ from jobwire.server.store.rows import job_summary
 from jobwire.v1 import jobs_pb2
 
 READ_LIMIT = 100_000
-"""Most chunks returned by one read (and kept in a result's `logs`)."""
+"""Most chunks returned by one read."""
+
+TAIL_CHUNKS, TAIL_BYTES = 10_000, 1024 * 1024
+"""Most chunks, and most bytes of text, of the run log that a result carries inline: results
+are unary responses (Envoy buffers them whole, gRPC clients cap them at 4 MiB by default)."""
 
 _FINISHED = jobs_pb2.JOB_STATE_FINISHED
 
@@ -21,13 +25,22 @@ _FINISHED = jobs_pb2.JOB_STATE_FINISHED
 class LogHub:
     """Appends log batches (fenced by attempt) and serves them to readers and followers."""
 
-    def __init__(self, store: StateStore, bus: EventBus) -> None:
-        self.store, self.bus = store, bus
+    def __init__(self, store: StateStore, bus: EventBus, max_entries: int = 1_000_000) -> None:
+        self.store, self.bus, self.max_entries = store, bus, max_entries
 
     async def append(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> bool:
-        """Store and publish a batch (skipping chunks already stored); False if the attempt is stale."""
+        """Store and publish a batch (skipping chunks already stored); False if the attempt is stale.
+        A log is kept up to `max_entries` chunks; the one after says it was cut, the rest is dropped."""
+        if start + len(chunks) > self.max_entries:
+            kept = list(chunks[: max(self.max_entries - start, 0)])
+            if start <= self.max_entries:
+                text = f"[jobwire: log cut at {self.max_entries} entries; the rest of it was dropped]\n"
+                kept.append(jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDERR))
+            if not kept:
+                return await self.store.append_logs(attempt, kind, [], start) is not None  # only fencing
+            chunks = kept
         stored = await self.store.append_logs(attempt, kind, chunks, start)
         if stored is None:
             return False
@@ -44,6 +57,19 @@ class LogHub:
         return await self.store.read_logs(
             Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT
         )
+
+    async def tail(self, job: jobs_pb2.Job) -> tuple[int, list[jobs_pb2.LogChunk]]:
+        """The end of the current attempt's run log that fits a result, and the index it starts at."""
+        start, chunks = 0, list[jobs_pb2.LogChunk]()
+        while batch := await self.read(job, jobs_pb2.LOG_KIND_RUN, start + len(chunks)):
+            chunks += batch
+            if len(chunks) > TAIL_CHUNKS:
+                start, chunks = start + len(chunks) - TAIL_CHUNKS, chunks[-TAIL_CHUNKS:]
+        size, first = 0, len(chunks)
+        while first > 0 and size + len(chunks[first - 1].text) <= TAIL_BYTES:
+            first -= 1
+            size += len(chunks[first].text)
+        return start + first, chunks[first:]
 
     async def watch(self, job_id: str, run_since: int, build: bool) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The job's state, its logs so far, then every change until it finishes."""

@@ -11,12 +11,13 @@ import logging
 from collections.abc import Callable, Sequence
 
 from jobwire.definition import DefinitionError, job_id, validate
-from jobwire.server import topics
+from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus
 from jobwire.server.errors import InvalidArgument, NotFound
+from jobwire.server.metrics import Metrics
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
-from jobwire.server.store.base import DEFAULT_NAMESPACE, Attempt, Cancelled
+from jobwire.server.store.base import DEFAULT_NAMESPACE, FINISHED_HOOK, QUEUED_HOOK, Attempt, Cancelled, Webhook
 from jobwire.server.store.rows import job_summary
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
@@ -35,6 +36,7 @@ class Scheduler:
         clock: Callable[[], float],
     ) -> None:
         self.store, self.bus, self.settings, self.clock = store, bus, settings, clock
+        self.metrics = Metrics()
 
     async def submit(
         self,
@@ -49,6 +51,9 @@ class Scheduler:
             validate(definition)
         except DefinitionError as error:
             raise InvalidArgument(f"invalid definition: {error}") from None
+        for callback in (control.callbacks.queued, control.callbacks.finished):
+            if callback.url and not callback.url.startswith(("http://", "https://")):
+                raise InvalidArgument(f"callback url {callback.url!r} must start with http:// or https://")
         new_id = job_id(definition)
         if claimed_id and claimed_id != new_id:
             raise InvalidArgument(f"id {claimed_id!r} does not match the definition, whose id is {new_id}")
@@ -60,7 +65,29 @@ class Scheduler:
             log.info("job %s queued on %r", new_id, queue)
             await self.publish_job(job)
             await self.bus.publish(topics.queue(queue), b"")
+        await self._add_webhooks(job, namespace, control, queued)
+        if namespace != DEFAULT_NAMESPACE:
+            for replaced in await self.store.replace_in_namespace(
+                queue=queue, namespace=namespace, keep=new_id, now=self.clock()
+            ):
+                await self._after_end(replaced, f"replaced by job {new_id}")
+        if job.state == jobs_pb2.JOB_STATE_QUEUED:
+            job.waiting_reason = await self.waiting_reason(job)
         return job
+
+    async def _add_webhooks(
+        self, job: jobs_pb2.Job, namespace: str, control: definition_pb2.JobControl, queued: bool
+    ) -> None:
+        """`queued` fires when this submission (re)queued the job; `finished` whenever the job finishes
+        (at once when it already has: a cached result)."""
+        callbacks = control.callbacks
+        for event, callback, armed in (
+            (QUEUED_HOOK, callbacks.queued, True),
+            (FINISHED_HOOK, callbacks.finished, False),
+        ):
+            if callback.url and (queued or event == FINISHED_HOOK):
+                hook = Webhook(job.id, event, callback.url, webhooks.body(job.id, job.queue, namespace, callback))
+                await self.store.add_webhook(hook, armed=armed, now=self.clock())
 
     async def get_job(self, job_id: str, queue: str = "") -> jobs_pb2.Job:
         """The full job, with a waiting reason while queued; NotFound if unknown."""
@@ -77,9 +104,18 @@ class Scheduler:
         workers = await self.live_workers(job.queue)
         if not workers:
             return f"no worker is connected to queue {job.queue!r}; start one with `jobwire worker {job.queue}`"
+        needs = job.definition.requirements.gpus
+        if needs and all(len(w.gpus) < needs for w in workers):
+            most = max(len(w.gpus) for w in workers)
+            return (
+                f"needs {needs} GPU(s) but no worker on {job.queue!r} has that many (the most is {most});"
+                f" start one with `jobwire worker {job.queue} --gpus {needs}`"
+            )
         slots = sum(w.cpus for w in workers)
         busy = sum(len(w.running_job_ids) for w in workers)
         ahead = await self.store.queue_position(job.queue, job.id)
+        if needs:
+            return f"needs {needs} GPU(s): waiting for a worker with that many free; {ahead} job(s) ahead"
         if busy >= slots:
             return f"all {slots} slots of the {len(workers)} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
         return f"waiting for a worker to take it; {ahead} job(s) ahead"
@@ -120,10 +156,10 @@ class Scheduler:
             raise NotFound(f"job {job_id} not found")
         return await self.submit(queue, job.definition, control)
 
-    async def claim(self, queue: str, worker_id: str) -> jobs_pb2.Job | None:
-        """Assign the queue's oldest waiting job to the worker."""
+    async def claim(self, queue: str, worker_id: str, gpus: int) -> jobs_pb2.Job | None:
+        """Assign the queue's oldest waiting job that needs at most `gpus` devices to the worker."""
         job = await self.store.claim(
-            queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds
+            queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds, gpus=gpus
         )
         if job is not None:
             log.info("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)
@@ -147,8 +183,16 @@ class Scheduler:
             log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
             return None
         log.info("job %s finished: %s", job.id, jobs_pb2.FinishReason.Name(job.finish_reason))
+        self.metrics.finished(job)
         await self.publish_job(job)
         return job
+
+    async def release(self, attempt: Attempt, worker_id: str, reason: str) -> bool:
+        """The worker gave the attempt back unfinished: re-queue the job now; False if stale."""
+        job = await self.store.release(attempt, worker_id, reason, self.clock())
+        if job is not None:
+            await self._requeued([(job, attempt)])
+        return job is not None
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt]) -> list[Attempt]:
         """Extend the worker's leases; returns its stale attempts."""

@@ -42,13 +42,18 @@ class WorkerSession:
         self.session_id = uuid.uuid4().hex
         self.outbox: asyncio.Queue[workers_pb2.ConnectResponse] = asyncio.Queue(OUTBOX_SIZE)
         self.running: dict[str, int] = {}
+        self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
         self.wake = asyncio.Event()
+        self.draining = False
 
     async def open(self) -> workers_pb2.WorkerRegistered:
         """Accept the registration: keep the attempts the worker still holds, report the stale ones."""
         held = [Attempt(a.job_id, a.attempt) for a in self.register.running]
         stale = await self.scheduler.reconnect(self.worker_id, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
+        for job_id in self.running:
+            job = await self.scheduler.store.get_job(job_id)
+            self.gpus_used[job_id] = job.definition.requirements.gpus if job is not None else 0
         await self._save_info()
         log.info(
             "worker %s connected to queue %r (%d slots)",
@@ -105,22 +110,39 @@ class WorkerSession:
                     await self._stale(attempt, "logs of an attempt the server no longer holds")
             case "finished":
                 await self._on_finished(request.finished)
+            case "released":
+                await self._on_released(request.released)
             case "register":
                 raise ProtocolError("`register` may only be the first message")
             case _:
                 raise ProtocolError("empty message")
 
     async def _on_heartbeat(self, heartbeat: workers_pb2.Heartbeat) -> None:
+        if heartbeat.draining and not self.draining:
+            log.info("worker %s is draining: no new jobs for it", self.worker_id)
+            self.draining = True
         held = [Attempt(a.job_id, a.attempt) for a in heartbeat.running]
         for attempt in await self.scheduler.renew(self.worker_id, held):
             await self._stale(attempt, "the job is no longer assigned to this attempt")
         await self._save_info()
 
-    async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
-        attempt = Attempt(finished.job_id, finished.attempt)
+    async def _on_released(self, released: workers_pb2.JobReleased) -> None:
+        attempt = Attempt(released.job_id, released.attempt)
+        self._forget(attempt)
+        await self.scheduler.release(attempt, self.worker_id, released.reason or "no reason given")
+        ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
+        await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
+        await self._save_info()
+
+    def _forget(self, attempt: Attempt) -> None:
         if self.running.get(attempt.job_id) == attempt.attempt:
             del self.running[attempt.job_id]
+            self.gpus_used.pop(attempt.job_id, None)
             self.wake.set()
+
+    async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
+        attempt = Attempt(finished.job_id, finished.attempt)
+        self._forget(attempt)
         result = finished.result
         result.worker_id = self.worker_id
         if await self.scheduler.finished(attempt, result) is None:
@@ -130,9 +152,7 @@ class WorkerSession:
         await self._save_info()
 
     async def _stale(self, attempt: Attempt, reason: str) -> None:
-        if self.running.get(attempt.job_id) == attempt.attempt:
-            del self.running[attempt.job_id]
-            self.wake.set()
+        self._forget(attempt)
         stale = workers_pb2.StaleAttempt(job_id=attempt.job_id, attempt=attempt.attempt, reason=reason)
         await self.outbox.put(workers_pb2.ConnectResponse(stale=stale))
 
@@ -140,11 +160,13 @@ class WorkerSession:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            while len(self.running) < self.register.cpus:
-                job = await self.scheduler.claim(self.queue, self.worker_id)
+            while not self.draining and len(self.running) < self.register.cpus:
+                free_gpus = len(self.register.gpus) - sum(self.gpus_used.values())
+                job = await self.scheduler.claim(self.queue, self.worker_id, free_gpus)
                 if job is None:
                     break
                 self.running[job.id] = job.attempt
+                self.gpus_used[job.id] = job.definition.requirements.gpus
                 assignment = workers_pb2.JobAssignment(
                     job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
                 )

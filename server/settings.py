@@ -20,3 +20,6 @@ class ServerSettings:
     inline_limit: int = 200
     max_upload_size: int = 10 * 1024**3
     reap_interval_seconds: float = 1.0
+    retention_seconds: float = 30 * 24 * 3600.0
+    sweep_interval_seconds: float = 3600.0
+    max_log_entries: int = 1_000_000

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
@@ -81,7 +83,7 @@ def docker_images(docker_client: docker.DockerClient) -> None:
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """A server on a free loopback port with a short lease, and a real Envoy in front of it."""
     data = tmp_path_factory.mktemp("server")
-    settings = ServerSettings(data_directory=data, host="127.0.0.1", port=0, lease_seconds=3, heartbeat_seconds=1)
+    settings = ServerSettings(data_directory=data, host="127.0.0.1", port=0, lease_seconds=5, heartbeat_seconds=1)
     server = await build_server(settings)
     started = asyncio.Event()
     task = asyncio.create_task(server.run(started))
@@ -150,11 +152,14 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
     """Start workers on a queue: `await start_worker(queue, cpus=2)`; all are stopped after the test."""
     handles: list[WorkerHandle] = []
 
-    async def start(queue: str, *, cpus: int = 2, max_job_duration: float = 600, target: str = "") -> WorkerHandle:
+    async def start(
+        queue: str, *, cpus: int = 2, max_job_duration: float = 600, target: str = "", gpus: tuple[str, ...] = ()
+    ) -> WorkerHandle:
         settings = WorkerSettings(
             queue=queue,
             server=target or stack.grpc_target,
             cpus=cpus,
+            gpus=gpus,
             data_directory=tmp_path / f"worker-{len(handles)}",
             max_job_duration=max_job_duration,
         )
@@ -178,3 +183,96 @@ async def wait_finished(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str, timeout
 
     await asyncio.wait_for(follow(), timeout)
     return (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
+
+
+JOBWIRE = str(Path(sys.executable).parent / "jobwire")
+StartWorker = Callable[..., Awaitable[WorkerHandle]]
+
+
+@dataclass
+class Process:
+    """A `jobwire` subprocess whose output goes to a file."""
+
+    args: list[str]
+    log: Path
+    process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                JOBWIRE, *self.args, stdout=out, stderr=out, cwd=self.log.parent, start_new_session=True
+            )
+
+    async def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def terminate(self) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), 60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Processes:
+    """Spawns workers and servers; kills what is left and removes their containers after the test."""
+
+    directory: Path
+    docker_client: docker.DockerClient
+    started: list[Process] = field(default_factory=list)
+    worker_ids: list[str] = field(default_factory=list)
+
+    async def worker(
+        self, queue: str, target: str, *, worker_id: str = "", cpus: int = 1, extra: tuple[str, ...] = ()
+    ) -> Process:
+        worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
+        data = self.directory / worker_id
+        data.mkdir(exist_ok=True)
+        args = ["worker", queue, "--server", target, "--id", worker_id, "-d", str(data), "--cpus", str(cpus), *extra]
+        process = Process(args, data / "worker.log")
+        self.worker_ids.append(worker_id)
+        return await self._start(process)
+
+    async def server(self, port: int, data: Path) -> Process:
+        data.mkdir(exist_ok=True)
+        args = ["server", "--host", "127.0.0.1", "--port", str(port), "--data-directory", str(data)]
+        return await self._start(Process([*args, "--worker-grace", "15s"], data / "server.log"))
+
+    async def _start(self, process: Process) -> Process:
+        await process.start()
+        self.started.append(process)
+        return process
+
+    async def close(self) -> None:
+        for process in self.started:
+            await process.kill()
+        for worker_id in self.worker_ids:
+            for container in self.docker_client.containers.list(
+                all=True, filters={"label": f"io.jobwire.worker={worker_id}"}
+            ):
+                container.remove(force=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def processes(
+    tmp_path: Path, docker_client: docker.DockerClient, docker_images: None
+) -> AsyncIterator[Processes]:
+    spawned = Processes(tmp_path, docker_client)
+    yield spawned
+    await spawned.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
+    """Poll `check` until true; fail with `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)

@@ -12,7 +12,7 @@ import pytest
 from jobwire.server.blobs import BlobStore
 from jobwire.server.blobs.base import CHUNK_SIZE
 from jobwire.server.blobs.filesystem import FileBlobStore
-from jobwire.server.errors import InvalidArgument, NotFound
+from jobwire.server.errors import Conflict, InvalidArgument, NotFound
 
 DATA = bytes(range(256)) * (CHUNK_SIZE // 256 * 2 + 3)
 """A little over two read chunks, so reads cross chunk boundaries."""
@@ -201,3 +201,45 @@ async def test_filesystem_traversal_cannot_reach_outside_the_root(tmp_path: Path
         with pytest.raises(InvalidArgument):
             await blobs.writer(key)
     assert files_under(tmp_path) == ["secret"]
+
+
+# Resumable uploads: a suspended upload keeps its bytes for a resume at an offset.
+
+
+async def test_suspended_upload_resumes_at_an_offset(blobs: BlobStore) -> None:
+    key = sha256(DATA)
+    writer = await blobs.writer(key)
+    await writer.write(DATA[:CHUNK_SIZE])
+    assert (await blobs.pending(key))[1] is True  # running
+    await writer.suspend()
+    assert await blobs.pending(key) == (CHUNK_SIZE, False)
+    assert await blobs.size(key) is None
+    resumed = await blobs.writer(key, CHUNK_SIZE - 10)  # stored bytes past the offset are dropped
+    assert resumed.size == CHUNK_SIZE - 10
+    await resumed.write(DATA[CHUNK_SIZE - 10 :])
+    assert await resumed.commit() == key
+    assert await read_all(blobs, key) == DATA
+    assert await blobs.pending(key) == (0, False)
+
+
+async def test_resume_past_the_stored_bytes_or_without_any_is_a_conflict(blobs: BlobStore) -> None:
+    with pytest.raises(Conflict, match="start at offset 0"):
+        await blobs.writer("never", 5)
+    writer = await blobs.writer("short")
+    await writer.write(b"abc")
+    await writer.suspend()
+    with pytest.raises(Conflict, match="resume at offset 3"):
+        await blobs.writer("short", 4)
+    assert await blobs.pending("short") == (3, False)  # a refused resume leaves the bytes
+    claimed = await blobs.writer("short", 3)
+    with pytest.raises(Conflict):  # one resume at a time
+        await blobs.writer("short", 3)
+    await claimed.write(b"def")
+    await claimed.commit()
+    assert await read_all(blobs, "short") == b"abcdef"
+
+
+async def test_read_a_range(blobs: BlobStore) -> None:
+    await put(blobs, "ranged", DATA)
+    chunks = [chunk async for chunk in blobs.read("ranged", CHUNK_SIZE - 5, CHUNK_SIZE + 10)]
+    assert b"".join(chunks) == DATA[CHUNK_SIZE - 5 : 2 * CHUNK_SIZE + 5]

@@ -310,3 +310,33 @@ async def test_native_grpc(envoy_port: int) -> None:
         reply = await server_pb2_grpc.ServerServiceStub(channel).GetHealth(server_pb2.GetHealthRequest(), timeout=10)
     assert reply.content_type == "text/plain"
     assert reply.data == b"OK"
+
+
+def route_for(routes: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """The first route whose match takes `path` (prefix and path matches, as used here)."""
+    for route in routes:
+        match = route["match"]
+        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
+            return route
+    raise AssertionError(f"no route for {path}")
+
+
+def test_every_rpc_is_routed_and_streams_have_no_timeout() -> None:
+    cfg = rendered(admin_port=None)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    methods = [
+        (f"/{file.package}.{service.name}/{method.name}", method)
+        for file in files.file
+        if file.package == "jobwire.v1"
+        for service in file.service
+        for method in service.method
+    ]
+    assert len(methods) > 20
+    # The transcoder rewrites REST requests to these gRPC paths before the router picks a route.
+    for path, method in methods:
+        route = route_for(host["routes"], path)["route"]
+        if method.client_streaming or method.server_streaming:
+            assert route["timeout"] == "0s", path
+    assert hcm["stream_idle_timeout"] == "0s" and hcm["request_timeout"] == "0s"

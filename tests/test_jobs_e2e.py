@@ -8,7 +8,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import docker
@@ -18,11 +17,10 @@ import pytest
 from google.protobuf import json_format
 
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
-from tests.conftest import BUSYBOX, PYTHON, Stack, WorkerHandle, wait_finished
+from tests.conftest import BUSYBOX, PYTHON, Stack, StartWorker, wait_finished
 from tests.test_definition import SEED_VECTORS
 
 pytestmark = pytest.mark.docker
-StartWorker = Callable[..., Awaitable[WorkerHandle]]
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 

@@ -15,7 +15,15 @@ import pytest
 
 from jobwire.definition import job_id
 from jobwire.server.store import StateStore
-from jobwire.server.store.base import ALL_NAMESPACES, DEFAULT_NAMESPACE, FINAL_REASONS, Attempt
+from jobwire.server.store.base import (
+    ALL_NAMESPACES,
+    DEFAULT_NAMESPACE,
+    FINAL_REASONS,
+    FINISHED_HOOK,
+    QUEUED_HOOK,
+    Attempt,
+    Webhook,
+)
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
@@ -374,6 +382,36 @@ async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
 
 
+async def test_a_newer_job_replaces_older_live_jobs_of_its_namespace(store: StateStore) -> None:
+    await submit(store, 1, namespace="ns")
+    running = await claim(store, worker="w1")
+    shared = await submit(store, 2, namespace="ns")
+    await submit(store, 2, namespace="other")
+    default = await submit(store, 3)
+    newest = await submit(store, 4, namespace="ns")
+    replaced = await store.replace_in_namespace(queue="q", namespace="ns", keep=newest.id, now=T0 + 9)
+    by_id = {ended.job.id: ended for ended in replaced}
+    assert set(by_id) == {running.id, shared.id}
+    assert by_id[running.id].stop == attempt_of(running) and by_id[running.id].worker_id == "w1"
+    assert by_id[running.id].job.finish_reason == jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT
+    assert by_id[shared.id].stop is None and by_id[shared.id].job.state == QUEUED  # "other" still holds it
+    assert await state(store, default) == QUEUED
+    assert await state(store, newest) == QUEUED
+    assert await store.replace_in_namespace(queue="q", namespace="ns", keep=newest.id, now=T0 + 10) == []
+
+
+async def test_claim_skips_jobs_needing_more_gpus_than_the_worker_has_free(store: StateStore) -> None:
+    gpu_job = definition(1)
+    gpu_job.requirements.gpus = 2
+    gpu, _ = await store.submit(job_id=job_id(gpu_job), definition=gpu_job, queue="q", namespace="_", now=T0)
+    cpu = await submit(store, 2)
+    taken = await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1)
+    assert taken is not None and taken.id == cpu.id
+    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1) is None
+    taken = await store.claim(queue="q", worker_id="w2", now=T0, lease=LEASE, gpus=2)
+    assert taken is not None and taken.id == gpu.id
+
+
 async def test_renew_extends_the_lease(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))
@@ -637,3 +675,46 @@ async def test_remove_worker_only_for_its_current_session(store: StateStore) -> 
     assert [info.id for info in await store.list_workers("q", seen_since=0)] == ["w1"]
     await store.remove_worker("w1", session="new")
     assert await store.list_workers("q", seen_since=0) == []
+
+
+# Webhooks
+
+
+async def test_finished_webhooks_are_armed_by_the_finish_and_claimed_once(store: StateStore) -> None:
+    job = await submit(store, 1)
+    await store.add_webhook(Webhook(job.id, QUEUED_HOOK, "http://q", b"{}"), armed=True, now=T0)
+    await store.add_webhook(Webhook(job.id, FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0)
+    (due,) = await store.claim_webhooks(T0 + 1, T0 + 30, 10)
+    assert (due.event, due.url, due.attempts) == (QUEUED_HOOK, "http://q", 0)
+    assert await store.claim_webhooks(T0 + 2, T0 + 30, 10) == []  # hidden while tried
+    await store.settle_webhook(due.id, T0 + 5)
+    (again,) = await store.claim_webhooks(T0 + 5, T0 + 30, 10)
+    assert (again.id, again.attempts) == (due.id, 1)
+    await store.settle_webhook(again.id, None)
+    running = attempt_of(await claim(store))
+    assert await store.claim_webhooks(T0 + 50, T0 + 80, 10) == []  # finished hook waits for the finish
+    await store.finish(running, result(), T0 + 60)
+    (finished,) = await store.claim_webhooks(T0 + 60, T0 + 90, 10)
+    assert (finished.event, finished.url) == (FINISHED_HOOK, "http://f")
+
+
+async def test_a_finished_webhook_for_a_finished_job_is_due_at_once(store: StateStore) -> None:
+    job = await submit(store, 1)
+    await store.finish(attempt_of(await claim(store)), result(), T0 + 1)
+    await store.add_webhook(Webhook(job.id, FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0 + 2)
+    assert len(await store.claim_webhooks(T0 + 2, T0 + 30, 10)) == 1
+
+
+async def test_expire_forgets_only_jobs_finished_before_the_cutoff(store: StateStore) -> None:
+    old = await submit(store, 1)
+    running = attempt_of(await claim(store))
+    await store.append_logs(running, RUN, chunks("a"), 0)
+    await store.finish(running, result(), T0 + 10)
+    young = await submit(store, 2)
+    await store.finish(attempt_of(await claim(store)), result(), T0 + 100)
+    live = await submit(store, 3)
+    assert await store.expire(T0 + 50, 10) == [old.id]
+    assert await store.get_job(old.id) is None
+    assert await store.read_logs(running, RUN, 0, 10) == []
+    assert await store.get_job(young.id) is not None and await store.get_job(live.id) is not None
+    assert await store.expire(T0 + 10_000, 10) == [young.id]  # never a live job

@@ -33,7 +33,7 @@ def web_stack(tmp_path_factory: pytest.TempPathFactory, docker_images: None) -> 
     if not (WEB / "dist" / "index.html").is_file():
         pytest.fail("web client not built: run `make web` (as `make test` does)")
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no browser at {CHROMIUM}: run `make chromium` (as `make test` does)")
+        pytest.fail(f"no browser at {CHROMIUM}: run `make browser` (as `make test` does)")
     data = tmp_path_factory.mktemp("web-stack")
     port = free_port()
     command = [str(Path(sys.executable).parent / "jobwire"), "up", "--port", str(port)]

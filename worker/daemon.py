@@ -7,6 +7,8 @@ and results the server has not acknowledged are sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import random
 import socket
@@ -17,9 +19,11 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
+from jobwire.units import format_duration
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from jobwire.worker.execution import ATTEMPT_LABEL, JOB_LABEL, WORKER_LABEL, Execution
+from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.files import FileClient
+from jobwire.worker.gpus import GpuPool
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
@@ -40,6 +44,22 @@ class StreamEnded(Exception):
     """The server closed the stream."""
 
 
+class Outbox:
+    """Messages for the server in order, except heartbeats, which go first: a backlog of log batches
+    must never delay the heartbeat that keeps the worker's leases."""
+
+    def __init__(self, size: int) -> None:
+        self._queue: asyncio.PriorityQueue[tuple[int, int, workers_pb2.ConnectRequest]] = asyncio.PriorityQueue(size)
+        self._sequence = itertools.count()
+
+    async def put(self, message: workers_pb2.ConnectRequest) -> None:
+        priority = 0 if message.HasField("heartbeat") else 1
+        await self._queue.put((priority, next(self._sequence), message))
+
+    async def get(self) -> workers_pb2.ConnectRequest:
+        return (await self._queue.get())[2]
+
+
 @dataclass
 class _Running:
     attempt: int
@@ -52,7 +72,7 @@ class Daemon:
     def __init__(self, settings: WorkerSettings, runtime: DockerRuntime) -> None:
         self.settings, self.runtime = settings, runtime
         self.worker_id = settings.resolved_id()
-        self.outbox: asyncio.Queue[workers_pb2.ConnectRequest] = asyncio.Queue(OUTBOX_SIZE)
+        self.outbox = Outbox(OUTBOX_SIZE)
         self.retry: workers_pb2.ConnectRequest | None = None
         self.running: dict[str, _Running] = {}
         self.unacked: dict[tuple[str, int], workers_pb2.ConnectRequest] = {}
@@ -61,6 +81,10 @@ class Daemon:
         self.public_url = ""
         self.registered = asyncio.Event()
         self.stopping: set[tuple[str, int]] = set()
+        self.releasing: set[tuple[str, int]] = set()
+        self.draining = False
+        self.gpus = GpuPool(settings.gpus)
+        self.all_acked = asyncio.Event()
 
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with exponential backoff and jitter."""
@@ -101,6 +125,8 @@ class Daemon:
             self.settings.server,
         )
         self.registered.set()
+        if self.draining:
+            await call.write(self._heartbeat_message())
         for cursor in registered.log_cursors:
             execution = self.executions.get((cursor.job_id, cursor.attempt))
             if execution is not None and (resend := execution.logs[cursor.kind].resend_from(cursor.stored)):
@@ -142,13 +168,17 @@ class Daemon:
         while True:
             message = self.retry or await self.outbox.get()
             self.retry = message
+            log.debug("→ %s", message.WhichOneof("message"))
             await call.write(message)
             self.retry = None
 
     async def _heartbeat(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self.outbox.put(workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held())))
+            await self.outbox.put(self._heartbeat_message())
+
+    def _heartbeat_message(self) -> workers_pb2.ConnectRequest:
+        return workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held(), draining=self.draining))
 
     async def _read(
         self,
@@ -160,6 +190,7 @@ class Daemon:
             message = await call.read()
             if not isinstance(message, workers_pb2.ConnectResponse):  # grpc.aio.EOF
                 raise StreamEnded("the server closed the stream")
+            log.debug("← %s", message.WhichOneof("message"))
             match message.WhichOneof("message"):
                 case "assignment":
                     self._start(message.assignment, jobs, staging)
@@ -171,6 +202,8 @@ class Daemon:
                     acked = (message.finished_ack.job_id, message.finished_ack.attempt)
                     self.unacked.pop(acked, None)
                     self.executions.pop(acked, None)
+                    if not self.unacked:
+                        self.all_acked.set()
 
     async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
         """Re-attach to the containers an earlier run of this worker (same id) left behind; they are
@@ -183,7 +216,8 @@ class Daemon:
                 await self.runtime.remove(labels["id"])
                 continue
             log.info("re-attaching to job %s (attempt %d), still running on this machine", job_id, attempt)
-            self._start(assignment, jobs, staging, container_id=labels["id"])
+            devices = self.gpus.take_these(filter(None, labels.get(GPUS_LABEL, "").split(",")))
+            self._start(assignment, jobs, staging, container_id=labels["id"], devices=devices)
 
     def _start(
         self,
@@ -191,6 +225,7 @@ class Daemon:
         jobs: asyncio.TaskGroup,
         staging: Staging,
         container_id: str = "",
+        devices: list[str] | None = None,
     ) -> None:
         if assignment.job_id in self.running:
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
@@ -204,6 +239,13 @@ class Daemon:
             self.outbox.put,
             self.public_url,
         )
+        try:
+            execution.gpu_devices = (
+                self.gpus.take(assignment.definition.requirements.gpus) if devices is None else devices
+            )
+        except ValueError as error:  # the server assigned more than we have: say so as the job's error
+            execution.gpu_devices, container_id = [], ""
+            execution.refusal = str(error)
         task = jobs.create_task(self._execute(execution, container_id))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)
         self.executions[(assignment.job_id, assignment.attempt)] = execution
@@ -215,20 +257,50 @@ class Daemon:
             self.stopping.add((job_id, attempt))
             running.task.cancel()
 
+    async def drain(self, timeout: float) -> None:
+        """Shut down gently: take no new job, let running ones finish for up to `timeout` seconds, give
+        the rest back to the server (re-queued at once), and wait briefly for the server to confirm."""
+        self.draining = True
+        log.info("draining: %d job(s) running; giving them %s to finish", len(self.running), format_duration(timeout))
+        await self.outbox.put(self._heartbeat_message())
+        if self.running:
+            await asyncio.wait([running.task for running in self.running.values()], timeout=timeout)
+        for job_id, running in list(self.running.items()):
+            log.info("giving job %s back to the server", job_id)
+            self.releasing.add((job_id, running.attempt))
+            running.task.cancel()
+        if self.running:
+            await asyncio.wait([running.task for running in self.running.values()], timeout=10)
+        if self.unacked:
+            self.all_acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_acked.wait(), 10)
+
     async def _execute(self, execution: Execution, container_id: str) -> None:
         log.info("running job %s (attempt %d)", execution.job_id, execution.attempt)
+        key = (execution.job_id, execution.attempt)
         try:
             result = await (execution.resume(container_id) if container_id else execution.run())
         except asyncio.CancelledError:
-            if (execution.job_id, execution.attempt) not in self.stopping:
+            if key in self.releasing:
+                self.releasing.discard(key)
+                self.running.pop(execution.job_id, None)
+                released = workers_pb2.JobReleased(
+                    job_id=execution.job_id, attempt=execution.attempt, reason="the worker is shutting down"
+                )
+                self.unacked[key] = workers_pb2.ConnectRequest(released=released)
+                await self.outbox.put(self.unacked[key])
+                return
+            if key not in self.stopping:
                 raise  # the worker is shutting down
-            self.stopping.discard((execution.job_id, execution.attempt))
+            self.stopping.discard(key)
             result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED, message="stopped on request")
         except Exception as error:  # a bug must not take the worker down: report it as the job's error
             log.exception("job %s failed", execution.job_id)
             result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_ERROR, message=f"worker error: {error!r}")
         finally:
             self.running.pop(execution.job_id, None)
+            self.gpus.give_back(execution.gpu_devices)
         finished = workers_pb2.JobFinished(job_id=execution.job_id, attempt=execution.attempt, result=result)
         message = workers_pb2.ConnectRequest(finished=finished)
         self.unacked[(execution.job_id, execution.attempt)] = message

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from jobwire.command import split_command
 from jobwire.units import format_duration, parse_duration, parse_size, timestamp
 from jobwire.v1 import jobs_pb2, workers_pb2
+from jobwire.worker.builds import Builder, BuildError
 from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, ImageError, Outcome
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging, StagingError
@@ -25,6 +26,7 @@ _BATCH_CHUNKS = 2000
 _ASSIGNMENT = "assignment.binpb"
 _RETAINED_CHUNKS = 50_000
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
+GPUS_LABEL = f"{LABEL}.gpus"
 
 
 class Execution:
@@ -45,12 +47,14 @@ class Execution:
         self.job_id, self.attempt = assignment.job_id, assignment.attempt
         self.directory = settings.data_directory / "jobs" / f"{self.job_id}-{self.attempt}"
         self.logs = {kind: _LogStream(self, kind) for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)}
+        self.gpu_devices: list[str] = []  # set by the daemon from its GpuPool
+        self.refusal = ""  # why this worker cannot run the job at all, if it cannot
 
     async def run(self) -> jobs_pb2.JobResult:
         """Stage, pull, run and collect; the result says what happened."""
         try:
             return await self._run()
-        except (StagingError, ImageError) as error:
+        except (StagingError, ImageError, BuildError) as error:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
         finally:
@@ -59,7 +63,7 @@ class Execution:
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
         """Follow this attempt's container, started before the worker restarted, to its result."""
         try:
-            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output)
+            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
@@ -74,21 +78,28 @@ class Execution:
             return None
 
     async def _run(self) -> jobs_pb2.JobResult:
+        if self.refusal:
+            raise StagingError(self.refusal)
         definition = self.assignment.definition
         inputs, outputs = self.directory / "inputs", self.directory / "outputs"
         for folder in (inputs, outputs):
             folder.mkdir(parents=True, exist_ok=True)
         (self.directory / _ASSIGNMENT).write_bytes(self.assignment.SerializeToString())
         binds = await self.staging.write_inputs(definition, inputs, self.directory / "config")
-        if definition.HasField("build"):
-            raise ImageError("image builds (`build`) are not supported by this worker yet; give an `image`")
         loop = asyncio.get_running_loop()
-        await self.runtime.ensure_image(
-            definition.image,
-            lambda line: loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode()),
-        )
+
+        def build_log(line: str) -> None:
+            loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode())
+
+        if definition.HasField("build"):
+            builder = Builder(self.runtime.client, self.staging, self.settings.data_directory / "builds")
+            image = await builder.ensure_built(definition.build, build_log)
+        else:
+            image = definition.image
+            await self.runtime.ensure_image(image, build_log)
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe land
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
-        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds])
+        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds], image)
         outcome = await self.runtime.run(spec, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
 
@@ -101,7 +112,7 @@ class Execution:
             result.outputs[name].CopyFrom(ref)
         return result
 
-    def container_spec(self, binds: list[tuple[str, str, bool]]) -> ContainerSpec:
+    def container_spec(self, binds: list[tuple[str, str, bool]], image: str) -> ContainerSpec:
         """The container for this attempt, per the container contract."""
         definition = self.assignment.definition
         env = dict(definition.env)
@@ -115,10 +126,12 @@ class Execution:
             "JOB_INPUTS_URL_PREFIX": f"{prefix}/inputs/",
             "JOB_OUTPUTS_URL_PREFIX": f"{prefix}/outputs/",
         }
+        if self.gpu_devices:  # the container sees its devices numbered from 0
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(len(self.gpu_devices)))
         requirements = definition.requirements
         return ContainerSpec(
             name=f"jobwire-{self.job_id[:12]}-{self.attempt}-{self.worker_id}",
-            image=definition.image,
+            image=image,
             command=split_command(definition.command, definition.env) if definition.HasField("command") else None,
             entrypoint=(
                 split_command(definition.entrypoint, definition.env) if definition.HasField("entrypoint") else None
@@ -132,11 +145,18 @@ class Execution:
                 ATTEMPT_LABEL: str(self.attempt),
                 f"{LABEL}.queue": self.assignment.queue,
                 WORKER_LABEL: self.worker_id,
+                GPUS_LABEL: ",".join(self.gpu_devices),
             },
             timeout=self.time_limit(),
             shm_size=parse_size(definition.shm_size) if definition.HasField("shm_size") else None,
-            memory=parse_size(requirements.memory) if requirements.HasField("memory") else None,
+            memory=(
+                parse_size(requirements.memory)
+                if requirements.HasField("memory")
+                else self.settings.job_memory_default()
+            ),
+            pids_limit=self.settings.pids_limit,
             nano_cpus=round(requirements.cpus * 1e9) if requirements.HasField("cpus") else None,
+            gpu_devices=self.gpu_devices,
         )
 
     def time_limit(self) -> float:
@@ -174,7 +194,7 @@ class Execution:
             result.reason = jobs_pb2.FINISH_REASON_TIMED_OUT
             result.message = f"timed out: killed after its time limit of {format_duration(limit or 0)}"
         elif outcome.oom_killed:
-            memory = self.assignment.definition.requirements.memory or "the machine's"
+            memory = self.assignment.definition.requirements.memory or "the worker's default"
             result.message = f"killed: out of memory (limit {memory}, exit code {outcome.exit_code})"
         elif outcome.exit_code != 0:
             result.message = f"the container exited with code {outcome.exit_code}"

@@ -35,7 +35,7 @@ Output = Callable[[Stream, bytes, str], Awaitable[None]]
 
 
 class ImageError(Exception):
-    """The image is not available locally and could not be pulled."""
+    """The image is not available locally and could not be pulled, or the engine refused the container."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ContainerSpec:
     nano_cpus: int | None = None
     gpu_devices: list[str] = field(default_factory=list)
     user: str | None = None
+    pids_limit: int = 4096
 
 
 @dataclass(frozen=True)
@@ -132,21 +133,34 @@ class DockerRuntime:
     async def run(self, spec: ContainerSpec, output: Output, started: Callable[[], Awaitable[None]]) -> Outcome:
         """Run the container to its end (or its timeout), streaming output; always removes it.
         `started` is awaited once the engine has started the container."""
-        container = await asyncio.to_thread(self._create, spec)
         try:
-            await asyncio.to_thread(container.start)
+            container = await asyncio.to_thread(self._create, spec)
+        except docker.errors.APIError as error:
+            raise ImageError(f"the Docker engine refused the container: {error.explanation}") from None
+        try:
+            try:
+                await asyncio.to_thread(container.start)
+            except docker.errors.APIError as error:
+                raise ImageError(f"the Docker engine could not start the container: {error.explanation}") from None
             await started()
             return await self._follow(container, spec.timeout, output)
         finally:
             await asyncio.shield(asyncio.to_thread(_remove, container))
 
-    async def resume(self, container_id: str, timeout: float, output: Output) -> Outcome:
-        """Follow a container started earlier (by this worker before a restart) from its first output
-        to its end, within `timeout` seconds of its start; always removes it."""
+    async def resume(
+        self, container_id: str, timeout: float, output: Output, started: Callable[[], Awaitable[None]]
+    ) -> Outcome:
+        """Follow a container created earlier (by this worker before a restart) from its first output
+        to its end, within `timeout` seconds of its start, starting it if it never was; always removes it."""
         container = await asyncio.to_thread(self.client.containers.get, container_id)
         try:
-            started = _docker_time((await asyncio.to_thread(_inspect, container))["State"]["StartedAt"])
-            return await self._follow(container, max(timeout - (time.time() - started), 0.1), output)
+            state = (await asyncio.to_thread(_inspect, container))["State"]
+            if state["Status"] == "created":
+                await asyncio.to_thread(container.start)
+                await started()
+                state = (await asyncio.to_thread(_inspect, container))["State"]
+            begun = _docker_time(state["StartedAt"])
+            return await self._follow(container, max(timeout - (time.time() - begun), 0.1), output)
         finally:
             await asyncio.shield(asyncio.to_thread(_remove, container))
 
@@ -176,6 +190,8 @@ class DockerRuntime:
             nano_cpus=spec.nano_cpus,
             device_requests=devices if spec.gpu_devices else None,
             security_opt=["no-new-privileges"],
+            pids_limit=spec.pids_limit,
+            privileged=False,
             tty=False,
             stdin_open=False,
         )
@@ -185,7 +201,7 @@ class DockerRuntime:
         chunks: asyncio.Queue[tuple[Stream, bytes, str] | None] = asyncio.Queue(1024)
         # The engine's log of the container, from its first line: nothing is missed however short the
         # run, and a worker restarted mid-job reads the same entries in the same order again.
-        reader = asyncio.create_task(asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop))
+        reader = asyncio.create_task(asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop, True))
         forwarder = asyncio.create_task(_forward(chunks, output))
         timed_out = False
         try:
@@ -198,9 +214,14 @@ class DockerRuntime:
             # Kill first; the log stream then ends by itself, which frees the reader thread.
             await asyncio.shield(asyncio.to_thread(_kill, container))
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(asyncio.gather(reader, forwarder)), 10)
+                await asyncio.wait_for(asyncio.shield(reader), 10)
+            forwarder.cancel()
             raise
-        await reader
+        seen = await reader
+        # A follower may end before the engine wrote the last entry (an unterminated last line is
+        # flushed when the output closes): read on from the last entry seen, without following.
+        await asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop, False, seen)
+        await chunks.put(None)
         await forwarder
         state = (await asyncio.to_thread(_inspect, container))["State"]
         started, ended = _docker_time(state["StartedAt"]), _docker_time(state["FinishedAt"])
@@ -222,24 +243,46 @@ def _read_logs(
     container_id: str,
     chunks: asyncio.Queue[tuple[Stream, bytes, str] | None],
     loop: asyncio.AbstractEventLoop,
-) -> None:
-    """Follow the container's log: frames of an 8-byte header (stream, size) and a timestamped entry."""
+    follow: bool,
+    after: tuple[str, int] = ("", 0),
+) -> tuple[str, int]:
+    """Read the container's log: frames of an 8-byte header (stream, size) and a timestamped entry.
 
-    def put(item: tuple[Stream, bytes, str] | None) -> None:
-        asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
-
+    `after` is (the last timestamp seen, how many entries had it): only later entries are put.
+    Returns the same for what this read saw."""
+    last, repeats = after
+    params: dict[str, Any] = {"follow": int(follow), "stdout": 1, "stderr": 1, "timestamps": 1}
+    if last:
+        params["since"] = _docker_since(last)
     api: Any = client.api  # the raw response: the SDK's helpers drop the stream ids of timestamped logs
-    params = {"follow": 1, "stdout": 1, "stderr": 1, "timestamps": 1}
-    try:
-        url = api._url("/containers/{0}/logs", container_id)
-        with api._get(url, params=params, stream=True, timeout=None) as response:
-            api._raise_for_status(response)
-            while len(header := _read_exactly(response.raw, 8)) == 8:
-                stream = STDERR if header[0] == 2 else STDOUT
-                stamp, _, data = _read_exactly(response.raw, int.from_bytes(header[4:8], "big")).partition(b" ")
-                put((stream, data, stamp.decode()))
-    finally:
-        put(None)
+    url = api._url("/containers/{0}/logs", container_id)
+    skip, last_key = (repeats, _stamp_key(last)) if last else (0, (0, 0))
+    with api._get(url, params=params, stream=True, timeout=None) as response:
+        api._raise_for_status(response)
+        while len(header := _read_exactly(response.raw, 8)) == 8:
+            stream = STDERR if header[0] == 2 else STDOUT
+            stamp_bytes, _, data = _read_exactly(response.raw, int.from_bytes(header[4:8], "big")).partition(b" ")
+            stamp = stamp_bytes.decode()
+            key = _stamp_key(stamp)
+            if key < last_key or (key == last_key and skip > 0):
+                skip -= key == last_key
+                continue
+            repeats = repeats + 1 if key == last_key else 1
+            last, last_key = stamp, key
+            asyncio.run_coroutine_threadsafe(chunks.put((stream, data, stamp)), loop).result()
+    return last, repeats
+
+
+def _docker_since(stamp: str) -> str:
+    """An engine timestamp as the `since` parameter: seconds.nanoseconds."""
+    seconds, nanos = _stamp_key(stamp)
+    return f"{seconds}.{nanos:09d}"
+
+
+def _stamp_key(stamp: str) -> tuple[int, int]:
+    parsed = timestamp_pb2.Timestamp()
+    parsed.FromJsonString(stamp)
+    return parsed.seconds, parsed.nanos
 
 
 def _read_exactly(raw: Any, size: int) -> bytes:

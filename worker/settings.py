@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,15 @@ class WorkerSettings:
     max_job_duration: float = 3600.0
     worker_id: str = ""
     inline_limit: int = 200
+    default_memory: int = 0
+    """Memory limit of jobs that ask for none (0: 80% of this machine's memory)."""
+    pids_limit: int = 4096
+
+    def job_memory_default(self) -> int:
+        """`default_memory`, else 80% of the machine's physical memory."""
+        if self.default_memory:
+            return self.default_memory
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
     def resolved_id(self) -> str:
         """`worker_id`, else the id persisted in the data directory (created once)."""

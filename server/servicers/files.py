@@ -1,4 +1,4 @@
-"""FileService: blobs by key, streamed both ways."""
+"""FileService: blobs by key, streamed both ways, resumable uploads, ranged downloads."""
 
 from __future__ import annotations
 
@@ -7,51 +7,57 @@ from collections.abc import AsyncIterator
 from google.api import httpbody_pb2
 
 from jobwire.definition import DefinitionError, check_key
+from jobwire.server import transfers
 from jobwire.server.blobs import BlobStore
-from jobwire.server.errors import Context, InvalidArgument, NotFound, TooLarge, grpc_errors
+from jobwire.server.errors import Context, InvalidArgument, NotFound, grpc_errors
+from jobwire.server.metrics import Metrics
+from jobwire.server.servicers.http import header
 from jobwire.v1 import files_pb2, files_pb2_grpc
 
 
 class FileServicer(files_pb2_grpc.FileServiceServicer):
     """Adapts FileService calls to the blob store."""
 
-    def __init__(self, blobs: BlobStore, max_upload_size: int) -> None:
-        self.blobs, self.max_upload_size = blobs, max_upload_size
+    def __init__(self, blobs: BlobStore, max_upload_size: int, metrics: Metrics) -> None:
+        self.blobs, self.max_upload_size, self.metrics = blobs, max_upload_size, metrics
 
     async def UploadFile(
         self, request_iterator: AsyncIterator[files_pb2.UploadFileRequest], context: Context
     ) -> files_pb2.UploadFileResponse:
         async with grpc_errors(context):
-            first = await anext(aiter(request_iterator), None)
+            requests = aiter(request_iterator)
+            first = await anext(requests, None)
             if first is None:
                 raise InvalidArgument("empty upload: the first message must carry the key")
             key = checked_key(first.key)
-            writer = await self.blobs.writer(key)
-            try:
-                await writer.write(first.body.data)
-                async for request in request_iterator:
-                    if writer.size + len(request.body.data) > self.max_upload_size:
-                        raise TooLarge(f"upload exceeds the limit of {self.max_upload_size} bytes")
-                    await writer.write(request.body.data)
-            except BaseException:
-                await writer.abort()
-                raise
-            digest = await writer.commit()
-            return files_pb2.UploadFileResponse(key=key, size=writer.size, sha256=digest)
+            if first.offset < 0 or first.size < 0:
+                raise InvalidArgument("offset and size must be 0 or more")
+            expected = transfers.expected_size(first.offset, first.size, header(context, transfers.CONTENT_LENGTH))
+            size, digest = await transfers.receive(
+                self.blobs,
+                key,
+                _data(first, requests),
+                offset=first.offset,
+                expected=expected,
+                limit=self.max_upload_size,
+            )
+            self.metrics.bytes["uploaded"] += size - first.offset
+            return files_pb2.UploadFileResponse(key=key, size=size, sha256=digest)
 
     async def DownloadFile(
         self, request: files_pb2.DownloadFileRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async with grpc_errors(context):
             key = checked_key(request.key)
-            if await self.blobs.size(key) is None:
+            size = await self.blobs.size(key)
+            if size is None:
                 raise NotFound(f"file {key!r} not found")
-            first = True
-            async for chunk in self.blobs.read(key, request.offset):
-                yield httpbody_pb2.HttpBody(content_type="application/octet-stream" if first else "", data=chunk)
-                first = False
-            if first:
-                yield httpbody_pb2.HttpBody(content_type="application/octet-stream")
+            part = transfers.span(size, request.offset, request.length, header(context, "range"))
+            await context.send_initial_metadata(part.metadata())
+            chunks = self.blobs.read(key, part.start, part.length) if part.length else _nothing()
+            async for body in transfers.bodies(chunks, transfers.content_type(key)):
+                self.metrics.bytes["downloaded"] += len(body.data)
+                yield body
 
     async def GetFileInfo(
         self, request: files_pb2.GetFileInfoRequest, context: Context
@@ -61,6 +67,27 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             if size is None:
                 raise NotFound(f"file {request.key!r} not found")
             return files_pb2.GetFileInfoResponse(exists=True, size=size)
+
+    async def GetUpload(self, request: files_pb2.GetUploadRequest, context: Context) -> files_pb2.GetUploadResponse:
+        async with grpc_errors(context):
+            key = checked_key(request.key)
+            complete = await self.blobs.size(key) is not None
+            offset, running = await self.blobs.pending(key)
+            return files_pb2.GetUploadResponse(key=key, offset=offset, complete=complete, in_progress=running)
+
+
+async def _data(
+    first: files_pb2.UploadFileRequest, rest: AsyncIterator[files_pb2.UploadFileRequest]
+) -> AsyncIterator[bytes]:
+    yield first.body.data
+    async for request in rest:
+        yield request.body.data
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
 
 
 def checked_key(key: str) -> str:

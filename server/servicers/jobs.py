@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import base64
-import mimetypes
 from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
 
 from jobwire.definition import inline_bytes
+from jobwire.server import eventstream, transfers
 from jobwire.server.blobs import BlobStore
-from jobwire.server.errors import Context, InvalidArgument, NotFound, grpc_errors
+from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, grpc_errors
 from jobwire.server.logs import LogHub
 from jobwire.server.metrics import queue_metrics
 from jobwire.server.scheduler import Scheduler
+from jobwire.server.servicers.http import header
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 
 _PAGE_DEFAULT, _PAGE_MAX = 100, 1000
@@ -66,14 +67,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def _attach_logs(self, job: jobs_pb2.Job) -> None:
         if job.state == jobs_pb2.JOB_STATE_FINISHED and job.HasField("result") and job.attempt:
-            job.result.logs.extend(await self.logs.read(job, jobs_pb2.LOG_KIND_RUN, 0))
+            job.result.logs_start, chunks = await self.logs.tail(job)
+            job.result.logs.extend(chunks)
 
     async def GetJobLogs(self, request: jobs_pb2.GetJobLogsRequest, context: Context) -> jobs_pb2.GetJobLogsResponse:
         async with grpc_errors(context):
             if request.since < 0:
                 raise InvalidArgument("`since` must be 0 or more")
-            job = await self.scheduler.get_job(request.job_id)
-            chunks = await self.logs.read(job, request.kind, request.since) if job.attempt else []
+            kind = _log_kind(request)
+            job = await self.scheduler.get_job(request.job_id, request.queue)
+            chunks = await self.logs.read(job, kind, request.since) if job.attempt else []
             return jobs_pb2.GetJobLogsResponse(
                 chunks=chunks,
                 slice_start=request.since,
@@ -88,6 +91,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             async for message in self.logs.watch(request.job_id, request.run_logs_since, request.build_logs):
                 yield message
 
+    async def StreamJob(
+        self, request: jobs_pb2.StreamJobRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async with grpc_errors(context):
+            await self.scheduler.get_job(request.job_id, request.queue)  # NotFound before the stream starts
+            since = request.since or _cursor(header(context, "last-event-id"))
+            watch = self.logs.watch(request.job_id, since, build=not request.text)
+            async for body in eventstream.text(watch) if request.text else eventstream.events(watch):
+                yield body
+
     async def GetJobInput(
         self, request: jobs_pb2.GetJobInputRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
@@ -96,7 +109,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             refs = {**job.definition.config_files, **job.definition.inputs}
             if request.path not in refs:
                 raise NotFound(f"input {request.path!r} not found in job {job.id}")
-            async for body in self._serve(refs[request.path], request.path):
+            async for body in self._serve(refs[request.path], request.path, context):
                 yield body
 
     async def GetJobOutput(
@@ -105,26 +118,30 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             job = await self.scheduler.get_job(request.job_id, request.queue)
             if job.state != jobs_pb2.JOB_STATE_FINISHED:
-                raise NotFound(f"job {job.id} has not finished; it has no outputs yet")
+                raise Conflict(f"job {job.id} has not finished; it has no outputs yet")
             if request.path not in job.result.outputs:
                 raise NotFound(f"output {request.path!r} not found in job {job.id}")
-            async for body in self._serve(job.result.outputs[request.path], request.path):
+            async for body in self._serve(job.result.outputs[request.path], request.path, context):
                 yield body
 
-    async def _serve(self, ref: definition_pb2.DataRef, path: str) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    async def _serve(
+        self, ref: definition_pb2.DataRef, path: str, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         kind = ref.type or "utf8"
-        if kind == "key":
-            first = True
-            async for chunk in self.blobs.read(ref.value.string_value):
-                yield httpbody_pb2.HttpBody(content_type=content_type if first else "", data=chunk)
-                first = False
-            if first:
-                yield httpbody_pb2.HttpBody(content_type=content_type)
-            return
         if kind == "url":
             raise NotFound(f"{path!r} is a URL reference: {ref.value.string_value}")
-        yield httpbody_pb2.HttpBody(content_type=content_type, data=inline_bytes(ref))
+        if kind == "key":
+            size = await self.blobs.size(ref.value.string_value)
+            if size is None:
+                raise NotFound(f"the file of {path!r} is missing from the blob store")
+            chunks = self.blobs.read(ref.value.string_value)
+        else:
+            data = inline_bytes(ref)
+            size, chunks = len(data), _once(data)
+        disposition = ("content-disposition", transfers.attachment(path.rpartition("/")[2]))
+        await context.send_initial_metadata([(transfers.CONTENT_LENGTH, str(size)), disposition])
+        async for body in transfers.bodies(chunks, transfers.content_type(path)):
+            yield body
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.CancelJobResponse:
         async with grpc_errors(context):
@@ -160,8 +177,27 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             counts = await self.scheduler.store.queue_counts(request.queue)
             workers = await self.scheduler.live_workers(request.queue)
-            text = queue_metrics(request.queue, counts, workers)
+            text = queue_metrics(request.queue, counts, workers, self.scheduler.metrics)
             return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4", data=text.encode())
+
+
+_LOG_FILES = {"run-logs.json": jobs_pb2.LOG_KIND_RUN, "build-logs.json": jobs_pb2.LOG_KIND_BUILD}
+
+
+def _log_kind(request: jobs_pb2.GetJobLogsRequest) -> jobs_pb2.LogKind.ValueType:
+    if not request.file:
+        return request.kind or jobs_pb2.LOG_KIND_RUN
+    if request.file not in _LOG_FILES or request.kind:
+        raise InvalidArgument(f"unknown log file {request.file!r}; use run-logs.json or build-logs.json")
+    return _LOG_FILES[request.file]
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _cursor(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
 
 
 def _page_cursor(token: str) -> int:

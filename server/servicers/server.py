@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
+
 from google.api import httpbody_pb2
 
 import jobwire
@@ -25,6 +28,9 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
                 raise Unavailable(f"state store unreachable: {type(error).__name__}") from None
             return httpbody_pb2.HttpBody(content_type="text/plain", data=b"OK")
 
+    async def GetOpenApi(self, request: server_pb2.GetOpenApiRequest, context: Context) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(content_type="application/json", data=openapi_document())
+
     async def GetServerInfo(
         self, request: server_pb2.GetServerInfoRequest, context: Context
     ) -> server_pb2.GetServerInfoResponse:
@@ -33,3 +39,9 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
             inline_limit=self.settings.inline_limit,
             max_upload_size=self.settings.max_upload_size,
         )
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The OpenAPI document `make gen` writes next to the generated code."""
+    return resources.files("jobwire.v1").joinpath("openapi.json").read_bytes()

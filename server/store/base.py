@@ -44,6 +44,21 @@ class Cancelled:
     worker_id: str
 
 
+QUEUED_HOOK, FINISHED_HOOK = "queued", "finished"
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A JSON POST owed to `url` when the job reaches `event` (`queued` or `finished`)."""
+
+    job_id: str
+    event: str
+    url: str
+    body: bytes
+    id: int = 0
+    attempts: int = 0
+
+
 class StateStore(Protocol):
     """Jobs, queues, logs and workers, shared by every server replica."""
 
@@ -70,8 +85,11 @@ class StateStore(Protocol):
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
 
-    async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:
-        """Assign the oldest queued job of `queue` to the worker as a new attempt."""
+    async def claim(
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
+    ) -> jobs_pb2.Job | None:
+        """Assign the oldest queued job of `queue` needing at most `gpus` GPU devices to the worker as a
+        new attempt."""
 
     async def start(self, attempt: Attempt, now: float) -> bool:
         """Record that the attempt's container started; False if the attempt is stale."""
@@ -85,6 +103,26 @@ class StateStore(Protocol):
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
 
+    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
+        """Put the attempt's job back in its queue (its worker gave it back); None if stale."""
+
+    async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
+        """Keep a webhook: due at once when `armed` (or its job has finished), else when the job finishes
+        (the store arms it in the same transaction as the finish)."""
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[Webhook]:
+        """Due webhooks, oldest first; each is hidden from other claims until `until`."""
+
+    async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
+        """Forget a delivered (or abandoned) webhook, or count a failed try and retry it at `retry_at`."""
+
+    async def expire(self, before: float, limit: int) -> list[str]:
+        """Forget up to `limit` jobs finished before `before`, with their logs, history and webhooks;
+        returns their ids."""
+
+    async def blob_references(self) -> set[str]:
+        """Blob keys that jobs in the store refer to (inputs, config files, build contexts, outputs)."""
+
     async def extend_leases(self, until: float) -> None:
         """Let every running job's lease last at least until `until`."""
 
@@ -96,6 +134,10 @@ class StateStore(Protocol):
 
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
+
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        """One live job per namespace: drop the namespace's hold on its other unfinished jobs in the
+        queue, finishing as replaced those no namespace holds any more."""
 
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         """Finish the job as deleted and forget its result, so it can run again."""

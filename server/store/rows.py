@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jobwire.definition import is_sha256
 from jobwire.units import timestamp
-from jobwire.v1 import jobs_pb2
+from jobwire.v1 import definition_pb2, jobs_pb2
 
 
 def job_message(row: Sequence[Any], *, namespaces: Sequence[str]) -> jobs_pb2.Job:
@@ -42,3 +43,13 @@ def job_summary(job: jobs_pb2.Job) -> jobs_pb2.Job:
     if not job.HasField("result"):
         summary.ClearField("result")
     return summary
+
+
+def blob_keys(definition: definition_pb2.JobDefinition) -> set[str]:
+    """Keys of the blobs a definition reads: `key` refs of inputs and config files, an uploaded build context."""
+    refs = [*definition.inputs.values(), *definition.config_files.values()]
+    keys = {ref.value.string_value for ref in refs if ref.type == "key"}
+    context = definition.build.context.removeprefix("/f/")
+    if is_sha256(context):
+        keys.add(context)
+    return keys

@@ -13,10 +13,12 @@ import aiosqlite
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
     FINAL_REASONS,
+    FINISHED_HOOK,
     Attempt,
     Cancelled,
+    Webhook,
 )
-from jobwire.server.store.rows import event, job_message
+from jobwire.server.store.rows import blob_keys, event, job_message
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -54,6 +56,17 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE INDEX IF NOT EXISTS workers_queue ON workers (queue, last_seen);
 """
 
+MIGRATIONS = [
+    # 1: GPU devices a job needs, so claims can skip jobs a worker has no room for.
+    "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+    # 2: webhooks: waiting for their event (armed = 0) or due at next_time.
+    "CREATE TABLE webhooks (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, event TEXT NOT NULL,"
+    " url TEXT NOT NULL, body BLOB NOT NULL, armed INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+    " next_time REAL NOT NULL); CREATE INDEX webhooks_due ON webhooks (armed, next_time);"
+    " CREATE INDEX webhooks_job ON webhooks (job_id, event)",
+]
+"""Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
+
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 
 
@@ -77,6 +90,10 @@ class SqliteStore:
         ):
             await db.execute(f"PRAGMA {pragma}")
         await db.executescript(SCHEMA)
+        async with db.execute("PRAGMA user_version") as cursor:
+            (version,) = await cursor.fetchone() or (0,)
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
         return cls(db)
 
     async def close(self) -> None:
@@ -88,6 +105,8 @@ class SqliteStore:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
+            if self._db.in_transaction:  # left open by a task cancelled while BEGIN ran in the thread
+                await self._db.rollback()
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -109,6 +128,42 @@ class SqliteStore:
             "INSERT INTO events (job_id, data) VALUES (?, ?)",
             (job_id, event(kind, now, **fields).SerializeToString()),
         )
+        if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
+            await self._db.execute(
+                "UPDATE webhooks SET armed = 1, next_time = ? WHERE job_id = ? AND event = ? AND armed = 0",
+                (now, job_id, FINISHED_HOOK),
+            )
+
+    async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
+        async with self._transaction() as db:
+            finished = await self._fetchone("SELECT 1 FROM jobs WHERE id = ? AND state = ?", hook.job_id, FINISHED)
+            await db.execute(
+                "INSERT INTO webhooks (job_id, event, url, body, armed, next_time) VALUES (?, ?, ?, ?, ?, ?)",
+                (hook.job_id, hook.event, hook.url, hook.body, int(armed or bool(finished)), now),
+            )
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[Webhook]:
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT id, job_id, event, url, body, attempts FROM webhooks WHERE armed = 1 AND next_time <= ?"
+                " ORDER BY next_time LIMIT ?",
+                now,
+                limit,
+            )
+            for row in rows:
+                await db.execute("UPDATE webhooks SET next_time = ? WHERE id = ?", (until, row[0]))
+        return [
+            Webhook(job_id, event, url, bytes(body), id, attempts) for id, job_id, event, url, body, attempts in rows
+        ]
+
+    async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
+        async with self._transaction() as db:
+            if retry_at is None:
+                await db.execute("DELETE FROM webhooks WHERE id = ?", (hook_id,))
+            else:
+                await db.execute(
+                    "UPDATE webhooks SET attempts = attempts + 1, next_time = ? WHERE id = ?", (retry_at, hook_id)
+                )
 
     async def _job_row(self, job_id: str) -> Any:
         return await self._fetchone(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
@@ -139,9 +194,9 @@ class SqliteStore:
             await db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, namespace))
             if row is None:
                 await db.execute(
-                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, queue, now, now, definition.SerializeToString()),
+                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
                 )
             elif row[1] == FINISHED and row[7] not in FINAL_REASONS:
                 await db.execute(
@@ -185,13 +240,16 @@ class SqliteStore:
         jobs = [job_message(row[1:], namespaces=[]) for row in rows[:limit]]
         return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
 
-    async def claim(self, *, queue: str, worker_id: str, now: float, lease: float) -> jobs_pb2.Job | None:
+    async def claim(
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
+    ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
             row = await self._fetchone(
                 "SELECT j.id, j.attempt FROM queue_jobs q JOIN jobs j ON j.id = q.job_id"
-                " WHERE q.queue = ? AND j.state = ? ORDER BY q.seq LIMIT 1",
+                " WHERE q.queue = ? AND j.state = ? AND j.gpus <= ? ORDER BY q.seq LIMIT 1",
                 queue,
                 QUEUED,
+                gpus,
             )
             if row is None:
                 return None
@@ -275,6 +333,36 @@ class SqliteStore:
                 )
         return await self._jobs_of([Attempt(job_id, attempt) for job_id, attempt, _ in rows])
 
+    async def expire(self, before: float, limit: int) -> list[str]:
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT id FROM jobs WHERE state = ? AND update_time < ? LIMIT ?", FINISHED, before, limit
+            )
+            for (job_id,) in rows:
+                for table, column in (
+                    ("jobs", "id"),
+                    ("queue_jobs", "job_id"),
+                    ("namespaces", "job_id"),
+                    ("events", "job_id"),
+                    ("logs", "job_id"),
+                    ("webhooks", "job_id"),
+                ):
+                    await db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+        return [job_id for (job_id,) in rows]
+
+    async def blob_references(self) -> set[str]:
+        rows = await self._fetchall("SELECT definition, result FROM jobs")
+        keys: set[str] = set()
+        for definition, result in rows:
+            keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
+            if result is not None:
+                keys |= {
+                    ref.value.string_value
+                    for ref in jobs_pb2.JobResult.FromString(result).outputs.values()
+                    if ref.type == "key"
+                }
+        return keys
+
     async def extend_leases(self, until: float) -> None:
         async with self._transaction() as db:
             await db.execute(
@@ -294,6 +382,13 @@ class SqliteStore:
                     attempt, worker_id, now, f"worker-lost: worker {worker_id} came back without this attempt"
                 )
         return await self._jobs_of(lost)
+
+    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
+        async with self._transaction():
+            if not await self._holds(attempt):
+                return None
+            await self._requeue(attempt, worker_id, now, f"released by worker {worker_id}: {reason}")
+        return await self._job(attempt.job_id)
 
     async def _requeue(self, attempt: Attempt, worker_id: str, now: float, message: str) -> None:
         await self._db.execute(
@@ -335,6 +430,42 @@ class SqliteStore:
         job = await self.get_job(job_id, queue=queue)
         assert job is not None
         return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
+
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        ended: list[tuple[str, tuple[Attempt | None, str] | None]] = []
+        async with self._transaction() as db:
+            rows = await self._fetchall(
+                "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.id = n.job_id"
+                " WHERE n.queue = ? AND n.namespace = ? AND n.job_id != ? AND j.state != ?",
+                queue,
+                namespace,
+                keep,
+                FINISHED,
+            )
+            for (job_id,) in rows:
+                await db.execute(
+                    "DELETE FROM namespaces WHERE queue = ? AND job_id = ? AND namespace = ?",
+                    (queue, job_id, namespace),
+                )
+                await self._event(
+                    job_id,
+                    jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
+                    now,
+                    message=f"replaced by job {keep} in namespace {namespace!r} of {queue!r}",
+                )
+                held = await self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
+                stop = (
+                    None
+                    if held
+                    else await self._end(job_id, jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT, now, "replaced")
+                )
+                ended.append((job_id, stop))
+        replaced = []
+        for job_id, stop in ended:
+            job = await self.get_job(job_id)
+            assert job is not None
+            replaced.append(Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else ""))
+        return replaced
 
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:

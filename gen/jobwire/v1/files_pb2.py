@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobwire/v1/files.proto\x12\njobwire.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"D\n\x11UploadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"?\n\x12UploadFileResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"2\n\x13\x44ownloadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"!\n\x12GetFileInfoRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"3\n\x13GetFileInfoResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\x32\xb8\x02\n\x0b\x46ileService\x12\x65\n\nUploadFile\x12\x1d.jobwire.v1.UploadFileRequest\x1a\x1e.jobwire.v1.UploadFileResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x1a\x08/f/{key}:\x04\x62ody(\x01\x12Y\n\x0c\x44ownloadFile\x12\x1f.jobwire.v1.DownloadFileRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/f/{key}0\x01\x12g\n\x0bGetFileInfo\x12\x1e.jobwire.v1.GetFileInfoRequest\x1a\x1f.jobwire.v1.GetFileInfoResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/existsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobwire/v1/files.proto\x12\njobwire.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"b\n\x11UploadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\"?\n\x12UploadFileResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"B\n\x13\x44ownloadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"!\n\x12GetFileInfoRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"3\n\x13GetFileInfoResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x1f\n\x10GetUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"W\n\x11GetUploadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x13\n\x0bin_progress\x18\x04 \x01(\x08\x32\x9b\x03\n\x0b\x46ileService\x12\x65\n\nUploadFile\x12\x1d.jobwire.v1.UploadFileRequest\x1a\x1e.jobwire.v1.UploadFileResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x1a\x08/f/{key}:\x04\x62ody(\x01\x12Y\n\x0c\x44ownloadFile\x12\x1f.jobwire.v1.DownloadFileRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/f/{key}0\x01\x12g\n\x0bGetFileInfo\x12\x1e.jobwire.v1.GetFileInfoRequest\x1a\x1f.jobwire.v1.GetFileInfoResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/exists\x12\x61\n\tGetUpload\x12\x1c.jobwire.v1.GetUploadRequest\x1a\x1d.jobwire.v1.GetUploadResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/uploadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,16 +39,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILESERVICE'].methods_by_name['DownloadFile']._serialized_options = b'\202\323\344\223\002\n\022\010/f/{key}'
   _globals['_FILESERVICE'].methods_by_name['GetFileInfo']._loaded_options = None
   _globals['_FILESERVICE'].methods_by_name['GetFileInfo']._serialized_options = b'\202\323\344\223\002\021\022\017/f/{key}/exists'
+  _globals['_FILESERVICE'].methods_by_name['GetUpload']._loaded_options = None
+  _globals['_FILESERVICE'].methods_by_name['GetUpload']._serialized_options = b'\202\323\344\223\002\021\022\017/f/{key}/upload'
   _globals['_UPLOADFILEREQUEST']._serialized_start=95
-  _globals['_UPLOADFILEREQUEST']._serialized_end=163
-  _globals['_UPLOADFILERESPONSE']._serialized_start=165
-  _globals['_UPLOADFILERESPONSE']._serialized_end=228
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=230
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=280
-  _globals['_GETFILEINFOREQUEST']._serialized_start=282
-  _globals['_GETFILEINFOREQUEST']._serialized_end=315
-  _globals['_GETFILEINFORESPONSE']._serialized_start=317
-  _globals['_GETFILEINFORESPONSE']._serialized_end=368
-  _globals['_FILESERVICE']._serialized_start=371
-  _globals['_FILESERVICE']._serialized_end=683
+  _globals['_UPLOADFILEREQUEST']._serialized_end=193
+  _globals['_UPLOADFILERESPONSE']._serialized_start=195
+  _globals['_UPLOADFILERESPONSE']._serialized_end=258
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=260
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=326
+  _globals['_GETFILEINFOREQUEST']._serialized_start=328
+  _globals['_GETFILEINFOREQUEST']._serialized_end=361
+  _globals['_GETFILEINFORESPONSE']._serialized_start=363
+  _globals['_GETFILEINFORESPONSE']._serialized_end=414
+  _globals['_GETUPLOADREQUEST']._serialized_start=416
+  _globals['_GETUPLOADREQUEST']._serialized_end=447
+  _globals['_GETUPLOADRESPONSE']._serialized_start=449
+  _globals['_GETUPLOADRESPONSE']._serialized_end=536
+  _globals['_FILESERVICE']._serialized_start=539
+  _globals['_FILESERVICE']._serialized_end=950
 # @@protoc_insertion_point(module_scope)

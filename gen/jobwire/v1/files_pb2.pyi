@@ -25,8 +25,21 @@ class UploadFileRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The blob's key; required in the first message, ignored afterwards."""
+    offset: _builtins.int
+    """First message only: the byte this upload starts at. 0 starts over;
+    more resumes an interrupted upload and must not pass the stored bytes
+    (`GetUpload`); stored bytes past it are dropped.
+    """
+    size: _builtins.int
+    """First message only: the blob's total size, if known. The blob is
+    committed only when that many bytes have arrived; a shorter stream
+    leaves a partial upload to resume. 0: unknown, the end of the stream
+    completes the blob.
+    """
     @_builtins.property
     def body(self) -> _httpbody_pb2.HttpBody:
         """A chunk of the blob's bytes in `data` (`content_type` is ignored)."""
@@ -36,10 +49,12 @@ class UploadFileRequest(_message.Message):
         *,
         key: _builtins.str = ...,
         body: _httpbody_pb2.HttpBody | None = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "key", b"key", "offset", b"offset", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -83,19 +98,23 @@ class DownloadFileRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The blob's key."""
     offset: _builtins.int
     """Start reading at this byte."""
+    length: _builtins.int
+    """Most bytes to send; 0: up to the end."""
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         offset: _builtins.int = ...,
+        length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "length", b"length", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,3 +167,63 @@ class GetFileInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFileInfoResponse: _TypeAlias = GetFileInfoResponse  # noqa: Y015
+
+@_typing.final
+class GetUploadRequest(_message.Message):
+    """Request of `GetUpload`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The blob's key."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadRequest: _TypeAlias = GetUploadRequest  # noqa: Y015
+
+@_typing.final
+class GetUploadResponse(_message.Message):
+    """Response of `GetUpload`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The blob's key."""
+    offset: _builtins.int
+    """Bytes of an interrupted upload stored so far: resume with this offset.
+    0 when no upload of the key is pending.
+    """
+    complete: _builtins.bool
+    """True when the blob itself exists (complete and verified)."""
+    in_progress: _builtins.bool
+    """True while an upload of the key is running; a resume now gets ABORTED
+    (HTTP 409), so wait for it to end.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        complete: _builtins.bool = ...,
+        in_progress: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "in_progress", b"in_progress", "key", b"key", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadResponse: _TypeAlias = GetUploadResponse  # noqa: Y015

@@ -56,6 +56,11 @@ class FileServiceStub:
                 request_serializer=jobwire_dot_v1_dot_files__pb2.GetFileInfoRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_files__pb2.GetFileInfoResponse.FromString,
                 _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/jobwire.v1.FileService/GetUpload',
+                request_serializer=jobwire_dot_v1_dot_files__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_files__pb2.GetUploadResponse.FromString,
+                _registered_method=True)
 
 
 class FileServiceServicer:
@@ -68,17 +73,24 @@ class FileServiceServicer:
     """
 
     def UploadFile(self, request_iterator, context):
-        """Uploads a blob in chunks. The first message carries the key; every
-        message may carry bytes in `body.data`. Over REST: `PUT /f/{key}` with
-        the raw bytes as the body, streamed (never held in memory). The blob
-        becomes visible only once complete and verified.
+        """Uploads a blob in chunks. The first message carries the key (and, to
+        resume, the offset); every message may carry bytes in `body.data`. Over
+        REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
+        in memory); `?offset=N` resumes. The blob becomes visible only once
+        complete and verified. An upload cut short (the client went away, or
+        fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
+        was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
+        409) when another upload of the key is in progress or `offset` is past
+        the stored bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadFile(self, request, context):
-        """Downloads a blob in chunks of at most 1 MiB.
+        """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
+        bytes=` header (one range) gives a 206 with `Content-Range`; the
+        response carries `Content-Length`.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -89,6 +101,14 @@ class FileServiceServicer:
     def GetFileInfo(self, request, context):
         """Tells whether a blob exists, and its size. NOT_FOUND (HTTP 404) when it
         does not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """Tells how much of an interrupted upload is stored, i.e. the offset to
+        resume from (0 when there is none), and whether one is running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +131,11 @@ def add_FileServiceServicer_to_server(servicer, server):
                     servicer.GetFileInfo,
                     request_deserializer=jobwire_dot_v1_dot_files__pb2.GetFileInfoRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_files__pb2.GetFileInfoResponse.SerializeToString,
+            ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=jobwire_dot_v1_dot_files__pb2.GetUploadRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_files__pb2.GetUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -200,6 +225,33 @@ class FileService:
             '/jobwire.v1.FileService/GetFileInfo',
             jobwire_dot_v1_dot_files__pb2.GetFileInfoRequest.SerializeToString,
             jobwire_dot_v1_dot_files__pb2.GetFileInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.FileService/GetUpload',
+            jobwire_dot_v1_dot_files__pb2.GetUploadRequest.SerializeToString,
+            jobwire_dot_v1_dot_files__pb2.GetUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

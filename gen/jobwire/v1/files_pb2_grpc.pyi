@@ -41,19 +41,30 @@ class FileServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FileServiceAsyncStub: ...
     UploadFile: _grpc.StreamUnaryMultiCallable[_files_pb2.UploadFileRequest, _files_pb2.UploadFileResponse]
-    """Uploads a blob in chunks. The first message carries the key; every
-    message may carry bytes in `body.data`. Over REST: `PUT /f/{key}` with
-    the raw bytes as the body, streamed (never held in memory). The blob
-    becomes visible only once complete and verified.
+    """Uploads a blob in chunks. The first message carries the key (and, to
+    resume, the offset); every message may carry bytes in `body.data`. Over
+    REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
+    in memory); `?offset=N` resumes. The blob becomes visible only once
+    complete and verified. An upload cut short (the client went away, or
+    fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
+    was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
+    409) when another upload of the key is in progress or `offset` is past
+    the stored bytes.
     """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]
-    """Downloads a blob in chunks of at most 1 MiB.
+    """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
+    bytes=` header (one range) gives a 206 with `Content-Range`; the
+    response carries `Content-Length`.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetFileInfo: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetFileInfoRequest, _files_pb2.GetFileInfoResponse]
     """Tells whether a blob exists, and its size. NOT_FOUND (HTTP 404) when it
     does not.
+    """
+    GetUpload: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]
+    """Tells how much of an interrupted upload is stored, i.e. the offset to
+    resume from (0 when there is none), and whether one is running.
     """
 
 @_typing.type_check_only
@@ -68,19 +79,30 @@ class FileServiceAsyncStub(FileServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadFile: _aio.StreamUnaryMultiCallable[_files_pb2.UploadFileRequest, _files_pb2.UploadFileResponse]  # type: ignore[assignment]
-    """Uploads a blob in chunks. The first message carries the key; every
-    message may carry bytes in `body.data`. Over REST: `PUT /f/{key}` with
-    the raw bytes as the body, streamed (never held in memory). The blob
-    becomes visible only once complete and verified.
+    """Uploads a blob in chunks. The first message carries the key (and, to
+    resume, the offset); every message may carry bytes in `body.data`. Over
+    REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
+    in memory); `?offset=N` resumes. The blob becomes visible only once
+    complete and verified. An upload cut short (the client went away, or
+    fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
+    was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
+    409) when another upload of the key is in progress or `offset` is past
+    the stored bytes.
     """
     DownloadFile: _aio.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """Downloads a blob in chunks of at most 1 MiB.
+    """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
+    bytes=` header (one range) gives a 206 with `Content-Range`; the
+    response carries `Content-Length`.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetFileInfo: _aio.UnaryUnaryMultiCallable[_files_pb2.GetFileInfoRequest, _files_pb2.GetFileInfoResponse]  # type: ignore[assignment]
     """Tells whether a blob exists, and its size. NOT_FOUND (HTTP 404) when it
     does not.
+    """
+    GetUpload: _aio.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]  # type: ignore[assignment]
+    """Tells how much of an interrupted upload is stored, i.e. the offset to
+    resume from (0 when there is none), and whether one is running.
     """
 
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -98,10 +120,15 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_files_pb2.UploadFileRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_files_pb2.UploadFileResponse, _abc.Awaitable[_files_pb2.UploadFileResponse]]:
-        """Uploads a blob in chunks. The first message carries the key; every
-        message may carry bytes in `body.data`. Over REST: `PUT /f/{key}` with
-        the raw bytes as the body, streamed (never held in memory). The blob
-        becomes visible only once complete and verified.
+        """Uploads a blob in chunks. The first message carries the key (and, to
+        resume, the offset); every message may carry bytes in `body.data`. Over
+        REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
+        in memory); `?offset=N` resumes. The blob becomes visible only once
+        complete and verified. An upload cut short (the client went away, or
+        fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
+        was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
+        409) when another upload of the key is in progress or `offset` is past
+        the stored bytes.
         """
 
     @_abc_1.abstractmethod
@@ -110,7 +137,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _files_pb2.DownloadFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
-        """Downloads a blob in chunks of at most 1 MiB.
+        """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
+        bytes=` header (one range) gives a 206 with `Content-Range`; the
+        response carries `Content-Length`.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -123,6 +152,16 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_files_pb2.GetFileInfoResponse, _abc.Awaitable[_files_pb2.GetFileInfoResponse]]:
         """Tells whether a blob exists, and its size. NOT_FOUND (HTTP 404) when it
         does not.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUpload(
+        self,
+        request: _files_pb2.GetUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.GetUploadResponse, _abc.Awaitable[_files_pb2.GetUploadResponse]]:
+        """Tells how much of an interrupted upload is stored, i.e. the offset to
+        resume from (0 when there is none), and whether one is running.
         """
 
 def add_FileServiceServicer_to_server(servicer: FileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

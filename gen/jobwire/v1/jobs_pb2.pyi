@@ -302,6 +302,7 @@ class JobResult(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
+    LOGS_START_FIELD_NUMBER: _builtins.int
     reason: Global___FinishReason.ValueType
     """Why it finished."""
     message: _builtins.str
@@ -314,6 +315,11 @@ class JobResult(_message.Message):
     """The attempt that produced this result."""
     oom_killed: _builtins.bool
     """True when the kernel killed the container for exceeding its memory."""
+    logs_start: _builtins.int
+    """Index in the run log of the first chunk in `logs`. Responses carry at
+    most the last 10,000 chunks and 1 MiB of log text; when this is not 0,
+    read the earlier chunks with `GetJobLogs` (`run-logs.json?since=0`).
+    """
     @_builtins.property
     def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogChunk]:
         """The run log (stdout and stderr in order)."""
@@ -351,10 +357,11 @@ class JobResult(_message.Message):
         worker_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         oom_killed: _builtins.bool = ...,
+        logs_start: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "duration", b"duration", "exit_code", b"exit_code", "finish_time", b"finish_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "duration", b"duration", "exit_code", b"exit_code", "finish_time", b"finish_time", "logs", b"logs", "message", b"message", "oom_killed", b"oom_killed", "outputs", b"outputs", "reason", b"reason", "start_time", b"start_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "duration", b"duration", "exit_code", b"exit_code", "finish_time", b"finish_time", "logs", b"logs", "logs_start", b"logs_start", "message", b"message", "oom_killed", b"oom_killed", "outputs", b"outputs", "reason", b"reason", "start_time", b"start_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -755,22 +762,32 @@ class GetJobLogsRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
     kind: Global___LogKind.ValueType
     """Run or build log."""
     since: _builtins.int
     """Index of the first chunk to return (a cursor from `next_cursor`)."""
+    queue: _builtins.str
+    """When set, the job must be in this queue."""
+    file: _builtins.str
+    """The seed's log file name, bound by its routes: `run-logs.json` or
+    `build-logs.json`. When set it picks the log and `kind` must be unset.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         kind: Global___LogKind.ValueType = ...,
         since: _builtins.int = ...,
+        queue: _builtins.str = ...,
+        file: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "kind", b"kind", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "job_id", b"job_id", "kind", b"kind", "queue", b"queue", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -913,6 +930,46 @@ class LogBatch(_message.Message):
 Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
 
 @_typing.final
+class StreamJobRequest(_message.Message):
+    """Request of `StreamJob`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id."""
+    queue: _builtins.str
+    """When set, the job must be in this queue."""
+    since: _builtins.int
+    """Send run-log chunks from this index on (0: all of them). Server-sent
+    events carry the cursor as their `id`, and a reconnecting `EventSource`
+    sends it back as `Last-Event-ID`, which the server honours.
+    """
+    text: _builtins.bool
+    """Send the raw run log (stdout and stderr as written) as `text/plain`
+    instead of events: `curl -N .../stream?text=true` prints the job's
+    output live.
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        queue: _builtins.str = ...,
+        since: _builtins.int = ...,
+        text: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "queue", b"queue", "since", b"since", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamJobRequest: _TypeAlias = StreamJobRequest  # noqa: Y015
+
+@_typing.final
 class GetJobInputRequest(_message.Message):
     """Request of `GetJobInput`."""
 
@@ -986,7 +1043,10 @@ class CancelJobRequest(_message.Message):
     job_id: _builtins.str
     """The job id."""
     namespace: _builtins.str
-    """The namespace to cancel for; default `_`; `*` cancels for all."""
+    """The namespace to cancel for; default `_`; `*` cancels for all. Bound
+    from the path by `/q/{queue}/j/{job_id}/{namespace}/cancel` (the seed
+    ignored that segment) or from the query (`?namespace=`).
+    """
     def __init__(
         self,
         *,

@@ -77,6 +77,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.StreamJob = channel.unary_stream(
+                '/jobwire.v1.JobService/StreamJob',
+                request_serializer=jobwire_dot_v1_dot_jobs__pb2.StreamJobRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.GetJobInput = channel.unary_stream(
                 '/jobwire.v1.JobService/GetJobInput',
                 request_serializer=jobwire_dot_v1_dot_jobs__pb2.GetJobInputRequest.SerializeToString,
@@ -162,7 +167,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobLogs(self, request, context):
-        """Reads a job's stored logs from a cursor.
+        """Reads a job's stored logs from a cursor. The seed's routes
+        `run-logs.json` and `build-logs.json` bind `file`, which picks the log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +177,18 @@ class JobServiceServicer:
     def WatchJob(self, request, context):
         """Follows a job: its current state and logs so far, then every change
         live, until the job finishes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamJob(self, request, context):
+        """Follows a job over plain HTTP until it finishes: `text/event-stream`
+        (server-sent events, for `EventSource` and `curl -N`) or, with
+        `text=true`, the raw run log as `text/plain`. The first message is sent
+        at once; the stream ends when the job finishes.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -271,6 +289,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=jobwire_dot_v1_dot_jobs__pb2.WatchJobRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_jobs__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'StreamJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamJob,
+                    request_deserializer=jobwire_dot_v1_dot_jobs__pb2.StreamJobRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetJobInput': grpc.unary_stream_rpc_method_handler(
                     servicer.GetJobInput,
@@ -504,6 +527,33 @@ class JobService:
             '/jobwire.v1.JobService/WatchJob',
             jobwire_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
             jobwire_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobwire.v1.JobService/StreamJob',
+            jobwire_dot_v1_dot_jobs__pb2.StreamJobRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

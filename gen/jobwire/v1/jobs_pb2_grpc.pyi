@@ -56,10 +56,20 @@ class JobServiceStub:
     exit code).
     """
     GetJobLogs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobLogsRequest, _jobs_pb2.GetJobLogsResponse]
-    """Reads a job's stored logs from a cursor."""
+    """Reads a job's stored logs from a cursor. The seed's routes
+    `run-logs.json` and `build-logs.json` bind `file`, which picks the log.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Follows a job: its current state and logs so far, then every change
     live, until the job finishes.
+    """
+    StreamJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamJobRequest, _httpbody_pb2.HttpBody]
+    """Follows a job over plain HTTP until it finishes: `text/event-stream`
+    (server-sent events, for `EventSource` and `curl -N`) or, with
+    `text=true`, the raw run log as `text/plain`. The first message is sent
+    at once; the stream ends when the job finishes.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetJobInput: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetJobInputRequest, _httpbody_pb2.HttpBody]
     """Serves one input file of a job (nested paths allowed).
@@ -117,10 +127,20 @@ class JobServiceAsyncStub(JobServiceStub):
     exit code).
     """
     GetJobLogs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobLogsRequest, _jobs_pb2.GetJobLogsResponse]  # type: ignore[assignment]
-    """Reads a job's stored logs from a cursor."""
+    """Reads a job's stored logs from a cursor. The seed's routes
+    `run-logs.json` and `build-logs.json` bind `file`, which picks the log.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Follows a job: its current state and logs so far, then every change
     live, until the job finishes.
+    """
+    StreamJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.StreamJobRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Follows a job over plain HTTP until it finishes: `text/event-stream`
+    (server-sent events, for `EventSource` and `curl -N`) or, with
+    `text=true`, the raw run log as `text/plain`. The first message is sent
+    at once; the stream ends when the job finishes.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GetJobInput: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetJobInputRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Serves one input file of a job (nested paths allowed).
@@ -211,7 +231,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.GetJobLogsResponse, _abc.Awaitable[_jobs_pb2.GetJobLogsResponse]]:
-        """Reads a job's stored logs from a cursor."""
+        """Reads a job's stored logs from a cursor. The seed's routes
+        `run-logs.json` and `build-logs.json` bind `file`, which picks the log.
+        """
 
     @_abc_1.abstractmethod
     def WatchJob(
@@ -221,6 +243,20 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.WatchJobResponse], _abc.AsyncIterator[_jobs_pb2.WatchJobResponse]]:
         """Follows a job: its current state and logs so far, then every change
         live, until the job finishes.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamJob(
+        self,
+        request: _jobs_pb2.StreamJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """Follows a job over plain HTTP until it finishes: `text/event-stream`
+        (server-sent events, for `EventSource` and `curl -N`) or, with
+        `text=true`, the raw run log as `text/plain`. The first message is sent
+        at once; the stream ends when the job finishes.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod

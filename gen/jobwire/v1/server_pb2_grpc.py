@@ -47,6 +47,11 @@ class ServerServiceStub:
                 request_serializer=jobwire_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetOpenApi = channel.unary_unary(
+                '/jobwire.v1.ServerService/GetOpenApi',
+                request_serializer=jobwire_dot_v1_dot_server__pb2.GetOpenApiRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class ServerServiceServicer:
@@ -70,6 +75,16 @@ class ServerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOpenApi(self, request, context):
+        """The REST API as an OpenAPI 2.0 document (`application/json`), generated
+        from these protos' `google.api.http` annotations by `make gen`.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +97,11 @@ def add_ServerServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=jobwire_dot_v1_dot_server__pb2.GetServerInfoRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_server__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetOpenApi': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpenApi,
+                    request_deserializer=jobwire_dot_v1_dot_server__pb2.GetOpenApiRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +160,33 @@ class ServerService:
             '/jobwire.v1.ServerService/GetServerInfo',
             jobwire_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
             jobwire_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOpenApi(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.ServerService/GetOpenApi',
+            jobwire_dot_v1_dot_server__pb2.GetOpenApiRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class ServerServiceStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_server_pb2.GetServerInfoRequest, _server_pb2.GetServerInfoResponse]
     """The server's version and settings that clients need."""
+    GetOpenApi: _grpc.UnaryUnaryMultiCallable[_server_pb2.GetOpenApiRequest, _httpbody_pb2.HttpBody]
+    """The REST API as an OpenAPI 2.0 document (`application/json`), generated
+    from these protos' `google.api.http` annotations by `make gen`.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 @_typing.type_check_only
 class ServerServiceAsyncStub(ServerServiceStub):
@@ -58,6 +64,12 @@ class ServerServiceAsyncStub(ServerServiceStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_server_pb2.GetServerInfoRequest, _server_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """The server's version and settings that clients need."""
+    GetOpenApi: _aio.UnaryUnaryMultiCallable[_server_pb2.GetOpenApiRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The REST API as an OpenAPI 2.0 document (`application/json`), generated
+    from these protos' `google.api.http` annotations by `make gen`.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 class ServerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The server itself. gRPC health (`grpc.health.v1.Health`) and reflection are
@@ -82,5 +94,17 @@ class ServerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_server_pb2.GetServerInfoResponse, _abc.Awaitable[_server_pb2.GetServerInfoResponse]]:
         """The server's version and settings that clients need."""
+
+    @_abc_1.abstractmethod
+    def GetOpenApi(
+        self,
+        request: _server_pb2.GetOpenApiRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """The REST API as an OpenAPI 2.0 document (`application/json`), generated
+        from these protos' `google.api.http` annotations by `make gen`.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 def add_ServerServiceServicer_to_server(servicer: ServerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,6 +33,7 @@ class ConnectRequest(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     LOGS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___RegisterWorker:
         """Who the worker is; first message of every stream."""
@@ -53,6 +54,12 @@ class ConnectRequest(_message.Message):
     def finished(self) -> Global___JobFinished:
         """A job finished."""
 
+    @_builtins.property
+    def released(self) -> Global___JobReleased:
+        """The worker gives a job back unfinished (it is shutting down); the
+        server re-queues it at once and answers `finished_ack`.
+        """
+
     def __init__(
         self,
         *,
@@ -61,12 +68,13 @@ class ConnectRequest(_message.Message):
         started: Global___JobStarted | None = ...,
         logs: Global___JobLogs | None = ...,
         finished: Global___JobFinished | None = ...,
+        released: Global___JobReleased | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "released", b"released", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "released", b"released", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "started", "logs", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "started", "logs", "finished", "released"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -304,6 +312,11 @@ class Heartbeat(_message.Message):
 
     RUNNING_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    draining: _builtins.bool
+    """The worker is shutting down: it finishes what it runs and takes no
+    new job.
+    """
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRef]:
         """Attempts it is running."""
@@ -317,10 +330,11 @@ class Heartbeat(_message.Message):
         *,
         running: _abc.Iterable[Global___AttemptRef] | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "running", b"running", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,3 +544,33 @@ class JobFinished(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobFinished: _TypeAlias = JobFinished  # noqa: Y015
+
+@_typing.final
+class JobReleased(_message.Message):
+    """A job given back without a result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id."""
+    attempt: _builtins.int
+    """The attempt."""
+    reason: _builtins.str
+    """Why, for the job's history."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobReleased: _TypeAlias = JobReleased  # noqa: Y015

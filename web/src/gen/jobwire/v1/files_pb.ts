@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/files.proto.
  */
 export const file_jobwire_v1_files: GenFile = /*@__PURE__*/
-  fileDesc("ChZqb2J3aXJlL3YxL2ZpbGVzLnByb3RvEgpqb2J3aXJlLnYxIkQKEVVwbG9hZEZpbGVSZXF1ZXN0EgsKA2tleRgBIAEoCRIiCgRib2R5GAIgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSI/ChJVcGxvYWRGaWxlUmVzcG9uc2USCwoDa2V5GAEgASgJEgwKBHNpemUYAiABKAMSDgoGc2hhMjU2GAMgASgJIjIKE0Rvd25sb2FkRmlsZVJlcXVlc3QSCwoDa2V5GAEgASgJEg4KBm9mZnNldBgCIAEoAyIhChJHZXRGaWxlSW5mb1JlcXVlc3QSCwoDa2V5GAEgASgJIjMKE0dldEZpbGVJbmZvUmVzcG9uc2USDgoGZXhpc3RzGAEgASgIEgwKBHNpemUYAiABKAMyuAIKC0ZpbGVTZXJ2aWNlEmUKClVwbG9hZEZpbGUSHS5qb2J3aXJlLnYxLlVwbG9hZEZpbGVSZXF1ZXN0Gh4uam9id2lyZS52MS5VcGxvYWRGaWxlUmVzcG9uc2UiFoLT5JMCEBoIL2Yve2tleX06BGJvZHkoARJZCgxEb3dubG9hZEZpbGUSHy5qb2J3aXJlLnYxLkRvd25sb2FkRmlsZVJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhCC0+STAgoSCC9mL3trZXl9MAESZwoLR2V0RmlsZUluZm8SHi5qb2J3aXJlLnYxLkdldEZpbGVJbmZvUmVxdWVzdBofLmpvYndpcmUudjEuR2V0RmlsZUluZm9SZXNwb25zZSIXgtPkkwIREg8vZi97a2V5fS9leGlzdHNiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody]);
+  fileDesc("ChZqb2J3aXJlL3YxL2ZpbGVzLnByb3RvEgpqb2J3aXJlLnYxImIKEVVwbG9hZEZpbGVSZXF1ZXN0EgsKA2tleRgBIAEoCRIiCgRib2R5GAIgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keRIOCgZvZmZzZXQYAyABKAMSDAoEc2l6ZRgEIAEoAyI/ChJVcGxvYWRGaWxlUmVzcG9uc2USCwoDa2V5GAEgASgJEgwKBHNpemUYAiABKAMSDgoGc2hhMjU2GAMgASgJIkIKE0Rvd25sb2FkRmlsZVJlcXVlc3QSCwoDa2V5GAEgASgJEg4KBm9mZnNldBgCIAEoAxIOCgZsZW5ndGgYAyABKAMiIQoSR2V0RmlsZUluZm9SZXF1ZXN0EgsKA2tleRgBIAEoCSIzChNHZXRGaWxlSW5mb1Jlc3BvbnNlEg4KBmV4aXN0cxgBIAEoCBIMCgRzaXplGAIgASgDIh8KEEdldFVwbG9hZFJlcXVlc3QSCwoDa2V5GAEgASgJIlcKEUdldFVwbG9hZFJlc3BvbnNlEgsKA2tleRgBIAEoCRIOCgZvZmZzZXQYAiABKAMSEAoIY29tcGxldGUYAyABKAgSEwoLaW5fcHJvZ3Jlc3MYBCABKAgymwMKC0ZpbGVTZXJ2aWNlEmUKClVwbG9hZEZpbGUSHS5qb2J3aXJlLnYxLlVwbG9hZEZpbGVSZXF1ZXN0Gh4uam9id2lyZS52MS5VcGxvYWRGaWxlUmVzcG9uc2UiFoLT5JMCEBoIL2Yve2tleX06BGJvZHkoARJZCgxEb3dubG9hZEZpbGUSHy5qb2J3aXJlLnYxLkRvd25sb2FkRmlsZVJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhCC0+STAgoSCC9mL3trZXl9MAESZwoLR2V0RmlsZUluZm8SHi5qb2J3aXJlLnYxLkdldEZpbGVJbmZvUmVxdWVzdBofLmpvYndpcmUudjEuR2V0RmlsZUluZm9SZXNwb25zZSIXgtPkkwIREg8vZi97a2V5fS9leGlzdHMSYQoJR2V0VXBsb2FkEhwuam9id2lyZS52MS5HZXRVcGxvYWRSZXF1ZXN0Gh0uam9id2lyZS52MS5HZXRVcGxvYWRSZXNwb25zZSIXgtPkkwIREg8vZi97a2V5fS91cGxvYWRiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody]);
 
 /**
  * One message of `UploadFile`.
@@ -34,6 +34,25 @@ export type UploadFileRequest = Message<"jobwire.v1.UploadFileRequest"> & {
    * @generated from field: google.api.HttpBody body = 2;
    */
   body?: HttpBody | undefined;
+
+  /**
+   * First message only: the byte this upload starts at. 0 starts over;
+   * more resumes an interrupted upload and must not pass the stored bytes
+   * (`GetUpload`); stored bytes past it are dropped.
+   *
+   * @generated from field: int64 offset = 3;
+   */
+  offset: bigint;
+
+  /**
+   * First message only: the blob's total size, if known. The blob is
+   * committed only when that many bytes have arrived; a shorter stream
+   * leaves a partial upload to resume. 0: unknown, the end of the stream
+   * completes the blob.
+   *
+   * @generated from field: int64 size = 4;
+   */
+  size: bigint;
 };
 
 /**
@@ -97,6 +116,13 @@ export type DownloadFileRequest = Message<"jobwire.v1.DownloadFileRequest"> & {
    * @generated from field: int64 offset = 2;
    */
   offset: bigint;
+
+  /**
+   * Most bytes to send; 0: up to the end.
+   *
+   * @generated from field: int64 length = 3;
+   */
+  length: bigint;
 };
 
 /**
@@ -156,6 +182,71 @@ export const GetFileInfoResponseSchema: GenMessage<GetFileInfoResponse> = /*@__P
   messageDesc(file_jobwire_v1_files, 4);
 
 /**
+ * Request of `GetUpload`.
+ *
+ * @generated from message jobwire.v1.GetUploadRequest
+ */
+export type GetUploadRequest = Message<"jobwire.v1.GetUploadRequest"> & {
+  /**
+   * The blob's key.
+   *
+   * @generated from field: string key = 1;
+   */
+  key: string;
+};
+
+/**
+ * Describes the message jobwire.v1.GetUploadRequest.
+ * Use `create(GetUploadRequestSchema)` to create a new message.
+ */
+export const GetUploadRequestSchema: GenMessage<GetUploadRequest> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_files, 5);
+
+/**
+ * Response of `GetUpload`.
+ *
+ * @generated from message jobwire.v1.GetUploadResponse
+ */
+export type GetUploadResponse = Message<"jobwire.v1.GetUploadResponse"> & {
+  /**
+   * The blob's key.
+   *
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * Bytes of an interrupted upload stored so far: resume with this offset.
+   * 0 when no upload of the key is pending.
+   *
+   * @generated from field: int64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * True when the blob itself exists (complete and verified).
+   *
+   * @generated from field: bool complete = 3;
+   */
+  complete: boolean;
+
+  /**
+   * True while an upload of the key is running; a resume now gets ABORTED
+   * (HTTP 409), so wait for it to end.
+   *
+   * @generated from field: bool in_progress = 4;
+   */
+  inProgress: boolean;
+};
+
+/**
+ * Describes the message jobwire.v1.GetUploadResponse.
+ * Use `create(GetUploadResponseSchema)` to create a new message.
+ */
+export const GetUploadResponseSchema: GenMessage<GetUploadResponse> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_files, 6);
+
+/**
  * Blobs: job input and output files, stored by key.
  *
  * A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
@@ -167,10 +258,15 @@ export const GetFileInfoResponseSchema: GenMessage<GetFileInfoResponse> = /*@__P
  */
 export const FileService: GenService<{
   /**
-   * Uploads a blob in chunks. The first message carries the key; every
-   * message may carry bytes in `body.data`. Over REST: `PUT /f/{key}` with
-   * the raw bytes as the body, streamed (never held in memory). The blob
-   * becomes visible only once complete and verified.
+   * Uploads a blob in chunks. The first message carries the key (and, to
+   * resume, the offset); every message may carry bytes in `body.data`. Over
+   * REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
+   * in memory); `?offset=N` resumes. The blob becomes visible only once
+   * complete and verified. An upload cut short (the client went away, or
+   * fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
+   * was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
+   * 409) when another upload of the key is in progress or `offset` is past
+   * the stored bytes.
    *
    * @generated from rpc jobwire.v1.FileService.UploadFile
    */
@@ -180,7 +276,9 @@ export const FileService: GenService<{
     output: typeof UploadFileResponseSchema;
   },
   /**
-   * Downloads a blob in chunks of at most 1 MiB.
+   * Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
+   * bytes=` header (one range) gives a 206 with `Content-Range`; the
+   * response carries `Content-Length`.
    * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
    * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
    *
@@ -201,6 +299,17 @@ export const FileService: GenService<{
     methodKind: "unary";
     input: typeof GetFileInfoRequestSchema;
     output: typeof GetFileInfoResponseSchema;
+  },
+  /**
+   * Tells how much of an interrupted upload is stored, i.e. the offset to
+   * resume from (0 when there is none), and whether one is running.
+   *
+   * @generated from rpc jobwire.v1.FileService.GetUpload
+   */
+  getUpload: {
+    methodKind: "unary";
+    input: typeof GetUploadRequestSchema;
+    output: typeof GetUploadResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_jobwire_v1_files, 0);

@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/jobs.proto.
  */
 export const file_jobwire_v1_jobs: GenFile = /*@__PURE__*/
-  fileDesc("ChVqb2J3aXJlL3YxL2pvYnMucHJvdG8SCmpvYndpcmUudjEiaQoITG9nQ2h1bmsSDAoEdGV4dBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdHJlYW0YAyABKA4yFS5qb2J3aXJlLnYxLkxvZ1N0cmVhbSKRAQoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoEa2luZBgCIAEoDjIYLmpvYndpcmUudjEuSm9iRXZlbnRLaW5kEg8KB2F0dGVtcHQYAyABKAUSEQoJd29ya2VyX2lkGAQgASgJEg8KB21lc3NhZ2UYBSABKAki0AMKCUpvYlJlc3VsdBIoCgZyZWFzb24YASABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIPCgdtZXNzYWdlGAIgASgJEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEiIKBGxvZ3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEjMKB291dHB1dHMYBSADKAsyIi5qb2J3aXJlLnYxLkpvYlJlc3VsdC5PdXRwdXRzRW50cnkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXdvcmtlcl9pZBgJIAEoCRIPCgdhdHRlbXB0GAogASgFEhIKCm9vbV9raWxsZWQYCyABKAgaQwoMT3V0cHV0c0VudHJ5EgsKA2tleRgBIAEoCRIiCgV2YWx1ZRgCIAEoCzITLmpvYndpcmUudjEuRGF0YVJlZjoCOAFCDAoKX2V4aXRfY29kZSKzAwoDSm9iEgoKAmlkGAEgASgJEiMKBXN0YXRlGAIgASgOMhQuam9id2lyZS52MS5Kb2JTdGF0ZRINCgVxdWV1ZRgDIAEoCRISCgpuYW1lc3BhY2VzGAQgAygJEi8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJd29ya2VyX2lkGAcgASgJEg8KB2F0dGVtcHQYCCABKAUSFgoOd2FpdGluZ19yZWFzb24YCSABKAkSLQoKZGVmaW5pdGlvbhgKIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbhIlCgZyZXN1bHQYCyABKAsyFS5qb2J3aXJlLnYxLkpvYlJlc3VsdBIlCgdoaXN0b3J5GAwgAygLMhQuam9id2lyZS52MS5Kb2JFdmVudBIvCg1maW5pc2hfcmVhc29uGA0gASgOMhguam9id2lyZS52MS5GaW5pc2hSZWFzb24SDAoEdGFncxgOIAMoCSKUAQoQU3VibWl0Sm9iUmVxdWVzdBINCgVxdWV1ZRgBIAEoCRItCgpkZWZpbml0aW9uGAIgASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uEicKB2NvbnRyb2wYAyABKAsyFi5qb2J3aXJlLnYxLkpvYkNvbnRyb2wSCgoCaWQYBCABKAkSDQoFZGVidWcYBSABKAgiUgoRU3VibWl0Sm9iUmVzcG9uc2USDwoHc3VjY2VzcxgBIAEoCBIOCgZqb2JfaWQYAiABKAkSHAoDam9iGAMgASgLMg8uam9id2lyZS52MS5Kb2IibAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiMKBXN0YXRlGAQgASgOMhQuam9id2lyZS52MS5Kb2JTdGF0ZSJKChBMaXN0Sm9ic1Jlc3BvbnNlEh0KBGpvYnMYASADKAsyDy5qb2J3aXJlLnYxLkpvYhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLgoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkiLgoOR2V0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8uam9id2lyZS52MS5Kb2IiOAoXR2V0Sm9iRGVmaW5pdGlvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg0KBXF1ZXVlGAIgASgJIkkKGEdldEpvYkRlZmluaXRpb25SZXNwb25zZRItCgpkZWZpbml0aW9uGAEgASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uIjQKE0dldEpvYlJlc3VsdFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg0KBXF1ZXVlGAIgASgJInIKFEdldEpvYlJlc3VsdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRIjCgVzdGF0ZRgCIAEoDjIULmpvYndpcmUudjEuSm9iU3RhdGUSJQoGcmVzdWx0GAMgASgLMhUuam9id2lyZS52MS5Kb2JSZXN1bHQiVQoRR2V0Sm9iTG9nc1JlcXVlc3QSDgoGam9iX2lkGAEgASgJEiEKBGtpbmQYAiABKA4yEy5qb2J3aXJlLnYxLkxvZ0tpbmQSDQoFc2luY2UYAyABKAMicwoSR2V0Sm9iTG9nc1Jlc3BvbnNlEiQKBmNodW5rcxgBIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSEwoLc2xpY2Vfc3RhcnQYAiABKAMSEwoLbmV4dF9jdXJzb3IYAyABKAMSDQoFZmluYWwYBCABKAgiTQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIWCg5ydW5fbG9nc19zaW5jZRgCIAEoAxISCgpidWlsZF9sb2dzGAMgASgIImEKEFdhdGNoSm9iUmVzcG9uc2USHgoDam9iGAEgASgLMg8uam9id2lyZS52MS5Kb2JIABIkCgRsb2dzGAIgASgLMhQuam9id2lyZS52MS5Mb2dCYXRjaEgAQgcKBWV2ZW50InMKCExvZ0JhdGNoEiEKBGtpbmQYASABKA4yEy5qb2J3aXJlLnYxLkxvZ0tpbmQSDQoFc3RhcnQYAiABKAMSJAoGY2h1bmtzGAMgAygLMhQuam9id2lyZS52MS5Mb2dDaHVuaxIPCgdhdHRlbXB0GAQgASgFIkEKEkdldEpvYklucHV0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEcGF0aBgCIAEoCRINCgVxdWV1ZRgDIAEoCSJCChNHZXRKb2JPdXRwdXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEg0KBXF1ZXVlGAMgASgJIkQKEENhbmNlbEpvYlJlcXVlc3QSDQoFcXVldWUYASABKAkSDgoGam9iX2lkGAIgASgJEhEKCW5hbWVzcGFjZRgDIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiJYCg5Db3B5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkSJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbCJACg9Db3B5Sm9iUmVzcG9uc2USDwoHc3VjY2VzcxgBIAEoCBIcCgNqb2IYAiABKAsyDy5qb2J3aXJlLnYxLkpvYiIiChBEZWxldGVKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIjChFEZWxldGVKb2JSZXNwb25zZRIOCgZqb2JfaWQYASABKAkiJgoVR2V0UXVldWVTdGF0dXNSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJIoMBChZHZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlEg0KBXF1ZXVlGAEgASgJEg4KBnF1ZXVlZBgCIAEoAxIPCgdydW5uaW5nGAMgASgDEhAKCGZpbmlzaGVkGAQgASgDEicKB3dvcmtlcnMYBSADKAsyFi5qb2J3aXJlLnYxLldvcmtlckluZm8i2QEKCldvcmtlckluZm8SCgoCaWQYASABKAkSDAoEY3B1cxgCIAEoBRIMCgRncHVzGAMgAygJEhcKD3J1bm5pbmdfam9iX2lkcxgEIAMoCRIyCg5sYXN0X3NlZW5fdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgGIAEoCRIQCghob3N0bmFtZRgHIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIicKFkdldFF1ZXVlTWV0cmljc1JlcXVlc3QSDQoFcXVldWUYASABKAkqagoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX0ZJTklTSEVEEAMq+wEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVRklOSVNIX1JFQVNPTl9TVUNDRVNTEAESFwoTRklOSVNIX1JFQVNPTl9FUlJPUhACEhsKF0ZJTklTSF9SRUFTT05fVElNRURfT1VUEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIdChlGSU5JU0hfUkVBU09OX1dPUktFUl9MT1NUEAUSJAogRklOSVNIX1JFQVNPTl9SRVBMQUNFRF9CWV9DTElFTlQQBhIZChVGSU5JU0hfUkVBU09OX0RFTEVURUQQBypVCglMb2dTdHJlYW0SGgoWTE9HX1NUUkVBTV9VTlNQRUNJRklFRBAAEhUKEUxPR19TVFJFQU1fU1RET1VUEAESFQoRTE9HX1NUUkVBTV9TVERFUlIQAipJCgdMb2dLaW5kEhgKFExPR19LSU5EX1VOU1BFQ0lGSUVEEAASEAoMTE9HX0tJTkRfUlVOEAESEgoOTE9HX0tJTkRfQlVJTEQQAirhAQoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVSk9CX0VWRU5UX0tJTkRfUVVFVUVEEAESGwoXSk9CX0VWRU5UX0tJTkRfQVNTSUdORUQQAhIaChZKT0JfRVZFTlRfS0lORF9TVEFSVEVEEAMSGwoXSk9CX0VWRU5UX0tJTkRfUkVRVUVVRUQQBBIbChdKT0JfRVZFTlRfS0lORF9GSU5JU0hFRBAFEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBjLKDQoKSm9iU2VydmljZRJyCglTdWJtaXRKb2ISHC5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlc3BvbnNlIiiC0+STAiIiCi9xL3txdWV1ZX06ASpaESIML3Eve3F1ZXVlfS9qOgEqEmkKCExpc3RKb2JzEhsuam9id2lyZS52MS5MaXN0Sm9ic1JlcXVlc3QaHC5qb2J3aXJlLnYxLkxpc3RKb2JzUmVzcG9uc2UiIoLT5JMCHBIKL3Eve3F1ZXVlfVoOEgwvcS97cXVldWV9L2oSbQoGR2V0Sm9iEhkuam9id2lyZS52MS5HZXRKb2JSZXF1ZXN0Ghouam9id2lyZS52MS5HZXRKb2JSZXNwb25zZSIsgtPkkwImEgsvai97am9iX2lkfVoXEhUvcS97cXVldWV9L2ove2pvYl9pZH0SqwEKEEdldEpvYkRlZmluaXRpb24SIy5qb2J3aXJlLnYxLkdldEpvYkRlZmluaXRpb25SZXF1ZXN0GiQuam9id2lyZS52MS5HZXRKb2JEZWZpbml0aW9uUmVzcG9uc2UiTILT5JMCRhIbL2ove2pvYl9pZH0vZGVmaW5pdGlvbi5qc29uWicSJS9xL3txdWV1ZX0vai97am9iX2lkfS9kZWZpbml0aW9uLmpzb24SswEKDEdldEpvYlJlc3VsdBIfLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVxdWVzdBogLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVzcG9uc2UiYILT5JMCWhIXL2ove2pvYl9pZH0vcmVzdWx0Lmpzb25aGhIYL2ove2pvYl9pZH0vcmVzdWx0cy5qc29uWiMSIS9xL3txdWV1ZX0vai97am9iX2lkfS9yZXN1bHQuanNvbhJlCgpHZXRKb2JMb2dzEh0uam9id2lyZS52MS5HZXRKb2JMb2dzUmVxdWVzdBoeLmpvYndpcmUudjEuR2V0Sm9iTG9nc1Jlc3BvbnNlIhiC0+STAhISEC9qL3tqb2JfaWR9L2xvZ3MSYgoIV2F0Y2hKb2ISGy5qb2J3aXJlLnYxLldhdGNoSm9iUmVxdWVzdBocLmpvYndpcmUudjEuV2F0Y2hKb2JSZXNwb25zZSIZgtPkkwITEhEvai97am9iX2lkfS93YXRjaDABEpUBCgtHZXRKb2JJbnB1dBIeLmpvYndpcmUudjEuR2V0Sm9iSW5wdXRSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJOgtPkkwJIEhwvai97am9iX2lkfS9pbnB1dHMve3BhdGg9Kip9WigSJi9xL3txdWV1ZX0vai97am9iX2lkfS9pbnB1dHMve3BhdGg9Kip9MAESmQEKDEdldEpvYk91dHB1dBIfLmpvYndpcmUudjEuR2V0Sm9iT3V0cHV0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiUILT5JMCShIdL2ove2pvYl9pZH0vb3V0cHV0cy97cGF0aD0qKn1aKRInL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L291dHB1dHMve3BhdGg9Kip9MAESbgoJQ2FuY2VsSm9iEhwuam9id2lyZS52MS5DYW5jZWxKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5DYW5jZWxKb2JSZXNwb25zZSIkgtPkkwIeIhwvcS97cXVldWV9L2ove2pvYl9pZH0vY2FuY2VsEl8KB0NvcHlKb2ISGi5qb2J3aXJlLnYxLkNvcHlKb2JSZXF1ZXN0Ghsuam9id2lyZS52MS5Db3B5Sm9iUmVzcG9uc2UiG4LT5JMCFSIQL2ove2pvYl9pZH0vY29weToBKhJdCglEZWxldGVKb2ISHC5qb2J3aXJlLnYxLkRlbGV0ZUpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLkRlbGV0ZUpvYlJlc3BvbnNlIhOC0+STAg0qCy9qL3tqb2JfaWR9EnIKDkdldFF1ZXVlU3RhdHVzEiEuam9id2lyZS52MS5HZXRRdWV1ZVN0YXR1c1JlcXVlc3QaIi5qb2J3aXJlLnYxLkdldFF1ZXVlU3RhdHVzUmVzcG9uc2UiGYLT5JMCExIRL3Eve3F1ZXVlfS9zdGF0dXMSZwoPR2V0UXVldWVNZXRyaWNzEiIuam9id2lyZS52MS5HZXRRdWV1ZU1ldHJpY3NSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIagtPkkwIUEhIvcS97cXVldWV9L21ldHJpY3NiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition]);
+  fileDesc("ChVqb2J3aXJlL3YxL2pvYnMucHJvdG8SCmpvYndpcmUudjEiaQoITG9nQ2h1bmsSDAoEdGV4dBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdHJlYW0YAyABKA4yFS5qb2J3aXJlLnYxLkxvZ1N0cmVhbSKRAQoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoEa2luZBgCIAEoDjIYLmpvYndpcmUudjEuSm9iRXZlbnRLaW5kEg8KB2F0dGVtcHQYAyABKAUSEQoJd29ya2VyX2lkGAQgASgJEg8KB21lc3NhZ2UYBSABKAki5AMKCUpvYlJlc3VsdBIoCgZyZWFzb24YASABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIPCgdtZXNzYWdlGAIgASgJEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEiIKBGxvZ3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEjMKB291dHB1dHMYBSADKAsyIi5qb2J3aXJlLnYxLkpvYlJlc3VsdC5PdXRwdXRzRW50cnkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXdvcmtlcl9pZBgJIAEoCRIPCgdhdHRlbXB0GAogASgFEhIKCm9vbV9raWxsZWQYCyABKAgSEgoKbG9nc19zdGFydBgMIAEoAxpDCgxPdXRwdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuam9id2lyZS52MS5EYXRhUmVmOgI4AUIMCgpfZXhpdF9jb2RlIrMDCgNKb2ISCgoCaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlEg0KBXF1ZXVlGAMgASgJEhIKCm5hbWVzcGFjZXMYBCADKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl3b3JrZXJfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIWCg53YWl0aW5nX3JlYXNvbhgJIAEoCRItCgpkZWZpbml0aW9uGAogASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uEiUKBnJlc3VsdBgLIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0EiUKB2hpc3RvcnkYDCADKAsyFC5qb2J3aXJlLnYxLkpvYkV2ZW50Ei8KDWZpbmlzaF9yZWFzb24YDSABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIMCgR0YWdzGA4gAygJIpQBChBTdWJtaXRKb2JSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJEi0KCmRlZmluaXRpb24YAiABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24SJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbBIKCgJpZBgEIAEoCRINCgVkZWJ1ZxgFIAEoCCJSChFTdWJtaXRKb2JSZXNwb25zZRIPCgdzdWNjZXNzGAEgASgIEg4KBmpvYl9pZBgCIAEoCRIcCgNqb2IYAyABKAsyDy5qb2J3aXJlLnYxLkpvYiJsCg9MaXN0Sm9ic1JlcXVlc3QSDQoFcXVldWUYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSIwoFc3RhdGUYBCABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlIkoKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLmpvYndpcmUudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIuCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSIuCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiI4ChdHZXRKb2JEZWZpbml0aW9uUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkiSQoYR2V0Sm9iRGVmaW5pdGlvblJlc3BvbnNlEi0KCmRlZmluaXRpb24YASABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24iNAoTR2V0Sm9iUmVzdWx0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkicgoUR2V0Sm9iUmVzdWx0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEiMKBXN0YXRlGAIgASgOMhQuam9id2lyZS52MS5Kb2JTdGF0ZRIlCgZyZXN1bHQYAyABKAsyFS5qb2J3aXJlLnYxLkpvYlJlc3VsdCJyChFHZXRKb2JMb2dzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSIQoEa2luZBgCIAEoDjITLmpvYndpcmUudjEuTG9nS2luZBINCgVzaW5jZRgDIAEoAxINCgVxdWV1ZRgEIAEoCRIMCgRmaWxlGAUgASgJInMKEkdldEpvYkxvZ3NSZXNwb25zZRIkCgZjaHVua3MYASADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEhMKC3NsaWNlX3N0YXJ0GAIgASgDEhMKC25leHRfY3Vyc29yGAMgASgDEg0KBWZpbmFsGAQgASgIIk0KD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFgoOcnVuX2xvZ3Nfc2luY2UYAiABKAMSEgoKYnVpbGRfbG9ncxgDIAEoCCJhChBXYXRjaEpvYlJlc3BvbnNlEh4KA2pvYhgBIAEoCzIPLmpvYndpcmUudjEuSm9iSAASJAoEbG9ncxgCIAEoCzIULmpvYndpcmUudjEuTG9nQmF0Y2hIAEIHCgVldmVudCJzCghMb2dCYXRjaBIhCgRraW5kGAEgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEg0KBXN0YXJ0GAIgASgDEiQKBmNodW5rcxgDIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDwoHYXR0ZW1wdBgEIAEoBSJOChBTdHJlYW1Kb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRINCgVzaW5jZRgDIAEoAxIMCgR0ZXh0GAQgASgIIkEKEkdldEpvYklucHV0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEcGF0aBgCIAEoCRINCgVxdWV1ZRgDIAEoCSJCChNHZXRKb2JPdXRwdXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEg0KBXF1ZXVlGAMgASgJIkQKEENhbmNlbEpvYlJlcXVlc3QSDQoFcXVldWUYASABKAkSDgoGam9iX2lkGAIgASgJEhEKCW5hbWVzcGFjZRgDIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiJYCg5Db3B5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkSJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbCJACg9Db3B5Sm9iUmVzcG9uc2USDwoHc3VjY2VzcxgBIAEoCBIcCgNqb2IYAiABKAsyDy5qb2J3aXJlLnYxLkpvYiIiChBEZWxldGVKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIjChFEZWxldGVKb2JSZXNwb25zZRIOCgZqb2JfaWQYASABKAkiJgoVR2V0UXVldWVTdGF0dXNSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJIoMBChZHZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlEg0KBXF1ZXVlGAEgASgJEg4KBnF1ZXVlZBgCIAEoAxIPCgdydW5uaW5nGAMgASgDEhAKCGZpbmlzaGVkGAQgASgDEicKB3dvcmtlcnMYBSADKAsyFi5qb2J3aXJlLnYxLldvcmtlckluZm8i2QEKCldvcmtlckluZm8SCgoCaWQYASABKAkSDAoEY3B1cxgCIAEoBRIMCgRncHVzGAMgAygJEhcKD3J1bm5pbmdfam9iX2lkcxgEIAMoCRIyCg5sYXN0X3NlZW5fdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgGIAEoCRIQCghob3N0bmFtZRgHIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIicKFkdldFF1ZXVlTWV0cmljc1JlcXVlc3QSDQoFcXVldWUYASABKAkqagoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX0ZJTklTSEVEEAMq+wEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVRklOSVNIX1JFQVNPTl9TVUNDRVNTEAESFwoTRklOSVNIX1JFQVNPTl9FUlJPUhACEhsKF0ZJTklTSF9SRUFTT05fVElNRURfT1VUEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIdChlGSU5JU0hfUkVBU09OX1dPUktFUl9MT1NUEAUSJAogRklOSVNIX1JFQVNPTl9SRVBMQUNFRF9CWV9DTElFTlQQBhIZChVGSU5JU0hfUkVBU09OX0RFTEVURUQQBypVCglMb2dTdHJlYW0SGgoWTE9HX1NUUkVBTV9VTlNQRUNJRklFRBAAEhUKEUxPR19TVFJFQU1fU1RET1VUEAESFQoRTE9HX1NUUkVBTV9TVERFUlIQAipJCgdMb2dLaW5kEhgKFExPR19LSU5EX1VOU1BFQ0lGSUVEEAASEAoMTE9HX0tJTkRfUlVOEAESEgoOTE9HX0tJTkRfQlVJTEQQAirhAQoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVSk9CX0VWRU5UX0tJTkRfUVVFVUVEEAESGwoXSk9CX0VWRU5UX0tJTkRfQVNTSUdORUQQAhIaChZKT0JfRVZFTlRfS0lORF9TVEFSVEVEEAMSGwoXSk9CX0VWRU5UX0tJTkRfUkVRVUVVRUQQBBIbChdKT0JfRVZFTlRfS0lORF9GSU5JU0hFRBAFEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBjKhEAoKSm9iU2VydmljZRJyCglTdWJtaXRKb2ISHC5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlc3BvbnNlIiiC0+STAiIiCi9xL3txdWV1ZX06ASpaESIML3Eve3F1ZXVlfS9qOgEqEmkKCExpc3RKb2JzEhsuam9id2lyZS52MS5MaXN0Sm9ic1JlcXVlc3QaHC5qb2J3aXJlLnYxLkxpc3RKb2JzUmVzcG9uc2UiIoLT5JMCHBIKL3Eve3F1ZXVlfVoOEgwvcS97cXVldWV9L2oSbQoGR2V0Sm9iEhkuam9id2lyZS52MS5HZXRKb2JSZXF1ZXN0Ghouam9id2lyZS52MS5HZXRKb2JSZXNwb25zZSIsgtPkkwImEgsvai97am9iX2lkfVoXEhUvcS97cXVldWV9L2ove2pvYl9pZH0SqwEKEEdldEpvYkRlZmluaXRpb24SIy5qb2J3aXJlLnYxLkdldEpvYkRlZmluaXRpb25SZXF1ZXN0GiQuam9id2lyZS52MS5HZXRKb2JEZWZpbml0aW9uUmVzcG9uc2UiTILT5JMCRhIbL2ove2pvYl9pZH0vZGVmaW5pdGlvbi5qc29uWicSJS9xL3txdWV1ZX0vai97am9iX2lkfS9kZWZpbml0aW9uLmpzb24SswEKDEdldEpvYlJlc3VsdBIfLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVxdWVzdBogLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVzcG9uc2UiYILT5JMCWhIXL2ove2pvYl9pZH0vcmVzdWx0Lmpzb25aGhIYL2ove2pvYl9pZH0vcmVzdWx0cy5qc29uWiMSIS9xL3txdWV1ZX0vai97am9iX2lkfS9yZXN1bHQuanNvbhKPAgoKR2V0Sm9iTG9ncxIdLmpvYndpcmUudjEuR2V0Sm9iTG9nc1JlcXVlc3QaHi5qb2J3aXJlLnYxLkdldEpvYkxvZ3NSZXNwb25zZSLBAYLT5JMCugESEC9qL3tqb2JfaWR9L2xvZ3NaIhIgL2ove2pvYl9pZH0ve2ZpbGU9cnVuLWxvZ3MuanNvbn1aJBIiL2ove2pvYl9pZH0ve2ZpbGU9YnVpbGQtbG9ncy5qc29ufVosEiovcS97cXVldWV9L2ove2pvYl9pZH0ve2ZpbGU9cnVuLWxvZ3MuanNvbn1aLhIsL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3tmaWxlPWJ1aWxkLWxvZ3MuanNvbn0SYgoIV2F0Y2hKb2ISGy5qb2J3aXJlLnYxLldhdGNoSm9iUmVxdWVzdBocLmpvYndpcmUudjEuV2F0Y2hKb2JSZXNwb25zZSIZgtPkkwITEhEvai97am9iX2lkfS93YXRjaDABEn0KCVN0cmVhbUpvYhIcLmpvYndpcmUudjEuU3RyZWFtSm9iUmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiOoLT5JMCNBISL2ove2pvYl9pZH0vc3RyZWFtWh4SHC9xL3txdWV1ZX0vai97am9iX2lkfS9zdHJlYW0wARKVAQoLR2V0Sm9iSW5wdXQSHi5qb2J3aXJlLnYxLkdldEpvYklucHV0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiToLT5JMCSBIcL2ove2pvYl9pZH0vaW5wdXRzL3twYXRoPSoqfVooEiYvcS97cXVldWV9L2ove2pvYl9pZH0vaW5wdXRzL3twYXRoPSoqfTABEpkBCgxHZXRKb2JPdXRwdXQSHy5qb2J3aXJlLnYxLkdldEpvYk91dHB1dFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IlCC0+STAkoSHS9qL3tqb2JfaWR9L291dHB1dHMve3BhdGg9Kip9WikSJy9xL3txdWV1ZX0vai97am9iX2lkfS9vdXRwdXRzL3twYXRoPSoqfTABEpoBCglDYW5jZWxKb2ISHC5qb2J3aXJlLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLkNhbmNlbEpvYlJlc3BvbnNlIlCC0+STAkoiHC9xL3txdWV1ZX0vai97am9iX2lkfS9jYW5jZWxaKiIoL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3tuYW1lc3BhY2V9L2NhbmNlbBJfCgdDb3B5Sm9iEhouam9id2lyZS52MS5Db3B5Sm9iUmVxdWVzdBobLmpvYndpcmUudjEuQ29weUpvYlJlc3BvbnNlIhuC0+STAhUiEC9qL3tqb2JfaWR9L2NvcHk6ASoSXQoJRGVsZXRlSm9iEhwuam9id2lyZS52MS5EZWxldGVKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5EZWxldGVKb2JSZXNwb25zZSITgtPkkwINKgsvai97am9iX2lkfRJyCg5HZXRRdWV1ZVN0YXR1cxIhLmpvYndpcmUudjEuR2V0UXVldWVTdGF0dXNSZXF1ZXN0GiIuam9id2lyZS52MS5HZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlIhmC0+STAhMSES9xL3txdWV1ZX0vc3RhdHVzEmcKD0dldFF1ZXVlTWV0cmljcxIiLmpvYndpcmUudjEuR2V0UXVldWVNZXRyaWNzUmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiGoLT5JMCFBISL3Eve3F1ZXVlfS9tZXRyaWNzYgZwcm90bzM", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition]);
 
 /**
  * A piece of a log. Concatenating the `text` of a log's chunks gives the
@@ -188,6 +188,15 @@ export type JobResult = Message<"jobwire.v1.JobResult"> & {
    * @generated from field: bool oom_killed = 11;
    */
   oomKilled: boolean;
+
+  /**
+   * Index in the run log of the first chunk in `logs`. Responses carry at
+   * most the last 10,000 chunks and 1 MiB of log text; when this is not 0,
+   * read the earlier chunks with `GetJobLogs` (`run-logs.json?since=0`).
+   *
+   * @generated from field: int64 logs_start = 12;
+   */
+  logsStart: bigint;
 };
 
 /**
@@ -651,6 +660,21 @@ export type GetJobLogsRequest = Message<"jobwire.v1.GetJobLogsRequest"> & {
    * @generated from field: int64 since = 3;
    */
   since: bigint;
+
+  /**
+   * When set, the job must be in this queue.
+   *
+   * @generated from field: string queue = 4;
+   */
+  queue: string;
+
+  /**
+   * The seed's log file name, bound by its routes: `run-logs.json` or
+   * `build-logs.json`. When set it picks the log and `kind` must be unset.
+   *
+   * @generated from field: string file = 5;
+   */
+  file: string;
 };
 
 /**
@@ -818,6 +842,52 @@ export const LogBatchSchema: GenMessage<LogBatch> = /*@__PURE__*/
   messageDesc(file_jobwire_v1_jobs, 18);
 
 /**
+ * Request of `StreamJob`.
+ *
+ * @generated from message jobwire.v1.StreamJobRequest
+ */
+export type StreamJobRequest = Message<"jobwire.v1.StreamJobRequest"> & {
+  /**
+   * The job id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * When set, the job must be in this queue.
+   *
+   * @generated from field: string queue = 2;
+   */
+  queue: string;
+
+  /**
+   * Send run-log chunks from this index on (0: all of them). Server-sent
+   * events carry the cursor as their `id`, and a reconnecting `EventSource`
+   * sends it back as `Last-Event-ID`, which the server honours.
+   *
+   * @generated from field: int64 since = 3;
+   */
+  since: bigint;
+
+  /**
+   * Send the raw run log (stdout and stderr as written) as `text/plain`
+   * instead of events: `curl -N .../stream?text=true` prints the job's
+   * output live.
+   *
+   * @generated from field: bool text = 4;
+   */
+  text: boolean;
+};
+
+/**
+ * Describes the message jobwire.v1.StreamJobRequest.
+ * Use `create(StreamJobRequestSchema)` to create a new message.
+ */
+export const StreamJobRequestSchema: GenMessage<StreamJobRequest> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_jobs, 19);
+
+/**
  * Request of `GetJobInput`.
  *
  * @generated from message jobwire.v1.GetJobInputRequest
@@ -850,7 +920,7 @@ export type GetJobInputRequest = Message<"jobwire.v1.GetJobInputRequest"> & {
  * Use `create(GetJobInputRequestSchema)` to create a new message.
  */
 export const GetJobInputRequestSchema: GenMessage<GetJobInputRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 19);
+  messageDesc(file_jobwire_v1_jobs, 20);
 
 /**
  * Request of `GetJobOutput`.
@@ -885,7 +955,7 @@ export type GetJobOutputRequest = Message<"jobwire.v1.GetJobOutputRequest"> & {
  * Use `create(GetJobOutputRequestSchema)` to create a new message.
  */
 export const GetJobOutputRequestSchema: GenMessage<GetJobOutputRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 20);
+  messageDesc(file_jobwire_v1_jobs, 21);
 
 /**
  * Request of `CancelJob`.
@@ -908,7 +978,9 @@ export type CancelJobRequest = Message<"jobwire.v1.CancelJobRequest"> & {
   jobId: string;
 
   /**
-   * The namespace to cancel for; default `_`; `*` cancels for all.
+   * The namespace to cancel for; default `_`; `*` cancels for all. Bound
+   * from the path by `/q/{queue}/j/{job_id}/{namespace}/cancel` (the seed
+   * ignored that segment) or from the query (`?namespace=`).
    *
    * @generated from field: string namespace = 3;
    */
@@ -920,7 +992,7 @@ export type CancelJobRequest = Message<"jobwire.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 21);
+  messageDesc(file_jobwire_v1_jobs, 22);
 
 /**
  * Response of `CancelJob`.
@@ -941,7 +1013,7 @@ export type CancelJobResponse = Message<"jobwire.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 22);
+  messageDesc(file_jobwire_v1_jobs, 23);
 
 /**
  * Request of `CopyJob`.
@@ -976,7 +1048,7 @@ export type CopyJobRequest = Message<"jobwire.v1.CopyJobRequest"> & {
  * Use `create(CopyJobRequestSchema)` to create a new message.
  */
 export const CopyJobRequestSchema: GenMessage<CopyJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 23);
+  messageDesc(file_jobwire_v1_jobs, 24);
 
 /**
  * Response of `CopyJob`.
@@ -1004,7 +1076,7 @@ export type CopyJobResponse = Message<"jobwire.v1.CopyJobResponse"> & {
  * Use `create(CopyJobResponseSchema)` to create a new message.
  */
 export const CopyJobResponseSchema: GenMessage<CopyJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 24);
+  messageDesc(file_jobwire_v1_jobs, 25);
 
 /**
  * Request of `DeleteJob`.
@@ -1025,7 +1097,7 @@ export type DeleteJobRequest = Message<"jobwire.v1.DeleteJobRequest"> & {
  * Use `create(DeleteJobRequestSchema)` to create a new message.
  */
 export const DeleteJobRequestSchema: GenMessage<DeleteJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 25);
+  messageDesc(file_jobwire_v1_jobs, 26);
 
 /**
  * Response of `DeleteJob`.
@@ -1046,7 +1118,7 @@ export type DeleteJobResponse = Message<"jobwire.v1.DeleteJobResponse"> & {
  * Use `create(DeleteJobResponseSchema)` to create a new message.
  */
 export const DeleteJobResponseSchema: GenMessage<DeleteJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 26);
+  messageDesc(file_jobwire_v1_jobs, 27);
 
 /**
  * Request of `GetQueueStatus`.
@@ -1067,7 +1139,7 @@ export type GetQueueStatusRequest = Message<"jobwire.v1.GetQueueStatusRequest"> 
  * Use `create(GetQueueStatusRequestSchema)` to create a new message.
  */
 export const GetQueueStatusRequestSchema: GenMessage<GetQueueStatusRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 27);
+  messageDesc(file_jobwire_v1_jobs, 28);
 
 /**
  * Response of `GetQueueStatus`.
@@ -1116,7 +1188,7 @@ export type GetQueueStatusResponse = Message<"jobwire.v1.GetQueueStatusResponse"
  * Use `create(GetQueueStatusResponseSchema)` to create a new message.
  */
 export const GetQueueStatusResponseSchema: GenMessage<GetQueueStatusResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 28);
+  messageDesc(file_jobwire_v1_jobs, 29);
 
 /**
  * A worker as the queue sees it.
@@ -1186,7 +1258,7 @@ export type WorkerInfo = Message<"jobwire.v1.WorkerInfo"> & {
  * Use `create(WorkerInfoSchema)` to create a new message.
  */
 export const WorkerInfoSchema: GenMessage<WorkerInfo> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 29);
+  messageDesc(file_jobwire_v1_jobs, 30);
 
 /**
  * Request of `GetQueueMetrics`.
@@ -1207,7 +1279,7 @@ export type GetQueueMetricsRequest = Message<"jobwire.v1.GetQueueMetricsRequest"
  * Use `create(GetQueueMetricsRequestSchema)` to create a new message.
  */
 export const GetQueueMetricsRequestSchema: GenMessage<GetQueueMetricsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 30);
+  messageDesc(file_jobwire_v1_jobs, 31);
 
 /**
  * Where a job is in its life.
@@ -1516,7 +1588,8 @@ export const JobService: GenService<{
     output: typeof GetJobResultResponseSchema;
   },
   /**
-   * Reads a job's stored logs from a cursor.
+   * Reads a job's stored logs from a cursor. The seed's routes
+   * `run-logs.json` and `build-logs.json` bind `file`, which picks the log.
    *
    * @generated from rpc jobwire.v1.JobService.GetJobLogs
    */
@@ -1535,6 +1608,21 @@ export const JobService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchJobRequestSchema;
     output: typeof WatchJobResponseSchema;
+  },
+  /**
+   * Follows a job over plain HTTP until it finishes: `text/event-stream`
+   * (server-sent events, for `EventSource` and `curl -N`) or, with
+   * `text=true`, the raw run log as `text/plain`. The first message is sent
+   * at once; the stream ends when the job finishes.
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+   * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+   *
+   * @generated from rpc jobwire.v1.JobService.StreamJob
+   */
+  streamJob: {
+    methodKind: "server_streaming";
+    input: typeof StreamJobRequestSchema;
+    output: typeof HttpBodySchema;
   },
   /**
    * Serves one input file of a job (nested paths allowed).

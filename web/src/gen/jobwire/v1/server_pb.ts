@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/server.proto.
  */
 export const file_jobwire_v1_server: GenFile = /*@__PURE__*/
-  fileDesc("Chdqb2J3aXJlL3YxL3NlcnZlci5wcm90bxIKam9id2lyZS52MSISChBHZXRIZWFsdGhSZXF1ZXN0IhYKFEdldFNlcnZlckluZm9SZXF1ZXN0IlcKFUdldFNlcnZlckluZm9SZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgJEhQKDGlubGluZV9saW1pdBgCIAEoAxIXCg9tYXhfdXBsb2FkX3NpemUYAyABKAMyxwEKDVNlcnZlclNlcnZpY2USUQoJR2V0SGVhbHRoEhwuam9id2lyZS52MS5HZXRIZWFsdGhSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIQgtPkkwIKEggvaGVhbHRoehJjCg1HZXRTZXJ2ZXJJbmZvEiAuam9id2lyZS52MS5HZXRTZXJ2ZXJJbmZvUmVxdWVzdBohLmpvYndpcmUudjEuR2V0U2VydmVySW5mb1Jlc3BvbnNlIg2C0+STAgcSBS9pbmZvYgZwcm90bzM", [file_google_api_annotations, file_google_api_httpbody]);
+  fileDesc("Chdqb2J3aXJlL3YxL3NlcnZlci5wcm90bxIKam9id2lyZS52MSISChBHZXRIZWFsdGhSZXF1ZXN0IhMKEUdldE9wZW5BcGlSZXF1ZXN0IhYKFEdldFNlcnZlckluZm9SZXF1ZXN0IlcKFUdldFNlcnZlckluZm9SZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgJEhQKDGlubGluZV9saW1pdBgCIAEoAxIXCg9tYXhfdXBsb2FkX3NpemUYAyABKAMyoQIKDVNlcnZlclNlcnZpY2USUQoJR2V0SGVhbHRoEhwuam9id2lyZS52MS5HZXRIZWFsdGhSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIQgtPkkwIKEggvaGVhbHRoehJjCg1HZXRTZXJ2ZXJJbmZvEiAuam9id2lyZS52MS5HZXRTZXJ2ZXJJbmZvUmVxdWVzdBohLmpvYndpcmUudjEuR2V0U2VydmVySW5mb1Jlc3BvbnNlIg2C0+STAgcSBS9pbmZvElgKCkdldE9wZW5BcGkSHS5qb2J3aXJlLnYxLkdldE9wZW5BcGlSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIVgtPkkwIPEg0vb3BlbmFwaS5qc29uYgZwcm90bzM", [file_google_api_annotations, file_google_api_httpbody]);
 
 /**
  * Request of `GetHealth`.
@@ -31,6 +31,21 @@ export const GetHealthRequestSchema: GenMessage<GetHealthRequest> = /*@__PURE__*
   messageDesc(file_jobwire_v1_server, 0);
 
 /**
+ * Request of `GetOpenApi`.
+ *
+ * @generated from message jobwire.v1.GetOpenApiRequest
+ */
+export type GetOpenApiRequest = Message<"jobwire.v1.GetOpenApiRequest"> & {
+};
+
+/**
+ * Describes the message jobwire.v1.GetOpenApiRequest.
+ * Use `create(GetOpenApiRequestSchema)` to create a new message.
+ */
+export const GetOpenApiRequestSchema: GenMessage<GetOpenApiRequest> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_server, 1);
+
+/**
  * Request of `GetServerInfo`.
  *
  * @generated from message jobwire.v1.GetServerInfoRequest
@@ -43,7 +58,7 @@ export type GetServerInfoRequest = Message<"jobwire.v1.GetServerInfoRequest"> & 
  * Use `create(GetServerInfoRequestSchema)` to create a new message.
  */
 export const GetServerInfoRequestSchema: GenMessage<GetServerInfoRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_server, 1);
+  messageDesc(file_jobwire_v1_server, 2);
 
 /**
  * Response of `GetServerInfo`.
@@ -79,7 +94,7 @@ export type GetServerInfoResponse = Message<"jobwire.v1.GetServerInfoResponse"> 
  * Use `create(GetServerInfoResponseSchema)` to create a new message.
  */
 export const GetServerInfoResponseSchema: GenMessage<GetServerInfoResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_server, 2);
+  messageDesc(file_jobwire_v1_server, 3);
 
 /**
  * The server itself. gRPC health (`grpc.health.v1.Health`) and reflection are
@@ -109,6 +124,19 @@ export const ServerService: GenService<{
     methodKind: "unary";
     input: typeof GetServerInfoRequestSchema;
     output: typeof GetServerInfoResponseSchema;
+  },
+  /**
+   * The REST API as an OpenAPI 2.0 document (`application/json`), generated
+   * from these protos' `google.api.http` annotations by `make gen`.
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+   * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+   *
+   * @generated from rpc jobwire.v1.ServerService.GetOpenApi
+   */
+  getOpenApi: {
+    methodKind: "unary";
+    input: typeof GetOpenApiRequestSchema;
+    output: typeof HttpBodySchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_jobwire_v1_server, 0);

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/workers.proto.
  */
 export const file_jobwire_v1_workers: GenFile = /*@__PURE__*/
-  fileDesc("Chhqb2J3aXJlL3YxL3dvcmtlcnMucHJvdG8SCmpvYndpcmUudjEi9AEKDkNvbm5lY3RSZXF1ZXN0Ei4KCHJlZ2lzdGVyGAEgASgLMhouam9id2lyZS52MS5SZWdpc3RlcldvcmtlckgAEioKCWhlYXJ0YmVhdBgCIAEoCzIVLmpvYndpcmUudjEuSGVhcnRiZWF0SAASKQoHc3RhcnRlZBgDIAEoCzIWLmpvYndpcmUudjEuSm9iU3RhcnRlZEgAEiMKBGxvZ3MYBCABKAsyEy5qb2J3aXJlLnYxLkpvYkxvZ3NIABIrCghmaW5pc2hlZBgFIAEoCzIXLmpvYndpcmUudjEuSm9iRmluaXNoZWRIAEIJCgdtZXNzYWdlIoUCCg9Db25uZWN0UmVzcG9uc2USMgoKcmVnaXN0ZXJlZBgBIAEoCzIcLmpvYndpcmUudjEuV29ya2VyUmVnaXN0ZXJlZEgAEi8KCmFzc2lnbm1lbnQYAiABKAsyGS5qb2J3aXJlLnYxLkpvYkFzc2lnbm1lbnRIABInCgZjYW5jZWwYAyABKAsyFS5qb2J3aXJlLnYxLkpvYkNhbmNlbEgAEikKBXN0YWxlGAQgASgLMhguam9id2lyZS52MS5TdGFsZUF0dGVtcHRIABIuCgxmaW5pc2hlZF9hY2sYBSABKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWZIAEIJCgdtZXNzYWdlIi0KCkF0dGVtcHRSZWYSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUizwEKDlJlZ2lzdGVyV29ya2VyEhEKCXdvcmtlcl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRIMCgRjcHVzGAMgASgFEgwKBGdwdXMYBCADKAkSDwoHdmVyc2lvbhgFIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEicKB3J1bm5pbmcYByADKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWYSEAoIaG9zdG5hbWUYCCABKAki9gEKEFdvcmtlclJlZ2lzdGVyZWQSEQoJd29ya2VyX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIlCgVzdGFsZRgEIAMoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZhISCgpwdWJsaWNfdXJsGAUgASgJEioKC2xvZ19jdXJzb3JzGAYgAygLMhUuam9id2lyZS52MS5Mb2dDdXJzb3IiXwoJTG9nQ3Vyc29yEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEiEKBGtpbmQYAyABKA4yEy5qb2J3aXJlLnYxLkxvZ0tpbmQSDgoGc3RvcmVkGAQgASgDIl4KCUhlYXJ0YmVhdBInCgdydW5uaW5nGAEgAygLMhYuam9id2lyZS52MS5BdHRlbXB0UmVmEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIm4KDUpvYkFzc2lnbm1lbnQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSLQoKZGVmaW5pdGlvbhgDIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbhINCgVxdWV1ZRgEIAEoCSI8CglKb2JDYW5jZWwSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIj8KDFN0YWxlQXR0ZW1wdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiXQoKSm9iU3RhcnRlZBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKCAQoHSm9iTG9ncxIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIhCgRraW5kGAMgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEiQKBmNodW5rcxgEIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDQoFc3RhcnQYBSABKAMiVQoLSm9iRmluaXNoZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSJQoGcmVzdWx0GAMgASgLMhUuam9id2lyZS52MS5Kb2JSZXN1bHQyWQoNV29ya2VyU2VydmljZRJICgdDb25uZWN0Ehouam9id2lyZS52MS5Db25uZWN0UmVxdWVzdBobLmpvYndpcmUudjEuQ29ubmVjdFJlc3BvbnNlIgAoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition, file_jobwire_v1_jobs]);
+  fileDesc("Chhqb2J3aXJlL3YxL3dvcmtlcnMucHJvdG8SCmpvYndpcmUudjEioQIKDkNvbm5lY3RSZXF1ZXN0Ei4KCHJlZ2lzdGVyGAEgASgLMhouam9id2lyZS52MS5SZWdpc3RlcldvcmtlckgAEioKCWhlYXJ0YmVhdBgCIAEoCzIVLmpvYndpcmUudjEuSGVhcnRiZWF0SAASKQoHc3RhcnRlZBgDIAEoCzIWLmpvYndpcmUudjEuSm9iU3RhcnRlZEgAEiMKBGxvZ3MYBCABKAsyEy5qb2J3aXJlLnYxLkpvYkxvZ3NIABIrCghmaW5pc2hlZBgFIAEoCzIXLmpvYndpcmUudjEuSm9iRmluaXNoZWRIABIrCghyZWxlYXNlZBgGIAEoCzIXLmpvYndpcmUudjEuSm9iUmVsZWFzZWRIAEIJCgdtZXNzYWdlIoUCCg9Db25uZWN0UmVzcG9uc2USMgoKcmVnaXN0ZXJlZBgBIAEoCzIcLmpvYndpcmUudjEuV29ya2VyUmVnaXN0ZXJlZEgAEi8KCmFzc2lnbm1lbnQYAiABKAsyGS5qb2J3aXJlLnYxLkpvYkFzc2lnbm1lbnRIABInCgZjYW5jZWwYAyABKAsyFS5qb2J3aXJlLnYxLkpvYkNhbmNlbEgAEikKBXN0YWxlGAQgASgLMhguam9id2lyZS52MS5TdGFsZUF0dGVtcHRIABIuCgxmaW5pc2hlZF9hY2sYBSABKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWZIAEIJCgdtZXNzYWdlIi0KCkF0dGVtcHRSZWYSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUizwEKDlJlZ2lzdGVyV29ya2VyEhEKCXdvcmtlcl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRIMCgRjcHVzGAMgASgFEgwKBGdwdXMYBCADKAkSDwoHdmVyc2lvbhgFIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEicKB3J1bm5pbmcYByADKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWYSEAoIaG9zdG5hbWUYCCABKAki9gEKEFdvcmtlclJlZ2lzdGVyZWQSEQoJd29ya2VyX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIlCgVzdGFsZRgEIAMoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZhISCgpwdWJsaWNfdXJsGAUgASgJEioKC2xvZ19jdXJzb3JzGAYgAygLMhUuam9id2lyZS52MS5Mb2dDdXJzb3IiXwoJTG9nQ3Vyc29yEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEiEKBGtpbmQYAyABKA4yEy5qb2J3aXJlLnYxLkxvZ0tpbmQSDgoGc3RvcmVkGAQgASgDInAKCUhlYXJ0YmVhdBInCgdydW5uaW5nGAEgAygLMhYuam9id2lyZS52MS5BdHRlbXB0UmVmEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAMgASgIIm4KDUpvYkFzc2lnbm1lbnQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSLQoKZGVmaW5pdGlvbhgDIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbhINCgVxdWV1ZRgEIAEoCSI8CglKb2JDYW5jZWwSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIj8KDFN0YWxlQXR0ZW1wdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiXQoKSm9iU3RhcnRlZBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKCAQoHSm9iTG9ncxIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIhCgRraW5kGAMgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEiQKBmNodW5rcxgEIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDQoFc3RhcnQYBSABKAMiVQoLSm9iRmluaXNoZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSJQoGcmVzdWx0GAMgASgLMhUuam9id2lyZS52MS5Kb2JSZXN1bHQiPgoLSm9iUmVsZWFzZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJMlkKDVdvcmtlclNlcnZpY2USSAoHQ29ubmVjdBIaLmpvYndpcmUudjEuQ29ubmVjdFJlcXVlc3QaGy5qb2J3aXJlLnYxLkNvbm5lY3RSZXNwb25zZSIAKAEwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition, file_jobwire_v1_jobs]);
 
 /**
  * A message from the worker.
@@ -69,6 +69,15 @@ export type ConnectRequest = Message<"jobwire.v1.ConnectRequest"> & {
      */
     value: JobFinished;
     case: "finished";
+  } | {
+    /**
+     * The worker gives a job back unfinished (it is shutting down); the
+     * server re-queues it at once and answers `finished_ack`.
+     *
+     * @generated from field: jobwire.v1.JobReleased released = 6;
+     */
+    value: JobReleased;
+    case: "released";
   } | { case: undefined; value?: undefined };
 };
 
@@ -360,6 +369,14 @@ export type Heartbeat = Message<"jobwire.v1.Heartbeat"> & {
    * @generated from field: google.protobuf.Timestamp time = 2;
    */
   time?: Timestamp | undefined;
+
+  /**
+   * The worker is shutting down: it finishes what it runs and takes no
+   * new job.
+   *
+   * @generated from field: bool draining = 3;
+   */
+  draining: boolean;
 };
 
 /**
@@ -602,6 +619,41 @@ export type JobFinished = Message<"jobwire.v1.JobFinished"> & {
  */
 export const JobFinishedSchema: GenMessage<JobFinished> = /*@__PURE__*/
   messageDesc(file_jobwire_v1_workers, 12);
+
+/**
+ * A job given back without a result.
+ *
+ * @generated from message jobwire.v1.JobReleased
+ */
+export type JobReleased = Message<"jobwire.v1.JobReleased"> & {
+  /**
+   * The job id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * Why, for the job's history.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message jobwire.v1.JobReleased.
+ * Use `create(JobReleasedSchema)` to create a new message.
+ */
+export const JobReleasedSchema: GenMessage<JobReleased> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_workers, 13);
 
 /**
  * The worker link. A worker dials out to the server and holds one

@@ -1,0 +1,227 @@
+"""Files through the real Envoy: 2 GiB both ways with flat server memory, hash checks, resumable uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+from google.api import httpbody_pb2
+
+from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
+from jobwire.envoy import config as envoy_config
+from jobwire.v1 import files_pb2, files_pb2_grpc
+from tests.conftest import Stack, free_port
+
+pytestmark = pytest.mark.envoy
+MiB = 1024 * 1024
+
+
+def generated(total: int, seed: bytes, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+    """Bytes [start, stop) of a deterministic `total`-byte stream, made 1 MiB at a time (never held whole)."""
+    block = hashlib.sha256(seed).digest() * (MiB // 32)
+    stop = total if stop is None else stop
+
+    async def chunks() -> AsyncIterator[bytes]:
+        position = start
+        while position < stop:
+            index, within = divmod(position, MiB)
+            chunk = (index.to_bytes(8, "big") + block[8:])[within : min(MiB, within + stop - position)]
+            position += len(chunk)
+            yield chunk
+
+    return chunks()
+
+
+async def digest_of(chunks: AsyncIterator[bytes]) -> str:
+    hasher = hashlib.sha256()
+    async for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+@dataclass
+class Standalone:
+    """A `jobwire server` process and an Envoy in front of it, for measuring the server alone."""
+
+    server: asyncio.subprocess.Process
+    envoy: asyncio.subprocess.Process
+    port: int
+    data: Path
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def standalone(tmp_path: Path) -> AsyncIterator[Standalone]:
+    grpc_port, envoy_port = free_port(), free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jobwire.cli", "server", "--host", "127.0.0.1", "--port", str(grpc_port),
+        "--data-directory", str(tmp_path / "data"),
+    )  # fmt: skip
+    config = envoy_config.render(
+        listen_host="127.0.0.1",
+        listen_port=envoy_port,
+        upstreams=[("127.0.0.1", grpc_port)],
+        descriptor_path=descriptor_path(),
+        admin_port=None,
+    )
+    try:
+        envoy = await start_envoy(envoy_config.write(config, tmp_path / "envoy.yaml"), envoy_port)
+    except BaseException:
+        server.terminate()
+        await server.wait()
+        raise
+    yield Standalone(server, envoy, envoy_port, tmp_path / "data")
+    await stop_envoy(envoy)
+    server.terminate()
+    await server.wait()
+
+
+@pytest.mark.timeout(900)
+async def test_two_gib_up_and_down_with_flat_server_memory(standalone: Standalone) -> None:
+    total = 2 * 1024 * MiB
+    seed = os.urandom(16)
+    key = await digest_of(generated(total, seed))
+    pids = {"server": standalone.server.pid, "envoy": standalone.envoy.pid}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{standalone.port}", timeout=120) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        for pid in pids.values():
+            reset_peak(pid)
+        before = {name: memory(pid)["VmRSS"] for name, pid in pids.items()}
+
+        upload = await client.put(f"/f/{key}", content=generated(total, seed), headers={"Content-Length": str(total)})
+        assert upload.status_code == 200, upload.text
+        assert upload.json() == {"key": key, "size": str(total), "sha256": key}
+
+        async with client.stream("GET", f"/f/{key}") as download:
+            assert download.status_code == 200
+            assert download.headers["content-length"] == str(total)
+            assert await digest_of(download.aiter_bytes()) == key
+
+        growth = {name: memory(pid)["VmHWM"] - before[name] for name, pid in pids.items()}
+        print(f"peak RSS growth over a 2 GiB upload and download: {growth}")
+        assert growth["server"] < 200 * MiB, growth
+        assert growth["envoy"] < 200 * MiB, growth
+
+        wrong = hashlib.sha256(b"not these bytes").hexdigest()
+        refused = await client.put(
+            f"/f/{wrong}", content=generated(8 * MiB, seed), headers={"Content-Length": str(8 * MiB)}
+        )
+        assert refused.status_code == 400 and "checksum mismatch" in refused.json()["message"]
+        assert (await client.get(f"/f/{wrong}/exists")).status_code == 404
+        assert (await client.get(f"/f/{wrong}/upload")).json()["offset"] == "0"
+    (standalone.data / "blobs" / key).unlink()
+
+
+class Interrupted(Exception):
+    """Raised by an upload body to cut the connection halfway."""
+
+
+async def cut_after(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    sent = 0
+    async for chunk in chunks:
+        if sent >= limit:
+            await asyncio.sleep(0.5)  # let Envoy and the server take in what was sent
+            raise Interrupted
+        sent += len(chunk)
+        yield chunk
+
+
+async def stored_offset(client: httpx.AsyncClient, key: str) -> int:
+    """The resume offset once the interrupted upload has ended on the server."""
+    for _ in range(100):
+        status = (await client.get(f"/f/{key}/upload")).json()
+        if not status["inProgress"]:
+            return int(status["offset"])
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the upload of {key} never ended")
+
+
+async def test_interrupted_rest_upload_resumes_without_resending(stack: Stack, rest: httpx.AsyncClient) -> None:
+    total, half = 64 * MiB, 32 * MiB
+    seed = os.urandom(16)
+    key = await digest_of(generated(total, seed))
+    length = {"Content-Length": str(total)}
+    with pytest.raises(Interrupted):
+        await rest.put(f"/f/{key}", content=cut_after(generated(total, seed), half), headers=length)
+    offset = await stored_offset(rest, key)
+    assert half - 16 * MiB <= offset <= half, offset  # at most Envoy's buffers were lost
+    assert (await rest.get(f"/f/{key}/exists")).status_code == 404  # nothing committed
+
+    rest_of_it = {"Content-Length": str(total - offset)}
+    resumed = await rest.put(
+        f"/f/{key}", params={"offset": offset}, content=generated(total, seed, offset), headers=rest_of_it
+    )
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json() == {"key": key, "size": str(total), "sha256": key}
+    async with rest.stream("GET", f"/f/{key}") as download:
+        assert await digest_of(download.aiter_bytes()) == key
+    assert (await rest.get(f"/f/{key}/upload")).json() == {
+        "key": key, "offset": "0", "complete": True, "inProgress": False
+    }  # fmt: skip
+    (stack.data_directory / "blobs" / key).unlink()
+
+
+async def test_interrupted_upload_without_a_hash_key_is_not_committed(rest: httpx.AsyncClient, queue: str) -> None:
+    key = f"notes-{queue}.bin"
+    with pytest.raises(Interrupted):
+        await rest.put(
+            f"/f/{key}", content=cut_after(generated(8 * MiB, b"n"), 2 * MiB), headers={"Content-Length": str(8 * MiB)}
+        )
+    offset = await stored_offset(rest, key)
+    assert 0 < offset < 8 * MiB
+    assert (await rest.get(f"/f/{key}/exists")).status_code == 404
+    stale = await rest.put(f"/f/{key}", params={"offset": offset + 1}, content=b"x")
+    assert stale.status_code == 409 and f"resume at offset {offset}" in stale.json()["message"]
+    restart = await rest.put(f"/f/{key}", content=b"small")  # offset 0 starts over
+    assert restart.json()["size"] == "5"
+    assert (await rest.get(f"/f/{key}")).content == b"small"
+
+
+async def test_interrupted_grpc_upload_resumes_through_envoy(stack: Stack) -> None:
+    total, half = 24 * MiB, 12 * MiB
+    seed = os.urandom(16)
+    key = await digest_of(generated(total, seed))
+
+    async def messages(start: int, stop: int | None) -> AsyncIterator[files_pb2.UploadFileRequest]:
+        first = True
+        async for chunk in generated(total, seed, start, stop):
+            message = files_pb2.UploadFileRequest(body=httpbody_pb2.HttpBody(data=chunk))
+            if first:
+                message.key, message.offset, message.size, first = key, start, total, False
+            yield message
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy_port}") as channel:
+        files = files_pb2_grpc.FileServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await files.UploadFile(messages(0, half))  # the stream ends short of `size`
+        assert cut.value.code() == grpc.StatusCode.ABORTED
+        status = await files.GetUpload(files_pb2.GetUploadRequest(key=key))
+        assert (status.offset, status.complete, status.in_progress) == (half, False, False)
+
+        done = await files.UploadFile(messages(half, None))
+        assert (done.size, done.sha256) == (total, key)
+        tail = b"".join(
+            [body.data async for body in files.DownloadFile(files_pb2.DownloadFileRequest(key=key, offset=total - 10))]
+        )
+        assert tail == b"".join([chunk async for chunk in generated(total, seed, total - 10)])
+    with contextlib.suppress(FileNotFoundError):
+        (stack.data_directory / "blobs" / key).unlink()

@@ -1,0 +1,43 @@
+"""The log hub on a real SQLite store and bus: fencing and the per-log size limit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_asyncio
+
+from jobwire.definition import job_id
+from jobwire.server.bus.memory import MemoryBus
+from jobwire.server.logs import LogHub
+from jobwire.server.store.base import Attempt
+from jobwire.server.store.sqlite import SqliteStore
+from jobwire.v1 import definition_pb2, jobs_pb2
+
+RUN = jobs_pb2.LOG_KIND_RUN
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(tmp_path / "jobs.db")
+    yield opened
+    await opened.close()
+
+
+def chunks(*texts: str) -> list[jobs_pb2.LogChunk]:
+    return [jobs_pb2.LogChunk(text=text) for text in texts]
+
+
+async def test_a_log_is_cut_at_its_limit_with_a_notice(store: SqliteStore) -> None:
+    definition = definition_pb2.JobDefinition(image="x")
+    await store.submit(job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
+    job = await store.claim(queue="q", worker_id="w", now=1, lease=30)
+    assert job is not None
+    attempt = Attempt(job.id, job.attempt)
+    hub = LogHub(store, MemoryBus(), max_entries=3)
+    assert await hub.append(attempt, RUN, chunks("a", "b"), 0)
+    assert await hub.append(attempt, RUN, chunks("c", "d", "e"), 2)
+    assert await hub.append(attempt, RUN, chunks("f"), 5)  # dropped, but the attempt is not stale
+    texts = [chunk.text for chunk in await store.read_logs(attempt, RUN, 0, 100)]
+    assert texts[:3] == ["a", "b", "c"] and len(texts) == 4 and "log cut at 3 entries" in texts[3]
+    assert not await hub.append(Attempt(job.id, job.attempt + 1), RUN, chunks("x"), 9)

@@ -1,0 +1,147 @@
+"""Image builds (`definition.build`): fetch and unpack the context, write the Dockerfile, build, cache.
+
+A built image is tagged by the SHA-256 of its build's canonical JSON, so an identical build is done
+once per worker. Contexts are archives (tar, tar.gz or zip) named by a URL, or by `/f/KEY` (or a
+bare SHA-256 key) for an archive uploaded to the server's blob store; an archive whose root holds
+exactly one folder is unpacked from inside that folder, as GitHub archives are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import docker
+import docker.errors
+from google.protobuf import json_format, struct_pb2
+
+from jobwire.definition import canonical_json
+from jobwire.v1 import definition_pb2
+from jobwire.worker.staging import Staging
+
+TAG_PREFIX = "jobwire-build/"
+_BLOB_CONTEXT = re.compile(r"^(?:/f/)?([0-9a-f]{64})$")
+
+
+class BuildError(Exception):
+    """The image could not be built; the build log says why."""
+
+
+def build_tag(build: definition_pb2.ImageBuild) -> str:
+    """The image name of a build: its content hash."""
+    canonical = canonical_json(json_format.MessageToDict(build, preserving_proto_field_name=False))
+    return f"{TAG_PREFIX}{hashlib.sha256(canonical.encode()).hexdigest()[:32]}:latest"
+
+
+class Builder:
+    """Builds images on the worker's Docker engine, in a scratch folder per build."""
+
+    def __init__(self, client: docker.DockerClient, staging: Staging, directory: Path) -> None:
+        self.client, self.staging, self.directory = client, staging, directory
+
+    async def ensure_built(self, build: definition_pb2.ImageBuild, log: Callable[[str], object]) -> str:
+        """The tag of the built image, building it unless an identical build is cached."""
+        tag = build_tag(build)
+        try:
+            await asyncio.to_thread(self.client.images.get, tag)
+            log(f"using the cached image of this build ({tag})\n")
+            return tag
+        except docker.errors.ImageNotFound:
+            pass
+        folder = self.directory / tag.removeprefix(TAG_PREFIX).split(":")[0]
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        folder.mkdir(parents=True)
+        try:
+            root = await self._context(build, folder, log)
+            filename = build.filename or "Dockerfile"
+            dockerfile = _inside(root, filename, "filename")
+            if build.HasField("dockerfile"):
+                dockerfile.parent.mkdir(parents=True, exist_ok=True)
+                dockerfile.write_text(build.dockerfile)
+            if not dockerfile.is_file():
+                raise BuildError(f"no {filename} in the build context and no `dockerfile` given")
+            await asyncio.to_thread(self._build, build, root, dockerfile.relative_to(root).as_posix(), tag, log)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        return tag
+
+    async def _context(self, build: definition_pb2.ImageBuild, folder: Path, log: Callable[[str], object]) -> Path:
+        unpacked = folder / "context"
+        unpacked.mkdir()
+        if build.HasField("context"):
+            archive = folder / "context.archive"
+            if match := _BLOB_CONTEXT.match(build.context):
+                ref = definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=match[1]))
+            else:
+                ref = definition_pb2.DataRef(type="url", value=struct_pb2.Value(string_value=build.context))
+            log(f"downloading the build context {_without_credentials(build.context)}\n")
+            await self.staging.write(ref, archive, "build context")
+            await asyncio.to_thread(_unpack, archive, unpacked)
+            unpacked = _hoisted(unpacked)
+        return _inside(unpacked, build.build_context or ".", "buildContext")
+
+    def _build(
+        self, build: definition_pb2.ImageBuild, root: Path, dockerfile: str, tag: str, log: Callable[[str], object]
+    ) -> None:
+        arguments = dict(argument.partition("=")[::2] for argument in build.build_args)
+        log(f"building {tag}\n")
+        options: dict[str, Any] = {
+            "path": str(root),
+            "dockerfile": dockerfile,
+            "tag": tag,
+            "buildargs": arguments,
+            "target": build.target or None,
+            "platform": build.platform or None,
+            "rm": True,
+            "forcerm": True,
+            "decode": True,
+        }
+        try:
+            for event in self.client.api.build(**options):
+                if "error" in event:
+                    log(f"{event['error'].rstrip()}\n")
+                    raise BuildError(f"the image build failed: {event['error'].strip()}")
+                if text := event.get("stream") or event.get("status"):
+                    log(text if text.endswith("\n") else text + "\n")
+        except docker.errors.APIError as error:
+            raise BuildError(f"the image build failed: {error.explanation}") from None
+
+
+def _inside(root: Path, relative: str, field: str) -> Path:
+    """`root / relative`, refusing paths that leave `root`."""
+    path = PurePosixPath(relative)
+    if path.is_absolute() or ".." in path.parts or "\0" in relative:
+        raise BuildError(f"build.{field} must be a relative path inside the context, not {relative!r}")
+    return root / path
+
+
+def _unpack(archive: Path, destination: Path) -> None:
+    with archive.open("rb") as handle:
+        magic = handle.read(4)
+    try:
+        if magic == b"PK\x03\x04":
+            with zipfile.ZipFile(archive) as packed:
+                for member in packed.namelist():
+                    _inside(destination, member, "context (zip member)")
+                packed.extractall(destination)
+        else:
+            with tarfile.open(archive) as packed:  # tar, tar.gz, tar.bz2, tar.xz
+                packed.extractall(destination, filter="data")  # refuses links and paths leaving it
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as error:
+        raise BuildError(f"the build context is not a readable tar or zip archive: {error}") from None
+
+
+def _hoisted(folder: Path) -> Path:
+    entries = list(folder.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
+
+
+def _without_credentials(url: str) -> str:
+    return re.sub(r"//[^/@]+@", "//", url)
