@@ -124,8 +124,7 @@ async function drop(page) {
   // A small text input, edited in place (kept in the URL's `inputs` parameter).
   await page.locator("input[name='text.new']").fill("note.txt");
   await page.locator("input[name='text.new']").press("Enter");
-  // Ends with a newline: the worker sometimes drops a final partial line (a worker bug, reported).
-  await page.locator("textarea[name='text.note.txt']").fill(`typed-${TOKEN}\n`);
+  await page.locator("textarea[name='text.note.txt']").fill(`typed-${TOKEN}`); // no newline: a partial last line
   const content = `dropped-${TOKEN} 🚀\n`;
   const transfer = await page.evaluateHandle((text) => {
     const data = new DataTransfer();
