@@ -113,3 +113,7 @@ def test_metaframe_inputs_become_job_inputs_and_outputs_come_back(web_stack: str
 
 def test_failed_job_and_non_zero_exit_are_told_apart(web_stack: str) -> None:
     scenario(web_stack, "failures")
+
+
+def test_build_mode_builds_an_inline_dockerfile_and_runs_it(web_stack: str) -> None:
+    scenario(web_stack, "build")

@@ -16,7 +16,7 @@ const SHOTS = process.env.SCREENSHOTS || join(dirname(fileURLToPath(import.meta.
 const BUSYBOX = "jobwire/busybox:latest";
 const TOKEN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 
-const scenarios = { run, drop, cancel, reload, views, longlog, metaframe, failures };
+const scenarios = { run, drop, cancel, reload, views, longlog, metaframe, failures, build };
 
 function assert(condition, message) {
   if (!condition) throw new Error(`assertion failed: ${message}`);
@@ -254,6 +254,21 @@ async function failures(page) {
   await waitForState(page, "finished");
   assert((await stateText(page)) === "Finished with exit code 3", `exit code: ${await stateText(page)}`);
   await shot(page, "16-exit-code-3");
+}
+
+// Build mode: an inline Dockerfile is built on the worker; build logs, then the run's.
+async function build(page) {
+  await page.goto(jobUrl({ image: BUSYBOX, command: "true" }));
+  await page.locator(".segmented button").filter({ hasText: "Build" }).click();
+  await page.locator("textarea[name='build.dockerfile']").fill(`FROM ${BUSYBOX}\nRUN echo built-${TOKEN} > /built.txt\n`);
+  await page.locator("input[name='command']").fill("cat /built.txt");
+  await clickAction(page, "run");
+  await waitForState(page, "finished", 120_000);
+  await waitForText(page, `built-${TOKEN}`);
+  assert((await stateText(page)) === "Finished", `the built image ran: ${await stateText(page)}`);
+  const job = JSON.parse(Buffer.from(decodeURIComponent(new URL(page.url()).hash.match(/job=([^&]+)/)[1]), "base64").toString());
+  assert(job.build?.dockerfile?.includes(`built-${TOKEN}`) && !job.image, `the URL carries the build: ${JSON.stringify(job)}`);
+  await shot(page, "17-built-image-ran");
 }
 
 // The terminal keeps a bounded scrollback, whatever the job prints.
