@@ -35,9 +35,9 @@ gen: $(STAMP) $(WEB_STAMP)
 	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis --include_imports \
 	  --descriptor_set_out=gen/jobwire/v1/jobwire.binpb $(PROTOS)
-	$(BIN)/python scripts/openapi.py gen/jobwire/v1/openapi.json $(PROTOS)
 	printf '"""Generated from proto/jobwire/v1 by `make gen`; never edit by hand."""\n' > gen/jobwire/v1/__init__.py
 	touch gen/jobwire/v1/py.typed
+	$(BIN)/python scripts/openapi.py gen/jobwire/v1/openapi.json $(PROTOS)
 	rm -rf $(WEB_GEN) && mkdir -p $(WEB_GEN)
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
 	  --plugin=protoc-gen-es=web/node_modules/.bin/protoc-gen-es \

@@ -1,33 +1,28 @@
-"""`jobwire job …`: submit jobs, follow them, fetch their outputs."""
+"""`jobwire job …`: submit jobs, follow them, read their logs and outputs, cancel, copy, delete."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import sys
+from json import dumps
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 from cyclopts import App, Parameter
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
-from jobwire.cli.console import CliError, channel
-from jobwire.definition import DefinitionError, check_relative_path, inline_bytes
-from jobwire.v1 import (
-    definition_pb2,
-    files_pb2,
-    files_pb2_grpc,
-    jobs_pb2,
-    jobs_pb2_grpc,
-    server_pb2,
-    server_pb2_grpc,
-)
-from jobwire.worker.files import FileClient
+from jobwire import Job
+from jobwire.cli.console import CliError, Connection, Json, connect, human_size, print_json
+from jobwire.cli.submission import stdin_definition, submit_options
+from jobwire.cli.terminal import Transfers, stderr_console, stream_job, summary
+from jobwire.cli.views import job_lines, job_row
+from jobwire.definition import inline_bytes
+from jobwire.errors import JobFailed
+from jobwire.states import parse_state
+from jobwire.v1 import jobs_pb2
 
 job = App(name="job", help="Submit, inspect and follow jobs.")
-Server = Annotated[str, Parameter(name=["--server", "-s"], help="The server's gRPC address (Envoy or direct).")]
+Outputs = Annotated[Path, Parameter(name=["--outputs", "-o"])]
+ExitCode = Annotated[bool, Parameter(negative="")]
 
 
 @job.command
@@ -35,14 +30,19 @@ async def add(
     queue: str,
     definition: Annotated[str, Parameter(help="`-` reads a whole definition (JSON) from stdin.")] = "",
     *,
-    image: Annotated[str, Parameter(name=["--image", "-m"])] = "alpine:latest",
+    image: Annotated[str, Parameter(name=["--image", "-m"])] = "",
     file: Annotated[list[Path] | None, Parameter(name=["--file", "-f"], negative="")] = None,
-    command: Annotated[str, Parameter(name=["--command", "-c"])] = "",
+    command: Annotated[str | None, Parameter(name=["--command", "-c"])] = None,
     env: Annotated[list[str] | None, Parameter(name=["--env", "-e"], negative="")] = None,
-    namespace: str = "",
+    gpus: int | None = None,
+    max_duration: str | None = None,
+    namespace: str | None = None,
+    build_file: Path | None = None,
+    context: Path | None = None,
     wait: Annotated[bool, Parameter(name=["--wait", "-w"], negative="")] = False,
-    outputs: Annotated[Path, Parameter(name=["--outputs", "-o"])] = Path("./outputs"),
-    server: Server = "localhost:8080",
+    outputs: Outputs = Path("./outputs"),
+    exit_code: ExitCode = False,
+    connection: Connection = Connection(),
 ) -> int:
     """Submit a job to QUEUE and print its id; with --wait, stream its logs and save its outputs.
 
@@ -51,122 +51,244 @@ async def add(
     queue
         The queue to run the job on.
     image
-        Docker image to run.
+        Docker image to run (default alpine:latest unless a definition or a build gives one).
     file
-        A local file to give the job as /inputs/<name> (repeatable).
+        A local file or folder to give the job under /inputs (repeatable). Small files go inline;
+        larger ones are uploaded once by SHA-256 and skipped when the server has them.
     command
         The command, e.g. `python3 /inputs/script.py` (shell syntax needs `sh -c '…'`).
     env
         An environment variable `KEY=VALUE` (repeatable).
+    gpus
+        GPUs the job needs.
+    max_duration
+        Longest the job may run (`30s`, `20m`, `1h30m`).
     namespace
-        The submission's namespace (cancel acts per namespace).
+        The submission's namespace (cancel acts per namespace; default `_`).
+    build_file
+        A Dockerfile to build the image from (its contents go into the definition).
+    context
+        A folder to use as the build context (packed reproducibly and uploaded).
     wait
         Follow the job: print its logs live, then write its outputs to --outputs.
     outputs
         Folder for the outputs with --wait.
+    exit_code
+        With --wait: exit with the container's exit code.
     """
-    request = jobs_pb2.SubmitJobRequest(queue=queue)
-    if definition == "-":
-        _parse_stdin(request)
-    else:
-        request.definition.image = image
-        if command:
-            request.definition.command = command
-        for pair in env or []:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise CliError(f"--env expects KEY=VALUE, not {pair!r}")
-            request.definition.env[key] = value
-    if namespace:
-        request.control.namespace = namespace
-    async with channel(server) as opened:
-        info = await server_pb2_grpc.ServerServiceStub(opened).GetServerInfo(server_pb2.GetServerInfoRequest())
-        for path in file or []:
-            request.definition.inputs[path.name].CopyFrom(await _input_ref(opened, path, info.inline_limit))
-        response = await jobs_pb2_grpc.JobServiceStub(opened).SubmitJob(request)
-        print(response.job_id, file=sys.stderr if wait else sys.stdout)
+    base, stdin_namespace = stdin_definition() if definition == "-" else (None, None)
+    options = submit_options(base, image, file, command, env, gpus, max_duration, build_file, context)
+    namespace = namespace if namespace is not None else stdin_namespace
+    if namespace is not None:
+        options["namespace"] = namespace
+    async with connect(connection) as client:
+        with Transfers("uploaded") as transfers:
+            options["progress"] = transfers
+            submitted = await client.submit(queue, base, **options)
+        print(submitted.id, file=sys.stderr if wait else sys.stdout)
         if not wait:
             return 0
-        return await _follow(opened, response.job_id, outputs)
+        return await _finish(submitted, outputs, exit_code)
 
 
 @job.command
-async def get(job_id: str, *, server: Server = "localhost:8080") -> None:
-    """Print a job (state, definition, result, history) as JSON."""
-    async with channel(server) as opened:
-        response = await jobs_pb2_grpc.JobServiceStub(opened).GetJob(jobs_pb2.GetJobRequest(job_id=job_id))
-        print(json_format.MessageToJson(response.job, indent=2))
+async def get(job_id: str, *, queue: str = "", json: Json = False, connection: Connection = Connection()) -> None:
+    """Print a job: state, result, where it runs, why it waits (--json: as GET /j/{id} answers)."""
+    async with connect(connection) as client:
+        found = await client.job(job_id, queue).get()
+        if json:
+            print_json(jobs_pb2.GetJobResponse(job=found))
+        else:
+            print("\n".join(job_lines(found, client.job(job_id).url)))
+
+
+@job.command(name="ls")
+async def list_jobs(
+    queue: str, *, state: str = "", limit: int = 0, json: Json = False, connection: Connection = Connection()
+) -> None:
+    """List a queue's jobs, oldest first.
+
+    Parameters
+    ----------
+    state
+        Only jobs in this state: queued, running or finished.
+    limit
+        Show at most this many (0: all).
+    """
+    try:
+        wanted = parse_state(state) if state else None
+    except ValueError as error:
+        raise CliError(str(error), 2) from None
+    found: list[jobs_pb2.Job] = []
+    async with connect(connection) as client:
+        async for listed in client.jobs(queue, state=wanted):
+            found.append(listed)
+            if limit and len(found) >= limit:
+                break
+    if json:
+        print_json(jobs_pb2.ListJobsResponse(jobs=found))
+        return
+    for listed in found:
+        print(job_row(listed))
 
 
 @job.command
-async def wait(
+async def logs(
     job_id: str,
     *,
-    outputs: Annotated[Path, Parameter(name=["--outputs", "-o"])] = Path("./outputs"),
-    server: Server = "localhost:8080",
+    follow: Annotated[bool, Parameter(name=["--follow", "-f"], negative="")] = False,
+    build: Annotated[bool, Parameter(negative="")] = False,
+    exit_code: ExitCode = False,
+    json: Json = False,
+    connection: Connection = Connection(),
 ) -> int:
-    """Follow a job: print its logs live, then write its outputs to --outputs."""
-    async with channel(server) as opened:
-        return await _follow(opened, job_id, outputs)
+    """Print a job's log; with -f, live until the job finishes.
 
-
-def _parse_stdin(request: jobs_pb2.SubmitJobRequest) -> None:
-    try:
-        payload = json.load(sys.stdin)
-        if "definition" not in payload:
-            payload = {"definition": payload}
-        payload.pop("id", None)
-        json_format.ParseDict(payload, request, ignore_unknown_fields=True)
-    except (ValueError, json_format.ParseError) as error:
-        raise CliError(f"invalid definition on stdin: {error}") from None
-
-
-async def _input_ref(opened: grpc.aio.Channel, path: Path, inline_limit: int) -> definition_pb2.DataRef:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise CliError(f"cannot read {path}: {error.strerror}") from None
-    if len(data) <= inline_limit:
-        return definition_pb2.DataRef(
-            type="base64", value=struct_pb2.Value(string_value=base64.b64encode(data).decode())
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    files = FileClient(opened)
-    if not await files.exists(digest):
-        await files.upload(path, digest)
-    return definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=digest), hash=digest)
-
-
-async def _follow(opened: grpc.aio.Channel, job_id: str, outputs: Path) -> int:
-    """Print logs live until the job finishes, save its outputs; returns the container's exit code."""
-    stub = jobs_pb2_grpc.JobServiceStub(opened)
-    async for event in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
-        for chunk in event.logs.chunks:
-            stream = sys.stderr if chunk.stream == jobs_pb2.LOG_STREAM_STDERR else sys.stdout
-            stream.write(chunk.text)
-            stream.flush()
-    result = (await stub.GetJobResult(jobs_pb2.GetJobResultRequest(job_id=job_id))).result
-    await _save_outputs(opened, result, outputs)
-    if result.reason != jobs_pb2.FINISH_REASON_SUCCESS:
-        reason = jobs_pb2.FinishReason.Name(result.reason).removeprefix("FINISH_REASON_").lower()
-        raise CliError(f"job {job_id} finished: {reason}: {result.message}")
-    return result.exit_code
-
-
-async def _save_outputs(opened: grpc.aio.Channel, result: jobs_pb2.JobResult, folder: Path) -> None:
-    files = files_pb2_grpc.FileServiceStub(opened)
-    for name, ref in result.outputs.items():
-        try:
-            check_relative_path(name, what="output")
-        except DefinitionError as error:
-            raise CliError(str(error)) from None
-        target = folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if ref.type == "key":
-            with target.open("wb") as handle:
-                async for body in files.DownloadFile(files_pb2.DownloadFileRequest(key=ref.value.string_value)):
-                    handle.write(body.data)
+    Parameters
+    ----------
+    follow
+        Keep printing as the job writes, until it finishes.
+    build
+        The build log (image pull and build) instead of the run log.
+    exit_code
+        Exit with the container's exit code (the job must have finished, or -f).
+    json
+        One JSON object per log chunk (text, time, stream).
+    """
+    async with connect(connection) as client:
+        handle = client.job(job_id)
+        if follow and not build and not json:
+            await stream_job(handle, build_logs=False)
         else:
-            target.write_bytes(inline_bytes(ref))
+            async for chunk in handle.logs(follow=follow, kind="build" if build else "run"):
+                _print_chunk(chunk, json)
+        if not exit_code:
+            return 0
+        result = await handle.result()
+        if result is None:
+            raise CliError(f"job {job_id} has not finished; it has no exit code yet (-f waits for it)")
+        return _code(handle.id, result, exit_code=True)
+
+
+@job.command(name="wait")
+async def wait_for(
+    job_id: str,
+    *,
+    outputs: Outputs = Path("./outputs"),
+    exit_code: ExitCode = False,
+    connection: Connection = Connection(),
+) -> int:
+    """Follow a job: print its logs live, then write its outputs to --outputs.
+
+    Parameters
+    ----------
+    outputs
+        Folder for the outputs.
+    exit_code
+        Exit with the container's exit code.
+    """
+    async with connect(connection) as client:
+        return await _finish(client.job(job_id), outputs, exit_code)
+
+
+@job.command
+async def cancel(
+    job_id: str, *, queue: str = "", namespace: str = "", json: Json = False, connection: Connection = Connection()
+) -> None:
+    """Cancel a queued or running job; its container is killed.
+
+    Parameters
+    ----------
+    queue
+        The job's queue (looked up when not given).
+    namespace
+        Cancel for this namespace only (default `_`); `*` cancels for every namespace.
+    """
+    async with connect(connection) as client:
+        after = await client.job(job_id, queue).cancel(namespace)
+        if json:
+            print_json(jobs_pb2.CancelJobResponse(job=after))
+        else:
+            print(job_row(after))
+
+
+@job.command(name="outputs")
+async def list_outputs(
+    job_id: str,
+    *,
+    output_dir: Annotated[Path | None, Parameter(name=["--outputs", "-o"])] = None,
+    json: Json = False,
+    connection: Connection = Connection(),
+) -> None:
+    """List a finished job's outputs; with -o DIR, download them there.
+
+    Parameters
+    ----------
+    output_dir
+        Folder to write the outputs to.
+    """
+    async with connect(connection) as client:
+        handle = client.job(job_id)
+        if output_dir is not None:
+            with Transfers("downloaded") as transfers:
+                for path in await handle.download(output_dir, progress=transfers):
+                    print(path)
+            return
+        refs = await handle.outputs()
+        if json:
+            print(dumps({"outputs": {name: json_format.MessageToDict(ref) for name, ref in refs.items()}}, indent=2))
+            return
+        for name, ref in sorted(refs.items()):
+            if ref.type == "key":
+                size = await client.files.size(ref.value.string_value)
+                where = f"blob {ref.value.string_value}, " + (human_size(size) if size is not None else "missing")
+            elif ref.type == "url":
+                where = ref.value.string_value
+            else:
+                where = f"inline, {human_size(len(inline_bytes(ref)))}"
+            print(f"{name}\t{where}")
+
+
+@job.command
+async def copy(job_id: str, queue: str, *, namespace: str = "", connection: Connection = Connection()) -> None:
+    """Submit a stored job's definition to QUEUE (the same job id there)."""
+    async with connect(connection) as client:
+        copied = await client.job(job_id).copy(queue, namespace)
+        print(job_row(copied.snapshot or await copied.get()))
+
+
+@job.command
+async def delete(job_id: str, *, connection: Connection = Connection()) -> None:
+    """Delete a job and its cached result, so an identical submission runs again."""
+    async with connect(connection) as client:
+        await client.job(job_id).delete()
+        print(f"deleted {job_id}")
+
+
+async def _finish(handle: Job, outputs: Path, exit_code: bool) -> int:
+    """Stream the job to its end, write its outputs; the exit code per the job's result."""
+    await stream_job(handle)
+    result = await handle.result()
+    if result is None:
+        raise CliError(f"job {handle.id} stopped being followed before it finished")
     if result.outputs:
-        print(f"{len(result.outputs)} output(s) written to {folder}", file=sys.stderr)
+        with Transfers("downloaded") as transfers:
+            await handle.download(outputs, progress=transfers)
+        stderr_console().print(f"{len(result.outputs)} output(s) written to {outputs}")
+    return _code(handle.id, result, exit_code)
+
+
+def _code(job_id: str, result: jobs_pb2.JobResult, exit_code: bool) -> int:
+    if result.reason != jobs_pb2.FINISH_REASON_SUCCESS:
+        raise JobFailed(job_id, result)
+    stderr_console().print(summary(job_id, result))
+    return result.exit_code if exit_code else 0
+
+
+def _print_chunk(chunk: jobs_pb2.LogChunk, as_json: bool) -> None:
+    if as_json:
+        print(dumps(json_format.MessageToDict(chunk, always_print_fields_with_no_presence=True)))
+        return
+    stream = sys.stderr if chunk.stream == jobs_pb2.LOG_STREAM_STDERR else sys.stdout
+    stream.write(chunk.text)
+    stream.flush()

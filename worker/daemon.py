@@ -19,10 +19,10 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
+from jobwire.files import FileClient
 from jobwire.units import format_duration
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
-from jobwire.worker.files import FileClient
 from jobwire.worker.gpus import GpuPool
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings

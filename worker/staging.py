@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -14,8 +13,8 @@ import httpx
 from google.protobuf import struct_pb2
 
 from jobwire.definition import DefinitionError, check_relative_path, inline_bytes, is_sha256
+from jobwire.files import FileClient, sha256_file
 from jobwire.v1 import definition_pb2
-from jobwire.worker.files import FileClient
 
 DOWNLOAD_TRIES = 5
 
@@ -98,19 +97,9 @@ class Staging:
                 outputs[name] = definition_pb2.DataRef(type="base64", value=_string(data))
                 continue
             digest = await asyncio.to_thread(sha256_file, path)
-            if not await self.files.exists(digest):
-                await self.files.upload(path, digest)
+            await self.files.upload(path, digest)  # skipped when the server has the blob
             outputs[name] = definition_pb2.DataRef(type="key", value=_string(digest), hash=digest)
         return outputs
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 hex of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 async def _fetch(url: str, destination: Path) -> None:

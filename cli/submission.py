@@ -1,0 +1,73 @@
+"""What `job add` submits: its flags and a definition on stdin, as the SDK's submit options."""
+
+from __future__ import annotations
+
+import sys
+from json import loads
+from pathlib import Path
+from typing import Any
+
+from jobwire import SubmitOptions
+from jobwire.cli.console import CliError
+from jobwire.errors import InvalidDefinition
+
+DEFAULT_IMAGE = "alpine:latest"
+
+
+def stdin_definition() -> tuple[dict[str, Any], str | None]:
+    """The definition JSON on stdin (a bare definition or the seed's `{definition, control}`) and its namespace."""
+    try:
+        payload = loads(sys.stdin.read())
+    except ValueError as error:
+        raise InvalidDefinition(f"invalid definition on stdin: {error}") from None
+    if not isinstance(payload, dict):
+        raise InvalidDefinition("invalid definition on stdin: expected a JSON object")
+    if "definition" not in payload:
+        return payload, None
+    definition, control = payload["definition"], payload.get("control") or {}
+    if not isinstance(definition, dict) or not isinstance(control, dict):
+        raise InvalidDefinition("invalid definition on stdin: `definition` and `control` must be objects")
+    return definition, control.get("namespace")
+
+
+def submit_options(
+    base: dict[str, Any] | None,
+    image: str,
+    files: list[Path] | None,
+    command: str | None,
+    env: list[str] | None,
+    gpus: int | None,
+    max_duration: str | None,
+    build_file: Path | None,
+    context: Path | None,
+) -> SubmitOptions:
+    """The SDK's submit options from the flags (only those given, so a stdin definition keeps its own)."""
+    options: SubmitOptions = {}
+    built = bool(base and ("image" in base or "build" in base)) or build_file is not None or context is not None
+    if image or not built:
+        options["image"] = image or DEFAULT_IMAGE  # the seed's default
+    if files:
+        options["files"] = files
+    if command is not None:
+        options["command"] = command
+    if env:
+        options["env"] = dict(_pair(text) for text in env)
+    if gpus is not None:
+        options["gpus"] = gpus
+    if max_duration is not None:
+        options["max_duration"] = max_duration
+    if build_file is not None:
+        try:
+            options["dockerfile"] = build_file.read_text()
+        except OSError as error:
+            raise InvalidDefinition(f"cannot read --build-file {build_file}: {error.strerror}") from None
+    if context is not None:
+        options["context"] = context
+    return options
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CliError(f"--env expects KEY=VALUE, not {text!r}", 2)
+    return key, value

@@ -1,0 +1,199 @@
+"""Blobs on the server (FileService): chunked uploads and downloads by key, with progress.
+
+The one file-transfer client: the SDK, the CLI and the worker all move bytes with it.
+Uploads under a SHA-256 key are skipped when the server already has the blob; an
+upload cut short resumes at the offset the server kept (`GetUpload`), also across
+runs; downloads resume at the byte they reached and are checked against a SHA-256 key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.api import httpbody_pb2
+
+from jobwire.connection import Calls
+from jobwire.definition import is_sha256
+from jobwire.errors import FileNotFound, RequestFailed, translate
+from jobwire.v1 import files_pb2, files_pb2_grpc
+
+CHUNK_SIZE = 1024 * 1024
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Progress of one upload or download: `done` of `total` bytes so far.
+
+    `complete` is set once: when the server has confirmed the upload, or the download
+    is verified and in place. `skipped` (with `complete`): the server already had the blob.
+    """
+
+    name: str
+    done: int
+    total: int
+    complete: bool = False
+    skipped: bool = False
+
+
+Progress = Callable[[Transfer], None]
+"""Called as a transfer advances (after every chunk) and once more, `complete`, when it ends."""
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK_SIZE):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileClient:
+    """Moves blobs between local files and the server, streamed in chunks."""
+
+    def __init__(self, channel: grpc.aio.Channel, calls: Calls | None = None) -> None:
+        self.stub = files_pb2_grpc.FileServiceStub(channel)
+        self.calls = calls or Calls()
+
+    async def size(self, key: str) -> int | None:
+        """The blob's size in bytes, or None when the server does not have it."""
+        request = files_pb2.GetFileInfoRequest(key=key)
+        try:
+            return (await self.calls.unary(self.stub.GetFileInfo, request, not_found=FileNotFound)).size
+        except FileNotFound:
+            return None
+
+    async def exists(self, key: str) -> bool:
+        """True when the server has the blob."""
+        return await self.size(key) is not None
+
+    async def upload(
+        self, source: Path | bytes, key: str = "", *, progress: Progress | None = None, name: str = ""
+    ) -> str:
+        """Upload a file's (or some) bytes under `key` (default: their SHA-256); skipped if the server has them."""
+        if isinstance(source, bytes):
+            key, total = key or hashlib.sha256(source).hexdigest(), len(source)
+        else:
+            key, total = key or await asyncio.to_thread(sha256_file, source), source.stat().st_size
+        name = name or (source.name if isinstance(source, Path) else key)
+        report = progress or _ignore
+        if is_sha256(key) and await self.exists(key):
+            report(Transfer(name, total, total, complete=True, skipped=True))
+            return key
+        await _Upload(self, source, key, total, report, name).run()
+        report(Transfer(name, total, total, complete=True))
+        return key
+
+    async def download(self, key: str, destination: Path, *, progress: Progress | None = None, name: str = "") -> None:
+        """Write the blob to `destination` (via `<destination>.partial`, renamed when complete and verified)."""
+        total = await self.size(key) if progress else 0
+        if total is None:
+            raise FileNotFound(f"file {key!r} not found", grpc.StatusCode.NOT_FOUND)
+        download = _Download(self, key, destination, progress or _ignore, name or destination.name, total)
+        await download.run()
+
+
+class _Upload:
+    """One upload, resumed from the bytes the server kept when the connection drops."""
+
+    def __init__(self, files: FileClient, source: Path | bytes, key: str, total: int, report: Progress, name: str):
+        self.files, self.source, self.key, self.total = files, source, key, total
+        self.report, self.name = report, name
+
+    async def run(self) -> None:
+        delays = self.files.calls.retry.delays()
+        # A blob stored under its SHA-256 is verified by the server, so any interrupted upload of
+        # it (even another client's) can be resumed; other keys start over the first time.
+        offset = await self._resume_at() if is_sha256(self.key) else 0
+        while offset is not None:
+            try:
+                await self.files.stub.UploadFile(self._chunks(offset))
+                return
+            except grpc.aio.AioRpcError as error:
+                # UNAVAILABLE: the connection dropped; ABORTED: another upload of the key is running.
+                delay = next(delays, None) if error.code() in _RESUMABLE else None
+                if delay is None:
+                    raise translate(error, target=self.files.calls.target, not_found=FileNotFound) from None
+            await asyncio.sleep(delay)
+            offset = await self._resume_at()
+
+    async def _resume_at(self) -> int | None:
+        """The byte to go on from: what an interrupted upload left on the server; None once it is complete."""
+        request = files_pb2.GetUploadRequest(key=self.key)
+        try:
+            state = await self.files.calls.unary(self.files.stub.GetUpload, request)
+        except RequestFailed as error:
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:  # a server without resumable uploads
+                return 0
+            raise
+        if state.complete and is_sha256(self.key):
+            return None
+        return min(state.offset, self.total)
+
+    async def _chunks(self, offset: int) -> AsyncIterator[files_pb2.UploadFileRequest]:
+        source = self.source
+        with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as handle:
+            handle.seek(offset)
+            first, done = True, offset
+            while True:
+                data = await asyncio.to_thread(handle.read, CHUNK_SIZE)
+                if first:  # the total size lets the server keep a cut-short upload for resuming
+                    yield files_pb2.UploadFileRequest(
+                        key=self.key, offset=offset, size=self.total, body=httpbody_pb2.HttpBody(data=data)
+                    )
+                elif data:
+                    yield files_pb2.UploadFileRequest(body=httpbody_pb2.HttpBody(data=data))
+                if not data:
+                    return
+                first, done = False, done + len(data)
+                self.report(Transfer(self.name, done, self.total))
+
+
+class _Download:
+    """One download, resumed from the byte it reached when the connection drops."""
+
+    def __init__(self, files: FileClient, key: str, destination: Path, report: Progress, name: str, total: int):
+        self.files, self.key, self.destination = files, key, destination
+        self.report, self.name, self.total = report, name, total
+        self.partial = destination.with_name(destination.name + ".partial")
+        self.digest = hashlib.sha256()
+        self.done = 0
+
+    async def run(self) -> None:
+        delays = self.files.calls.retry.delays()
+        with self.partial.open("wb") as handle:
+            while True:
+                try:
+                    await self._receive(handle.write)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+                    if delay is None:
+                        self.partial.unlink(missing_ok=True)
+                        raise translate(error, target=self.files.calls.target, not_found=FileNotFound) from None
+                await asyncio.sleep(delay)
+        if is_sha256(self.key) and self.digest.hexdigest() != self.key:
+            self.partial.unlink(missing_ok=True)
+            raise RequestFailed(f"download of {self.key} is corrupt: its bytes hash to {self.digest.hexdigest()}")
+        os.replace(self.partial, self.destination)
+        self.report(Transfer(self.name, self.done, max(self.total, self.done), complete=True))
+
+    async def _receive(self, write: Callable[[bytes], object]) -> None:
+        request = files_pb2.DownloadFileRequest(key=self.key, offset=self.done)
+        async for body in self.files.stub.DownloadFile(request):
+            await asyncio.to_thread(write, body.data)
+            self.digest.update(body.data)
+            self.done += len(body.data)
+            self.report(Transfer(self.name, self.done, max(self.total, self.done)))
+
+
+def _ignore(_: Transfer) -> None:
+    return None

@@ -1,0 +1,188 @@
+"""A handle on one job: follow it, wait for it, read its logs and outputs, cancel it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import grpc
+
+from jobwire.definition import DefinitionError, check_relative_path, inline_bytes
+from jobwire.errors import JobFailed, JobNotFound, NotFound, RequestFailed, translate
+from jobwire.files import Progress
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+
+if TYPE_CHECKING:
+    from jobwire.client import Client
+
+_NO_LOGS = 2**62  # a run-log cursor past any log: WatchJob then sends states only
+_KINDS = {"run": jobs_pb2.LOG_KIND_RUN, "build": jobs_pb2.LOG_KIND_BUILD}
+
+
+class Job:
+    """One job on a server. Cheap to make; every method is a call."""
+
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        *,
+        queue: str = "",
+        namespace: str = "",
+        snapshot: jobs_pb2.Job | None = None,
+    ) -> None:
+        self.client, self.id, self.queue, self.namespace = client, job_id, queue, namespace
+        self.snapshot = snapshot
+        """The job as last seen (by `submit`, `get` or `watch`), if at all."""
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, queue={self.queue!r})"
+
+    @property
+    def url(self) -> str:
+        """The job's REST URL (`/j/{id}`)."""
+        return f"{self.client.public_url}/j/{self.id}"
+
+    async def get(self) -> jobs_pb2.Job:
+        """The job now: state, definition, result (with logs) and history."""
+        request = jobs_pb2.GetJobRequest(job_id=self.id, queue=self.queue)
+        self.snapshot = (await self.client.calls.unary(self._stub.GetJob, request, not_found=JobNotFound)).job
+        return self.snapshot
+
+    async def result(self) -> jobs_pb2.JobResult | None:
+        """The result once the job has finished (logs, outputs, exit code); None before."""
+        request = jobs_pb2.GetJobResultRequest(job_id=self.id, queue=self.queue)
+        response = await self.client.calls.unary(self._stub.GetJobResult, request, not_found=JobNotFound)
+        return response.result if response.state == jobs_pb2.JOB_STATE_FINISHED else None
+
+    async def watch(
+        self, *, logs: bool = True, build_logs: bool = False
+    ) -> AsyncIterator[jobs_pb2.Job | jobs_pb2.LogBatch]:
+        """The job's state, then every state change and new log batch, until it finishes.
+
+        A dropped connection is resumed (with backoff) without repeating log chunks.
+        """
+        delivered: dict[tuple[int, int], int] = {}
+        delays = self.client.calls.retry.delays()
+        while True:
+            request = jobs_pb2.WatchJobRequest(job_id=self.id, run_logs_since=0 if logs else _NO_LOGS)
+            request.build_logs = build_logs
+            call = self._stub.WatchJob(request)
+            try:
+                async for event in call:
+                    delays = self.client.calls.retry.delays()
+                    if event.HasField("job"):
+                        self.snapshot = event.job
+                        yield event.job
+                    elif (batch := _unseen(event.logs, delivered)).chunks:
+                        yield batch
+                return
+            except grpc.aio.AioRpcError as error:
+                delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise translate(error, target=self.client.calls.target, not_found=JobNotFound) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+
+    async def logs(
+        self, *, follow: bool = False, kind: Literal["run", "build"] = "run"
+    ) -> AsyncIterator[jobs_pb2.LogChunk]:
+        """The job's log chunks; with `follow`, live until the job finishes."""
+        if follow:
+            async for event in self.watch(build_logs=kind == "build"):
+                if isinstance(event, jobs_pb2.LogBatch) and event.kind == _KINDS[kind]:
+                    for chunk in event.chunks:
+                        yield chunk
+            return
+        request = jobs_pb2.GetJobLogsRequest(job_id=self.id, kind=_KINDS[kind])
+        while True:
+            page = await self.client.calls.unary(self._stub.GetJobLogs, request, not_found=JobNotFound)
+            for chunk in page.chunks:
+                yield chunk
+            if not page.chunks:
+                return
+            request.since = page.next_cursor
+
+    async def wait(self, timeout: float | None = None) -> jobs_pb2.JobResult:
+        """Wait until the job finishes; its result, or JobFailed when it did not run to its end.
+
+        A non-zero exit code is a result (`result.exit_code`), not a failure. TimeoutError
+        after `timeout` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            async for _ in self.watch(logs=False):
+                pass
+        result = await self.result()
+        if result is None:
+            raise RequestFailed(f"job {self.id} stopped being followed before it finished")
+        if result.reason != jobs_pb2.FINISH_REASON_SUCCESS:
+            raise JobFailed(self.id, result)
+        return result
+
+    async def outputs(self) -> dict[str, definition_pb2.DataRef]:
+        """The finished job's output files by path (inline refs, or blob `key` refs)."""
+        result = await self.result()
+        if result is None:
+            raise NotFound(f"job {self.id} has not finished; it has no outputs yet", grpc.StatusCode.NOT_FOUND)
+        return dict(result.outputs)
+
+    async def download(self, directory: str | Path, *, progress: Progress | None = None) -> list[Path]:
+        """Write the finished job's outputs under `directory` (folders as needed); the paths written."""
+        folder, written = Path(directory), []
+        for name, ref in sorted((await self.outputs()).items()):
+            try:
+                check_relative_path(name, what="output")
+            except DefinitionError as error:
+                raise RequestFailed(f"job {self.id}: refusing to write {error}") from None
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if ref.type == "key":
+                await self.client.files.download(ref.value.string_value, target, progress=progress, name=name)
+            elif ref.type == "url":
+                raise RequestFailed(f"output {name!r} is a URL reference ({ref.value.string_value}); fetch it there")
+            else:
+                await asyncio.to_thread(target.write_bytes, inline_bytes(ref))
+            written.append(target)
+        return written
+
+    async def cancel(self, namespace: str = "") -> jobs_pb2.Job:
+        """Cancel for `namespace` (default: the one it was submitted with, else `_`; `*`: all namespaces).
+
+        When no namespace holds the job any more it finishes as cancelled and its container is killed.
+        """
+        queue = self.queue or (await self.get()).queue
+        request = jobs_pb2.CancelJobRequest(queue=queue, job_id=self.id, namespace=namespace or self.namespace)
+        self.snapshot = (await self.client.calls.unary(self._stub.CancelJob, request, not_found=JobNotFound)).job
+        return self.snapshot
+
+    async def delete(self) -> None:
+        """Delete the job and its cached result (a running container is killed)."""
+        request = jobs_pb2.DeleteJobRequest(job_id=self.id)
+        await self.client.calls.unary(self._stub.DeleteJob, request, idempotent=False, not_found=JobNotFound)
+
+    async def copy(self, queue: str, namespace: str = "") -> Job:
+        """Submit this job's definition to another queue; the same id there."""
+        request = jobs_pb2.CopyJobRequest(job_id=self.id, queue=queue)
+        if namespace:
+            request.control.namespace = namespace
+        response = await self.client.calls.unary(self._stub.CopyJob, request, not_found=JobNotFound)
+        return Job(self.client, response.job.id, queue=queue, namespace=namespace, snapshot=response.job)
+
+    @property
+    def _stub(self) -> jobs_pb2_grpc.JobServiceAsyncStub:
+        return self.client.job_service
+
+
+def _unseen(batch: jobs_pb2.LogBatch, delivered: dict[tuple[int, int], int]) -> jobs_pb2.LogBatch:
+    """The part of `batch` not yet delivered (a resumed watch sends each attempt's log from its start)."""
+    key = (batch.attempt, batch.kind)
+    skip = max(0, delivered.get(key, 0) - batch.start)
+    delivered[key] = max(delivered.get(key, 0), batch.start + len(batch.chunks))
+    if skip == 0:
+        return batch
+    return jobs_pb2.LogBatch(
+        kind=batch.kind, start=batch.start + skip, chunks=batch.chunks[skip:], attempt=batch.attempt
+    )
