@@ -100,6 +100,7 @@ export class App {
   /** The definition or a switch changed (called on every keystroke: everything here is cheap). */
   changed(): void {
     this.dirty = true;
+    this.ui.counts();
     this.writeHash();
     this.refresh();
   }
