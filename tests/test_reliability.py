@@ -405,3 +405,20 @@ async def test_gpu_jobs_wait_for_a_worker_with_gpus_without_blocking_the_queue(
     assert waiting["state"] == "JOB_STATE_QUEUED"
     assert "needs 1 GPU(s) but no worker" in waiting["waitingReason"]
     assert "--gpus 1" in waiting["waitingReason"]
+
+
+async def test_a_chatty_job_does_not_cost_its_worker_the_lease(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    """50,000 one-line log entries on the 5 s test grace period: heartbeats still get through."""
+    await start_worker(queue)
+    command = f"sh -c 'seq 1 50000; echo {queue}'"
+    submitted = await jobs.SubmitJob(
+        jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+    )
+    job = await wait_finished(jobs, submitted.job_id, timeout=110)
+    assert kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED) == []
+    assert job.result.attempt == 1
+    response = await jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job.id, kind=jobs_pb2.LOG_KIND_RUN))
+    text = "".join(chunk.text for chunk in response.chunks)
+    assert text.startswith("1\n2\n3\n") and response.slice_start == 0
