@@ -273,7 +273,7 @@ async function build(page) {
 
 // The terminal keeps a bounded scrollback, whatever the job prints.
 async function longlog(page) {
-  await page.goto(jobUrl({ image: BUSYBOX, command: `sh -c 'seq 1 8000; echo done-${TOKEN}'` }));
+  await page.goto(jobUrl({ image: BUSYBOX, command: `sh -c 'seq 1 30000; echo done-${TOKEN}'` }));
   await clickAction(page, "run");
   await waitForState(page, "finished");
   await waitForText(page, `done-${TOKEN}`);
