@@ -144,11 +144,11 @@ async def test_stream_cut_shorter_than_the_grace_period_keeps_the_job_running(
         request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
         job_id = (await jobs.SubmitJob(request)).job_id
         await eventually(lambda: _started(jobs, job_id), "the job to start")
-        (container,) = docker_client.containers.list(filters={"label": f"io.jobwire.job={job_id}"})
+        (container,) = docker_client.containers.list(sparse=True, filters={"label": f"io.jobwire.job={job_id}"})
         handle.daemon.registered.clear()
         assert proxy.cut() > 0
         await asyncio.wait_for(handle.daemon.registered.wait(), 10)  # reconnected and re-registered
-        (same,) = docker_client.containers.list(filters={"label": f"io.jobwire.job={job_id}"})
+        (same,) = docker_client.containers.list(sparse=True, filters={"label": f"io.jobwire.job={job_id}"})
         assert same.id == container.id  # the container was never restarted or re-created
         job = await wait_finished(jobs, job_id)
     finally:
@@ -159,7 +159,7 @@ async def test_stream_cut_shorter_than_the_grace_period_keeps_the_job_running(
     assert kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED) == []
     assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_STARTED)) == 1
     assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
-    assert docker_client.containers.list(all=True, filters={"label": f"io.jobwire.job={job_id}"}) == []
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": f"io.jobwire.job={job_id}"}) == []
 
 
 async def test_server_killed_with_jobs_queued_and_running_finishes_each_once(
@@ -363,7 +363,7 @@ async def test_namespaces_one_live_job_each_and_scoped_cancel(
 
 async def _gone(docker_client: docker.DockerClient, job_id: str) -> bool:
     filters = {"label": f"io.jobwire.job={job_id}"}
-    return not await asyncio.to_thread(docker_client.containers.list, all=True, filters=filters)
+    return not await asyncio.to_thread(docker_client.containers.list, all=True, sparse=True, filters=filters)
 
 
 async def test_sigterm_drains_finishing_short_jobs_and_handing_back_long_ones(
