@@ -23,6 +23,7 @@ from jobwire.worker.staging import Staging, StagingError
 log = logging.getLogger(__name__)
 Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
 _BATCH_CHUNKS = 2000
+_LINGER = 0.05
 _ASSIGNMENT = "assignment.binpb"
 _RETAINED_CHUNKS = 50_000
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
@@ -175,7 +176,7 @@ class Execution:
 
     async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str) -> None:
         self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data, stamp)
-        await self.logs[jobs_pb2.LOG_KIND_RUN].flush_if_idle()
+        await self.logs[jobs_pb2.LOG_KIND_RUN].soon()
 
     async def _build_log(self, text: str) -> None:
         self.logs[jobs_pb2.LOG_KIND_BUILD].add(STDOUT, text.encode())
@@ -215,6 +216,7 @@ class _LogStream:
         self.pending: list[jobs_pb2.LogChunk] = []
         self.sent = 0
         self.lock = asyncio.Lock()
+        self.timer: asyncio.Task[None] | None = None
         # The latest chunks handed to `send`, for sending again what a broken stream lost.
         self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque(maxlen=_RETAINED_CHUNKS)
 
@@ -238,10 +240,17 @@ class _LogStream:
             if tail:
                 self.pending.append(jobs_pb2.LogChunk(text=tail, time=timestamp(time.time()), stream=stream))
 
-    async def flush_if_idle(self) -> None:
-        """Send now unless a send is in progress (then the pending chunks go with the next one)."""
-        if not self.lock.locked() or len(self.pending) >= _BATCH_CHUNKS:
+    async def soon(self) -> None:
+        """Send within `_LINGER` seconds, with whatever else arrives meanwhile; at once when a batch is
+        full. One message per line would bury the worker's heartbeats under log traffic."""
+        if len(self.pending) >= _BATCH_CHUNKS:
             await self.flush()
+        elif self.timer is None or self.timer.done():
+            self.timer = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(_LINGER)
+        await self.flush()
 
     async def flush(self) -> None:
         async with self.lock:
