@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -157,3 +158,10 @@ def write(rows: list[Measurement], errors: dict[str, str], info: dict[str, objec
     markdown = directory / "last.md"
     markdown.write_text(header + table(rows) + "\n" + failures + "\n")
     return markdown
+
+
+async def until(check: Callable[[], Awaitable[bool]], interval: float = 0.02, timeout: float = 3600) -> None:
+    """Poll `check` until true: the systems measured tell their progress only when asked."""
+    async with asyncio.timeout(timeout):
+        while not await check():  # noqa: ASYNC110 - no event to wait on across processes
+            await asyncio.sleep(interval)
