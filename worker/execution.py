@@ -23,6 +23,9 @@ from jobwire.worker.staging import Staging, StagingError
 log = logging.getLogger(__name__)
 Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
 _BATCH_CHUNKS = 2000
+_LINGER_SECONDS = 0.02
+"""How long output waits for more before it is sent: a chatty container's lines travel in batches
+(one server transaction each), not a message per line that the server cannot keep up with."""
 _ASSIGNMENT = "assignment.binpb"
 _RETAINED_CHUNKS = 50_000
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
@@ -58,6 +61,8 @@ class Execution:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
         finally:
+            for stream in self.logs.values():
+                stream.close()
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
@@ -66,6 +71,8 @@ class Execution:
             outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
+            for stream in self.logs.values():
+                stream.close()
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
     @classmethod
@@ -215,6 +222,7 @@ class _LogStream:
         self.pending: list[jobs_pb2.LogChunk] = []
         self.sent = 0
         self.lock = asyncio.Lock()
+        self.linger: asyncio.Task[None] | None = None
         # The latest chunks handed to `send`, for sending again what a broken stream lost.
         self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque(maxlen=_RETAINED_CHUNKS)
 
@@ -239,9 +247,20 @@ class _LogStream:
                 self.pending.append(jobs_pb2.LogChunk(text=tail, time=timestamp(time.time()), stream=stream))
 
     async def flush_if_idle(self) -> None:
-        """Send now unless a send is in progress (then the pending chunks go with the next one)."""
-        if not self.lock.locked() or len(self.pending) >= _BATCH_CHUNKS:
+        """Send a full batch now, else within `_LINGER_SECONDS` together with whatever follows."""
+        if len(self.pending) >= _BATCH_CHUNKS:
             await self.flush()
+        elif self.linger is None or self.linger.done():
+            self.linger = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(_LINGER_SECONDS)
+        await self.flush()
+
+    def close(self) -> None:
+        """Stop a pending delayed send (the execution ended; its final flush sent everything)."""
+        if self.linger is not None:
+            self.linger.cancel()
 
     async def flush(self) -> None:
         async with self.lock:
