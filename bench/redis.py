@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bench.stack import free_port, spawn
+from bench.stack import free_port, spawn, wait_port
 
 
 @contextlib.asynccontextmanager
@@ -23,14 +22,7 @@ async def private_redis(scratch: Path) -> AsyncIterator[str]:
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
     service = await spawn([*args, "--appendonly", "no"], directory / "redis.log")
     try:
-        async with asyncio.timeout(30):
-            while True:
-                with contextlib.suppress(OSError):
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    await writer.wait_closed()
-                    break
-                await asyncio.sleep(0.05)
+        await wait_port(port)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         await service.stop()

@@ -167,3 +167,15 @@ async def docker_run(*args: str) -> None:
     _, error = await process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"docker run {' '.join(args)} failed: {error.decode()[-500:]}")
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    """Until something accepts connections on 127.0.0.1:`port`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            await asyncio.sleep(0.05)
