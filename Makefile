@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser bench clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -62,6 +62,17 @@ browser:
 
 test: install docker images browser check-gen lint typecheck
 	$(BIN)/pytest
+
+# Benchmarks (never part of `make test`): every figure against a baseline measured in the same run.
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS="--quick --only 2,4 --size log_lines=100000"`.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) docker images
+	bash scripts/ensure-debian-packages.sh redis-server=redis-server
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.
 run: install docker images

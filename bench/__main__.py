@@ -45,7 +45,8 @@ async def run(options: argparse.Namespace) -> tuple[list[Measurement], dict[str,
                 measured = await module.run(Context(chosen, Path(scratch), options.quick))
             except Exception as error:  # one broken figure must not hide the others
                 traceback.print_exc()
-                errors[name] = repr(error)
+                where = traceback.extract_tb(error.__traceback__)[-1]
+                errors[name] = f"{error!r} at {Path(where.filename).name}:{where.lineno}"
                 continue
             print(f"  ({time.perf_counter() - started:.1f} s)", flush=True)
             print(table(measured), flush=True)
