@@ -5,8 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 STAMP := $(VENV)/.installed
+# The browser client: npm packages, generated TypeScript, the Vite build.
+WEB_STAMP := web/node_modules/.installed
+WEB_GEN := web/src/gen
+WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
+GOOGLE_API_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser bench clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck bench clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -16,8 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set, OpenAPI document) from proto/.
-gen: $(STAMP)
+# npm packages of web/ exactly as package-lock.json pins them.
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $(WEB_STAMP)
+
+# Regenerate gen/ (Python messages, gRPC stubs, mypy stubs, descriptor set, OpenAPI document) and
+# web's TypeScript (protoc-gen-es, run by the same protoc) from proto/.
+gen: $(STAMP) $(WEB_STAMP)
 	rm -rf gen/jobwire/v1 && mkdir -p gen/jobwire/v1
 	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
@@ -27,11 +38,24 @@ gen: $(STAMP)
 	printf '"""Generated from proto/jobwire/v1 by `make gen`; never edit by hand."""\n' > gen/jobwire/v1/__init__.py
 	touch gen/jobwire/v1/py.typed
 	$(BIN)/python scripts/openapi.py gen/jobwire/v1/openapi.json $(PROTOS)
+	rm -rf $(WEB_GEN) && mkdir -p $(WEB_GEN)
+	$(BIN)/python -m grpc_tools.protoc -I proto -I third_party/googleapis \
+	  --plugin=protoc-gen-es=web/node_modules/.bin/protoc-gen-es \
+	  --es_out=$(WEB_GEN) --es_opt=target=ts,import_extension=none $(PROTOS) $(GOOGLE_API_PROTOS)
 
-# Fails when gen/ is not what `make gen` makes from proto/.
+# Fails when gen/ or web/src/gen is not what `make gen` makes from proto/.
 check-gen: gen
-	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run 'make gen' and commit" && exit 1)
-	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen; echo "gen/ has untracked files: run 'make gen' and commit" && exit 1)
+	@git diff --exit-code --stat -- gen $(WEB_GEN) || (echo "generated code is stale: run 'make gen' and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- gen $(WEB_GEN))" || (git status --porcelain -- gen $(WEB_GEN); echo "generated code has untracked files: run 'make gen' and commit" && exit 1)
+
+# The browser client built into web/dist (rebuilt only when a source changed).
+web: web/dist/index.html
+web/dist/index.html: $(WEB_STAMP) $(WEB_SOURCES)
+	cd web && npx tsc --noEmit && npx vite build --logLevel warn
+	touch web/dist/index.html
+
+web-typecheck: $(WEB_STAMP)
+	cd web && npx tsc --noEmit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -40,7 +64,7 @@ lint: $(STAMP)
 	$(BIN)/buf format --diff --exit-code
 
 # mypy --strict over the jobwire namespace, laid out as it is imported.
-typecheck: $(STAMP)
+typecheck: $(STAMP) web-typecheck
 	rm -rf .typecheck && mkdir -p .typecheck/jobwire
 	for d in server worker cli envoy; do ln -s ../../$$d .typecheck/jobwire/$$d; done
 	ln -s ../../gen/jobwire/v1 .typecheck/jobwire/v1
@@ -55,12 +79,13 @@ docker:
 images: docker
 	bash scripts/build-images.sh
 
-# Debian tools the tests drive: Chromium (gRPC-Web from a browser) and grpc-gateway's
-# protoc-gen-swagger (the proto's HTTP rules checked by grpc-gateway itself).
+# Debian tools the tests drive: Chromium (gRPC-Web from a browser, and the web client's tests
+# through playwright-core) and grpc-gateway's protoc-gen-swagger (the proto's HTTP rules checked
+# by grpc-gateway itself).
 browser:
 	bash scripts/ensure-debian-packages.sh chromium=chromium protoc-gen-swagger=golang-grpc-gateway
 
-test: install docker images browser check-gen lint typecheck
+test: install docker images browser check-gen lint typecheck web
 	$(BIN)/pytest
 
 # Benchmarks (never part of `make test`): every figure against a baseline measured in the same run.
@@ -75,8 +100,8 @@ bench: $(BENCH_STAMP) docker images
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.
-run: install docker images
+run: install docker images web
 	$(BIN)/jobwire up
 
 clean:
-	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info web/dist web/test-results

@@ -16,6 +16,7 @@ import httpx
 from cyclopts import Parameter
 
 from jobwire.cli.console import CliError
+from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
@@ -141,8 +142,9 @@ async def up(
     queue: str = "local",
     cpus: int = 2,
     max_job_duration: str = "1h",
+    web_directory: Path = DEFAULT_DIRECTORY,
 ) -> None:
-    """Run everything on this machine: server, Envoy on PORT, and a worker on queue `local`.
+    """Run everything on this machine: server, Envoy on PORT, a worker on queue `local`, the web UI.
 
     Parameters
     ----------
@@ -158,6 +160,8 @@ async def up(
         Most jobs the local worker runs at once.
     max_job_duration
         Longest a job may run on the local worker.
+    web_directory
+        The built web client (`make web` builds web/dist), served at http://localhost:PORT/.
     """
     data_directory = data_directory.resolve()
     settings = ServerSettings(
@@ -175,12 +179,14 @@ async def up(
     )
     runtime = _docker()
     built = await build_server(settings)
+    web = WebServer(web_directory)
     envoy_file = envoy_config.write(
         envoy_config.render(
             listen_port=port,
             upstreams=[("127.0.0.1", built.port)],
             descriptor_path=descriptor_path(),
             admin_port=None,
+            web=(web.host, web.port),
         ),
         data_directory / "envoy.yaml",
     )
@@ -191,6 +197,7 @@ async def up(
             group.create_task(built.run(started))
             await started.wait()
             group.create_task(Daemon(worker_settings, runtime).run())
+            group.create_task(web.run())
             group.create_task(run_envoy(envoy_file, port))
 
     await _until_signal(everything())
@@ -229,7 +236,7 @@ async def run_envoy(config_file: Path, port: int) -> None:
     """Run Envoy until cancelled; an exit of its own is an error."""
     process = await start_envoy(config_file, port)
     try:
-        log.info("jobwire is up: REST, gRPC and gRPC-Web on http://localhost:%d", port)
+        log.info("jobwire is up: web UI, REST, gRPC and gRPC-Web on http://localhost:%d/", port)
         code = await process.wait()
         raise CliError(f"envoy exited with code {code}")
     finally:

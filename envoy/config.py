@@ -55,8 +55,13 @@ def render(
     upstreams: Sequence[tuple[str, int]] = (("127.0.0.1", 50051),),
     descriptor_path: str | os.PathLike[str],
     admin_port: int | None = 9901,
+    web: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The template with this layout substituted; admin_port None binds admin to a free port."""
+    """The template with this layout substituted; admin_port None binds admin to a free port.
+
+    `web` is the (host, port) of a plain HTTP server holding the built browser client; when
+    given, the page and its assets are routed there (see `add_web_routes`).
+    """
     if not upstreams:
         raise ValueError("at least one upstream server is needed")
     config = load_template()
@@ -66,7 +71,48 @@ def render(
     lb_endpoints = [{"endpoint": {"address": _socket(host, port)}} for host, port in upstreams]
     cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": lb_endpoints}]
     transcoder_config(config)["proto_descriptor"] = str(Path(descriptor_path).resolve())
+    if web is not None:
+        add_web_routes(config, *web)
     return config
+
+
+# The transcoder must not see page requests: with `reject_unknown_method` it would answer 404.
+_NO_TRANSCODER = {_TRANSCODER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+# Paths of the built web client (Vite's output). `/j/{id}` is the page only for a browser
+# navigating there (Accept: text/html); curl and fetch() still get the REST JSON of GetJob.
+_WEB_MATCHES: list[dict[str, Any]] = [
+    {"path": "/"},
+    {"path": "/index.html"},
+    {"path": "/metaframe.json"},
+    {"path": "/favicon.svg"},
+    {"prefix": "/assets/"},
+    {
+        "safe_regex": {"regex": "/j/[0-9a-f]+/?"},
+        "headers": [{"name": "accept", "string_match": {"contains": "text/html"}}],
+    },
+]
+
+
+def add_web_routes(config: dict[str, Any], host: str, port: int) -> None:
+    """Route the web client's page and assets to a `web` cluster at host:port, ahead of REST."""
+    virtual_host = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = virtual_host["route_config"]["virtual_hosts"][0]["routes"]
+    web_routes = [
+        {"match": match, "route": {"cluster": "web"}, "typed_per_filter_config": copy.deepcopy(_NO_TRANSCODER)}
+        for match in _WEB_MATCHES
+    ]
+    routes[:0] = web_routes
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "web",
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {
+                "cluster_name": "web",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
+            },
+        }
+    )
 
 
 def write(config: dict[str, Any], path: Path) -> Path:

@@ -254,9 +254,10 @@ class Processes:
             await process.kill()
         for worker_id in self.worker_ids:
             for container in self.docker_client.containers.list(
-                all=True, filters={"label": f"io.jobwire.worker={worker_id}"}
+                all=True, sparse=True, filters={"label": f"io.jobwire.worker={worker_id}"}
             ):
-                container.remove(force=True)
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

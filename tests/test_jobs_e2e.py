@@ -274,7 +274,7 @@ async def test_queued_job_says_why_it_waits(rest: httpx.AsyncClient, queue: str)
 
 
 def _containers(client: docker.DockerClient, job_id: str) -> list[str]:
-    return [c.id for c in client.containers.list(all=True, filters={"label": f"io.jobwire.job={job_id}"})]
+    return [c.id for c in client.containers.list(all=True, sparse=True, filters={"label": f"io.jobwire.job={job_id}"})]
 
 
 async def test_grpcurl_lists_services_and_health(stack: Stack) -> None:

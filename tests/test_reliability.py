@@ -144,11 +144,11 @@ async def test_stream_cut_shorter_than_the_grace_period_keeps_the_job_running(
         request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
         job_id = (await jobs.SubmitJob(request)).job_id
         await eventually(lambda: _started(jobs, job_id), "the job to start")
-        (container,) = docker_client.containers.list(filters={"label": f"io.jobwire.job={job_id}"})
+        (container,) = docker_client.containers.list(sparse=True, filters={"label": f"io.jobwire.job={job_id}"})
         handle.daemon.registered.clear()
         assert proxy.cut() > 0
         await asyncio.wait_for(handle.daemon.registered.wait(), 10)  # reconnected and re-registered
-        (same,) = docker_client.containers.list(filters={"label": f"io.jobwire.job={job_id}"})
+        (same,) = docker_client.containers.list(sparse=True, filters={"label": f"io.jobwire.job={job_id}"})
         assert same.id == container.id  # the container was never restarted or re-created
         job = await wait_finished(jobs, job_id)
     finally:
@@ -159,7 +159,7 @@ async def test_stream_cut_shorter_than_the_grace_period_keeps_the_job_running(
     assert kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED) == []
     assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_STARTED)) == 1
     assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
-    assert docker_client.containers.list(all=True, filters={"label": f"io.jobwire.job={job_id}"}) == []
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": f"io.jobwire.job={job_id}"}) == []
 
 
 async def test_server_killed_with_jobs_queued_and_running_finishes_each_once(
@@ -363,7 +363,7 @@ async def test_namespaces_one_live_job_each_and_scoped_cancel(
 
 async def _gone(docker_client: docker.DockerClient, job_id: str) -> bool:
     filters = {"label": f"io.jobwire.job={job_id}"}
-    return not await asyncio.to_thread(docker_client.containers.list, all=True, filters=filters)
+    return not await asyncio.to_thread(docker_client.containers.list, all=True, sparse=True, filters=filters)
 
 
 async def test_sigterm_drains_finishing_short_jobs_and_handing_back_long_ones(
@@ -405,3 +405,20 @@ async def test_gpu_jobs_wait_for_a_worker_with_gpus_without_blocking_the_queue(
     assert waiting["state"] == "JOB_STATE_QUEUED"
     assert "needs 1 GPU(s) but no worker" in waiting["waitingReason"]
     assert "--gpus 1" in waiting["waitingReason"]
+
+
+async def test_a_chatty_job_does_not_cost_its_worker_the_lease(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    """50,000 one-line log entries on the 5 s test grace period: heartbeats still get through."""
+    await start_worker(queue)
+    command = f"sh -c 'seq 1 50000; echo {queue}'"
+    submitted = await jobs.SubmitJob(
+        jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+    )
+    job = await wait_finished(jobs, submitted.job_id, timeout=110)
+    assert kinds(job, jobs_pb2.JOB_EVENT_KIND_REQUEUED) == []
+    assert job.result.attempt == 1
+    response = await jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job.id, kind=jobs_pb2.LOG_KIND_RUN))
+    text = "".join(chunk.text for chunk in response.chunks)
+    assert text.startswith("1\n2\n3\n") and response.slice_start == 0

@@ -23,9 +23,7 @@ from jobwire.worker.staging import Staging, StagingError
 log = logging.getLogger(__name__)
 Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
 _BATCH_CHUNKS = 2000
-_LINGER_SECONDS = 0.02
-"""How long output waits for more before it is sent: a chatty container's lines travel in batches
-(one server transaction each), not a message per line that the server cannot keep up with."""
+_LINGER = 0.05
 _ASSIGNMENT = "assignment.binpb"
 _RETAINED_CHUNKS = 50_000
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
@@ -61,8 +59,6 @@ class Execution:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
         finally:
-            for stream in self.logs.values():
-                stream.close()
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
@@ -71,8 +67,6 @@ class Execution:
             outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
-            for stream in self.logs.values():
-                stream.close()
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
     @classmethod
@@ -182,7 +176,7 @@ class Execution:
 
     async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str) -> None:
         self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data, stamp)
-        await self.logs[jobs_pb2.LOG_KIND_RUN].flush_if_idle()
+        await self.logs[jobs_pb2.LOG_KIND_RUN].soon()
 
     async def _build_log(self, text: str) -> None:
         self.logs[jobs_pb2.LOG_KIND_BUILD].add(STDOUT, text.encode())
@@ -222,7 +216,7 @@ class _LogStream:
         self.pending: list[jobs_pb2.LogChunk] = []
         self.sent = 0
         self.lock = asyncio.Lock()
-        self.linger: asyncio.Task[None] | None = None
+        self.timer: asyncio.Task[None] | None = None
         # The latest chunks handed to `send`, for sending again what a broken stream lost.
         self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque(maxlen=_RETAINED_CHUNKS)
 
@@ -246,21 +240,17 @@ class _LogStream:
             if tail:
                 self.pending.append(jobs_pb2.LogChunk(text=tail, time=timestamp(time.time()), stream=stream))
 
-    async def flush_if_idle(self) -> None:
-        """Send a full batch now, else within `_LINGER_SECONDS` together with whatever follows."""
+    async def soon(self) -> None:
+        """Send within `_LINGER` seconds, with whatever else arrives meanwhile; at once when a batch is
+        full. One message per line would bury the worker's heartbeats under log traffic."""
         if len(self.pending) >= _BATCH_CHUNKS:
             await self.flush()
-        elif self.linger is None or self.linger.done():
-            self.linger = asyncio.create_task(self._flush_soon())
+        elif self.timer is None or self.timer.done():
+            self.timer = asyncio.create_task(self._flush_later())
 
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(_LINGER_SECONDS)
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(_LINGER)
         await self.flush()
-
-    def close(self) -> None:
-        """Stop a pending delayed send (the execution ended; its final flush sent everything)."""
-        if self.linger is not None:
-            self.linger.cancel()
 
     async def flush(self) -> None:
         async with self.lock:

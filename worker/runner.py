@@ -167,8 +167,9 @@ class DockerRuntime:
     async def ours(self, labels: dict[str, str]) -> list[dict[str, str]]:
         """Labels (and `id`) of every container, running or not, that carries all `labels`."""
         filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
-        containers = await asyncio.to_thread(self.client.containers.list, all=True, filters=filters)
-        return [{**container.labels, "id": str(container.id)} for container in containers]
+        # Sparse: no inspect per container, so one removed meanwhile cannot fail the listing.
+        containers = await asyncio.to_thread(self.client.containers.list, all=True, sparse=True, filters=filters)
+        return [{**(container.attrs.get("Labels") or {}), "id": str(container.id)} for container in containers]
 
     def _create(self, spec: ContainerSpec) -> Any:
         devices = [DeviceRequest(driver="nvidia", device_ids=spec.gpu_devices, capabilities=[["gpu"]])]
