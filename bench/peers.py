@@ -34,11 +34,11 @@ def _arq_worker(url: str, queue: str, slots: int) -> None:
     run_worker(type("Settings", (), {**settings, "redis_settings": RedisSettings.from_dsn(url)}))
 
 
-async def arq_rate(ctx: Context, url: str, mode: str) -> float:
+async def arq_rates(ctx: Context, url: str) -> dict[str, float]:
     from arq import create_pool
     from arq.connections import RedisSettings
 
-    from bench.throughput import timed
+    from bench.throughput import MODES, timed
 
     sizes, queue = ctx.sizes, unique("bench-arq")
     slots = sizes["throughput_workers"] * sizes["throughput_slots"]
@@ -54,14 +54,15 @@ async def arq_rate(ctx: Context, url: str, mode: str) -> float:
             return int(await pool.get(DONE) or 0)
 
         await warm_up(submit, finished)
-        await pool.delete(DONE)
-
-        rate = await timed(submit, finished, sizes["throughput_jobs"], sizes["throughput_in_flight"], mode)
+        rates = {}
+        for mode in MODES:
+            await pool.delete(DONE)
+            rates[mode] = await timed(submit, finished, sizes["throughput_jobs"], sizes["throughput_in_flight"], mode)
+            ctx.say(f"arq, submitted {mode}: {rates[mode]:.0f} jobs/s")
     finally:
         await pool.aclose()
         await worker.stop()
-    ctx.say(f"arq, submitted {mode}: {rate:.0f} jobs/s")
-    return rate
+    return rates
 
 
 # Celery: the app reads its broker from BENCH_REDIS_URL, so the worker process builds the same one.
@@ -83,11 +84,10 @@ def celery_app() -> Any:
 app = celery_app() if os.environ.get("BENCH_REDIS_URL") else None
 
 
-async def celery_rate(ctx: Context, url: str, mode: str) -> float:
+async def celery_rates(ctx: Context, url: str) -> dict[str, float]:
     import redis
-    from celery import group
 
-    from bench.throughput import timed
+    from bench.throughput import MODES
 
     sizes, queue = ctx.sizes, unique("bench-celery")
     os.environ["BENCH_REDIS_URL"] = url
@@ -96,33 +96,42 @@ async def celery_rate(ctx: Context, url: str, mode: str) -> float:
     counter = redis.Redis.from_url(url)
     counter.delete(DONE)
     args = [sys.executable, "-m", "celery", "-A", "bench.peers:app", "worker", "-Q", queue, "--loglevel", "warning"]
-    # prefork with one process per core: Celery's default, and its fastest here.
+    # prefork with one process per core: Celery's default concurrency.
     args += ["-c", str(os.cpu_count() or 2), "--without-gossip", "--without-mingle", "--without-heartbeat"]
     worker = await spawn(args, ctx.scratch / f"{queue}.log", cwd=ROOT)
-    in_flight = sizes["throughput_in_flight"]
     try:
         await warm_up(lambda _: asyncio.to_thread(noop.apply_async, queue=queue), _counter(counter))
-        counter.delete(DONE)
-        if mode == "batches":  # a group of `in_flight` tasks per publish
-
-            async def submit(index: int) -> object:
-                if index % in_flight == 0:
-                    count = min(in_flight, sizes["throughput_jobs"] - index)
-                    await asyncio.to_thread(group(noop.si() for _ in range(count)).apply_async, queue=queue)
-                return None
-
-            rate = await timed(submit, _counter(counter), sizes["throughput_jobs"], 1, "one by one")
-        else:
-
-            async def submit(index: int) -> object:
-                return await asyncio.to_thread(noop.apply_async, queue=queue)
-
-            rate = await timed(submit, _counter(counter), sizes["throughput_jobs"], 1, mode)
+        rates = {}
+        for mode in MODES:
+            counter.delete(DONE)
+            rates[mode] = await _celery_rate(noop, queue, counter, sizes, mode)
+            ctx.say(f"Celery, submitted {mode}: {rates[mode]:.0f} jobs/s")
     finally:
         await worker.stop()
         counter.close()
-    ctx.say(f"Celery, submitted {mode}: {rate:.0f} jobs/s")
-    return rate
+    return rates
+
+
+async def _celery_rate(noop: Any, queue: str, counter: Any, sizes: Any, mode: str) -> float:
+    from celery import group
+
+    from bench.throughput import timed
+
+    total, in_flight = sizes["throughput_jobs"], sizes["throughput_in_flight"]
+    if mode == "batches":  # a group of `in_flight` tasks per publish
+
+        async def submit(index: int) -> object:
+            if index % in_flight == 0:
+                tasks = group(noop.si() for _ in range(min(in_flight, total - index)))
+                await asyncio.to_thread(tasks.apply_async, queue=queue)
+            return None
+
+        return await timed(submit, _counter(counter), total, 1, "one by one")
+
+    async def one(index: int) -> object:
+        return await asyncio.to_thread(noop.apply_async, queue=queue)
+
+    return await timed(one, _counter(counter), total, 1, mode)
 
 
 async def warm_up(submit: Any, finished: Any) -> None:

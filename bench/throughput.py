@@ -25,10 +25,10 @@ Submit = Callable[[int], Awaitable[object]]
 
 
 async def run(ctx: Context) -> list[Measurement]:
-    ours = {mode: await _jobwire(ctx, mode) for mode in MODES}
+    ours = await _jobwire(ctx)
     async with private_redis(ctx.scratch) as redis_url:
-        arq = {mode: await peers.arq_rate(ctx, redis_url, mode) for mode in MODES}
-        celery = {mode: await peers.celery_rate(ctx, redis_url, mode) for mode in MODES}
+        arq = await peers.arq_rates(ctx, redis_url)
+        celery = await peers.celery_rates(ctx, redis_url)
     rows = []
     for mode in MODES:
         for name, theirs in (("arq", arq[mode]), ("Celery", celery[mode])):
@@ -40,26 +40,30 @@ async def run(ctx: Context) -> list[Measurement]:
     return rows
 
 
-async def _jobwire(ctx: Context, mode: str) -> float:
-    sizes = ctx.sizes
+async def _jobwire(ctx: Context) -> dict[str, float]:
+    """Jobs/s per mode, both modes through the same server and workers."""
+    sizes, rates = ctx.sizes, {}
     stack_and_workers = _simulated_stack(ctx)
     async with stack_and_workers as (stack, queue), Client(stack.target) as client:
-        nonce = uuid.uuid4().hex
-
-        async def submit(index: int) -> object:
-            return await client.submit(queue, image="bench/none", command=f"noop {nonce} {index}")
 
         async def done() -> int:
             return int((await client.queue_status(queue)).finished)
 
-        async def finished() -> int:
-            return await done() - 1  # not the warm-up job
+        for mode in ("warm-up", *MODES):
+            nonce, before = uuid.uuid4().hex, await done()
 
-        await peers.warm_up(submit, done)
+            async def submit(index: int, nonce: str = nonce) -> object:
+                return await client.submit(queue, image="bench/none", command=f"noop {nonce} {index}")
 
-        rate = await timed(submit, finished, sizes["throughput_jobs"], sizes["throughput_in_flight"], mode)
-    ctx.say(f"jobwire, submitted {mode}: {rate:.0f} jobs/s")
-    return rate
+            async def finished(before: int = before) -> int:
+                return await done() - before
+
+            if mode == "warm-up":
+                await peers.warm_up(submit, finished)
+                continue
+            rates[mode] = await timed(submit, finished, sizes["throughput_jobs"], sizes["throughput_in_flight"], mode)
+            ctx.say(f"jobwire, submitted {mode}: {rates[mode]:.0f} jobs/s")
+    return rates
 
 
 @contextlib.asynccontextmanager
