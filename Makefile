@@ -11,7 +11,7 @@ WEB_GEN := web/src/gen
 WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
 GOOGLE_API_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck postgres deploy-envoy clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck postgres deploy-envoy bench clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -97,6 +97,17 @@ deploy-envoy: $(STAMP)
 
 test: install docker images browser postgres check-gen lint typecheck web
 	$(BIN)/pytest
+
+# Benchmarks (never part of `make test`): every figure against a baseline measured in the same run.
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS="--quick --only 2,4 --size log_lines=100000"`.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) docker images
+	bash scripts/ensure-debian-packages.sh redis-server=redis-server
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.
 run: install docker images web

@@ -30,6 +30,9 @@ CACHE_VOLUME = "jobwire-job-cache"
 STDOUT, STDERR = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
 Stream: TypeAlias = "jobs_pb2.LogStream.ValueType"
 
+_HANDOFF = 512
+"""Log entries the reader thread hands to the event loop between two waits for it."""
+
 Output = Callable[[Stream, bytes, str], Awaitable[None]]
 """Receives (stream, bytes, the engine's RFC 3339 timestamp) per log entry, in the engine's order."""
 
@@ -199,7 +202,7 @@ class DockerRuntime:
 
     async def _follow(self, container: Any, timeout: float | None, output: Output) -> Outcome:
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[Stream, bytes, str] | None] = asyncio.Queue(1024)
+        chunks: asyncio.Queue[tuple[Stream, bytes, str] | None] = asyncio.Queue()  # bounded by _HANDOFF
         # The engine's log of the container, from its first line: nothing is missed however short the
         # run, and a worker restarted mid-job reads the same entries in the same order again.
         reader = asyncio.create_task(asyncio.to_thread(_read_logs, self.client, container.id, chunks, loop, True))
@@ -258,6 +261,7 @@ def _read_logs(
     api: Any = client.api  # the raw response: the SDK's helpers drop the stream ids of timestamped logs
     url = api._url("/containers/{0}/logs", container_id)
     skip, last_key = (repeats, _stamp_key(last)) if last else (0, (0, 0))
+    handed = 0
     with api._get(url, params=params, stream=True, timeout=None) as response:
         api._raise_for_status(response)
         while len(header := _read_exactly(response.raw, 8)) == 8:
@@ -270,7 +274,10 @@ def _read_logs(
                 continue
             repeats = repeats + 1 if key == last_key else 1
             last, last_key = stamp, key
-            asyncio.run_coroutine_threadsafe(chunks.put((stream, data, stamp)), loop).result()
+            loop.call_soon_threadsafe(chunks.put_nowait, (stream, data, stamp))
+            handed += 1
+            if handed % _HANDOFF == 0:  # let the loop catch up: at most _HANDOFF entries wait in memory
+                asyncio.run_coroutine_threadsafe(chunks.join(), loop).result()
     return last, repeats
 
 
@@ -296,6 +303,7 @@ def _read_exactly(raw: Any, size: int) -> bytes:
 async def _forward(chunks: asyncio.Queue[tuple[Stream, bytes, str] | None], output: Output) -> None:
     while (item := await chunks.get()) is not None:
         await output(*item)
+        chunks.task_done()
 
 
 def _docker_time(text: str) -> float:

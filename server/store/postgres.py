@@ -26,7 +26,7 @@ QUEUED, RUNNING, FINISHED = (
 )
 
 MIGRATIONS = [
-    # 1: the schema as of SQLite's migration 2 (jobs with GPUs, webhooks), with the indexes that
+    # 1: the schema as of SQLite's migration 3 (jobs with GPUs, webhooks, queue order), with the indexes that
     # keep claims, lists, status and reaping fast at millions of jobs, and bus message bodies
     # too large for a NOTIFY payload.
     f"""

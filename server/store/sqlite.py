@@ -64,6 +64,8 @@ MIGRATIONS = [
     " url TEXT NOT NULL, body BLOB NOT NULL, armed INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
     " next_time REAL NOT NULL); CREATE INDEX webhooks_due ON webhooks (armed, next_time);"
     " CREATE INDEX webhooks_job ON webhooks (job_id, event)",
+    # 3: claims and listings walk a queue in submission order.
+    "CREATE INDEX queue_jobs_order ON queue_jobs (queue, seq)",
 ]
 """Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
 
