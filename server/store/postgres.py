@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from jobwire.server.store.base import ALL_NAMESPACES, FINAL_REASONS, FINISHED_HOOK, Attempt, Cancelled, Webhook
-from jobwire.server.store.rows import blob_keys, event, job_message
+from jobwire.server.store.rows import blob_keys, event, job_message, with_details
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -239,13 +239,8 @@ class PostgresStore:
         if job is None:
             return None
         definition, result = await db.fetchrow("SELECT definition, result FROM jobs WHERE id = $1", job_id)
-        job.definition.ParseFromString(definition)
-        if result is not None:
-            job.result.ParseFromString(result)
-        for (data,) in await db.fetch("SELECT data FROM events WHERE job_id = $1 ORDER BY seq", job_id):
-            job.history.add().ParseFromString(data)
-        job.tags.extend(job.definition.tags)
-        return job
+        history = [data for (data,) in await db.fetch("SELECT data FROM events WHERE job_id = $1 ORDER BY seq", job_id)]
+        return with_details(job, definition, result, history)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         where = "q.queue = $1 AND q.seq > $2" + (" AND j.state = $4" if state else "")

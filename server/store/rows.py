@@ -53,3 +53,14 @@ def blob_keys(definition: definition_pb2.JobDefinition) -> set[str]:
     if is_sha256(context):
         keys.add(context)
     return keys
+
+
+def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, history: Sequence[bytes]) -> jobs_pb2.Job:
+    """The job with its definition, result and history filled in (its tags come from the definition)."""
+    job.definition.ParseFromString(definition)
+    if result is not None:
+        job.result.ParseFromString(result)
+    for data in history:
+        job.history.add().ParseFromString(data)
+    job.tags.extend(job.definition.tags)
+    return job

@@ -18,7 +18,7 @@ from jobwire.server.store.base import (
     Cancelled,
     Webhook,
 )
-from jobwire.server.store.rows import blob_keys, event, job_message
+from jobwire.server.store.rows import blob_keys, event, job_message, with_details
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -222,13 +222,10 @@ class SqliteStore:
         if job is None:
             return None
         definition, result = await self._fetchone("SELECT definition, result FROM jobs WHERE id = ?", job_id)
-        job.definition.ParseFromString(definition)
-        if result is not None:
-            job.result.ParseFromString(result)
-        for (data,) in await self._fetchall("SELECT data FROM events WHERE job_id = ? ORDER BY seq", job_id):
-            job.history.add().ParseFromString(data)
-        job.tags.extend(job.definition.tags)
-        return job
+        history = [
+            data for (data,) in await self._fetchall("SELECT data FROM events WHERE job_id = ? ORDER BY seq", job_id)
+        ]
+        return with_details(job, definition, result, history)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         where = "q.queue = ? AND q.seq > ?" + (" AND j.state = ?" if state else "")
