@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from jobwire.server.store.base import ALL_NAMESPACES, FINAL_REASONS, FINISHED_HOOK, Attempt, Cancelled, Webhook
-from jobwire.server.store.rows import blob_keys, event, job_message, with_details
+from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -563,9 +563,7 @@ class PostgresStore:
             if await self._holds(db, attempt) is None:  # also locks the job: one append at a time
                 return None
             stored = await self._log_length(db, attempt, kind)
-            if start > stored:  # a gap: earlier batches were lost in flight; the worker sends them again
-                return stored, len(chunks)
-            skipped = min(stored - start, len(chunks))
+            skipped = already_stored(stored, start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
                 await db.execute(

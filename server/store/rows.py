@@ -64,3 +64,11 @@ def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, his
         job.history.add().ParseFromString(data)
     job.tags.extend(job.definition.tags)
     return job
+
+
+def already_stored(stored: int, start: int, count: int) -> int:
+    """How many of `count` chunks numbered from `start` a log holding `stored` chunks already has.
+
+    A batch starting past the stored end (a gap: earlier batches were lost in flight) counts as
+    stored whole, so nothing is written out of place; the worker sends the missing ones again."""
+    return count if start > stored else min(stored - start, count)

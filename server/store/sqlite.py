@@ -18,7 +18,7 @@ from jobwire.server.store.base import (
     Cancelled,
     Webhook,
 )
-from jobwire.server.store.rows import blob_keys, event, job_message, with_details
+from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -503,9 +503,7 @@ class SqliteStore:
             if not await self._holds(attempt):
                 return None
             stored = await self.log_length(attempt, kind)
-            if start > stored:  # a gap: earlier batches were lost in flight; the worker sends them again
-                return stored, len(chunks)
-            skipped = min(stored - start, len(chunks))
+            skipped = already_stored(stored, start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
                 await db.execute(
