@@ -63,12 +63,7 @@ class WorkerSession:
         )
         settings = self.scheduler.settings
         cursors = [
-            workers_pb2.LogCursor(
-                job_id=job_id,
-                attempt=attempt,
-                kind=kind,
-                stored=await self.scheduler.store.log_length(Attempt(job_id, attempt), kind),
-            )
+            await self.logs.cursor(Attempt(job_id, attempt), kind)
             for job_id, attempt in self.running.items()
             for kind in (jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN)
         ]
