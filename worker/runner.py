@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 
 import docker
 import docker.errors
+from docker.models.containers import _create_container_args  # type: ignore[attr-defined]
 from docker.types import DeviceRequest, Mount
 from docker.utils.socket import frames_iter
 from google.protobuf import timestamp_pb2
@@ -188,29 +189,35 @@ class DockerRuntime:
 
     def _create(self, spec: ContainerSpec) -> Any:
         devices = [DeviceRequest(driver="nvidia", device_ids=spec.gpu_devices, capabilities=[["gpu"]])]
-        return self.client.containers.create(
-            spec.image,
-            command=spec.command,
-            entrypoint=spec.entrypoint,
-            environment=spec.env,
-            working_dir=spec.workdir,
-            labels=spec.labels,
-            name=spec.name,
-            user=spec.user,
-            mounts=[Mount(target, source, type="bind", read_only=ro) for source, target, ro in spec.binds]
-            + [Mount("/job-cache", CACHE_VOLUME, type="volume")],
-            network=NETWORK,
-            shm_size=spec.shm_size,
-            mem_limit=spec.memory,
-            memswap_limit=spec.memory,  # the limit is of memory, not memory + swap
-            nano_cpus=spec.nano_cpus,
-            device_requests=devices if spec.gpu_devices else None,
-            security_opt=["no-new-privileges"],
-            pids_limit=spec.pids_limit,
-            privileged=False,
-            tty=False,
-            stdin_open=False,
+        # What `containers.create` does, but without the inspect it makes after: one call less per job.
+        arguments = _create_container_args(
+            dict(
+                version=self.client.api.api_version,
+                image=spec.image,
+                command=spec.command,
+                entrypoint=spec.entrypoint,
+                environment=spec.env,
+                working_dir=spec.workdir,
+                labels=spec.labels,
+                name=spec.name,
+                user=spec.user,
+                mounts=[Mount(target, source, type="bind", read_only=ro) for source, target, ro in spec.binds]
+                + [Mount("/job-cache", CACHE_VOLUME, type="volume")],
+                network=NETWORK,
+                shm_size=spec.shm_size,
+                mem_limit=spec.memory,
+                memswap_limit=spec.memory,  # the limit is of memory, not memory + swap
+                nano_cpus=spec.nano_cpus,
+                device_requests=devices if spec.gpu_devices else None,
+                security_opt=["no-new-privileges"],
+                pids_limit=spec.pids_limit,
+                privileged=False,
+                tty=False,
+                stdin_open=False,
+            )
         )
+        created = self.client.api.create_container(**arguments)
+        return self.client.containers.prepare_model({"Id": created["Id"]})
 
     def _attach(self, container_id: str) -> tuple[Any, Any]:
         """The container's stdout and stderr from now on, as the engine's multiplexed frames."""
