@@ -73,7 +73,6 @@ class Execution:
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
         """Follow this attempt's container, started before the worker restarted, to its result."""
         try:
-            await self.logs[jobs_pb2.LOG_KIND_RUN].placed.wait()
             outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
@@ -185,6 +184,7 @@ class Execution:
         await self.send(workers_pb2.ConnectRequest(started=started))
 
     async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str) -> None:
+        await self.logs[jobs_pb2.LOG_KIND_RUN].placed.wait()
         self.logs[jobs_pb2.LOG_KIND_RUN].add(stream, data, stamp)
         await self.logs[jobs_pb2.LOG_KIND_RUN].soon()
 
