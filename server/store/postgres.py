@@ -14,7 +14,15 @@ from typing import Any
 
 import asyncpg
 
-from jobwire.server.store.base import ALL_NAMESPACES, FINAL_REASONS, FINISHED_HOOK, Attempt, Cancelled, Webhook
+from jobwire.server.store.base import (
+    ALL_NAMESPACES,
+    FINAL_REASONS,
+    FINISHED_HOOK,
+    POSITION_LIMIT,
+    Attempt,
+    Cancelled,
+    Webhook,
+)
 from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
@@ -643,11 +651,13 @@ class PostgresStore:
 
     async def queue_position(self, queue: str, job_id: str) -> int:
         count = await self.pool.fetchval(
-            "SELECT COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE q.queue = $1 AND j.state = $2"
-            " AND q.seq < (SELECT seq FROM queue_jobs WHERE queue = $1 AND job_id = $3)",
+            "SELECT COUNT(*) FROM (SELECT 1 FROM queue_jobs q JOIN jobs j ON j.id = q.job_id"
+            " WHERE q.queue = $1 AND j.state = $2 AND q.seq < (SELECT seq FROM queue_jobs WHERE queue = $1"
+            " AND job_id = $3) LIMIT $4) ahead",
             queue,
             QUEUED,
             job_id,
+            POSITION_LIMIT,
         )
         return int(count or 0)
 
