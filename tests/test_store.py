@@ -665,8 +665,8 @@ async def recount(store: StateStore, queue: str) -> dict[int, int]:
     """The queue's jobs by state, counted one by one from its listing."""
     counts: dict[int, int] = {}
     for page in await walk(store, queue, limit=50):
-        for job_id in page:
-            current = await state(store, jobs_pb2.Job(id=job_id))
+        for listed in page:
+            current = await state(store, jobs_pb2.Job(id=listed))
             counts[current] = counts.get(current, 0) + 1
     return counts
 
@@ -698,6 +698,28 @@ async def test_queue_counts_and_claims_agree_with_the_jobs_through_every_transit
     assert len(await store.expire(T0 + 50, 10)) == 3
     await check()
     assert await store.queue_position("q", ids[4]) == 1  # the re-queued shared job is ahead
+
+
+async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the operations of one loop turn share a commit; each is a savepoint of its own."""
+    async with sqlite(tmp_path) as store:
+        assert isinstance(store, SqliteStore)
+        broken = job_id(definition(2))
+        original = store._event
+
+        def event(job: str, *args: object, **fields: object) -> None:
+            if job == broken:
+                raise RuntimeError("disk on fire")
+            original(job, *args, **fields)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_event", event)
+        outcomes = await asyncio.gather(*(submit(store, n) for n in (1, 2, 3)), return_exceptions=True)
+        assert isinstance(outcomes[1], RuntimeError)
+        assert await store.get_job(broken) is None
+        assert await store.queue_counts("q") == {QUEUED: 2}
+        assert [(await claim(store)).id for _ in range(2)] == [job_id(definition(1)), job_id(definition(3))]
 
 
 # Workers
