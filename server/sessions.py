@@ -19,8 +19,6 @@ from jobwire.v1 import jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 1024
-INFO_SECONDS = 0.5
-"""How stale the stored list of a worker's running jobs may get (heartbeats refresh the rest)."""
 
 
 class ProtocolError(Exception):
@@ -46,7 +44,6 @@ class WorkerSession:
         self.running: dict[str, int] = {}
         self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
         self.wake = asyncio.Event()
-        self.changed = asyncio.Event()  # the running jobs changed since the worker's record was saved
         self.draining = False
 
     async def open(self) -> workers_pb2.WorkerRegistered:
@@ -86,7 +83,6 @@ class WorkerSession:
             group.create_task(self._fill_forever())
             group.create_task(self._relay_queue())
             group.create_task(self._relay_worker())
-            group.create_task(self._save_changes_forever())
 
     async def close(self) -> None:
         """The stream ended: forget the connection (its jobs keep their leases until they expire)."""
@@ -137,7 +133,6 @@ class WorkerSession:
             del self.running[attempt.job_id]
             self.gpus_used.pop(attempt.job_id, None)
             self.wake.set()
-            self.changed.set()
 
     async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
         attempt = Attempt(finished.job_id, finished.attempt)
@@ -169,7 +164,6 @@ class WorkerSession:
                     job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
                 )
                 await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
-                self.changed.set()
 
     async def _relay_queue(self) -> None:
         async with self.scheduler.bus.subscribe(topics.queue(self.queue)) as subscription:
@@ -189,21 +183,11 @@ class WorkerSession:
                 except Lagged:  # only cancels travel here; the worker's heartbeats learn of the rest as stale
                     log.warning("worker %s fell behind on its messages", self.worker_id)
 
-    async def _save_changes_forever(self) -> None:
-        """Save the worker's record when its running jobs changed, at most every INFO_SECONDS:
-        one write per job start and finish would cost more than the rest of the job's bookkeeping."""
-        while True:
-            await self.changed.wait()
-            self.changed.clear()
-            await self._save_info()
-            await asyncio.sleep(INFO_SECONDS)
-
     async def _save_info(self) -> None:
         info = jobs_pb2.WorkerInfo(
             id=self.worker_id,
             cpus=self.register.cpus,
             gpus=self.register.gpus,
-            running_job_ids=sorted(self.running),
             last_seen_time=timestamp(self.clock()),
             version=self.register.version,
             hostname=self.register.hostname,

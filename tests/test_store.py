@@ -743,8 +743,22 @@ async def test_workers_are_listed_by_queue_and_last_seen(store: StateStore) -> N
 
 async def test_upsert_refreshes_the_worker(store: StateStore) -> None:
     await store.upsert_worker(worker("w1", T0), queue="q", session="s1")
-    await store.upsert_worker(worker("w1", T0 + 5, ["job-a"]), queue="q", session="s1")
-    assert await store.list_workers("q", seen_since=0) == [worker("w1", T0 + 5, ["job-a"])]
+    await store.upsert_worker(worker("w1", T0 + 5), queue="q", session="s1")
+    assert await store.list_workers("q", seen_since=0) == [worker("w1", T0 + 5)]
+
+
+async def test_listed_workers_show_the_jobs_running_for_them_now(store: StateStore) -> None:
+    await store.upsert_worker(worker("w1", T0, ["stale-record"]), queue="q", session="s1")
+    await store.upsert_worker(worker("w2", T0), queue="q", session="s2")
+    ids = [(await submit(store, n, now=T0 + n)).id for n in range(3)]
+    first, second = await claim(store, worker="w1"), await claim(store, worker="w1")
+    await claim(store, worker="w2")
+    assert await store.list_workers("q", seen_since=0) == [
+        worker("w1", T0, sorted(ids[:2])),
+        worker("w2", T0, [ids[2]]),
+    ]
+    await store.finish(attempt_of(first), result(), T0 + 10)
+    assert await store.list_workers("q", seen_since=0) == [worker("w1", T0, [second.id]), worker("w2", T0, [ids[2]])]
 
 
 async def test_remove_worker_only_for_its_current_session(store: StateStore) -> None:

@@ -167,7 +167,8 @@ class StateStore(Protocol):
         """Forget the worker if `session` is still its current connection."""
 
     async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
-        """Workers of the queue heard from since `seen_since`."""
+        """Workers of the queue heard from since `seen_since`, each with the jobs the store holds running
+        for it (`running_job_ids` of the stored records is not kept)."""
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         """Number of the queue's jobs by state."""

@@ -23,7 +23,7 @@ from jobwire.server.store.base import (
     Cancelled,
     Webhook,
 )
-from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details
+from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -672,7 +672,12 @@ class PostgresStore:
         rows = await self.pool.fetch(
             "SELECT info FROM workers WHERE queue = $1 AND last_seen >= $2 ORDER BY id", queue, seen_since
         )
-        return [jobs_pb2.WorkerInfo.FromString(row[0]) for row in rows]
+        running = await self.pool.fetch(  # the state is literal so that the partial index jobs_worker serves
+            f"SELECT worker_id, id FROM jobs WHERE state = {RUNNING} AND worker_id IN"
+            " (SELECT id FROM workers WHERE queue = $1) ORDER BY id",
+            queue,
+        )
+        return workers_with_jobs([row[0] for row in rows], [(row[0], row[1]) for row in running])
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = await self.pool.fetch(

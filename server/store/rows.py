@@ -66,6 +66,19 @@ def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, his
     return job
 
 
+def workers_with_jobs(infos: Sequence[bytes], running: Sequence[tuple[str, str]]) -> list[jobs_pb2.WorkerInfo]:
+    """Stored worker records with the jobs the store holds running for each, from (worker_id, job_id) rows:
+    the jobs table is the truth, so a finish or a claim shows at once without rewriting the record."""
+    workers = [jobs_pb2.WorkerInfo.FromString(info) for info in infos]
+    for worker in workers:
+        del worker.running_job_ids[:]
+    by_id = {worker.id: worker for worker in workers}
+    for worker_id, job_id in running:
+        if worker_id in by_id:
+            by_id[worker_id].running_job_ids.append(job_id)
+    return workers
+
+
 def already_stored(stored: int, start: int, count: int) -> int:
     """How many of `count` chunks numbered from `start` a log holding `stored` chunks already has.
 

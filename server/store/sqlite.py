@@ -25,7 +25,7 @@ from jobwire.server.store.base import (
     Cancelled,
     Webhook,
 )
-from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details
+from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -640,11 +640,14 @@ class SqliteStore:
 
     async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
         rows = self._fetchall(
-            "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id",
-            queue,
-            seen_since,
+            "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id", queue, seen_since
         )
-        return [jobs_pb2.WorkerInfo.FromString(row[0]) for row in rows]
+        running = self._fetchall(  # the state is literal so that the partial index of running jobs serves
+            f"SELECT worker_id, id FROM jobs WHERE state = {RUNNING} AND worker_id IN"
+            " (SELECT id FROM workers WHERE queue = ?) ORDER BY id",
+            queue,
+        )
+        return workers_with_jobs([row[0] for row in rows], running)
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = self._fetchall("SELECT state, jobs FROM queue_states WHERE queue = ? AND jobs > 0", queue)
