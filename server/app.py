@@ -102,7 +102,7 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     )
     bus = await open_bus(settings.database)
     scheduler = Scheduler(store, bus, settings, clock)
-    logs = LogHub(store, bus, settings.max_log_entries)
+    logs = LogHub(store, bus, settings.max_log_chars)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
     files_pb2_grpc.add_FileServiceServicer_to_server(

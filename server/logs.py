@@ -9,7 +9,7 @@ from jobwire.server.bus import EventBus, Lagged
 from jobwire.server.errors import NotFound
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import Attempt
-from jobwire.server.store.rows import job_summary
+from jobwire.server.store.rows import already_stored, job_summary
 from jobwire.v1 import jobs_pb2, workers_pb2
 
 READ_LIMIT, READ_SIZE = 100_000, 2 * 1024 * 1024
@@ -25,22 +25,21 @@ _FINISHED = jobs_pb2.JOB_STATE_FINISHED
 class LogHub:
     """Appends log batches (fenced by attempt) and serves them to readers and followers."""
 
-    def __init__(self, store: StateStore, bus: EventBus, max_entries: int = 1_000_000) -> None:
-        self.store, self.bus, self.max_entries = store, bus, max_entries
+    def __init__(self, store: StateStore, bus: EventBus, max_chars: int = 256 * 1024 * 1024) -> None:
+        self.store, self.bus, self.max_chars = store, bus, max_chars
 
     async def append(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> bool:
         """Store and publish a batch (skipping chunks already stored); False if the attempt is stale.
-        A log is kept up to `max_entries` chunks; the one after says it was cut, the rest is dropped."""
-        if start + len(chunks) > self.max_entries:
-            kept = list(chunks[: max(self.max_entries - start, 0)])
-            if start <= self.max_entries:
-                text = f"[jobwire: log cut at {self.max_entries} entries; the rest of it was dropped]\n"
-                kept.append(jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDERR))
-            if not kept:
-                return await self.store.append_logs(attempt, kind, [], start) is not None  # only fencing
-            chunks = kept
+        A log is kept up to `max_chars` characters of text: the chunk that passes it is cut there and
+        followed by a notice; everything after is dropped."""
+        totals = await self.store.log_totals(attempt, kind)
+        fresh = already_stored(totals.chunks, start, len(chunks))
+        if totals.chars + sum(len(chunk.text) for chunk in chunks[fresh:]) > self.max_chars:
+            chunks = [*chunks[:fresh], *self._cut(totals.chars, chunks[fresh:])]
+            if len(chunks) == fresh:  # the log was cut before: store nothing, but fence
+                return await self.store.append_logs(attempt, kind, [], start) is not None
         stored = await self.store.append_logs(attempt, kind, chunks, start)
         if stored is None:
             return False
@@ -52,18 +51,38 @@ class LogHub:
         await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
         return True
 
+    def _cut(self, stored: int, chunks: Sequence[jobs_pb2.LogChunk]) -> list[jobs_pb2.LogChunk]:
+        """The new chunks that fit after `stored` characters, the last one shortened, then the notice;
+        nothing once a notice is stored (it takes the log past the limit)."""
+        if stored > self.max_chars:
+            return []
+        kept = []
+        for chunk in chunks:
+            room = self.max_chars - stored
+            if len(chunk.text) > room:
+                if room:
+                    kept.append(jobs_pb2.LogChunk(text=chunk.text[:room], stream=chunk.stream, time=chunk.time))
+                break
+            kept.append(chunk)
+            stored += len(chunk.text)
+        text = f"\n[jobwire: log cut at {self.max_chars:,} characters; the rest of it was dropped]\n"
+        return [*kept, jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDERR)]
+
     async def read(self, job: jobs_pb2.Job, kind: jobs_pb2.LogKind.ValueType, since: int) -> list[jobs_pb2.LogChunk]:
         """The current attempt's chunks of one log from index `since`."""
         return await _read(self.store, Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since)
 
     async def cursor(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> workers_pb2.LogCursor:
         """How much of the attempt's log is stored: chunks, and characters of each stream."""
-        cursor = workers_pb2.LogCursor(job_id=attempt.job_id, attempt=attempt.attempt, kind=kind)
-        while chunks := await self.store.read_logs(attempt, kind, cursor.stored, READ_LIMIT):
-            cursor.stored += len(chunks)
-            cursor.stdout_chars += sum(len(c.text) for c in chunks if c.stream == jobs_pb2.LOG_STREAM_STDOUT)
-            cursor.stderr_chars += sum(len(c.text) for c in chunks if c.stream == jobs_pb2.LOG_STREAM_STDERR)
-        return cursor
+        totals = await self.store.log_totals(attempt, kind)
+        return workers_pb2.LogCursor(
+            job_id=attempt.job_id,
+            attempt=attempt.attempt,
+            kind=kind,
+            stored=totals.chunks,
+            stdout_chars=totals.stdout_chars,
+            stderr_chars=totals.stderr_chars,
+        )
 
     async def tail(self, job: jobs_pb2.Job) -> tuple[int, list[jobs_pb2.LogChunk]]:
         """The end of the current attempt's run log that fits a result, and the index it starts at."""

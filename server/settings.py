@@ -31,4 +31,4 @@ class ServerSettings:
     reap_interval_seconds: float = 1.0
     retention_seconds: float = 30 * 24 * 3600.0
     sweep_interval_seconds: float = 3600.0
-    max_log_entries: int = 1_000_000
+    max_log_chars: int = 256 * 1024 * 1024

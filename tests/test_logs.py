@@ -34,10 +34,12 @@ async def test_a_log_is_cut_at_its_limit_with_a_notice(store: SqliteStore) -> No
     job = await store.claim(queue="q", worker_id="w", now=1, lease=30)
     assert job is not None
     attempt = Attempt(job.id, job.attempt)
-    hub = LogHub(store, MemoryBus(), max_entries=3)
-    assert await hub.append(attempt, RUN, chunks("a", "b"), 0)
-    assert await hub.append(attempt, RUN, chunks("c", "d", "e"), 2)
+    hub = LogHub(store, MemoryBus(), max_chars=10)
+    assert await hub.append(attempt, RUN, chunks("abc", "def"), 0)
+    assert await hub.append(attempt, RUN, chunks("ghi", "jkl", "mno"), 2)  # "j" fits, then the notice
     assert await hub.append(attempt, RUN, chunks("f"), 5)  # dropped, but the attempt is not stale
+    assert await hub.append(attempt, RUN, chunks("ghi", "jkl"), 2)  # a resend: dropped too
     texts = [chunk.text for chunk in await store.read_logs(attempt, RUN, 0, 100)]
-    assert texts[:3] == ["a", "b", "c"] and len(texts) == 4 and "log cut at 3 entries" in texts[3]
+    assert texts[:4] == ["abc", "def", "ghi", "j"] and len(texts) == 5 and "log cut at 10 characters" in texts[4]
+    assert (await hub.cursor(attempt, RUN)).stored == 5
     assert not await hub.append(Attempt(job.id, job.attempt + 1), RUN, chunks("x"), 9)

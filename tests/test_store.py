@@ -24,6 +24,7 @@ from jobwire.server.store.base import (
     POSITION_LIMIT,
     QUEUED_HOOK,
     Attempt,
+    LogTotals,
     Webhook,
 )
 from jobwire.server.store.postgres import PostgresStore
@@ -389,9 +390,9 @@ async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
     running = attempt_of(await claim(store))
     assert await store.append_logs(running, RUN, chunks("a", "b"), 0) == (0, 0)
     assert await store.append_logs(running, RUN, chunks("d"), 3) == (2, 1)
-    assert await store.log_length(running, RUN) == 2
+    assert (await store.log_totals(running, RUN)).chunks == 2
     assert await store.append_logs(running, RUN, chunks("b", "c", "d"), 1) == (2, 1)
-    assert await store.log_length(running, RUN) == 4
+    assert (await store.log_totals(running, RUN)).chunks == 4
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
 
 
@@ -570,6 +571,17 @@ async def test_read_logs_from_an_index(store: StateStore, since: int, limit: int
     await store.append_logs(running, RUN, chunks("a", "b", "c"), 0)
     await store.append_logs(running, RUN, chunks("d", "e"), 3)
     assert "".join(await log_texts(store, running, since=since, limit=limit)) == expected
+
+
+async def test_log_totals_count_chunks_and_the_characters_of_each_stream(store: StateStore) -> None:
+    running = attempt_of(await submit(store, 1) and await claim(store))
+    assert await store.log_totals(running, RUN) == LogTotals()
+    out, err = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
+    first = [jobs_pb2.LogChunk(text="héllo\n", stream=out), jobs_pb2.LogChunk(text="oops\n", stream=err)]
+    await store.append_logs(running, RUN, first, 0)
+    await store.append_logs(running, RUN, [*first, jobs_pb2.LogChunk(text="more", stream=out)], 0)  # a resend
+    assert await store.log_totals(running, RUN) == LogTotals(chunks=3, stdout_chars=10, stderr_chars=5)
+    assert await store.log_totals(running, BUILD) == LogTotals()
 
 
 async def test_chunk_fields_survive_the_store(store: StateStore) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -35,6 +35,24 @@ class Attempt:
 
     job_id: str
     attempt: int
+
+
+class LogTotals(NamedTuple):
+    """How much of one log is stored: chunks, and characters of text of each stream."""
+
+    chunks: int = 0
+    stdout_chars: int = 0
+    stderr_chars: int = 0
+
+    @property
+    def chars(self) -> int:
+        return self.stdout_chars + self.stderr_chars
+
+    def after(self, chunks: Sequence[jobs_pb2.LogChunk]) -> LogTotals:
+        """These totals with `chunks` appended."""
+        stderr = sum(len(chunk.text) for chunk in chunks if chunk.stream == jobs_pb2.LOG_STREAM_STDERR)
+        stdout = sum(len(chunk.text) for chunk in chunks) - stderr
+        return LogTotals(self.chunks + len(chunks), self.stdout_chars + stdout, self.stderr_chars + stderr)
 
 
 @dataclass(frozen=True)
@@ -150,10 +168,10 @@ class StateStore(Protocol):
         """Store chunks of the attempt's log that the worker numbers from `start`, skipping any already
         stored; returns (index of the first stored chunk, how many were skipped), None if stale.
         A batch starting past the stored end (a gap) is skipped whole: the worker resends from
-        `log_length` when it registers again."""
+        `log_totals` when it registers again."""
 
-    async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
-        """How many chunks of the attempt's log are stored."""
+    async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
+        """How much of the attempt's log is stored (read from its last batch: constant time)."""
 
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int

@@ -21,6 +21,7 @@ from jobwire.server.store.base import (
     POSITION_LIMIT,
     Attempt,
     Cancelled,
+    LogTotals,
     Webhook,
 )
 from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
@@ -113,6 +114,9 @@ MIGRATIONS = [
     INSERT INTO waiting SELECT q.queue, q.seq, q.job_id, j.gpus FROM queue_jobs q JOIN jobs j ON j.id = q.job_id
       WHERE j.state = {QUEUED};
     """,
+    # 3: each batch records the characters of each stream stored up to its end (as SQLite's migration 5).
+    "ALTER TABLE logs ADD COLUMN stdout_chars BIGINT NOT NULL DEFAULT 0,"
+    " ADD COLUMN stderr_chars BIGINT NOT NULL DEFAULT 0",
 ]
 """Applied in order at start; `jobwire_schema.version` counts those applied."""
 
@@ -603,35 +607,39 @@ class PostgresStore:
         async with self._transaction() as db:
             if await self._holds(db, attempt) is None:  # also locks the job: one append at a time
                 return None
-            stored = await self._log_length(db, attempt, kind)
-            skipped = already_stored(stored, start, len(chunks))
+            stored = await self._log_totals(db, attempt, kind)
+            skipped = already_stored(stored.chunks, start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
+                totals = stored.after(batch.chunks)
                 await db.execute(
-                    "INSERT INTO logs VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO logs (job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                     attempt.job_id,
                     attempt.attempt,
                     kind,
-                    stored,
-                    len(chunks) - skipped,
+                    stored.chunks,
+                    len(batch.chunks),
                     batch.SerializeToString(),
+                    totals.stdout_chars,
+                    totals.stderr_chars,
                 )
-            return stored, skipped
+            return stored.chunks, skipped
 
-    async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
+    async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
         async with self.pool.acquire() as db:
-            return await self._log_length(db, attempt, kind)
+            return await self._log_totals(db, attempt, kind)
 
-    async def _log_length(self, db: Connection, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
+    async def _log_totals(self, db: Connection, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
         # The last batch by index (the primary key) ends the log: batches never overlap.
-        stored = await db.fetchval(
-            "SELECT start + count FROM logs WHERE job_id = $1 AND attempt = $2 AND kind = $3"
-            " ORDER BY start DESC LIMIT 1",
+        row = await db.fetchrow(
+            "SELECT start + count, stdout_chars, stderr_chars FROM logs WHERE job_id = $1 AND attempt = $2"
+            " AND kind = $3 ORDER BY start DESC LIMIT 1",
             attempt.job_id,
             attempt.attempt,
             kind,
         )
-        return int(stored or 0)
+        return LogTotals(*row) if row else LogTotals()
 
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int

@@ -23,6 +23,7 @@ from jobwire.server.store.base import (
     POSITION_LIMIT,
     Attempt,
     Cancelled,
+    LogTotals,
     Webhook,
 )
 from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
@@ -112,6 +113,10 @@ MIGRATIONS = [
     INSERT INTO waiting SELECT q.queue, q.seq, q.job_id, j.gpus FROM queue_jobs q JOIN jobs j ON j.id = q.job_id
       WHERE j.state = 1
     """,
+    # 5: each batch records the characters of each stream stored up to its end (its log's totals
+    # when it is the last), so registration and the size cap need not read the whole log.
+    "ALTER TABLE logs ADD COLUMN stdout_chars INTEGER NOT NULL DEFAULT 0;"
+    " ALTER TABLE logs ADD COLUMN stderr_chars INTEGER NOT NULL DEFAULT 0",
 ]
 """Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
 
@@ -572,34 +577,40 @@ class SqliteStore:
         async with self._transaction() as db:
             if not self._holds(attempt):
                 return None
-            stored = self._log_length(attempt, kind)
-            skipped = already_stored(stored, start, len(chunks))
+            stored = self._log_totals(attempt, kind)
+            skipped = already_stored(stored.chunks, start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
+                totals = stored.after(batch.chunks)
                 db.execute(
-                    "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO logs (job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         attempt.job_id,
                         attempt.attempt,
                         kind,
-                        stored,
-                        len(chunks) - skipped,
+                        stored.chunks,
+                        len(batch.chunks),
                         batch.SerializeToString(),
+                        totals.stdout_chars,
+                        totals.stderr_chars,
                     ),
                 )
-            return int(stored), skipped
+            return stored.chunks, skipped
 
-    async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
-        return self._log_length(attempt, kind)
+    async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
+        return self._log_totals(attempt, kind)
 
-    def _log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
-        (stored,) = self._fetchone(
-            "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
+    def _log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
+        # The last batch by index (the primary key) ends the log: batches never overlap.
+        row = self._fetchone(
+            "SELECT start + count, stdout_chars, stderr_chars FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?"
+            " ORDER BY start DESC LIMIT 1",
             attempt.job_id,
             attempt.attempt,
             kind,
         )
-        return int(stored)
+        return LogTotals(*row) if row else LogTotals()
 
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int
