@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import httpx
 
+from jobwire import wire
 from jobwire.connection import Calls
 from jobwire.definition import is_sha256
 from jobwire.errors import FileNotFound, RequestFailed, translate
@@ -64,10 +65,16 @@ class FileClient:
 
     def __init__(self, channel: grpc.aio.Channel, calls: Calls | None = None) -> None:
         self.stub = files_pb2_grpc.FileServiceStub(channel)
-        self.upload_call = channel.stream_unary(  # UploadFile with chunks encoded by `_encode_chunk`
+        # UploadFile and DownloadFile with their chunks' data encoded and decoded by `jobwire.wire`.
+        self.upload_call = channel.stream_unary(
             "/jobwire.v1.FileService/UploadFile",
             request_serializer=bytes,
             response_deserializer=files_pb2.UploadFileResponse.FromString,
+        )
+        self.download_call = channel.unary_stream(
+            "/jobwire.v1.FileService/DownloadFile",
+            request_serializer=files_pb2.DownloadFileRequest.SerializeToString,
+            response_deserializer=wire.body_data,
         )
         self.calls = calls or Calls()
         self._direct = True  # False once the server said it has no URLs (or no GetFileUrl)
@@ -178,35 +185,11 @@ class _Upload:
             while True:
                 data = await asyncio.to_thread(handle.read, CHUNK_SIZE)
                 if data or head:
-                    yield _encode_chunk(head, data)
+                    yield wire.upload_request(head, data)
                 if not data:
                     return
                 head, done = b"", done + len(data)
                 self.report(Transfer(self.name, done, self.total))
-
-
-def _encode_chunk(head: bytes, data: bytes) -> bytes:
-    """An UploadFileRequest: `head` (its other fields, serialized) and body.data = `data`.
-
-    Encoded by hand, with one copy of `data`: protobuf would copy it into the message, into
-    an encoding buffer, and again into the bytes it returns (and the churn of 1 MiB buffers
-    costs a page fault per 4 KiB)."""
-    if not data:
-        return head
-    length = _varint(len(data))  # of HttpBody.data, inside UploadFileRequest.body:
-    return b"".join([head, _BYTES_2, _varint(len(_BYTES_2) + len(length) + len(data)), _BYTES_2, length, data])
-
-
-_BYTES_2 = b"\x12"  # the tag of field 2, length-delimited
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class _Download:
@@ -252,8 +235,8 @@ class _Download:
             await self._receive_direct(direct, chunks)
             return
         request = files_pb2.DownloadFileRequest(key=self.key, offset=self.done)
-        async for body in self.files.stub.DownloadFile(request):
-            await self._received(body.data, chunks)
+        async for data in self.files.download_call(request):
+            await self._received(data, chunks)
 
     async def _receive_direct(self, direct: files_pb2.GetFileUrlResponse, chunks: ChunkWriter) -> None:
         headers = {**direct.headers, **({"range": f"bytes={self.done}-"} if self.done else {})}
@@ -266,7 +249,7 @@ class _Download:
             async for block in response.aiter_bytes(CHUNK_SIZE):
                 await self._received(block, chunks)
 
-    async def _received(self, data: bytes, chunks: ChunkWriter) -> None:
+    async def _received(self, data: bytes | memoryview, chunks: ChunkWriter) -> None:
         await chunks.append(data)
         self.done += len(data)
         self.report(Transfer(self.name, self.done, max(self.total, self.done)))
