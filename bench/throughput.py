@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import cast
 
 from bench import peers
 from bench.fake_runtime import FakeRuntime
 from bench.redis import private_redis
 from bench.runner import Context, Measurement, until
-from bench.stack import Stack, running_stack, unique
+from bench.stack import Stack, running_stack, spawn, unique
 from jobwire import Client
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.runner import DockerRuntime
@@ -74,27 +76,36 @@ async def _simulated_stack(ctx: Context) -> AsyncIterator[tuple[Stack, str]]:
 
 @contextlib.asynccontextmanager
 async def simulated_workers(ctx: Context, stack: Stack) -> AsyncIterator[str]:
-    """Real worker daemons in this process whose runtime runs nothing; yields their queue."""
-    queue = unique("bench-throughput")
-    daemons = []
-    for _ in range(ctx.sizes["throughput_workers"]):
-        worker_id = unique("bench-sim")
-        settings = WorkerSettings(
-            queue=queue,
-            server=stack.target,
-            cpus=ctx.sizes["throughput_slots"],
-            data_directory=stack.directory / worker_id,
-            worker_id=worker_id,
-        )
-        daemons.append(Daemon(settings, cast(DockerRuntime, FakeRuntime())))
-    tasks = [asyncio.create_task(daemon.run()) for daemon in daemons]
+    """Real worker daemons whose runtime runs nothing, in a process of their own (as the peers' workers
+    are, and as real workers would be); yields their queue once all have registered."""
+    queue, count = unique("bench-throughput"), ctx.sizes["throughput_workers"]
+    slots = str(ctx.sizes["throughput_slots"])
+    args = [sys.executable, "-m", "bench.throughput", stack.target, queue, str(count), slots]
+    workers = await spawn([*args, str(stack.directory)], stack.directory / f"{queue}.log", cwd=peers.ROOT)
     try:
-        await asyncio.wait_for(asyncio.gather(*(d.registered.wait() for d in daemons)), 60)
+        async with Client(stack.target) as client:
+
+            async def registered() -> bool:
+                if workers.process.returncode is not None:
+                    raise RuntimeError(f"simulated workers exited: {workers.log.read_text()[-2000:]}")
+                return len((await client.queue_status(queue)).workers) == count
+
+            await until(registered, timeout=60)
         yield queue
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await workers.stop()
+
+
+async def _serve(target: str, queue: str, count: int, slots: int, directory: Path) -> None:
+    """`count` worker daemons on a FakeRuntime, serving `queue` until terminated."""
+    daemons = []
+    for _ in range(count):
+        worker_id = unique("bench-sim")
+        settings = WorkerSettings(
+            queue=queue, server=target, cpus=slots, data_directory=directory / worker_id, worker_id=worker_id
+        )
+        daemons.append(Daemon(settings, cast(DockerRuntime, FakeRuntime())))
+    await asyncio.gather(*(daemon.run() for daemon in daemons))
 
 
 async def timed(submit: Submit, finished: Callable[[], Awaitable[int]], total: int, in_flight: int, mode: str) -> float:
@@ -117,3 +128,8 @@ async def timed(submit: Submit, finished: Callable[[], Awaitable[int]], total: i
 
     await until(all_done)
     return total / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":  # the simulated workers' process: TARGET QUEUE COUNT SLOTS DIRECTORY
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])))

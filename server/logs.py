@@ -10,10 +10,10 @@ from jobwire.server.errors import NotFound
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import Attempt
 from jobwire.server.store.rows import job_summary
-from jobwire.v1 import jobs_pb2
+from jobwire.v1 import jobs_pb2, workers_pb2
 
-READ_LIMIT = 100_000
-"""Most chunks returned by one read."""
+READ_LIMIT, READ_SIZE = 100_000, 2 * 1024 * 1024
+"""Most chunks, and about the most characters of text, returned by one read."""
 
 TAIL_CHUNKS, TAIL_BYTES = 10_000, 1024 * 1024
 """Most chunks, and most bytes of text, of the run log that a result carries inline: results
@@ -54,9 +54,16 @@ class LogHub:
 
     async def read(self, job: jobs_pb2.Job, kind: jobs_pb2.LogKind.ValueType, since: int) -> list[jobs_pb2.LogChunk]:
         """The current attempt's chunks of one log from index `since`."""
-        return await self.store.read_logs(
-            Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since, READ_LIMIT
-        )
+        return await _read(self.store, Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since)
+
+    async def cursor(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> workers_pb2.LogCursor:
+        """How much of the attempt's log is stored: chunks, and characters of each stream."""
+        cursor = workers_pb2.LogCursor(job_id=attempt.job_id, attempt=attempt.attempt, kind=kind)
+        while chunks := await self.store.read_logs(attempt, kind, cursor.stored, READ_LIMIT):
+            cursor.stored += len(chunks)
+            cursor.stdout_chars += sum(len(c.text) for c in chunks if c.stream == jobs_pb2.LOG_STREAM_STDOUT)
+            cursor.stderr_chars += sum(len(c.text) for c in chunks if c.stream == jobs_pb2.LOG_STREAM_STDERR)
+        return cursor
 
     async def tail(self, job: jobs_pb2.Job) -> tuple[int, list[jobs_pb2.LogChunk]]:
         """The end of the current attempt's run log that fits a result, and the index it starts at."""
@@ -141,9 +148,7 @@ class _Follower:
         if self.attempt <= 0:
             return
         for kind in self.kinds:
-            while chunks := await self.hub.store.read_logs(
-                Attempt(self.job_id, self.attempt), kind, self.cursors[kind], READ_LIMIT
-            ):
+            while chunks := await _read(self.hub.store, Attempt(self.job_id, self.attempt), kind, self.cursors[kind]):
                 yield self._batch(kind, self.cursors[kind], chunks)
 
     def _batch(
@@ -152,3 +157,16 @@ class _Follower:
         self.cursors[kind] = start + len(chunks)
         batch = jobs_pb2.LogBatch(kind=kind, start=start, chunks=chunks, attempt=self.attempt)
         return jobs_pb2.WatchJobResponse(logs=batch)
+
+
+async def _read(
+    store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int
+) -> list[jobs_pb2.LogChunk]:
+    """Chunks from index `since`, as many as fit one response (at least one)."""
+    chunks = await store.read_logs(attempt, kind, since, READ_LIMIT)
+    size = 0
+    for count, chunk in enumerate(chunks):
+        size += len(chunk.text)
+        if size > READ_SIZE and count:
+            return chunks[:count]
+    return chunks

@@ -17,7 +17,15 @@ from jobwire.server.errors import InvalidArgument, NotFound
 from jobwire.server.metrics import Metrics
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
-from jobwire.server.store.base import DEFAULT_NAMESPACE, FINISHED_HOOK, QUEUED_HOOK, Attempt, Cancelled, Webhook
+from jobwire.server.store.base import (
+    DEFAULT_NAMESPACE,
+    FINISHED_HOOK,
+    POSITION_LIMIT,
+    QUEUED_HOOK,
+    Attempt,
+    Cancelled,
+    Webhook,
+)
 from jobwire.server.store.rows import job_summary
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
@@ -62,7 +70,7 @@ class Scheduler:
             job_id=new_id, definition=definition, queue=queue, namespace=namespace, now=self.clock()
         )
         if queued:
-            log.info("job %s queued on %r", new_id, queue)
+            log.debug("job %s queued on %r", new_id, queue)
             await self.publish_job(job)
             await self.bus.publish(topics.queue(queue), b"")
         await self._add_webhooks(job, namespace, control, queued)
@@ -113,7 +121,8 @@ class Scheduler:
             )
         slots = sum(w.cpus for w in workers)
         busy = sum(len(w.running_job_ids) for w in workers)
-        ahead = await self.store.queue_position(job.queue, job.id)
+        position = await self.store.queue_position(job.queue, job.id)
+        ahead = f"{position:,}+" if position >= POSITION_LIMIT else str(position)
         if needs:
             return f"needs {needs} GPU(s): waiting for a worker with that many free; {ahead} job(s) ahead"
         if busy >= slots:
@@ -162,7 +171,7 @@ class Scheduler:
             queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds, gpus=gpus
         )
         if job is not None:
-            log.info("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)
+            log.debug("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)
             await self.publish_job(job)
         return job
 

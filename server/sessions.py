@@ -19,6 +19,8 @@ from jobwire.v1 import jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 1024
+INFO_SECONDS = 0.5
+"""How stale the stored list of a worker's running jobs may get (heartbeats refresh the rest)."""
 
 
 class ProtocolError(Exception):
@@ -44,6 +46,7 @@ class WorkerSession:
         self.running: dict[str, int] = {}
         self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
         self.wake = asyncio.Event()
+        self.changed = asyncio.Event()  # the running jobs changed since the worker's record was saved
         self.draining = False
 
     async def open(self) -> workers_pb2.WorkerRegistered:
@@ -63,12 +66,7 @@ class WorkerSession:
         )
         settings = self.scheduler.settings
         cursors = [
-            workers_pb2.LogCursor(
-                job_id=job_id,
-                attempt=attempt,
-                kind=kind,
-                stored=await self.scheduler.store.log_length(Attempt(job_id, attempt), kind),
-            )
+            await self.logs.cursor(Attempt(job_id, attempt), kind)
             for job_id, attempt in self.running.items()
             for kind in (jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN)
         ]
@@ -88,6 +86,7 @@ class WorkerSession:
             group.create_task(self._fill_forever())
             group.create_task(self._relay_queue())
             group.create_task(self._relay_worker())
+            group.create_task(self._save_changes_forever())
 
     async def close(self) -> None:
         """The stream ended: forget the connection (its jobs keep their leases until they expire)."""
@@ -132,13 +131,13 @@ class WorkerSession:
         await self.scheduler.release(attempt, self.worker_id, released.reason or "no reason given")
         ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
-        await self._save_info()
 
     def _forget(self, attempt: Attempt) -> None:
         if self.running.get(attempt.job_id) == attempt.attempt:
             del self.running[attempt.job_id]
             self.gpus_used.pop(attempt.job_id, None)
             self.wake.set()
+            self.changed.set()
 
     async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
         attempt = Attempt(finished.job_id, finished.attempt)
@@ -149,7 +148,6 @@ class WorkerSession:
             await self._stale(attempt, "result of an attempt the server no longer holds; it was discarded")
         ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
-        await self._save_info()
 
     async def _stale(self, attempt: Attempt, reason: str) -> None:
         self._forget(attempt)
@@ -171,7 +169,7 @@ class WorkerSession:
                     job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
                 )
                 await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
-                await self._save_info()
+                self.changed.set()
 
     async def _relay_queue(self) -> None:
         async with self.scheduler.bus.subscribe(topics.queue(self.queue)) as subscription:
@@ -190,6 +188,15 @@ class WorkerSession:
                         await self.outbox.put(workers_pb2.ConnectResponse.FromString(payload))
                 except Lagged:  # only cancels travel here; the worker's heartbeats learn of the rest as stale
                     log.warning("worker %s fell behind on its messages", self.worker_id)
+
+    async def _save_changes_forever(self) -> None:
+        """Save the worker's record when its running jobs changed, at most every INFO_SECONDS:
+        one write per job start and finish would cost more than the rest of the job's bookkeeping."""
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            await self._save_info()
+            await asyncio.sleep(INFO_SECONDS)
 
     async def _save_info(self) -> None:
         info = jobs_pb2.WorkerInfo(

@@ -83,6 +83,35 @@ async def _started(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str) -> bool:
     return bool(kinds(await get(jobs, job_id), jobs_pb2.JOB_EVENT_KIND_STARTED))
 
 
+async def test_worker_restarted_mid_job_goes_on_with_the_log_where_the_server_has_it(
+    stack: Stack, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, processes: Processes
+) -> None:
+    """Killed (-9) after some output was stored and restarted (same id): the rest of the output follows,
+    once, read again from the engine's log; stdout and stderr each skip what the server has."""
+    worker = await processes.worker(queue, stack.grpc_target)
+    command = "sh -c 'echo one; echo uno >&2; sleep 4; echo two; echo dos >&2'"
+    request = jobs_pb2.SubmitJobRequest(
+        queue=queue, definition=definition(image=BUSYBOX, command=command, env={"Q": queue})
+    )
+    job_id = (await jobs.SubmitJob(request)).job_id
+
+    async def stored(text: str) -> bool:
+        response = await jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job_id))
+        return sorted("".join(chunk.text for chunk in response.chunks).split()) == sorted(text.split())
+
+    await eventually(lambda: stored("one uno"), "the first output to be stored")
+    await worker.kill()
+    await worker.start()
+    job = await wait_finished(jobs, job_id, timeout=60)
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
+    assert job.result.attempt == 1
+    by_stream = {
+        stream: "".join(chunk.text for chunk in job.result.logs if chunk.stream == stream)
+        for stream in (jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR)
+    }
+    assert by_stream == {jobs_pb2.LOG_STREAM_STDOUT: "one\ntwo\n", jobs_pb2.LOG_STREAM_STDERR: "uno\ndos\n"}
+
+
 class CuttableProxy:
     """A TCP proxy whose live connections can be cut at once (new ones are accepted as usual)."""
 

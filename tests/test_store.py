@@ -21,6 +21,7 @@ from jobwire.server.store.base import (
     DEFAULT_NAMESPACE,
     FINAL_REASONS,
     FINISHED_HOOK,
+    POSITION_LIMIT,
     QUEUED_HOOK,
     Attempt,
     Webhook,
@@ -652,6 +653,73 @@ async def test_queue_position_counts_queued_jobs_ahead(store: StateStore) -> Non
     assert [await store.queue_position("q", job) for job in ids[1:]] == [0, 1]
     assert await store.queue_counts("q") == {QUEUED: 2, RUNNING: 1}
     assert await store.queue_counts("other") == {}
+
+
+async def test_queue_position_stops_counting_at_the_limit(store: StateStore) -> None:
+    ids = [(await submit(store, n, now=T0 + n)).id for n in range(POSITION_LIMIT + 2)]
+    assert await store.queue_position("q", ids[-1]) == POSITION_LIMIT
+    assert await store.queue_position("q", ids[POSITION_LIMIT - 1]) == POSITION_LIMIT - 1
+
+
+async def recount(store: StateStore, queue: str) -> dict[int, int]:
+    """The queue's jobs by state, counted one by one from its listing."""
+    counts: dict[int, int] = {}
+    for page in await walk(store, queue, limit=50):
+        for listed in page:
+            current = await state(store, jobs_pb2.Job(id=listed))
+            counts[current] = counts.get(current, 0) + 1
+    return counts
+
+
+async def test_queue_counts_and_claims_agree_with_the_jobs_through_every_transition(store: StateStore) -> None:
+    async def check() -> None:
+        for queue in ("q", "q2"):
+            assert await store.queue_counts(queue) == await recount(store, queue)
+
+    shared = await submit(store, 0)
+    await submit(store, 0, queue="q2")  # one job, waiting in two queues
+    ids = [shared.id] + [(await submit(store, n, now=T0 + n)).id for n in range(1, 5)]
+    await check()
+    taken = await claim(store, queue="q2")  # from the other queue: leaves q's line too
+    assert taken.id == shared.id
+    await store.finish(attempt_of(await claim(store)), result(), T0 + 10)
+    await check()
+    for queue in ("q", "q2"):  # ends it: no namespace of either queue holds it any more
+        await store.cancel(queue=queue, job_id=shared.id, namespace=ALL_NAMESPACES, now=T0 + 11)
+    await check()
+    await submit(store, 0, queue="q2", now=T0 + 12)  # a cancelled job runs again: back in both lines
+    assert (await claim(store)).id == shared.id  # it kept its place in q
+    await check()
+    await store.cancel(queue="q", job_id=ids[2], namespace=DEFAULT_NAMESPACE, now=T0 + 13)
+    await store.delete(ids[3], T0 + 14)
+    await check()
+    assert await store.requeue_expired(T0 + 100) != []
+    await check()
+    assert len(await store.expire(T0 + 50, 10)) == 3
+    await check()
+    assert await store.queue_position("q", ids[4]) == 1  # the re-queued shared job is ahead
+
+
+async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the operations of one loop turn share a commit; each is a savepoint of its own."""
+    async with sqlite(tmp_path) as store:
+        assert isinstance(store, SqliteStore)
+        broken = job_id(definition(2))
+        original = store._event
+
+        def event(job: str, *args: object, **fields: object) -> None:
+            if job == broken:
+                raise RuntimeError("disk on fire")
+            original(job, *args, **fields)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_event", event)
+        outcomes = await asyncio.gather(*(submit(store, n) for n in (1, 2, 3)), return_exceptions=True)
+        assert isinstance(outcomes[1], RuntimeError)
+        assert await store.get_job(broken) is None
+        assert await store.queue_counts("q") == {QUEUED: 2}
+        assert [(await claim(store)).id for _ in range(2)] == [job_id(definition(1)), job_id(definition(3))]
 
 
 # Workers

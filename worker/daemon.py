@@ -129,7 +129,7 @@ class Daemon:
             await call.write(self._heartbeat_message())
         for cursor in registered.log_cursors:
             execution = self.executions.get((cursor.job_id, cursor.attempt))
-            if execution is not None and (resend := execution.logs[cursor.kind].resend_from(cursor.stored)):
+            if execution is not None and (resend := execution.logs[cursor.kind].resume_at(cursor)):
                 await call.write(resend)
         for message in list(self.unacked.values()):
             await call.write(message)
@@ -246,6 +246,8 @@ class Daemon:
         except ValueError as error:  # the server assigned more than we have: say so as the job's error
             execution.gpu_devices, container_id = [], ""
             execution.refusal = str(error)
+        if container_id:
+            execution.rereads()
         task = jobs.create_task(self._execute(execution, container_id))
         self.running[assignment.job_id] = _Running(assignment.attempt, task)
         self.executions[(assignment.job_id, assignment.attempt)] = execution

@@ -25,6 +25,8 @@ FINAL_REASONS = frozenset(
 
 DEFAULT_NAMESPACE = "_"
 ALL_NAMESPACES = "*"
+POSITION_LIMIT = 1000
+"""queue_position counts no further: a job this far back reads as '1,000+ jobs ahead'."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ class StateStore(Protocol):
         """Number of the queue's jobs by state."""
 
     async def queue_position(self, queue: str, job_id: str) -> int:
-        """How many queued jobs of the queue are ahead of this one."""
+        """How many queued jobs of the queue are ahead of this one, counted up to POSITION_LIMIT
+        (so that the answer costs the same at the back of a queue of millions)."""
 
 
 def is_postgres(url: str) -> bool:

@@ -14,7 +14,15 @@ from typing import Any
 
 import asyncpg
 
-from jobwire.server.store.base import ALL_NAMESPACES, FINAL_REASONS, FINISHED_HOOK, Attempt, Cancelled, Webhook
+from jobwire.server.store.base import (
+    ALL_NAMESPACES,
+    FINAL_REASONS,
+    FINISHED_HOOK,
+    POSITION_LIMIT,
+    Attempt,
+    Cancelled,
+    Webhook,
+)
 from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
@@ -71,6 +79,39 @@ MIGRATIONS = [
     CREATE TABLE bus_messages (
       id BIGSERIAL PRIMARY KEY, created DOUBLE PRECISION NOT NULL, data BYTEA NOT NULL
     );
+    """,
+    # 2: `waiting` holds the queue_jobs rows of queued jobs, kept by triggers, so that a claim takes a
+    # queue's first waiting row instead of walking past every finished job (as SQLite's migration 4;
+    # SQLite's per-queue state counters are left out here: under many replicas those rows would be
+    # locked by every transition of the queue).
+    f"""
+    CREATE TABLE waiting (
+      queue TEXT NOT NULL, seq BIGINT NOT NULL, job_id TEXT NOT NULL, gpus INTEGER NOT NULL, PRIMARY KEY (queue, seq)
+    );
+    CREATE INDEX waiting_job ON waiting (job_id);
+    CREATE FUNCTION jobwire_queue_job_added() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+      INSERT INTO waiting SELECT NEW.queue, NEW.seq, id, gpus FROM jobs WHERE id = NEW.job_id AND state = {QUEUED};
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER queue_job_added AFTER INSERT ON queue_jobs FOR EACH ROW EXECUTE FUNCTION jobwire_queue_job_added();
+    CREATE FUNCTION jobwire_queue_job_removed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+      DELETE FROM waiting WHERE queue = OLD.queue AND seq = OLD.seq;
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER queue_job_removed AFTER DELETE ON queue_jobs
+      FOR EACH ROW EXECUTE FUNCTION jobwire_queue_job_removed();
+    CREATE FUNCTION jobwire_job_state_changed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+      DELETE FROM waiting WHERE job_id = OLD.id;
+      IF TG_OP = 'UPDATE' AND NEW.state = {QUEUED} THEN
+        INSERT INTO waiting SELECT queue, seq, job_id, NEW.gpus FROM queue_jobs WHERE job_id = NEW.id;
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER job_state_changed AFTER UPDATE OF state ON jobs
+      FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION jobwire_job_state_changed();
+    CREATE TRIGGER job_removed AFTER DELETE ON jobs FOR EACH ROW EXECUTE FUNCTION jobwire_job_state_changed();
+    INSERT INTO waiting SELECT q.queue, q.seq, q.job_id, j.gpus FROM queue_jobs q JOIN jobs j ON j.id = q.job_id
+      WHERE j.state = {QUEUED};
     """,
 ]
 """Applied in order at start; `jobwire_schema.version` counts those applied."""
@@ -258,8 +299,8 @@ class PostgresStore:
     ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
             row = await db.fetchrow(
-                "SELECT j.id, j.attempt FROM queue_jobs q JOIN jobs j ON j.id = q.job_id"
-                " WHERE q.queue = $1 AND j.state = $2 AND j.gpus <= $3 ORDER BY q.seq LIMIT 1"
+                "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+                " WHERE w.queue = $1 AND j.state = $2 AND w.gpus <= $3 ORDER BY w.seq LIMIT 1"
                 " FOR UPDATE OF j SKIP LOCKED",
                 queue,
                 QUEUED,
@@ -643,11 +684,11 @@ class PostgresStore:
 
     async def queue_position(self, queue: str, job_id: str) -> int:
         count = await self.pool.fetchval(
-            "SELECT COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE q.queue = $1 AND j.state = $2"
-            " AND q.seq < (SELECT seq FROM queue_jobs WHERE queue = $1 AND job_id = $3)",
+            "SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = $1"
+            " AND seq < (SELECT seq FROM queue_jobs WHERE queue = $1 AND job_id = $2) LIMIT $3) ahead",
             queue,
-            QUEUED,
             job_id,
+            POSITION_LIMIT,
         )
         return int(count or 0)
 

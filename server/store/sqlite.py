@@ -1,19 +1,26 @@
-"""The SQLite StateStore: one file in the data directory, WAL mode, one writer at a time."""
+"""The SQLite StateStore: one file in the data directory, WAL mode, one writer at a time.
+
+Statements run on the event loop's own thread. Each takes microseconds, far less than a hop to
+another thread and back (aiosqlite's way, which bounded the server at ~100 jobs/s), and no
+operation awaits between its statements, so operations cannot interleave and need no lock. The
+operations of one loop turn share one commit (see `_transaction`). What could
+block the loop runs in a thread on a connection of its own: WAL checkpoints (the only writes
+that fsync, see `_checkpoint_forever`) and whole-table scans (`blob_references`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-
-import aiosqlite
 
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
     FINAL_REASONS,
     FINISHED_HOOK,
+    POSITION_LIMIT,
     Attempt,
     Cancelled,
     Webhook,
@@ -66,94 +73,163 @@ MIGRATIONS = [
     " CREATE INDEX webhooks_job ON webhooks (job_id, event)",
     # 3: claims and listings walk a queue in submission order.
     "CREATE INDEX queue_jobs_order ON queue_jobs (queue, seq)",
+    # 4: what claims, positions and queue status read, kept by triggers so every write path agrees:
+    # `waiting` holds the queue_jobs rows of queued jobs (a claim takes its first row instead of
+    # walking past every finished job), `queue_states` the number of a queue's jobs in each state.
+    """
+    CREATE TABLE waiting (
+      queue TEXT NOT NULL, seq INTEGER NOT NULL, job_id TEXT NOT NULL, gpus INTEGER NOT NULL, PRIMARY KEY (queue, seq)
+    );
+    CREATE INDEX waiting_job ON waiting (job_id);
+    CREATE TABLE queue_states (
+      queue TEXT NOT NULL, state INTEGER NOT NULL, jobs INTEGER NOT NULL, PRIMARY KEY (queue, state)
+    );
+    CREATE TRIGGER queue_job_added AFTER INSERT ON queue_jobs BEGIN
+      INSERT INTO queue_states SELECT NEW.queue, state, 1 FROM jobs WHERE id = NEW.job_id
+        ON CONFLICT (queue, state) DO UPDATE SET jobs = jobs + 1;
+      INSERT INTO waiting SELECT NEW.queue, NEW.seq, id, gpus FROM jobs WHERE id = NEW.job_id AND state = 1;
+    END;
+    CREATE TRIGGER queue_job_removed AFTER DELETE ON queue_jobs BEGIN
+      UPDATE queue_states SET jobs = jobs - 1
+        WHERE queue = OLD.queue AND state = (SELECT state FROM jobs WHERE id = OLD.job_id);
+      DELETE FROM waiting WHERE queue = OLD.queue AND seq = OLD.seq;
+    END;
+    CREATE TRIGGER job_state_changed AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+      UPDATE queue_states SET jobs = jobs - 1
+        WHERE state = OLD.state AND queue IN (SELECT queue FROM queue_jobs WHERE job_id = NEW.id);
+      INSERT INTO queue_states SELECT queue, NEW.state, 1 FROM queue_jobs WHERE job_id = NEW.id
+        ON CONFLICT (queue, state) DO UPDATE SET jobs = jobs + 1;
+      DELETE FROM waiting WHERE job_id = NEW.id;
+      INSERT INTO waiting SELECT queue, seq, job_id, NEW.gpus FROM queue_jobs WHERE job_id = NEW.id AND NEW.state = 1;
+    END;
+    CREATE TRIGGER job_removed AFTER DELETE ON jobs BEGIN
+      UPDATE queue_states SET jobs = jobs - 1
+        WHERE state = OLD.state AND queue IN (SELECT queue FROM queue_jobs WHERE job_id = OLD.id);
+      DELETE FROM waiting WHERE job_id = OLD.id;
+    END;
+    INSERT INTO queue_states SELECT q.queue, j.state, COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id
+      GROUP BY q.queue, j.state;
+    INSERT INTO waiting SELECT q.queue, q.seq, q.job_id, j.gpus FROM queue_jobs q JOIN jobs j ON j.id = q.job_id
+      WHERE j.state = 1
+    """,
 ]
 """Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
 
+CHECKPOINT_SECONDS = 1.0
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 
 
 class SqliteStore:
-    """StateStore on one SQLite file; transactions are serialised by a lock."""
+    """StateStore on one SQLite file; see the module's docstring for how it stays off the loop's way."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-        self._lock = asyncio.Lock()
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db, self._path = db, path
+        self._commit: asyncio.Future[None] | None = None  # of the open transaction, if one is
+        self._checkpoints = asyncio.create_task(self._checkpoint_forever())
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
         """Open (creating) the database file and apply the schema."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        for pragma in (
-            "journal_mode=WAL",
-            "synchronous=NORMAL",
-            "busy_timeout=5000",
-            "foreign_keys=ON",
-        ):
-            await db.execute(f"PRAGMA {pragma}")
-        await db.executescript(SCHEMA)
-        async with db.execute("PRAGMA user_version") as cursor:
-            (version,) = await cursor.fetchone() or (0,)
+        db = _connect(path)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread: they fsync
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(SCHEMA)
+        (version,) = db.execute("PRAGMA user_version").fetchone()
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            await db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
-        return cls(db)
+            db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
+        return cls(db, path)
 
     async def close(self) -> None:
-        await self._db.close()
+        self._checkpoints.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._checkpoints
+        await asyncio.to_thread(self._checkpoint)
+        self._db.close()
 
     async def ping(self) -> None:
-        await self._fetchone("SELECT 1")
+        self._fetchone("SELECT 1")
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            if self._db.in_transaction:  # left open by a task cancelled while BEGIN ran in the thread
-                await self._db.rollback()
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+    async def _checkpoint_forever(self) -> None:
+        """Copy the WAL into the database file every second there were writes, off the loop."""
+        written = self._db.total_changes
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            if self._db.total_changes != written:
+                written = self._db.total_changes
+                await asyncio.to_thread(self._checkpoint)
 
-    async def _fetchone(self, sql: str, *args: Any) -> Any:
-        async with self._db.execute(sql, args) as cursor:
-            return await cursor.fetchone()
+    def _checkpoint(self) -> None:
+        with contextlib.closing(_connect(self._path)) as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
-        async with self._db.execute(sql, args) as cursor:
-            return list(await cursor.fetchall())
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[sqlite3.Connection]:
+        """One store operation: a savepoint inside the loop turn's shared transaction, which commits
+        once every operation of the turn is done (group commit); the operation returns after that
+        commit, so nothing is acknowledged before it is stored. The body must not await."""
+        if self._commit is None:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._commit = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._commit_turn)
+        commit = self._commit
+        self._db.execute("SAVEPOINT operation")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK TO operation")
+            self._db.execute("RELEASE operation")
+            raise
+        self._db.execute("RELEASE operation")
+        await asyncio.shield(commit)
 
-    async def _event(self, job_id: str, kind: jobs_pb2.JobEventKind.ValueType, now: float, **fields: Any) -> None:
-        await self._db.execute(
+    def _commit_turn(self) -> None:
+        commit, self._commit = self._commit, None
+        assert commit is not None
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._db.rollback()
+            commit.set_exception(error)
+        else:
+            commit.set_result(None)
+
+    def _fetchone(self, sql: str, *args: Any) -> Any:
+        return self._db.execute(sql, args).fetchone()
+
+    def _fetchall(self, sql: str, *args: Any) -> list[Any]:
+        return self._db.execute(sql, args).fetchall()
+
+    def _event(self, job_id: str, kind: jobs_pb2.JobEventKind.ValueType, now: float, **fields: Any) -> None:
+        self._db.execute(
             "INSERT INTO events (job_id, data) VALUES (?, ?)",
             (job_id, event(kind, now, **fields).SerializeToString()),
         )
         if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
-            await self._db.execute(
+            self._db.execute(
                 "UPDATE webhooks SET armed = 1, next_time = ? WHERE job_id = ? AND event = ? AND armed = 0",
                 (now, job_id, FINISHED_HOOK),
             )
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         async with self._transaction() as db:
-            finished = await self._fetchone("SELECT 1 FROM jobs WHERE id = ? AND state = ?", hook.job_id, FINISHED)
-            await db.execute(
+            finished = self._fetchone("SELECT 1 FROM jobs WHERE id = ? AND state = ?", hook.job_id, FINISHED)
+            db.execute(
                 "INSERT INTO webhooks (job_id, event, url, body, armed, next_time) VALUES (?, ?, ?, ?, ?, ?)",
                 (hook.job_id, hook.event, hook.url, hook.body, int(armed or bool(finished)), now),
             )
 
     async def claim_webhooks(self, now: float, until: float, limit: int) -> list[Webhook]:
         async with self._transaction() as db:
-            rows = await self._fetchall(
+            rows = self._fetchall(
                 "SELECT id, job_id, event, url, body, attempts FROM webhooks WHERE armed = 1 AND next_time <= ?"
                 " ORDER BY next_time LIMIT ?",
                 now,
                 limit,
             )
             for row in rows:
-                await db.execute("UPDATE webhooks SET next_time = ? WHERE id = ?", (until, row[0]))
+                db.execute("UPDATE webhooks SET next_time = ? WHERE id = ?", (until, row[0]))
         return [
             Webhook(job_id, event, url, bytes(body), id, attempts) for id, job_id, event, url, body, attempts in rows
         ]
@@ -161,20 +237,20 @@ class SqliteStore:
     async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
         async with self._transaction() as db:
             if retry_at is None:
-                await db.execute("DELETE FROM webhooks WHERE id = ?", (hook_id,))
+                db.execute("DELETE FROM webhooks WHERE id = ?", (hook_id,))
             else:
-                await db.execute(
+                db.execute(
                     "UPDATE webhooks SET attempts = attempts + 1, next_time = ? WHERE id = ?", (retry_at, hook_id)
                 )
 
-    async def _job_row(self, job_id: str) -> Any:
-        return await self._fetchone(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
+    def _job_row(self, job_id: str) -> Any:
+        return self._fetchone(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
 
-    async def _job(self, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
-        row = await self._job_row(job_id)
+    def _job(self, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
+        row = self._job_row(job_id)
         if row is None:
             return None
-        rows = await self._fetchall(
+        rows = self._fetchall(
             "SELECT namespace FROM namespaces WHERE queue = ? AND job_id = ? ORDER BY namespace",
             queue or row[2],
             job_id,
@@ -191,46 +267,49 @@ class SqliteStore:
         now: float,
     ) -> tuple[jobs_pb2.Job, bool]:
         async with self._transaction() as db:
-            row = await self._job_row(job_id)
-            await db.execute("INSERT OR IGNORE INTO queue_jobs (queue, job_id) VALUES (?, ?)", (queue, job_id))
-            await db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, namespace))
+            row = self._job_row(job_id)
+            queued = row is None or (row[1] == FINISHED and row[7] not in FINAL_REASONS)
             if row is None:
-                await db.execute(
+                db.execute(
                     "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
                 )
-            elif row[1] == FINISHED and row[7] not in FINAL_REASONS:
-                await db.execute(
+            elif queued:
+                db.execute(
                     "UPDATE jobs SET state = ?, queue = ?, worker_id = '', update_time = ?, finish_reason = 0,"
                     " result = NULL, lease_expires = NULL WHERE id = ?",
                     (QUEUED, queue, now, job_id),
                 )
-            else:
-                job = await self._job(job_id, queue)
+            # after the job's row: the triggers of queue_jobs read its state
+            db.execute("INSERT OR IGNORE INTO queue_jobs (queue, job_id) VALUES (?, ?)", (queue, job_id))
+            db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, namespace))
+            if not queued:
+                job = self._job(job_id, queue)
                 assert job is not None
                 return job, False
-            await self._event(job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
-            job = await self._job(job_id, queue)
+            self._event(job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
+            job = self._job(job_id, queue)
             assert job is not None
             return job, True
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
-        if queue and not await self._fetchone("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
+        return self._details(job_id, queue)
+
+    def _details(self, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
+        if queue and not self._fetchone("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
             return None
-        job = await self._job(job_id, queue)
+        job = self._job(job_id, queue)
         if job is None:
             return None
-        definition, result = await self._fetchone("SELECT definition, result FROM jobs WHERE id = ?", job_id)
-        history = [
-            data for (data,) in await self._fetchall("SELECT data FROM events WHERE job_id = ? ORDER BY seq", job_id)
-        ]
+        definition, result = self._fetchone("SELECT definition, result FROM jobs WHERE id = ?", job_id)
+        history = [data for (data,) in self._fetchall("SELECT data FROM events WHERE job_id = ? ORDER BY seq", job_id)]
         return with_details(job, definition, result, history)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         where = "q.queue = ? AND q.seq > ?" + (" AND j.state = ?" if state else "")
         args: list[Any] = [queue, after] + ([state] if state else [])
-        rows = await self._fetchall(
+        rows = self._fetchall(
             f"SELECT q.seq, {', '.join('j.' + c for c in _JOB_COLUMNS.split(', '))}"
             f" FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE {where} ORDER BY q.seq LIMIT ?",
             *args,
@@ -243,22 +322,21 @@ class SqliteStore:
         self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
     ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            row = await self._fetchone(
-                "SELECT j.id, j.attempt FROM queue_jobs q JOIN jobs j ON j.id = q.job_id"
-                " WHERE q.queue = ? AND j.state = ? AND j.gpus <= ? ORDER BY q.seq LIMIT 1",
+            row = self._fetchone(
+                "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+                " WHERE w.queue = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1",
                 queue,
-                QUEUED,
                 gpus,
             )
             if row is None:
                 return None
             job_id, attempt = row[0], row[1] + 1
-            await db.execute(
+            db.execute(
                 "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, update_time = ?, lease_expires = ?,"
                 " queue = ? WHERE id = ?",
                 (RUNNING, attempt, worker_id, now, now + lease, queue, job_id),
             )
-            await self._event(
+            self._event(
                 job_id,
                 jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
                 now,
@@ -266,18 +344,18 @@ class SqliteStore:
                 worker_id=worker_id,
                 message=f"assigned to worker {worker_id} as attempt {attempt}",
             )
-        return await self.get_job(job_id)
+        return self._details(job_id)
 
-    async def _holds(self, attempt: Attempt) -> bool:
-        row = await self._fetchone("SELECT state, attempt FROM jobs WHERE id = ?", attempt.job_id)
+    def _holds(self, attempt: Attempt) -> bool:
+        row = self._fetchone("SELECT state, attempt FROM jobs WHERE id = ?", attempt.job_id)
         return row is not None and row[0] == RUNNING and row[1] == attempt.attempt
 
     async def start(self, attempt: Attempt, now: float) -> bool:
         async with self._transaction():
-            if not await self._holds(attempt):
+            if not self._holds(attempt):
                 return False
-            row = await self._fetchone("SELECT worker_id FROM jobs WHERE id = ?", attempt.job_id)
-            await self._event(
+            row = self._fetchone("SELECT worker_id FROM jobs WHERE id = ?", attempt.job_id)
+            self._event(
                 attempt.job_id,
                 jobs_pb2.JOB_EVENT_KIND_STARTED,
                 now,
@@ -291,7 +369,7 @@ class SqliteStore:
         stale: list[Attempt] = []
         async with self._transaction() as db:
             for attempt in attempts:
-                cursor = await db.execute(
+                cursor = db.execute(
                     "UPDATE jobs SET lease_expires = ? WHERE id = ? AND attempt = ? AND state = ? AND worker_id = ?",
                     (until, attempt.job_id, attempt.attempt, RUNNING, worker_id),
                 )
@@ -301,14 +379,14 @@ class SqliteStore:
 
     async def finish(self, attempt: Attempt, result: jobs_pb2.JobResult, now: float) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            if not await self._holds(attempt):
+            if not self._holds(attempt):
                 return None
-            await db.execute(
+            db.execute(
                 "UPDATE jobs SET state = ?, finish_reason = ?, update_time = ?, lease_expires = NULL, result = ?"
                 " WHERE id = ?",
                 (FINISHED, result.reason, now, result.SerializeToString(), attempt.job_id),
             )
-            await self._event(
+            self._event(
                 attempt.job_id,
                 jobs_pb2.JOB_EVENT_KIND_FINISHED,
                 now,
@@ -316,25 +394,25 @@ class SqliteStore:
                 worker_id=result.worker_id,
                 message=_finish_message(result),
             )
-        return await self.get_job(attempt.job_id)
+        return self._details(attempt.job_id)
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         async with self._transaction():
-            rows = await self._fetchall(
+            rows = self._fetchall(
                 "SELECT id, attempt, worker_id FROM jobs WHERE state = ? AND lease_expires < ?", RUNNING, now
             )
             for job_id, attempt, worker_id in rows:
-                await self._requeue(
+                self._requeue(
                     Attempt(job_id, attempt),
                     worker_id,
                     now,
                     f"worker-lost: no word from worker {worker_id} within its lease",
                 )
-        return await self._jobs_of([Attempt(job_id, attempt) for job_id, attempt, _ in rows])
+        return self._jobs_of([Attempt(job_id, attempt) for job_id, attempt, _ in rows])
 
     async def expire(self, before: float, limit: int) -> list[str]:
         async with self._transaction() as db:
-            rows = await self._fetchall(
+            rows = self._fetchall(
                 "SELECT id FROM jobs WHERE state = ? AND update_time < ? LIMIT ?", FINISHED, before, limit
             )
             for (job_id,) in rows:
@@ -346,25 +424,25 @@ class SqliteStore:
                     ("logs", "job_id"),
                     ("webhooks", "job_id"),
                 ):
-                    await db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+                    db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
         return [job_id for (job_id,) in rows]
 
     async def blob_references(self) -> set[str]:
-        rows = await self._fetchall("SELECT definition, result FROM jobs")
+        return await asyncio.to_thread(self._scan_blob_references)
+
+    def _scan_blob_references(self) -> set[str]:
         keys: set[str] = set()
-        for definition, result in rows:
-            keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
-            if result is not None:
-                keys |= {
-                    ref.value.string_value
-                    for ref in jobs_pb2.JobResult.FromString(result).outputs.values()
-                    if ref.type == "key"
-                }
+        with contextlib.closing(_connect(self._path)) as db:
+            for definition, result in db.execute("SELECT definition, result FROM jobs"):
+                keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
+                if result is not None:
+                    outputs = jobs_pb2.JobResult.FromString(result).outputs.values()
+                    keys |= {ref.value.string_value for ref in outputs if ref.type == "key"}
         return keys
 
     async def extend_leases(self, until: float) -> None:
         async with self._transaction() as db:
-            await db.execute(
+            db.execute(
                 "UPDATE jobs SET lease_expires = ? WHERE state = ? AND lease_expires < ?", (until, RUNNING, until)
             )
 
@@ -372,29 +450,27 @@ class SqliteStore:
         self, worker_id: str, keep: Sequence[Attempt], now: float
     ) -> list[tuple[jobs_pb2.Job, Attempt]]:
         async with self._transaction():
-            rows = await self._fetchall(
-                "SELECT id, attempt FROM jobs WHERE state = ? AND worker_id = ?", RUNNING, worker_id
-            )
+            rows = self._fetchall("SELECT id, attempt FROM jobs WHERE state = ? AND worker_id = ?", RUNNING, worker_id)
             lost = [Attempt(job_id, attempt) for job_id, attempt in rows if Attempt(job_id, attempt) not in keep]
             for attempt in lost:
-                await self._requeue(
+                self._requeue(
                     attempt, worker_id, now, f"worker-lost: worker {worker_id} came back without this attempt"
                 )
-        return await self._jobs_of(lost)
+        return self._jobs_of(lost)
 
     async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
         async with self._transaction():
-            if not await self._holds(attempt):
+            if not self._holds(attempt):
                 return None
-            await self._requeue(attempt, worker_id, now, f"released by worker {worker_id}: {reason}")
-        return await self._job(attempt.job_id)
+            self._requeue(attempt, worker_id, now, f"released by worker {worker_id}: {reason}")
+        return self._job(attempt.job_id)
 
-    async def _requeue(self, attempt: Attempt, worker_id: str, now: float, message: str) -> None:
-        await self._db.execute(
+    def _requeue(self, attempt: Attempt, worker_id: str, now: float, message: str) -> None:
+        self._db.execute(
             "UPDATE jobs SET state = ?, worker_id = '', update_time = ?, lease_expires = NULL WHERE id = ?",
             (QUEUED, now, attempt.job_id),
         )
-        await self._event(
+        self._event(
             attempt.job_id,
             jobs_pb2.JOB_EVENT_KIND_REQUEUED,
             now,
@@ -403,37 +479,37 @@ class SqliteStore:
             message=f"re-queued: {message}",
         )
 
-    async def _jobs_of(self, attempts: Sequence[Attempt]) -> list[tuple[jobs_pb2.Job, Attempt]]:
-        jobs = [(await self._job(attempt.job_id), attempt) for attempt in attempts]
+    def _jobs_of(self, attempts: Sequence[Attempt]) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        jobs = [(self._job(attempt.job_id), attempt) for attempt in attempts]
         return [(job, attempt) for job, attempt in jobs if job is not None]
 
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:
-            if not await self._fetchone("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
+            if not self._fetchone("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
                 return None
             if namespace == ALL_NAMESPACES:
-                await db.execute("DELETE FROM namespaces WHERE queue = ? AND job_id = ?", (queue, job_id))
+                db.execute("DELETE FROM namespaces WHERE queue = ? AND job_id = ?", (queue, job_id))
             else:
-                await db.execute(
+                db.execute(
                     "DELETE FROM namespaces WHERE queue = ? AND job_id = ? AND namespace = ?",
                     (queue, job_id, namespace),
                 )
-            await self._event(
+            self._event(
                 job_id,
                 jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
                 now,
                 message=f"cancel requested on {queue!r} for namespace {namespace!r}",
             )
-            held = await self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
-            stop = None if held else await self._end(job_id, jobs_pb2.FINISH_REASON_CANCELLED, now, "cancelled")
-        job = await self.get_job(job_id, queue=queue)
+            held = self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
+            stop = None if held else self._end(job_id, jobs_pb2.FINISH_REASON_CANCELLED, now, "cancelled")
+        job = self._details(job_id, queue)
         assert job is not None
         return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
 
     async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
         ended: list[tuple[str, tuple[Attempt | None, str] | None]] = []
         async with self._transaction() as db:
-            rows = await self._fetchall(
+            rows = self._fetchall(
                 "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.id = n.job_id"
                 " WHERE n.queue = ? AND n.namespace = ? AND n.job_id != ? AND j.state != ?",
                 queue,
@@ -442,57 +518,51 @@ class SqliteStore:
                 FINISHED,
             )
             for (job_id,) in rows:
-                await db.execute(
+                db.execute(
                     "DELETE FROM namespaces WHERE queue = ? AND job_id = ? AND namespace = ?",
                     (queue, job_id, namespace),
                 )
-                await self._event(
+                self._event(
                     job_id,
                     jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
                     now,
                     message=f"replaced by job {keep} in namespace {namespace!r} of {queue!r}",
                 )
-                held = await self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
-                stop = (
-                    None
-                    if held
-                    else await self._end(job_id, jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT, now, "replaced")
-                )
+                held = self._fetchone("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
+                stop = None if held else self._end(job_id, jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT, now, "replaced")
                 ended.append((job_id, stop))
         replaced = []
         for job_id, stop in ended:
-            job = await self.get_job(job_id)
+            job = self._details(job_id)
             assert job is not None
             replaced.append(Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else ""))
         return replaced
 
     async def delete(self, job_id: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:
-            if await self._job_row(job_id) is None:
+            if self._job_row(job_id) is None:
                 return None
-            stop = await self._end(job_id, jobs_pb2.FINISH_REASON_DELETED, now, "deleted", force=True)
-            await db.execute("DELETE FROM namespaces WHERE job_id = ?", (job_id,))
-        job = await self.get_job(job_id)
+            stop = self._end(job_id, jobs_pb2.FINISH_REASON_DELETED, now, "deleted", force=True)
+            db.execute("DELETE FROM namespaces WHERE job_id = ?", (job_id,))
+        job = self._details(job_id)
         assert job is not None
         return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
 
-    async def _end(
+    def _end(
         self, job_id: str, reason: jobs_pb2.FinishReason.ValueType, now: float, words: str, *, force: bool = False
     ) -> tuple[Attempt | None, str] | None:
         """Finish a queued or running job (any job with `force`); the attempt to stop and its worker."""
-        state, attempt, worker_id = await self._fetchone(
-            "SELECT state, attempt, worker_id FROM jobs WHERE id = ?", job_id
-        )
+        state, attempt, worker_id = self._fetchone("SELECT state, attempt, worker_id FROM jobs WHERE id = ?", job_id)
         if state == FINISHED and not force:
             return None
         result = jobs_pb2.JobResult(reason=reason, message=f"{words} by a client", attempt=attempt)
         result.finish_time.CopyFrom(timestamp(now))
-        await self._db.execute(
+        self._db.execute(
             "UPDATE jobs SET state = ?, finish_reason = ?, update_time = ?, lease_expires = NULL, result = ?"
             " WHERE id = ?",
             (FINISHED, reason, now, result.SerializeToString(), job_id),
         )
-        await self._event(job_id, jobs_pb2.JOB_EVENT_KIND_FINISHED, now, attempt=attempt, message=result.message)
+        self._event(job_id, jobs_pb2.JOB_EVENT_KIND_FINISHED, now, attempt=attempt, message=result.message)
         running = Attempt(job_id, attempt) if state == RUNNING else None
         return running, worker_id
 
@@ -500,13 +570,13 @@ class SqliteStore:
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
     ) -> tuple[int, int] | None:
         async with self._transaction() as db:
-            if not await self._holds(attempt):
+            if not self._holds(attempt):
                 return None
-            stored = await self.log_length(attempt, kind)
+            stored = self._log_length(attempt, kind)
             skipped = already_stored(stored, start, len(chunks))
             if skipped < len(chunks):
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
-                await db.execute(
+                db.execute(
                     "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         attempt.job_id,
@@ -520,7 +590,10 @@ class SqliteStore:
             return int(stored), skipped
 
     async def log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
-        (stored,) = await self._fetchone(
+        return self._log_length(attempt, kind)
+
+    def _log_length(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> int:
+        (stored,) = self._fetchone(
             "SELECT COALESCE(MAX(start + count), 0) FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?",
             attempt.job_id,
             attempt.attempt,
@@ -531,7 +604,7 @@ class SqliteStore:
     async def read_logs(
         self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int
     ) -> list[jobs_pb2.LogChunk]:
-        rows = await self._fetchall(
+        rows = self._fetchall(
             "SELECT start, data FROM logs WHERE job_id = ? AND attempt = ? AND kind = ? AND start + count > ?"
             " ORDER BY start",
             attempt.job_id,
@@ -549,7 +622,7 @@ class SqliteStore:
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         async with self._transaction() as db:
-            await db.execute(
+            db.execute(
                 "INSERT INTO workers VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET queue = excluded.queue,"
                 " session = excluded.session, last_seen = excluded.last_seen, info = excluded.info",
                 (
@@ -563,10 +636,10 @@ class SqliteStore:
 
     async def remove_worker(self, worker_id: str, *, session: str) -> None:
         async with self._transaction() as db:
-            await db.execute("DELETE FROM workers WHERE id = ? AND session = ?", (worker_id, session))
+            db.execute("DELETE FROM workers WHERE id = ? AND session = ?", (worker_id, session))
 
     async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
-        rows = await self._fetchall(
+        rows = self._fetchall(
             "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id",
             queue,
             seen_since,
@@ -574,23 +647,19 @@ class SqliteStore:
         return [jobs_pb2.WorkerInfo.FromString(row[0]) for row in rows]
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
-        rows = await self._fetchall(
-            "SELECT j.state, COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE q.queue = ?"
-            " GROUP BY j.state",
-            queue,
-        )
+        rows = self._fetchall("SELECT state, jobs FROM queue_states WHERE queue = ? AND jobs > 0", queue)
         return {state: count for state, count in rows}
 
     async def queue_position(self, queue: str, job_id: str) -> int:
-        row = await self._fetchone(
-            "SELECT COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE q.queue = ? AND j.state = ?"
-            " AND q.seq < (SELECT seq FROM queue_jobs WHERE queue = ? AND job_id = ?)",
+        (ahead,) = self._fetchone(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = ?"
+            " AND seq < (SELECT seq FROM queue_jobs WHERE queue = ? AND job_id = ?) LIMIT ?)",
             queue,
-            QUEUED,
             queue,
             job_id,
+            POSITION_LIMIT,
         )
-        return int(row[0])
+        return int(ahead)
 
 
 def _finish_message(result: jobs_pb2.JobResult) -> str:
@@ -598,3 +667,11 @@ def _finish_message(result: jobs_pb2.JobResult) -> str:
     exit_code = f", exit code {result.exit_code}" if result.HasField("exit_code") else ""
     detail = f": {result.message}" if result.message else ""
     return f"finished ({reason}{exit_code}){detail}"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) that waits out a checkpoint's brief locks."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL: commits survive a crash of the process; no fsync each
+    db.execute("PRAGMA busy_timeout=5000")
+    return db

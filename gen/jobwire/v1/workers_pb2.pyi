@@ -280,6 +280,8 @@ class LogCursor(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     STORED_FIELD_NUMBER: _builtins.int
+    STDOUT_CHARS_FIELD_NUMBER: _builtins.int
+    STDERR_CHARS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     attempt: _builtins.int
@@ -288,6 +290,12 @@ class LogCursor(_message.Message):
     """Which log."""
     stored: _builtins.int
     """Chunks stored: the index the next chunk should have."""
+    stdout_chars: _builtins.int
+    """Characters of stdout text stored. A worker that reads a container's
+    output again from its start (it restarted) skips this much of it.
+    """
+    stderr_chars: _builtins.int
+    """Characters of stderr text stored, likewise."""
     def __init__(
         self,
         *,
@@ -295,10 +303,12 @@ class LogCursor(_message.Message):
         attempt: _builtins.int = ...,
         kind: _jobs_pb2.LogKind.ValueType = ...,
         stored: _builtins.int = ...,
+        stdout_chars: _builtins.int = ...,
+        stderr_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
