@@ -14,18 +14,19 @@ import asyncio
 import hashlib
 import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
-from google.api import httpbody_pb2
 
+from jobwire import wire
 from jobwire.connection import Calls
 from jobwire.definition import is_sha256
 from jobwire.errors import FileNotFound, RequestFailed, translate
 from jobwire.v1 import files_pb2, files_pb2_grpc
+from jobwire.writing import ChunkWriter
 
 CHUNK_SIZE = 1024 * 1024
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
@@ -64,6 +65,17 @@ class FileClient:
 
     def __init__(self, channel: grpc.aio.Channel, calls: Calls | None = None) -> None:
         self.stub = files_pb2_grpc.FileServiceStub(channel)
+        # UploadFile and DownloadFile with their chunks' data encoded and decoded by `jobwire.wire`.
+        self.upload_call = channel.stream_unary(
+            "/jobwire.v1.FileService/UploadFile",
+            request_serializer=bytes,
+            response_deserializer=files_pb2.UploadFileResponse.FromString,
+        )
+        self.download_call = channel.unary_stream(
+            "/jobwire.v1.FileService/DownloadFile",
+            request_serializer=files_pb2.DownloadFileRequest.SerializeToString,
+            response_deserializer=wire.body_data,
+        )
         self.calls = calls or Calls()
         self._direct = True  # False once the server said it has no URLs (or no GetFileUrl)
 
@@ -140,7 +152,7 @@ class _Upload:
         offset = await self._resume_at() if is_sha256(self.key) else 0
         while offset is not None:
             try:
-                await self.files.stub.UploadFile(self._chunks(offset))
+                await self.files.upload_call(self._chunks(offset))
                 return
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: the connection dropped; ABORTED: another upload of the key is running.
@@ -163,22 +175,20 @@ class _Upload:
             return None
         return min(state.offset, self.total)
 
-    async def _chunks(self, offset: int) -> AsyncIterator[files_pb2.UploadFileRequest]:
+    async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
         source = self.source
+        # The first message names the key; the total size lets the server keep a cut-short upload for resuming.
+        head = files_pb2.UploadFileRequest(key=self.key, offset=offset, size=self.total).SerializeToString()
         with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as handle:
             handle.seek(offset)
-            first, done = True, offset
+            done = offset
             while True:
                 data = await asyncio.to_thread(handle.read, CHUNK_SIZE)
-                if first:  # the total size lets the server keep a cut-short upload for resuming
-                    yield files_pb2.UploadFileRequest(
-                        key=self.key, offset=offset, size=self.total, body=httpbody_pb2.HttpBody(data=data)
-                    )
-                elif data:
-                    yield files_pb2.UploadFileRequest(body=httpbody_pb2.HttpBody(data=data))
+                if data or head:
+                    yield wire.upload_request(head, data)
                 if not data:
                     return
-                first, done = False, done + len(data)
+                head, done = b"", done + len(data)
                 self.report(Transfer(self.name, done, self.total))
 
 
@@ -189,39 +199,46 @@ class _Download:
         self.files, self.key, self.destination = files, key, destination
         self.report, self.name, self.total = report, name, total
         self.partial = destination.with_name(destination.name + ".partial")
-        self.digest = hashlib.sha256()
         self.done = 0
 
     async def run(self) -> None:
         delays = self.files.calls.retry.delays()
         with self.partial.open("wb") as handle:
-            while True:
-                try:
-                    await self._receive(handle.write)
-                    break
-                except grpc.aio.AioRpcError as error:
-                    delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
-                    if delay is None:
-                        self.partial.unlink(missing_ok=True)
-                        raise translate(error, target=self.files.calls.target, not_found=FileNotFound) from None
-                await asyncio.sleep(delay)
-        if is_sha256(self.key) and self.digest.hexdigest() != self.key:
+            chunks = ChunkWriter(handle)
+            try:
+                await self._receive_all(chunks, delays)
+            finally:
+                chunks.stop(keep=False)  # a chunk still in flight when the download failed (none once flushed)
+        digest = chunks.digest.hexdigest()
+        if is_sha256(self.key) and digest != self.key:
             self.partial.unlink(missing_ok=True)
-            raise RequestFailed(f"download of {self.key} is corrupt: its bytes hash to {self.digest.hexdigest()}")
+            raise RequestFailed(f"download of {self.key} is corrupt: its bytes hash to {digest}")
         os.replace(self.partial, self.destination)
         self.report(Transfer(self.name, self.done, max(self.total, self.done), complete=True))
 
-    async def _receive(self, write: Callable[[bytes], object]) -> None:
+    async def _receive_all(self, chunks: ChunkWriter, delays: Iterator[float]) -> None:
+        while True:
+            try:
+                await self._receive(chunks)
+                await chunks.flush()
+                return
+            except grpc.aio.AioRpcError as error:
+                delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    self.partial.unlink(missing_ok=True)
+                    raise translate(error, target=self.files.calls.target, not_found=FileNotFound) from None
+            await asyncio.sleep(delay)
+
+    async def _receive(self, chunks: ChunkWriter) -> None:
         direct = await self.files.url(self.key, files_pb2.FILE_URL_METHOD_GET)
         if direct is not None:
-            await self._receive_direct(direct, write)
+            await self._receive_direct(direct, chunks)
             return
         request = files_pb2.DownloadFileRequest(key=self.key, offset=self.done)
-        async for body in self.files.stub.DownloadFile(request):
-            self._received(body.data)
-            await asyncio.to_thread(write, body.data)
+        async for data in self.files.download_call(request):
+            await self._received(data, chunks)
 
-    async def _receive_direct(self, direct: files_pb2.GetFileUrlResponse, write: Callable[[bytes], object]) -> None:
+    async def _receive_direct(self, direct: files_pb2.GetFileUrlResponse, chunks: ChunkWriter) -> None:
         headers = {**direct.headers, **({"range": f"bytes={self.done}-"} if self.done else {})}
         async with (
             httpx.AsyncClient(timeout=60) as client,
@@ -230,11 +247,10 @@ class _Download:
             if response.status_code >= 400:
                 raise RequestFailed(f"download of {self.key} from the bucket failed: HTTP {response.status_code}")
             async for block in response.aiter_bytes(CHUNK_SIZE):
-                self._received(block)
-                await asyncio.to_thread(write, block)
+                await self._received(block, chunks)
 
-    def _received(self, data: bytes) -> None:
-        self.digest.update(data)
+    async def _received(self, data: bytes | memoryview, chunks: ChunkWriter) -> None:
+        await chunks.append(data)
         self.done += len(data)
         self.report(Transfer(self.name, self.done, max(self.total, self.done)))
 

@@ -51,6 +51,12 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # A fixed receive window per stream. With BDP probing, gRPC sizes it by how fast bytes
+    # arrive, not by how fast the handler takes them: a fast sender (Envoy relaying a REST
+    # upload) had up to 160 MiB of one upload buffered in the server. 4 MiB keeps 1 MiB
+    # chunks flowing (and one upload at ~80 MB/s over a 50 ms round trip).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
 ]
 
 

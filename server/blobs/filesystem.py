@@ -15,6 +15,7 @@ from typing import BinaryIO
 from jobwire.definition import DefinitionError, check_key, is_sha256
 from jobwire.server.blobs.base import CHUNK_SIZE
 from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from jobwire.writing import ChunkWriter
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600
 """Suspended uploads untouched for this long are removed when the store opens."""
@@ -150,23 +151,27 @@ class FileBlobWriter:
         ended: Callable[[str], None],
     ) -> None:
         self.key, self.size = key, offset
-        self._partial, self._final, self._resumable, self._handle = partial, final, resumable, handle
-        self._hash, self._ended = digest, ended
+        self._partial, self._final, self._resumable = partial, final, resumable
+        self._chunks, self._ended = ChunkWriter(handle, digest), ended
 
     async def write(self, data: bytes) -> None:
-        self._hash.update(data)
         self.size += len(data)
-        await asyncio.to_thread(self._handle.write, data)
+        await self._chunks.append(data)
 
     async def commit(self) -> str:
-        digest = self._hash.hexdigest()
+        try:
+            await self._chunks.flush()
+        except BaseException:  # the last chunk failed to be written, or the client went away
+            await self.suspend()
+            raise
+        digest = self._chunks.digest.hexdigest()
         if is_sha256(self.key) and digest != self.key:
             await self.abort()
             raise InvalidArgument(
                 f"checksum mismatch: the bytes hash to {digest}, not to the key {self.key}; nothing was stored"
             )
         try:
-            await asyncio.to_thread(self._handle.close)
+            await asyncio.to_thread(self._chunks.handle.close)
             await asyncio.to_thread(os.replace, self._partial, self._final)
             self._resumable.unlink(missing_ok=True)  # the blob is complete: nothing left to resume
         finally:
@@ -177,14 +182,16 @@ class FileBlobWriter:
     # is being cancelled (the client went away), where a second cancel could cut an await short.
     async def suspend(self) -> None:
         try:
-            self._handle.close()
+            self._chunks.stop(keep=True)
+            self._chunks.handle.close()
             os.replace(self._partial, self._resumable)
         finally:
             self._ended(self.key)
 
     async def abort(self) -> None:
         try:
-            self._handle.close()
+            self._chunks.stop(keep=False)
+            self._chunks.handle.close()
             self._partial.unlink(missing_ok=True)
         finally:
             self._ended(self.key)
