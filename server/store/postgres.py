@@ -681,8 +681,8 @@ class PostgresStore:
             "SELECT info FROM workers WHERE queue = $1 AND last_seen >= $2 ORDER BY id", queue, seen_since
         )
         running = await self.pool.fetch(  # the state is literal so that the partial index jobs_worker serves
-            f"SELECT worker_id, id FROM jobs WHERE state = {RUNNING} AND worker_id IN"
-            " (SELECT id FROM workers WHERE queue = $1) ORDER BY id",
+            f"SELECT j.worker_id, j.id FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+            " WHERE w.queue = $1",
             queue,
         )
         return workers_with_jobs([row[0] for row in rows], [(row[0], row[1]) for row in running])

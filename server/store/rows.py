@@ -73,7 +73,7 @@ def workers_with_jobs(infos: Sequence[bytes], running: Sequence[tuple[str, str]]
     for worker in workers:
         del worker.running_job_ids[:]
     by_id = {worker.id: worker for worker in workers}
-    for worker_id, job_id in running:
+    for worker_id, job_id in sorted(running):
         if worker_id in by_id:
             by_id[worker_id].running_job_ids.append(job_id)
     return workers

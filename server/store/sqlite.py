@@ -117,6 +117,8 @@ MIGRATIONS = [
     # when it is the last), so registration and the size cap need not read the whole log.
     "ALTER TABLE logs ADD COLUMN stdout_chars INTEGER NOT NULL DEFAULT 0;"
     " ALTER TABLE logs ADD COLUMN stderr_chars INTEGER NOT NULL DEFAULT 0",
+    # 6: the running jobs of a worker, for listings of workers.
+    "CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = 2",
 ]
 """Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
 
@@ -653,9 +655,9 @@ class SqliteStore:
         rows = self._fetchall(
             "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id", queue, seen_since
         )
-        running = self._fetchall(  # the state is literal so that the partial index of running jobs serves
-            f"SELECT worker_id, id FROM jobs WHERE state = {RUNNING} AND worker_id IN"
-            " (SELECT id FROM workers WHERE queue = ?) ORDER BY id",
+        running = self._fetchall(  # the state is literal so that the partial index jobs_worker serves
+            f"SELECT j.worker_id, j.id FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+            " WHERE w.queue = ?",
             queue,
         )
         return workers_with_jobs([row[0] for row in rows], running)
