@@ -177,12 +177,10 @@ class Scheduler:
 
     async def started(self, attempt: Attempt) -> bool:
         """The attempt's container started; False if stale."""
-        if not await self.store.start(attempt, self.clock()):
-            return False
-        job = await self.store.get_job(attempt.job_id)
+        job = await self.store.start(attempt, self.clock())
         if job is not None:
             await self.publish_job(job)
-        return True
+        return job is not None
 
     async def finished(self, attempt: Attempt, result: jobs_pb2.JobResult) -> jobs_pb2.Job | None:
         """Record the attempt's result; None (logged) if the attempt is stale."""

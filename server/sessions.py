@@ -107,10 +107,18 @@ class WorkerSession:
                 await self._on_finished(request.finished)
             case "released":
                 await self._on_released(request.released)
+            case "batch":
+                await self._on_batch(request.batch)
             case "register":
                 raise ProtocolError("`register` may only be the first message")
             case _:
                 raise ProtocolError("empty message")
+
+    async def _on_batch(self, batch: workers_pb2.ConnectRequestBatch) -> None:
+        for message in batch.messages:
+            if message.HasField("batch"):
+                raise ProtocolError("a batch may not hold another batch")
+            await self.handle(message)
 
     async def _on_heartbeat(self, heartbeat: workers_pb2.Heartbeat) -> None:
         if heartbeat.draining and not self.draining:

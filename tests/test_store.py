@@ -252,7 +252,7 @@ async def test_concurrent_claims_assign_a_job_once(store: StateStore) -> None:
 async def assert_stale(store: StateStore, attempt: Attempt, worker: str = "w1") -> None:
     """Every write of the attempt is refused and changes nothing."""
     before = await store.get_job(attempt.job_id)
-    assert await store.start(attempt, T0 + 50) is False
+    assert await store.start(attempt, T0 + 50) is None
     assert await store.renew(worker, [attempt], T0 + 500) == [attempt]
     assert await store.append_logs(attempt, RUN, chunks("late"), 0) is None
     assert await store.finish(attempt, result(), T0 + 50) is None
@@ -291,7 +291,8 @@ async def test_renew_refuses_another_workers_or_unknown_attempt(store: StateStor
 async def test_start_records_that_the_container_started(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w3"))
-    assert await store.start(running, T0 + 1)
+    returned = await store.start(running, T0 + 1)
+    assert returned is not None and (returned.state, list(returned.tags)) == (RUNNING, ["tag-1"])
     job = await store.get_job(running.job_id)
     assert job is not None
     started = job.history[-1]

@@ -30,6 +30,8 @@ from jobwire.worker.staging import Staging
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 256
+BATCH_BYTES = 1024 * 1024
+"""Queued messages are sent together up to about this size: each stream message costs far more than its bytes."""
 Call: TypeAlias = "grpc.aio.StreamStreamCall[workers_pb2.ConnectRequest, workers_pb2.ConnectResponse]"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -57,7 +59,15 @@ class Outbox:
         await self._queue.put((priority, next(self._sequence), message))
 
     async def get(self) -> workers_pb2.ConnectRequest:
-        return (await self._queue.get())[2]
+        """The next message, with whatever else is queued now as one batch (up to BATCH_BYTES)."""
+        messages = [(await self._queue.get())[2]]
+        size = messages[0].ByteSize()
+        while size < BATCH_BYTES and not self._queue.empty():
+            messages.append(self._queue.get_nowait()[2])
+            size += messages[-1].ByteSize()
+        if len(messages) == 1:
+            return messages[0]
+        return workers_pb2.ConnectRequest(batch=workers_pb2.ConnectRequestBatch(messages=messages))
 
 
 @dataclass
@@ -190,20 +200,26 @@ class Daemon:
             message = await call.read()
             if not isinstance(message, workers_pb2.ConnectResponse):  # grpc.aio.EOF
                 raise StreamEnded("the server closed the stream")
-            log.debug("← %s", message.WhichOneof("message"))
-            match message.WhichOneof("message"):
-                case "assignment":
-                    self._start(message.assignment, jobs, staging)
-                case "cancel":
-                    self._stop(message.cancel.job_id, message.cancel.attempt, message.cancel.reason)
-                case "stale":
-                    self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
-                case "finished_ack":
-                    acked = (message.finished_ack.job_id, message.finished_ack.attempt)
-                    self.unacked.pop(acked, None)
-                    self.executions.pop(acked, None)
-                    if not self.unacked:
-                        self.all_acked.set()
+            self._dispatch(message, jobs, staging)
+
+    def _dispatch(self, message: workers_pb2.ConnectResponse, jobs: asyncio.TaskGroup, staging: Staging) -> None:
+        log.debug("← %s", message.WhichOneof("message"))
+        match message.WhichOneof("message"):
+            case "assignment":
+                self._start(message.assignment, jobs, staging)
+            case "cancel":
+                self._stop(message.cancel.job_id, message.cancel.attempt, message.cancel.reason)
+            case "stale":
+                self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
+            case "finished_ack":
+                acked = (message.finished_ack.job_id, message.finished_ack.attempt)
+                self.unacked.pop(acked, None)
+                self.executions.pop(acked, None)
+                if not self.unacked:
+                    self.all_acked.set()
+            case "batch":
+                for each in message.batch.messages:
+                    self._dispatch(each, jobs, staging)
 
     async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
         """Re-attach to the containers an earlier run of this worker (same id) left behind; they are

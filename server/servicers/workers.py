@@ -14,6 +14,9 @@ from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
 from jobwire.v1 import workers_pb2, workers_pb2_grpc
 
+BATCH_BYTES = 1024 * 1024
+"""Queued messages go to the worker together up to about this size (a stream message costs far more than its bytes)."""
+
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     """Pumps a worker's stream into its WorkerSession and the session's outbox back out."""
@@ -62,5 +65,12 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
 
 
 async def _send(session: WorkerSession, context: Context) -> None:
+    """Write the session's messages, whatever is queued at once as one batch (up to BATCH_BYTES)."""
     while True:
-        await context.write(await session.outbox.get())
+        messages = [await session.outbox.get()]
+        size = messages[0].ByteSize()
+        while size < BATCH_BYTES and not session.outbox.empty():
+            messages.append(session.outbox.get_nowait())
+            size += messages[-1].ByteSize()
+        batch = workers_pb2.ConnectResponseBatch(messages=messages)
+        await context.write(messages[0] if len(messages) == 1 else workers_pb2.ConnectResponse(batch=batch))

@@ -111,8 +111,9 @@ class StateStore(Protocol):
         """Assign the oldest queued job of `queue` needing at most `gpus` GPU devices to the worker as a
         new attempt."""
 
-    async def start(self, attempt: Attempt, now: float) -> bool:
-        """Record that the attempt's container started; False if the attempt is stale."""
+    async def start(self, attempt: Attempt, now: float) -> jobs_pb2.Job | None:
+        """Record that the attempt's container started: the job without its history; None if the attempt
+        is stale."""
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
         """Extend the leases of the worker's attempts; returns those that are stale."""

@@ -342,11 +342,11 @@ class PostgresStore:
             return None
         return str(row[2])
 
-    async def start(self, attempt: Attempt, now: float) -> bool:
+    async def start(self, attempt: Attempt, now: float) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
             worker_id = await self._holds(db, attempt)
             if worker_id is None:
-                return False
+                return None
             await self._event(
                 db,
                 attempt.job_id,
@@ -356,7 +356,10 @@ class PostgresStore:
                 worker_id=worker_id,
                 message="container started",
             )
-            return True
+            job = await self._job(db, attempt.job_id)
+            assert job is not None
+            definition = await db.fetchval("SELECT definition FROM jobs WHERE id = $1", attempt.job_id)
+            return with_details(job, definition, None, [])  # no history: for watchers
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
         stale: list[Attempt] = []

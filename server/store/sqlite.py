@@ -357,20 +357,22 @@ class SqliteStore:
         row = self._fetchone("SELECT state, attempt FROM jobs WHERE id = ?", attempt.job_id)
         return row is not None and row[0] == RUNNING and row[1] == attempt.attempt
 
-    async def start(self, attempt: Attempt, now: float) -> bool:
+    async def start(self, attempt: Attempt, now: float) -> jobs_pb2.Job | None:
         async with self._transaction():
             if not self._holds(attempt):
-                return False
-            row = self._fetchone("SELECT worker_id FROM jobs WHERE id = ?", attempt.job_id)
+                return None
+            job = self._job(attempt.job_id)
+            assert job is not None
+            (definition,) = self._fetchone("SELECT definition FROM jobs WHERE id = ?", attempt.job_id)
             self._event(
                 attempt.job_id,
                 jobs_pb2.JOB_EVENT_KIND_STARTED,
                 now,
                 attempt=attempt.attempt,
-                worker_id=row[0],
+                worker_id=job.worker_id,
                 message="container started",
             )
-            return True
+            return with_details(job, definition, None, [])  # no history: for watchers
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
         stale: list[Attempt] = []

@@ -34,6 +34,7 @@ class ConnectRequest(_message.Message):
     LOGS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___RegisterWorker:
         """Who the worker is; first message of every stream."""
@@ -60,6 +61,12 @@ class ConnectRequest(_message.Message):
         server re-queues it at once and answers `finished_ack`.
         """
 
+    @_builtins.property
+    def batch(self) -> Global___ConnectRequestBatch:
+        """Several of the messages above, handled in order: what the worker had
+        queued when it wrote (one stream message costs far more than its bytes).
+        """
+
     def __init__(
         self,
         *,
@@ -69,16 +76,41 @@ class ConnectRequest(_message.Message):
         logs: Global___JobLogs | None = ...,
         finished: Global___JobFinished | None = ...,
         released: Global___JobReleased | None = ...,
+        batch: Global___ConnectRequestBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "released", b"released", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "released", b"released", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "released", b"released", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "finished", b"finished", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "register", b"register", "released", b"released", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "started", "logs", "finished", "released"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "started", "logs", "finished", "released", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ConnectRequestBatch(_message.Message):
+    """Messages of a worker, sent as one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]:
+        """In order; never `register` or another batch."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectRequestBatch: _TypeAlias = ConnectRequestBatch  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
@@ -91,6 +123,7 @@ class ConnectResponse(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     FINISHED_ACK_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___WorkerRegistered:
         """Registration accepted."""
@@ -114,6 +147,12 @@ class ConnectResponse(_message.Message):
         a reconnect.
         """
 
+    @_builtins.property
+    def batch(self) -> Global___ConnectResponseBatch:
+        """Several of the messages above, in order: what the server had queued for
+        the worker when it wrote.
+        """
+
     def __init__(
         self,
         *,
@@ -122,16 +161,41 @@ class ConnectResponse(_message.Message):
         cancel: Global___JobCancel | None = ...,
         stale: Global___StaleAttempt | None = ...,
         finished_ack: Global___AttemptRef | None = ...,
+        batch: Global___ConnectResponseBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "finished_ack", b"finished_ack", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel", b"cancel", "finished_ack", b"finished_ack", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "finished_ack", b"finished_ack", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel", b"cancel", "finished_ack", b"finished_ack", "message", b"message", "registered", b"registered", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "stale", "finished_ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "stale", "finished_ack", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ConnectResponseBatch(_message.Message):
+    """Messages of the server, sent as one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse]:
+        """In order; never `registered` or another batch."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectResponseBatch: _TypeAlias = ConnectResponseBatch  # noqa: Y015
 
 @_typing.final
 class AttemptRef(_message.Message):

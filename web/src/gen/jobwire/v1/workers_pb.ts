@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/workers.proto.
  */
 export const file_jobwire_v1_workers: GenFile = /*@__PURE__*/
-  fileDesc("Chhqb2J3aXJlL3YxL3dvcmtlcnMucHJvdG8SCmpvYndpcmUudjEioQIKDkNvbm5lY3RSZXF1ZXN0Ei4KCHJlZ2lzdGVyGAEgASgLMhouam9id2lyZS52MS5SZWdpc3RlcldvcmtlckgAEioKCWhlYXJ0YmVhdBgCIAEoCzIVLmpvYndpcmUudjEuSGVhcnRiZWF0SAASKQoHc3RhcnRlZBgDIAEoCzIWLmpvYndpcmUudjEuSm9iU3RhcnRlZEgAEiMKBGxvZ3MYBCABKAsyEy5qb2J3aXJlLnYxLkpvYkxvZ3NIABIrCghmaW5pc2hlZBgFIAEoCzIXLmpvYndpcmUudjEuSm9iRmluaXNoZWRIABIrCghyZWxlYXNlZBgGIAEoCzIXLmpvYndpcmUudjEuSm9iUmVsZWFzZWRIAEIJCgdtZXNzYWdlIoUCCg9Db25uZWN0UmVzcG9uc2USMgoKcmVnaXN0ZXJlZBgBIAEoCzIcLmpvYndpcmUudjEuV29ya2VyUmVnaXN0ZXJlZEgAEi8KCmFzc2lnbm1lbnQYAiABKAsyGS5qb2J3aXJlLnYxLkpvYkFzc2lnbm1lbnRIABInCgZjYW5jZWwYAyABKAsyFS5qb2J3aXJlLnYxLkpvYkNhbmNlbEgAEikKBXN0YWxlGAQgASgLMhguam9id2lyZS52MS5TdGFsZUF0dGVtcHRIABIuCgxmaW5pc2hlZF9hY2sYBSABKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWZIAEIJCgdtZXNzYWdlIi0KCkF0dGVtcHRSZWYSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUizwEKDlJlZ2lzdGVyV29ya2VyEhEKCXdvcmtlcl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRIMCgRjcHVzGAMgASgFEgwKBGdwdXMYBCADKAkSDwoHdmVyc2lvbhgFIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEicKB3J1bm5pbmcYByADKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWYSEAoIaG9zdG5hbWUYCCABKAki9gEKEFdvcmtlclJlZ2lzdGVyZWQSEQoJd29ya2VyX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIlCgVzdGFsZRgEIAMoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZhISCgpwdWJsaWNfdXJsGAUgASgJEioKC2xvZ19jdXJzb3JzGAYgAygLMhUuam9id2lyZS52MS5Mb2dDdXJzb3IiiwEKCUxvZ0N1cnNvchIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIhCgRraW5kGAMgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEg4KBnN0b3JlZBgEIAEoAxIUCgxzdGRvdXRfY2hhcnMYBSABKAMSFAoMc3RkZXJyX2NoYXJzGAYgASgDInAKCUhlYXJ0YmVhdBInCgdydW5uaW5nGAEgAygLMhYuam9id2lyZS52MS5BdHRlbXB0UmVmEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAMgASgIIm4KDUpvYkFzc2lnbm1lbnQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSLQoKZGVmaW5pdGlvbhgDIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbhINCgVxdWV1ZRgEIAEoCSI8CglKb2JDYW5jZWwSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIj8KDFN0YWxlQXR0ZW1wdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiXQoKSm9iU3RhcnRlZBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKCAQoHSm9iTG9ncxIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIhCgRraW5kGAMgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEiQKBmNodW5rcxgEIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDQoFc3RhcnQYBSABKAMiVQoLSm9iRmluaXNoZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSJQoGcmVzdWx0GAMgASgLMhUuam9id2lyZS52MS5Kb2JSZXN1bHQiPgoLSm9iUmVsZWFzZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJMlkKDVdvcmtlclNlcnZpY2USSAoHQ29ubmVjdBIaLmpvYndpcmUudjEuQ29ubmVjdFJlcXVlc3QaGy5qb2J3aXJlLnYxLkNvbm5lY3RSZXNwb25zZSIAKAEwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition, file_jobwire_v1_jobs]);
+  fileDesc("Chhqb2J3aXJlL3YxL3dvcmtlcnMucHJvdG8SCmpvYndpcmUudjEi0wIKDkNvbm5lY3RSZXF1ZXN0Ei4KCHJlZ2lzdGVyGAEgASgLMhouam9id2lyZS52MS5SZWdpc3RlcldvcmtlckgAEioKCWhlYXJ0YmVhdBgCIAEoCzIVLmpvYndpcmUudjEuSGVhcnRiZWF0SAASKQoHc3RhcnRlZBgDIAEoCzIWLmpvYndpcmUudjEuSm9iU3RhcnRlZEgAEiMKBGxvZ3MYBCABKAsyEy5qb2J3aXJlLnYxLkpvYkxvZ3NIABIrCghmaW5pc2hlZBgFIAEoCzIXLmpvYndpcmUudjEuSm9iRmluaXNoZWRIABIrCghyZWxlYXNlZBgGIAEoCzIXLmpvYndpcmUudjEuSm9iUmVsZWFzZWRIABIwCgViYXRjaBgHIAEoCzIfLmpvYndpcmUudjEuQ29ubmVjdFJlcXVlc3RCYXRjaEgAQgkKB21lc3NhZ2UiQwoTQ29ubmVjdFJlcXVlc3RCYXRjaBIsCghtZXNzYWdlcxgBIAMoCzIaLmpvYndpcmUudjEuQ29ubmVjdFJlcXVlc3QiuAIKD0Nvbm5lY3RSZXNwb25zZRIyCgpyZWdpc3RlcmVkGAEgASgLMhwuam9id2lyZS52MS5Xb3JrZXJSZWdpc3RlcmVkSAASLwoKYXNzaWdubWVudBgCIAEoCzIZLmpvYndpcmUudjEuSm9iQXNzaWdubWVudEgAEicKBmNhbmNlbBgDIAEoCzIVLmpvYndpcmUudjEuSm9iQ2FuY2VsSAASKQoFc3RhbGUYBCABKAsyGC5qb2J3aXJlLnYxLlN0YWxlQXR0ZW1wdEgAEi4KDGZpbmlzaGVkX2FjaxgFIAEoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZkgAEjEKBWJhdGNoGAYgASgLMiAuam9id2lyZS52MS5Db25uZWN0UmVzcG9uc2VCYXRjaEgAQgkKB21lc3NhZ2UiRQoUQ29ubmVjdFJlc3BvbnNlQmF0Y2gSLQoIbWVzc2FnZXMYASADKAsyGy5qb2J3aXJlLnYxLkNvbm5lY3RSZXNwb25zZSItCgpBdHRlbXB0UmVmEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFIs8BCg5SZWdpc3RlcldvcmtlchIRCgl3b3JrZXJfaWQYASABKAkSDQoFcXVldWUYAiABKAkSDAoEY3B1cxgDIAEoBRIMCgRncHVzGAQgAygJEg8KB3ZlcnNpb24YBSABKAkSMwoQbWF4X2pvYl9kdXJhdGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhInCgdydW5uaW5nGAcgAygLMhYuam9id2lyZS52MS5BdHRlbXB0UmVmEhAKCGhvc3RuYW1lGAggASgJIvYBChBXb3JrZXJSZWdpc3RlcmVkEhEKCXdvcmtlcl9pZBgBIAEoCRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMQoObGVhc2VfZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJQoFc3RhbGUYBCADKAsyFi5qb2J3aXJlLnYxLkF0dGVtcHRSZWYSEgoKcHVibGljX3VybBgFIAEoCRIqCgtsb2dfY3Vyc29ycxgGIAMoCzIVLmpvYndpcmUudjEuTG9nQ3Vyc29yIosBCglMb2dDdXJzb3ISDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSIQoEa2luZBgDIAEoDjITLmpvYndpcmUudjEuTG9nS2luZBIOCgZzdG9yZWQYBCABKAMSFAoMc3Rkb3V0X2NoYXJzGAUgASgDEhQKDHN0ZGVycl9jaGFycxgGIAEoAyJwCglIZWFydGJlYXQSJwoHcnVubmluZxgBIAMoCzIWLmpvYndpcmUudjEuQXR0ZW1wdFJlZhIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghkcmFpbmluZxgDIAEoCCJuCg1Kb2JBc3NpZ25tZW50Eg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEi0KCmRlZmluaXRpb24YAyABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24SDQoFcXVldWUYBCABKAkiPAoJSm9iQ2FuY2VsEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEg4KBnJlYXNvbhgDIAEoCSI/CgxTdGFsZUF0dGVtcHQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIl0KCkpvYlN0YXJ0ZWQSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSLgoKc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiggEKB0pvYkxvZ3MSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSIQoEa2luZBgDIAEoDjITLmpvYndpcmUudjEuTG9nS2luZBIkCgZjaHVua3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEg0KBXN0YXJ0GAUgASgDIlUKC0pvYkZpbmlzaGVkEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEiUKBnJlc3VsdBgDIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0Ij4KC0pvYlJlbGVhc2VkEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEg4KBnJlYXNvbhgDIAEoCTJZCg1Xb3JrZXJTZXJ2aWNlEkgKB0Nvbm5lY3QSGi5qb2J3aXJlLnYxLkNvbm5lY3RSZXF1ZXN0Ghsuam9id2lyZS52MS5Db25uZWN0UmVzcG9uc2UiACgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition, file_jobwire_v1_jobs]);
 
 /**
  * A message from the worker.
@@ -78,6 +78,15 @@ export type ConnectRequest = Message<"jobwire.v1.ConnectRequest"> & {
      */
     value: JobReleased;
     case: "released";
+  } | {
+    /**
+     * Several of the messages above, handled in order: what the worker had
+     * queued when it wrote (one stream message costs far more than its bytes).
+     *
+     * @generated from field: jobwire.v1.ConnectRequestBatch batch = 7;
+     */
+    value: ConnectRequestBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -87,6 +96,27 @@ export type ConnectRequest = Message<"jobwire.v1.ConnectRequest"> & {
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
   messageDesc(file_jobwire_v1_workers, 0);
+
+/**
+ * Messages of a worker, sent as one.
+ *
+ * @generated from message jobwire.v1.ConnectRequestBatch
+ */
+export type ConnectRequestBatch = Message<"jobwire.v1.ConnectRequestBatch"> & {
+  /**
+   * In order; never `register` or another batch.
+   *
+   * @generated from field: repeated jobwire.v1.ConnectRequest messages = 1;
+   */
+  messages: ConnectRequest[];
+};
+
+/**
+ * Describes the message jobwire.v1.ConnectRequestBatch.
+ * Use `create(ConnectRequestBatchSchema)` to create a new message.
+ */
+export const ConnectRequestBatchSchema: GenMessage<ConnectRequestBatch> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_workers, 1);
 
 /**
  * A message from the server.
@@ -141,6 +171,15 @@ export type ConnectResponse = Message<"jobwire.v1.ConnectResponse"> & {
      */
     value: AttemptRef;
     case: "finishedAck";
+  } | {
+    /**
+     * Several of the messages above, in order: what the server had queued for
+     * the worker when it wrote.
+     *
+     * @generated from field: jobwire.v1.ConnectResponseBatch batch = 6;
+     */
+    value: ConnectResponseBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -149,7 +188,28 @@ export type ConnectResponse = Message<"jobwire.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 1);
+  messageDesc(file_jobwire_v1_workers, 2);
+
+/**
+ * Messages of the server, sent as one.
+ *
+ * @generated from message jobwire.v1.ConnectResponseBatch
+ */
+export type ConnectResponseBatch = Message<"jobwire.v1.ConnectResponseBatch"> & {
+  /**
+   * In order; never `registered` or another batch.
+   *
+   * @generated from field: repeated jobwire.v1.ConnectResponse messages = 1;
+   */
+  messages: ConnectResponse[];
+};
+
+/**
+ * Describes the message jobwire.v1.ConnectResponseBatch.
+ * Use `create(ConnectResponseBatchSchema)` to create a new message.
+ */
+export const ConnectResponseBatchSchema: GenMessage<ConnectResponseBatch> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_workers, 3);
 
 /**
  * A job attempt held by a worker.
@@ -177,7 +237,7 @@ export type AttemptRef = Message<"jobwire.v1.AttemptRef"> & {
  * Use `create(AttemptRefSchema)` to create a new message.
  */
 export const AttemptRefSchema: GenMessage<AttemptRef> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 2);
+  messageDesc(file_jobwire_v1_workers, 4);
 
 /**
  * First message of a worker's stream.
@@ -247,7 +307,7 @@ export type RegisterWorker = Message<"jobwire.v1.RegisterWorker"> & {
  * Use `create(RegisterWorkerSchema)` to create a new message.
  */
 export const RegisterWorkerSchema: GenMessage<RegisterWorker> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 3);
+  messageDesc(file_jobwire_v1_workers, 5);
 
 /**
  * Registration accepted.
@@ -306,7 +366,7 @@ export type WorkerRegistered = Message<"jobwire.v1.WorkerRegistered"> & {
  * Use `create(WorkerRegisteredSchema)` to create a new message.
  */
 export const WorkerRegisteredSchema: GenMessage<WorkerRegistered> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 4);
+  messageDesc(file_jobwire_v1_workers, 6);
 
 /**
  * How much of one log of an attempt the server has stored.
@@ -363,7 +423,7 @@ export type LogCursor = Message<"jobwire.v1.LogCursor"> & {
  * Use `create(LogCursorSchema)` to create a new message.
  */
 export const LogCursorSchema: GenMessage<LogCursor> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 5);
+  messageDesc(file_jobwire_v1_workers, 7);
 
 /**
  * The worker is alive.
@@ -399,7 +459,7 @@ export type Heartbeat = Message<"jobwire.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 6);
+  messageDesc(file_jobwire_v1_workers, 8);
 
 /**
  * Run a job.
@@ -441,7 +501,7 @@ export type JobAssignment = Message<"jobwire.v1.JobAssignment"> & {
  * Use `create(JobAssignmentSchema)` to create a new message.
  */
 export const JobAssignmentSchema: GenMessage<JobAssignment> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 7);
+  messageDesc(file_jobwire_v1_workers, 9);
 
 /**
  * Stop a job.
@@ -476,7 +536,7 @@ export type JobCancel = Message<"jobwire.v1.JobCancel"> & {
  * Use `create(JobCancelSchema)` to create a new message.
  */
 export const JobCancelSchema: GenMessage<JobCancel> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 8);
+  messageDesc(file_jobwire_v1_workers, 10);
 
 /**
  * A message concerned an attempt the server no longer holds.
@@ -511,7 +571,7 @@ export type StaleAttempt = Message<"jobwire.v1.StaleAttempt"> & {
  * Use `create(StaleAttemptSchema)` to create a new message.
  */
 export const StaleAttemptSchema: GenMessage<StaleAttempt> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 9);
+  messageDesc(file_jobwire_v1_workers, 11);
 
 /**
  * A job's container started.
@@ -546,7 +606,7 @@ export type JobStarted = Message<"jobwire.v1.JobStarted"> & {
  * Use `create(JobStartedSchema)` to create a new message.
  */
 export const JobStartedSchema: GenMessage<JobStarted> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 10);
+  messageDesc(file_jobwire_v1_workers, 12);
 
 /**
  * New log chunks of a job.
@@ -597,7 +657,7 @@ export type JobLogs = Message<"jobwire.v1.JobLogs"> & {
  * Use `create(JobLogsSchema)` to create a new message.
  */
 export const JobLogsSchema: GenMessage<JobLogs> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 11);
+  messageDesc(file_jobwire_v1_workers, 13);
 
 /**
  * A job finished on the worker.
@@ -633,7 +693,7 @@ export type JobFinished = Message<"jobwire.v1.JobFinished"> & {
  * Use `create(JobFinishedSchema)` to create a new message.
  */
 export const JobFinishedSchema: GenMessage<JobFinished> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 12);
+  messageDesc(file_jobwire_v1_workers, 14);
 
 /**
  * A job given back without a result.
@@ -668,7 +728,7 @@ export type JobReleased = Message<"jobwire.v1.JobReleased"> & {
  * Use `create(JobReleasedSchema)` to create a new message.
  */
 export const JobReleasedSchema: GenMessage<JobReleased> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_workers, 13);
+  messageDesc(file_jobwire_v1_workers, 15);
 
 /**
  * The worker link. A worker dials out to the server and holds one
