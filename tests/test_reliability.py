@@ -241,6 +241,23 @@ async def _all_finished(jobs: jobs_pb2_grpc.JobServiceStub, ids: list[str]) -> b
     return all(state == jobs_pb2.JOB_STATE_FINISHED for state in states)
 
 
+class _Stream:
+    """A hand-driven worker stream; the server's messages are read one at a time, batches taken apart."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        self.call, self.unread = call, list[workers_pb2.ConnectResponse]()
+
+    async def write(self, message: workers_pb2.ConnectRequest) -> None:
+        await self.call.write(message)
+
+    async def read(self) -> workers_pb2.ConnectResponse:
+        if not self.unread:
+            message = await self.call.read()
+            assert isinstance(message, workers_pb2.ConnectResponse)
+            self.unread += message.batch.messages if message.HasField("batch") else [message]
+        return self.unread.pop(0)
+
+
 async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
     channel: grpc.aio.Channel,
     jobs: jobs_pb2_grpc.JobServiceStub,
@@ -249,7 +266,7 @@ async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
 ) -> None:
     """Two hand-driven worker streams: the first holds attempt 1 and goes silent past the grace period."""
     stub = workers_pb2_grpc.WorkerServiceStub(channel)
-    first = stub.Connect()
+    first = _Stream(stub.Connect())
     await first.write(
         workers_pb2.ConnectRequest(register=workers_pb2.RegisterWorker(worker_id="w-old", queue=queue, cpus=1))
     )
@@ -260,7 +277,7 @@ async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
     assert (old.assignment.job_id, old.assignment.attempt) == (job_id, 1)
     await eventually(lambda: _requeued(jobs, job_id), "the silent worker's job to be re-queued", timeout=30)
 
-    second = stub.Connect()
+    second = _Stream(stub.Connect())
     await second.write(
         workers_pb2.ConnectRequest(register=workers_pb2.RegisterWorker(worker_id="w-new", queue=queue, cpus=1))
     )
@@ -290,8 +307,8 @@ async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
         0,
         "w-new",
     )
-    for call in (first, second):
-        call.cancel()
+    for stream in (first, second):
+        stream.call.cancel()
 
 
 async def _requeued(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str) -> bool:
