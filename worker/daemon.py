@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
+from jobwire.batching import take_ready
 from jobwire.files import FileClient
 from jobwire.units import format_duration
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
@@ -30,8 +31,6 @@ from jobwire.worker.staging import Staging
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 256
-BATCH_BYTES = 1024 * 1024
-"""Queued messages are sent together up to about this size: each stream message costs far more than its bytes."""
 Call: TypeAlias = "grpc.aio.StreamStreamCall[workers_pb2.ConnectRequest, workers_pb2.ConnectResponse]"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -59,12 +58,8 @@ class Outbox:
         await self._queue.put((priority, next(self._sequence), message))
 
     async def get(self) -> workers_pb2.ConnectRequest:
-        """The next message, with whatever else is queued now as one batch (up to BATCH_BYTES)."""
-        messages = [(await self._queue.get())[2]]
-        size = messages[0].ByteSize()
-        while size < BATCH_BYTES and not self._queue.empty():
-            messages.append(self._queue.get_nowait()[2])
-            size += messages[-1].ByteSize()
+        """The next message, with whatever else is queued now as one batch."""
+        messages = take_ready((await self._queue.get())[2], self._queue, lambda entry: entry[2])
         if len(messages) == 1:
             return messages[0]
         return workers_pb2.ConnectRequest(batch=workers_pb2.ConnectRequestBatch(messages=messages))

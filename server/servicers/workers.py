@@ -8,14 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from jobwire.batching import take_ready
 from jobwire.server.errors import Context
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
 from jobwire.v1 import workers_pb2, workers_pb2_grpc
-
-BATCH_BYTES = 1024 * 1024
-"""Queued messages go to the worker together up to about this size (a stream message costs far more than its bytes)."""
 
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
@@ -65,12 +63,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
 
 
 async def _send(session: WorkerSession, context: Context) -> None:
-    """Write the session's messages, whatever is queued at once as one batch (up to BATCH_BYTES)."""
+    """Write the session's messages, whatever is queued at once as one batch."""
     while True:
-        messages = [await session.outbox.get()]
-        size = messages[0].ByteSize()
-        while size < BATCH_BYTES and not session.outbox.empty():
-            messages.append(session.outbox.get_nowait())
-            size += messages[-1].ByteSize()
+        messages = take_ready(await session.outbox.get(), session.outbox, lambda message: message)
         batch = workers_pb2.ConnectResponseBatch(messages=messages)
         await context.write(messages[0] if len(messages) == 1 else workers_pb2.ConnectResponse(batch=batch))
