@@ -11,10 +11,13 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.runner import Context, until
 from bench.stack import spawn, unique
+
+if TYPE_CHECKING:
+    from bench.throughput import Rate
 
 ROOT = Path(__file__).parent.parent
 DONE = "bench:done"
@@ -34,7 +37,7 @@ def _arq_worker(url: str, queue: str, slots: int) -> None:
     run_worker(type("Settings", (), {**settings, "redis_settings": RedisSettings.from_dsn(url)}))
 
 
-async def arq_rates(ctx: Context, url: str) -> dict[str, float]:
+async def arq_rates(ctx: Context, url: str) -> dict[str, Rate]:
     from arq import create_pool
     from arq.connections import RedisSettings
 
@@ -58,7 +61,7 @@ async def arq_rates(ctx: Context, url: str) -> dict[str, float]:
         for mode in MODES:
             await pool.delete(DONE)
             rates[mode] = await timed(submit, finished, sizes["throughput_jobs"], sizes["throughput_in_flight"], mode)
-            ctx.say(f"arq, submitted {mode}: {rates[mode]:.0f} jobs/s")
+            ctx.say(f"arq, submitted {mode}: {rates[mode]}")
     finally:
         await pool.aclose()
         await worker.stop()
@@ -84,7 +87,7 @@ def celery_app() -> Any:
 app = celery_app() if os.environ.get("BENCH_REDIS_URL") else None
 
 
-async def celery_rates(ctx: Context, url: str) -> dict[str, float]:
+async def celery_rates(ctx: Context, url: str) -> dict[str, Rate]:
     import redis
 
     from bench.throughput import MODES
@@ -105,14 +108,14 @@ async def celery_rates(ctx: Context, url: str) -> dict[str, float]:
         for mode in MODES:
             counter.delete(DONE)
             rates[mode] = await _celery_rate(noop, queue, counter, sizes, mode)
-            ctx.say(f"Celery, submitted {mode}: {rates[mode]:.0f} jobs/s")
+            ctx.say(f"Celery, submitted {mode}: {rates[mode]}")
     finally:
         await worker.stop()
         counter.close()
     return rates
 
 
-async def _celery_rate(noop: Any, queue: str, counter: Any, sizes: Any, mode: str) -> float:
+async def _celery_rate(noop: Any, queue: str, counter: Any, sizes: Any, mode: str) -> Rate:
     from celery import group
 
     from bench.throughput import timed

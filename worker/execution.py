@@ -6,9 +6,11 @@ import asyncio
 import codecs
 import collections
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
@@ -92,9 +94,7 @@ class Execution:
             raise StagingError(self.refusal)
         definition = self.assignment.definition
         inputs, outputs = self.directory / "inputs", self.directory / "outputs"
-        for folder in (inputs, outputs):
-            folder.mkdir(parents=True, exist_ok=True)
-        (self.directory / _ASSIGNMENT).write_bytes(self.assignment.SerializeToString())
+        await asyncio.to_thread(self._make_folder, inputs, outputs)
         binds = await self.staging.write_inputs(definition, inputs, self.directory / "config")
         loop = asyncio.get_running_loop()
 
@@ -112,6 +112,12 @@ class Execution:
         spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds], image)
         outcome = await self.runtime.run(spec, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
+
+    def _make_folder(self, *folders: Path) -> None:
+        """This attempt's folders, and its assignment beside them for a restarted worker to find."""
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+        (self.directory / _ASSIGNMENT).write_bytes(self.assignment.SerializeToString())
 
     async def _result(self, outcome: Outcome, limit: float | None) -> jobs_pb2.JobResult:
         self.logs[jobs_pb2.LOG_KIND_RUN].end()

@@ -123,6 +123,8 @@ MIGRATIONS = [
 """Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
 
 CHECKPOINT_SECONDS = 1.0
+GROUP_SECONDS = 0.002
+"""How long a group commit may wait for more operations while every loop turn brings new ones."""
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 
 
@@ -132,6 +134,7 @@ class SqliteStore:
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db, self._path = db, path
         self._commit: asyncio.Future[None] | None = None  # of the open transaction, if one is
+        self._operations = 0  # begun in the open transaction
         self._checkpoints = asyncio.create_task(self._checkpoint_forever())
 
     @classmethod
@@ -173,14 +176,16 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[sqlite3.Connection]:
-        """One store operation: a savepoint inside the loop turn's shared transaction, which commits
-        once every operation of the turn is done (group commit); the operation returns after that
-        commit, so nothing is acknowledged before it is stored. The body must not await."""
+        """One store operation: a savepoint inside a transaction shared by the operations that arrive
+        together (group commit, see `_commit_when_quiet`); the operation returns after that commit, so
+        nothing is acknowledged before it is stored. The body must not await."""
         if self._commit is None:
+            loop = asyncio.get_running_loop()
             self._db.execute("BEGIN IMMEDIATE")
-            self._commit = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._commit_turn)
+            self._commit, self._operations = loop.create_future(), 0
+            loop.call_soon(self._commit_when_quiet, 0, loop.time() + GROUP_SECONDS)
         commit = self._commit
+        self._operations += 1
         self._db.execute("SAVEPOINT operation")
         try:
             yield self._db
@@ -191,7 +196,13 @@ class SqliteStore:
         self._db.execute("RELEASE operation")
         await asyncio.shield(commit)
 
-    def _commit_turn(self) -> None:
+    def _commit_when_quiet(self, seen: int, deadline: float) -> None:
+        """Commit once a loop turn began no new operation (a lone request waits one turn), or at
+        `deadline`: under load one commit, and one write of the pages it touched, serves many."""
+        loop = asyncio.get_running_loop()
+        if self._operations != seen and loop.time() < deadline:
+            loop.call_soon(self._commit_when_quiet, self._operations, deadline)
+            return
         commit, self._commit = self._commit, None
         assert commit is not None
         try:
