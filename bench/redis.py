@@ -7,7 +7,8 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bench.stack import free_port, spawn, wait_port
+from bench.stack import spawn, wait_port
+from jobwire.cli.services import free_port
 
 
 @contextlib.asynccontextmanager

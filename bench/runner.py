@@ -50,6 +50,7 @@ FULL = {
     "load_jobs": 200,  # figure 3
     "log_lines": 500_000,  # figure 4
     "file_mib": 1024,  # figure 5
+    "file_repeats": 3,  # figure 5: runs of each transfer (and of the raw copy), the median reported
     "idle_workers": 1000,  # figure 6
     "idle_seconds": 15,
     "queued_jobs": 100_000,
@@ -64,6 +65,7 @@ QUICK = {
     "load_jobs": 4,
     "log_lines": 2000,
     "file_mib": 4,
+    "file_repeats": 1,
     "idle_workers": 10,
     "idle_seconds": 1,
     "queued_jobs": 200,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -14,20 +13,11 @@ from pathlib import Path
 
 import grpc
 
-from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
-from jobwire.envoy import config as envoy_config
+from jobwire.cli.services import free_port, start_local_envoy, stop_envoy
 
 JOBWIRE = str(Path(sys.executable).parent / "jobwire")
 BUSYBOX = "jobwire/busybox:latest"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def unique(prefix: str) -> str:
@@ -124,15 +114,8 @@ async def running_stack(scratch: Path, *, envoy: bool = False) -> AsyncIterator[
     try:
         await wait_ready(stack.target, server)
         if envoy:
-            stack.envoy_port = free_port()
-            rendered = envoy_config.render(
-                listen_host="127.0.0.1",
-                listen_port=stack.envoy_port,
-                upstreams=[("127.0.0.1", port)],
-                descriptor_path=descriptor_path(),
-                admin_port=None,
-            )
-            envoy_process = await start_envoy(envoy_config.write(rendered, directory / "envoy.yaml"), stack.envoy_port)
+            upstreams = [("127.0.0.1", port)]
+            envoy_process, stack.envoy_port = await start_local_envoy(upstreams, directory / "envoy.yaml")
         yield stack
     finally:
         if envoy_process is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Coroutine
 from importlib import resources
@@ -243,6 +244,41 @@ async def start_envoy(config_file: Path, port: int) -> asyncio.subprocess.Proces
         await stop_envoy(process)
         raise
     return process
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (another process may take it before it is bound)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def start_local_envoy(
+    upstreams: list[tuple[str, int]], config_file: Path, *, web: tuple[str, int] | None = None, attempts: int = 3
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Envoy on a free loopback port in front of `upstreams`, and that port: for tests and benchmarks.
+
+    The port is free when picked, but another process can bind it before Envoy does; a start that
+    fails is tried again on another port."""
+
+    def configured(port: int) -> Path:
+        upstream = envoy_config.render(
+            listen_host="127.0.0.1",
+            listen_port=port,
+            upstreams=upstreams,
+            descriptor_path=descriptor_path(),
+            admin_port=None,
+            web=web,
+        )
+        return envoy_config.write(upstream, config_file)
+
+    for _ in range(attempts - 1):
+        port = free_port()
+        with contextlib.suppress(CliError):
+            return await start_envoy(configured(port), port), port
+    port = free_port()
+    return await start_envoy(configured(port), port), port
 
 
 async def stop_envoy(process: asyncio.subprocess.Process) -> None:

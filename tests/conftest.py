@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,8 +23,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
-from jobwire.envoy import config as envoy_config
+from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.server.app import Server, build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import jobs_pb2, jobs_pb2_grpc
@@ -37,14 +35,6 @@ from tests.services import PostgresCluster, S3Server
 S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "jobwire-test", "AWS_SECRET_ACCESS_KEY": "jobwire-test"}
 BUSYBOX = "jobwire/busybox:latest"
 PYTHON = "jobwire/python:3.11"
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -91,18 +81,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     started = asyncio.Event()
     task = asyncio.create_task(server.run(started))
     await started.wait()
-    envoy_port = free_port()
-    config_file = envoy_config.write(
-        envoy_config.render(
-            listen_host="127.0.0.1",
-            listen_port=envoy_port,
-            upstreams=[("127.0.0.1", server.port)],
-            descriptor_path=descriptor_path(),
-            admin_port=None,
-        ),
-        data / "envoy.yaml",
-    )
-    envoy = await start_envoy(config_file, envoy_port)
+    envoy, envoy_port = await start_local_envoy([("127.0.0.1", server.port)], data / "envoy.yaml")
     yield Stack(server, f"127.0.0.1:{server.port}", envoy_port, data)
     await stop_envoy(envoy)
     task.cancel()

@@ -23,12 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from jobwire.cli.services import free_port
 
 
 def _postgres_bin() -> Path:
@@ -46,7 +41,7 @@ class PostgresCluster:
 
     def __init__(self) -> None:
         self.bin = _postgres_bin()
-        self.port = _free_port()
+        self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="jobwire-pg-"))
         self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         self.process: subprocess.Popen[bytes] | None = None
@@ -113,7 +108,7 @@ class S3Server:
     """moto's S3-compatible HTTP server on a free loopback port."""
 
     def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log = directory / "moto.log"
         self.process: subprocess.Popen[bytes] | None = None
 

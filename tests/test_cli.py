@@ -31,10 +31,11 @@ from jobwire import (
 )
 from jobwire.cli.app import _stdin_marker, app
 from jobwire.cli.console import CliError, exit_code
+from jobwire.cli.services import free_port
 from jobwire.inputs import pack_context
 from jobwire.v1 import jobs_pb2
 from jobwire.worker.builds import build_tag
-from tests.conftest import BUSYBOX, Stack, WorkerHandle, free_port
+from tests.conftest import BUSYBOX, Stack, WorkerHandle
 
 pytestmark = pytest.mark.docker
 StartWorker = Callable[..., Awaitable[WorkerHandle]]

@@ -17,10 +17,9 @@ import pytest
 import pytest_asyncio
 from google.api import httpbody_pb2
 
-from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
-from jobwire.envoy import config as envoy_config
+from jobwire.cli.services import free_port, start_local_envoy, stop_envoy
 from jobwire.v1 import files_pb2, files_pb2_grpc
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack
 
 pytestmark = pytest.mark.envoy
 MiB = 1024 * 1024
@@ -71,20 +70,13 @@ class Standalone:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def standalone(tmp_path: Path) -> AsyncIterator[Standalone]:
-    grpc_port, envoy_port = free_port(), free_port()
+    grpc_port = free_port()
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jobwire.cli", "server", "--host", "127.0.0.1", "--port", str(grpc_port),
         "--data-directory", str(tmp_path / "data"),
     )  # fmt: skip
-    config = envoy_config.render(
-        listen_host="127.0.0.1",
-        listen_port=envoy_port,
-        upstreams=[("127.0.0.1", grpc_port)],
-        descriptor_path=descriptor_path(),
-        admin_port=None,
-    )
     try:
-        envoy = await start_envoy(envoy_config.write(config, tmp_path / "envoy.yaml"), envoy_port)
+        envoy, envoy_port = await start_local_envoy([("127.0.0.1", grpc_port)], tmp_path / "envoy.yaml")
     except BaseException:
         server.terminate()
         await server.wait()

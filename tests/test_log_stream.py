@@ -12,11 +12,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
-from jobwire.envoy import config as envoy_config
+from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from tests.conftest import BUSYBOX, Stack, WorkerHandle, free_port
+from tests.conftest import BUSYBOX, Stack, WorkerHandle
 
 pytestmark = pytest.mark.docker
 StartWorker = Callable[..., Awaitable[WorkerHandle]]
@@ -34,15 +33,7 @@ async def lease_30s(tmp_path: Path) -> AsyncIterator[Stack]:
     started = asyncio.Event()
     task = asyncio.create_task(server.run(started))
     await started.wait()
-    port = free_port()
-    config = envoy_config.render(
-        listen_host="127.0.0.1",
-        listen_port=port,
-        upstreams=[("127.0.0.1", server.port)],
-        descriptor_path=descriptor_path(),
-        admin_port=None,
-    )
-    envoy = await start_envoy(envoy_config.write(config, tmp_path / "envoy.yaml"), port)
+    envoy, port = await start_local_envoy([("127.0.0.1", server.port)], tmp_path / "envoy.yaml")
     yield Stack(server, f"127.0.0.1:{server.port}", port, tmp_path / "server")
     await stop_envoy(envoy)
     task.cancel()

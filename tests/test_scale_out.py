@@ -21,10 +21,9 @@ import pytest
 import pytest_asyncio
 from google.protobuf import json_format
 
-from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
-from jobwire.envoy import config as envoy_config
+from jobwire.cli.services import free_port, start_local_envoy, stop_envoy
 from jobwire.v1 import definition_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from tests.conftest import BUSYBOX, Process, Processes, eventually, free_port
+from tests.conftest import BUSYBOX, Process, Processes, eventually
 from tests.services import PostgresCluster, S3Server
 
 pytestmark = pytest.mark.docker
@@ -81,18 +80,8 @@ async def deployment(
         replicas.append(Replica(process, f"127.0.0.1:{port}", channel))
     for replica in replicas:
         await eventually(lambda r=replica: _serving(r), f"replica {replica.target}", timeout=60)
-    envoy_port = free_port()
-    config_file = envoy_config.write(
-        envoy_config.render(
-            listen_host="127.0.0.1",
-            listen_port=envoy_port,
-            upstreams=[("127.0.0.1", int(r.target.rpartition(":")[2])) for r in replicas],
-            descriptor_path=descriptor_path(),
-            admin_port=None,
-        ),
-        tmp_path / "envoy.yaml",
-    )
-    envoy = await start_envoy(config_file, envoy_port)
+    upstreams = [("127.0.0.1", int(r.target.rpartition(":")[2])) for r in replicas]
+    envoy, envoy_port = await start_local_envoy(upstreams, tmp_path / "envoy.yaml")
     try:
         yield Deployment(replicas[0], replicas[1], envoy_port, s3_server, bucket)
     finally:

@@ -29,10 +29,11 @@ from jobwire import (
     ServerUnavailable,
     Transfer,
 )
+from jobwire.cli.services import free_port
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import files_pb2, files_pb2_grpc, jobs_pb2
-from tests.conftest import BUSYBOX, Stack, WorkerHandle, free_port
+from tests.conftest import BUSYBOX, Stack, WorkerHandle
 
 pytestmark = pytest.mark.docker
 StartWorker = Callable[..., Awaitable[WorkerHandle]]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from jobwire.cli.services import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.envoy, pytest.mark.web]
 

@@ -13,8 +13,9 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+from jobwire.cli.services import free_port
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
-from tests.conftest import BUSYBOX, Processes, eventually, free_port
+from tests.conftest import BUSYBOX, Processes, eventually
 
 pytestmark = pytest.mark.docker
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobwire.cli.services import descriptor_path, start_envoy, stop_envoy
+from jobwire.cli.services import descriptor_path, free_port, start_local_envoy, stop_envoy
 from jobwire.cli.webui import WebServer
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from tests.conftest import free_port
 
 
 def _site(root: Path) -> Path:
@@ -81,19 +80,11 @@ async def test_envoy_routes_pages_to_the_web_server_and_keeps_rest(tmp_path: Pat
     started = asyncio.Event()
     web = WebServer(_site(tmp_path / "dist"))
     tasks = [asyncio.create_task(server.run(started)), asyncio.create_task(web.run())]
-    port = free_port()
     job = "b" * 64
     try:
         await started.wait()
-        cfg = envoy_config.render(
-            listen_host="127.0.0.1",
-            listen_port=port,
-            upstreams=[("127.0.0.1", server.port)],
-            descriptor_path=descriptor_path(),
-            admin_port=None,
-            web=(web.host, web.port),
-        )
-        envoy = await start_envoy(envoy_config.write(cfg, tmp_path / "envoy.yaml"), port)
+        upstreams = [("127.0.0.1", server.port)]
+        envoy, port = await start_local_envoy(upstreams, tmp_path / "envoy.yaml", web=(web.host, web.port))
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 page = await client.get("/")
