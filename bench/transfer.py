@@ -27,6 +27,7 @@ async def run(ctx: Context) -> list[Measurement]:
     folder.mkdir()
     source = folder / "source.bin"
     await asyncio.to_thread(_write_file, source, size)
+    await asyncio.to_thread(os.sync)  # its writing out to the disk would otherwise overlap the first runs
     raw = await _raw_copy(source, folder, repeats)
     ctx.say(f"raw loopback copy (curl ← python -m http.server): {raw / MiB:.0f} MiB/s")
     async with running_stack(ctx.scratch, envoy=True) as stack:
@@ -68,19 +69,25 @@ def _write_file(path: Path, size: int) -> None:
 
 
 async def _transfers(stack: Stack, source: Path, folder: Path, repeats: int) -> dict[str, float]:
-    """Bytes/s of each way, the median of `repeats` runs. Each upload stores a blob of its own (its
-    key names the run), and each download's file is deleted before the next, as the raw copy's is:
-    how fast a machine writes a file swings with what it wrote just before."""
-    size, output = source.stat().st_size, folder / "download.out"
-    keys = {way: [f"bench-{way}-{run}" for run in range(repeats)] for way in ("grpc", "rest")}
-    ways: dict[str, Callable[[int], Awaitable[object]]] = {}
+    """Bytes/s of each way, the median of `repeats` runs."""
+    size, download = source.stat().st_size, folder / "download.out"
+    blobs = stack.directory / "blobs"  # the server's FileBlobStore: a file per key
+    rates = {}
     async with grpc.aio.insecure_channel(stack.target) as channel:
         files = FileClient(channel)
-        ways["upload, gRPC"] = lambda run: files.upload(source, keys["grpc"][run])
-        ways["download, gRPC"] = lambda run: files.download(keys["grpc"][run], output)
-        ways["upload, REST via Envoy"] = lambda run: _curl("-T", str(source), f"{stack.rest}/f/{keys['rest'][run]}")
-        ways["download, REST via Envoy"] = lambda run: _curl("-o", str(output), f"{stack.rest}/f/{keys['rest'][run]}")
-        return {name: size / await _median_seconds(way, repeats, output) for name, way in ways.items()}
+        ways: list[tuple[str, Callable[[], Awaitable[object]], Path]] = [
+            ("upload, gRPC", lambda: files.upload(source, "bench-grpc"), blobs / "bench-grpc"),
+            ("download, gRPC", lambda: files.download("bench-grpc", download), download),
+            (
+                "upload, REST via Envoy",
+                lambda: _curl("-T", str(source), f"{stack.rest}/f/bench-rest"),
+                blobs / "bench-rest",
+            ),
+            ("download, REST via Envoy", lambda: _curl("-o", str(download), f"{stack.rest}/f/bench-rest"), download),
+        ]
+        for name, way, written in ways:
+            rates[name] = size / await _median_seconds(way, repeats, written)
+    return rates
 
 
 async def _raw_copy(source: Path, folder: Path, repeats: int) -> float:
@@ -92,9 +99,10 @@ async def _raw_copy(source: Path, folder: Path, repeats: int) -> float:
     try:
         await wait_port(port)
         url = f"http://127.0.0.1:{port}/{source.name}"
-        return source.stat().st_size / await _median_seconds(lambda _: _curl("-o", str(output), url), repeats, output)
+        return source.stat().st_size / await _median_seconds(lambda: _curl("-o", str(output), url), repeats, output)
     finally:
         await server.stop()
+        output.unlink(missing_ok=True)
 
 
 async def _curl(*args: str) -> None:
@@ -106,14 +114,18 @@ async def _curl(*args: str) -> None:
         raise RuntimeError(f"curl {' '.join(args)} failed: {error.decode()[-300:]}")
 
 
-async def _median_seconds(action: Callable[[int], Awaitable[object]], repeats: int, output: Path) -> float:
-    """Median duration of `action(run)` over the runs; `output` (what a run writes) is deleted after each."""
+async def _median_seconds(action: Callable[[], Awaitable[object]], repeats: int, written: Path) -> float:
+    """Median duration of `action` over the runs, each deleting first the file the run before wrote.
+
+    Every way (and the raw copy) so writes into memory the kernel freed a moment ago: on a VM that
+    memory is far cheaper to fill than memory not touched for a while (~3 CPU-s per GiB on ours),
+    and each way gets the same."""
     durations = []
-    for run in range(repeats):
+    for _ in range(repeats):
+        written.unlink(missing_ok=True)
         start = time.perf_counter()
-        await action(run)
+        await action()
         durations.append(time.perf_counter() - start)
-        output.unlink(missing_ok=True)
     return statistics.median(durations)
 
 
