@@ -17,11 +17,13 @@ from bench.runner import Context, Measurement
 from bench.stack import Stack, rss_bytes, running_stack, spawn, wait_port
 from jobwire.cli.services import free_port
 from jobwire.files import FileClient
+from jobwire.memory import keep_freed_buffers
 
 MiB = 1024 * 1024
 
 
 async def run(ctx: Context) -> list[Measurement]:
+    keep_freed_buffers()  # this process is the SDK's client: tuned as every `jobwire` command is
     size, repeats = ctx.sizes["file_mib"] * MiB, ctx.sizes["file_repeats"]
     folder = ctx.scratch / "transfer"
     folder.mkdir()

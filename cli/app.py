@@ -16,6 +16,7 @@ from rich.text import Text
 import jobwire
 from jobwire.cli.console import CliError, exit_code, fail
 from jobwire.errors import JobwireError
+from jobwire.memory import keep_freed_buffers
 
 app = App(
     name="jobwire",
@@ -38,6 +39,7 @@ def main() -> None:
     """Console entry point: run the command; errors are one line and a distinct non-zero exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    keep_freed_buffers()  # servers, workers and `jobwire file` move big files
     try:
         result = app(_stdin_marker(sys.argv[1:]), exit_on_error=True)
     except (CliError, JobwireError) as error:

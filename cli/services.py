@@ -20,7 +20,6 @@ from jobwire.cli.console import CliError
 from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
-from jobwire.server.memory import keep_freed_buffers
 from jobwire.server.settings import ServerSettings
 from jobwire.units import parse_duration, parse_size
 from jobwire.worker.daemon import Daemon
@@ -90,7 +89,6 @@ async def server(
         lease_seconds=parse_duration(worker_grace),
         retention_seconds=parse_duration(retention),
     )
-    keep_freed_buffers()
     built = await build_server(settings)
     await _until_signal(built.run())
 
@@ -202,7 +200,6 @@ async def up(
         max_job_duration=parse_duration(max_job_duration),
     )
     runtime = _docker()
-    keep_freed_buffers()
     built = await build_server(settings)
     web = WebServer(web_directory)
     envoy_file = envoy_config.write(

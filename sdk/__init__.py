@@ -26,6 +26,7 @@ from jobwire.errors import (
 )
 from jobwire.files import FileClient, Progress, Transfer
 from jobwire.job import Job
+from jobwire.memory import keep_freed_buffers
 from jobwire.sync import SyncClient, SyncJob
 
 __version__ = "0.1.0"
@@ -51,5 +52,6 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "Transfer",
+    "keep_freed_buffers",
     "new_queue_name",
 ]
