@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
@@ -32,6 +32,8 @@ from jobwire.job import Job
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
 
 DEFAULT_TARGET = "localhost:8080"
+BATCH_SIZE = 1000
+"""Jobs per `SubmitJobs` call: the server's most."""
 Definition = definition_pb2.JobDefinition | Mapping[str, Any]
 """A JobDefinition message, or the seed's definition JSON as a dict."""
 
@@ -157,6 +159,35 @@ class Client:
             request.control.namespace = options["namespace"]
         response = await self.calls.unary(self.job_service.SubmitJob, request)
         return Job(self, response.job_id, queue=queue, namespace=options.get("namespace", ""), snapshot=response.job)
+
+    async def submit_many(
+        self, queue: str, definitions: Iterable[Definition], *, namespace: str | None = None
+    ) -> list[Job]:
+        """Submit many jobs to `queue` in order, up to 1,000 per call (`SubmitJobs`): for sweeps.
+
+        Each definition is complete (message or seed JSON): its inputs are inline or refer to
+        URLs or stored files (`FileClient.upload`, or `submit` for local files). Each is checked
+        before anything is sent (InvalidDefinition names its index); a call stores all its jobs
+        or none."""
+        requests = []
+        for index, definition in enumerate(definitions):
+            try:
+                built = _definition(definition, {})
+                validate(built)
+            except DefinitionError as error:
+                raise InvalidDefinition(f"definitions[{index}]: invalid definition: {error}") from None
+            except InvalidDefinition as error:
+                raise InvalidDefinition(f"definitions[{index}]: {error}") from None
+            request = jobs_pb2.SubmitJobRequest(definition=built)
+            if namespace is not None:
+                request.control.namespace = namespace
+            requests.append(request)
+        jobs = []
+        for start in range(0, len(requests), BATCH_SIZE):
+            batch = jobs_pb2.SubmitJobsRequest(queue=queue, jobs=requests[start : start + BATCH_SIZE])
+            for response in (await self.calls.unary(self.job_service.SubmitJobs, batch)).jobs:
+                jobs.append(Job(self, response.job_id, queue=queue, namespace=namespace or "", snapshot=response.job))
+        return jobs
 
     def job(self, job_id: str, queue: str = "") -> Job:
         """A handle on an existing job (no call is made)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, Unpack
@@ -92,6 +92,13 @@ class SyncClient:
     def submit(self, queue: str, definition: Definition | None = None, **options: Unpack[SubmitOptions]) -> SyncJob:
         """See `Client.submit`."""
         return SyncJob(self._loop.run(self.client.submit(queue, definition, **options)), self._loop)
+
+    def submit_many(
+        self, queue: str, definitions: Iterable[Definition], *, namespace: str | None = None
+    ) -> list[SyncJob]:
+        """See `Client.submit_many`."""
+        jobs = self._loop.run(self.client.submit_many(queue, definitions, namespace=namespace))
+        return [SyncJob(job, self._loop) for job in jobs]
 
     def job(self, job_id: str, queue: str = "") -> SyncJob:
         """A handle on an existing job (no call is made)."""

@@ -24,6 +24,7 @@ from jobwire.server.store.base import (
     QUEUED_HOOK,
     Attempt,
     Cancelled,
+    Submission,
     Webhook,
 )
 from jobwire.server.store.rows import job_summary
@@ -31,6 +32,8 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
+BATCH_MAX = 1000
+"""Most jobs one SubmitJobs call takes."""
 
 
 class Scheduler:
@@ -55,6 +58,42 @@ class Scheduler:
     ) -> jobs_pb2.Job:
         """Validate and enqueue; an identical in-flight or cached job is returned as is."""
         check_queue(queue)
+        submission = self._checked(definition, control, claimed_id)
+        ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
+        await self._submitted(job, queued, submission, control, replaces=True)
+        if queued:
+            await self.bus.publish(topics.queue(queue), b"")
+        if job.state == jobs_pb2.JOB_STATE_QUEUED:
+            job.waiting_reason = await self.waiting_reason(job)
+        return job
+
+    async def submit_many(self, queue: str, requests: Sequence[jobs_pb2.SubmitJobRequest]) -> list[jobs_pb2.Job]:
+        """`submit` of each request, in order, stored in one transaction: all or none (an invalid
+        one is named by its index). The jobs come without waiting reasons."""
+        check_queue(queue)
+        if not 1 <= len(requests) <= BATCH_MAX:
+            raise InvalidArgument(f"submit 1 to {BATCH_MAX:,} jobs at once, not {len(requests):,}")
+        submissions = []
+        for index, request in enumerate(requests):
+            try:
+                if request.queue not in ("", queue):
+                    raise InvalidArgument(f"queue {request.queue!r} is not the call's queue {queue!r}")
+                submissions.append(self._checked(request.definition, request.control, request.id))
+            except InvalidArgument as error:
+                raise InvalidArgument(f"jobs[{index}]: {error}") from None
+        stored = await self.store.submit(queue=queue, jobs=submissions, now=self.clock())
+        # As if submitted one by one: the last job of a namespace is the one that replaces the others.
+        last = {submission.namespace: index for index, submission in enumerate(submissions)}
+        for index, ((job, queued), submission) in enumerate(zip(stored, submissions, strict=True)):
+            await self._submitted(job, queued, submission, requests[index].control, last[submission.namespace] == index)
+        if any(queued for _, queued in stored):
+            await self.bus.publish(topics.queue(queue), b"")
+        return [job for job, _ in stored]
+
+    def _checked(
+        self, definition: definition_pb2.JobDefinition, control: definition_pb2.JobControl, claimed_id: str
+    ) -> Submission:
+        """The submission, once the definition, callbacks and claimed id hold."""
         try:
             validate(definition)
         except DefinitionError as error:
@@ -66,22 +105,27 @@ class Scheduler:
         if claimed_id and claimed_id != new_id:
             raise InvalidArgument(f"id {claimed_id!r} does not match the definition, whose id is {new_id}")
         namespace = control.namespace if control.HasField("namespace") and control.namespace else DEFAULT_NAMESPACE
-        job, queued = await self.store.submit(
-            job_id=new_id, definition=definition, queue=queue, namespace=namespace, now=self.clock()
-        )
+        return Submission(new_id, definition, namespace)
+
+    async def _submitted(
+        self,
+        job: jobs_pb2.Job,
+        queued: bool,
+        submission: Submission,
+        control: definition_pb2.JobControl,
+        replaces: bool,
+    ) -> None:
+        """After a job is stored: watchers told, its webhooks added, and (`replaces`) the other jobs of
+        its namespace on the queue cancelled."""
         if queued:
-            log.debug("job %s queued on %r", new_id, queue)
+            log.debug("job %s queued on %r", job.id, job.queue)
             await self.publish_job(job)
-            await self.bus.publish(topics.queue(queue), b"")
-        await self._add_webhooks(job, namespace, control, queued)
-        if namespace != DEFAULT_NAMESPACE:
+        await self._add_webhooks(job, submission.namespace, control, queued)
+        if replaces and submission.namespace != DEFAULT_NAMESPACE:
             for replaced in await self.store.replace_in_namespace(
-                queue=queue, namespace=namespace, keep=new_id, now=self.clock()
+                queue=job.queue, namespace=submission.namespace, keep=job.id, now=self.clock()
             ):
-                await self._after_end(replaced, f"replaced by job {new_id}")
-        if job.state == jobs_pb2.JOB_STATE_QUEUED:
-            job.waiting_reason = await self.waiting_reason(job)
-        return job
+                await self._after_end(replaced, f"replaced by job {job.id}")
 
     async def _add_webhooks(
         self, job: jobs_pb2.Job, namespace: str, control: definition_pb2.JobControl, queued: bool

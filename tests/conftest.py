@@ -26,7 +26,9 @@ import pytest_asyncio
 from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.server.app import Server, build_server
 from jobwire.server.settings import ServerSettings
-from jobwire.v1 import jobs_pb2, jobs_pb2_grpc
+from jobwire.server.store import StateStore
+from jobwire.server.store.base import Submission
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
@@ -284,3 +286,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
         if loop.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+async def submit_one(
+    store: StateStore, *, job_id: str, definition: definition_pb2.JobDefinition, queue: str, namespace: str, now: float
+) -> tuple[jobs_pb2.Job, bool]:
+    """`StateStore.submit` of one job: the job and whether it was (re)queued."""
+    ((job, queued),) = await store.submit(queue=queue, jobs=[Submission(job_id, definition, namespace)], now=now)
+    return job, queued

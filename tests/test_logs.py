@@ -13,6 +13,7 @@ from jobwire.server.logs import LogHub
 from jobwire.server.store.base import Attempt
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.v1 import definition_pb2, jobs_pb2
+from tests.conftest import submit_one
 
 RUN = jobs_pb2.LOG_KIND_RUN
 
@@ -30,7 +31,7 @@ def chunks(*texts: str) -> list[jobs_pb2.LogChunk]:
 
 async def test_a_log_is_cut_at_its_limit_with_a_notice(store: SqliteStore) -> None:
     definition = definition_pb2.JobDefinition(image="x")
-    await store.submit(job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
+    await submit_one(store, job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
     job = await store.claim(queue="q", worker_id="w", now=1, lease=30)
     assert job is not None
     attempt = Attempt(job.id, job.attempt)

@@ -169,6 +169,15 @@ def submitted(response: httpx.Response, w: World, job_id: str) -> None:
     assert response.json()["success"] is True and response.json()["jobId"] == w.job_id
 
 
+BATCH = {"jobs": [{"definition": {"image": BUSYBOX, "command": f"echo batch {n}"}} for n in (1, 2)]}
+
+
+def submitted_batch(response: httpx.Response, w: World, job_id: str) -> None:
+    jobs = response.json()["jobs"]
+    assert [job["success"] for job in jobs] == [True, True] and jobs[0]["jobId"] != jobs[1]["jobId"]
+    assert [job["job"]["state"] for job in jobs] == ["JOB_STATE_QUEUED"] * 2  # the idle queue: no worker
+
+
 def cancelled(response: httpx.Response, w: World, job_id: str) -> None:
     job = response.json()["job"]
     assert (job["id"], job["state"], job["finishReason"]) == (job_id, "JOB_STATE_FINISHED", "FINISH_REASON_CANCELLED")
@@ -215,6 +224,7 @@ EXPECTED: dict[tuple[str, str], Check] = {
     ("get", "/f/{key}/url"): get("/f/{k}/url", lambda r, w: r.json() == {"url": "", "headers": {}}),
     ("post", "/q/{queue}"): post("/q/{q}", {"definition": {}}, lambda r, w, j: None),
     ("post", "/q/{queue}/j"): post("/q/{q}/j", {"definition": {}}, lambda r, w, j: None),
+    ("post", "/q/{queue}/batch"): post("/q/{i}/batch", BATCH, submitted_batch),
     ("get", "/q/{queue}"): get("/q/{q}", is_listed),
     ("get", "/q/{queue}/j"): get("/q/{q}/j?pageSize=10", is_listed),
     ("get", "/j/{job_id}"): get("/j/{j}", is_job),
@@ -300,6 +310,9 @@ async def test_unknown_jobs_and_files_are_404_with_a_json_body(rest: httpx.Async
 
 async def test_invalid_input_is_400(rest: httpx.AsyncClient, world: World) -> None:
     assert_error(await rest.post(f"/q/{world.queue}", json={"definition": {"command": "x"}}), 400, "invalid definition")
+    wrong = {"jobs": [*BATCH["jobs"], {"definition": {"command": "x"}}]}
+    assert_error(await rest.post(f"/q/{world.idle}/batch", json=wrong), 400, "jobs[2]: invalid definition")
+    assert_error(await rest.post(f"/q/{world.idle}/batch", json={"jobs": []}), 400, "1 to 1,000 jobs")
     assert_error(await rest.get(f"/j/{world.job_id}/run-logs.json?since=-1"), 400, "`since`")
     assert_error(await rest.put("/f/.hidden", content=b"x"), 400, "key")
     assert_error(await rest.get(f"/j/{world.job_id}/inputs/nope.txt"), 404, "not found")

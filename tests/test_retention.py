@@ -14,6 +14,7 @@ from jobwire.server.retention import Retention
 from jobwire.server.store.base import Attempt
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.v1 import definition_pb2, jobs_pb2
+from tests.conftest import submit_one
 
 DAY = 24 * 3600.0
 NOW = 1_000 * DAY
@@ -40,13 +41,13 @@ async def test_sweep_forgets_old_jobs_and_blobs_no_job_refers_to(tmp_path: Path)
         live_input = await put(blobs, b"input of a queued job", NOW - 40 * DAY)
         orphan_recent = await put(blobs, b"uploaded yesterday", NOW - DAY)
         old = definition_pb2.JobDefinition(image="x", inputs={"a": key_ref(old_input)})
-        await store.submit(job_id=job_id(old), definition=old, queue="q", namespace="_", now=NOW - 40 * DAY)
+        await submit_one(store, job_id=job_id(old), definition=old, queue="q", namespace="_", now=NOW - 40 * DAY)
         claimed = await store.claim(queue="q", worker_id="w", now=NOW - 40 * DAY, lease=30)
         assert claimed is not None
         finished = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS)
         await store.finish(Attempt(claimed.id, claimed.attempt), finished, NOW - 40 * DAY)
         live = definition_pb2.JobDefinition(image="x", inputs={"b": key_ref(live_input)})
-        await store.submit(job_id=job_id(live), definition=live, queue="q", namespace="_", now=NOW - 35 * DAY)
+        await submit_one(store, job_id=job_id(live), definition=live, queue="q", namespace="_", now=NOW - 35 * DAY)
 
         await Retention(store, blobs, lambda: NOW, retention=30 * DAY, interval=3600).sweep()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import importlib.util
@@ -32,7 +33,7 @@ from jobwire import (
 from jobwire.cli.services import free_port
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from jobwire.v1 import files_pb2, files_pb2_grpc, jobs_pb2
+from jobwire.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import BUSYBOX, Stack, WorkerHandle
 
 pytestmark = pytest.mark.docker
@@ -193,6 +194,31 @@ async def test_jobs_iterates_every_page_oldest_first(client: Client, queue: str)
     status = await client.queue_status(queue)
     assert (status.queued, status.running, list(status.workers)) == (5, 0, [])
     assert "queue_length 5" in await client.queue_metrics(queue)
+
+
+async def test_submit_many_runs_a_sweep_in_order_all_or_nothing(
+    client: Client, queue: str, start_worker: StartWorker
+) -> None:
+    sweep = [{"image": BUSYBOX, "command": f"sh -c 'echo {n} > /outputs/n.txt'", "env": {"Q": queue}} for n in range(5)]
+    with pytest.raises(InvalidDefinition, match=r"definitions\[5\]: invalid definition: .*needs an `image`"):
+        await client.submit_many(queue, [*sweep, {"command": "echo no image"}])
+    assert (await client.queue_status(queue)).queued == 0  # checked before anything was sent
+    jobs = await client.submit_many(queue, [*sweep, sweep[0]])
+    assert [job.id for job in jobs[:5]] == [job.id async for job in client.jobs(queue)]  # queued in order
+    assert jobs[5].id == jobs[0].id  # identical definitions are one job
+    await start_worker(queue)
+    for n, job in enumerate(jobs[:5]):
+        assert (await job.wait(timeout=120)).reason == jobs_pb2.FINISH_REASON_SUCCESS
+        assert base64.b64decode((await job.outputs())["n.txt"].value.string_value) == f"{n}\n".encode()
+    # As when submitted one by one, a namespace's later job replaces its earlier ones.
+    slot = [{"image": BUSYBOX, "command": f"echo slot {n}", "env": {"Q": queue}} for n in range(2)]
+    first, second = await client.submit_many(f"{queue}-idle", slot, namespace="slot")
+    assert (await first.get()).finish_reason == jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT
+    assert (await second.get()).state == jobs_pb2.JOB_STATE_QUEUED
+    raw = jobs_pb2_grpc.JobServiceStub(client.channel)
+    request = jobs_pb2.SubmitJobsRequest(queue=queue, jobs=[jobs_pb2.SubmitJobRequest(queue="elsewhere")])
+    with pytest.raises(grpc.aio.AioRpcError, match=r"jobs\[0\]: queue 'elsewhere' is not the call's queue"):
+        await raw.SubmitJobs(request)
 
 
 async def test_copy_and_delete(client: Client, queue: str) -> None:

@@ -25,12 +25,14 @@ from jobwire.server.store.base import (
     QUEUED_HOOK,
     Attempt,
     LogTotals,
+    Submission,
     Webhook,
 )
 from jobwire.server.store.postgres import PostgresStore
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
+from tests.conftest import submit_one
 from tests.services import PostgresCluster
 
 QUEUED, RUNNING, FINISHED = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
@@ -74,8 +76,8 @@ def definition(n: int) -> definition_pb2.JobDefinition:
 async def submit(
     store: StateStore, n: int, *, queue: str = "q", namespace: str = DEFAULT_NAMESPACE, now: float = T0
 ) -> jobs_pb2.Job:
-    job, _ = await store.submit(
-        job_id=job_id(definition(n)), definition=definition(n), queue=queue, namespace=namespace, now=now
+    job, _ = await submit_one(
+        store, job_id=job_id(definition(n)), definition=definition(n), queue=queue, namespace=namespace, now=now
     )
     return job
 
@@ -119,10 +121,20 @@ def event_kinds(job: jobs_pb2.Job) -> list[int]:
 # Submission and deduplication
 
 
+async def test_submitting_many_queues_them_in_order_and_an_identical_one_joins(store: StateStore) -> None:
+    definitions = [definition(n) for n in (3, 1, 2, 3)]
+    jobs = [Submission(job_id(d), d, DEFAULT_NAMESPACE) for d in definitions]
+    submitted = await store.submit(queue="q", jobs=jobs, now=T0)
+    assert [job.id for job, _ in submitted] == [s.job_id for s in jobs]
+    assert [queued for _, queued in submitted] == [True, True, True, False]  # the last is the first again
+    assert await store.queue_counts("q") == {QUEUED: 3}
+    assert [(await claim(store)).id for _ in range(3)] == [s.job_id for s in jobs[:3]]
+
+
 async def test_submit_queues_a_new_job(store: StateStore) -> None:
     await store.ping()
-    job, queued = await store.submit(
-        job_id=job_id(definition(1)), definition=definition(1), queue="q", namespace="ns", now=T0
+    job, queued = await submit_one(
+        store, job_id=job_id(definition(1)), definition=definition(1), queue="q", namespace="ns", now=T0
     )
     assert queued
     assert (job.id, job.state, job.queue, job.attempt, list(job.namespaces)) == (
@@ -142,8 +154,8 @@ async def test_submit_queues_a_new_job(store: StateStore) -> None:
 
 async def test_same_job_submitted_twice_is_one_job(store: StateStore) -> None:
     first = await submit(store, 1)
-    again, queued = await store.submit(
-        job_id=first.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 5
+    again, queued = await submit_one(
+        store, job_id=first.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 5
     )
     assert not queued
     assert again.id == first.id
@@ -166,8 +178,8 @@ async def test_each_namespace_holds_the_same_job(store: StateStore) -> None:
 async def test_running_job_is_not_requeued_by_resubmission(store: StateStore) -> None:
     await submit(store, 1)
     running = await claim(store)
-    again, queued = await store.submit(
-        job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 1
+    again, queued = await submit_one(
+        store, job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 1
     )
     assert not queued
     assert (again.state, again.attempt, again.worker_id) == (RUNNING, 1, "w1")
@@ -180,8 +192,8 @@ async def test_final_result_answers_later_submissions(
     await submit(store, 1)
     running = await claim(store)
     assert await store.finish(attempt_of(running), result(reason), T0 + 1) is not None
-    again, queued = await store.submit(
-        job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
+    again, queued = await submit_one(
+        store, job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
     )
     assert not queued
     assert (again.state, again.finish_reason) == (FINISHED, reason)
@@ -192,8 +204,8 @@ async def test_cancelled_job_runs_again_as_a_new_attempt_when_resubmitted(store:
     await submit(store, 1)
     first = await claim(store)
     await store.cancel(queue="q", job_id=first.id, namespace=DEFAULT_NAMESPACE, now=T0 + 1)
-    again, queued = await store.submit(
-        job_id=first.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
+    again, queued = await submit_one(
+        store, job_id=first.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
     )
     assert queued
     assert (again.state, again.finish_reason, again.worker_id) == (QUEUED, jobs_pb2.FINISH_REASON_UNSPECIFIED, "")
@@ -418,7 +430,7 @@ async def test_a_newer_job_replaces_older_live_jobs_of_its_namespace(store: Stat
 async def test_claim_skips_jobs_needing_more_gpus_than_the_worker_has_free(store: StateStore) -> None:
     gpu_job = definition(1)
     gpu_job.requirements.gpus = 2
-    gpu, _ = await store.submit(job_id=job_id(gpu_job), definition=gpu_job, queue="q", namespace="_", now=T0)
+    gpu, _ = await submit_one(store, job_id=job_id(gpu_job), definition=gpu_job, queue="q", namespace="_", now=T0)
     cpu = await submit(store, 2)
     taken = await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1)
     assert taken is not None and taken.id == cpu.id
@@ -530,8 +542,8 @@ async def test_delete_forgets_the_result_so_the_job_runs_again(store: StateStore
     await store.delete(running.job_id, T0 + 2)
     stored = await store.get_job(running.job_id)
     assert stored is not None and stored.result.exit_code != 4
-    again, queued = await store.submit(
-        job_id=running.job_id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 3
+    again, queued = await submit_one(
+        store, job_id=running.job_id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 3
     )
     assert queued and again.state == QUEUED
 
@@ -835,7 +847,7 @@ async def test_blob_references_are_the_keys_of_inputs_build_contexts_and_outputs
     first = definition_pb2.JobDefinition(image="x", inputs={"a": ref(inputs), "b": definition_pb2.DataRef()})
     second = definition_pb2.JobDefinition(image="x", build=definition_pb2.ImageBuild(context=f"/f/{context}"))
     for spec in (first, second):
-        await store.submit(job_id=job_id(spec), definition=spec, queue="q", namespace=DEFAULT_NAMESPACE, now=T0)
+        await submit_one(store, job_id=job_id(spec), definition=spec, queue="q", namespace=DEFAULT_NAMESPACE, now=T0)
     running = attempt_of(await claim(store))
     await store.finish(
         running, jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, outputs={"o": ref(output)}), T0

@@ -31,6 +31,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             job = await self.scheduler.submit(request.queue, request.definition, request.control, request.id)
             return jobs_pb2.SubmitJobResponse(success=True, job_id=job.id, job=job)
 
+    async def SubmitJobs(self, request: jobs_pb2.SubmitJobsRequest, context: Context) -> jobs_pb2.SubmitJobsResponse:
+        async with grpc_errors(context):
+            jobs = await self.scheduler.submit_many(request.queue, request.jobs)
+            return jobs_pb2.SubmitJobsResponse(
+                jobs=[jobs_pb2.SubmitJobResponse(success=True, job_id=job.id, job=job) for job in jobs]
+            )
+
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Context) -> jobs_pb2.ListJobsResponse:
         async with grpc_errors(context):
             after = _page_cursor(request.page_token)

@@ -56,6 +56,15 @@ class LogTotals(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Submission:
+    """One job to add to a queue: its id, its definition, and the namespace submitting it."""
+
+    job_id: str
+    definition: definition_pb2.JobDefinition
+    namespace: str
+
+
+@dataclass(frozen=True)
 class Cancelled:
     """What a cancel did: the job after it, and the attempt to stop on its worker, if any."""
 
@@ -88,16 +97,9 @@ class StateStore(Protocol):
     async def ping(self) -> None:
         """Raise when the store cannot be reached."""
 
-    async def submit(
-        self,
-        *,
-        job_id: str,
-        definition: definition_pb2.JobDefinition,
-        queue: str,
-        namespace: str,
-        now: float,
-    ) -> tuple[jobs_pb2.Job, bool]:
-        """Add the job to the queue; returns the job and whether it was (re)queued."""
+    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+        """Add the jobs to the queue in order, in one transaction; returns each job and whether this
+        call (re)queued it (not when it was queued or running already, or has a final result)."""
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
         """The job with definition, result and history; None if unknown (or not in `queue`)."""

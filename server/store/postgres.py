@@ -22,6 +22,7 @@ from jobwire.server.store.base import (
     Attempt,
     Cancelled,
     LogTotals,
+    Submission,
     Webhook,
 )
 from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
@@ -226,52 +227,46 @@ class PostgresStore:
         )
         return job_message(tuple(row), namespaces=[r[0] for r in names])
 
-    async def submit(
-        self,
-        *,
-        job_id: str,
-        definition: definition_pb2.JobDefinition,
-        queue: str,
-        namespace: str,
-        now: float,
-    ) -> tuple[jobs_pb2.Job, bool]:
+    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction() as db:
-            inserted = await db.fetchval(
-                "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
-                " VALUES ($1, $2, $3, $4, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING id",
-                job_id,
+            return [await self._submit(db, job, queue, now) for job in jobs]
+
+    async def _submit(
+        self, db: Connection, submission: Submission, queue: str, now: float
+    ) -> tuple[jobs_pb2.Job, bool]:
+        job_id, definition = submission.job_id, submission.definition
+        inserted = await db.fetchval(
+            "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
+            " VALUES ($1, $2, $3, $4, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING id",
+            job_id,
+            QUEUED,
+            queue,
+            now,
+            definition.SerializeToString(),
+            definition.requirements.gpus,
+        )
+        await db.execute("INSERT INTO queue_jobs (queue, job_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", queue, job_id)
+        await db.execute(
+            "INSERT INTO namespaces VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", queue, job_id, submission.namespace
+        )
+        if inserted is None:
+            state, reason = await db.fetchrow("SELECT state, finish_reason FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+            if state != FINISHED or reason in FINAL_REASONS:
+                job = await self._job(db, job_id, queue)
+                assert job is not None
+                return job, False
+            await db.execute(
+                "UPDATE jobs SET state = $1, queue = $2, worker_id = '', update_time = $3, finish_reason = 0,"
+                " result = NULL, lease_expires = NULL WHERE id = $4",
                 QUEUED,
                 queue,
                 now,
-                definition.SerializeToString(),
-                definition.requirements.gpus,
+                job_id,
             )
-            await db.execute(
-                "INSERT INTO queue_jobs (queue, job_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", queue, job_id
-            )
-            await db.execute(
-                "INSERT INTO namespaces VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", queue, job_id, namespace
-            )
-            if inserted is None:
-                state, reason = await db.fetchrow(
-                    "SELECT state, finish_reason FROM jobs WHERE id = $1 FOR UPDATE", job_id
-                )
-                if state != FINISHED or reason in FINAL_REASONS:
-                    job = await self._job(db, job_id, queue)
-                    assert job is not None
-                    return job, False
-                await db.execute(
-                    "UPDATE jobs SET state = $1, queue = $2, worker_id = '', update_time = $3, finish_reason = 0,"
-                    " result = NULL, lease_expires = NULL WHERE id = $4",
-                    QUEUED,
-                    queue,
-                    now,
-                    job_id,
-                )
-            await self._event(db, job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
-            job = await self._job(db, job_id, queue)
-            assert job is not None
-            return job, True
+        await self._event(db, job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
+        job = await self._job(db, job_id, queue)
+        assert job is not None
+        return job, True
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
         async with self.pool.acquire() as db:

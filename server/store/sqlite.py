@@ -24,6 +24,7 @@ from jobwire.server.store.base import (
     Attempt,
     Cancelled,
     LogTotals,
+    Submission,
     Webhook,
 )
 from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
@@ -275,41 +276,34 @@ class SqliteStore:
         )
         return job_message(row, namespaces=[r[0] for r in rows])
 
-    async def submit(
-        self,
-        *,
-        job_id: str,
-        definition: definition_pb2.JobDefinition,
-        queue: str,
-        namespace: str,
-        now: float,
-    ) -> tuple[jobs_pb2.Job, bool]:
-        async with self._transaction() as db:
-            row = self._job_row(job_id)
-            queued = row is None or (row[1] == FINISHED and row[7] not in FINAL_REASONS)
-            if row is None:
-                db.execute(
-                    "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
-                )
-            elif queued:
-                db.execute(
-                    "UPDATE jobs SET state = ?, queue = ?, worker_id = '', update_time = ?, finish_reason = 0,"
-                    " result = NULL, lease_expires = NULL WHERE id = ?",
-                    (QUEUED, queue, now, job_id),
-                )
-            # after the job's row: the triggers of queue_jobs read its state
-            db.execute("INSERT OR IGNORE INTO queue_jobs (queue, job_id) VALUES (?, ?)", (queue, job_id))
-            db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, namespace))
-            if not queued:
-                job = self._job(job_id, queue)
-                assert job is not None
-                return job, False
+    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+        async with self._transaction():
+            return [self._submit(job, queue, now) for job in jobs]
+
+    def _submit(self, submission: Submission, queue: str, now: float) -> tuple[jobs_pb2.Job, bool]:
+        job_id, definition, db = submission.job_id, submission.definition, self._db
+        row = self._job_row(job_id)
+        queued = row is None or (row[1] == FINISHED and row[7] not in FINAL_REASONS)
+        if row is None:
+            db.execute(
+                "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
+            )
+        elif queued:
+            db.execute(
+                "UPDATE jobs SET state = ?, queue = ?, worker_id = '', update_time = ?, finish_reason = 0,"
+                " result = NULL, lease_expires = NULL WHERE id = ?",
+                (QUEUED, queue, now, job_id),
+            )
+        # after the job's row: the triggers of queue_jobs read its state
+        db.execute("INSERT OR IGNORE INTO queue_jobs (queue, job_id) VALUES (?, ?)", (queue, job_id))
+        db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, submission.namespace))
+        if queued:
             self._event(job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
-            job = self._job(job_id, queue)
-            assert job is not None
-            return job, True
+        job = self._job(job_id, queue)
+        assert job is not None
+        return job, queued
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
         return self._details(job_id, queue)

@@ -47,6 +47,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
+        self.SubmitJobs = channel.unary_unary(
+                '/jobwire.v1.JobService/SubmitJobs',
+                request_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/jobwire.v1.JobService/ListJobs',
                 request_serializer=jobwire_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
@@ -132,6 +137,16 @@ class JobServiceServicer:
     def SubmitJob(self, request, context):
         """Submits a job to a queue and returns its id. The body is the seed's
         `{"definition": {...}, "control": {...}}`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobs(self, request, context):
+        """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
+        and in order; all are stored in one transaction. An invalid job rejects the
+        call (the error names its index) and nothing is stored. For sweeps: one
+        call instead of one per job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,6 +279,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobResponse.SerializeToString,
             ),
+            'SubmitJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJobs,
+                    request_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsResponse.SerializeToString,
+            ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
                     request_deserializer=jobwire_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
@@ -369,6 +389,33 @@ class JobService:
             '/jobwire.v1.JobService/SubmitJob',
             jobwire_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
             jobwire_dot_v1_dot_jobs__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/SubmitJobs',
+            jobwire_dot_v1_dot_jobs__pb2.SubmitJobsRequest.SerializeToString,
+            jobwire_dot_v1_dot_jobs__pb2.SubmitJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

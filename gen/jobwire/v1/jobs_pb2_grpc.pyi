@@ -45,6 +45,12 @@ class JobServiceStub:
     """Submits a job to a queue and returns its id. The body is the seed's
     `{"definition": {...}, "control": {...}}`.
     """
+    SubmitJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobsRequest, _jobs_pb2.SubmitJobsResponse]
+    """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
+    and in order; all are stored in one transaction. An invalid job rejects the
+    call (the error names its index) and nothing is stored. For sweeps: one
+    call instead of one per job.
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """Lists a queue's jobs, oldest first, one page at a time."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
@@ -119,6 +125,12 @@ class JobServiceAsyncStub(JobServiceStub):
     SubmitJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Submits a job to a queue and returns its id. The body is the seed's
     `{"definition": {...}, "control": {...}}`.
+    """
+    SubmitJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobsRequest, _jobs_pb2.SubmitJobsResponse]  # type: ignore[assignment]
+    """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
+    and in order; all are stored in one transaction. An invalid job rejects the
+    call (the error names its index) and nothing is stored. For sweeps: one
+    call instead of one per job.
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists a queue's jobs, oldest first, one page at a time."""
@@ -197,6 +209,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.SubmitJobResponse, _abc.Awaitable[_jobs_pb2.SubmitJobResponse]]:
         """Submits a job to a queue and returns its id. The body is the seed's
         `{"definition": {...}, "control": {...}}`.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitJobs(
+        self,
+        request: _jobs_pb2.SubmitJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.SubmitJobsResponse, _abc.Awaitable[_jobs_pb2.SubmitJobsResponse]]:
+        """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
+        and in order; all are stored in one transaction. An invalid job rejects the
+        call (the error names its index) and nothing is stored. For sweeps: one
+        call instead of one per job.
         """
 
     @_abc_1.abstractmethod

@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/jobs.proto.
  */
 export const file_jobwire_v1_jobs: GenFile = /*@__PURE__*/
-  fileDesc("ChVqb2J3aXJlL3YxL2pvYnMucHJvdG8SCmpvYndpcmUudjEiaQoITG9nQ2h1bmsSDAoEdGV4dBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdHJlYW0YAyABKA4yFS5qb2J3aXJlLnYxLkxvZ1N0cmVhbSKRAQoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoEa2luZBgCIAEoDjIYLmpvYndpcmUudjEuSm9iRXZlbnRLaW5kEg8KB2F0dGVtcHQYAyABKAUSEQoJd29ya2VyX2lkGAQgASgJEg8KB21lc3NhZ2UYBSABKAki5AMKCUpvYlJlc3VsdBIoCgZyZWFzb24YASABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIPCgdtZXNzYWdlGAIgASgJEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEiIKBGxvZ3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEjMKB291dHB1dHMYBSADKAsyIi5qb2J3aXJlLnYxLkpvYlJlc3VsdC5PdXRwdXRzRW50cnkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXdvcmtlcl9pZBgJIAEoCRIPCgdhdHRlbXB0GAogASgFEhIKCm9vbV9raWxsZWQYCyABKAgSEgoKbG9nc19zdGFydBgMIAEoAxpDCgxPdXRwdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuam9id2lyZS52MS5EYXRhUmVmOgI4AUIMCgpfZXhpdF9jb2RlIrMDCgNKb2ISCgoCaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlEg0KBXF1ZXVlGAMgASgJEhIKCm5hbWVzcGFjZXMYBCADKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl3b3JrZXJfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIWCg53YWl0aW5nX3JlYXNvbhgJIAEoCRItCgpkZWZpbml0aW9uGAogASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uEiUKBnJlc3VsdBgLIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0EiUKB2hpc3RvcnkYDCADKAsyFC5qb2J3aXJlLnYxLkpvYkV2ZW50Ei8KDWZpbmlzaF9yZWFzb24YDSABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIMCgR0YWdzGA4gAygJIpQBChBTdWJtaXRKb2JSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJEi0KCmRlZmluaXRpb24YAiABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24SJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbBIKCgJpZBgEIAEoCRINCgVkZWJ1ZxgFIAEoCCJSChFTdWJtaXRKb2JSZXNwb25zZRIPCgdzdWNjZXNzGAEgASgIEg4KBmpvYl9pZBgCIAEoCRIcCgNqb2IYAyABKAsyDy5qb2J3aXJlLnYxLkpvYiJsCg9MaXN0Sm9ic1JlcXVlc3QSDQoFcXVldWUYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSIwoFc3RhdGUYBCABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlIkoKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLmpvYndpcmUudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIuCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSIuCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiI4ChdHZXRKb2JEZWZpbml0aW9uUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkiSQoYR2V0Sm9iRGVmaW5pdGlvblJlc3BvbnNlEi0KCmRlZmluaXRpb24YASABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24iNAoTR2V0Sm9iUmVzdWx0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkicgoUR2V0Sm9iUmVzdWx0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEiMKBXN0YXRlGAIgASgOMhQuam9id2lyZS52MS5Kb2JTdGF0ZRIlCgZyZXN1bHQYAyABKAsyFS5qb2J3aXJlLnYxLkpvYlJlc3VsdCJyChFHZXRKb2JMb2dzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSIQoEa2luZBgCIAEoDjITLmpvYndpcmUudjEuTG9nS2luZBINCgVzaW5jZRgDIAEoAxINCgVxdWV1ZRgEIAEoCRIMCgRmaWxlGAUgASgJInMKEkdldEpvYkxvZ3NSZXNwb25zZRIkCgZjaHVua3MYASADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEhMKC3NsaWNlX3N0YXJ0GAIgASgDEhMKC25leHRfY3Vyc29yGAMgASgDEg0KBWZpbmFsGAQgASgIIk0KD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFgoOcnVuX2xvZ3Nfc2luY2UYAiABKAMSEgoKYnVpbGRfbG9ncxgDIAEoCCJhChBXYXRjaEpvYlJlc3BvbnNlEh4KA2pvYhgBIAEoCzIPLmpvYndpcmUudjEuSm9iSAASJAoEbG9ncxgCIAEoCzIULmpvYndpcmUudjEuTG9nQmF0Y2hIAEIHCgVldmVudCJzCghMb2dCYXRjaBIhCgRraW5kGAEgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEg0KBXN0YXJ0GAIgASgDEiQKBmNodW5rcxgDIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDwoHYXR0ZW1wdBgEIAEoBSJOChBTdHJlYW1Kb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRINCgVzaW5jZRgDIAEoAxIMCgR0ZXh0GAQgASgIIkEKEkdldEpvYklucHV0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEcGF0aBgCIAEoCRINCgVxdWV1ZRgDIAEoCSJCChNHZXRKb2JPdXRwdXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEg0KBXF1ZXVlGAMgASgJIkQKEENhbmNlbEpvYlJlcXVlc3QSDQoFcXVldWUYASABKAkSDgoGam9iX2lkGAIgASgJEhEKCW5hbWVzcGFjZRgDIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiJYCg5Db3B5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkSJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbCJACg9Db3B5Sm9iUmVzcG9uc2USDwoHc3VjY2VzcxgBIAEoCBIcCgNqb2IYAiABKAsyDy5qb2J3aXJlLnYxLkpvYiIiChBEZWxldGVKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIjChFEZWxldGVKb2JSZXNwb25zZRIOCgZqb2JfaWQYASABKAkiJgoVR2V0UXVldWVTdGF0dXNSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJIoMBChZHZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlEg0KBXF1ZXVlGAEgASgJEg4KBnF1ZXVlZBgCIAEoAxIPCgdydW5uaW5nGAMgASgDEhAKCGZpbmlzaGVkGAQgASgDEicKB3dvcmtlcnMYBSADKAsyFi5qb2J3aXJlLnYxLldvcmtlckluZm8i2QEKCldvcmtlckluZm8SCgoCaWQYASABKAkSDAoEY3B1cxgCIAEoBRIMCgRncHVzGAMgAygJEhcKD3J1bm5pbmdfam9iX2lkcxgEIAMoCRIyCg5sYXN0X3NlZW5fdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgGIAEoCRIQCghob3N0bmFtZRgHIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIicKFkdldFF1ZXVlTWV0cmljc1JlcXVlc3QSDQoFcXVldWUYASABKAkqagoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX0ZJTklTSEVEEAMq+wEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVRklOSVNIX1JFQVNPTl9TVUNDRVNTEAESFwoTRklOSVNIX1JFQVNPTl9FUlJPUhACEhsKF0ZJTklTSF9SRUFTT05fVElNRURfT1VUEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIdChlGSU5JU0hfUkVBU09OX1dPUktFUl9MT1NUEAUSJAogRklOSVNIX1JFQVNPTl9SRVBMQUNFRF9CWV9DTElFTlQQBhIZChVGSU5JU0hfUkVBU09OX0RFTEVURUQQBypVCglMb2dTdHJlYW0SGgoWTE9HX1NUUkVBTV9VTlNQRUNJRklFRBAAEhUKEUxPR19TVFJFQU1fU1RET1VUEAESFQoRTE9HX1NUUkVBTV9TVERFUlIQAipJCgdMb2dLaW5kEhgKFExPR19LSU5EX1VOU1BFQ0lGSUVEEAASEAoMTE9HX0tJTkRfUlVOEAESEgoOTE9HX0tJTkRfQlVJTEQQAirhAQoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVSk9CX0VWRU5UX0tJTkRfUVVFVUVEEAESGwoXSk9CX0VWRU5UX0tJTkRfQVNTSUdORUQQAhIaChZKT0JfRVZFTlRfS0lORF9TVEFSVEVEEAMSGwoXSk9CX0VWRU5UX0tJTkRfUkVRVUVVRUQQBBIbChdKT0JfRVZFTlRfS0lORF9GSU5JU0hFRBAFEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBjKhEAoKSm9iU2VydmljZRJyCglTdWJtaXRKb2ISHC5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlc3BvbnNlIiiC0+STAiIiCi9xL3txdWV1ZX06ASpaESIML3Eve3F1ZXVlfS9qOgEqEmkKCExpc3RKb2JzEhsuam9id2lyZS52MS5MaXN0Sm9ic1JlcXVlc3QaHC5qb2J3aXJlLnYxLkxpc3RKb2JzUmVzcG9uc2UiIoLT5JMCHBIKL3Eve3F1ZXVlfVoOEgwvcS97cXVldWV9L2oSbQoGR2V0Sm9iEhkuam9id2lyZS52MS5HZXRKb2JSZXF1ZXN0Ghouam9id2lyZS52MS5HZXRKb2JSZXNwb25zZSIsgtPkkwImEgsvai97am9iX2lkfVoXEhUvcS97cXVldWV9L2ove2pvYl9pZH0SqwEKEEdldEpvYkRlZmluaXRpb24SIy5qb2J3aXJlLnYxLkdldEpvYkRlZmluaXRpb25SZXF1ZXN0GiQuam9id2lyZS52MS5HZXRKb2JEZWZpbml0aW9uUmVzcG9uc2UiTILT5JMCRhIbL2ove2pvYl9pZH0vZGVmaW5pdGlvbi5qc29uWicSJS9xL3txdWV1ZX0vai97am9iX2lkfS9kZWZpbml0aW9uLmpzb24SswEKDEdldEpvYlJlc3VsdBIfLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVxdWVzdBogLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVzcG9uc2UiYILT5JMCWhIXL2ove2pvYl9pZH0vcmVzdWx0Lmpzb25aGhIYL2ove2pvYl9pZH0vcmVzdWx0cy5qc29uWiMSIS9xL3txdWV1ZX0vai97am9iX2lkfS9yZXN1bHQuanNvbhKPAgoKR2V0Sm9iTG9ncxIdLmpvYndpcmUudjEuR2V0Sm9iTG9nc1JlcXVlc3QaHi5qb2J3aXJlLnYxLkdldEpvYkxvZ3NSZXNwb25zZSLBAYLT5JMCugESEC9qL3tqb2JfaWR9L2xvZ3NaIhIgL2ove2pvYl9pZH0ve2ZpbGU9cnVuLWxvZ3MuanNvbn1aJBIiL2ove2pvYl9pZH0ve2ZpbGU9YnVpbGQtbG9ncy5qc29ufVosEiovcS97cXVldWV9L2ove2pvYl9pZH0ve2ZpbGU9cnVuLWxvZ3MuanNvbn1aLhIsL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3tmaWxlPWJ1aWxkLWxvZ3MuanNvbn0SYgoIV2F0Y2hKb2ISGy5qb2J3aXJlLnYxLldhdGNoSm9iUmVxdWVzdBocLmpvYndpcmUudjEuV2F0Y2hKb2JSZXNwb25zZSIZgtPkkwITEhEvai97am9iX2lkfS93YXRjaDABEn0KCVN0cmVhbUpvYhIcLmpvYndpcmUudjEuU3RyZWFtSm9iUmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiOoLT5JMCNBISL2ove2pvYl9pZH0vc3RyZWFtWh4SHC9xL3txdWV1ZX0vai97am9iX2lkfS9zdHJlYW0wARKVAQoLR2V0Sm9iSW5wdXQSHi5qb2J3aXJlLnYxLkdldEpvYklucHV0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiToLT5JMCSBIcL2ove2pvYl9pZH0vaW5wdXRzL3twYXRoPSoqfVooEiYvcS97cXVldWV9L2ove2pvYl9pZH0vaW5wdXRzL3twYXRoPSoqfTABEpkBCgxHZXRKb2JPdXRwdXQSHy5qb2J3aXJlLnYxLkdldEpvYk91dHB1dFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IlCC0+STAkoSHS9qL3tqb2JfaWR9L291dHB1dHMve3BhdGg9Kip9WikSJy9xL3txdWV1ZX0vai97am9iX2lkfS9vdXRwdXRzL3twYXRoPSoqfTABEpoBCglDYW5jZWxKb2ISHC5qb2J3aXJlLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLkNhbmNlbEpvYlJlc3BvbnNlIlCC0+STAkoiHC9xL3txdWV1ZX0vai97am9iX2lkfS9jYW5jZWxaKiIoL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3tuYW1lc3BhY2V9L2NhbmNlbBJfCgdDb3B5Sm9iEhouam9id2lyZS52MS5Db3B5Sm9iUmVxdWVzdBobLmpvYndpcmUudjEuQ29weUpvYlJlc3BvbnNlIhuC0+STAhUiEC9qL3tqb2JfaWR9L2NvcHk6ASoSXQoJRGVsZXRlSm9iEhwuam9id2lyZS52MS5EZWxldGVKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5EZWxldGVKb2JSZXNwb25zZSITgtPkkwINKgsvai97am9iX2lkfRJyCg5HZXRRdWV1ZVN0YXR1cxIhLmpvYndpcmUudjEuR2V0UXVldWVTdGF0dXNSZXF1ZXN0GiIuam9id2lyZS52MS5HZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlIhmC0+STAhMSES9xL3txdWV1ZX0vc3RhdHVzEmcKD0dldFF1ZXVlTWV0cmljcxIiLmpvYndpcmUudjEuR2V0UXVldWVNZXRyaWNzUmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiGoLT5JMCFBISL3Eve3F1ZXVlfS9tZXRyaWNzYgZwcm90bzM", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition]);
+  fileDesc("ChVqb2J3aXJlL3YxL2pvYnMucHJvdG8SCmpvYndpcmUudjEiaQoITG9nQ2h1bmsSDAoEdGV4dBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdHJlYW0YAyABKA4yFS5qb2J3aXJlLnYxLkxvZ1N0cmVhbSKRAQoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoEa2luZBgCIAEoDjIYLmpvYndpcmUudjEuSm9iRXZlbnRLaW5kEg8KB2F0dGVtcHQYAyABKAUSEQoJd29ya2VyX2lkGAQgASgJEg8KB21lc3NhZ2UYBSABKAki5AMKCUpvYlJlc3VsdBIoCgZyZWFzb24YASABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIPCgdtZXNzYWdlGAIgASgJEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEiIKBGxvZ3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEjMKB291dHB1dHMYBSADKAsyIi5qb2J3aXJlLnYxLkpvYlJlc3VsdC5PdXRwdXRzRW50cnkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXdvcmtlcl9pZBgJIAEoCRIPCgdhdHRlbXB0GAogASgFEhIKCm9vbV9raWxsZWQYCyABKAgSEgoKbG9nc19zdGFydBgMIAEoAxpDCgxPdXRwdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuam9id2lyZS52MS5EYXRhUmVmOgI4AUIMCgpfZXhpdF9jb2RlIrMDCgNKb2ISCgoCaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlEg0KBXF1ZXVlGAMgASgJEhIKCm5hbWVzcGFjZXMYBCADKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl3b3JrZXJfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIWCg53YWl0aW5nX3JlYXNvbhgJIAEoCRItCgpkZWZpbml0aW9uGAogASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uEiUKBnJlc3VsdBgLIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0EiUKB2hpc3RvcnkYDCADKAsyFC5qb2J3aXJlLnYxLkpvYkV2ZW50Ei8KDWZpbmlzaF9yZWFzb24YDSABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIMCgR0YWdzGA4gAygJIpQBChBTdWJtaXRKb2JSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJEi0KCmRlZmluaXRpb24YAiABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24SJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbBIKCgJpZBgEIAEoCRINCgVkZWJ1ZxgFIAEoCCJSChFTdWJtaXRKb2JSZXNwb25zZRIPCgdzdWNjZXNzGAEgASgIEg4KBmpvYl9pZBgCIAEoCRIcCgNqb2IYAyABKAsyDy5qb2J3aXJlLnYxLkpvYiJOChFTdWJtaXRKb2JzUmVxdWVzdBINCgVxdWV1ZRgBIAEoCRIqCgRqb2JzGAIgAygLMhwuam9id2lyZS52MS5TdWJtaXRKb2JSZXF1ZXN0IkEKElN1Ym1pdEpvYnNSZXNwb25zZRIrCgRqb2JzGAEgAygLMh0uam9id2lyZS52MS5TdWJtaXRKb2JSZXNwb25zZSJsCg9MaXN0Sm9ic1JlcXVlc3QSDQoFcXVldWUYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSIwoFc3RhdGUYBCABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlIkoKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLmpvYndpcmUudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIuCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSIuCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiI4ChdHZXRKb2JEZWZpbml0aW9uUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkiSQoYR2V0Sm9iRGVmaW5pdGlvblJlc3BvbnNlEi0KCmRlZmluaXRpb24YASABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24iNAoTR2V0Sm9iUmVzdWx0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkicgoUR2V0Sm9iUmVzdWx0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEiMKBXN0YXRlGAIgASgOMhQuam9id2lyZS52MS5Kb2JTdGF0ZRIlCgZyZXN1bHQYAyABKAsyFS5qb2J3aXJlLnYxLkpvYlJlc3VsdCJyChFHZXRKb2JMb2dzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSIQoEa2luZBgCIAEoDjITLmpvYndpcmUudjEuTG9nS2luZBINCgVzaW5jZRgDIAEoAxINCgVxdWV1ZRgEIAEoCRIMCgRmaWxlGAUgASgJInMKEkdldEpvYkxvZ3NSZXNwb25zZRIkCgZjaHVua3MYASADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEhMKC3NsaWNlX3N0YXJ0GAIgASgDEhMKC25leHRfY3Vyc29yGAMgASgDEg0KBWZpbmFsGAQgASgIIk0KD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFgoOcnVuX2xvZ3Nfc2luY2UYAiABKAMSEgoKYnVpbGRfbG9ncxgDIAEoCCJhChBXYXRjaEpvYlJlc3BvbnNlEh4KA2pvYhgBIAEoCzIPLmpvYndpcmUudjEuSm9iSAASJAoEbG9ncxgCIAEoCzIULmpvYndpcmUudjEuTG9nQmF0Y2hIAEIHCgVldmVudCJzCghMb2dCYXRjaBIhCgRraW5kGAEgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEg0KBXN0YXJ0GAIgASgDEiQKBmNodW5rcxgDIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDwoHYXR0ZW1wdBgEIAEoBSJOChBTdHJlYW1Kb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRINCgVzaW5jZRgDIAEoAxIMCgR0ZXh0GAQgASgIIkEKEkdldEpvYklucHV0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEcGF0aBgCIAEoCRINCgVxdWV1ZRgDIAEoCSJCChNHZXRKb2JPdXRwdXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEg0KBXF1ZXVlGAMgASgJIkQKEENhbmNlbEpvYlJlcXVlc3QSDQoFcXVldWUYASABKAkSDgoGam9iX2lkGAIgASgJEhEKCW5hbWVzcGFjZRgDIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiJYCg5Db3B5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkSJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbCJACg9Db3B5Sm9iUmVzcG9uc2USDwoHc3VjY2VzcxgBIAEoCBIcCgNqb2IYAiABKAsyDy5qb2J3aXJlLnYxLkpvYiIiChBEZWxldGVKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIjChFEZWxldGVKb2JSZXNwb25zZRIOCgZqb2JfaWQYASABKAkiJgoVR2V0UXVldWVTdGF0dXNSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJIoMBChZHZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlEg0KBXF1ZXVlGAEgASgJEg4KBnF1ZXVlZBgCIAEoAxIPCgdydW5uaW5nGAMgASgDEhAKCGZpbmlzaGVkGAQgASgDEicKB3dvcmtlcnMYBSADKAsyFi5qb2J3aXJlLnYxLldvcmtlckluZm8i2QEKCldvcmtlckluZm8SCgoCaWQYASABKAkSDAoEY3B1cxgCIAEoBRIMCgRncHVzGAMgAygJEhcKD3J1bm5pbmdfam9iX2lkcxgEIAMoCRIyCg5sYXN0X3NlZW5fdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgGIAEoCRIQCghob3N0bmFtZRgHIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIicKFkdldFF1ZXVlTWV0cmljc1JlcXVlc3QSDQoFcXVldWUYASABKAkqagoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX0ZJTklTSEVEEAMq+wEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVRklOSVNIX1JFQVNPTl9TVUNDRVNTEAESFwoTRklOSVNIX1JFQVNPTl9FUlJPUhACEhsKF0ZJTklTSF9SRUFTT05fVElNRURfT1VUEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIdChlGSU5JU0hfUkVBU09OX1dPUktFUl9MT1NUEAUSJAogRklOSVNIX1JFQVNPTl9SRVBMQUNFRF9CWV9DTElFTlQQBhIZChVGSU5JU0hfUkVBU09OX0RFTEVURUQQBypVCglMb2dTdHJlYW0SGgoWTE9HX1NUUkVBTV9VTlNQRUNJRklFRBAAEhUKEUxPR19TVFJFQU1fU1RET1VUEAESFQoRTE9HX1NUUkVBTV9TVERFUlIQAipJCgdMb2dLaW5kEhgKFExPR19LSU5EX1VOU1BFQ0lGSUVEEAASEAoMTE9HX0tJTkRfUlVOEAESEgoOTE9HX0tJTkRfQlVJTEQQAirhAQoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVSk9CX0VWRU5UX0tJTkRfUVVFVUVEEAESGwoXSk9CX0VWRU5UX0tJTkRfQVNTSUdORUQQAhIaChZKT0JfRVZFTlRfS0lORF9TVEFSVEVEEAMSGwoXSk9CX0VWRU5UX0tJTkRfUkVRVUVVRUQQBBIbChdKT0JfRVZFTlRfS0lORF9GSU5JU0hFRBAFEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBjKLEQoKSm9iU2VydmljZRJyCglTdWJtaXRKb2ISHC5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlc3BvbnNlIiiC0+STAiIiCi9xL3txdWV1ZX06ASpaESIML3Eve3F1ZXVlfS9qOgEqEmgKClN1Ym1pdEpvYnMSHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYnNSZXF1ZXN0Gh4uam9id2lyZS52MS5TdWJtaXRKb2JzUmVzcG9uc2UiG4LT5JMCFSIQL3Eve3F1ZXVlfS9iYXRjaDoBKhJpCghMaXN0Sm9icxIbLmpvYndpcmUudjEuTGlzdEpvYnNSZXF1ZXN0Ghwuam9id2lyZS52MS5MaXN0Sm9ic1Jlc3BvbnNlIiKC0+STAhwSCi9xL3txdWV1ZX1aDhIML3Eve3F1ZXVlfS9qEm0KBkdldEpvYhIZLmpvYndpcmUudjEuR2V0Sm9iUmVxdWVzdBoaLmpvYndpcmUudjEuR2V0Sm9iUmVzcG9uc2UiLILT5JMCJhILL2ove2pvYl9pZH1aFxIVL3Eve3F1ZXVlfS9qL3tqb2JfaWR9EqsBChBHZXRKb2JEZWZpbml0aW9uEiMuam9id2lyZS52MS5HZXRKb2JEZWZpbml0aW9uUmVxdWVzdBokLmpvYndpcmUudjEuR2V0Sm9iRGVmaW5pdGlvblJlc3BvbnNlIkyC0+STAkYSGy9qL3tqb2JfaWR9L2RlZmluaXRpb24uanNvblonEiUvcS97cXVldWV9L2ove2pvYl9pZH0vZGVmaW5pdGlvbi5qc29uErMBCgxHZXRKb2JSZXN1bHQSHy5qb2J3aXJlLnYxLkdldEpvYlJlc3VsdFJlcXVlc3QaIC5qb2J3aXJlLnYxLkdldEpvYlJlc3VsdFJlc3BvbnNlImCC0+STAloSFy9qL3tqb2JfaWR9L3Jlc3VsdC5qc29uWhoSGC9qL3tqb2JfaWR9L3Jlc3VsdHMuanNvblojEiEvcS97cXVldWV9L2ove2pvYl9pZH0vcmVzdWx0Lmpzb24SjwIKCkdldEpvYkxvZ3MSHS5qb2J3aXJlLnYxLkdldEpvYkxvZ3NSZXF1ZXN0Gh4uam9id2lyZS52MS5HZXRKb2JMb2dzUmVzcG9uc2UiwQGC0+STAroBEhAvai97am9iX2lkfS9sb2dzWiISIC9qL3tqb2JfaWR9L3tmaWxlPXJ1bi1sb2dzLmpzb259WiQSIi9qL3tqb2JfaWR9L3tmaWxlPWJ1aWxkLWxvZ3MuanNvbn1aLBIqL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3tmaWxlPXJ1bi1sb2dzLmpzb259Wi4SLC9xL3txdWV1ZX0vai97am9iX2lkfS97ZmlsZT1idWlsZC1sb2dzLmpzb259EmIKCFdhdGNoSm9iEhsuam9id2lyZS52MS5XYXRjaEpvYlJlcXVlc3QaHC5qb2J3aXJlLnYxLldhdGNoSm9iUmVzcG9uc2UiGYLT5JMCExIRL2ove2pvYl9pZH0vd2F0Y2gwARJ9CglTdHJlYW1Kb2ISHC5qb2J3aXJlLnYxLlN0cmVhbUpvYlJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IjqC0+STAjQSEi9qL3tqb2JfaWR9L3N0cmVhbVoeEhwvcS97cXVldWV9L2ove2pvYl9pZH0vc3RyZWFtMAESlQEKC0dldEpvYklucHV0Eh4uam9id2lyZS52MS5HZXRKb2JJbnB1dFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5Ik6C0+STAkgSHC9qL3tqb2JfaWR9L2lucHV0cy97cGF0aD0qKn1aKBImL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L2lucHV0cy97cGF0aD0qKn0wARKZAQoMR2V0Sm9iT3V0cHV0Eh8uam9id2lyZS52MS5HZXRKb2JPdXRwdXRSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJQgtPkkwJKEh0vai97am9iX2lkfS9vdXRwdXRzL3twYXRoPSoqfVopEicvcS97cXVldWV9L2ove2pvYl9pZH0vb3V0cHV0cy97cGF0aD0qKn0wARKaAQoJQ2FuY2VsSm9iEhwuam9id2lyZS52MS5DYW5jZWxKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5DYW5jZWxKb2JSZXNwb25zZSJQgtPkkwJKIhwvcS97cXVldWV9L2ove2pvYl9pZH0vY2FuY2VsWioiKC9xL3txdWV1ZX0vai97am9iX2lkfS97bmFtZXNwYWNlfS9jYW5jZWwSXwoHQ29weUpvYhIaLmpvYndpcmUudjEuQ29weUpvYlJlcXVlc3QaGy5qb2J3aXJlLnYxLkNvcHlKb2JSZXNwb25zZSIbgtPkkwIVIhAvai97am9iX2lkfS9jb3B5OgEqEl0KCURlbGV0ZUpvYhIcLmpvYndpcmUudjEuRGVsZXRlSm9iUmVxdWVzdBodLmpvYndpcmUudjEuRGVsZXRlSm9iUmVzcG9uc2UiE4LT5JMCDSoLL2ove2pvYl9pZH0ScgoOR2V0UXVldWVTdGF0dXMSIS5qb2J3aXJlLnYxLkdldFF1ZXVlU3RhdHVzUmVxdWVzdBoiLmpvYndpcmUudjEuR2V0UXVldWVTdGF0dXNSZXNwb25zZSIZgtPkkwITEhEvcS97cXVldWV9L3N0YXR1cxJnCg9HZXRRdWV1ZU1ldHJpY3MSIi5qb2J3aXJlLnYxLkdldFF1ZXVlTWV0cmljc1JlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhqC0+STAhQSEi9xL3txdWV1ZX0vbWV0cmljc2IGcHJvdG8z", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition]);
 
 /**
  * A piece of a log. Concatenating the `text` of a log's chunks gives the
@@ -404,6 +404,56 @@ export const SubmitJobResponseSchema: GenMessage<SubmitJobResponse> = /*@__PURE_
   messageDesc(file_jobwire_v1_jobs, 5);
 
 /**
+ * Request of `SubmitJobs`.
+ *
+ * @generated from message jobwire.v1.SubmitJobsRequest
+ */
+export type SubmitJobsRequest = Message<"jobwire.v1.SubmitJobsRequest"> & {
+  /**
+   * The queue to run the jobs on.
+   *
+   * @generated from field: string queue = 1;
+   */
+  queue: string;
+
+  /**
+   * The jobs (1 to 1,000). Each one's `queue` is empty or this call's queue.
+   *
+   * @generated from field: repeated jobwire.v1.SubmitJobRequest jobs = 2;
+   */
+  jobs: SubmitJobRequest[];
+};
+
+/**
+ * Describes the message jobwire.v1.SubmitJobsRequest.
+ * Use `create(SubmitJobsRequestSchema)` to create a new message.
+ */
+export const SubmitJobsRequestSchema: GenMessage<SubmitJobsRequest> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_jobs, 6);
+
+/**
+ * Response of `SubmitJobs`.
+ *
+ * @generated from message jobwire.v1.SubmitJobsResponse
+ */
+export type SubmitJobsResponse = Message<"jobwire.v1.SubmitJobsResponse"> & {
+  /**
+   * One per submitted job, in order, as `SubmitJob` answers (without
+   * `waiting_reason`: ask `GetJob`).
+   *
+   * @generated from field: repeated jobwire.v1.SubmitJobResponse jobs = 1;
+   */
+  jobs: SubmitJobResponse[];
+};
+
+/**
+ * Describes the message jobwire.v1.SubmitJobsResponse.
+ * Use `create(SubmitJobsResponseSchema)` to create a new message.
+ */
+export const SubmitJobsResponseSchema: GenMessage<SubmitJobsResponse> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_jobs, 7);
+
+/**
  * Request of `ListJobs`.
  *
  * @generated from message jobwire.v1.ListJobsRequest
@@ -443,7 +493,7 @@ export type ListJobsRequest = Message<"jobwire.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 6);
+  messageDesc(file_jobwire_v1_jobs, 8);
 
 /**
  * Response of `ListJobs`.
@@ -471,7 +521,7 @@ export type ListJobsResponse = Message<"jobwire.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 7);
+  messageDesc(file_jobwire_v1_jobs, 9);
 
 /**
  * Request of `GetJob`.
@@ -499,7 +549,7 @@ export type GetJobRequest = Message<"jobwire.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 8);
+  messageDesc(file_jobwire_v1_jobs, 10);
 
 /**
  * Response of `GetJob`.
@@ -520,7 +570,7 @@ export type GetJobResponse = Message<"jobwire.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 9);
+  messageDesc(file_jobwire_v1_jobs, 11);
 
 /**
  * Request of `GetJobDefinition`.
@@ -548,7 +598,7 @@ export type GetJobDefinitionRequest = Message<"jobwire.v1.GetJobDefinitionReques
  * Use `create(GetJobDefinitionRequestSchema)` to create a new message.
  */
 export const GetJobDefinitionRequestSchema: GenMessage<GetJobDefinitionRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 10);
+  messageDesc(file_jobwire_v1_jobs, 12);
 
 /**
  * Response of `GetJobDefinition`.
@@ -569,7 +619,7 @@ export type GetJobDefinitionResponse = Message<"jobwire.v1.GetJobDefinitionRespo
  * Use `create(GetJobDefinitionResponseSchema)` to create a new message.
  */
 export const GetJobDefinitionResponseSchema: GenMessage<GetJobDefinitionResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 11);
+  messageDesc(file_jobwire_v1_jobs, 13);
 
 /**
  * Request of `GetJobResult`.
@@ -597,7 +647,7 @@ export type GetJobResultRequest = Message<"jobwire.v1.GetJobResultRequest"> & {
  * Use `create(GetJobResultRequestSchema)` to create a new message.
  */
 export const GetJobResultRequestSchema: GenMessage<GetJobResultRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 12);
+  messageDesc(file_jobwire_v1_jobs, 14);
 
 /**
  * Response of `GetJobResult`.
@@ -632,7 +682,7 @@ export type GetJobResultResponse = Message<"jobwire.v1.GetJobResultResponse"> & 
  * Use `create(GetJobResultResponseSchema)` to create a new message.
  */
 export const GetJobResultResponseSchema: GenMessage<GetJobResultResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 13);
+  messageDesc(file_jobwire_v1_jobs, 15);
 
 /**
  * Request of `GetJobLogs`.
@@ -682,7 +732,7 @@ export type GetJobLogsRequest = Message<"jobwire.v1.GetJobLogsRequest"> & {
  * Use `create(GetJobLogsRequestSchema)` to create a new message.
  */
 export const GetJobLogsRequestSchema: GenMessage<GetJobLogsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 14);
+  messageDesc(file_jobwire_v1_jobs, 16);
 
 /**
  * Response of `GetJobLogs`.
@@ -724,7 +774,7 @@ export type GetJobLogsResponse = Message<"jobwire.v1.GetJobLogsResponse"> & {
  * Use `create(GetJobLogsResponseSchema)` to create a new message.
  */
 export const GetJobLogsResponseSchema: GenMessage<GetJobLogsResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 15);
+  messageDesc(file_jobwire_v1_jobs, 17);
 
 /**
  * Request of `WatchJob`.
@@ -759,7 +809,7 @@ export type WatchJobRequest = Message<"jobwire.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 16);
+  messageDesc(file_jobwire_v1_jobs, 18);
 
 /**
  * One message of `WatchJob`.
@@ -797,7 +847,7 @@ export type WatchJobResponse = Message<"jobwire.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 17);
+  messageDesc(file_jobwire_v1_jobs, 19);
 
 /**
  * Consecutive chunks of one log of a job.
@@ -839,7 +889,7 @@ export type LogBatch = Message<"jobwire.v1.LogBatch"> & {
  * Use `create(LogBatchSchema)` to create a new message.
  */
 export const LogBatchSchema: GenMessage<LogBatch> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 18);
+  messageDesc(file_jobwire_v1_jobs, 20);
 
 /**
  * Request of `StreamJob`.
@@ -885,7 +935,7 @@ export type StreamJobRequest = Message<"jobwire.v1.StreamJobRequest"> & {
  * Use `create(StreamJobRequestSchema)` to create a new message.
  */
 export const StreamJobRequestSchema: GenMessage<StreamJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 19);
+  messageDesc(file_jobwire_v1_jobs, 21);
 
 /**
  * Request of `GetJobInput`.
@@ -920,7 +970,7 @@ export type GetJobInputRequest = Message<"jobwire.v1.GetJobInputRequest"> & {
  * Use `create(GetJobInputRequestSchema)` to create a new message.
  */
 export const GetJobInputRequestSchema: GenMessage<GetJobInputRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 20);
+  messageDesc(file_jobwire_v1_jobs, 22);
 
 /**
  * Request of `GetJobOutput`.
@@ -955,7 +1005,7 @@ export type GetJobOutputRequest = Message<"jobwire.v1.GetJobOutputRequest"> & {
  * Use `create(GetJobOutputRequestSchema)` to create a new message.
  */
 export const GetJobOutputRequestSchema: GenMessage<GetJobOutputRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 21);
+  messageDesc(file_jobwire_v1_jobs, 23);
 
 /**
  * Request of `CancelJob`.
@@ -992,7 +1042,7 @@ export type CancelJobRequest = Message<"jobwire.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 22);
+  messageDesc(file_jobwire_v1_jobs, 24);
 
 /**
  * Response of `CancelJob`.
@@ -1013,7 +1063,7 @@ export type CancelJobResponse = Message<"jobwire.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 23);
+  messageDesc(file_jobwire_v1_jobs, 25);
 
 /**
  * Request of `CopyJob`.
@@ -1048,7 +1098,7 @@ export type CopyJobRequest = Message<"jobwire.v1.CopyJobRequest"> & {
  * Use `create(CopyJobRequestSchema)` to create a new message.
  */
 export const CopyJobRequestSchema: GenMessage<CopyJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 24);
+  messageDesc(file_jobwire_v1_jobs, 26);
 
 /**
  * Response of `CopyJob`.
@@ -1076,7 +1126,7 @@ export type CopyJobResponse = Message<"jobwire.v1.CopyJobResponse"> & {
  * Use `create(CopyJobResponseSchema)` to create a new message.
  */
 export const CopyJobResponseSchema: GenMessage<CopyJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 25);
+  messageDesc(file_jobwire_v1_jobs, 27);
 
 /**
  * Request of `DeleteJob`.
@@ -1097,7 +1147,7 @@ export type DeleteJobRequest = Message<"jobwire.v1.DeleteJobRequest"> & {
  * Use `create(DeleteJobRequestSchema)` to create a new message.
  */
 export const DeleteJobRequestSchema: GenMessage<DeleteJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 26);
+  messageDesc(file_jobwire_v1_jobs, 28);
 
 /**
  * Response of `DeleteJob`.
@@ -1118,7 +1168,7 @@ export type DeleteJobResponse = Message<"jobwire.v1.DeleteJobResponse"> & {
  * Use `create(DeleteJobResponseSchema)` to create a new message.
  */
 export const DeleteJobResponseSchema: GenMessage<DeleteJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 27);
+  messageDesc(file_jobwire_v1_jobs, 29);
 
 /**
  * Request of `GetQueueStatus`.
@@ -1139,7 +1189,7 @@ export type GetQueueStatusRequest = Message<"jobwire.v1.GetQueueStatusRequest"> 
  * Use `create(GetQueueStatusRequestSchema)` to create a new message.
  */
 export const GetQueueStatusRequestSchema: GenMessage<GetQueueStatusRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 28);
+  messageDesc(file_jobwire_v1_jobs, 30);
 
 /**
  * Response of `GetQueueStatus`.
@@ -1188,7 +1238,7 @@ export type GetQueueStatusResponse = Message<"jobwire.v1.GetQueueStatusResponse"
  * Use `create(GetQueueStatusResponseSchema)` to create a new message.
  */
 export const GetQueueStatusResponseSchema: GenMessage<GetQueueStatusResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 29);
+  messageDesc(file_jobwire_v1_jobs, 31);
 
 /**
  * A worker as the queue sees it.
@@ -1258,7 +1308,7 @@ export type WorkerInfo = Message<"jobwire.v1.WorkerInfo"> & {
  * Use `create(WorkerInfoSchema)` to create a new message.
  */
 export const WorkerInfoSchema: GenMessage<WorkerInfo> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 30);
+  messageDesc(file_jobwire_v1_jobs, 32);
 
 /**
  * Request of `GetQueueMetrics`.
@@ -1279,7 +1329,7 @@ export type GetQueueMetricsRequest = Message<"jobwire.v1.GetQueueMetricsRequest"
  * Use `create(GetQueueMetricsRequestSchema)` to create a new message.
  */
 export const GetQueueMetricsRequestSchema: GenMessage<GetQueueMetricsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 31);
+  messageDesc(file_jobwire_v1_jobs, 33);
 
 /**
  * Where a job is in its life.
@@ -1545,6 +1595,19 @@ export const JobService: GenService<{
     methodKind: "unary";
     input: typeof SubmitJobRequestSchema;
     output: typeof SubmitJobResponseSchema;
+  },
+  /**
+   * Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
+   * and in order; all are stored in one transaction. An invalid job rejects the
+   * call (the error names its index) and nothing is stored. For sweeps: one
+   * call instead of one per job.
+   *
+   * @generated from rpc jobwire.v1.JobService.SubmitJobs
+   */
+  submitJobs: {
+    methodKind: "unary";
+    input: typeof SubmitJobsRequestSchema;
+    output: typeof SubmitJobsResponseSchema;
   },
   /**
    * Lists a queue's jobs, oldest first, one page at a time.
