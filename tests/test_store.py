@@ -240,7 +240,10 @@ async def test_claim_makes_a_running_attempt_for_the_worker(store: StateStore) -
     job = await claim(store, worker="w7", now=T0 + 2)
     assert (job.id, job.state, job.attempt, job.worker_id) == (submitted.id, RUNNING, 1, "w7")
     assert job.update_time == timestamp(T0 + 2)
-    assigned = job.history[-1]
+    assert job.definition == definition(1) and not job.history  # enough to assign; the history is stored
+    stored = await store.get_job(job.id)
+    assert stored is not None
+    assigned = stored.history[-1]
     assert (assigned.kind, assigned.attempt, assigned.worker_id) == (jobs_pb2.JOB_EVENT_KIND_ASSIGNED, 1, "w7")
     assert await store.queue_counts("q") == {RUNNING: 1}
 

@@ -111,7 +111,7 @@ class StateStore(Protocol):
         self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
     ) -> jobs_pb2.Job | None:
         """Assign the oldest queued job of `queue` needing at most `gpus` GPU devices to the worker as a
-        new attempt."""
+        new attempt; returns it with its definition, without its history."""
 
     async def start(self, attempt: Attempt, now: float) -> jobs_pb2.Job | None:
         """Record that the attempt's container started: the job without its history; None if the attempt
@@ -121,7 +121,8 @@ class StateStore(Protocol):
         """Extend the leases of the worker's attempts; returns those that are stale."""
 
     async def finish(self, attempt: Attempt, result: jobs_pb2.JobResult, now: float) -> jobs_pb2.Job | None:
-        """Finish the job with `result`; None (and no change) if the attempt is stale."""
+        """Finish the job with `result`; returns it with its result, without its history; None (and no
+        change) if the attempt is stale."""
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""

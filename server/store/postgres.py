@@ -227,6 +227,14 @@ class PostgresStore:
         )
         return job_message(tuple(row), namespaces=[r[0] for r in names])
 
+    async def _current(self, db: Connection, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
+        """The job as a transition left it: its definition (and `result`) but no history, which is
+        enough to assign it and to tell watchers."""
+        job = await self._job(db, job_id)
+        assert job is not None
+        definition = await db.fetchval("SELECT definition FROM jobs WHERE id = $1", job_id)
+        return with_details(job, definition, result, [])
+
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction() as db:
             return [await self._submit(db, job, queue, now) for job in jobs]
@@ -328,7 +336,7 @@ class PostgresStore:
                 worker_id=worker_id,
                 message=f"assigned to worker {worker_id} as attempt {attempt}",
             )
-            return await self._full_job(db, job_id)
+            return await self._current(db, job_id)
 
     async def _holds(self, db: Connection, attempt: Attempt) -> str | None:
         """The worker of the attempt, locking its job, if the attempt still holds the job; else None."""
@@ -351,10 +359,7 @@ class PostgresStore:
                 worker_id=worker_id,
                 message="container started",
             )
-            job = await self._job(db, attempt.job_id)
-            assert job is not None
-            definition = await db.fetchval("SELECT definition FROM jobs WHERE id = $1", attempt.job_id)
-            return with_details(job, definition, None, [])  # no history: for watchers
+            return await self._current(db, attempt.job_id)
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
         stale: list[Attempt] = []
@@ -377,13 +382,14 @@ class PostgresStore:
         async with self._transaction() as db:
             if await self._holds(db, attempt) is None:
                 return None
+            stored = result.SerializeToString()
             await db.execute(
                 "UPDATE jobs SET state = $1, finish_reason = $2, update_time = $3, lease_expires = NULL, result = $4"
                 " WHERE id = $5",
                 FINISHED,
                 result.reason,
                 now,
-                result.SerializeToString(),
+                stored,
                 attempt.job_id,
             )
             await self._event(
@@ -395,7 +401,7 @@ class PostgresStore:
                 worker_id=result.worker_id,
                 message=_finish_message(result),
             )
-            return await self._full_job(db, attempt.job_id)
+            return await self._current(db, attempt.job_id, stored)
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         async with self._transaction() as db:

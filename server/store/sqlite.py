@@ -276,6 +276,14 @@ class SqliteStore:
         )
         return job_message(row, namespaces=[r[0] for r in rows])
 
+    def _current(self, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
+        """The job as a transition left it: its definition (and `result`) but no history, which is
+        enough to assign it and to tell watchers."""
+        job = self._job(job_id)
+        assert job is not None
+        (definition,) = self._fetchone("SELECT definition FROM jobs WHERE id = ?", job_id)
+        return with_details(job, definition, result, [])
+
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction():
             return [self._submit(job, queue, now) for job in jobs]
@@ -356,7 +364,7 @@ class SqliteStore:
                 worker_id=worker_id,
                 message=f"assigned to worker {worker_id} as attempt {attempt}",
             )
-        return self._details(job_id)
+            return self._current(job_id)
 
     def _holds(self, attempt: Attempt) -> bool:
         row = self._fetchone("SELECT state, attempt FROM jobs WHERE id = ?", attempt.job_id)
@@ -366,9 +374,7 @@ class SqliteStore:
         async with self._transaction():
             if not self._holds(attempt):
                 return None
-            job = self._job(attempt.job_id)
-            assert job is not None
-            (definition,) = self._fetchone("SELECT definition FROM jobs WHERE id = ?", attempt.job_id)
+            job = self._current(attempt.job_id)
             self._event(
                 attempt.job_id,
                 jobs_pb2.JOB_EVENT_KIND_STARTED,
@@ -377,7 +383,7 @@ class SqliteStore:
                 worker_id=job.worker_id,
                 message="container started",
             )
-            return with_details(job, definition, None, [])  # no history: for watchers
+            return job
 
     async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
         stale: list[Attempt] = []
@@ -395,10 +401,11 @@ class SqliteStore:
         async with self._transaction() as db:
             if not self._holds(attempt):
                 return None
+            stored = result.SerializeToString()
             db.execute(
                 "UPDATE jobs SET state = ?, finish_reason = ?, update_time = ?, lease_expires = NULL, result = ?"
                 " WHERE id = ?",
-                (FINISHED, result.reason, now, result.SerializeToString(), attempt.job_id),
+                (FINISHED, result.reason, now, stored, attempt.job_id),
             )
             self._event(
                 attempt.job_id,
@@ -408,7 +415,7 @@ class SqliteStore:
                 worker_id=result.worker_id,
                 message=_finish_message(result),
             )
-        return self._details(attempt.job_id)
+            return self._current(attempt.job_id, stored)
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         async with self._transaction():
