@@ -12,7 +12,7 @@ from google.protobuf import json_format
 
 from jobwire import Job
 from jobwire.cli.console import CliError, Connection, Json, connect, human_size, print_json
-from jobwire.cli.submission import stdin_definition, submit_options
+from jobwire.cli.submission import definition_lines, stdin_definition, submit_options
 from jobwire.cli.terminal import Transfers, stderr_console, stream_job, summary
 from jobwire.cli.views import job_lines, job_row
 from jobwire.definition import inline_bytes
@@ -89,6 +89,36 @@ async def add(
         if not wait:
             return 0
         return await _finish(submitted, outputs, exit_code)
+
+
+@job.command(name="add-many")
+async def add_many(
+    queue: str,
+    definitions: Annotated[str, Parameter(help="A JSON Lines file of definitions; `-` reads stdin.")] = "-",
+    *,
+    namespace: str | None = None,
+    connection: Connection = Connection(),
+) -> None:
+    """Submit a sweep: one job per line of DEFINITIONS (a definition, or `{"definition": …}`), in
+    order, 1,000 per call; prints their ids, one a line. Every line is checked before any is sent.
+
+    Parameters
+    ----------
+    queue
+        The queue to run the jobs on.
+    namespace
+        The submissions' namespace (a namespace keeps its last job: leave it out for sweeps).
+    """
+    if definitions == "-":
+        text, where = sys.stdin.read(), "stdin"
+    else:
+        try:
+            text, where = Path(definitions).read_text(), definitions
+        except OSError as error:
+            raise CliError(f"cannot read {definitions}: {error.strerror}", 2) from None
+    async with connect(connection) as client:
+        for submitted in await client.submit_many(queue, definition_lines(text, where), namespace=namespace):
+            print(submitted.id)
 
 
 @job.command

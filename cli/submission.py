@@ -30,6 +30,25 @@ def stdin_definition() -> tuple[dict[str, Any], str | None]:
     return definition, control.get("namespace")
 
 
+def definition_lines(text: str, where: str) -> list[dict[str, Any]]:
+    """The definitions of a JSON Lines text, one a line (blank lines skipped): each a bare
+    definition or a `{definition}` object as `stdin_definition` reads."""
+    definitions = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            payload = loads(line)
+        except ValueError as error:
+            raise InvalidDefinition(f"invalid definition on line {number} of {where}: {error}") from None
+        if isinstance(payload, dict) and isinstance(payload.get("definition"), dict):
+            payload = payload["definition"]
+        if not isinstance(payload, dict):
+            raise InvalidDefinition(f"invalid definition on line {number} of {where}: expected a JSON object")
+        definitions.append(payload)
+    return definitions
+
+
 def submit_options(
     base: dict[str, Any] | None,
     image: str,

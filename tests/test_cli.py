@@ -185,6 +185,20 @@ async def test_json_of_job_get_and_queue_status_matches_rest(
     assert printed["finished"] == "1"
 
 
+async def test_job_add_many_submits_a_sweep_from_json_lines_in_order(cli: Cli, client: Client, queue: str) -> None:
+    lines = [json.dumps({"image": BUSYBOX, "command": f"echo {n}", "env": {"Q": queue}}) for n in range(3)]
+    lines.insert(1, "")  # blank lines are skipped; a `{"definition": …}` line is the same as a bare one
+    lines.append(json.dumps({"definition": {"image": BUSYBOX, "command": "echo 3", "env": {"Q": queue}}}))
+    ran = await cli("job", "add-many", queue, stdin="\n".join(lines) + "\n")
+    assert ran.code == 0, ran.err
+    assert ran.out.split() == [job.id async for job in client.jobs(queue)] and len(ran.out.split()) == 4
+    broken = await cli("job", "add-many", queue, stdin=lines[0] + "\n{broken\n")
+    assert (broken.code, broken.out) == (5, "") and "line 2 of stdin" in broken.err
+    missing = await cli("job", "add-many", queue, "missing.jsonl")
+    assert missing.code == 2 and "cannot read missing.jsonl" in missing.err
+    assert (await client.queue_status(queue)).queued == 4  # nothing of the refused ones
+
+
 async def test_errors_are_one_line_with_distinct_exit_codes(cli: Cli, queue: str) -> None:
     unreachable = await cli("job", "get", "0" * 64, "--server", f"127.0.0.1:{free_port()}", "--retries", "0")
     unknown = await cli("job", "get", "0" * 64)
