@@ -750,6 +750,26 @@ async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together
         assert [(await claim(store)).id for _ in range(2)] == [job_id(definition(1)), job_id(definition(3))]
 
 
+async def test_a_burst_of_operations_over_several_loop_turns_shares_one_commit(tmp_path: Path) -> None:
+    """SQLite: the group commit waits while every loop turn brings a new operation (up to
+    GROUP_SECONDS), and a lone operation commits after one quiet turn."""
+    async with sqlite(tmp_path) as store:
+        assert isinstance(store, SqliteStore)
+        commits: list[str] = []
+        store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+
+        async def later(turns: int, n: int) -> jobs_pb2.Job:
+            for _ in range(turns):
+                await asyncio.sleep(0)  # one loop turn each
+            return await submit(store, n)
+
+        await asyncio.gather(*(later(turn, n) for turn, n in enumerate((1, 2, 3, 4))))
+        assert len(commits) == 1
+        await submit(store, 5)
+        assert len(commits) == 2
+        assert await store.queue_counts("q") == {QUEUED: 5}
+
+
 # Workers
 
 
