@@ -145,8 +145,9 @@ class JobServiceServicer:
     def SubmitJobs(self, request, context):
         """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
         and in order; all are stored in one transaction. An invalid job rejects the
-        call (the error names its index) and nothing is stored. For sweeps: one
-        call instead of one per job.
+        call (the error names its index) and nothing is stored; so does a call
+        over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
+        one call instead of one per job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,8 +48,9 @@ class JobServiceStub:
     SubmitJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobsRequest, _jobs_pb2.SubmitJobsResponse]
     """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
     and in order; all are stored in one transaction. An invalid job rejects the
-    call (the error names its index) and nothing is stored. For sweeps: one
-    call instead of one per job.
+    call (the error names its index) and nothing is stored; so does a call
+    over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
+    one call instead of one per job.
     """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """Lists a queue's jobs, oldest first, one page at a time."""
@@ -129,8 +130,9 @@ class JobServiceAsyncStub(JobServiceStub):
     SubmitJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobsRequest, _jobs_pb2.SubmitJobsResponse]  # type: ignore[assignment]
     """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
     and in order; all are stored in one transaction. An invalid job rejects the
-    call (the error names its index) and nothing is stored. For sweeps: one
-    call instead of one per job.
+    call (the error names its index) and nothing is stored; so does a call
+    over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
+    one call instead of one per job.
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists a queue's jobs, oldest first, one page at a time."""
@@ -219,8 +221,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.SubmitJobsResponse, _abc.Awaitable[_jobs_pb2.SubmitJobsResponse]]:
         """Submits up to 1,000 jobs to a queue in one call, each as `SubmitJob` would
         and in order; all are stored in one transaction. An invalid job rejects the
-        call (the error names its index) and nothing is stored. For sweeps: one
-        call instead of one per job.
+        call (the error names its index) and nothing is stored; so does a call
+        over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
+        one call instead of one per job.
         """
 
     @_abc_1.abstractmethod
