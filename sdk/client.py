@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import json_format
 
 from jobwire.connection import Calls, Retry, Target, open_channel
-from jobwire.definition import DefinitionError, validate
+from jobwire.definition import MAX_BATCH_JOBS, DefinitionError, validate
 from jobwire.errors import InvalidDefinition
 from jobwire.files import FileClient, Progress
 from jobwire.inputs import Files, Upload, local_inputs, pack_context
@@ -32,8 +32,6 @@ from jobwire.job import Job
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
 
 DEFAULT_TARGET = "localhost:8080"
-BATCH_SIZE = 1000
-"""Jobs per `SubmitJobs` call: the server's most."""
 Definition = definition_pb2.JobDefinition | Mapping[str, Any]
 """A JobDefinition message, or the seed's definition JSON as a dict."""
 
@@ -183,8 +181,8 @@ class Client:
                 request.control.namespace = namespace
             requests.append(request)
         jobs = []
-        for start in range(0, len(requests), BATCH_SIZE):
-            batch = jobs_pb2.SubmitJobsRequest(queue=queue, jobs=requests[start : start + BATCH_SIZE])
+        for start in range(0, len(requests), MAX_BATCH_JOBS):
+            batch = jobs_pb2.SubmitJobsRequest(queue=queue, jobs=requests[start : start + MAX_BATCH_JOBS])
             for response in (await self.calls.unary(self.job_service.SubmitJobs, batch)).jobs:
                 jobs.append(Job(self, response.job_id, queue=queue, namespace=namespace or "", snapshot=response.job))
         return jobs

@@ -43,6 +43,8 @@ MAX_INLINE_BYTES = 1024 * 1024
 """Largest inline (base64, utf8, json) input or config file; larger files go to the blob store."""
 MAX_DEFINITION_BYTES = 8 * 1024 * 1024
 """Largest definition, inline inputs included."""
+MAX_BATCH_JOBS = 1000
+"""Most jobs one `SubmitJobs` call takes."""
 
 
 class DefinitionError(ValueError):

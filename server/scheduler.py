@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from jobwire.definition import DefinitionError, job_id, validate
+from jobwire.definition import MAX_BATCH_JOBS, DefinitionError, job_id, validate
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus
 from jobwire.server.errors import InvalidArgument, NotFound
@@ -32,8 +32,6 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
-BATCH_MAX = 1000
-"""Most jobs one SubmitJobs call takes."""
 
 
 class Scheduler:
@@ -71,8 +69,8 @@ class Scheduler:
         """`submit` of each request, in order, stored in one transaction: all or none (an invalid
         one is named by its index). The jobs come without waiting reasons."""
         check_queue(queue)
-        if not 1 <= len(requests) <= BATCH_MAX:
-            raise InvalidArgument(f"submit 1 to {BATCH_MAX:,} jobs at once, not {len(requests):,}")
+        if not 1 <= len(requests) <= MAX_BATCH_JOBS:
+            raise InvalidArgument(f"submit 1 to {MAX_BATCH_JOBS:,} jobs at once, not {len(requests):,}")
         submissions = []
         for index, request in enumerate(requests):
             try:
