@@ -2,8 +2,8 @@
 
 Statements run on the event loop's own thread. Each takes microseconds, far less than a hop to
 another thread and back (aiosqlite's way, which bounded the server at ~100 jobs/s), and no
-operation awaits between its statements, so operations cannot interleave and need no lock. The
-operations of one loop turn share one commit (see `_transaction`). What could
+operation awaits between its statements, so operations cannot interleave and need no lock.
+Operations that arrive together share one commit (see `_commit_when_quiet`). What could
 block the loop runs in a thread on a connection of its own: WAL checkpoints (the only writes
 that fsync, see `_checkpoint_forever`) and whole-table scans (`blob_references`)."""
 
