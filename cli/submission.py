@@ -16,37 +16,33 @@ DEFAULT_IMAGE = "alpine:latest"
 
 def stdin_definition() -> tuple[dict[str, Any], str | None]:
     """The definition JSON on stdin (a bare definition or the seed's `{definition, control}`) and its namespace."""
+    return parsed_definition(sys.stdin.read(), "stdin")
+
+
+def definition_lines(text: str, where: str) -> list[dict[str, Any]]:
+    """The definitions of a JSON Lines text, one a line (blank lines skipped), each read as
+    `parsed_definition` reads one (a line's `control` is not used: `add-many` takes `--namespace`)."""
+    return [
+        parsed_definition(line, f"line {number} of {where}")[0]
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def parsed_definition(text: str, where: str) -> tuple[dict[str, Any], str | None]:
+    """A definition JSON (bare, or the seed's `{definition, control}`) and its namespace, if any."""
     try:
-        payload = loads(sys.stdin.read())
+        payload = loads(text)
     except ValueError as error:
-        raise InvalidDefinition(f"invalid definition on stdin: {error}") from None
+        raise InvalidDefinition(f"invalid definition on {where}: {error}") from None
     if not isinstance(payload, dict):
-        raise InvalidDefinition("invalid definition on stdin: expected a JSON object")
+        raise InvalidDefinition(f"invalid definition on {where}: expected a JSON object")
     if "definition" not in payload:
         return payload, None
     definition, control = payload["definition"], payload.get("control") or {}
     if not isinstance(definition, dict) or not isinstance(control, dict):
-        raise InvalidDefinition("invalid definition on stdin: `definition` and `control` must be objects")
+        raise InvalidDefinition(f"invalid definition on {where}: `definition` and `control` must be objects")
     return definition, control.get("namespace")
-
-
-def definition_lines(text: str, where: str) -> list[dict[str, Any]]:
-    """The definitions of a JSON Lines text, one a line (blank lines skipped): each a bare
-    definition or a `{definition}` object as `stdin_definition` reads."""
-    definitions = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            payload = loads(line)
-        except ValueError as error:
-            raise InvalidDefinition(f"invalid definition on line {number} of {where}: {error}") from None
-        if isinstance(payload, dict) and isinstance(payload.get("definition"), dict):
-            payload = payload["definition"]
-        if not isinstance(payload, dict):
-            raise InvalidDefinition(f"invalid definition on line {number} of {where}: expected a JSON object")
-        definitions.append(payload)
-    return definitions
 
 
 def submit_options(
