@@ -118,18 +118,15 @@ async def celery_rates(ctx: Context, url: str) -> dict[str, Rate]:
 async def _celery_rate(noop: Any, queue: str, counter: Any, sizes: Any, mode: str) -> Rate:
     from celery import group
 
-    from bench.throughput import timed
+    from bench.throughput import timed, timed_batches
 
     total, in_flight = sizes["throughput_jobs"], sizes["throughput_in_flight"]
     if mode == "batches":  # a group of `in_flight` tasks per publish
 
-        async def submit(index: int) -> object:
-            if index % in_flight == 0:
-                tasks = group(noop.si() for _ in range(min(in_flight, total - index)))
-                await asyncio.to_thread(tasks.apply_async, queue=queue)
-            return None
+        async def submit(jobs: range) -> object:
+            return await asyncio.to_thread(group(noop.si() for _ in jobs).apply_async, queue=queue)
 
-        return await timed(submit, _counter(counter), total, 1, "one by one")
+        return await timed_batches(submit, _counter(counter), total, in_flight)
 
     async def one(index: int) -> object:
         return await asyncio.to_thread(noop.apply_async, queue=queue)

@@ -90,10 +90,8 @@ async def _jobwire(ctx: Context) -> dict[str, Rate]:
             async def submit(index: int) -> object:
                 return await client.submit(queue, noop(index))
 
-            async def submit_batch(index: int) -> object:  # one SubmitJobs call per `in_flight` jobs
-                if index % in_flight:
-                    return None
-                return await client.submit_many(queue, [noop(n) for n in range(index, min(index + in_flight, total))])
+            async def submit_many(jobs: range) -> object:  # one SubmitJobs call
+                return await client.submit_many(queue, [noop(n) for n in jobs])
 
             async def finished(before: int = before) -> int:
                 return await done() - before
@@ -103,7 +101,7 @@ async def _jobwire(ctx: Context) -> dict[str, Rate]:
                 continue
             used = _cpu_by_process(stack.server.pid, workers.pid)
             if mode == "batches":  # as Celery's batches: one call for many jobs, one call after another
-                rates[mode] = await timed(submit_batch, finished, total, 1, "one by one")
+                rates[mode] = await timed_batches(submit_many, finished, total, in_flight)
             else:
                 rates[mode] = await timed(submit, finished, total, in_flight, mode)
             split = ", ".join(
@@ -165,6 +163,17 @@ async def _serve(target: str, queue: str, count: int, slots: int, directory: Pat
         )
         daemons.append(Daemon(settings, cast(DockerRuntime, FakeRuntime())))
     await asyncio.gather(*(daemon.run() for daemon in daemons))
+
+
+async def timed_batches(
+    submit: Callable[[range], Awaitable[object]], finished: Callable[[], Awaitable[int]], total: int, size: int
+) -> Rate:
+    """`timed` one by one, `size` jobs per submission (given their indices), one after another."""
+
+    async def every(index: int) -> object:
+        return None if index % size else await submit(range(index, min(index + size, total)))
+
+    return await timed(every, finished, total, 1, "one by one")
 
 
 async def timed(submit: Submit, finished: Callable[[], Awaitable[int]], total: int, in_flight: int, mode: str) -> Rate:
