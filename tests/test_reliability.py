@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from jobwire.cli.services import free_port
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
+from jobwire.worker.runner import _Seen
 from tests.conftest import BUSYBOX, PYTHON, Processes, Stack, StartWorker, eventually, wait_finished
 
 pytestmark = pytest.mark.docker
@@ -111,6 +112,18 @@ async def test_worker_restarted_mid_job_goes_on_with_the_log_where_the_server_ha
         for stream in (jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR)
     }
     assert by_stream == {jobs_pb2.LOG_STREAM_STDOUT: "one\ntwo\n", jobs_pb2.LOG_STREAM_STDERR: "uno\ndos\n"}
+
+
+def test_reading_a_log_again_hands_on_only_what_the_first_read_missed() -> None:
+    """The engine may write an entry of stdout after a later one of stderr, so a second read starts a
+    little before the latest entry seen and skips what was handed on (repeats of a time included)."""
+    seen = _Seen()
+    out, err = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
+    for entry in (((99, 0), out), ((103, 1), out), ((103, 1), out), ((104, 0), err)):  # the first read
+        seen.add(entry)
+    assert seen.since() == "102.000000000"  # entries before it are not read again
+    again = [((103, 1), out), ((103, 1), out), ((103, 1), out), ((103, 9), out), ((104, 0), err)]
+    assert [entry for entry in again if not seen.take(entry)] == [((103, 1), out), ((103, 9), out)]
 
 
 class CuttableProxy:

@@ -11,6 +11,7 @@ log (one entry a line, far slower to serve: the engine flushes every entry).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -290,48 +291,69 @@ def _close(attached: tuple[Any, Any]) -> None:
     socket.close()
 
 
+_REORDER_SECONDS = 2
+"""How much earlier than the latest entry seen a late entry of the other stream may be stamped: the
+engine copies stdout and stderr in a goroutine each, so it can write an entry of one after a later
+one of the other."""
+
+
 def _read_log(client: docker.DockerClient, container_id: str, put: Put) -> None:
     """Hand on the container's log from its first entry to its end."""
-    seen = _read_logs(client, container_id, put, True)
-    # A follower may end before the engine wrote the last entry (an unterminated last line is
-    # flushed when the output closes): read on from the last entry seen, without following.
+    seen = _Seen()
+    _read_logs(client, container_id, put, True, seen)
+    # A follower may end before the engine wrote the last entries (an unterminated last line is
+    # flushed when the output closes): read on, without following, from a little before the latest
+    # entry seen, skipping what was handed on.
     _read_logs(client, container_id, put, False, seen)
 
 
-def _read_logs(
-    client: docker.DockerClient, container_id: str, put: Put, follow: bool, after: tuple[str, int] = ("", 0)
-) -> tuple[str, int]:
-    """Read the container's log: frames of an 8-byte header (stream, size) and a timestamped entry.
+class _Seen:
+    """The entries handed on lately, by (time, stream), to skip when a log is read again."""
 
-    `after` is (the last timestamp seen, how many entries had it): only later entries are put.
-    Returns the same for what this read saw."""
-    last, repeats = after
+    def __init__(self) -> None:
+        self.latest = (0, 0)
+        self.recent: collections.deque[tuple[tuple[int, int], int]] = collections.deque()
+        self.counts: collections.Counter[tuple[tuple[int, int], int]] = collections.Counter()
+
+    def since(self) -> str:
+        """The `since` of a read that overlaps the entries kept (empty: none seen, read all)."""
+        seconds, nanos = self.latest
+        return f"{max(seconds - _REORDER_SECONDS, 0)}.{nanos:09d}" if self.latest > (0, 0) else ""
+
+    def add(self, entry: tuple[tuple[int, int], int]) -> None:
+        self.latest = max(self.latest, entry[0])
+        self.recent.append(entry)
+        self.counts[entry] += 1
+        while self.recent[0][0] < (self.latest[0] - _REORDER_SECONDS, self.latest[1]):
+            self.counts[self.recent.popleft()] -= 1
+
+    def take(self, entry: tuple[tuple[int, int], int]) -> bool:
+        """True (and forgotten) when the entry was handed on already."""
+        if self.counts[entry] <= 0:
+            return False
+        self.counts[entry] -= 1
+        return True
+
+
+def _read_logs(client: docker.DockerClient, container_id: str, put: Put, follow: bool, seen: _Seen) -> None:
+    """Read the container's log (frames of an 8-byte header, stream and size, then a timestamped entry),
+    handing each entry on and adding it to `seen`; a read not following skips what `seen` holds."""
     params: dict[str, Any] = {"follow": int(follow), "stdout": 1, "stderr": 1, "timestamps": 1}
-    if last:
-        params["since"] = _docker_since(last)
+    if since := seen.since():
+        params["since"] = since
     api: Any = client.api  # the raw response: the SDK's helpers drop the stream ids of timestamped logs
     url = api._url("/containers/{0}/logs", container_id)
-    skip, last_key = (repeats, _stamp_key(last)) if last else (0, (0, 0))
     with api._get(url, params=params, stream=True, timeout=None) as response:
         api._raise_for_status(response)
         while len(header := _read_exactly(response.raw, 8)) == 8:
             stream = STDERR if header[0] == 2 else STDOUT
             stamp_bytes, _, data = _read_exactly(response.raw, int.from_bytes(header[4:8], "big")).partition(b" ")
             stamp = stamp_bytes.decode()
-            key = _stamp_key(stamp)
-            if key < last_key or (key == last_key and skip > 0):
-                skip -= key == last_key
+            entry = (_stamp_key(stamp), stream)
+            if not follow and seen.take(entry):  # a read again: the entries handed on already
                 continue
-            repeats = repeats + 1 if key == last_key else 1
-            last, last_key = stamp, key
+            seen.add(entry)
             put(stream, data, stamp)
-    return last, repeats
-
-
-def _docker_since(stamp: str) -> str:
-    """An engine timestamp as the `since` parameter: seconds.nanoseconds."""
-    seconds, nanos = _stamp_key(stamp)
-    return f"{seconds}.{nanos:09d}"
 
 
 def _stamp_key(stamp: str) -> tuple[int, int]:
