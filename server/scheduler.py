@@ -231,7 +231,11 @@ class Scheduler:
         if job is None:
             log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
             return None
-        log.info("job %s finished: %s", job.id, jobs_pb2.FinishReason.Name(job.finish_reason))
+        # Each success at DEBUG, like queued and assigned (a busy server finishes thousands a second);
+        # other endings at INFO, where an operator looks.
+        level = logging.DEBUG if job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "job %s finished: %s", job.id, jobs_pb2.FinishReason.Name(job.finish_reason))
         self.metrics.finished(job)
         await self.publish_job(job)
         return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from jobwire.v1 import jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 1024
+HANDLING_LIMIT = 64
+"""Messages of one worker handled at once (see `WorkerSession.receive`)."""
 
 
 class ProtocolError(Exception):
@@ -45,6 +48,8 @@ class WorkerSession:
         self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
         self.wake = asyncio.Event()
         self.draining = False
+        self._handling = asyncio.Semaphore(HANDLING_LIMIT)
+        self._latest: dict[str, asyncio.Task[None]] = {}  # the last message handled of each job
 
     async def open(self) -> workers_pb2.WorkerRegistered:
         """Accept the registration: keep the attempts the worker still holds, report the stale ones."""
@@ -89,8 +94,36 @@ class WorkerSession:
         await self.scheduler.store.remove_worker(self.worker_id, session=self.session_id)
         log.info("worker %s disconnected", self.worker_id)
 
+    async def receive(self, request: workers_pb2.ConnectRequest, group: asyncio.TaskGroup) -> None:
+        """Handle a message from the worker (each of a batch) in a task of `group`: messages about
+        different jobs do not wait for each other's store commits, those about one job (and the
+        heartbeats among themselves) are handled in the order sent. Waits while `HANDLING_LIMIT`
+        messages are in hand."""
+        if request.HasField("batch"):
+            messages = list(request.batch.messages)
+            if any(message.HasField("batch") for message in messages):
+                raise ProtocolError("a batch may not hold another batch")
+        else:
+            messages = [request]
+        for message in messages:
+            await self._handling.acquire()
+            subject = _subject(message)
+            task = group.create_task(self._handle_after(self._latest.get(subject), message))
+            self._latest[subject] = task
+            task.add_done_callback(functools.partial(self._handled, subject))
+
+    async def _handle_after(self, previous: asyncio.Task[None] | None, message: workers_pb2.ConnectRequest) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self.handle(message)
+
+    def _handled(self, subject: str, task: asyncio.Task[None]) -> None:
+        self._handling.release()
+        if self._latest.get(subject) is task:
+            del self._latest[subject]
+
     async def handle(self, request: workers_pb2.ConnectRequest) -> None:
-        """Act on one message from the worker."""
+        """Act on one message from the worker (not a batch)."""
         match request.WhichOneof("message"):
             case "heartbeat":
                 await self._on_heartbeat(request.heartbeat)
@@ -107,18 +140,10 @@ class WorkerSession:
                 await self._on_finished(request.finished)
             case "released":
                 await self._on_released(request.released)
-            case "batch":
-                await self._on_batch(request.batch)
             case "register":
                 raise ProtocolError("`register` may only be the first message")
             case _:
                 raise ProtocolError("empty message")
-
-    async def _on_batch(self, batch: workers_pb2.ConnectRequestBatch) -> None:
-        for message in batch.messages:
-            if message.HasField("batch"):
-                raise ProtocolError("a batch may not hold another batch")
-            await self.handle(message)
 
     async def _on_heartbeat(self, heartbeat: workers_pb2.Heartbeat) -> None:
         if heartbeat.draining and not self.draining:
@@ -202,3 +227,9 @@ class WorkerSession:
             max_job_duration=self.register.max_job_duration,
         )
         await self.scheduler.store.upsert_worker(info, queue=self.queue, session=self.session_id)
+
+
+def _subject(message: workers_pb2.ConnectRequest) -> str:
+    """The job a message is about ("" for heartbeats and messages about none)."""
+    kind = message.WhichOneof("message")
+    return getattr(message, kind).job_id if kind in ("started", "logs", "finished", "released") else ""

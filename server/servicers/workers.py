@@ -49,7 +49,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                 runner = group.create_task(session.run())
                 try:
                     async for request in requests:
-                        await session.handle(request)
+                        await session.receive(request, group)
                 finally:
                     pump.cancel()
                     runner.cancel()
