@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import pytest
@@ -19,6 +20,7 @@ class _Scheduler:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.gates: dict[str, asyncio.Event] = {}
+        self.finished_jobs: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
 
     async def started(self, attempt: Attempt) -> bool:
         self.calls.append(("started", attempt.job_id))
@@ -29,6 +31,7 @@ class _Scheduler:
 
     async def finished(self, attempt: Attempt, result: jobs_pb2.JobResult) -> jobs_pb2.Job:
         self.calls.append(("finished", attempt.job_id))
+        self.finished_jobs[attempt.job_id].set()
         return jobs_pb2.Job(id=attempt.job_id)
 
 
@@ -55,8 +58,7 @@ async def test_a_jobs_messages_keep_their_order_while_another_jobs_go_past() -> 
     session = _session(scheduler)
     async with asyncio.TaskGroup() as group:
         await session.receive(_batch(_started("a"), _finished("a"), _started("b"), _finished("b")), group)
-        while ("finished", "b") not in scheduler.calls:
-            await asyncio.sleep(0)
+        await scheduler.finished_jobs["b"].wait()
         assert ("finished", "a") not in scheduler.calls  # a's start is still being stored
         scheduler.gates["a"].set()
     assert scheduler.calls.index(("started done", "a")) < scheduler.calls.index(("finished", "a"))
