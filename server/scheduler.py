@@ -207,15 +207,16 @@ class Scheduler:
             raise NotFound(f"job {job_id} not found")
         return await self.submit(queue, job.definition, control)
 
-    async def claim(self, queue: str, worker_id: str, gpus: int) -> jobs_pb2.Job | None:
-        """Assign the queue's oldest waiting job that needs at most `gpus` devices to the worker."""
-        job = await self.store.claim(
-            queue=queue, worker_id=worker_id, now=self.clock(), lease=self.settings.lease_seconds, gpus=gpus
+    async def claim(self, queue: str, worker_id: str, gpus: int, count: int) -> list[jobs_pb2.Job]:
+        """Assign up to `count` of the queue's oldest waiting jobs that fit in `gpus` devices to the worker."""
+        lease = self.settings.lease_seconds
+        jobs = await self.store.claim(
+            queue=queue, worker_id=worker_id, now=self.clock(), lease=lease, gpus=gpus, count=count
         )
-        if job is not None:
+        for job in jobs:
             log.debug("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)
             await self.publish_job(job)
-        return job
+        return jobs
 
     async def started(self, attempt: Attempt) -> bool:
         """The attempt's container started; False if stale."""

@@ -188,15 +188,17 @@ class WorkerSession:
             self.wake.clear()
             while not self.draining and len(self.running) < self.register.cpus:
                 free_gpus = len(self.register.gpus) - sum(self.gpus_used.values())
-                job = await self.scheduler.claim(self.queue, self.worker_id, free_gpus)
-                if job is None:
+                free = self.register.cpus - len(self.running)
+                jobs = await self.scheduler.claim(self.queue, self.worker_id, free_gpus, free)
+                for job in jobs:
+                    self.running[job.id] = job.attempt
+                    self.gpus_used[job.id] = job.definition.requirements.gpus
+                    assignment = workers_pb2.JobAssignment(
+                        job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
+                    )
+                    await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
+                if len(jobs) < free:
                     break
-                self.running[job.id] = job.attempt
-                self.gpus_used[job.id] = job.definition.requirements.gpus
-                assignment = workers_pb2.JobAssignment(
-                    job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
-                )
-                await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
 
     async def _relay_queue(self) -> None:
         async with self.scheduler.bus.subscribe(topics.queue(self.queue)) as subscription:

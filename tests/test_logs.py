@@ -32,8 +32,7 @@ def chunks(*texts: str) -> list[jobs_pb2.LogChunk]:
 async def test_a_log_is_cut_at_its_limit_with_a_notice(store: SqliteStore) -> None:
     definition = definition_pb2.JobDefinition(image="x")
     await submit_one(store, job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
-    job = await store.claim(queue="q", worker_id="w", now=1, lease=30)
-    assert job is not None
+    (job,) = await store.claim(queue="q", worker_id="w", now=1, lease=30)
     attempt = Attempt(job.id, job.attempt)
     hub = LogHub(store, MemoryBus(), max_chars=10)
     assert await hub.append(attempt, RUN, chunks("abc", "def"), 0)

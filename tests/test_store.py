@@ -83,9 +83,9 @@ async def submit(
 
 
 async def claim(store: StateStore, *, queue: str = "q", worker: str = "w1", now: float = T0) -> jobs_pb2.Job:
-    job = await store.claim(queue=queue, worker_id=worker, now=now, lease=LEASE)
-    assert job is not None, f"nothing to claim on {queue!r}"
-    return job
+    jobs = await store.claim(queue=queue, worker_id=worker, now=now, lease=LEASE)
+    assert len(jobs) == 1, f"nothing to claim on {queue!r}"
+    return jobs[0]
 
 
 def attempt_of(job: jobs_pb2.Job) -> Attempt:
@@ -197,7 +197,7 @@ async def test_final_result_answers_later_submissions(
     )
     assert not queued
     assert (again.state, again.finish_reason) == (FINISHED, reason)
-    assert await store.claim(queue="q", worker_id="w2", now=T0 + 3, lease=LEASE) is None
+    assert await store.claim(queue="q", worker_id="w2", now=T0 + 3, lease=LEASE) == []
 
 
 async def test_cancelled_job_runs_again_as_a_new_attempt_when_resubmitted(store: StateStore) -> None:
@@ -232,7 +232,7 @@ async def test_claim_takes_jobs_in_submission_order(store: StateStore) -> None:
     submitted = [await submit(store, n, now=T0 + n) for n in range(4)]
     claimed = [await claim(store, now=T0 + 10) for _ in submitted]
     assert [job.id for job in claimed] == [job.id for job in submitted]
-    assert await store.claim(queue="q", worker_id="w1", now=T0 + 10, lease=LEASE) is None
+    assert await store.claim(queue="q", worker_id="w1", now=T0 + 10, lease=LEASE) == []
 
 
 async def test_claim_makes_a_running_attempt_for_the_worker(store: StateStore) -> None:
@@ -249,16 +249,16 @@ async def test_claim_makes_a_running_attempt_for_the_worker(store: StateStore) -
 
 
 async def test_claim_on_empty_or_other_queue_returns_nothing(store: StateStore) -> None:
-    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE) is None
+    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE) == []
     job = await submit(store, 1, queue="q")
-    assert await store.claim(queue="other", worker_id="w1", now=T0, lease=LEASE) is None
+    assert await store.claim(queue="other", worker_id="w1", now=T0, lease=LEASE) == []
     assert await state(store, job) == QUEUED
 
 
 async def test_concurrent_claims_assign_a_job_once(store: StateStore) -> None:
     await submit(store, 1)
     claims = await asyncio.gather(*(store.claim(queue="q", worker_id=f"w{n}", now=T0, lease=LEASE) for n in range(5)))
-    assert len([job for job in claims if job is not None]) == 1
+    assert sorted(len(jobs) for jobs in claims) == [0, 0, 0, 0, 1]
 
 
 # Attempt fencing
@@ -436,10 +436,30 @@ async def test_claim_skips_jobs_needing_more_gpus_than_the_worker_has_free(store
     gpu, _ = await submit_one(store, job_id=job_id(gpu_job), definition=gpu_job, queue="q", namespace="_", now=T0)
     cpu = await submit(store, 2)
     taken = await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1)
-    assert taken is not None and taken.id == cpu.id
-    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1) is None
+    assert [job.id for job in taken] == [cpu.id]
+    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1) == []
     taken = await store.claim(queue="q", worker_id="w2", now=T0, lease=LEASE, gpus=2)
-    assert taken is not None and taken.id == gpu.id
+    assert [job.id for job in taken] == [gpu.id]
+
+
+async def test_one_claim_takes_several_jobs_in_queue_order_within_the_gpus_it_has(store: StateStore) -> None:
+    needs = [1, 0, 2, 1, 0]  # GPUs of each job, in submission order
+    submitted = []
+    for n, gpus in enumerate(needs):
+        each = definition(n)
+        each.requirements.gpus = gpus
+        job, _ = await submit_one(store, job_id=job_id(each), definition=each, queue="q", namespace="_", now=T0 + n)
+        submitted.append(job.id)
+    taken = await store.claim(queue="q", worker_id="w1", now=T0 + 9, lease=LEASE, gpus=2, count=4)
+    # 1 GPU, none, then the 2-GPU job does not fit in the one left, the next 1-GPU job does
+    assert [job.id for job in taken] == [submitted[0], submitted[1], submitted[3], submitted[4]]
+    assert {(job.state, job.attempt, job.worker_id) for job in taken} == {(RUNNING, 1, "w1")}
+    assert all(job.definition.image for job in taken)
+    assert await store.claim(queue="q", worker_id="w2", now=T0 + 9, lease=LEASE, gpus=1, count=3) == []
+    assert [job.id for job in await store.claim(queue="q", worker_id="w2", now=T0 + 9, lease=LEASE, gpus=2)] == [
+        submitted[2]
+    ]
+    assert await store.queue_counts("q") == {RUNNING: 5}
 
 
 async def test_renew_extends_the_lease(store: StateStore) -> None:
@@ -470,7 +490,7 @@ async def test_cancel_queued_job(store: StateStore) -> None:
     assert (cancelled.job.state, cancelled.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_CANCELLED)
     assert (cancelled.stop, cancelled.worker_id) == (None, "")
     assert jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED in event_kinds(cancelled.job)
-    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) is None
+    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) == []
 
 
 async def test_cancel_running_job_names_the_attempt_to_stop_and_fences_it(store: StateStore) -> None:
@@ -535,7 +555,7 @@ async def test_delete_queued_job(store: StateStore) -> None:
     deleted = await store.delete(job.id, T0 + 1)
     assert deleted is not None
     assert (deleted.stop, deleted.job.finish_reason) == (None, jobs_pb2.FINISH_REASON_DELETED)
-    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) is None
+    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) == []
 
 
 async def test_delete_forgets_the_result_so_the_job_runs_again(store: StateStore) -> None:

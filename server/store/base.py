@@ -108,10 +108,11 @@ class StateStore(Protocol):
         """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
 
     async def claim(
-        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
-    ) -> jobs_pb2.Job | None:
-        """Assign the oldest queued job of `queue` needing at most `gpus` GPU devices to the worker as a
-        new attempt; returns it with its definition, without its history."""
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0, count: int = 1
+    ) -> list[jobs_pb2.Job]:
+        """Assign up to `count` of the oldest queued jobs of `queue` to the worker as new attempts, in
+        one transaction, each needing at most the GPU devices the ones before it left of `gpus`;
+        returns them in queue order with their definitions, without their histories."""
 
     async def start(self, attempt: Attempt, now: float) -> jobs_pb2.Job | None:
         """Record that the attempt's container started: the job without its history; None if the attempt

@@ -302,41 +302,45 @@ class PostgresStore:
         return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
 
     async def claim(
-        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
-    ) -> jobs_pb2.Job | None:
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0, count: int = 1
+    ) -> list[jobs_pb2.Job]:
+        claimed: list[jobs_pb2.Job] = []
         async with self._transaction() as db:
-            row = await db.fetchrow(
-                "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
-                " WHERE w.queue = $1 AND j.state = $2 AND w.gpus <= $3 ORDER BY w.seq LIMIT 1"
-                " FOR UPDATE OF j SKIP LOCKED",
-                queue,
-                QUEUED,
-                gpus,
-            )
-            if row is None:
-                return None
-            job_id, attempt = row[0], row[1] + 1
-            await db.execute(
-                "UPDATE jobs SET state = $1, attempt = $2, worker_id = $3, update_time = $4, lease_expires = $5,"
-                " queue = $6 WHERE id = $7",
-                RUNNING,
-                attempt,
-                worker_id,
-                now,
-                now + lease,
-                queue,
-                job_id,
-            )
-            await self._event(
-                db,
-                job_id,
-                jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
-                now,
-                attempt=attempt,
-                worker_id=worker_id,
-                message=f"assigned to worker {worker_id} as attempt {attempt}",
-            )
-            return await self._current(db, job_id)
+            while len(claimed) < count:
+                row = await db.fetchrow(
+                    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+                    " WHERE w.queue = $1 AND j.state = $2 AND w.gpus <= $3 ORDER BY w.seq LIMIT 1"
+                    " FOR UPDATE OF j SKIP LOCKED",
+                    queue,
+                    QUEUED,
+                    gpus,
+                )
+                if row is None:
+                    break
+                job_id, attempt = row[0], row[1] + 1
+                await db.execute(
+                    "UPDATE jobs SET state = $1, attempt = $2, worker_id = $3, update_time = $4, lease_expires = $5,"
+                    " queue = $6 WHERE id = $7",
+                    RUNNING,
+                    attempt,
+                    worker_id,
+                    now,
+                    now + lease,
+                    queue,
+                    job_id,
+                )
+                await self._event(
+                    db,
+                    job_id,
+                    jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
+                    now,
+                    attempt=attempt,
+                    worker_id=worker_id,
+                    message=f"assigned to worker {worker_id} as attempt {attempt}",
+                )
+                claimed.append(await self._current(db, job_id))
+                gpus -= claimed[-1].definition.requirements.gpus
+        return claimed
 
     async def _holds(self, db: Connection, attempt: Attempt) -> str | None:
         """The worker of the attempt, locking its job, if the attempt still holds the job; else None."""

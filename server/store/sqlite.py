@@ -339,32 +339,36 @@ class SqliteStore:
         return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
 
     async def claim(
-        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0
-    ) -> jobs_pb2.Job | None:
+        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0, count: int = 1
+    ) -> list[jobs_pb2.Job]:
+        claimed: list[jobs_pb2.Job] = []
         async with self._transaction() as db:
-            row = self._fetchone(
-                "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
-                " WHERE w.queue = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1",
-                queue,
-                gpus,
-            )
-            if row is None:
-                return None
-            job_id, attempt = row[0], row[1] + 1
-            db.execute(
-                "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, update_time = ?, lease_expires = ?,"
-                " queue = ? WHERE id = ?",
-                (RUNNING, attempt, worker_id, now, now + lease, queue, job_id),
-            )
-            self._event(
-                job_id,
-                jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
-                now,
-                attempt=attempt,
-                worker_id=worker_id,
-                message=f"assigned to worker {worker_id} as attempt {attempt}",
-            )
-            return self._current(job_id)
+            while len(claimed) < count:
+                row = self._fetchone(
+                    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+                    " WHERE w.queue = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1",
+                    queue,
+                    gpus,
+                )
+                if row is None:
+                    break
+                job_id, attempt = row[0], row[1] + 1
+                db.execute(
+                    "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, update_time = ?, lease_expires = ?,"
+                    " queue = ? WHERE id = ?",
+                    (RUNNING, attempt, worker_id, now, now + lease, queue, job_id),
+                )
+                self._event(
+                    job_id,
+                    jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
+                    now,
+                    attempt=attempt,
+                    worker_id=worker_id,
+                    message=f"assigned to worker {worker_id} as attempt {attempt}",
+                )
+                claimed.append(self._current(job_id))
+                gpus -= claimed[-1].definition.requirements.gpus
+        return claimed
 
     def _holds(self, attempt: Attempt) -> bool:
         row = self._fetchone("SELECT state, attempt FROM jobs WHERE id = ?", attempt.job_id)
