@@ -7,15 +7,20 @@ Times are injected (`now`), so leases expire without sleeping. A new backend is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 from google.protobuf import struct_pb2
 
 from jobwire.definition import job_id
 from jobwire.server.store import StateStore
+from jobwire.server.store import postgres as postgres_store
+from jobwire.server.store import sqlite as sqlite_store
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
     DEFAULT_NAMESPACE,
@@ -896,3 +901,72 @@ async def test_blob_references_are_the_keys_of_inputs_build_contexts_and_outputs
         running, jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, outputs={"o": ref(output)}), T0
     )
     assert await store.blob_references() == {inputs, context, output}
+
+
+# Upgrades
+
+
+def _old_history() -> list[jobs_pb2.JobEvent]:
+    """Entries as the `events` table held them, one with a message long enough for a 3-byte length."""
+    return [
+        jobs_pb2.JobEvent(time=timestamp(T0), kind=jobs_pb2.JOB_EVENT_KIND_QUEUED, message="queued on 'q'"),
+        jobs_pb2.JobEvent(time=timestamp(T0 + 1), kind=jobs_pb2.JOB_EVENT_KIND_ASSIGNED, attempt=1, worker_id="w1"),
+        jobs_pb2.JobEvent(time=timestamp(T0 + 2), kind=jobs_pb2.JOB_EVENT_KIND_FINISHED, message="é" * 20_000),
+    ]
+
+
+async def test_sqlite_histories_move_from_the_events_table_into_the_job_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "jobwire.db"
+    with monkeypatch.context() as old_version:  # the schema as migration 6 left it
+        old_version.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:6])
+        await (await SqliteStore.open(path)).close()
+    old = definition(1)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE events (job_id TEXT NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB)")
+        db.execute(
+            "INSERT INTO jobs (id, state, queue, create_time, update_time, definition) VALUES (?, ?, 'q', ?, ?, ?)",
+            (job_id(old), FINISHED, T0, T0 + 2, old.SerializeToString()),
+        )
+        for entry in _old_history():
+            db.execute("INSERT INTO events (job_id, data) VALUES (?, ?)", (job_id(old), entry.SerializeToString()))
+    async with sqlite(tmp_path) as store:
+        job = await store.get_job(job_id(old))
+        assert job is not None and list(job.history) == _old_history()
+        await submit(store, 2)  # and new entries go where the moved ones are
+        assert event_kinds(await store.get_job(job_id(definition(2)))) == [jobs_pb2.JOB_EVENT_KIND_QUEUED]
+
+
+async def test_postgres_histories_move_from_the_events_table_into_the_job_rows(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    url, old = await postgres_cluster.create_database(), definition(1)
+    connection = await asyncpg.connect(url)
+    try:  # the schema as migration 3 left it, as `migrate` would have
+        await connection.execute(
+            "CREATE TABLE jobwire_schema (version INTEGER NOT NULL); INSERT INTO jobwire_schema VALUES (3)"
+        )
+        for migration in postgres_store.MIGRATIONS[:3]:
+            await connection.execute(migration)
+        await connection.execute(
+            "INSERT INTO jobs (id, state, queue, create_time, update_time, definition)"
+            " VALUES ($1, $2, 'q', $3, $4, $5)",
+            job_id(old),
+            FINISHED,
+            T0,
+            T0 + 2,
+            old.SerializeToString(),
+        )
+        for entry in _old_history():
+            await connection.execute(
+                "INSERT INTO events (job_id, data) VALUES ($1, $2)", job_id(old), entry.SerializeToString()
+            )
+    finally:
+        await connection.close()
+    store = await PostgresStore.open(url, max_size=2)
+    try:
+        job = await store.get_job(job_id(old))
+        assert job is not None and list(job.history) == _old_history()
+    finally:
+        await store.close()

@@ -25,7 +25,15 @@ from jobwire.server.store.base import (
     Submission,
     Webhook,
 )
-from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
+from jobwire.server.store.rows import (
+    already_stored,
+    blob_keys,
+    finish_message,
+    history_entry,
+    job_message,
+    with_details,
+    workers_with_jobs,
+)
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -118,6 +126,26 @@ MIGRATIONS = [
     # 3: each batch records the characters of each stream stored up to its end (as SQLite's migration 5).
     "ALTER TABLE logs ADD COLUMN stdout_chars BIGINT NOT NULL DEFAULT 0,"
     " ADD COLUMN stderr_chars BIGINT NOT NULL DEFAULT 0",
+    # 4: a job's history lives in its row (as SQLite's migration 7): each `events` row becomes the
+    # bytes that append it (field 12 of Job, length-delimited: tag 0x62, a varint length, the entry).
+    r"""
+    ALTER TABLE jobs ADD COLUMN history BYTEA NOT NULL DEFAULT '';
+    CREATE FUNCTION pg_temp.jobwire_varint(n BIGINT) RETURNS BYTEA LANGUAGE plpgsql AS $$
+    DECLARE encoded BYTEA := '';
+    BEGIN
+      WHILE n >= 128 LOOP
+        encoded := encoded || set_byte('\x00'::bytea, 0, ((n & 127) | 128)::int);
+        n := n >> 7;
+      END LOOP;
+      RETURN encoded || set_byte('\x00'::bytea, 0, n::int);
+    END $$;
+    UPDATE jobs SET history = entries.history FROM (
+      SELECT job_id, string_agg('\x62'::bytea || pg_temp.jobwire_varint(length(data)) || data, '' ORDER BY seq)
+        AS history
+      FROM events GROUP BY job_id
+    ) entries WHERE jobs.id = entries.job_id;
+    DROP TABLE events;
+    """,
 ]
 """Applied in order at start; `jobwire_schema.version` counts those applied."""
 
@@ -174,7 +202,7 @@ class PostgresStore:
         self, db: Connection, job_id: str, kind: jobs_pb2.JobEventKind.ValueType, now: float, **fields: Any
     ) -> None:
         await db.execute(
-            "INSERT INTO events (job_id, data) VALUES ($1, $2)", job_id, event(kind, now, **fields).SerializeToString()
+            "UPDATE jobs SET history = history || $1 WHERE id = $2", history_entry(kind, now, **fields), job_id
         )
         if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
             await db.execute(
@@ -233,7 +261,7 @@ class PostgresStore:
         job = await self._job(db, job_id)
         assert job is not None
         definition = await db.fetchval("SELECT definition FROM jobs WHERE id = $1", job_id)
-        return with_details(job, definition, result, [])
+        return with_details(job, definition, result, b"")
 
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction() as db:
@@ -286,8 +314,9 @@ class PostgresStore:
         job = await self._job(db, job_id, queue)
         if job is None:
             return None
-        definition, result = await db.fetchrow("SELECT definition, result FROM jobs WHERE id = $1", job_id)
-        history = [data for (data,) in await db.fetch("SELECT data FROM events WHERE job_id = $1 ORDER BY seq", job_id)]
+        definition, result, history = await db.fetchrow(
+            "SELECT definition, result, history FROM jobs WHERE id = $1", job_id
+        )
         return with_details(job, definition, result, history)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
@@ -403,7 +432,7 @@ class PostgresStore:
                 now,
                 attempt=attempt.attempt,
                 worker_id=result.worker_id,
-                message=_finish_message(result),
+                message=finish_message(result),
             )
             return await self._current(db, attempt.job_id, stored)
 
@@ -437,7 +466,6 @@ class PostgresStore:
             for table, column in (
                 ("queue_jobs", "job_id"),
                 ("namespaces", "job_id"),
-                ("events", "job_id"),
                 ("logs", "job_id"),
                 ("webhooks", "job_id"),
                 ("jobs", "id"),
@@ -716,10 +744,3 @@ class PostgresStore:
 
 def _cancelled(job: jobs_pb2.Job, stop: tuple[Attempt | None, str] | None) -> Cancelled:
     return Cancelled(job=job, stop=stop[0] if stop else None, worker_id=stop[1] if stop else "")
-
-
-def _finish_message(result: jobs_pb2.JobResult) -> str:
-    reason = jobs_pb2.FinishReason.Name(result.reason).removeprefix("FINISH_REASON_").lower()
-    exit_code = f", exit code {result.exit_code}" if result.HasField("exit_code") else ""
-    detail = f": {result.message}" if result.message else ""
-    return f"finished ({reason}{exit_code}){detail}"

@@ -26,11 +26,22 @@ def job_message(row: Sequence[Any], *, namespaces: Sequence[str]) -> jobs_pb2.Jo
     )
 
 
-def event(
+def history_entry(
     kind: jobs_pb2.JobEventKind.ValueType, now: float, *, attempt: int = 0, worker_id: str = "", message: str = ""
-) -> jobs_pb2.JobEvent:
-    """One history entry."""
-    return jobs_pb2.JobEvent(time=timestamp(now), kind=kind, attempt=attempt, worker_id=worker_id, message=message)
+) -> bytes:
+    """One history entry, as the bytes that append it to a job's stored history: a job row keeps its
+    history as `Job.history` encoded (entries one after another), so an entry is one append to the
+    row a transition writes anyway, and `with_details` parses the whole of it at once."""
+    entry = jobs_pb2.JobEvent(time=timestamp(now), kind=kind, attempt=attempt, worker_id=worker_id, message=message)
+    return jobs_pb2.Job(history=[entry]).SerializeToString()
+
+
+def finish_message(result: jobs_pb2.JobResult) -> str:
+    """The history's words for a finish."""
+    reason = jobs_pb2.FinishReason.Name(result.reason).removeprefix("FINISH_REASON_").lower()
+    exit_code = f", exit code {result.exit_code}" if result.HasField("exit_code") else ""
+    detail = f": {result.message}" if result.message else ""
+    return f"finished ({reason}{exit_code}){detail}"
 
 
 def job_summary(job: jobs_pb2.Job) -> jobs_pb2.Job:
@@ -55,13 +66,13 @@ def blob_keys(definition: definition_pb2.JobDefinition) -> set[str]:
     return keys
 
 
-def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, history: Sequence[bytes]) -> jobs_pb2.Job:
-    """The job with its definition, result and history filled in (its tags come from the definition)."""
+def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, history: bytes) -> jobs_pb2.Job:
+    """The job with its definition, result and stored history (see `history_entry`) filled in (its
+    tags come from the definition)."""
     job.definition.ParseFromString(definition)
     if result is not None:
         job.result.ParseFromString(result)
-    for data in history:
-        job.history.add().ParseFromString(data)
+    job.MergeFromString(history)
     job.tags.extend(job.definition.tags)
     return job
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import operator
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,15 @@ from jobwire.server.store.base import (
     Submission,
     Webhook,
 )
-from jobwire.server.store.rows import already_stored, blob_keys, event, job_message, with_details, workers_with_jobs
+from jobwire.server.store.rows import (
+    already_stored,
+    blob_keys,
+    finish_message,
+    history_entry,
+    job_message,
+    with_details,
+    workers_with_jobs,
+)
 from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
@@ -51,10 +61,6 @@ CREATE INDEX IF NOT EXISTS queue_jobs_job ON queue_jobs (job_id);
 CREATE TABLE IF NOT EXISTS namespaces (
   queue TEXT NOT NULL, job_id TEXT NOT NULL, namespace TEXT NOT NULL, PRIMARY KEY (queue, job_id, namespace)
 );
-CREATE TABLE IF NOT EXISTS events (
-  job_id TEXT NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS logs (
   job_id TEXT NOT NULL, attempt INTEGER NOT NULL, kind INTEGER NOT NULL, start INTEGER NOT NULL,
   count INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, attempt, kind, start)
@@ -65,7 +71,19 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE INDEX IF NOT EXISTS workers_queue ON workers (queue, last_seen);
 """
 
-MIGRATIONS = [
+
+def _history_into_jobs(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE jobs ADD COLUMN history BLOB NOT NULL DEFAULT x''")
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone() is None:
+        return  # a database made after SCHEMA stopped making the table
+    entries = db.execute("SELECT job_id, data FROM events ORDER BY job_id, seq")
+    for job_id, rows in itertools.groupby(entries, key=operator.itemgetter(0)):
+        history = jobs_pb2.Job(history=[jobs_pb2.JobEvent.FromString(data) for _, data in rows])
+        db.execute("UPDATE jobs SET history = ? WHERE id = ?", (history.SerializeToString(), job_id))
+    db.execute("DROP TABLE events")
+
+
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: GPU devices a job needs, so claims can skip jobs a worker has no room for.
     "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
     # 2: webhooks: waiting for their event (armed = 0) or due at next_time.
@@ -120,8 +138,13 @@ MIGRATIONS = [
     " ALTER TABLE logs ADD COLUMN stderr_chars INTEGER NOT NULL DEFAULT 0",
     # 6: the running jobs of a worker, for listings of workers.
     "CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = 2",
+    # 7: a job's history lives in its row (see rows.history_entry) instead of an `events` table
+    # with an index by job: a transition appends to the row it writes anyway.
+    _history_into_jobs,
 ]
-"""Applied in order after SCHEMA; `PRAGMA user_version` counts those applied."""
+"""Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
+connection); `PRAGMA user_version` counts those applied."""
+
 
 CHECKPOINT_SECONDS = 1.0
 GROUP_SECONDS = 0.002
@@ -149,7 +172,13 @@ class SqliteStore:
         db.executescript(SCHEMA)
         (version,) = db.execute("PRAGMA user_version").fetchone()
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
+            if isinstance(migration, str):
+                db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {number}; COMMIT;")
+                continue
+            db.execute("BEGIN")
+            migration(db)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
         return cls(db, path)
 
     async def close(self) -> None:
@@ -221,9 +250,9 @@ class SqliteStore:
         return self._db.execute(sql, args).fetchall()
 
     def _event(self, job_id: str, kind: jobs_pb2.JobEventKind.ValueType, now: float, **fields: Any) -> None:
-        self._db.execute(
-            "INSERT INTO events (job_id, data) VALUES (?, ?)",
-            (job_id, event(kind, now, **fields).SerializeToString()),
+        self._db.execute(  # || makes text of blobs: the cast keeps the bytes a blob
+            "UPDATE jobs SET history = CAST(history || ? AS BLOB) WHERE id = ?",
+            (history_entry(kind, now, **fields), job_id),
         )
         if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
             self._db.execute(
@@ -282,7 +311,7 @@ class SqliteStore:
         job = self._job(job_id)
         assert job is not None
         (definition,) = self._fetchone("SELECT definition FROM jobs WHERE id = ?", job_id)
-        return with_details(job, definition, result, [])
+        return with_details(job, definition, result, b"")
 
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction():
@@ -322,8 +351,8 @@ class SqliteStore:
         job = self._job(job_id, queue)
         if job is None:
             return None
-        definition, result = self._fetchone("SELECT definition, result FROM jobs WHERE id = ?", job_id)
-        history = [data for (data,) in self._fetchall("SELECT data FROM events WHERE job_id = ? ORDER BY seq", job_id)]
+        row = self._fetchone("SELECT definition, result, history FROM jobs WHERE id = ?", job_id)
+        definition, result, history = row
         return with_details(job, definition, result, history)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
@@ -417,7 +446,7 @@ class SqliteStore:
                 now,
                 attempt=attempt.attempt,
                 worker_id=result.worker_id,
-                message=_finish_message(result),
+                message=finish_message(result),
             )
             return self._current(attempt.job_id, stored)
 
@@ -445,7 +474,6 @@ class SqliteStore:
                     ("jobs", "id"),
                     ("queue_jobs", "job_id"),
                     ("namespaces", "job_id"),
-                    ("events", "job_id"),
                     ("logs", "job_id"),
                     ("webhooks", "job_id"),
                 ):
@@ -694,13 +722,6 @@ class SqliteStore:
             POSITION_LIMIT,
         )
         return int(ahead)
-
-
-def _finish_message(result: jobs_pb2.JobResult) -> str:
-    reason = jobs_pb2.FinishReason.Name(result.reason).removeprefix("FINISH_REASON_").lower()
-    exit_code = f", exit code {result.exit_code}" if result.HasField("exit_code") else ""
-    detail = f": {result.message}" if result.message else ""
-    return f"finished ({reason}{exit_code}){detail}"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
