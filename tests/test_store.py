@@ -753,23 +753,17 @@ async def test_queue_counts_and_claims_agree_with_the_jobs_through_every_transit
     assert await store.queue_position("q", ids[4]) == 1  # the re-queued shared job is ahead
 
 
-async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together(tmp_path: Path) -> None:
     """SQLite: the operations of one loop turn share a commit; each is a savepoint of its own."""
     async with sqlite(tmp_path) as store:
         assert isinstance(store, SqliteStore)
         broken = job_id(definition(2))
-        original = store._event
-
-        def event(job: str, *args: object, **fields: object) -> None:
-            if job == broken:
-                raise RuntimeError("disk on fire")
-            original(job, *args, **fields)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(store, "_event", event)
+        store._db.execute(  # fails the operation after its job and queue rows are written
+            f"CREATE TEMP TRIGGER fail AFTER INSERT ON namespaces WHEN NEW.job_id = '{broken}'"
+            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
         outcomes = await asyncio.gather(*(submit(store, n) for n in (1, 2, 3)), return_exceptions=True)
-        assert isinstance(outcomes[1], RuntimeError)
+        assert isinstance(outcomes[1], sqlite3.IntegrityError) and "disk on fire" in str(outcomes[1])
         assert await store.get_job(broken) is None
         assert await store.queue_counts("q") == {QUEUED: 2}
         assert [(await claim(store)).id for _ in range(2)] == [job_id(definition(1)), job_id(definition(3))]

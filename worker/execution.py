@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -114,10 +115,14 @@ class Execution:
         return await self._result(outcome, spec.timeout)
 
     def _make_folder(self, *folders: Path) -> None:
-        """This attempt's folders, and its assignment beside them for a restarted worker to find."""
+        """This attempt's folders, and its assignment beside them for a restarted worker to find
+        (plain system calls: this runs for every job, and the worker's data folder exists)."""
+        os.makedirs(self.directory, exist_ok=True)
         for folder in folders:
-            os.makedirs(folder, exist_ok=True)
-        (self.directory / _ASSIGNMENT).write_bytes(self.assignment.SerializeToString())
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+        with open(self.directory / _ASSIGNMENT, "wb") as saved:
+            saved.write(self.assignment.SerializeToString())
 
     async def _result(self, outcome: Outcome, limit: float | None) -> jobs_pb2.JobResult:
         self.logs[jobs_pb2.LOG_KIND_RUN].end()

@@ -321,11 +321,22 @@ class SqliteStore:
         job_id, definition, db = submission.job_id, submission.definition, self._db
         row = self._job_row(job_id)
         queued = row is None or (row[1] == FINISHED and row[7] not in FINAL_REASONS)
-        if row is None:
+        queued_entry = (jobs_pb2.JOB_EVENT_KIND_QUEUED, now)
+        queued_words = f"queued on {queue!r}"
+        if row is None:  # a new job: its row is all there is to it, so it is not read back
             db.execute(
-                "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
+                "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    QUEUED,
+                    queue,
+                    now,
+                    now,
+                    definition.SerializeToString(),
+                    definition.requirements.gpus,
+                    history_entry(*queued_entry, message=queued_words),
+                ),
             )
         elif queued:
             db.execute(
@@ -333,11 +344,12 @@ class SqliteStore:
                 " result = NULL, lease_expires = NULL WHERE id = ?",
                 (QUEUED, queue, now, job_id),
             )
+            self._event(job_id, *queued_entry, message=queued_words)
         # after the job's row: the triggers of queue_jobs read its state
         db.execute("INSERT OR IGNORE INTO queue_jobs (queue, job_id) VALUES (?, ?)", (queue, job_id))
         db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, submission.namespace))
-        if queued:
-            self._event(job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
+        if row is None:
+            return job_message((job_id, QUEUED, queue, 0, "", now, now, 0), namespaces=[submission.namespace]), True
         job = self._job(job_id, queue)
         assert job is not None
         return job, queued
