@@ -383,6 +383,8 @@ class SqliteStore:
         self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0, count: int = 1
     ) -> list[jobs_pb2.Job]:
         claimed: list[jobs_pb2.Job] = []
+        if not self._fetchone("SELECT 1 FROM waiting WHERE queue = ? AND gpus <= ? LIMIT 1", queue, gpus):
+            return claimed  # as most claims are when several workers wake for one job: no commit to wait for
         async with self._transaction() as db:
             while len(claimed) < count:
                 row = self._fetchone(
