@@ -202,6 +202,27 @@ async def test_stdout_stderr_and_exit_code(
     assert (stdout, stderr) == ("out\nhé", "err\n")
 
 
+async def test_each_jobs_folder_is_gone_once_its_result_is_in(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
+) -> None:
+    """Small folders are removed on the worker's loop, others in a thread: both before the result."""
+    worker = await start_worker(queue)
+    commands = {
+        "small": "sh -c 'echo hi > /outputs/a.txt'",
+        "uploaded output": "sh -c 'head -c 5000 /dev/zero > /outputs/big.bin'",
+        "many outputs": "sh -c 'for n in $(seq 100); do echo $n > /outputs/$n.txt; done'",
+        "failed": "sh -c 'echo partial > /outputs/p.txt; exit 1'",
+    }
+    for name, command in commands.items():
+        response = await jobs.SubmitJob(
+            jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
+        )
+        job = await wait_finished(jobs, response.job_id)
+        assert job.finish_reason == jobs_pb2.FINISH_REASON_SUCCESS, name
+        assert len(job.result.outputs) == {"many outputs": 100}.get(name, 1), name
+        assert list((worker.daemon.settings.data_directory / "jobs").iterdir()) == [], name
+
+
 async def test_time_limit_kills_the_container(
     jobs: jobs_pb2_grpc.JobServiceStub,
     queue: str,
