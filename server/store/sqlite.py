@@ -321,8 +321,7 @@ class SqliteStore:
         job_id, definition, db = submission.job_id, submission.definition, self._db
         row = self._job_row(job_id)
         queued = row is None or (row[1] == FINISHED and row[7] not in FINAL_REASONS)
-        queued_entry = (jobs_pb2.JOB_EVENT_KIND_QUEUED, now)
-        queued_words = f"queued on {queue!r}"
+        words = f"queued on {queue!r}"
         if row is None:  # a new job: its row is all there is to it, so it is not read back
             db.execute(
                 "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)"
@@ -335,7 +334,7 @@ class SqliteStore:
                     now,
                     definition.SerializeToString(),
                     definition.requirements.gpus,
-                    history_entry(*queued_entry, message=queued_words),
+                    history_entry(jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=words),
                 ),
             )
         elif queued:
@@ -344,7 +343,7 @@ class SqliteStore:
                 " result = NULL, lease_expires = NULL WHERE id = ?",
                 (QUEUED, queue, now, job_id),
             )
-            self._event(job_id, *queued_entry, message=queued_words)
+            self._event(job_id, jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=words)
         # after the job's row: the triggers of queue_jobs read its state
         db.execute("INSERT OR IGNORE INTO queue_jobs (queue, job_id) VALUES (?, ?)", (queue, job_id))
         db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)", (queue, job_id, submission.namespace))
@@ -363,8 +362,9 @@ class SqliteStore:
         job = self._job(job_id, queue)
         if job is None:
             return None
-        row = self._fetchone("SELECT definition, result, history FROM jobs WHERE id = ?", job_id)
-        definition, result, history = row
+        definition, result, history = self._fetchone(
+            "SELECT definition, result, history FROM jobs WHERE id = ?", job_id
+        )
         return with_details(job, definition, result, history)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
@@ -383,18 +383,11 @@ class SqliteStore:
         self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0, count: int = 1
     ) -> list[jobs_pb2.Job]:
         claimed: list[jobs_pb2.Job] = []
-        if not self._fetchone("SELECT 1 FROM waiting WHERE queue = ? AND gpus <= ? LIMIT 1", queue, gpus):
-            return claimed  # as most claims are when several workers wake for one job: no commit to wait for
+        row = self._next_waiting(queue, gpus)
+        if row is None:  # as most claims are when several workers wake for one job: no commit to wait for
+            return claimed
         async with self._transaction() as db:
-            while len(claimed) < count:
-                row = self._fetchone(
-                    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
-                    " WHERE w.queue = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1",
-                    queue,
-                    gpus,
-                )
-                if row is None:
-                    break
+            while row is not None and len(claimed) < count:
                 job_id, attempt = row[0], row[1] + 1
                 db.execute(
                     "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, update_time = ?, lease_expires = ?,"
@@ -411,7 +404,17 @@ class SqliteStore:
                 )
                 claimed.append(self._current(job_id))
                 gpus -= claimed[-1].definition.requirements.gpus
+                row = self._next_waiting(queue, gpus) if len(claimed) < count else None
         return claimed
+
+    def _next_waiting(self, queue: str, gpus: int) -> Any:
+        """(id, attempt) of the queue's oldest waiting job needing at most `gpus` devices, or None."""
+        return self._fetchone(
+            "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+            " WHERE w.queue = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1",
+            queue,
+            gpus,
+        )
 
     def _holds(self, attempt: Attempt) -> bool:
         row = self._fetchone("SELECT state, attempt FROM jobs WHERE id = ?", attempt.job_id)
