@@ -60,7 +60,7 @@ class Scheduler:
         ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
         await self._submitted(job, queued, submission, control, replaces=True)
         if queued:
-            await self.bus.publish(topics.queue(queue), b"")
+            await self.bus.publish(topics.queue(queue), topics.work_notice(1))
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
             job.waiting_reason = await self.waiting_reason(job)
         return job
@@ -84,8 +84,8 @@ class Scheduler:
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
         for index, ((job, queued), submission) in enumerate(zip(stored, submissions, strict=True)):
             await self._submitted(job, queued, submission, requests[index].control, last[submission.namespace] == index)
-        if any(queued for _, queued in stored):
-            await self.bus.publish(topics.queue(queue), b"")
+        if count := sum(queued for _, queued in stored):
+            await self.bus.publish(topics.queue(queue), topics.work_notice(count))
         return [job for job, _ in stored]
 
     def _checked(
@@ -273,7 +273,7 @@ class Scheduler:
         for job, attempt in lost:
             log.warning("job %s: attempt %d lost its worker; re-queued", job.id, attempt.attempt)
             await self.publish_job(job)
-            await self.bus.publish(topics.queue(job.queue), b"")
+            await self.bus.publish(topics.queue(job.queue), topics.work_notice(1))
 
     async def publish_job(self, job: jobs_pb2.Job) -> None:
         """Tell watchers the job's new state (without definition, result logs and history)."""

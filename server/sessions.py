@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 
 from jobwire.server import topics
 from jobwire.server.bus import Lagged
+from jobwire.server.lines import Line, Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.store.base import Attempt
@@ -35,12 +36,14 @@ class WorkerSession:
         self,
         scheduler: Scheduler,
         logs: LogHub,
+        lines: Lines,
         register: workers_pb2.RegisterWorker,
         clock: Callable[[], float],
     ) -> None:
         if not register.worker_id or not register.queue:
             raise ProtocolError("the first message must be `register` with a worker_id and a queue")
-        self.scheduler, self.logs, self.register, self.clock = scheduler, logs, register, clock
+        self.scheduler, self.logs, self.lines, self.register = scheduler, logs, lines, register
+        self.clock = clock
         self.worker_id, self.queue = register.worker_id, register.queue
         self.session_id = uuid.uuid4().hex
         self.outbox: asyncio.Queue[workers_pb2.ConnectResponse] = asyncio.Queue(OUTBOX_SIZE)
@@ -82,11 +85,10 @@ class WorkerSession:
         )
 
     async def run(self) -> None:
-        """Fill slots and relay bus messages until cancelled."""
-        self.wake.set()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._fill_forever())
-            group.create_task(self._relay_queue())
+        """Fill slots (first at once, then when woken) and relay bus messages until cancelled."""
+        async with self.lines.joined(self.queue) as line, asyncio.TaskGroup() as group:
+            group.create_task(line.listening())
+            group.create_task(self._fill_forever(line))
             group.create_task(self._relay_worker())
 
     async def close(self) -> None:
@@ -182,32 +184,39 @@ class WorkerSession:
         stale = workers_pb2.StaleAttempt(job_id=attempt.job_id, attempt=attempt.attempt, reason=reason)
         await self.outbox.put(workers_pb2.ConnectResponse(stale=stale))
 
-    async def _fill_forever(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while not self.draining and len(self.running) < self.register.cpus:
-                free_gpus = len(self.register.gpus) - sum(self.gpus_used.values())
-                free = self.register.cpus - len(self.running)
-                jobs = await self.scheduler.claim(self.queue, self.worker_id, free_gpus, free)
-                for job in jobs:
-                    self.running[job.id] = job.attempt
-                    self.gpus_used[job.id] = job.definition.requirements.gpus
-                    assignment = workers_pb2.JobAssignment(
-                        job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
-                    )
-                    await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
-                if len(jobs) < free:
-                    break
+    def free_slots(self) -> int:
+        return 0 if self.draining else self.register.cpus - len(self.running)
 
-    async def _relay_queue(self) -> None:
-        async with self.scheduler.bus.subscribe(topics.queue(self.queue)) as subscription:
+    def free_gpus(self) -> int:
+        return len(self.register.gpus) - sum(self.gpus_used.values())
+
+    async def _fill_forever(self, line: Line) -> None:
+        """Claim jobs for the free slots: at once, then whenever a slot frees or the queue's line
+        wakes this session for new work (see `jobwire.server.lines`)."""
+        try:
             while True:
-                try:
-                    async for _ in subscription:
-                        self.wake.set()
-                except Lagged:  # the fill loop reads the store anyway
-                    self.wake.set()
+                if self.free_slots():
+                    await self._fill(line)
+                if not self.free_slots() or line.park(self):
+                    await self.wake.wait()
+                    self.wake.clear()
+                    if line.leave(self) and not self.free_slots():  # woken for work it cannot take
+                        line.pass_on()
+        finally:
+            if line.leave(self):  # woken for work, then gone before claiming it
+                line.pass_on()
+
+    async def _fill(self, line: Line) -> None:
+        free, free_gpus = self.free_slots(), self.free_gpus()
+        jobs = await self.scheduler.claim(self.queue, self.worker_id, free_gpus, free)
+        for job in jobs:
+            self.running[job.id] = job.attempt
+            self.gpus_used[job.id] = job.definition.requirements.gpus
+            assignment = workers_pb2.JobAssignment(
+                job_id=job.id, attempt=job.attempt, definition=job.definition, queue=self.queue
+            )
+            await self.outbox.put(workers_pb2.ConnectResponse(assignment=assignment))
+        line.pass_on(None if len(jobs) == free else self.free_gpus())
 
     async def _relay_worker(self) -> None:
         async with self.scheduler.bus.subscribe(topics.worker(self.worker_id)) as subscription:

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from jobwire.server.bus.memory import MemoryBus
+from jobwire.server.lines import Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.sessions import ProtocolError, WorkerSession
 from jobwire.server.store.base import Attempt
@@ -37,7 +39,8 @@ class _Scheduler:
 
 def _session(scheduler: _Scheduler) -> WorkerSession:
     register = workers_pb2.RegisterWorker(worker_id="w", queue="q", cpus=2)
-    return WorkerSession(scheduler, LogHub(None, None), register, time.time)  # type: ignore[arg-type]
+    lines = Lines(MemoryBus())
+    return WorkerSession(scheduler, LogHub(None, None), lines, register, time.time)  # type: ignore[arg-type]
 
 
 def _batch(*messages: workers_pb2.ConnectRequest) -> workers_pb2.ConnectRequest:

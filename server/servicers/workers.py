@@ -10,6 +10,7 @@ import grpc
 
 from jobwire.batching import take_ready
 from jobwire.server.errors import Context
+from jobwire.server.lines import Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
@@ -21,6 +22,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
 
     def __init__(self, scheduler: Scheduler, logs: LogHub, clock: Callable[[], float]) -> None:
         self.scheduler, self.logs, self.clock = scheduler, logs, clock
+        self.lines = Lines(scheduler.bus)
         # The handler task of each worker's newest stream: a worker that reconnects before its old
         # stream timed out here replaces it, so no job is assigned on a stream nobody reads.
         self.streams: dict[str, asyncio.Task[object]] = {}
@@ -34,7 +36,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         try:
             if first is None or not first.HasField("register"):
                 raise ProtocolError("the first message must be `register`")
-            session = WorkerSession(self.scheduler, self.logs, first.register, self.clock)
+            session = WorkerSession(self.scheduler, self.logs, self.lines, first.register, self.clock)
         except ProtocolError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         current = asyncio.current_task()
