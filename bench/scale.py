@@ -39,9 +39,14 @@ async def _idle_workers(ctx: Context, stack: Stack) -> list[Measurement]:
     pid = stack.server.pid
     await asyncio.sleep(1)
     base_rss, base_cpu = rss_bytes(pid), await _cpu_share(pid, seconds)
-    async with _idle_streams(stack, count):
-        rss, cpu = rss_bytes(pid), await _cpu_share(pid, seconds)
+    async with grpc.aio.insecure_channel(stack.target) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        alone = await _submit_rate(jobs, unique("bench-alone"), count)
+        async with _idle_streams(stack, count) as queue:
+            rss, cpu = rss_bytes(pid), await _cpu_share(pid, seconds)
+            crowded = await _submit_rate(jobs, queue, count)
     ctx.say(f"server with {count} idle workers: {rss / MiB:.0f} MiB, {cpu:.1%} of a core")
+    ctx.say(f"{count} jobs submitted to their queue: {crowded:.0f} jobs/s; to a queue with no worker {alone:.0f}")
     metric = f"server RSS, {count} idle workers connected"
     cpu_metric = f"server CPU (% of a core), {count} idle workers"
     return [
@@ -56,7 +61,31 @@ async def _idle_workers(ctx: Context, stack: Stack) -> list[Measurement]:
             cpu / base_cpu if base_cpu else float("nan"),
             "-",
         ),
+        Measurement(
+            "6 scale",
+            f"submit rate, {count:,} jobs to the queue of {count:,} idle workers (each job assigned)",
+            crowded,
+            "jobs/s",
+            "to a queue with no worker",
+            alone,
+            crowded / alone,
+            "-",
+        ),
     ]
+
+
+async def _submit_rate(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, count: int) -> float:
+    """Jobs/s of `count` trivial jobs submitted to `queue`, 32 calls at a time."""
+    nonce, gate = uuid.uuid4().hex, asyncio.Semaphore(32)
+
+    async def submit(index: int) -> None:
+        definition = definition_pb2.JobDefinition(image="bench/none", command=f"noop {nonce} {index}")
+        async with gate:
+            await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=definition))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(submit(index) for index in range(count)))
+    return count / (time.perf_counter() - start)
 
 
 async def _cpu_share(pid: int, seconds: float) -> float:
@@ -66,8 +95,9 @@ async def _cpu_share(pid: int, seconds: float) -> float:
 
 
 @contextlib.asynccontextmanager
-async def _idle_streams(stack: Stack, count: int) -> AsyncIterator[None]:
-    """`count` raw WorkerService.Connect streams that register and heartbeat, and run nothing."""
+async def _idle_streams(stack: Stack, count: int) -> AsyncIterator[str]:
+    """`count` raw WorkerService.Connect streams of one slot on a queue of their own (yielded) that
+    register, heartbeat, take the one job they may be assigned and never run it."""
     queue = unique("bench-idle")
     channels = [grpc.aio.insecure_channel(stack.target) for _ in range(-(-count // STREAMS_PER_CHANNEL))]
     registered = asyncio.Semaphore(0)
@@ -78,7 +108,7 @@ async def _idle_streams(stack: Stack, count: int) -> AsyncIterator[None]:
         async with asyncio.timeout(300):
             for _ in range(count):
                 await registered.acquire()
-        yield
+        yield queue
     finally:
         for task in tasks:
             task.cancel()

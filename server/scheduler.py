@@ -151,29 +151,32 @@ class Scheduler:
 
     async def waiting_reason(self, job: jobs_pb2.Job) -> str:
         """Why a queued job is not running yet, in words a person can act on."""
-        workers = await self.live_workers(job.queue)
-        if not workers:
+        capacity = await self.store.capacity(job.queue, seen_since=self._live_since())
+        if not capacity.workers:
             return f"no worker is connected to queue {job.queue!r}; start one with `jobwire worker {job.queue}`"
         needs = job.definition.requirements.gpus
-        if needs and all(len(w.gpus) < needs for w in workers):
-            most = max(len(w.gpus) for w in workers)
+        if needs > capacity.most_gpus:
+            most = capacity.most_gpus
             return (
                 f"needs {needs} GPU(s) but no worker on {job.queue!r} has that many (the most is {most});"
                 f" start one with `jobwire worker {job.queue} --gpus {needs}`"
             )
-        slots = sum(w.cpus for w in workers)
-        busy = sum(len(w.running_job_ids) for w in workers)
         position = await self.store.queue_position(job.queue, job.id)
         ahead = f"{position:,}+" if position >= POSITION_LIMIT else str(position)
         if needs:
             return f"needs {needs} GPU(s): waiting for a worker with that many free; {ahead} job(s) ahead"
-        if busy >= slots:
-            return f"all {slots} slots of the {len(workers)} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
+        if capacity.busy >= capacity.slots:
+            workers, slots = capacity.workers, capacity.slots
+            return f"all {slots} slots of the {workers} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
         return f"waiting for a worker to take it; {ahead} job(s) ahead"
 
     async def live_workers(self, queue: str) -> list[jobs_pb2.WorkerInfo]:
         """Workers of the queue heard from within a lease."""
-        return await self.store.list_workers(queue, seen_since=self.clock() - self.settings.lease_seconds)
+        return await self.store.list_workers(queue, seen_since=self._live_since())
+
+    def _live_since(self) -> float:
+        """Workers heard from since then are live: within a lease."""
+        return self.clock() - self.settings.lease_seconds
 
     async def cancel(self, queue: str, job_id: str, namespace: str) -> jobs_pb2.Job:
         """Cancel for one namespace (`*`: all); the container is stopped when none is left."""

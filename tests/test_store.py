@@ -29,6 +29,7 @@ from jobwire.server.store.base import (
     POSITION_LIMIT,
     QUEUED_HOOK,
     Attempt,
+    Capacity,
     LogTotals,
     Submission,
     Webhook,
@@ -828,6 +829,21 @@ async def test_listed_workers_show_the_jobs_running_for_them_now(store: StateSto
     assert await store.list_workers("q", seen_since=0) == [worker("w1", T0, [second.id]), worker("w2", T0, [ids[2]])]
 
 
+async def test_capacity_counts_the_live_workers_slots_busy_slots_and_most_gpus(store: StateStore) -> None:
+    assert await store.capacity("q", seen_since=0) == Capacity()
+    await store.upsert_worker(worker("w1", T0), queue="q", session="s1")
+    gpu_worker = jobs_pb2.WorkerInfo(id="w2", cpus=4, gpus=["0", "1", "2"], last_seen_time=timestamp(T0 - 100))
+    await store.upsert_worker(gpu_worker, queue="q", session="s2")
+    await store.upsert_worker(worker("w3", T0), queue="other", session="s3")
+    for n in range(3):
+        await submit(store, n)
+    await claim(store, worker="w1")
+    await claim(store, worker="w2")
+    assert await store.capacity("q", seen_since=0) == Capacity(workers=2, slots=6, busy=2, most_gpus=3)
+    assert await store.capacity("q", seen_since=T0 - 50) == Capacity(workers=1, slots=2, busy=1, most_gpus=0)
+    assert await store.capacity("other", seen_since=0) == Capacity(workers=1, slots=2, busy=0, most_gpus=0)
+
+
 async def test_remove_worker_only_for_its_current_session(store: StateStore) -> None:
     await store.upsert_worker(worker("w1", T0), queue="q", session="old")
     await store.upsert_worker(worker("w1", T0 + 1), queue="q", session="new")
@@ -932,6 +948,47 @@ async def test_sqlite_histories_move_from_the_events_table_into_the_job_rows(
         assert event_kinds(await store.get_job(job_id(definition(2)))) == [jobs_pb2.JOB_EVENT_KIND_QUEUED]
 
 
+_OLD_WORKER = jobs_pb2.WorkerInfo(id="w1", cpus=3, gpus=["0", "1"], last_seen_time=timestamp(T0))
+
+
+async def test_sqlite_workers_get_their_slots_and_gpus_beside_their_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "jobwire.db"
+    with monkeypatch.context() as old_version:  # the schema as migration 7 left it
+        old_version.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:7])
+        await (await SqliteStore.open(path)).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO workers VALUES ('w1', 'q', 's1', ?, ?)", (T0, _OLD_WORKER.SerializeToString()))
+    async with sqlite(tmp_path) as store:
+        assert await store.capacity("q", seen_since=0) == Capacity(workers=1, slots=3, most_gpus=2)
+        assert await store.list_workers("q", seen_since=0) == [_OLD_WORKER]
+
+
+async def test_postgres_workers_get_their_slots_and_gpus_beside_their_records(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    url = await postgres_cluster.create_database()
+    connection = await asyncpg.connect(url)
+    try:  # the schema as migration 4 left it, as `migrate` would have
+        await connection.execute(
+            "CREATE TABLE jobwire_schema (version INTEGER NOT NULL); INSERT INTO jobwire_schema VALUES (4)"
+        )
+        for migration in postgres_store.MIGRATIONS[:4]:
+            assert isinstance(migration, str)
+            await connection.execute(migration)
+        await connection.execute(
+            "INSERT INTO workers VALUES ('w1', 'q', 's1', $1, $2)", T0, _OLD_WORKER.SerializeToString()
+        )
+    finally:
+        await connection.close()
+    store = await PostgresStore.open(url, max_size=2)
+    try:
+        assert await store.capacity("q", seen_since=0) == Capacity(workers=1, slots=3, most_gpus=2)
+    finally:
+        await store.close()
+
+
 async def test_postgres_histories_move_from_the_events_table_into_the_job_rows(
     postgres_cluster: PostgresCluster,
 ) -> None:
@@ -942,6 +999,7 @@ async def test_postgres_histories_move_from_the_events_table_into_the_job_rows(
             "CREATE TABLE jobwire_schema (version INTEGER NOT NULL); INSERT INTO jobwire_schema VALUES (3)"
         )
         for migration in postgres_store.MIGRATIONS[:3]:
+            assert isinstance(migration, str)
             await connection.execute(migration)
         await connection.execute(
             "INSERT INTO jobs (id, state, queue, create_time, update_time, definition)"

@@ -37,6 +37,16 @@ class Attempt:
     attempt: int
 
 
+class Capacity(NamedTuple):
+    """What the live workers of a queue offer: how many there are, their slots, how many of those
+    run a job, and the most GPU devices one of them has."""
+
+    workers: int = 0
+    slots: int = 0
+    busy: int = 0
+    most_gpus: int = 0
+
+
 class LogTotals(NamedTuple):
     """How much of one log is stored: chunks, and characters of text of each stream."""
 
@@ -192,6 +202,10 @@ class StateStore(Protocol):
     async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
         """Workers of the queue heard from since `seen_since`, each with the jobs the store holds running
         for it (`running_job_ids` of the stored records is not kept)."""
+
+    async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
+        """What the workers of the queue heard from since `seen_since` offer, counted by the store
+        (a queue's thousand workers are not read one by one to say why a job waits)."""
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         """Number of the queue's jobs by state."""

@@ -8,7 +8,7 @@ replicas never assign one job twice or deliver one webhook twice at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from jobwire.server.store.base import (
     POSITION_LIMIT,
     Attempt,
     Cancelled,
+    Capacity,
     LogTotals,
     Submission,
     Webhook,
@@ -32,6 +33,7 @@ from jobwire.server.store.rows import (
     history_entry,
     job_message,
     with_details,
+    worker_columns,
     workers_with_jobs,
 )
 from jobwire.units import timestamp
@@ -43,7 +45,19 @@ QUEUED, RUNNING, FINISHED = (
     jobs_pb2.JOB_STATE_FINISHED,
 )
 
-MIGRATIONS = [
+Connection = Any  # asyncpg.Connection or a pool's proxy of one
+
+
+async def _worker_columns(connection: Connection) -> None:
+    await connection.execute(
+        "ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 0, ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0"
+    )
+    for worker_id, info in await connection.fetch("SELECT id, info FROM workers"):
+        slots, gpus = worker_columns(info)
+        await connection.execute("UPDATE workers SET slots = $1, gpus = $2 WHERE id = $3", slots, gpus, worker_id)
+
+
+MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
     # 1: the schema as of SQLite's migration 3 (jobs with GPUs, webhooks, queue order), with the indexes that
     # keep claims, lists, status and reaping fast at millions of jobs, and bus message bodies
     # too large for a NOTIFY payload.
@@ -146,12 +160,14 @@ MIGRATIONS = [
     ) entries WHERE jobs.id = entries.job_id;
     DROP TABLE events;
     """,
+    # 5: each worker's slots and GPU devices beside its record (as SQLite's migration 8).
+    _worker_columns,
 ]
-"""Applied in order at start; `jobwire_schema.version` counts those applied."""
+"""Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
+counts those applied."""
 
 _MIGRATION_LOCK = 0x6A6F6277  # pg_advisory_xact_lock key: replicas starting together migrate once
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
-Connection = Any  # asyncpg.Connection or a pool's proxy of one
 
 
 async def migrate(connection: Connection) -> int:
@@ -164,7 +180,10 @@ async def migrate(connection: Connection) -> int:
             await connection.execute("INSERT INTO jobwire_schema VALUES (0)")
             version = 0
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            await connection.execute(migration)
+            if isinstance(migration, str):
+                await connection.execute(migration)
+            else:
+                await migration(connection)
             await connection.execute("UPDATE jobwire_schema SET version = $1", number)
         return len(MIGRATIONS)
 
@@ -700,13 +719,16 @@ class PostgresStore:
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         await self.pool.execute(
-            "INSERT INTO workers VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET queue = excluded.queue,"
-            " session = excluded.session, last_seen = excluded.last_seen, info = excluded.info",
+            "INSERT INTO workers (id, queue, session, last_seen, info, slots, gpus) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, session = excluded.session,"
+            " last_seen = excluded.last_seen, info = excluded.info, slots = excluded.slots, gpus = excluded.gpus",
             info.id,
             queue,
             session,
             info.last_seen_time.ToMicroseconds() / 1e6,
             info.SerializeToString(),
+            info.cpus,
+            len(info.gpus),
         )
 
     async def remove_worker(self, worker_id: str, *, session: str) -> None:
@@ -722,6 +744,18 @@ class PostgresStore:
             queue,
         )
         return workers_with_jobs([row[0] for row in rows], [(row[0], row[1]) for row in running])
+
+    async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
+        row = await self.pool.fetchrow(
+            "SELECT COUNT(*), COALESCE(SUM(slots), 0), COALESCE(MAX(gpus), 0),"
+            f" (SELECT COUNT(*) FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+            "   WHERE w.queue = $1 AND w.last_seen >= $2)"
+            " FROM workers WHERE queue = $1 AND last_seen >= $2",
+            queue,
+            seen_since,
+        )
+        assert row is not None  # an aggregate has its row
+        return Capacity(workers=row[0], slots=row[1], busy=row[3], most_gpus=row[2])
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = await self.pool.fetch(

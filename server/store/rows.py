@@ -77,6 +77,12 @@ def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, his
     return job
 
 
+def worker_columns(info: bytes) -> tuple[int, int]:
+    """The slots and GPU devices of a stored worker record, kept beside it for `capacity`."""
+    worker = jobs_pb2.WorkerInfo.FromString(info)
+    return worker.cpus, len(worker.gpus)
+
+
 def workers_with_jobs(infos: Sequence[bytes], running: Sequence[tuple[str, str]]) -> list[jobs_pb2.WorkerInfo]:
     """Stored worker records with the jobs the store holds running for each, from (worker_id, job_id) rows:
     the jobs table is the truth, so a finish or a claim shows at once without rewriting the record."""

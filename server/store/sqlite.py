@@ -25,6 +25,7 @@ from jobwire.server.store.base import (
     POSITION_LIMIT,
     Attempt,
     Cancelled,
+    Capacity,
     LogTotals,
     Submission,
     Webhook,
@@ -36,6 +37,7 @@ from jobwire.server.store.rows import (
     history_entry,
     job_message,
     with_details,
+    worker_columns,
     workers_with_jobs,
 )
 from jobwire.units import timestamp
@@ -70,6 +72,13 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 CREATE INDEX IF NOT EXISTS workers_queue ON workers (queue, last_seen);
 """
+
+
+def _worker_columns(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE workers ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0")
+    for worker_id, info in db.execute("SELECT id, info FROM workers").fetchall():
+        db.execute("UPDATE workers SET slots = ?, gpus = ? WHERE id = ?", (*worker_columns(info), worker_id))
 
 
 def _history_into_jobs(db: sqlite3.Connection) -> None:
@@ -141,6 +150,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 7: a job's history lives in its row (see rows.history_entry) instead of an `events` table
     # with an index by job: a transition appends to the row it writes anyway.
     _history_into_jobs,
+    # 8: each worker's slots and GPU devices beside its record, so a queue's capacity is one query.
+    _worker_columns,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
@@ -699,14 +710,17 @@ class SqliteStore:
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         async with self._transaction() as db:
             db.execute(
-                "INSERT INTO workers VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET queue = excluded.queue,"
-                " session = excluded.session, last_seen = excluded.last_seen, info = excluded.info",
+                "INSERT INTO workers (id, queue, session, last_seen, info, slots, gpus) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, session = excluded.session,"
+                " last_seen = excluded.last_seen, info = excluded.info, slots = excluded.slots, gpus = excluded.gpus",
                 (
                     info.id,
                     queue,
                     session,
                     info.last_seen_time.ToMicroseconds() / 1e6,
                     info.SerializeToString(),
+                    info.cpus,
+                    len(info.gpus),
                 ),
             )
 
@@ -724,6 +738,21 @@ class SqliteStore:
             queue,
         )
         return workers_with_jobs([row[0] for row in rows], running)
+
+    async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
+        workers, slots, most_gpus = self._fetchone(
+            "SELECT COUNT(*), COALESCE(SUM(slots), 0), COALESCE(MAX(gpus), 0) FROM workers"
+            " WHERE queue = ? AND last_seen >= ?",
+            queue,
+            seen_since,
+        )
+        (busy,) = self._fetchone(  # the state is literal so that the partial index jobs_worker serves
+            f"SELECT COUNT(*) FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+            " WHERE w.queue = ? AND w.last_seen >= ?",
+            queue,
+            seen_since,
+        )
+        return Capacity(workers, slots, busy, most_gpus)
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = self._fetchall("SELECT state, jobs FROM queue_states WHERE queue = ? AND jobs > 0", queue)
