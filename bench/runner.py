@@ -50,7 +50,7 @@ FULL = {
     "load_jobs": 200,  # figure 3
     "log_lines": 500_000,  # figure 4
     "file_mib": 1024,  # figure 5
-    "file_repeats": 3,  # figure 5: runs of each transfer (and of the raw copy), the median reported
+    "file_repeats": 5,  # figure 5: rounds of every transfer and the raw copy, the median of each reported
     "idle_workers": 1000,  # figure 6
     "idle_seconds": 15,
     "queued_jobs": 100_000,

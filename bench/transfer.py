@@ -30,12 +30,12 @@ async def run(ctx: Context) -> list[Measurement]:
     source = folder / "source.bin"
     await asyncio.to_thread(_write_file, source, size)
     await asyncio.to_thread(os.sync)  # its writing out to the disk would otherwise overlap the first runs
-    raw = await _raw_copy(source, folder, repeats)
-    ctx.say(f"raw loopback copy (curl ← python -m http.server): {raw / MiB:.0f} MiB/s")
-    async with running_stack(ctx.scratch, envoy=True) as stack:
+    async with running_stack(ctx.scratch, envoy=True) as stack, _raw_server(source, folder) as raw_url:
         peak = _Peak(stack.server.pid)
         async with peak.sampling():
-            rates = await _transfers(stack, source, folder, repeats)
+            rates = await _transfers(stack, raw_url, source, folder, repeats, ctx.say)
+    raw = rates.pop(RAW)
+    ctx.say(f"raw loopback copy (curl ← python -m http.server): {raw / MiB:.0f} MiB/s")
     rows = []
     for name, rate in rates.items():
         ratio = rate / raw
@@ -70,14 +70,20 @@ def _write_file(path: Path, size: int) -> None:
             out.write(n.to_bytes(4, "big") + block[4:])
 
 
-async def _transfers(stack: Stack, source: Path, folder: Path, repeats: int) -> dict[str, float]:
-    """Bytes/s of each way, the median of `repeats` runs."""
+RAW = "raw"
+
+
+async def _transfers(
+    stack: Stack, raw_url: str, source: Path, folder: Path, repeats: int, say: Callable[[str], None]
+) -> dict[str, float]:
+    """Bytes/s of each way and of the raw copy (`RAW`), the median of `repeats` rounds; each round
+    runs every way once, so the machine's drift (see `_seconds`) reaches every way alike."""
     size, download = source.stat().st_size, folder / "download.out"
     blobs = stack.directory / "blobs"  # the server's FileBlobStore: a file per key
-    rates = {}
     async with grpc.aio.insecure_channel(stack.target) as channel:
         files = FileClient(channel)
         ways: list[tuple[str, Callable[[], Awaitable[object]], Path]] = [
+            (RAW, lambda: _curl("-o", str(download), raw_url), download),
             ("upload, gRPC", lambda: files.upload(source, "bench-grpc"), blobs / "bench-grpc"),
             ("download, gRPC", lambda: files.download("bench-grpc", download), download),
             (
@@ -87,24 +93,25 @@ async def _transfers(stack: Stack, source: Path, folder: Path, repeats: int) -> 
             ),
             ("download, REST via Envoy", lambda: _curl("-o", str(download), f"{stack.rest}/f/bench-rest"), download),
         ]
-        for name, way, written in ways:
-            rates[name] = size / await _median_seconds(way, repeats, written)
-    return rates
+        seconds: dict[str, list[float]] = {name: [] for name, _, _ in ways}
+        for round in range(repeats):
+            for name, way, written in ways:
+                seconds[name].append(await _seconds(way, written))
+            say(f"round {round + 1}: " + ", ".join(f"{name} {size / MiB / s[-1]:.0f}" for name, s in seconds.items()))
+    return {name: size / statistics.median(each) for name, each in seconds.items()}
 
 
-async def _raw_copy(source: Path, folder: Path, repeats: int) -> float:
-    """Bytes/s of `curl` fetching the file from Python's http.server on loopback, written to disk."""
+@contextlib.asynccontextmanager
+async def _raw_server(source: Path, folder: Path) -> AsyncIterator[str]:
+    """The URL of `source` served by Python's http.server on loopback (the raw copy's other end)."""
     port = free_port()
     args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(source.parent)]
     server = await spawn(args, folder / "http.server.log")
-    output = folder / "raw.out"
     try:
         await wait_port(port)
-        url = f"http://127.0.0.1:{port}/{source.name}"
-        return source.stat().st_size / await _median_seconds(lambda: _curl("-o", str(output), url), repeats, output)
+        yield f"http://127.0.0.1:{port}/{source.name}"
     finally:
         await server.stop()
-        output.unlink(missing_ok=True)
 
 
 async def _curl(*args: str) -> None:
@@ -116,19 +123,16 @@ async def _curl(*args: str) -> None:
         raise RuntimeError(f"curl {' '.join(args)} failed: {error.decode()[-300:]}")
 
 
-async def _median_seconds(action: Callable[[], Awaitable[object]], repeats: int, written: Path) -> float:
-    """Median duration of `action` over the runs, each deleting first the file the run before wrote.
+async def _seconds(action: Callable[[], Awaitable[object]], written: Path) -> float:
+    """How long `action` took, once the file the run before wrote is deleted.
 
     Every way (and the raw copy) so writes into memory the kernel freed a moment ago: on a VM that
     memory is far cheaper to fill than memory not touched for a while (~3 CPU-s per GiB on ours),
     and each way gets the same."""
-    durations = []
-    for _ in range(repeats):
-        written.unlink(missing_ok=True)
-        start = time.perf_counter()
-        await action()
-        durations.append(time.perf_counter() - start)
-    return statistics.median(durations)
+    written.unlink(missing_ok=True)
+    start = time.perf_counter()
+    await action()
+    return time.perf_counter() - start
 
 
 class _Peak:
