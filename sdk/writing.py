@@ -8,6 +8,14 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
+WRITE_SIZE = 256 * 1024
+"""A chunk goes to the file in writes of at most this many bytes. Measured on the 2-core VMs the
+benchmarks run on (Linux 6.18, ext4), alternating in one process: 1 GiB written as 1 MiB writes cost
+the writing process 2.3-2.9 s of system time, as 256 KiB writes 0.65-0.75 s (64 KiB the same, 16 KiB
+~0.9 s); downloads went from ~280 to 500-650 MiB/s, uploads into the server from 200-400 to 540-610.
+(Probably the page cache taking a big write as one large folio, which comes from memory the host
+has reclaimed; we did not chase it further.) Four writes per MiB instead of one cost microseconds."""
+
 
 class ChunkWriter:
     """Appends chunks to an open file and hashes them, in worker threads.
@@ -20,8 +28,13 @@ class ChunkWriter:
         self.handle = handle
         self.digest = digest or hashlib.sha256()
         self._hashing = _Lane(self.digest.update)
-        self._writing = _Lane(handle.write)
+        self._writing = _Lane(self._write)
         self._pending: list[asyncio.Future[None]] = []
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_SIZE):
+            self.handle.write(view[start : start + WRITE_SIZE])
 
     async def append(self, data: bytes | memoryview) -> None:
         """Queue `data` after the chunk before it (raising that chunk's error, if any)."""
