@@ -161,6 +161,9 @@ CHECKPOINT_SECONDS = 1.0
 GROUP_SECONDS = 0.002
 """How long a group commit may wait for more operations while every loop turn brings new ones."""
 _JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
+_APPEND_HISTORY = "history = CAST(history || ? AS BLOB)"
+"""Appends an encoded entry (`rows.history_entry`) to a job's history; `||` makes text of blobs, the
+cast keeps the bytes a blob."""
 
 
 class SqliteStore:
@@ -261,15 +264,17 @@ class SqliteStore:
         return self._db.execute(sql, args).fetchall()
 
     def _event(self, job_id: str, kind: jobs_pb2.JobEventKind.ValueType, now: float, **fields: Any) -> None:
-        self._db.execute(  # || makes text of blobs: the cast keeps the bytes a blob
-            "UPDATE jobs SET history = CAST(history || ? AS BLOB) WHERE id = ?",
-            (history_entry(kind, now, **fields), job_id),
+        entry = history_entry(kind, now, **fields)
+        self._db.execute(f"UPDATE jobs SET {_APPEND_HISTORY} WHERE id = ?", (entry, job_id))
+        if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:
+            self._arm_finished_hooks(job_id, now)
+
+    def _arm_finished_hooks(self, job_id: str, now: float) -> None:
+        """In the transaction that finishes the job."""
+        self._db.execute(
+            "UPDATE webhooks SET armed = 1, next_time = ? WHERE job_id = ? AND event = ? AND armed = 0",
+            (now, job_id, FINISHED_HOOK),
         )
-        if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
-            self._db.execute(
-                "UPDATE webhooks SET armed = 1, next_time = ? WHERE job_id = ? AND event = ? AND armed = 0",
-                (now, job_id, FINISHED_HOOK),
-            )
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         async with self._transaction() as db:
@@ -400,18 +405,17 @@ class SqliteStore:
         async with self._transaction() as db:
             while row is not None and len(claimed) < count:
                 job_id, attempt = row[0], row[1] + 1
-                db.execute(
-                    "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, update_time = ?, lease_expires = ?,"
-                    " queue = ? WHERE id = ?",
-                    (RUNNING, attempt, worker_id, now, now + lease, queue, job_id),
-                )
-                self._event(
-                    job_id,
+                entry = history_entry(
                     jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
                     now,
                     attempt=attempt,
                     worker_id=worker_id,
                     message=f"assigned to worker {worker_id} as attempt {attempt}",
+                )
+                db.execute(  # the row and its history in one write
+                    "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, update_time = ?, lease_expires = ?,"
+                    f" queue = ?, {_APPEND_HISTORY} WHERE id = ?",
+                    (RUNNING, attempt, worker_id, now, now + lease, queue, entry, job_id),
                 )
                 claimed.append(self._current(job_id))
                 gpus -= claimed[-1].definition.requirements.gpus
@@ -463,19 +467,19 @@ class SqliteStore:
             if not self._holds(attempt):
                 return None
             stored = result.SerializeToString()
-            db.execute(
-                "UPDATE jobs SET state = ?, finish_reason = ?, update_time = ?, lease_expires = NULL, result = ?"
-                " WHERE id = ?",
-                (FINISHED, result.reason, now, stored, attempt.job_id),
-            )
-            self._event(
-                attempt.job_id,
+            entry = history_entry(
                 jobs_pb2.JOB_EVENT_KIND_FINISHED,
                 now,
                 attempt=attempt.attempt,
                 worker_id=result.worker_id,
                 message=finish_message(result),
             )
+            db.execute(  # the row and its history in one write
+                "UPDATE jobs SET state = ?, finish_reason = ?, update_time = ?, lease_expires = NULL, result = ?,"
+                f" {_APPEND_HISTORY} WHERE id = ?",
+                (FINISHED, result.reason, now, stored, entry, attempt.job_id),
+            )
+            self._arm_finished_hooks(attempt.job_id, now)
             return self._current(attempt.job_id, stored)
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
