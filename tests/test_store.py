@@ -770,6 +770,25 @@ async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together
         assert [(await claim(store)).id for _ in range(2)] == [job_id(definition(1)), job_id(definition(3))]
 
 
+async def test_a_failed_commit_fails_every_operation_in_it_and_the_store_goes_on(tmp_path: Path) -> None:
+    """SQLite: a COMMIT that fails (here a deferred foreign key, checked only then) rolls back the
+    whole group; its callers get the error, and the next operations commit as usual."""
+    async with sqlite(tmp_path) as store:
+        assert isinstance(store, SqliteStore)
+        broken = job_id(definition(2))
+        store._db.executescript(
+            "CREATE TEMP TABLE parent (id TEXT PRIMARY KEY);"
+            " CREATE TEMP TABLE child (parent TEXT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);"
+            f" CREATE TEMP TRIGGER dangling AFTER INSERT ON namespaces WHEN NEW.job_id = '{broken}'"
+            " BEGIN INSERT INTO child VALUES ('nobody'); END"
+        )
+        outcomes = await asyncio.gather(*(submit(store, n) for n in (1, 2, 3)), return_exceptions=True)
+        assert all(isinstance(outcome, sqlite3.IntegrityError) for outcome in outcomes)
+        assert await store.queue_counts("q") == {}
+        await submit(store, 4)
+        assert await store.queue_counts("q") == {QUEUED: 1}
+
+
 async def test_a_burst_of_operations_over_several_loop_turns_shares_one_commit(tmp_path: Path) -> None:
     """SQLite: the group commit waits while every loop turn brings a new operation (up to
     GROUP_SECONDS), and a lone operation commits after one quiet turn."""

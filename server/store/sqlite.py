@@ -251,8 +251,9 @@ class SqliteStore:
         assert commit is not None
         try:
             self._db.execute("COMMIT")
-        except sqlite3.Error as error:
-            self._db.rollback()
+        except Exception as error:  # every operation in it fails; the store takes the next ones
+            if self._db.in_transaction:
+                self._db.rollback()
             commit.set_exception(error)
         else:
             commit.set_result(None)
