@@ -9,7 +9,7 @@ from jobwire.server.bus import EventBus, Lagged
 from jobwire.server.errors import NotFound
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import Attempt
-from jobwire.server.store.rows import already_stored, job_summary
+from jobwire.server.store.rows import job_summary
 from jobwire.v1 import jobs_pb2, workers_pb2
 
 READ_LIMIT, READ_SIZE = 100_000, 2 * 1024 * 1024
@@ -34,39 +34,15 @@ class LogHub:
         """Store and publish a batch (skipping chunks already stored); False if the attempt is stale.
         A log is kept up to `max_chars` characters of text: the chunk that passes it is cut there and
         followed by a notice; everything after is dropped."""
-        totals = await self.store.log_totals(attempt, kind)
-        fresh = already_stored(totals.chunks, start, len(chunks))
-        if totals.chars + sum(len(chunk.text) for chunk in chunks[fresh:]) > self.max_chars:
-            chunks = [*chunks[:fresh], *self._cut(totals.chars, chunks[fresh:])]
-            if len(chunks) == fresh:  # the log was cut before: store nothing, but fence
-                return await self.store.append_logs(attempt, kind, [], start) is not None
-        stored = await self.store.append_logs(attempt, kind, chunks, start)
+        stored = await self.store.append_logs(attempt, kind, chunks, start, self.max_chars)
         if stored is None:
             return False
-        first, skipped = stored
-        if skipped >= len(chunks):
-            return True
-        batch = jobs_pb2.LogBatch(kind=kind, start=first, chunks=chunks[skipped:], attempt=attempt.attempt)
-        message = jobs_pb2.WatchJobResponse(logs=batch)
-        await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
+        first, kept = stored
+        if kept:
+            batch = jobs_pb2.LogBatch(kind=kind, start=first, chunks=kept, attempt=attempt.attempt)
+            message = jobs_pb2.WatchJobResponse(logs=batch)
+            await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
         return True
-
-    def _cut(self, stored: int, chunks: Sequence[jobs_pb2.LogChunk]) -> list[jobs_pb2.LogChunk]:
-        """The new chunks that fit after `stored` characters, the last one shortened, then the notice;
-        nothing once a notice is stored (it takes the log past the limit)."""
-        if stored > self.max_chars:
-            return []
-        kept = []
-        for chunk in chunks:
-            room = self.max_chars - stored
-            if len(chunk.text) > room:
-                if room:
-                    kept.append(jobs_pb2.LogChunk(text=chunk.text[:room], stream=chunk.stream, time=chunk.time))
-                break
-            kept.append(chunk)
-            stored += len(chunk.text)
-        text = f"\n[jobwire: log cut at {self.max_chars:,} characters; the rest of it was dropped]\n"
-        return [*kept, jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDERR)]
 
     async def read(self, job: jobs_pb2.Job, kind: jobs_pb2.LogKind.ValueType, since: int) -> list[jobs_pb2.LogChunk]:
         """The current attempt's chunks of one log from index `since`."""

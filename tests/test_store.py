@@ -270,6 +270,14 @@ async def test_concurrent_claims_assign_a_job_once(store: StateStore) -> None:
 # Attempt fencing
 
 
+async def appended(
+    store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, start: int, *texts: str
+) -> tuple[int, list[str]] | None:
+    """`append_logs` of chunks of these texts: the index the first stored one got and the texts stored."""
+    stored = await store.append_logs(attempt, kind, chunks(*texts), start)
+    return None if stored is None else (stored[0], [chunk.text for chunk in stored[1]])
+
+
 async def assert_stale(store: StateStore, attempt: Attempt, worker: str = "w1") -> None:
     """Every write of the attempt is refused and changes nothing."""
     before = await store.get_job(attempt.job_id)
@@ -295,7 +303,7 @@ async def test_attempt_is_stale_once_another_attempt_claimed_the_job(store: Stat
     current = attempt_of(await claim(store, worker="w2", now=T0 + LEASE + 2))
     assert current.attempt == lost.attempt + 1
     await assert_stale(store, lost, worker="w1")
-    assert await store.append_logs(current, RUN, chunks("mine"), 0) == (0, 0)
+    assert await appended(store, current, RUN, 0, "mine") == (0, ["mine"])
     finished = await store.finish(current, result(exit_code=3), T0 + 60)
     assert finished is not None and finished.result.exit_code == 3
 
@@ -410,10 +418,10 @@ async def test_extend_leases_gives_running_jobs_a_new_lease(store: StateStore) -
 async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
-    assert await store.append_logs(running, RUN, chunks("a", "b"), 0) == (0, 0)
-    assert await store.append_logs(running, RUN, chunks("d"), 3) == (2, 1)
+    assert await appended(store, running, RUN, 0, "a", "b") == (0, ["a", "b"])
+    assert await appended(store, running, RUN, 3, "d") == (2, [])
     assert (await store.log_totals(running, RUN)).chunks == 2
-    assert await store.append_logs(running, RUN, chunks("b", "c", "d"), 1) == (2, 1)
+    assert await appended(store, running, RUN, 1, "b", "c", "d") == (2, ["c", "d"])
     assert (await store.log_totals(running, RUN)).chunks == 4
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
 
@@ -587,19 +595,35 @@ async def test_delete_unknown_job(store: StateStore) -> None:
 async def test_logs_read_back_in_order(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
-    assert await store.append_logs(running, RUN, chunks("a", "b", "c"), 0) == (0, 0)
-    assert await store.append_logs(running, RUN, chunks("d"), 3) == (3, 0)
+    assert await appended(store, running, RUN, 0, "a", "b", "c") == (0, ["a", "b", "c"])
+    assert await appended(store, running, RUN, 3, "d") == (3, ["d"])
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
+
+
+async def test_a_log_is_cut_where_it_passes_its_limit_and_nothing_is_stored_after(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store))
+
+    async def texts(start: int, *given: str) -> tuple[int, list[str]]:
+        stored = await store.append_logs(running, RUN, chunks(*given), start, max_chars=8)
+        assert stored is not None
+        return stored[0], [chunk.text for chunk in stored[1]]
+
+    assert await texts(0, "abc", "def") == (0, ["abc", "def"])
+    first, cut = await texts(2, "ghi", "jkl")
+    assert first == 2 and cut[0] == "gh" and len(cut) == 2 and "log cut at 8 characters" in cut[1]
+    assert await texts(4, "mno") == (4, [])
+    assert (await log_texts(store, running))[:3] == ["abc", "def", "gh"]
 
 
 async def test_resent_log_chunks_are_stored_once(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
-    assert await store.append_logs(running, RUN, chunks("a", "b"), 0) == (0, 0)
+    assert await appended(store, running, RUN, 0, "a", "b") == (0, ["a", "b"])
     # The worker re-sends from index 1 (it missed the acknowledgement): "b" is skipped, "c", "d" stored at 2.
-    assert await store.append_logs(running, RUN, chunks("b", "c", "d"), 1) == (2, 1)
-    assert await store.append_logs(running, RUN, chunks("a", "b", "c", "d"), 0) == (4, 4)
-    assert await store.append_logs(running, RUN, chunks("d"), 3) == (4, 1)
+    assert await appended(store, running, RUN, 1, "b", "c", "d") == (2, ["c", "d"])
+    assert await appended(store, running, RUN, 0, "a", "b", "c", "d") == (4, [])
+    assert await appended(store, running, RUN, 3, "d") == (4, [])
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
 
 
@@ -642,7 +666,7 @@ async def test_logs_are_kept_per_kind_and_per_attempt(store: StateStore) -> None
     await store.requeue_expired(T0 + LEASE + 1)
     second = attempt_of(await claim(store, now=T0 + LEASE + 2))
     # Each attempt's log starts at index 0.
-    assert await store.append_logs(second, RUN, chunks("run 2"), 0) == (0, 0)
+    assert await appended(store, second, RUN, 0, "run 2") == (0, ["run 2"])
     assert await log_texts(store, first, BUILD) == ["pull"]
     assert await log_texts(store, first, RUN) == ["run 1"]
     assert await log_texts(store, second, RUN) == ["run 2"]

@@ -178,12 +178,18 @@ class StateStore(Protocol):
         """Finish the job as deleted and forget its result, so it can run again."""
 
     async def append_logs(
-        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
-    ) -> tuple[int, int] | None:
+        self,
+        attempt: Attempt,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int = 0,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
         """Store chunks of the attempt's log that the worker numbers from `start`, skipping any already
-        stored; returns (index of the first stored chunk, how many were skipped), None if stale.
-        A batch starting past the stored end (a gap) is skipped whole: the worker resends from
-        `log_totals` when it registers again."""
+        stored and cutting the log at `max_chars` characters of text (`rows.within_limit`); returns
+        (the index the first stored chunk got, the chunks stored), None if stale. A batch starting past
+        the stored end (a gap) is skipped whole: the worker resends from `log_totals` when it registers
+        again."""
 
     async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
         """How much of the attempt's log is stored (read from its last batch: constant time)."""

@@ -33,6 +33,7 @@ from jobwire.server.store.rows import (
     history_entry,
     job_message,
     with_details,
+    within_limit,
     worker_columns,
     workers_with_jobs,
 )
@@ -657,15 +658,21 @@ class PostgresStore:
         return running, worker_id
 
     async def append_logs(
-        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
-    ) -> tuple[int, int] | None:
+        self,
+        attempt: Attempt,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int = 0,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
         async with self._transaction() as db:
             if await self._holds(db, attempt) is None:  # also locks the job: one append at a time
                 return None
             stored = await self._log_totals(db, attempt, kind)
             skipped = already_stored(stored.chunks, start, len(chunks))
-            if skipped < len(chunks):
-                batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
+            kept = within_limit(stored.chars, chunks[skipped:], max_chars)
+            if kept:
+                batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
                 totals = stored.after(batch.chunks)
                 await db.execute(
                     "INSERT INTO logs (job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
@@ -679,7 +686,7 @@ class PostgresStore:
                     totals.stdout_chars,
                     totals.stderr_chars,
                 )
-            return stored.chunks, skipped
+            return stored.chunks, kept
 
     async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
         async with self.pool.acquire() as db:

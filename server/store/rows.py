@@ -96,6 +96,27 @@ def workers_with_jobs(infos: Sequence[bytes], running: Sequence[tuple[str, str]]
     return workers
 
 
+def within_limit(stored_chars: int, chunks: Sequence[jobs_pb2.LogChunk], max_chars: int) -> list[jobs_pb2.LogChunk]:
+    """`chunks` as a log already holding `stored_chars` characters of text keeps them under `max_chars`
+    (0: no limit): the chunk that passes the limit is cut there and followed by a notice; nothing once
+    a notice is stored (it takes the log past the limit)."""
+    if not max_chars or stored_chars + sum(len(chunk.text) for chunk in chunks) <= max_chars:
+        return list(chunks)
+    if stored_chars > max_chars:
+        return []
+    kept = []
+    for chunk in chunks:
+        room = max_chars - stored_chars
+        if len(chunk.text) > room:
+            if room:
+                kept.append(jobs_pb2.LogChunk(text=chunk.text[:room], stream=chunk.stream, time=chunk.time))
+            break
+        kept.append(chunk)
+        stored_chars += len(chunk.text)
+    text = f"\n[jobwire: log cut at {max_chars:,} characters; the rest of it was dropped]\n"
+    return [*kept, jobs_pb2.LogChunk(text=text, stream=jobs_pb2.LOG_STREAM_STDERR)]
+
+
 def already_stored(stored: int, start: int, count: int) -> int:
     """How many of `count` chunks numbered from `start` a log holding `stored` chunks already has.
 

@@ -37,6 +37,7 @@ from jobwire.server.store.rows import (
     history_entry,
     job_message,
     with_details,
+    within_limit,
     worker_columns,
     workers_with_jobs,
 )
@@ -653,15 +654,21 @@ class SqliteStore:
         return running, worker_id
 
     async def append_logs(
-        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
-    ) -> tuple[int, int] | None:
+        self,
+        attempt: Attempt,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int = 0,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
         async with self._transaction() as db:
             if not self._holds(attempt):
                 return None
             stored = self._log_totals(attempt, kind)
             skipped = already_stored(stored.chunks, start, len(chunks))
-            if skipped < len(chunks):
-                batch = jobs_pb2.LogBatch(kind=kind, chunks=chunks[skipped:])
+            kept = within_limit(stored.chars, chunks[skipped:], max_chars)
+            if kept:
+                batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
                 totals = stored.after(batch.chunks)
                 db.execute(
                     "INSERT INTO logs (job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
@@ -677,7 +684,7 @@ class SqliteStore:
                         totals.stderr_chars,
                     ),
                 )
-            return stored.chunks, skipped
+            return stored.chunks, kept
 
     async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
         return self._log_totals(attempt, kind)
