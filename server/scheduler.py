@@ -62,7 +62,7 @@ class Scheduler:
         if queued:
             await self.bus.publish(topics.queue(queue), topics.work_notice(1))
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
-            job.waiting_reason = await self.waiting_reason(job)
+            job.waiting_reason = await self.waiting_reason(job, definition.requirements.gpus)
         return job
 
     async def submit_many(self, queue: str, requests: Sequence[jobs_pb2.SubmitJobRequest]) -> list[jobs_pb2.Job]:
@@ -146,15 +146,14 @@ class Scheduler:
             where = f" in queue {queue!r}" if queue else ""
             raise NotFound(f"job {job_id} not found{where}")
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
-            job.waiting_reason = await self.waiting_reason(job)
+            job.waiting_reason = await self.waiting_reason(job, job.definition.requirements.gpus)
         return job
 
-    async def waiting_reason(self, job: jobs_pb2.Job) -> str:
-        """Why a queued job is not running yet, in words a person can act on."""
+    async def waiting_reason(self, job: jobs_pb2.Job, needs: int) -> str:
+        """Why a queued job (needing `needs` GPU devices) is not running yet, in words a person can act on."""
         capacity = await self.store.capacity(job.queue, seen_since=self._live_since())
         if not capacity.workers:
             return f"no worker is connected to queue {job.queue!r}; start one with `jobwire worker {job.queue}`"
-        needs = job.definition.requirements.gpus
         if needs > capacity.most_gpus:
             most = capacity.most_gpus
             return (

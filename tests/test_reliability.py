@@ -457,7 +457,9 @@ async def test_gpu_jobs_wait_for_a_worker_with_gpus_without_blocking_the_queue(
 ) -> None:
     await start_worker(queue)  # offers no GPUs
     gpu_body = {"definition": {"image": BUSYBOX, "command": "nvidia-smi", "requirements": {"gpus": 1}}}
-    gpu_job = (await rest.post(f"/q/{queue}", json=gpu_body)).json()["jobId"]
+    submitted = (await rest.post(f"/q/{queue}", json=gpu_body)).json()
+    assert "needs 1 GPU(s) but no worker" in submitted["job"]["waitingReason"]  # in the submit's answer too
+    gpu_job = submitted["jobId"]
     cpu_body = {"definition": {"image": BUSYBOX, "command": f"echo {queue}"}}
     cpu_job = (await rest.post(f"/q/{queue}", json=cpu_body)).json()["jobId"]
     assert log_text(await wait_finished(jobs, cpu_job)) == f"{queue}\n"
