@@ -54,7 +54,7 @@ async def _worker_columns(connection: Connection) -> None:
         "ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 0, ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0"
     )
     for worker_id, info in await connection.fetch("SELECT id, info FROM workers"):
-        slots, gpus = worker_columns(info)
+        slots, gpus = worker_columns(jobs_pb2.WorkerInfo.FromString(info))
         await connection.execute("UPDATE workers SET slots = $1, gpus = $2 WHERE id = $3", slots, gpus, worker_id)
 
 
@@ -224,13 +224,17 @@ class PostgresStore:
         await db.execute(
             "UPDATE jobs SET history = history || $1 WHERE id = $2", history_entry(kind, now, **fields), job_id
         )
-        if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:  # in the same transaction as the finish
-            await db.execute(
-                "UPDATE webhooks SET armed = TRUE, next_time = $1 WHERE job_id = $2 AND event = $3 AND NOT armed",
-                now,
-                job_id,
-                FINISHED_HOOK,
-            )
+        if kind == jobs_pb2.JOB_EVENT_KIND_FINISHED:
+            await self._arm_finished_hooks(db, job_id, now)
+
+    async def _arm_finished_hooks(self, db: Connection, job_id: str, now: float) -> None:
+        """In the transaction that finishes the job."""
+        await db.execute(
+            "UPDATE webhooks SET armed = TRUE, next_time = $1 WHERE job_id = $2 AND event = $3 AND NOT armed",
+            now,
+            job_id,
+            FINISHED_HOOK,
+        )
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         async with self._transaction() as db:
@@ -367,25 +371,24 @@ class PostgresStore:
                 if row is None:
                     break
                 job_id, attempt = row[0], row[1] + 1
-                await db.execute(
+                entry = history_entry(
+                    jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
+                    now,
+                    attempt=attempt,
+                    worker_id=worker_id,
+                    message=f"assigned to worker {worker_id} as attempt {attempt}",
+                )
+                await db.execute(  # the row and its history in one statement
                     "UPDATE jobs SET state = $1, attempt = $2, worker_id = $3, update_time = $4, lease_expires = $5,"
-                    " queue = $6 WHERE id = $7",
+                    " queue = $6, history = history || $7 WHERE id = $8",
                     RUNNING,
                     attempt,
                     worker_id,
                     now,
                     now + lease,
                     queue,
+                    entry,
                     job_id,
-                )
-                await self._event(
-                    db,
-                    job_id,
-                    jobs_pb2.JOB_EVENT_KIND_ASSIGNED,
-                    now,
-                    attempt=attempt,
-                    worker_id=worker_id,
-                    message=f"assigned to worker {worker_id} as attempt {attempt}",
                 )
                 claimed.append(await self._current(db, job_id))
                 gpus -= claimed[-1].definition.requirements.gpus
@@ -436,24 +439,24 @@ class PostgresStore:
             if await self._holds(db, attempt) is None:
                 return None
             stored = result.SerializeToString()
-            await db.execute(
-                "UPDATE jobs SET state = $1, finish_reason = $2, update_time = $3, lease_expires = NULL, result = $4"
-                " WHERE id = $5",
-                FINISHED,
-                result.reason,
-                now,
-                stored,
-                attempt.job_id,
-            )
-            await self._event(
-                db,
-                attempt.job_id,
+            entry = history_entry(
                 jobs_pb2.JOB_EVENT_KIND_FINISHED,
                 now,
                 attempt=attempt.attempt,
                 worker_id=result.worker_id,
                 message=finish_message(result),
             )
+            await db.execute(  # the row and its history in one statement
+                "UPDATE jobs SET state = $1, finish_reason = $2, update_time = $3, lease_expires = NULL, result = $4,"
+                " history = history || $5 WHERE id = $6",
+                FINISHED,
+                result.reason,
+                now,
+                stored,
+                entry,
+                attempt.job_id,
+            )
+            await self._arm_finished_hooks(db, attempt.job_id, now)
             return await self._current(db, attempt.job_id, stored)
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
@@ -734,8 +737,7 @@ class PostgresStore:
             session,
             info.last_seen_time.ToMicroseconds() / 1e6,
             info.SerializeToString(),
-            info.cpus,
-            len(info.gpus),
+            *worker_columns(info),
         )
 
     async def remove_worker(self, worker_id: str, *, session: str) -> None:

@@ -77,10 +77,9 @@ def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, his
     return job
 
 
-def worker_columns(info: bytes) -> tuple[int, int]:
-    """The slots and GPU devices of a stored worker record, kept beside it for `capacity`."""
-    worker = jobs_pb2.WorkerInfo.FromString(info)
-    return worker.cpus, len(worker.gpus)
+def worker_columns(info: jobs_pb2.WorkerInfo) -> tuple[int, int]:
+    """The slots and GPU devices of a worker record, stored beside it for `capacity`."""
+    return info.cpus, len(info.gpus)
 
 
 def workers_with_jobs(infos: Sequence[bytes], running: Sequence[tuple[str, str]]) -> list[jobs_pb2.WorkerInfo]:

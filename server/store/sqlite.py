@@ -79,7 +79,8 @@ def _worker_columns(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE workers ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0")
     for worker_id, info in db.execute("SELECT id, info FROM workers").fetchall():
-        db.execute("UPDATE workers SET slots = ?, gpus = ? WHERE id = ?", (*worker_columns(info), worker_id))
+        columns = worker_columns(jobs_pb2.WorkerInfo.FromString(info))
+        db.execute("UPDATE workers SET slots = ?, gpus = ? WHERE id = ?", (*columns, worker_id))
 
 
 def _history_into_jobs(db: sqlite3.Connection) -> None:
@@ -731,8 +732,7 @@ class SqliteStore:
                     session,
                     info.last_seen_time.ToMicroseconds() / 1e6,
                     info.SerializeToString(),
-                    info.cpus,
-                    len(info.gpus),
+                    *worker_columns(info),
                 ),
             )
 
