@@ -82,10 +82,16 @@ async def _transfers(
     blobs = stack.directory / "blobs"  # the server's FileBlobStore: a file per key
     async with grpc.aio.insecure_channel(stack.target) as channel:
         files = FileClient(channel)
+        checked = await files.upload(source)  # under its SHA-256 (the SDK's default key), once
         ways: list[tuple[str, Callable[[], Awaitable[object]], Path]] = [
             (RAW, lambda: _curl("-o", str(download), raw_url), download),
             ("upload, gRPC", lambda: files.upload(source, "bench-grpc"), blobs / "bench-grpc"),
             ("download, gRPC", lambda: files.download("bench-grpc", download), download),
+            (
+                "download, gRPC, checked against its SHA-256 key",
+                lambda: files.download(checked, download),
+                download,
+            ),
             (
                 "upload, REST via Envoy",
                 lambda: _curl("-T", str(source), f"{stack.rest}/f/bench-rest"),

@@ -203,14 +203,14 @@ class _Download:
 
     async def run(self) -> None:
         delays = self.files.calls.retry.delays()
+        # A blob named by its SHA-256 is checked against it; other keys promise no content to check.
         with self.partial.open("wb") as handle:
-            chunks = ChunkWriter(handle)
+            chunks = ChunkWriter(handle, hashlib.sha256() if is_sha256(self.key) else None)
             try:
                 await self._receive_all(chunks, delays)
             finally:
                 chunks.stop(keep=False)  # a chunk still in flight when the download failed (none once flushed)
-        digest = chunks.digest.hexdigest()
-        if is_sha256(self.key) and digest != self.key:
+        if chunks.digest and (digest := chunks.digest.hexdigest()) != self.key:
             self.partial.unlink(missing_ok=True)
             raise RequestFailed(f"download of {self.key} is corrupt: its bytes hash to {digest}")
         os.replace(self.partial, self.destination)

@@ -26,6 +26,7 @@ from jobwire import (
     InvalidDefinition,
     JobFailed,
     JobNotFound,
+    RequestFailed,
     Retry,
     ServerUnavailable,
     Transfer,
@@ -260,6 +261,18 @@ async def test_file_client_round_trip(client: Client, tmp_path: Path) -> None:
     assert (tmp_path / "blob").read_bytes() == data
     assert seen[-1] == Transfer("blob", len(data), len(data), complete=True)
     assert not (tmp_path / "blob.partial").exists()
+
+
+async def test_a_download_that_does_not_hash_to_its_key_is_refused(
+    client: Client, stack: Stack, tmp_path: Path
+) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    key = await client.files.upload(data)
+    stored = stack.data_directory / "blobs" / key
+    stored.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the disk flipped a bit
+    with pytest.raises(RequestFailed, match=f"download of {key} is corrupt"):
+        await client.files.download(key, tmp_path / "blob")
+    assert not (tmp_path / "blob").exists() and not (tmp_path / "blob.partial").exists()
 
 
 async def test_calls_and_watches_survive_a_server_restart(tmp_path: Path, queue: str) -> None:
