@@ -77,7 +77,8 @@ async def _transfers(
     stack: Stack, raw_url: str, source: Path, folder: Path, repeats: int, say: Callable[[str], None]
 ) -> dict[str, float]:
     """Bytes/s of each way and of the raw copy (`RAW`), the median of `repeats` rounds; each round
-    runs every way once, so the machine's drift (see `_seconds`) reaches every way alike."""
+    runs every way once, so the machine's drift reaches every way alike, and starts one way later than
+    the round before."""
     size, download = source.stat().st_size, folder / "download.out"
     blobs = stack.directory / "blobs"  # the server's FileBlobStore: a file per key
     async with grpc.aio.insecure_channel(stack.target) as channel:
@@ -101,8 +102,9 @@ async def _transfers(
         ]
         seconds: dict[str, list[float]] = {name: [] for name, _, _ in ways}
         for round in range(repeats):
-            for name, way, written in ways:
-                seconds[name].append(await _seconds(way, written))
+            turn = round % len(ways)
+            for name, way, written in ways[turn:] + ways[:turn]:
+                seconds[name].append(await _seconds(way, written, size))
             say(f"round {round + 1}: " + ", ".join(f"{name} {size / MiB / s[-1]:.0f}" for name, s in seconds.items()))
     return {name: size / statistics.median(each) for name, each in seconds.items()}
 
@@ -129,16 +131,30 @@ async def _curl(*args: str) -> None:
         raise RuntimeError(f"curl {' '.join(args)} failed: {error.decode()[-300:]}")
 
 
-async def _seconds(action: Callable[[], Awaitable[object]], written: Path) -> float:
-    """How long `action` took, once the file the run before wrote is deleted.
+async def _seconds(action: Callable[[], Awaitable[object]], written: Path, size: int) -> float:
+    """How long `action` took, started as every way (and the raw copy) is: with nothing waiting to
+    be written to the disk, the file the run before wrote deleted, and `size` bytes of memory
+    freed a moment ago.
 
-    Every way (and the raw copy) so writes into memory the kernel freed a moment ago: on a VM that
-    memory is far cheaper to fill than memory not touched for a while (~3 CPU-s per GiB on ours),
-    and each way gets the same."""
+    On our VMs memory freed more than ~2 s ago is handed back to the host (free page reporting)
+    and filling it again costs ~2-3 CPU-s per GiB, against ~0.25 for memory freed just before: a
+    way got one or the other depending on what ran before it (a download after a download ran at
+    twice the rate of one after an upload). So each starts by writing and deleting a scratch file
+    of `size` bytes, as a machine that is not a VM always has such memory to hand."""
+    await asyncio.to_thread(_free_fresh_memory, written.with_name("fresh.scratch"), size)
     written.unlink(missing_ok=True)
     start = time.perf_counter()
     await action()
     return time.perf_counter() - start
+
+
+def _free_fresh_memory(scratch: Path, size: int) -> None:
+    os.sync()
+    block = bytes(256 * 1024)
+    with scratch.open("wb") as out:
+        for _ in range(size // len(block)):
+            out.write(block)
+    scratch.unlink()
 
 
 class _Peak:
