@@ -50,7 +50,7 @@ FULL = {
     "load_jobs": 200,  # figure 3
     "log_lines": 500_000,  # figure 4
     "file_mib": 1024,  # figure 5
-    "file_repeats": 6,  # figure 5: rounds of every transfer and the raw copy (each first once), the median of each reported
+    "file_repeats": 6,  # figure 5: rounds of every transfer and the raw copy (each first once); medians reported
     "idle_workers": 1000,  # figure 6
     "idle_seconds": 15,
     "queued_jobs": 100_000,

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from bench import peers
 from bench.fake_runtime import FakeRuntime
 from bench.redis import private_redis
@@ -51,7 +54,7 @@ FIGURE = "2 control plane"
 
 
 async def run(ctx: Context) -> list[Measurement]:
-    ours = await _jobwire(ctx)
+    ours, floor = await _jobwire(ctx)
     async with private_redis(ctx.scratch) as redis_url:
         arq = await peers.arq_rates(ctx, redis_url)
         celery = await peers.celery_rates(ctx, redis_url)
@@ -68,11 +71,18 @@ async def run(ctx: Context) -> list[Measurement]:
             metric, cost = f"CPU per job, all processes, submitted {mode}", mine.cpu_ms_per_job
             ratio, base = cost / theirs.cpu_ms_per_job, f"{name} on Redis"
             rows.append(Measurement(FIGURE, metric, cost, "ms", base, theirs.cpu_ms_per_job, ratio, "-"))
+    for call, (rate, server_ms) in floor.items():
+        metric = (
+            f"one by one, no job run: {call} calls, each after the last one's answer (server {server_ms:.2f} ms each)"
+        )
+        base, theirs = "arq on Redis, a whole job one by one", arq["one by one"].jobs_per_second
+        rows.append(Measurement(FIGURE, metric, rate, "/s", base, theirs, rate / theirs, "-"))
     return rows
 
 
-async def _jobwire(ctx: Context) -> dict[str, Rate]:
-    """Rates per mode, both modes through the same server and workers."""
+async def _jobwire(ctx: Context) -> tuple[dict[str, Rate], dict[str, tuple[float, float]]]:
+    """Rates per mode, both modes through the same server and workers; and what bounds one by one
+    (see `_unary_floor`)."""
     sizes, rates = ctx.sizes, {}
     total, in_flight = sizes["throughput_jobs"], sizes["throughput_in_flight"]
     stack_and_workers = _simulated_stack(ctx)
@@ -109,7 +119,31 @@ async def _jobwire(ctx: Context) -> dict[str, Rate]:
                 for name, now in _cpu_by_process(stack.server.pid, workers.pid).items()
             )
             ctx.say(f"jobwire, submitted {mode}: {rates[mode]}; CPU ms per job by process: {split}")
-    return rates
+        floor = await _unary_floor(client, stack, total)
+        ctx.say("one by one, no job run: " + ", ".join(f"{c} {r:.0f}/s ({ms:.2f} ms)" for c, (r, ms) in floor.items()))
+    return rates, floor
+
+
+async def _unary_floor(client: Client, stack: Stack, total: int) -> dict[str, tuple[float, float]]:
+    """Calls/s and server CPU ms per call of unary calls made one after another with no job run:
+    the health check gRPC's own library serves (nothing of jobwire's but the process) and SubmitJob
+    to a queue no worker serves. A job submitted one by one costs at least the second; the first is
+    what gRPC's Python layer alone costs a call."""
+    unserved, nonce = unique("bench-unserved"), uuid.uuid4().hex
+    async with grpc.aio.insecure_channel(stack.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        calls: dict[str, Callable[[int], Awaitable[object]]] = {
+            "grpc.health.v1.Health/Check": lambda _: health.Check(health_pb2.HealthCheckRequest()),
+            "SubmitJob": lambda index: client.submit(unserved, image="bench/none", command=f"noop {nonce} {index}"),
+        }
+        floor = {}
+        for name, call in calls.items():
+            await call(-1)
+            used, start = cpu_seconds(stack.server.pid), time.perf_counter()
+            for index in range(total):
+                await call(index)
+            floor[name] = (total / (time.perf_counter() - start), (cpu_seconds(stack.server.pid) - used) * 1000 / total)
+    return floor
 
 
 def _cpu_by_process(server: int, workers: int) -> dict[str, float]:

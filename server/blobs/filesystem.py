@@ -152,7 +152,7 @@ class FileBlobWriter:
     ) -> None:
         self.key, self.size = key, offset
         self._partial, self._final, self._resumable = partial, final, resumable
-        self._chunks, self._ended = ChunkWriter(handle, digest), ended
+        self._chunks, self._digest, self._ended = ChunkWriter(handle, digest), digest, ended
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -164,7 +164,7 @@ class FileBlobWriter:
         except BaseException:  # the last chunk failed to be written, or the client went away
             await self.suspend()
             raise
-        digest = self._chunks.digest.hexdigest()
+        digest = self._digest.hexdigest()
         if is_sha256(self.key) and digest != self.key:
             await self.abort()
             raise InvalidArgument(
