@@ -261,6 +261,9 @@ async def test_file_client_round_trip(client: Client, tmp_path: Path) -> None:
     assert (tmp_path / "blob").read_bytes() == data
     assert seen[-1] == Transfer("blob", len(data), len(data), complete=True)
     assert not (tmp_path / "blob.partial").exists()
+    await client.files.upload(data, "named")  # a key that is no hash: downloaded without hashing
+    await client.files.download("named", tmp_path / "named")
+    assert (tmp_path / "named").read_bytes() == data
 
 
 async def test_a_download_that_does_not_hash_to_its_key_is_refused(
