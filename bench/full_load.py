@@ -11,6 +11,7 @@ from bench.runner import Context, Measurement, until
 from bench.stack import BUSYBOX, docker_run, real_worker, running_stack, unique
 from jobwire import Client
 from jobwire.worker.runner import CACHE_VOLUME, NETWORK
+from jobwire.worker.settings import WorkerSettings
 
 
 async def run(ctx: Context) -> list[Measurement]:
@@ -77,6 +78,7 @@ def _as_the_worker_does(scratch: Path) -> list[str]:
     for name in ("inputs", "outputs"):
         (scratch / name).mkdir(exist_ok=True)
         mounts += ["--mount", f"type=bind,source={scratch / name},target=/{name}"]
-    limits = ["--memory", "1g", "--memory-swap", "1g", "--pids-limit", "4096", "--security-opt", "no-new-privileges"]
+    pids = str(WorkerSettings.pids_limit)  # the worker's default; the memory limit's size costs nothing
+    limits = ["--memory", "1g", "--memory-swap", "1g", "--pids-limit", pids, "--security-opt", "no-new-privileges"]
     cache = ["--mount", f"type=volume,source={CACHE_VOLUME},target=/job-cache"]
     return ["--network", NETWORK, *limits, *mounts, *cache]

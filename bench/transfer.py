@@ -28,8 +28,7 @@ async def run(ctx: Context) -> list[Measurement]:
     folder = ctx.scratch / "transfer"
     folder.mkdir()
     source = folder / "source.bin"
-    await asyncio.to_thread(_write_file, source, size)
-    await asyncio.to_thread(os.sync)  # its writing out to the disk would otherwise overlap the first runs
+    await asyncio.to_thread(_write_file, source, size)  # written out to the disk before each run (`_seconds`)
     async with running_stack(ctx.scratch, envoy=True) as stack, _raw_server(source, folder) as raw_url:
         peak = _Peak(stack.server.pid)
         async with peak.sampling():

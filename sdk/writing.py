@@ -10,11 +10,11 @@ from typing import BinaryIO
 
 WRITE_SIZE = 256 * 1024
 """A chunk goes to the file in writes of at most this many bytes. Measured on the 2-core VMs the
-benchmarks run on (Linux 6.18, ext4), alternating in one process: 1 GiB written as 1 MiB writes cost
-the writing process 2.3-2.9 s of system time, as 256 KiB writes 0.65-0.75 s (64 KiB the same, 16 KiB
-~0.9 s); downloads went from ~280 to 500-650 MiB/s, uploads into the server from 200-400 to 540-610.
-(Probably the page cache taking a big write as one large folio, which comes from memory the host
-has reclaimed; we did not chase it further.) Four writes per MiB instead of one cost microseconds."""
+benchmarks run on (Linux 6.18, ext4): into memory the host has taken back (freed more than ~2 s
+before: free page reporting), 1 GiB written as 1 MiB writes cost the writing process 0.5-2.9 s of
+system time, as 256 KiB writes ~0.25-0.75 s; into memory freed a moment ago both cost ~0.25 s.
+(Probably a big write taking one large folio, which comes from the blocks the host took back.)
+Four writes per MiB instead of one cost microseconds."""
 
 
 class ChunkWriter:
