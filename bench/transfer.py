@@ -16,8 +16,8 @@ import grpc
 from bench.runner import Context, Measurement
 from bench.stack import Stack, rss_bytes, running_stack, spawn, wait_port
 from jobwire.cli.services import free_port
+from jobwire.core.memory import keep_freed_buffers
 from jobwire.files import FileClient
-from jobwire.memory import keep_freed_buffers
 
 MiB = 1024 * 1024
 

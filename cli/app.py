@@ -15,8 +15,8 @@ from rich.text import Text
 
 import jobwire
 from jobwire.cli.console import CliError, exit_code, fail
+from jobwire.core.memory import keep_freed_buffers
 from jobwire.errors import JobwireError
-from jobwire.memory import keep_freed_buffers
 
 app = App(
     name="jobwire",

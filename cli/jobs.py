@@ -15,7 +15,7 @@ from jobwire.cli.console import CliError, Connection, Json, connect, human_size,
 from jobwire.cli.submission import definition_lines, stdin_definition, submit_options
 from jobwire.cli.terminal import Transfers, stderr_console, stream_job, summary
 from jobwire.cli.views import job_lines, job_row
-from jobwire.definition import inline_bytes
+from jobwire.core.definition import inline_bytes
 from jobwire.errors import JobFailed
 from jobwire.states import parse_state
 from jobwire.v1 import jobs_pb2

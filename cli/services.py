@@ -18,10 +18,10 @@ from cyclopts import Parameter
 
 from jobwire.cli.console import CliError
 from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
+from jobwire.core.units import parse_duration, parse_size
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
-from jobwire.units import parse_duration, parse_size
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings

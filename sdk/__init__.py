@@ -11,6 +11,7 @@
 
 from jobwire.client import Client, SubmitOptions, new_queue_name
 from jobwire.connection import Retry, Target
+from jobwire.core.memory import keep_freed_buffers
 from jobwire.errors import (
     FileNotFound,
     InvalidDefinition,
@@ -26,7 +27,6 @@ from jobwire.errors import (
 )
 from jobwire.files import FileClient, Progress, Transfer
 from jobwire.job import Job
-from jobwire.memory import keep_freed_buffers
 from jobwire.sync import SyncClient, SyncJob
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import json_format
 
 from jobwire.connection import Calls, Retry, Target, open_channel
-from jobwire.definition import MAX_BATCH_JOBS, DefinitionError, validate
+from jobwire.core.definition import MAX_BATCH_JOBS, DefinitionError, validate
 from jobwire.errors import InvalidDefinition
 from jobwire.files import FileClient, Progress
 from jobwire.inputs import Files, Upload, local_inputs, pack_context

@@ -21,12 +21,12 @@ from pathlib import Path
 import grpc
 import httpx
 
-from jobwire import wire
 from jobwire.connection import Calls
-from jobwire.definition import is_sha256
+from jobwire.core import wire
+from jobwire.core.definition import is_sha256
+from jobwire.core.writing import ChunkWriter
 from jobwire.errors import FileNotFound, RequestFailed, translate
 from jobwire.v1 import files_pb2, files_pb2_grpc
-from jobwire.writing import ChunkWriter
 
 CHUNK_SIZE = 1024 * 1024
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
@@ -65,7 +65,7 @@ class FileClient:
 
     def __init__(self, channel: grpc.aio.Channel, calls: Calls | None = None) -> None:
         self.stub = files_pb2_grpc.FileServiceStub(channel)
-        # UploadFile and DownloadFile with their chunks' data encoded and decoded by `jobwire.wire`.
+        # UploadFile and DownloadFile with their chunks' data encoded and decoded by `jobwire.core.wire`.
         self.upload_call = channel.stream_unary(
             "/jobwire.v1.FileService/UploadFile",
             request_serializer=bytes,

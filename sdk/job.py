@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 import grpc
 
-from jobwire.definition import DefinitionError, check_relative_path, inline_bytes
+from jobwire.core.definition import DefinitionError, check_relative_path, inline_bytes
 from jobwire.errors import JobFailed, JobNotFound, NotFound, RequestFailed, translate
 from jobwire.files import Progress
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc

@@ -1,6 +1,6 @@
 """The server's errors: one tree, one table to gRPC status codes, one wrapper.
 
-    JobwireError
+    ServerError
      ├── InvalidArgument      bad input: definition, key, path, checksum   → INVALID_ARGUMENT (HTTP 400)
      ├── NotFound             unknown job, file, input or output           → NOT_FOUND (HTTP 404)
      ├── FailedPrecondition   the server's state forbids the action        → FAILED_PRECONDITION (HTTP 400)
@@ -23,38 +23,38 @@ import grpc
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
-class JobwireError(Exception):
+class ServerError(Exception):
     """Base of every error the server reports to clients."""
 
 
-class InvalidArgument(JobwireError):
+class InvalidArgument(ServerError):
     """The request is malformed; the message says what to fix."""
 
 
-class NotFound(JobwireError):
+class NotFound(ServerError):
     """The job, file, input or output does not exist."""
 
 
-class FailedPrecondition(JobwireError):
+class FailedPrecondition(ServerError):
     """The job's state forbids the action."""
 
 
-class Conflict(JobwireError):
+class Conflict(ServerError):
     """The job's or upload's current state forbids the action; it may succeed later.
 
     ABORTED rather than FAILED_PRECONDITION because Envoy (like the gRPC-HTTP mapping in
     google/rpc/code.proto) turns ABORTED into HTTP 409 and FAILED_PRECONDITION into 400."""
 
 
-class TooLarge(JobwireError):
+class TooLarge(ServerError):
     """An upload exceeds the server's size limit."""
 
 
-class Unavailable(JobwireError):
+class Unavailable(ServerError):
     """A backend cannot be reached; retrying later may work."""
 
 
-STATUS_CODES: dict[type[JobwireError], grpc.StatusCode] = {
+STATUS_CODES: dict[type[ServerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -64,7 +64,7 @@ STATUS_CODES: dict[type[JobwireError], grpc.StatusCode] = {
 }
 
 
-def status_code(error: JobwireError) -> grpc.StatusCode:
+def status_code(error: ServerError) -> grpc.StatusCode:
     """The gRPC status code of `error` (the nearest class in the table)."""
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
@@ -87,5 +87,5 @@ class grpc_errors:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if isinstance(error, JobwireError):
+        if isinstance(error, ServerError):
             await self.context.abort(status_code(error), str(error))

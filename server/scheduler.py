@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from jobwire.definition import MAX_BATCH_JOBS, DefinitionError, job_id, validate
+from jobwire.core.definition import MAX_BATCH_JOBS, DefinitionError, job_id, validate
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus
 from jobwire.server.errors import InvalidArgument, NotFound

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 from google.protobuf import duration_pb2
 
+from jobwire.core.units import timestamp
 from jobwire.server import topics
 from jobwire.server.bus import Lagged
-from jobwire.server.lines import Line, Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.store.base import Attempt
-from jobwire.units import timestamp
+from jobwire.server.waiting import Line, Lines
 from jobwire.v1 import jobs_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class WorkerSession:
 
     async def _fill_forever(self, line: Line) -> None:
         """Claim jobs for the free slots: at once, then whenever a slot frees or the queue's line
-        wakes this session for new work (see `jobwire.server.lines`)."""
+        wakes this session for new work (see `jobwire.server.waiting`)."""
         try:
             while True:
                 if self.free_slots():

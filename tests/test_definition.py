@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
-from jobwire.command import split_command
-from jobwire.definition import DefinitionError, canonical_json, job_id, js_number, validate
-from jobwire.units import parse_duration, parse_size
+from jobwire.core.command import split_command
+from jobwire.core.definition import DefinitionError, canonical_json, job_id, js_number, validate
+from jobwire.core.units import parse_duration, parse_size
 from jobwire.v1 import definition_pb2
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest_asyncio
 
-from jobwire.definition import job_id
+from jobwire.core.definition import job_id
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import LogHub
 from jobwire.server.store.base import Attempt

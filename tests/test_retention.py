@@ -8,7 +8,7 @@ from pathlib import Path
 
 from google.protobuf import struct_pb2
 
-from jobwire.definition import job_id
+from jobwire.core.definition import job_id
 from jobwire.server.blobs.filesystem import FileBlobStore
 from jobwire.server.retention import Retention
 from jobwire.server.store.base import Attempt

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from jobwire.server.bus.memory import MemoryBus
-from jobwire.server.lines import Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.sessions import ProtocolError, WorkerSession
 from jobwire.server.store.base import Attempt
+from jobwire.server.waiting import Lines
 from jobwire.v1 import jobs_pb2, workers_pb2
 
 

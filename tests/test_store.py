@@ -17,7 +17,8 @@ import asyncpg
 import pytest
 from google.protobuf import struct_pb2
 
-from jobwire.definition import job_id
+from jobwire.core.definition import job_id
+from jobwire.core.units import timestamp
 from jobwire.server.store import StateStore
 from jobwire.server.store import postgres as postgres_store
 from jobwire.server.store import sqlite as sqlite_store
@@ -36,7 +37,6 @@ from jobwire.server.store.base import (
 )
 from jobwire.server.store.postgres import PostgresStore
 from jobwire.server.store.sqlite import SqliteStore
-from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 from tests.conftest import submit_one
 from tests.services import PostgresCluster

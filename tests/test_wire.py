@@ -6,7 +6,7 @@ import pytest
 from google.api import httpbody_pb2
 from google.protobuf import any_pb2
 
-from jobwire import wire
+from jobwire.core import wire
 from jobwire.v1 import files_pb2
 
 SIZES = [0, 1, 127, 128, 16_383, 16_384, 1024 * 1024, 1024 * 1024 + 7]

@@ -22,16 +22,13 @@ import docker
 import docker.errors
 from google.protobuf import json_format, struct_pb2
 
-from jobwire.definition import canonical_json
+from jobwire.core.definition import canonical_json
 from jobwire.v1 import definition_pb2
+from jobwire.worker.errors import BuildError
 from jobwire.worker.staging import Staging
 
 TAG_PREFIX = "jobwire-build/"
 _BLOB_CONTEXT = re.compile(r"^(?:/f/)?([0-9a-f]{64})$")
-
-
-class BuildError(Exception):
-    """The image could not be built; the build log says why."""
 
 
 def build_tag(build: definition_pb2.ImageBuild) -> str:

@@ -19,10 +19,11 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
-from jobwire.batching import take_ready
+from jobwire.core.batching import take_ready
+from jobwire.core.units import format_duration
 from jobwire.files import FileClient
-from jobwire.units import format_duration
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
+from jobwire.worker.errors import StreamEnded
 from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.gpus import GpuPool
 from jobwire.worker.runner import DockerRuntime
@@ -39,10 +40,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-
-
-class StreamEnded(Exception):
-    """The server closed the stream."""
 
 
 class Outbox:

@@ -16,13 +16,14 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
-from jobwire.command import split_command
-from jobwire.units import format_duration, parse_duration, parse_size, timestamp
+from jobwire.core.command import split_command
+from jobwire.core.units import format_duration, parse_duration, parse_size, timestamp
 from jobwire.v1 import jobs_pb2, workers_pb2
-from jobwire.worker.builds import Builder, BuildError
-from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, ImageError, Outcome
+from jobwire.worker.builds import Builder
+from jobwire.worker.errors import JobError, StagingError
+from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, Outcome
 from jobwire.worker.settings import WorkerSettings
-from jobwire.worker.staging import Staging, StagingError
+from jobwire.worker.staging import Staging
 
 log = logging.getLogger(__name__)
 Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
@@ -65,7 +66,7 @@ class Execution:
         """Stage, pull, run and collect; the result says what happened."""
         try:
             return await self._run()
-        except (StagingError, ImageError, BuildError) as error:
+        except JobError as error:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
         finally:

@@ -29,6 +29,7 @@ from docker.utils.socket import frames_iter
 from google.protobuf import timestamp_pb2
 
 from jobwire.v1 import jobs_pb2
+from jobwire.worker.errors import ImageError
 
 log = logging.getLogger(__name__)
 LABEL = "io.jobwire"
@@ -43,10 +44,6 @@ _HANDOFF = 512
 Output = Callable[[Stream, bytes, str], Awaitable[None]]
 """Receives (stream, bytes, the engine's RFC 3339 timestamp or "" for now) per piece of output, in order."""
 Put = Callable[[Stream, bytes, str], None]
-
-
-class ImageError(Exception):
-    """The image is not available locally and could not be pulled, or the engine refused the container."""
 
 
 @dataclass(frozen=True)

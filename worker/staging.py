@@ -12,15 +12,12 @@ from pathlib import Path
 import httpx
 from google.protobuf import struct_pb2
 
-from jobwire.definition import DefinitionError, check_relative_path, inline_bytes, is_sha256
+from jobwire.core.definition import DefinitionError, check_relative_path, inline_bytes, is_sha256
 from jobwire.files import FileClient, sha256_file
 from jobwire.v1 import definition_pb2
+from jobwire.worker.errors import StagingError
 
 DOWNLOAD_TRIES = 5
-
-
-class StagingError(Exception):
-    """An input could not be written; the message says which and why."""
 
 
 class Staging:

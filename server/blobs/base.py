@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
-from jobwire.definition import is_sha256
+from jobwire.core.definition import is_sha256
 
 CHUNK_SIZE = 1024 * 1024
 URL_SECONDS = 3600

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from jobwire.definition import DefinitionError, check_key, is_sha256
+from jobwire.core.definition import DefinitionError, check_key, is_sha256
+from jobwire.core.writing import ChunkWriter
 from jobwire.server.blobs.base import CHUNK_SIZE
 from jobwire.server.errors import Conflict, InvalidArgument, NotFound
-from jobwire.writing import ChunkWriter
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600
 """Suspended uploads untouched for this long are removed when the store opens."""

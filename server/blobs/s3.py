@@ -26,7 +26,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
-from jobwire.definition import DefinitionError, check_key, is_sha256
+from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.server.blobs.base import CHUNK_SIZE, URL_SECONDS, put_headers
 from jobwire.server.errors import Conflict, InvalidArgument, NotFound
 

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
 
-from jobwire.definition import DefinitionError, check_key
+from jobwire.core.definition import DefinitionError, check_key
+from jobwire.core.units import timestamp
 from jobwire.server import transfers
 from jobwire.server.blobs import BlobStore
 from jobwire.server.blobs.base import URL_SECONDS, put_headers
 from jobwire.server.errors import Context, InvalidArgument, NotFound, grpc_errors
 from jobwire.server.metrics import Metrics
 from jobwire.server.servicers.http import header, is_rest
-from jobwire.units import timestamp
 from jobwire.v1 import files_pb2, files_pb2_grpc
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
 
-from jobwire.definition import inline_bytes
+from jobwire.core.definition import inline_bytes
 from jobwire.server import eventstream, transfers
 from jobwire.server.blobs import BlobStore
 from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, grpc_errors

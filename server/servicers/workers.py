@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from jobwire.batching import take_ready
+from jobwire.core.batching import take_ready
 from jobwire.server.errors import Context
-from jobwire.server.lines import Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
+from jobwire.server.waiting import Lines
 from jobwire.v1 import workers_pb2, workers_pb2_grpc
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from jobwire.core.units import timestamp
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
     FINAL_REASONS,
@@ -37,7 +38,6 @@ from jobwire.server.store.rows import (
     worker_columns,
     workers_with_jobs,
 )
-from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
 QUEUED, RUNNING, FINISHED = (

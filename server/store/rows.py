@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jobwire.definition import is_sha256
-from jobwire.units import timestamp
+from jobwire.core.definition import is_sha256
+from jobwire.core.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
 

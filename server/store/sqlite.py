@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobwire.core.units import timestamp
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
     FINAL_REASONS,
@@ -41,7 +42,6 @@ from jobwire.server.store.rows import (
     worker_columns,
     workers_with_jobs,
 )
-from jobwire.units import timestamp
 from jobwire.v1 import definition_pb2, jobs_pb2
 
 QUEUED, RUNNING, FINISHED = (

@@ -19,8 +19,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from jobwire.command import split_command
-from jobwire.units import parse_duration, parse_size
+from jobwire.core.command import split_command
+from jobwire.core.units import parse_duration, parse_size
 from jobwire.v1 import definition_pb2
 
 DATA_REF_TYPES = frozenset({"base64", "utf8", "json", "url", "key"})

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 
 from jobwire.server import topics
 from jobwire.server.bus.memory import MemoryBus
-from jobwire.server.lines import Line, Lines
 from jobwire.server.logs import LogHub
 from jobwire.server.sessions import WorkerSession
 from jobwire.server.store.base import Attempt
+from jobwire.server.waiting import Line, Lines
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
 QUEUE = "q"
