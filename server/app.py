@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from jobwire.server.blobs import BlobStore, open_blobs
 from jobwire.server.bus import EventBus, open_bus
 from jobwire.server.logs import LogHub
+from jobwire.server.metrics import Metrics
 from jobwire.server.retention import Retention
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.servicers.files import FileServicer
@@ -23,6 +24,7 @@ from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.servicers.workers import WorkerServicer
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore, open_store
+from jobwire.server.waiting import Lines
 from jobwire.server.webhooks import Webhooks
 from jobwire.v1 import (
     files_pb2,
@@ -62,7 +64,8 @@ GRPC_OPTIONS = [
 
 @dataclass
 class Server:
-    """A built server: the grpc.aio server, the port it listens on, and what it owns."""
+    """A built server: the grpc.aio server, the port it listens on, what it owns (closed when it
+    stops) and the loops it runs beside the calls."""
 
     grpc_server: grpc.aio.Server
     port: int
@@ -71,7 +74,7 @@ class Server:
     health: health.aio.HealthServicer
     blobs: BlobStore
     bus: EventBus
-    retention: Retention
+    loops: list[Callable[[], Coroutine[None, None, None]]]
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Serve until cancelled, then stop gracefully."""
@@ -82,9 +85,8 @@ class Server:
             started.set()
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.scheduler.reap())
-                group.create_task(self.retention.run())
-                group.create_task(Webhooks(self.store, self.scheduler.clock).run())
+                for loop in self.loops:
+                    group.create_task(loop())
         finally:
             try:
                 await self.health.enter_graceful_shutdown()
@@ -107,18 +109,19 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
         region=settings.s3_region,
     )
     bus = await open_bus(settings.database)
-    scheduler = Scheduler(store, bus, settings, clock)
+    metrics = Metrics()
+    scheduler = Scheduler(store, bus, settings, clock, metrics)
     logs = LogHub(store, bus, settings.max_log_chars)
+    lines = Lines(bus)  # this replica's worker sessions waiting for work, by queue
     server = grpc.aio.server(options=GRPC_OPTIONS)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
-    files_pb2_grpc.add_FileServiceServicer_to_server(
-        FileServicer(blobs, settings.max_upload_size, scheduler.metrics), server
-    )
-    server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(store, settings), server)
-    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(scheduler, logs, clock), server)
+    files_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(blobs, settings.max_upload_size, metrics), server)
+    server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(scheduler, settings), server)
+    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(scheduler, logs, lines, clock), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     retention = Retention(store, blobs, clock, settings.retention_seconds, settings.sweep_interval_seconds)
-    return Server(server, port, store, scheduler, health_servicer, blobs, bus, retention)
+    loops = [scheduler.reap, retention.run, Webhooks(store, clock).run]
+    return Server(server, port, store, scheduler, health_servicer, blobs, bus, loops)

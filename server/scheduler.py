@@ -7,14 +7,15 @@ parts (watchers, worker sessions, other replicas) that something changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
 from jobwire.core.definition import MAX_BATCH_JOBS, DefinitionError, job_id, validate
 from jobwire.server import topics, webhooks
-from jobwire.server.bus import EventBus
-from jobwire.server.errors import InvalidArgument, NotFound
-from jobwire.server.metrics import Metrics
+from jobwire.server.bus import EventBus, Subscription
+from jobwire.server.errors import InvalidArgument, NotFound, Unavailable
+from jobwire.server.metrics import Metrics, queue_metrics
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import (
@@ -30,12 +31,14 @@ from jobwire.server.store.base import (
 from jobwire.server.store.rows import job_summary
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
+__all__ = ["Attempt", "Scheduler", "check_queue"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
 
 
 class Scheduler:
-    """The domain core of the server; knows nothing of gRPC."""
+    """The domain core of the server and the one face its adapters (servicers, worker sessions) call:
+    they hold no store and no bus. Knows nothing of gRPC."""
 
     def __init__(
         self,
@@ -43,9 +46,17 @@ class Scheduler:
         bus: EventBus,
         settings: ServerSettings,
         clock: Callable[[], float],
+        metrics: Metrics,
     ) -> None:
         self.store, self.bus, self.settings, self.clock = store, bus, settings, clock
-        self.metrics = Metrics()
+        self.metrics = metrics
+
+    async def ping(self) -> None:
+        """Unavailable when the state store cannot be reached."""
+        try:
+            await self.store.ping()
+        except Exception as error:
+            raise Unavailable(f"state store unreachable: {type(error).__name__}") from None
 
     async def submit(
         self,
@@ -169,9 +180,47 @@ class Scheduler:
             return f"all {slots} slots of the {workers} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
         return f"waiting for a worker to take it; {ahead} job(s) ahead"
 
+    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
+        """A page of the queue's jobs after cursor `after`, and the next cursor (0: the last page)."""
+        return await self.store.list_jobs(queue, state=state, after=after, limit=limit)
+
+    async def queue_status(self, queue: str) -> jobs_pb2.GetQueueStatusResponse:
+        """The queue's jobs counted by state, and its live workers."""
+        counts = await self.store.queue_counts(queue)
+        return jobs_pb2.GetQueueStatusResponse(
+            queue=queue,
+            queued=counts.get(jobs_pb2.JOB_STATE_QUEUED, 0),
+            running=counts.get(jobs_pb2.JOB_STATE_RUNNING, 0),
+            finished=counts.get(jobs_pb2.JOB_STATE_FINISHED, 0),
+            workers=await self.live_workers(queue),
+        )
+
+    async def queue_metrics(self, queue: str) -> str:
+        """The queue's Prometheus text."""
+        counts = await self.store.queue_counts(queue)
+        return queue_metrics(queue, counts, await self.live_workers(queue), self.metrics)
+
     async def live_workers(self, queue: str) -> list[jobs_pb2.WorkerInfo]:
         """Workers of the queue heard from within a lease."""
         return await self.store.list_workers(queue, seen_since=self._live_since())
+
+    async def worker_seen(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
+        """Record a connected worker's registration or heartbeat."""
+        await self.store.upsert_worker(info, queue=queue, session=session)
+
+    async def worker_gone(self, worker_id: str, *, session: str) -> None:
+        """The worker's stream `session` ended: forget it unless a newer stream replaced it (its jobs
+        keep their leases until they expire)."""
+        await self.store.remove_worker(worker_id, session=session)
+
+    async def gpus_needed(self, job_id: str) -> int:
+        """GPU devices the job needs (0 for a job the store no longer has)."""
+        job = await self.store.get_job(job_id)
+        return job.definition.requirements.gpus if job is not None else 0
+
+    def worker_messages(self, worker_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """What the scheduler sends the worker (cancels), from any replica."""
+        return self.bus.subscribe(topics.worker(worker_id))
 
     def _live_since(self) -> float:
         """Workers heard from since then are live: within a lease."""

@@ -11,11 +11,9 @@ from collections.abc import Callable
 from google.protobuf import duration_pb2
 
 from jobwire.core.units import timestamp
-from jobwire.server import topics
 from jobwire.server.bus import Lagged
 from jobwire.server.logs import LogHub
-from jobwire.server.scheduler import Scheduler
-from jobwire.server.store.base import Attempt
+from jobwire.server.scheduler import Attempt, Scheduler
 from jobwire.server.waiting import Line, Lines
 from jobwire.v1 import jobs_pb2, workers_pb2
 
@@ -60,8 +58,7 @@ class WorkerSession:
         stale = await self.scheduler.reconnect(self.worker_id, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
         for job_id in self.running:
-            job = await self.scheduler.store.get_job(job_id)
-            self.gpus_used[job_id] = job.definition.requirements.gpus if job is not None else 0
+            self.gpus_used[job_id] = await self.scheduler.gpus_needed(job_id)
         await self._save_info()
         log.info(
             "worker %s connected to queue %r (%d slots)",
@@ -93,7 +90,7 @@ class WorkerSession:
 
     async def close(self) -> None:
         """The stream ended: forget the connection (its jobs keep their leases until they expire)."""
-        await self.scheduler.store.remove_worker(self.worker_id, session=self.session_id)
+        await self.scheduler.worker_gone(self.worker_id, session=self.session_id)
         log.info("worker %s disconnected", self.worker_id)
 
     async def receive(self, request: workers_pb2.ConnectRequest, group: asyncio.TaskGroup) -> None:
@@ -219,7 +216,7 @@ class WorkerSession:
         line.pass_on(None if len(jobs) == free else self.free_gpus())
 
     async def _relay_worker(self) -> None:
-        async with self.scheduler.bus.subscribe(topics.worker(self.worker_id)) as subscription:
+        async with self.scheduler.worker_messages(self.worker_id) as subscription:
             while True:
                 try:
                     async for payload in subscription:
@@ -237,7 +234,7 @@ class WorkerSession:
             hostname=self.register.hostname,
             max_job_duration=self.register.max_job_duration,
         )
-        await self.scheduler.store.upsert_worker(info, queue=self.queue, session=self.session_id)
+        await self.scheduler.worker_seen(info, queue=self.queue, session=self.session_id)
 
 
 def _subject(message: workers_pb2.ConnectRequest) -> str:

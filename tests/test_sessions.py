@@ -10,8 +10,8 @@ import pytest
 
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import LogHub
+from jobwire.server.scheduler import Attempt
 from jobwire.server.sessions import ProtocolError, WorkerSession
-from jobwire.server.store.base import Attempt
 from jobwire.server.waiting import Lines
 from jobwire.v1 import jobs_pb2, workers_pb2
 

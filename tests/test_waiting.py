@@ -11,10 +11,11 @@ import time
 from collections.abc import AsyncIterator
 
 from jobwire.server import topics
+from jobwire.server.bus import Subscription
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import LogHub
+from jobwire.server.scheduler import Attempt
 from jobwire.server.sessions import WorkerSession
-from jobwire.server.store.base import Attempt
 from jobwire.server.waiting import Line, Lines
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
@@ -42,6 +43,9 @@ class _Scheduler:
             self.claims.append((worker_id, len(taken)))
             self.claimed.notify_all()
         return taken
+
+    def worker_messages(self, worker_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        return self.bus.subscribe(topics.worker(worker_id))
 
     async def add(self, *jobs: jobs_pb2.Job) -> None:
         """Queue jobs and announce them, as `Scheduler.submit` does."""

@@ -12,7 +12,6 @@ from jobwire.server import eventstream, transfers
 from jobwire.server.blobs import BlobStore
 from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, grpc_errors
 from jobwire.server.logs import LogHub
-from jobwire.server.metrics import queue_metrics
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.servicers.http import header, is_rest
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
@@ -42,9 +41,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             after = _page_cursor(request.page_token)
             limit = min(max(request.page_size, 0) or _PAGE_DEFAULT, _PAGE_MAX)
-            jobs, cursor = await self.scheduler.store.list_jobs(
-                request.queue, state=request.state, after=after, limit=limit
-            )
+            jobs, cursor = await self.scheduler.list_jobs(request.queue, state=request.state, after=after, limit=limit)
             token = base64.urlsafe_b64encode(str(cursor).encode()).decode() if cursor else ""
             return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
@@ -178,22 +175,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.GetQueueStatusRequest, context: Context
     ) -> jobs_pb2.GetQueueStatusResponse:
         async with grpc_errors(context):
-            counts = await self.scheduler.store.queue_counts(request.queue)
-            return jobs_pb2.GetQueueStatusResponse(
-                queue=request.queue,
-                queued=counts.get(jobs_pb2.JOB_STATE_QUEUED, 0),
-                running=counts.get(jobs_pb2.JOB_STATE_RUNNING, 0),
-                finished=counts.get(jobs_pb2.JOB_STATE_FINISHED, 0),
-                workers=await self.scheduler.live_workers(request.queue),
-            )
+            return await self.scheduler.queue_status(request.queue)
 
     async def GetQueueMetrics(
         self, request: jobs_pb2.GetQueueMetricsRequest, context: Context
     ) -> httpbody_pb2.HttpBody:
         async with grpc_errors(context):
-            counts = await self.scheduler.store.queue_counts(request.queue)
-            workers = await self.scheduler.live_workers(request.queue)
-            text = queue_metrics(request.queue, counts, workers, self.scheduler.metrics)
+            text = await self.scheduler.queue_metrics(request.queue)
             return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4", data=text.encode())
 
 

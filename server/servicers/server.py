@@ -8,24 +8,21 @@ from importlib import resources
 from google.api import httpbody_pb2
 
 import jobwire
-from jobwire.server.errors import Context, Unavailable, grpc_errors
+from jobwire.server.errors import Context, grpc_errors
+from jobwire.server.scheduler import Scheduler
 from jobwire.server.settings import ServerSettings
-from jobwire.server.store import StateStore
 from jobwire.v1 import server_pb2, server_pb2_grpc
 
 
 class ServerServicer(server_pb2_grpc.ServerServiceServicer):
     """Answers health checks and describes the server."""
 
-    def __init__(self, store: StateStore, settings: ServerSettings) -> None:
-        self.store, self.settings = store, settings
+    def __init__(self, scheduler: Scheduler, settings: ServerSettings) -> None:
+        self.scheduler, self.settings = scheduler, settings
 
     async def GetHealth(self, request: server_pb2.GetHealthRequest, context: Context) -> httpbody_pb2.HttpBody:
         async with grpc_errors(context):
-            try:
-                await self.store.ping()
-            except Exception as error:
-                raise Unavailable(f"state store unreachable: {type(error).__name__}") from None
+            await self.scheduler.ping()
             return httpbody_pb2.HttpBody(content_type="text/plain", data=b"OK")
 
     async def GetOpenApi(self, request: server_pb2.GetOpenApiRequest, context: Context) -> httpbody_pb2.HttpBody:

@@ -20,9 +20,8 @@ from jobwire.v1 import workers_pb2, workers_pb2_grpc
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     """Pumps a worker's stream into its WorkerSession and the session's outbox back out."""
 
-    def __init__(self, scheduler: Scheduler, logs: LogHub, clock: Callable[[], float]) -> None:
-        self.scheduler, self.logs, self.clock = scheduler, logs, clock
-        self.lines = Lines(scheduler.bus)
+    def __init__(self, scheduler: Scheduler, logs: LogHub, lines: Lines, clock: Callable[[], float]) -> None:
+        self.scheduler, self.logs, self.lines, self.clock = scheduler, logs, lines, clock
         # The handler task of each worker's newest stream: a worker that reconnects before its old
         # stream timed out here replaces it, so no job is assigned on a stream nobody reads.
         self.streams: dict[str, asyncio.Task[object]] = {}
