@@ -52,18 +52,17 @@ async def worker(settings: Annotated[WorkerSettings, Parameter(name="*")], *, de
     await _until_signal(daemon.run(), drain=lambda: daemon.drain(settings.drain_timeout))
 
 
-# The settings `up` exposes. Its defaults are the server's and the worker's, but for a local worker
-# that needs a queue (`local`) and shows jobs side by side on a first sweep (2 at once).
-Local = subset(
-    "Local",
-    {
-        "grpc_port": (ServerSettings, "port"),
-        "queue": (WorkerSettings, "queue"),
-        "cpus": (WorkerSettings, "cpus"),
-        "max_job_duration": (WorkerSettings, "max_job_duration"),
-    },
-    defaults={"queue": "local", "cpus": 2},
-)
+# The settings `up` exposes, by the names it gives them.
+UP_SETTINGS = {
+    "grpc_port": (ServerSettings, "port"),
+    "queue": (WorkerSettings, "queue"),
+    "cpus": (WorkerSettings, "cpus"),
+    "max_job_duration": (WorkerSettings, "max_job_duration"),
+}
+# Where `up` needs another default than the worker's: a queue for its worker, and 2 jobs at once so
+# that a first sweep shows jobs running side by side.
+UP_DEFAULTS = {"queue": "local", "cpus": 2}
+Local = subset("Local", UP_SETTINGS, UP_DEFAULTS)
 
 
 async def up(
