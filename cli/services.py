@@ -7,7 +7,6 @@ import contextlib
 import logging
 import signal
 import socket
-import subprocess
 from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
@@ -17,8 +16,8 @@ import httpx
 from cyclopts import Parameter
 
 from jobwire.cli.console import CliError
+from jobwire.cli.options import subset
 from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
-from jobwire.core.units import parse_duration, parse_size
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
@@ -29,84 +28,13 @@ from jobwire.worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-async def server(
-    *,
-    host: str = "0.0.0.0",
-    port: int = 50051,
-    data_directory: Path = Path("./jobwire-data"),
-    database: str = "",
-    blobs: str = "",
-    s3_endpoint: str = "",
-    s3_public_endpoint: str = "",
-    s3_region: str = "",
-    public_url: str = "http://localhost:8080",
-    worker_grace: str = "30s",
-    retention: str = "30d",
-) -> None:
-    """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web).
-
-    Parameters
-    ----------
-    host
-        Address to listen on.
-    port
-        gRPC port.
-    data_directory
-        Where the SQLite database and the blobs live.
-    database
-        State store URL: `postgresql://USER:PASSWORD@HOST/DB` lets several replicas share the state
-        (and their event bus then runs over it, with LISTEN/NOTIFY); empty means the SQLite file
-        `<data-directory>/jobwire.db`.
-    blobs
-        Blob store URL: `s3://BUCKET/PREFIX` keeps files in an S3-compatible bucket (credentials from
-        the usual AWS sources, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); empty means
-        `<data-directory>/blobs`.
-    s3_endpoint
-        URL of the S3-compatible service (MinIO, moto, ...) as this server reaches it; empty for AWS.
-    s3_public_endpoint
-        URL of the same service as clients and workers reach it, used in presigned URLs; empty: the
-        same as `--s3-endpoint`.
-    s3_region
-        The bucket's region; empty: from the AWS configuration, else us-east-1.
-    public_url
-        Base URL of the REST API as users reach it (used in JOB_URL_PREFIX).
-    worker_grace
-        How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued
-        as worker-lost; a worker that reconnects within it keeps them, with no restart.
-    retention
-        How long finished jobs (results, logs, history) are kept.
-    """
-    settings = ServerSettings(
-        data_directory=data_directory,
-        database=database,
-        blobs=blobs,
-        s3_endpoint=s3_endpoint,
-        s3_public_endpoint=s3_public_endpoint,
-        s3_region=s3_region,
-        host=host,
-        port=port,
-        public_url=public_url,
-        lease_seconds=parse_duration(worker_grace),
-        retention_seconds=parse_duration(retention),
-    )
-    built = await build_server(settings)
+async def server(settings: Annotated[ServerSettings | None, Parameter(name="*")] = None) -> None:
+    """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web)."""
+    built = await build_server(settings or ServerSettings())
     await _until_signal(built.run())
 
 
-async def worker(
-    queue: str,
-    *,
-    server: Annotated[str, Parameter(name=["--server", "-s"])] = "localhost:8080",
-    cpus: Annotated[int, Parameter(name=["--cpus", "-c"])] = 1,
-    gpus: Annotated[str, Parameter(name=["--gpus", "-g"])] = "0",
-    data_directory: Annotated[Path, Parameter(name=["--data-directory", "-d"])] = Path("/tmp/jobwire-worker"),
-    max_job_duration: Annotated[str, Parameter(name=["--max-job-duration", "-t"])] = "1h",
-    id: str = "",
-    drain_timeout: str = "1m",
-    default_memory: str = "",
-    pids_limit: int = 4096,
-    debug: bool = False,
-) -> None:
+async def worker(settings: Annotated[WorkerSettings, Parameter(name="*")], *, debug: bool = False) -> None:
     """Run a worker: dial out to the server, take jobs of QUEUE, run them in Docker.
 
     The first SIGTERM or Ctrl-C drains: no new jobs, running ones get `--drain-timeout` to finish,
@@ -115,56 +43,34 @@ async def worker(
 
     Parameters
     ----------
-    queue
-        The queue to serve.
-    server
-        The server's gRPC address (Envoy's port or the server's own).
-    cpus
-        Most jobs to run at once.
-    gpus
-        GPUs to offer: a count (`2`), a device list (`device=1,3`) or `all`.
-    data_directory
-        Where job files, the blob cache and the worker id live.
-    max_job_duration
-        Longest a job may run here; a job's own `maxDuration` may be shorter.
-    id
-        The worker's id; by default one is created once and kept in the data directory.
-    drain_timeout
-        On shutdown, how long running jobs may take to finish before they are handed back.
-    default_memory
-        Memory limit of jobs whose definition sets none (`requirements.memory`); default 80% of
-        this machine's memory.
-    pids_limit
-        Most processes a job's container may have.
     debug
         Log every message of the worker stream.
     """
     if debug:
         logging.getLogger("jobwire").setLevel(logging.DEBUG)
-    settings = WorkerSettings(
-        queue=queue,
-        server=server,
-        cpus=cpus,
-        gpus=parse_gpus(gpus),
-        data_directory=data_directory,
-        max_job_duration=parse_duration(max_job_duration),
-        worker_id=id,
-        default_memory=parse_size(default_memory) if default_memory else 0,
-        pids_limit=pids_limit,
-    )
     daemon = Daemon(settings, _docker())
-    await _until_signal(daemon.run(), drain=lambda: daemon.drain(parse_duration(drain_timeout)))
+    await _until_signal(daemon.run(), drain=lambda: daemon.drain(settings.drain_timeout))
+
+
+# The settings `up` exposes, by the names it gives them.
+UP_SETTINGS = {
+    "grpc_port": (ServerSettings, "port"),
+    "queue": (WorkerSettings, "queue"),
+    "cpus": (WorkerSettings, "cpus"),
+    "max_job_duration": (WorkerSettings, "max_job_duration"),
+}
+# Where `up` needs another default than the worker's: a queue for its worker, and 2 jobs at once so
+# that a first sweep shows jobs running side by side.
+UP_DEFAULTS = {"queue": "local", "cpus": 2}
+Local = subset("Local", UP_SETTINGS, UP_DEFAULTS)
 
 
 async def up(
     *,
     port: int = 8080,
-    grpc_port: int = 50051,
-    data_directory: Path = Path("./jobwire-data"),
-    queue: str = "local",
-    cpus: int = 2,
-    max_job_duration: str = "1h",
+    data_directory: Path = ServerSettings.data_directory,
     web_directory: Path = DEFAULT_DIRECTORY,
+    local: Annotated[Local | None, Parameter(name="*")] = None,  # type: ignore[valid-type]  # a class made at import
 ) -> None:
     """Run everything on this machine: server, Envoy on PORT, a worker on queue `local`, the web UI.
 
@@ -172,32 +78,26 @@ async def up(
     ----------
     port
         Envoy's port: REST, gRPC and gRPC-Web.
-    grpc_port
-        The server's own gRPC port (loopback only).
     data_directory
         One folder for the database, blobs and the worker's files.
-    queue
-        The queue the local worker serves.
-    cpus
-        Most jobs the local worker runs at once.
-    max_job_duration
-        Longest a job may run on the local worker.
     web_directory
         The built web client (`make web` builds web/dist), served at http://localhost:PORT/.
     """
+    local = local or Local()
     data_directory = data_directory.resolve()
+    # Only Envoy faces the network; the server listens on loopback, whatever `jobwire server` defaults to.
     settings = ServerSettings(
         data_directory=data_directory / "server",
         host="127.0.0.1",
-        port=grpc_port,
+        port=local.grpc_port,
         public_url=f"http://localhost:{port}",
     )
     worker_settings = WorkerSettings(
-        queue=queue,
-        server=f"127.0.0.1:{grpc_port}",
-        cpus=cpus,
+        local.queue,
+        server=f"127.0.0.1:{local.grpc_port}",
+        cpus=local.cpus,
         data_directory=data_directory / "worker",
-        max_job_duration=parse_duration(max_job_duration),
+        max_job_duration=local.max_job_duration,
     )
     runtime = _docker()
     built = await build_server(settings)
@@ -310,27 +210,6 @@ async def _wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
                     return
             await asyncio.sleep(0.1)
     raise CliError(f"envoy did not become healthy at {url}")
-
-
-def parse_gpus(spec: str) -> tuple[str, ...]:
-    """GPU device ids from `2` (devices 0 and 1), `device=1,3` or `all` (every device nvidia-smi lists)."""
-    spec = spec.strip().strip("'\"")
-    if spec.startswith("device="):
-        return tuple(d.strip() for d in spec.removeprefix("device=").split(",") if d.strip())
-    if spec == "all":
-        return tuple(str(i) for i in range(_count_gpus()))
-    try:
-        return tuple(str(i) for i in range(int(spec)))
-    except ValueError:
-        raise CliError(f"--gpus: expected a count, 'device=1,3' or 'all', not {spec!r}") from None
-
-
-def _count_gpus() -> int:
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return 0
-    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
 
 
 def _docker() -> DockerRuntime:

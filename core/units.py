@@ -65,12 +65,14 @@ def parse_size(text: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """`seconds` as a short duration string (`"1h30m"`, `"2.5s"`)."""
+    """`seconds` as a short duration string (`"1h30m"`, `"2.5s"`, `"30d"`)."""
     if seconds < 60:
         return f"{seconds:g}s"
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
     parts = [
+        f"{days}d" if days else "",
         f"{hours}h" if hours else "",
         f"{minutes}m" if minutes else "",
         f"{secs}s" if secs else "",

@@ -1,34 +1,60 @@
-"""The server's settings, filled at the CLI edge."""
+"""The server's settings: each declared once here, with its help, default and parser.
+
+`jobwire server` takes one option per field (`jobwire.cli.services`), except fields marked `INTERNAL`:
+knobs for tests and benchmarks. Adding an option is adding a field here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from cyclopts import Parameter
+
+from jobwire.core.options import DURATION, INTERNAL
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     """Everything the server needs to know; defaults are the embedded single-machine setup."""
 
-    data_directory: Path = Path("./jobwire-data")
-    database: str = ""
-    """State store URL: `postgresql://…` (several replicas share it; the event bus then runs over it
-    too), `sqlite:///PATH`, or empty for `<data_directory>/jobwire.db`."""
-    blobs: str = ""
-    """Blob store URL: `s3://bucket/prefix`, or empty for `<data_directory>/blobs`."""
-    s3_endpoint: str = ""
-    """The S3-compatible service's URL (MinIO, moto, …) as the server reaches it; empty: AWS."""
-    s3_public_endpoint: str = ""
-    """The same service's URL as clients reach it, for presigned URLs; empty: `s3_endpoint`."""
-    s3_region: str = ""
-    host: str = "127.0.0.1"
+    host: str = "0.0.0.0"
+    """Address to listen on."""
     port: int = 50051
+    """gRPC port."""
+    data_directory: Path = Path("./jobwire-data")
+    """Where the SQLite database and the blobs live."""
+    database: str = ""
+    """State store URL: `postgresql://USER:PASSWORD@HOST/DB` lets several replicas share the state (and
+    their event bus then runs over it, with LISTEN/NOTIFY); empty means the SQLite file
+    `<data-directory>/jobwire.db`."""
+    blobs: str = ""
+    """Blob store URL: `s3://BUCKET/PREFIX` keeps files in an S3-compatible bucket (credentials from the
+    usual AWS sources, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); empty means
+    `<data-directory>/blobs`."""
+    s3_endpoint: str = ""
+    """URL of the S3-compatible service (MinIO, moto, ...) as this server reaches it; empty for AWS."""
+    s3_public_endpoint: str = ""
+    """URL of the same service as clients and workers reach it, used in presigned URLs; empty: the same
+    as `--s3-endpoint`."""
+    s3_region: str = ""
+    """The bucket's region; empty: from the AWS configuration, else us-east-1."""
     public_url: str = "http://localhost:8080"
-    lease_seconds: float = 30.0
-    heartbeat_seconds: float = 5.0
-    inline_limit: int = 200
-    max_upload_size: int = 10 * 1024**3
-    reap_interval_seconds: float = 1.0
-    retention_seconds: float = 30 * 24 * 3600.0
-    sweep_interval_seconds: float = 3600.0
-    max_log_chars: int = 256 * 1024 * 1024
+    """Base URL of the REST API as users reach it (used in JOB_URL_PREFIX)."""
+    lease_seconds: Annotated[float, DURATION, Parameter(name="worker-grace")] = 30.0
+    """How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued as
+    worker-lost; a worker that reconnects within it keeps them, with no restart."""
+    retention_seconds: Annotated[float, DURATION, Parameter(name="retention")] = 30 * 24 * 3600.0
+    """How long finished jobs (results, logs, history) are kept."""
+    heartbeat_seconds: Annotated[float, INTERNAL] = 5.0
+    """How often workers are told to send a heartbeat."""
+    inline_limit: Annotated[int, INTERNAL] = 200
+    """Largest file, in bytes, that clients send inline in a submission rather than as a blob."""
+    max_upload_size: Annotated[int, INTERNAL] = 10 * 1024**3
+    """Largest blob, in bytes, the server accepts."""
+    reap_interval_seconds: Annotated[float, INTERNAL] = 1.0
+    """How often expired leases are looked for."""
+    sweep_interval_seconds: Annotated[float, INTERNAL] = 3600.0
+    """How often finished jobs past retention are swept."""
+    max_log_chars: Annotated[int, INTERNAL] = 256 * 1024 * 1024
+    """Most characters of text kept per log (a notice marks the cut)."""

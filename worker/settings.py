@@ -1,11 +1,55 @@
-"""The worker's settings, filled at the CLI edge."""
+"""The worker's settings: each declared once here, with its help, default and parser.
+
+`jobwire worker` takes one option per field (`jobwire.cli.services`), except fields marked `INTERNAL`.
+Adding an option is adding a field here."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
+from typing import Annotated
+
+from cyclopts import Parameter, Token
+
+from jobwire.core.options import DURATION, INTERNAL, SIZE
+
+
+def parse_gpus(spec: str) -> tuple[str, ...]:
+    """GPU device ids from `2` (devices 0 and 1), `device=1,3` or `all` (every device nvidia-smi lists)."""
+    spec = spec.strip().strip("'\"")
+    if spec.startswith("device="):
+        return tuple(d.strip() for d in spec.removeprefix("device=").split(",") if d.strip())
+    if spec == "all":
+        return tuple(str(i) for i in range(_count_gpus()))
+    try:
+        return tuple(str(i) for i in range(int(spec)))
+    except ValueError:
+        raise ValueError(f"expected a count, 'device=1,3' or 'all', not {spec!r}") from None
+
+
+def _count_gpus() -> int:
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def _gpus(_: object, tokens: Sequence[Token]) -> tuple[str, ...]:
+    return parse_gpus(tokens[0].value)
+
+
+def _show_gpus(devices: tuple[str, ...]) -> str:
+    return f"device={','.join(devices)}" if devices else "0"
+
+
+GPUS = Parameter(
+    alias="-g", converter=_gpus, show_default=_show_gpus, metavar="N|device=1,3|all", n_tokens=1, negative_iterable=()
+)
 
 
 @dataclass(frozen=True)
@@ -13,16 +57,29 @@ class WorkerSettings:
     """What the worker serves, where it connects, and how much it runs at once."""
 
     queue: str
-    server: str = "localhost:8080"
-    cpus: int = 1
-    gpus: tuple[str, ...] = ()
-    data_directory: Path = Path("/tmp/jobwire-worker")
-    max_job_duration: float = 3600.0
-    worker_id: str = ""
-    inline_limit: int = 200
-    default_memory: int = 0
-    """Memory limit of jobs that ask for none (0: 80% of this machine's memory)."""
+    """The queue to serve."""
+    _: KW_ONLY
+    server: Annotated[str, Parameter(alias="-s")] = "localhost:8080"
+    """The server's gRPC address (Envoy's port or the server's own)."""
+    cpus: Annotated[int, Parameter(alias="-c")] = 1
+    """Most jobs to run at once."""
+    gpus: Annotated[tuple[str, ...], GPUS] = ()
+    """GPUs to offer: a count (`2`), a device list (`device=1,3`) or `all`."""
+    data_directory: Annotated[Path, Parameter(alias="-d")] = Path("/tmp/jobwire-worker")
+    """Where job files, the blob cache and the worker id live."""
+    max_job_duration: Annotated[float, DURATION, Parameter(alias="-t")] = 3600.0
+    """Longest a job may run here; a job's own `maxDuration` may be shorter."""
+    worker_id: Annotated[str, Parameter(name="id")] = ""
+    """The worker's id; by default one is created once and kept in the data directory."""
+    drain_timeout: Annotated[float, DURATION] = 60.0
+    """On shutdown, how long running jobs may take to finish before they are handed back."""
+    default_memory: Annotated[int, SIZE] = 0
+    """Memory limit of jobs whose definition sets none (`requirements.memory`); 0: 80% of this
+    machine's memory."""
     pids_limit: int = 4096
+    """Most processes a job's container may have."""
+    inline_limit: Annotated[int, INTERNAL] = 200
+    """Largest output file, in bytes, sent back inline rather than uploaded as a blob."""
 
     def job_memory_default(self) -> int:
         """`default_memory`, else 80% of the machine's physical memory."""
