@@ -319,6 +319,42 @@ async def test_attempt_is_stale_once_another_attempt_claimed_the_job(store: Stat
     assert finished is not None and finished.result.exit_code == 3
 
 
+async def test_another_session_cannot_act_on_an_attempt_it_does_not_hold(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w1"))
+    await assert_stale(store, running, worker="w1", session="a stream registered beside the first")
+    await assert_stale(store, running, worker="w2", session="first session of w1")  # another worker's stream
+    assert await appended(store, running, RUN, 0, "mine") == (0, ["mine"])  # the holder still may
+
+
+async def test_a_reconnecting_worker_retakes_its_attempts_and_its_old_session_is_refused(store: StateStore) -> None:
+    await submit(store, 1)
+    await submit(store, 2)
+    running = attempt_of(await claim(store, worker="w1"))
+    other = attempt_of(await claim(store, worker="w2"))
+    again = holder("w1", "second session of w1")
+    unknown = Attempt(running.job_id, running.attempt + 1)
+    assert await store.retake(again, [running, other, unknown], T0 + 500) == [other, unknown]
+    lost = await store.requeue_expired(T0 + LEASE + 1)
+    assert [attempt for _, attempt in lost] == [other]  # the re-take renewed w1's lease, and only w1's
+    await assert_stale(store, running, worker="w1")  # the first session, gone
+    assert await appended(store, running, RUN, 0, "still running", worker="w1") is None
+    assert await store.start(running, again, T0 + 2) is not None
+    finished = await store.finish(running, again, result(), T0 + 3)
+    assert finished is not None and finished.state == FINISHED
+
+
+async def test_a_released_attempt_goes_back_to_its_queue_and_is_stale(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w1"))
+    assert await store.release(running, holder("w1", "another session"), "no", T0 + 1) is None
+    released = await store.release(running, holder("w1"), "draining", T0 + 1)
+    assert released is not None and (released.state, released.worker_id) == (QUEUED, "")
+    await assert_stale(store, running)
+    job = await store.get_job(running.job_id)
+    assert job is not None and job.history[-1].message == "re-queued: released by worker w1: draining"
+
+
 async def test_renew_refuses_another_workers_or_unknown_attempt(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))
@@ -1075,5 +1111,53 @@ async def test_postgres_histories_move_from_the_events_table_into_the_job_rows(
     try:
         job = await store.get_job(job_id(old))
         assert job is not None and list(job.history) == _old_history()
+    finally:
+        await store.close()
+
+
+_RUNNING_ROW = (
+    "INSERT INTO jobs (id, state, queue, attempt, worker_id, create_time, update_time, lease_expires, definition)"
+)
+
+
+async def assert_retaken_after_migration(store: StateStore) -> None:
+    """A job running for w1 before jobs had sessions is re-taken when w1 registers again, then finishes."""
+    running, again = Attempt(job_id(definition(1)), 1), holder("w1", "after the upgrade")
+    assert await store.finish(running, again, result(), T0 + 2) is None  # not before the worker re-takes it
+    assert await store.retake(again, [running], T0 + 100) == []
+    finished = await store.finish(running, again, result(), T0 + 2)
+    assert finished is not None and finished.state == FINISHED
+
+
+async def test_sqlite_running_jobs_get_a_session_and_are_retaken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "jobwire.db"
+    with monkeypatch.context() as old_version:  # the schema as migration 8 left it
+        old_version.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:8])
+        await (await SqliteStore.open(path)).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        row = (job_id(definition(1)), RUNNING, T0, T0, T0 + LEASE, definition(1).SerializeToString())
+        db.execute(f"{_RUNNING_ROW} VALUES (?, ?, 'q', 1, 'w1', ?, ?, ?, ?)", row)
+    async with sqlite(tmp_path) as store:
+        await assert_retaken_after_migration(store)
+
+
+async def test_postgres_running_jobs_get_a_session_and_are_retaken(
+    postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = await postgres_cluster.create_database()
+    with monkeypatch.context() as old_version:  # the schema as migration 5 left it
+        old_version.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:5])
+        await (await PostgresStore.open(url, max_size=2)).close()
+    connection = await asyncpg.connect(url)
+    try:
+        row = (job_id(definition(1)), RUNNING, T0, T0, T0 + LEASE, definition(1).SerializeToString())
+        await connection.execute(f"{_RUNNING_ROW} VALUES ($1, $2, 'q', 1, 'w1', $3, $4, $5, $6)", *row)
+    finally:
+        await connection.close()
+    store = await PostgresStore.open(url, max_size=2)
+    try:
+        await assert_retaken_after_migration(store)
     finally:
         await store.close()

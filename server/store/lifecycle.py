@@ -4,7 +4,7 @@ what may happen, and writes the answer (`SqlBase._apply`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from jobwire.server.store import transitions
 from jobwire.server.store.base import ALL_NAMESPACES, Attempt, Cancelled, Holder, Submission
@@ -13,7 +13,7 @@ from jobwire.server.store.rows import job_message
 from jobwire.server.store.transitions import FINISHED, HOLDING, QUEUED, RUNNING, Holding
 from jobwire.v1 import jobs_pb2
 
-Reason = jobs_pb2.FinishReason.ValueType
+Reason: TypeAlias = jobs_pb2.FinishReason.ValueType
 Lost = list[tuple[jobs_pb2.Job, Attempt]]
 _NEXT_WAITING = (
     "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"

@@ -179,7 +179,8 @@ class PostgresDatabase:
         return await self.connection.fetchrow(postgres_sql(sql), *args)
 
     async def all(self, sql: str, *args: Any) -> Sequence[Any]:
-        return await self.connection.fetch(postgres_sql(sql), *args)
+        rows: Sequence[Any] = await self.connection.fetch(postgres_sql(sql), *args)
+        return rows
 
     async def run(self, sql: str, *args: Any) -> None:
         await self.connection.execute(postgres_sql(sql), *args)

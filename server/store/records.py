@@ -4,7 +4,7 @@ the worker records, in statements written once (see `database`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from jobwire.server.store import transitions
 from jobwire.server.store.base import POSITION_LIMIT, Attempt, Capacity, Holder, LogTotals, Webhook
@@ -14,7 +14,7 @@ from jobwire.server.store.rows import already_stored, job_message, within_limit,
 from jobwire.server.store.transitions import FINISHED, RUNNING
 from jobwire.v1 import jobs_pb2
 
-LogKind = jobs_pb2.LogKind.ValueType
+LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
 
 
 class SqlStore(Lifecycle):

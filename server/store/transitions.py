@@ -15,7 +15,7 @@ the server or a network blip keeps running jobs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 from jobwire.core.units import timestamp
 from jobwire.server.store.base import FINAL_REASONS, Attempt, Holder
@@ -27,8 +27,7 @@ QUEUED, RUNNING, FINISHED = (
     jobs_pb2.JOB_STATE_RUNNING,
     jobs_pb2.JOB_STATE_FINISHED,
 )
-Kind = jobs_pb2.JobEventKind.ValueType
-Reason = jobs_pb2.FinishReason.ValueType
+Reason: TypeAlias = jobs_pb2.FinishReason.ValueType
 
 
 class Holding(NamedTuple):
