@@ -16,8 +16,8 @@ import asyncpg
 
 from jobwire.server.store.database import Database, postgres_sql
 from jobwire.server.store.records import SqlStore
-from jobwire.server.store.rows import blob_keys, worker_columns
-from jobwire.v1 import definition_pb2, jobs_pb2
+from jobwire.server.store.rows import job_blob_keys, worker_columns
+from jobwire.v1 import jobs_pb2
 
 QUEUED, RUNNING, FINISHED = (
     jobs_pb2.JOB_STATE_QUEUED,
@@ -220,10 +220,7 @@ class PostgresStore(SqlStore):
         keys: set[str] = set()
         async with self.pool.acquire() as db, db.transaction():
             async for definition, result in db.cursor("SELECT definition, result FROM jobs", prefetch=500):
-                keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
-                if result is not None:
-                    outputs = jobs_pb2.JobResult.FromString(result).outputs.values()
-                    keys |= {ref.value.string_value for ref in outputs if ref.type == "key"}
+                keys |= job_blob_keys(definition, result)
         return keys
 
     async def queue_counts(self, queue: str) -> dict[int, int]:

@@ -21,8 +21,8 @@ from typing import Any
 from jobwire.server.store.base import Holder
 from jobwire.server.store.database import Database, sqlite_sql
 from jobwire.server.store.records import SqlStore
-from jobwire.server.store.rows import blob_keys, worker_columns
-from jobwire.v1 import definition_pb2, jobs_pb2
+from jobwire.server.store.rows import job_blob_keys, worker_columns
+from jobwire.v1 import jobs_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -265,10 +265,7 @@ class SqliteStore(SqlStore):
         keys: set[str] = set()
         with contextlib.closing(_connect(self._path)) as db:
             for definition, result in db.execute("SELECT definition, result FROM jobs"):
-                keys |= blob_keys(definition_pb2.JobDefinition.FromString(definition))
-                if result is not None:
-                    outputs = jobs_pb2.JobResult.FromString(result).outputs.values()
-                    keys |= {ref.value.string_value for ref in outputs if ref.type == "key"}
+                keys |= job_blob_keys(definition, result)
         return keys
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
