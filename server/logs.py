@@ -8,7 +8,7 @@ from jobwire.server import topics
 from jobwire.server.bus import EventBus, Lagged
 from jobwire.server.errors import NotFound
 from jobwire.server.store import StateStore
-from jobwire.server.store.base import Attempt
+from jobwire.server.store.base import Attempt, Holder
 from jobwire.server.store.rows import job_summary
 from jobwire.v1 import jobs_pb2, workers_pb2
 
@@ -29,12 +29,17 @@ class LogHub:
         self.store, self.bus, self.max_chars = store, bus, max_chars
 
     async def append(
-        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: Sequence[jobs_pb2.LogChunk], start: int
+        self,
+        attempt: Attempt,
+        holder: Holder,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
     ) -> bool:
         """Store and publish a batch (skipping chunks already stored); False if the attempt is stale.
         A log is kept up to `max_chars` characters of text: the chunk that passes it is cut there and
         followed by a notice; everything after is dropped."""
-        stored = await self.store.append_logs(attempt, kind, chunks, start, self.max_chars)
+        stored = await self.store.append_logs(attempt, holder, kind, chunks, start, self.max_chars)
         if stored is None:
             return False
         first, kept = stored

@@ -25,13 +25,14 @@ from jobwire.server.store.base import (
     QUEUED_HOOK,
     Attempt,
     Cancelled,
+    Holder,
     Submission,
     Webhook,
 )
 from jobwire.server.store.rows import job_summary
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
-__all__ = ["Attempt", "Scheduler", "check_queue"]
+__all__ = ["Attempt", "Holder", "Scheduler", "check_queue"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
 
@@ -258,28 +259,26 @@ class Scheduler:
             raise NotFound(f"job {job_id} not found")
         return await self.submit(queue, job.definition, control)
 
-    async def claim(self, queue: str, worker_id: str, gpus: int, count: int) -> list[jobs_pb2.Job]:
+    async def claim(self, queue: str, holder: Holder, gpus: int, count: int) -> list[jobs_pb2.Job]:
         """Assign up to `count` of the queue's oldest waiting jobs that fit in `gpus` devices to the worker."""
         lease = self.settings.lease_seconds
-        jobs = await self.store.claim(
-            queue=queue, worker_id=worker_id, now=self.clock(), lease=lease, gpus=gpus, count=count
-        )
+        jobs = await self.store.claim(queue=queue, holder=holder, now=self.clock(), lease=lease, gpus=gpus, count=count)
         for job in jobs:
-            log.debug("job %s assigned to %s (attempt %d)", job.id, worker_id, job.attempt)
+            log.debug("job %s assigned to %s (attempt %d)", job.id, holder.worker_id, job.attempt)
             await self.publish_job(job)
         return jobs
 
-    async def started(self, attempt: Attempt) -> bool:
+    async def started(self, attempt: Attempt, holder: Holder) -> bool:
         """The attempt's container started; False if stale."""
-        job = await self.store.start(attempt, self.clock())
+        job = await self.store.start(attempt, holder, self.clock())
         if job is not None:
             await self.publish_job(job)
         return job is not None
 
-    async def finished(self, attempt: Attempt, result: jobs_pb2.JobResult) -> jobs_pb2.Job | None:
+    async def finished(self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> jobs_pb2.Job | None:
         """Record the attempt's result; None (logged) if the attempt is stale."""
         result.attempt = attempt.attempt
-        job = await self.store.finish(attempt, result, self.clock())
+        job = await self.store.finish(attempt, holder, result, self.clock())
         if job is None:
             log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
             return None
@@ -292,22 +291,23 @@ class Scheduler:
         await self.publish_job(job)
         return job
 
-    async def release(self, attempt: Attempt, worker_id: str, reason: str) -> bool:
+    async def release(self, attempt: Attempt, holder: Holder, reason: str) -> bool:
         """The worker gave the attempt back unfinished: re-queue the job now; False if stale."""
-        job = await self.store.release(attempt, worker_id, reason, self.clock())
+        job = await self.store.release(attempt, holder, reason, self.clock())
         if job is not None:
             await self._requeued([(job, attempt)])
         return job is not None
 
-    async def renew(self, worker_id: str, attempts: Sequence[Attempt]) -> list[Attempt]:
+    async def renew(self, holder: Holder, attempts: Sequence[Attempt]) -> list[Attempt]:
         """Extend the worker's leases; returns its stale attempts."""
-        return await self.store.renew(worker_id, attempts, self.clock() + self.settings.lease_seconds)
+        return await self.store.renew(holder, attempts, self.clock() + self.settings.lease_seconds)
 
-    async def reconnect(self, worker_id: str, held: Sequence[Attempt]) -> list[Attempt]:
-        """A worker registered holding `held`: renew those, re-queue its other jobs; returns the stale ones."""
-        stale = await self.renew(worker_id, held)
+    async def reconnect(self, holder: Holder, held: Sequence[Attempt]) -> list[Attempt]:
+        """A worker registered holding `held`: take those into its new session and renew them, re-queue
+        its other jobs; returns the stale ones."""
+        stale = await self.store.retake(holder, held, self.clock() + self.settings.lease_seconds)
         kept = [attempt for attempt in held if attempt not in stale]
-        await self._requeued(await self.store.requeue_worker(worker_id, kept, self.clock()))
+        await self._requeued(await self.store.requeue_worker(holder.worker_id, kept, self.clock()))
         return stale
 
     async def reap(self) -> None:

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 from jobwire.core.units import timestamp
 from jobwire.server.bus import Lagged
 from jobwire.server.logs import LogHub
-from jobwire.server.scheduler import Attempt, Scheduler
+from jobwire.server.scheduler import Attempt, Holder, Scheduler
 from jobwire.server.waiting import Line, Lines
 from jobwire.v1 import jobs_pb2, workers_pb2
 
@@ -44,6 +44,7 @@ class WorkerSession:
         self.clock = clock
         self.worker_id, self.queue = register.worker_id, register.queue
         self.session_id = uuid.uuid4().hex
+        self.holder = Holder(self.worker_id, self.session_id)  # fences what this stream may act on
         self.outbox: asyncio.Queue[workers_pb2.ConnectResponse] = asyncio.Queue(OUTBOX_SIZE)
         self.running: dict[str, int] = {}
         self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
@@ -55,7 +56,7 @@ class WorkerSession:
     async def open(self) -> workers_pb2.WorkerRegistered:
         """Accept the registration: keep the attempts the worker still holds, report the stale ones."""
         held = [Attempt(a.job_id, a.attempt) for a in self.register.running]
-        stale = await self.scheduler.reconnect(self.worker_id, held)
+        stale = await self.scheduler.reconnect(self.holder, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
         for job_id in self.running:
             self.gpus_used[job_id] = await self.scheduler.gpus_needed(job_id)
@@ -128,12 +129,12 @@ class WorkerSession:
                 await self._on_heartbeat(request.heartbeat)
             case "started":
                 attempt = Attempt(request.started.job_id, request.started.attempt)
-                if not await self.scheduler.started(attempt):
+                if not await self.scheduler.started(attempt, self.holder):
                     await self._stale(attempt, "the job is no longer assigned to this attempt")
             case "logs":
                 attempt = Attempt(request.logs.job_id, request.logs.attempt)
                 logs = request.logs
-                if not await self.logs.append(attempt, logs.kind, logs.chunks, logs.start):
+                if not await self.logs.append(attempt, self.holder, logs.kind, logs.chunks, logs.start):
                     await self._stale(attempt, "logs of an attempt the server no longer holds")
             case "finished":
                 await self._on_finished(request.finished)
@@ -149,14 +150,14 @@ class WorkerSession:
             log.info("worker %s is draining: no new jobs for it", self.worker_id)
             self.draining = True
         held = [Attempt(a.job_id, a.attempt) for a in heartbeat.running]
-        for attempt in await self.scheduler.renew(self.worker_id, held):
+        for attempt in await self.scheduler.renew(self.holder, held):
             await self._stale(attempt, "the job is no longer assigned to this attempt")
         await self._save_info()
 
     async def _on_released(self, released: workers_pb2.JobReleased) -> None:
         attempt = Attempt(released.job_id, released.attempt)
         self._forget(attempt)
-        await self.scheduler.release(attempt, self.worker_id, released.reason or "no reason given")
+        await self.scheduler.release(attempt, self.holder, released.reason or "no reason given")
         ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
 
@@ -171,7 +172,7 @@ class WorkerSession:
         self._forget(attempt)
         result = finished.result
         result.worker_id = self.worker_id
-        if await self.scheduler.finished(attempt, result) is None:
+        if await self.scheduler.finished(attempt, self.holder, result) is None:
             await self._stale(attempt, "result of an attempt the server no longer holds; it was discarded")
         ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
@@ -205,7 +206,7 @@ class WorkerSession:
 
     async def _fill(self, line: Line) -> None:
         free, free_gpus = self.free_slots(), self.free_gpus()
-        jobs = await self.scheduler.claim(self.queue, self.worker_id, free_gpus, free)
+        jobs = await self.scheduler.claim(self.queue, self.holder, free_gpus, free)
         for job in jobs:
             self.running[job.id] = job.attempt
             self.gpus_used[job.id] = job.definition.requirements.gpus

@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2
 from jobwire.core.definition import job_id
 from jobwire.server.blobs.filesystem import FileBlobStore
 from jobwire.server.retention import Retention
-from jobwire.server.store.base import Attempt
+from jobwire.server.store.base import Attempt, Holder
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.v1 import definition_pb2, jobs_pb2
 from tests.conftest import submit_one
@@ -42,9 +42,10 @@ async def test_sweep_forgets_old_jobs_and_blobs_no_job_refers_to(tmp_path: Path)
         orphan_recent = await put(blobs, b"uploaded yesterday", NOW - DAY)
         old = definition_pb2.JobDefinition(image="x", inputs={"a": key_ref(old_input)})
         await submit_one(store, job_id=job_id(old), definition=old, queue="q", namespace="_", now=NOW - 40 * DAY)
-        (claimed,) = await store.claim(queue="q", worker_id="w", now=NOW - 40 * DAY, lease=30)
+        worker = Holder("w", "session")
+        (claimed,) = await store.claim(queue="q", holder=worker, now=NOW - 40 * DAY, lease=30)
         finished = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS)
-        await store.finish(Attempt(claimed.id, claimed.attempt), finished, NOW - 40 * DAY)
+        await store.finish(Attempt(claimed.id, claimed.attempt), worker, finished, NOW - 40 * DAY)
         live = definition_pb2.JobDefinition(image="x", inputs={"b": key_ref(live_input)})
         await submit_one(store, job_id=job_id(live), definition=live, queue="q", namespace="_", now=NOW - 35 * DAY)
 

@@ -10,7 +10,7 @@ import pytest
 
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import LogHub
-from jobwire.server.scheduler import Attempt
+from jobwire.server.scheduler import Attempt, Holder
 from jobwire.server.sessions import ProtocolError, WorkerSession
 from jobwire.server.waiting import Lines
 from jobwire.v1 import jobs_pb2, workers_pb2
@@ -24,14 +24,14 @@ class _Scheduler:
         self.gates: dict[str, asyncio.Event] = {}
         self.finished_jobs: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
 
-    async def started(self, attempt: Attempt) -> bool:
+    async def started(self, attempt: Attempt, holder: Holder) -> bool:
         self.calls.append(("started", attempt.job_id))
         if attempt.job_id in self.gates:
             await self.gates[attempt.job_id].wait()
         self.calls.append(("started done", attempt.job_id))
         return True
 
-    async def finished(self, attempt: Attempt, result: jobs_pb2.JobResult) -> jobs_pb2.Job:
+    async def finished(self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> jobs_pb2.Job:
         self.calls.append(("finished", attempt.job_id))
         self.finished_jobs[attempt.job_id].set()
         return jobs_pb2.Job(id=attempt.job_id)

@@ -31,6 +31,7 @@ from jobwire.server.store.base import (
     QUEUED_HOOK,
     Attempt,
     Capacity,
+    Holder,
     LogTotals,
     Submission,
     Webhook,
@@ -88,8 +89,13 @@ async def submit(
     return job
 
 
+def holder(worker: str = "w1", session: str = "") -> Holder:
+    """The worker's holder: its first session unless another is named."""
+    return Holder(worker, session or f"first session of {worker}")
+
+
 async def claim(store: StateStore, *, queue: str = "q", worker: str = "w1", now: float = T0) -> jobs_pb2.Job:
-    jobs = await store.claim(queue=queue, worker_id=worker, now=now, lease=LEASE)
+    jobs = await store.claim(queue=queue, holder=holder(worker), now=now, lease=LEASE)
     assert len(jobs) == 1, f"nothing to claim on {queue!r}"
     return jobs[0]
 
@@ -197,13 +203,13 @@ async def test_final_result_answers_later_submissions(
 ) -> None:
     await submit(store, 1)
     running = await claim(store)
-    assert await store.finish(attempt_of(running), result(reason), T0 + 1) is not None
+    assert await store.finish(attempt_of(running), holder(), result(reason), T0 + 1) is not None
     again, queued = await submit_one(
         store, job_id=running.id, definition=definition(1), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 2
     )
     assert not queued
     assert (again.state, again.finish_reason) == (FINISHED, reason)
-    assert await store.claim(queue="q", worker_id="w2", now=T0 + 3, lease=LEASE) == []
+    assert await store.claim(queue="q", holder=holder("w2"), now=T0 + 3, lease=LEASE) == []
 
 
 async def test_cancelled_job_runs_again_as_a_new_attempt_when_resubmitted(store: StateStore) -> None:
@@ -219,8 +225,8 @@ async def test_cancelled_job_runs_again_as_a_new_attempt_when_resubmitted(store:
     assert stored is not None and not stored.HasField("result")
     second = await claim(store, worker="w2", now=T0 + 3)
     assert second.attempt > first.attempt
-    assert await store.finish(attempt_of(first), result(), T0 + 4) is None
-    assert await store.finish(attempt_of(second), result(), T0 + 4) is not None
+    assert await store.finish(attempt_of(first), holder(), result(), T0 + 4) is None
+    assert await store.finish(attempt_of(second), holder("w2"), result(), T0 + 4) is not None
 
 
 async def test_get_job_unknown_or_in_another_queue(store: StateStore) -> None:
@@ -238,7 +244,7 @@ async def test_claim_takes_jobs_in_submission_order(store: StateStore) -> None:
     submitted = [await submit(store, n, now=T0 + n) for n in range(4)]
     claimed = [await claim(store, now=T0 + 10) for _ in submitted]
     assert [job.id for job in claimed] == [job.id for job in submitted]
-    assert await store.claim(queue="q", worker_id="w1", now=T0 + 10, lease=LEASE) == []
+    assert await store.claim(queue="q", holder=holder("w1"), now=T0 + 10, lease=LEASE) == []
 
 
 async def test_claim_makes_a_running_attempt_for_the_worker(store: StateStore) -> None:
@@ -255,15 +261,17 @@ async def test_claim_makes_a_running_attempt_for_the_worker(store: StateStore) -
 
 
 async def test_claim_on_empty_or_other_queue_returns_nothing(store: StateStore) -> None:
-    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE) == []
+    assert await store.claim(queue="q", holder=holder("w1"), now=T0, lease=LEASE) == []
     job = await submit(store, 1, queue="q")
-    assert await store.claim(queue="other", worker_id="w1", now=T0, lease=LEASE) == []
+    assert await store.claim(queue="other", holder=holder("w1"), now=T0, lease=LEASE) == []
     assert await state(store, job) == QUEUED
 
 
 async def test_concurrent_claims_assign_a_job_once(store: StateStore) -> None:
     await submit(store, 1)
-    claims = await asyncio.gather(*(store.claim(queue="q", worker_id=f"w{n}", now=T0, lease=LEASE) for n in range(5)))
+    claims = await asyncio.gather(
+        *(store.claim(queue="q", holder=holder(f"w{n}"), now=T0, lease=LEASE) for n in range(5))
+    )
     assert sorted(len(jobs) for jobs in claims) == [0, 0, 0, 0, 1]
 
 
@@ -271,20 +279,23 @@ async def test_concurrent_claims_assign_a_job_once(store: StateStore) -> None:
 
 
 async def appended(
-    store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, start: int, *texts: str
+    store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, start: int, *texts: str, worker: str = "w1"
 ) -> tuple[int, list[str]] | None:
-    """`append_logs` of chunks of these texts: the index the first stored one got and the texts stored."""
-    stored = await store.append_logs(attempt, kind, chunks(*texts), start)
+    """`append_logs` of chunks of these texts from the worker's first session: the index the first stored
+    one got and the texts stored."""
+    stored = await store.append_logs(attempt, holder(worker), kind, chunks(*texts), start)
     return None if stored is None else (stored[0], [chunk.text for chunk in stored[1]])
 
 
-async def assert_stale(store: StateStore, attempt: Attempt, worker: str = "w1") -> None:
-    """Every write of the attempt is refused and changes nothing."""
+async def assert_stale(store: StateStore, attempt: Attempt, worker: str = "w1", session: str = "") -> None:
+    """Every write of the attempt from the worker's session is refused and changes nothing."""
+    by = holder(worker, session)
     before = await store.get_job(attempt.job_id)
-    assert await store.start(attempt, T0 + 50) is None
-    assert await store.renew(worker, [attempt], T0 + 500) == [attempt]
-    assert await store.append_logs(attempt, RUN, chunks("late"), 0) is None
-    assert await store.finish(attempt, result(), T0 + 50) is None
+    assert await store.start(attempt, by, T0 + 50) is None
+    assert await store.renew(by, [attempt], T0 + 500) == [attempt]
+    assert await store.append_logs(attempt, by, RUN, chunks("late"), 0) is None
+    assert await store.release(attempt, by, "giving up", T0 + 50) is None
+    assert await store.finish(attempt, by, result(), T0 + 50) is None
     assert await log_texts(store, attempt) == []
     assert await store.get_job(attempt.job_id) == before
 
@@ -303,9 +314,45 @@ async def test_attempt_is_stale_once_another_attempt_claimed_the_job(store: Stat
     current = attempt_of(await claim(store, worker="w2", now=T0 + LEASE + 2))
     assert current.attempt == lost.attempt + 1
     await assert_stale(store, lost, worker="w1")
-    assert await appended(store, current, RUN, 0, "mine") == (0, ["mine"])
-    finished = await store.finish(current, result(exit_code=3), T0 + 60)
+    assert await appended(store, current, RUN, 0, "mine", worker="w2") == (0, ["mine"])
+    finished = await store.finish(current, holder("w2"), result(exit_code=3), T0 + 60)
     assert finished is not None and finished.result.exit_code == 3
+
+
+async def test_another_session_cannot_act_on_an_attempt_it_does_not_hold(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w1"))
+    await assert_stale(store, running, worker="w1", session="a stream registered beside the first")
+    await assert_stale(store, running, worker="w2", session="first session of w1")  # another worker's stream
+    assert await appended(store, running, RUN, 0, "mine") == (0, ["mine"])  # the holder still may
+
+
+async def test_a_reconnecting_worker_retakes_its_attempts_and_its_old_session_is_refused(store: StateStore) -> None:
+    await submit(store, 1)
+    await submit(store, 2)
+    running = attempt_of(await claim(store, worker="w1"))
+    other = attempt_of(await claim(store, worker="w2"))
+    again = holder("w1", "second session of w1")
+    unknown = Attempt(running.job_id, running.attempt + 1)
+    assert await store.retake(again, [running, other, unknown], T0 + 500) == [other, unknown]
+    lost = await store.requeue_expired(T0 + LEASE + 1)
+    assert [attempt for _, attempt in lost] == [other]  # the re-take renewed w1's lease, and only w1's
+    await assert_stale(store, running, worker="w1")  # the first session, gone
+    assert await appended(store, running, RUN, 0, "still running", worker="w1") is None
+    assert await store.start(running, again, T0 + 2) is not None
+    finished = await store.finish(running, again, result(), T0 + 3)
+    assert finished is not None and finished.state == FINISHED
+
+
+async def test_a_released_attempt_goes_back_to_its_queue_and_is_stale(store: StateStore) -> None:
+    await submit(store, 1)
+    running = attempt_of(await claim(store, worker="w1"))
+    assert await store.release(running, holder("w1", "another session"), "no", T0 + 1) is None
+    released = await store.release(running, holder("w1"), "draining", T0 + 1)
+    assert released is not None and (released.state, released.worker_id) == (QUEUED, "")
+    await assert_stale(store, running)
+    job = await store.get_job(running.job_id)
+    assert job is not None and job.history[-1].message == "re-queued: released by worker w1: draining"
 
 
 async def test_renew_refuses_another_workers_or_unknown_attempt(store: StateStore) -> None:
@@ -313,14 +360,14 @@ async def test_renew_refuses_another_workers_or_unknown_attempt(store: StateStor
     running = attempt_of(await claim(store, worker="w1"))
     wrong_attempt = Attempt(running.job_id, running.attempt + 1)
     unknown = Attempt(job_id(definition(9)), 1)
-    assert await store.renew("w2", [running], T0 + 500) == [running]
-    assert await store.renew("w1", [wrong_attempt, running, unknown], T0 + 500) == [wrong_attempt, unknown]
+    assert await store.renew(holder("w2"), [running], T0 + 500) == [running]
+    assert await store.renew(holder("w1"), [wrong_attempt, running, unknown], T0 + 500) == [wrong_attempt, unknown]
 
 
 async def test_start_records_that_the_container_started(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w3"))
-    returned = await store.start(running, T0 + 1)
+    returned = await store.start(running, holder("w3"), T0 + 1)
     assert returned is not None and (returned.state, list(returned.tags)) == (RUNNING, ["tag-1"])
     job = await store.get_job(running.job_id)
     assert job is not None
@@ -333,10 +380,11 @@ async def test_a_result_is_recorded_once(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
     outcomes = await asyncio.gather(
-        store.finish(running, result(exit_code=1), T0 + 1), store.finish(running, result(exit_code=2), T0 + 1)
+        store.finish(running, holder(), result(exit_code=1), T0 + 1),
+        store.finish(running, holder(), result(exit_code=2), T0 + 1),
     )
     assert len([job for job in outcomes if job is not None]) == 1
-    assert await store.finish(running, result(exit_code=5), T0 + 2) is None
+    assert await store.finish(running, holder(), result(exit_code=5), T0 + 2) is None
     job = await store.get_job(running.job_id)
     assert job is not None and job.result.exit_code in (1, 2)
     assert event_kinds(job).count(jobs_pb2.JOB_EVENT_KIND_FINISHED) == 1
@@ -352,7 +400,7 @@ async def test_finish_records_the_result(store: StateStore) -> None:
         reason=jobs_pb2.FINISH_REASON_SUCCESS, exit_code=3, message="exit 3", worker_id="w1", attempt=1
     )
     sent.outputs["out.txt"].CopyFrom(definition_pb2.DataRef(type="utf8"))
-    finished = await store.finish(running, sent, T0 + 9)
+    finished = await store.finish(running, holder(), sent, T0 + 9)
     assert finished is not None
     assert (finished.state, finished.finish_reason, finished.update_time) == (
         FINISHED,
@@ -449,10 +497,10 @@ async def test_claim_skips_jobs_needing_more_gpus_than_the_worker_has_free(store
     gpu_job.requirements.gpus = 2
     gpu, _ = await submit_one(store, job_id=job_id(gpu_job), definition=gpu_job, queue="q", namespace="_", now=T0)
     cpu = await submit(store, 2)
-    taken = await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1)
+    taken = await store.claim(queue="q", holder=holder("w1"), now=T0, lease=LEASE, gpus=1)
     assert [job.id for job in taken] == [cpu.id]
-    assert await store.claim(queue="q", worker_id="w1", now=T0, lease=LEASE, gpus=1) == []
-    taken = await store.claim(queue="q", worker_id="w2", now=T0, lease=LEASE, gpus=2)
+    assert await store.claim(queue="q", holder=holder("w1"), now=T0, lease=LEASE, gpus=1) == []
+    taken = await store.claim(queue="q", holder=holder("w2"), now=T0, lease=LEASE, gpus=2)
     assert [job.id for job in taken] == [gpu.id]
 
 
@@ -464,13 +512,13 @@ async def test_one_claim_takes_several_jobs_in_queue_order_within_the_gpus_it_ha
         each.requirements.gpus = gpus
         job, _ = await submit_one(store, job_id=job_id(each), definition=each, queue="q", namespace="_", now=T0 + n)
         submitted.append(job.id)
-    taken = await store.claim(queue="q", worker_id="w1", now=T0 + 9, lease=LEASE, gpus=2, count=4)
+    taken = await store.claim(queue="q", holder=holder("w1"), now=T0 + 9, lease=LEASE, gpus=2, count=4)
     # 1 GPU, none, then the 2-GPU job does not fit in the one left, the next 1-GPU job does
     assert [job.id for job in taken] == [submitted[0], submitted[1], submitted[3], submitted[4]]
     assert {(job.state, job.attempt, job.worker_id) for job in taken} == {(RUNNING, 1, "w1")}
     assert all(job.definition.image for job in taken)
-    assert await store.claim(queue="q", worker_id="w2", now=T0 + 9, lease=LEASE, gpus=1, count=3) == []
-    assert [job.id for job in await store.claim(queue="q", worker_id="w2", now=T0 + 9, lease=LEASE, gpus=2)] == [
+    assert await store.claim(queue="q", holder=holder("w2"), now=T0 + 9, lease=LEASE, gpus=1, count=3) == []
+    assert [job.id for job in await store.claim(queue="q", holder=holder("w2"), now=T0 + 9, lease=LEASE, gpus=2)] == [
         submitted[2]
     ]
     assert await store.queue_counts("q") == {RUNNING: 5}
@@ -479,7 +527,7 @@ async def test_one_claim_takes_several_jobs_in_queue_order_within_the_gpus_it_ha
 async def test_renew_extends_the_lease(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))
-    assert await store.renew("w1", [running], T0 + 100) == []
+    assert await store.renew(holder("w1"), [running], T0 + 100) == []
     assert await store.requeue_expired(T0 + 60) == []
     assert [attempt for _, attempt in await store.requeue_expired(T0 + 101)] == [running]
 
@@ -487,7 +535,7 @@ async def test_renew_extends_the_lease(store: StateStore) -> None:
 async def test_requeue_expired_leaves_queued_and_finished_jobs_alone(store: StateStore) -> None:
     await submit(store, 1)
     done = attempt_of(await claim(store))
-    await store.finish(done, result(), T0 + 1)
+    await store.finish(done, holder(), result(), T0 + 1)
     waiting = await submit(store, 2)
     assert await store.requeue_expired(T0 + 10_000) == []
     assert await state(store, waiting) == QUEUED
@@ -504,7 +552,7 @@ async def test_cancel_queued_job(store: StateStore) -> None:
     assert (cancelled.job.state, cancelled.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_CANCELLED)
     assert (cancelled.stop, cancelled.worker_id) == (None, "")
     assert jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED in event_kinds(cancelled.job)
-    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) == []
+    assert await store.claim(queue="q", holder=holder("w1"), now=T0 + 2, lease=LEASE) == []
 
 
 async def test_cancel_running_job_names_the_attempt_to_stop_and_fences_it(store: StateStore) -> None:
@@ -546,7 +594,7 @@ async def test_cancel_unknown_job_or_wrong_queue(store: StateStore) -> None:
 async def test_cancel_keeps_a_finished_result(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
-    await store.finish(running, result(exit_code=7), T0 + 1)
+    await store.finish(running, holder(), result(exit_code=7), T0 + 1)
     cancelled = await store.cancel(queue="q", job_id=running.job_id, namespace=ALL_NAMESPACES, now=T0 + 2)
     assert cancelled is not None
     assert cancelled.stop is None
@@ -569,13 +617,13 @@ async def test_delete_queued_job(store: StateStore) -> None:
     deleted = await store.delete(job.id, T0 + 1)
     assert deleted is not None
     assert (deleted.stop, deleted.job.finish_reason) == (None, jobs_pb2.FINISH_REASON_DELETED)
-    assert await store.claim(queue="q", worker_id="w1", now=T0 + 2, lease=LEASE) == []
+    assert await store.claim(queue="q", holder=holder("w1"), now=T0 + 2, lease=LEASE) == []
 
 
 async def test_delete_forgets_the_result_so_the_job_runs_again(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
-    await store.finish(running, result(exit_code=4), T0 + 1)
+    await store.finish(running, holder(), result(exit_code=4), T0 + 1)
     await store.delete(running.job_id, T0 + 2)
     stored = await store.get_job(running.job_id)
     assert stored is not None and stored.result.exit_code != 4
@@ -605,7 +653,7 @@ async def test_a_log_is_cut_where_it_passes_its_limit_and_nothing_is_stored_afte
     running = attempt_of(await claim(store))
 
     async def texts(start: int, *given: str) -> tuple[int, list[str]]:
-        stored = await store.append_logs(running, RUN, chunks(*given), start, max_chars=8)
+        stored = await store.append_logs(running, holder(), RUN, chunks(*given), start, max_chars=8)
         assert stored is not None
         return stored[0], [chunk.text for chunk in stored[1]]
 
@@ -634,8 +682,8 @@ async def test_resent_log_chunks_are_stored_once(store: StateStore) -> None:
 async def test_read_logs_from_an_index(store: StateStore, since: int, limit: int, expected: str) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
-    await store.append_logs(running, RUN, chunks("a", "b", "c"), 0)
-    await store.append_logs(running, RUN, chunks("d", "e"), 3)
+    await store.append_logs(running, holder(), RUN, chunks("a", "b", "c"), 0)
+    await store.append_logs(running, holder(), RUN, chunks("d", "e"), 3)
     assert "".join(await log_texts(store, running, since=since, limit=limit)) == expected
 
 
@@ -644,8 +692,8 @@ async def test_log_totals_count_chunks_and_the_characters_of_each_stream(store: 
     assert await store.log_totals(running, RUN) == LogTotals()
     out, err = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
     first = [jobs_pb2.LogChunk(text="héllo\n", stream=out), jobs_pb2.LogChunk(text="oops\n", stream=err)]
-    await store.append_logs(running, RUN, first, 0)
-    await store.append_logs(running, RUN, [*first, jobs_pb2.LogChunk(text="more", stream=out)], 0)  # a resend
+    await store.append_logs(running, holder(), RUN, first, 0)
+    await store.append_logs(running, holder(), RUN, [*first, jobs_pb2.LogChunk(text="more", stream=out)], 0)  # a resend
     assert await store.log_totals(running, RUN) == LogTotals(chunks=3, stdout_chars=10, stderr_chars=5)
     assert await store.log_totals(running, BUILD) == LogTotals()
 
@@ -654,15 +702,15 @@ async def test_chunk_fields_survive_the_store(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store))
     sent = jobs_pb2.LogChunk(text="oops\n", stream=jobs_pb2.LOG_STREAM_STDERR, time=timestamp(T0 + 0.25))
-    await store.append_logs(running, RUN, [sent], 0)
+    await store.append_logs(running, holder(), RUN, [sent], 0)
     assert await store.read_logs(running, RUN, 0, 10) == [sent]
 
 
 async def test_logs_are_kept_per_kind_and_per_attempt(store: StateStore) -> None:
     await submit(store, 1)
     first = attempt_of(await claim(store))
-    await store.append_logs(first, BUILD, chunks("pull"), 0)
-    await store.append_logs(first, RUN, chunks("run 1"), 0)
+    await store.append_logs(first, holder(), BUILD, chunks("pull"), 0)
+    await store.append_logs(first, holder(), RUN, chunks("run 1"), 0)
     await store.requeue_expired(T0 + LEASE + 1)
     second = attempt_of(await claim(store, now=T0 + LEASE + 2))
     # Each attempt's log starts at index 0.
@@ -701,7 +749,7 @@ async def test_list_pages_cover_the_queue_in_submission_order(store: StateStore,
 async def test_list_filters_by_state_across_pages(store: StateStore) -> None:
     ids = [(await submit(store, n, now=T0 + n)).id for n in range(5)]
     taken = [await claim(store) for _ in range(2)]
-    await store.finish(attempt_of(taken[0]), result(), T0 + 10)
+    await store.finish(attempt_of(taken[0]), holder(), result(), T0 + 10)
     assert await walk(store, "q", state=QUEUED, limit=2) == [ids[2:4], ids[4:]]
     assert await walk(store, "q", state=RUNNING, limit=2) == [[ids[1]]]
     assert await walk(store, "q", state=FINISHED, limit=2) == [[ids[0]]]
@@ -710,7 +758,7 @@ async def test_list_filters_by_state_across_pages(store: StateStore) -> None:
 async def test_listed_jobs_are_summaries(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w6"))
-    await store.finish(running, result(exit_code=2), T0 + 1)
+    await store.finish(running, holder("w6"), result(exit_code=2), T0 + 1)
     (job,), _ = await store.list_jobs("q", state=0, after=0, limit=10)
     assert (job.id, job.state, job.finish_reason, job.worker_id, job.attempt) == (
         running.job_id,
@@ -760,7 +808,7 @@ async def test_queue_counts_and_claims_agree_with_the_jobs_through_every_transit
     await check()
     taken = await claim(store, queue="q2")  # from the other queue: leaves q's line too
     assert taken.id == shared.id
-    await store.finish(attempt_of(await claim(store)), result(), T0 + 10)
+    await store.finish(attempt_of(await claim(store)), holder(), result(), T0 + 10)
     await check()
     for queue in ("q", "q2"):  # ends it: no namespace of either queue holds it any more
         await store.cancel(queue=queue, job_id=shared.id, namespace=ALL_NAMESPACES, now=T0 + 11)
@@ -868,7 +916,7 @@ async def test_listed_workers_show_the_jobs_running_for_them_now(store: StateSto
         worker("w1", T0, sorted(ids[:2])),
         worker("w2", T0, [ids[2]]),
     ]
-    await store.finish(attempt_of(first), result(), T0 + 10)
+    await store.finish(attempt_of(first), holder(), result(), T0 + 10)
     assert await store.list_workers("q", seen_since=0) == [worker("w1", T0, [second.id]), worker("w2", T0, [ids[2]])]
 
 
@@ -913,14 +961,14 @@ async def test_finished_webhooks_are_armed_by_the_finish_and_claimed_once(store:
     await store.settle_webhook(again.id, None)
     running = attempt_of(await claim(store))
     assert await store.claim_webhooks(T0 + 50, T0 + 80, 10) == []  # finished hook waits for the finish
-    await store.finish(running, result(), T0 + 60)
+    await store.finish(running, holder(), result(), T0 + 60)
     (finished,) = await store.claim_webhooks(T0 + 60, T0 + 90, 10)
     assert (finished.event, finished.url) == (FINISHED_HOOK, "http://f")
 
 
 async def test_a_finished_webhook_for_a_finished_job_is_due_at_once(store: StateStore) -> None:
     job = await submit(store, 1)
-    await store.finish(attempt_of(await claim(store)), result(), T0 + 1)
+    await store.finish(attempt_of(await claim(store)), holder(), result(), T0 + 1)
     await store.add_webhook(Webhook(job.id, FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0 + 2)
     assert len(await store.claim_webhooks(T0 + 2, T0 + 30, 10)) == 1
 
@@ -928,10 +976,10 @@ async def test_a_finished_webhook_for_a_finished_job_is_due_at_once(store: State
 async def test_expire_forgets_only_jobs_finished_before_the_cutoff(store: StateStore) -> None:
     old = await submit(store, 1)
     running = attempt_of(await claim(store))
-    await store.append_logs(running, RUN, chunks("a"), 0)
-    await store.finish(running, result(), T0 + 10)
+    await store.append_logs(running, holder(), RUN, chunks("a"), 0)
+    await store.finish(running, holder(), result(), T0 + 10)
     young = await submit(store, 2)
-    await store.finish(attempt_of(await claim(store)), result(), T0 + 100)
+    await store.finish(attempt_of(await claim(store)), holder(), result(), T0 + 100)
     live = await submit(store, 3)
     assert await store.expire(T0 + 50, 10) == [old.id]
     assert await store.get_job(old.id) is None
@@ -951,7 +999,7 @@ async def test_blob_references_are_the_keys_of_inputs_build_contexts_and_outputs
         await submit_one(store, job_id=job_id(spec), definition=spec, queue="q", namespace=DEFAULT_NAMESPACE, now=T0)
     running = attempt_of(await claim(store))
     await store.finish(
-        running, jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, outputs={"o": ref(output)}), T0
+        running, holder(), jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, outputs={"o": ref(output)}), T0
     )
     assert await store.blob_references() == {inputs, context, output}
 
@@ -1063,5 +1111,53 @@ async def test_postgres_histories_move_from_the_events_table_into_the_job_rows(
     try:
         job = await store.get_job(job_id(old))
         assert job is not None and list(job.history) == _old_history()
+    finally:
+        await store.close()
+
+
+_RUNNING_ROW = (
+    "INSERT INTO jobs (id, state, queue, attempt, worker_id, create_time, update_time, lease_expires, definition)"
+)
+
+
+async def assert_retaken_after_migration(store: StateStore) -> None:
+    """A job running for w1 before jobs had sessions is re-taken when w1 registers again, then finishes."""
+    running, again = Attempt(job_id(definition(1)), 1), holder("w1", "after the upgrade")
+    assert await store.finish(running, again, result(), T0 + 2) is None  # not before the worker re-takes it
+    assert await store.retake(again, [running], T0 + 100) == []
+    finished = await store.finish(running, again, result(), T0 + 2)
+    assert finished is not None and finished.state == FINISHED
+
+
+async def test_sqlite_running_jobs_get_a_session_and_are_retaken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "jobwire.db"
+    with monkeypatch.context() as old_version:  # the schema as migration 8 left it
+        old_version.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:8])
+        await (await SqliteStore.open(path)).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        row = (job_id(definition(1)), RUNNING, T0, T0, T0 + LEASE, definition(1).SerializeToString())
+        db.execute(f"{_RUNNING_ROW} VALUES (?, ?, 'q', 1, 'w1', ?, ?, ?, ?)", row)
+    async with sqlite(tmp_path) as store:
+        await assert_retaken_after_migration(store)
+
+
+async def test_postgres_running_jobs_get_a_session_and_are_retaken(
+    postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = await postgres_cluster.create_database()
+    with monkeypatch.context() as old_version:  # the schema as migration 5 left it
+        old_version.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:5])
+        await (await PostgresStore.open(url, max_size=2)).close()
+    connection = await asyncpg.connect(url)
+    try:
+        row = (job_id(definition(1)), RUNNING, T0, T0, T0 + LEASE, definition(1).SerializeToString())
+        await connection.execute(f"{_RUNNING_ROW} VALUES ($1, $2, 'q', 1, 'w1', $3, $4, $5, $6)", *row)
+    finally:
+        await connection.close()
+    store = await PostgresStore.open(url, max_size=2)
+    try:
+        await assert_retaken_after_migration(store)
     finally:
         await store.close()

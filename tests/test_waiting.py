@@ -14,7 +14,7 @@ from jobwire.server import topics
 from jobwire.server.bus import Subscription
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import LogHub
-from jobwire.server.scheduler import Attempt
+from jobwire.server.scheduler import Attempt, Holder
 from jobwire.server.sessions import WorkerSession
 from jobwire.server.waiting import Line, Lines
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
@@ -31,7 +31,7 @@ class _Scheduler:
         self.claims: list[tuple[str, int]] = []  # (worker, jobs it got)
         self.claimed = asyncio.Condition()
 
-    async def claim(self, queue: str, worker_id: str, gpus: int, count: int) -> list[jobs_pb2.Job]:
+    async def claim(self, queue: str, holder: Holder, gpus: int, count: int) -> list[jobs_pb2.Job]:
         await asyncio.sleep(0)
         taken = []
         for job in list(self.waiting):
@@ -40,7 +40,7 @@ class _Scheduler:
                 taken.append(job)
                 self.waiting.remove(job)
         async with self.claimed:
-            self.claims.append((worker_id, len(taken)))
+            self.claims.append((holder.worker_id, len(taken)))
             self.claimed.notify_all()
         return taken
 

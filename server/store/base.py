@@ -37,6 +37,15 @@ class Attempt:
     attempt: int
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who acts on an attempt: a worker, and the session (its current stream connection) that holds
+    the attempt; see `transitions` for the fencing rules."""
+
+    worker_id: str
+    session: str
+
+
 class Capacity(NamedTuple):
     """What the live workers of a queue offer: how many there are, their slots, how many of those
     run a job, and the most GPU devices one of them has."""
@@ -118,28 +127,34 @@ class StateStore(Protocol):
         """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
 
     async def claim(
-        self, *, queue: str, worker_id: str, now: float, lease: float, gpus: int = 0, count: int = 1
+        self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1
     ) -> list[jobs_pb2.Job]:
-        """Assign up to `count` of the oldest queued jobs of `queue` to the worker as new attempts, in
+        """Assign up to `count` of the oldest queued jobs of `queue` to the holder as new attempts, in
         one transaction, each needing at most the GPU devices the ones before it left of `gpus`;
         returns them in queue order with their definitions, without their histories."""
 
-    async def start(self, attempt: Attempt, now: float) -> jobs_pb2.Job | None:
-        """Record that the attempt's container started: the job without its history; None if the attempt
-        is stale."""
+    async def start(self, attempt: Attempt, holder: Holder, now: float) -> jobs_pb2.Job | None:
+        """Record that the attempt's container started: the job without its history; None if the holder
+        does not hold the attempt (it is stale)."""
 
-    async def renew(self, worker_id: str, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
-        """Extend the leases of the worker's attempts; returns those that are stale."""
+    async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+        """Extend the leases of the holder's attempts; returns those it does not hold (stale)."""
 
-    async def finish(self, attempt: Attempt, result: jobs_pb2.JobResult, now: float) -> jobs_pb2.Job | None:
+    async def retake(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+        """A worker registered again: move the attempts its worker holds, in whichever session, into
+        the holder's session and extend their leases; returns those it does not hold (stale)."""
+
+    async def finish(
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
+    ) -> jobs_pb2.Job | None:
         """Finish the job with `result`; returns it with its result, without its history; None (and no
-        change) if the attempt is stale."""
+        change) if the holder does not hold the attempt."""
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""
 
-    async def release(self, attempt: Attempt, worker_id: str, reason: str, now: float) -> jobs_pb2.Job | None:
-        """Put the attempt's job back in its queue (its worker gave it back); None if stale."""
+    async def release(self, attempt: Attempt, holder: Holder, reason: str, now: float) -> jobs_pb2.Job | None:
+        """Put the attempt's job back in its queue (its holder gave it back); None if not held."""
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         """Keep a webhook: due at once when `armed` (or its job has finished), else when the job finishes
@@ -180,6 +195,7 @@ class StateStore(Protocol):
     async def append_logs(
         self,
         attempt: Attempt,
+        holder: Holder,
         kind: jobs_pb2.LogKind.ValueType,
         chunks: Sequence[jobs_pb2.LogChunk],
         start: int,
@@ -187,9 +203,9 @@ class StateStore(Protocol):
     ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
         """Store chunks of the attempt's log that the worker numbers from `start`, skipping any already
         stored and cutting the log at `max_chars` characters of text (`rows.within_limit`); returns
-        (the index the first stored chunk got, the chunks stored), None if stale. A batch starting past
-        the stored end (a gap) is skipped whole: the worker resends from `log_totals` when it registers
-        again."""
+        (the index the first stored chunk got, the chunks stored), None if the holder does not hold the
+        attempt. A batch starting past the stored end (a gap) is skipped whole: the worker resends from
+        `log_totals` when it registers again."""
 
     async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
         """How much of the attempt's log is stored (read from its last batch: constant time)."""

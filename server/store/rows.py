@@ -66,6 +66,15 @@ def blob_keys(definition: definition_pb2.JobDefinition) -> set[str]:
     return keys
 
 
+def job_blob_keys(definition: bytes, result: bytes | None) -> set[str]:
+    """Keys of the blobs a stored job refers to: those its definition reads (`blob_keys`), its outputs."""
+    keys = blob_keys(definition_pb2.JobDefinition.FromString(definition))
+    if result is not None:
+        outputs = jobs_pb2.JobResult.FromString(result).outputs.values()
+        keys |= {ref.value.string_value for ref in outputs if ref.type == "key"}
+    return keys
+
+
 def with_details(job: jobs_pb2.Job, definition: bytes, result: bytes | None, history: bytes) -> jobs_pb2.Job:
     """The job with its definition, result and stored history (see `history_entry`) filled in (its
     tags come from the definition)."""

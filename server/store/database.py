@@ -1,0 +1,121 @@
+"""The seam between the SQL both stores share and the two databases: statements written once, run on either.
+
+Statements are written once, in PostgreSQL's syntax with `?` placeholders, and each backend's
+`Database` translates them (once per text, cached): PostgreSQL numbers the placeholders (`$1`…);
+SQLite drops row locks (`FOR UPDATE [OF t] [SKIP LOCKED]`, `FOR SHARE`: it has one writer at a
+time, and its operations never interleave) and keeps a history append a blob. The stores
+(`lifecycle.Lifecycle`, `records.SqlStore`) only ever see a `Database`.
+
+On SQLite the `Database` methods are coroutines that never suspend: an operation's statements still
+run without yielding the loop between them, as the SQLite store requires (see `sqlite`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from jobwire.server.store.base import FINISHED_HOOK
+from jobwire.server.store.rows import job_message, with_details
+from jobwire.server.store.transitions import HOLDING, Change, Holding
+from jobwire.v1 import jobs_pb2
+
+JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
+"""The columns `rows.job_message` reads, in its order."""
+
+
+class Database(Protocol):
+    """One connection inside an operation; `sql` is in the shared dialect (see the module docstring)."""
+
+    async def one(self, sql: str, *args: Any) -> Any:
+        """The first row of the result (indexable by column number), or None."""
+
+    async def all(self, sql: str, *args: Any) -> Sequence[Any]:
+        """Every row of the result."""
+
+    async def run(self, sql: str, *args: Any) -> None:
+        """Run a statement that returns no rows."""
+
+
+@functools.lru_cache(maxsize=512)
+def postgres_sql(sql: str) -> str:
+    """`sql` with its `?` placeholders numbered as asyncpg wants them (`$1`, `$2`…)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${number}{part}" for number, part in enumerate(parts[1:], start=1))
+
+
+_ROW_LOCK = re.compile(r" FOR (UPDATE|SHARE)( OF \w+)?( SKIP LOCKED)?")
+
+
+@functools.lru_cache(maxsize=512)
+def sqlite_sql(sql: str) -> str:
+    """`sql` without row locks, and with a history append kept a blob (`||` makes text of blobs)."""
+    return _ROW_LOCK.sub("", sql).replace("history = history || ?", "history = CAST(history || ? AS BLOB)")
+
+
+class SqlBase:
+    """What every shared statement stands on: a backend opens operations; here, job rows are read and
+    `transitions.Change`s written."""
+
+    def _transaction(self) -> AbstractAsyncContextManager[Database]:
+        """One atomic operation; returns only once it is stored."""
+        raise NotImplementedError
+
+    def _reading(self) -> AbstractAsyncContextManager[Database]:
+        """A connection for reads outside any operation."""
+        raise NotImplementedError
+
+    async def _apply(self, db: Database, job_id: str, change: Change, now: float) -> None:
+        """Write what a transition decided: the row and its history in one statement; a finish arms
+        the job's `finished` webhooks in the same transaction."""
+        values = [*change.columns.values()]
+        sets = [f"{column} = ?" for column in change.columns]
+        if change.entry:
+            sets.append("history = history || ?")
+            values.append(change.entry)
+        await db.run(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", *values, job_id)
+        if change.finishes:
+            await db.run(
+                "UPDATE webhooks SET armed = TRUE, next_time = ? WHERE job_id = ? AND event = ? AND NOT armed",
+                now,
+                job_id,
+                FINISHED_HOOK,
+            )
+
+    async def _holding(self, db: Database, job_id: str) -> Holding | None:
+        """Who holds the job, locking its row (on PostgreSQL) until the operation ends; None if unknown."""
+        row = await db.one(f"SELECT {HOLDING} FROM jobs WHERE id = ? FOR UPDATE", job_id)
+        return None if row is None else Holding(*row)
+
+    async def _job(self, db: Database, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
+        """The job's row with the namespaces holding it in `queue` (its own queue by default)."""
+        row = await db.one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
+        if row is None:
+            return None
+        names = await db.all(
+            "SELECT namespace FROM namespaces WHERE queue = ? AND job_id = ? ORDER BY namespace",
+            queue or row[2],
+            job_id,
+        )
+        return job_message(tuple(row), namespaces=[name[0] for name in names])
+
+    async def _current(self, db: Database, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
+        """The job as a transition left it: its definition (and `result`) but no history, which is
+        enough to assign it and to tell watchers."""
+        job = await self._job(db, job_id)
+        assert job is not None
+        (definition,) = await db.one("SELECT definition FROM jobs WHERE id = ?", job_id)
+        return with_details(job, definition, result, b"")
+
+    async def _details(self, db: Database, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
+        """The job with definition, result and history; None if unknown (or not in `queue`)."""
+        if queue and not await db.one("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
+            return None
+        job = await self._job(db, job_id, queue)
+        if job is None:
+            return None
+        definition, result, history = await db.one("SELECT definition, result, history FROM jobs WHERE id = ?", job_id)
+        return with_details(job, definition, result, history)

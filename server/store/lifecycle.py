@@ -1,0 +1,243 @@
+"""A job's life in SQL both stores share: each operation reads the rows it acts on, asks `transitions`
+what may happen, and writes the answer (`SqlBase._apply`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+from jobwire.server.store import transitions
+from jobwire.server.store.base import ALL_NAMESPACES, Attempt, Cancelled, Holder, Submission
+from jobwire.server.store.database import Database, SqlBase
+from jobwire.server.store.rows import job_message
+from jobwire.server.store.transitions import FINISHED, HOLDING, QUEUED, RUNNING, Holding
+from jobwire.v1 import jobs_pb2
+
+Reason: TypeAlias = jobs_pb2.FinishReason.ValueType
+Lost = list[tuple[jobs_pb2.Job, Attempt]]
+_NEXT_WAITING = (
+    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+    " WHERE w.queue = ? AND j.state = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+)
+"""(id, attempt) of the queue's oldest waiting job needing at most some GPU devices, or no row."""
+
+
+class Lifecycle(SqlBase):
+    """Submission, assignment, the worker's messages, re-queueing and a client's ends of a job."""
+
+    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+        async with self._transaction() as db:
+            return [await self._submit(db, job, queue, now) for job in jobs]
+
+    async def _submit(self, db: Database, submission: Submission, queue: str, now: float) -> tuple[jobs_pb2.Job, bool]:
+        job_id, definition = submission.job_id, submission.definition
+        change = transitions.queued(queue, now)
+        inserted = await db.one(
+            "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+            *(job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
+            change.entry,
+        )
+        queued = inserted is not None
+        if not queued:
+            state, reason = await db.one("SELECT state, finish_reason FROM jobs WHERE id = ? FOR UPDATE", job_id)
+            queued = transitions.may_queue_again(state, reason)
+            if queued:
+                await self._apply(db, job_id, change, now)
+        # after the job's row: the triggers of queue_jobs read its state
+        await db.run("INSERT INTO queue_jobs (queue, job_id) VALUES (?, ?) ON CONFLICT DO NOTHING", queue, job_id)
+        await db.run(
+            "INSERT INTO namespaces VALUES (?, ?, ?) ON CONFLICT DO NOTHING", queue, job_id, submission.namespace
+        )
+        if inserted is not None:  # a new job: its row is all there is to it, so it is not read back
+            return job_message((job_id, QUEUED, queue, 0, "", now, now, 0), namespaces=[submission.namespace]), True
+        job = await self._job(db, job_id, queue)
+        assert job is not None
+        return job, queued
+
+    async def claim(
+        self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1
+    ) -> list[jobs_pb2.Job]:
+        claimed: list[jobs_pb2.Job] = []
+        async with self._transaction() as db:
+            while len(claimed) < count and (row := await db.one(_NEXT_WAITING, queue, QUEUED, gpus)) is not None:
+                job_id, attempt = row
+                await self._apply(db, job_id, transitions.assigned(attempt, holder, queue, now, lease), now)
+                claimed.append(await self._current(db, job_id))
+                gpus -= claimed[-1].definition.requirements.gpus
+        return claimed
+
+    async def start(self, attempt: Attempt, holder: Holder, now: float) -> jobs_pb2.Job | None:
+        async with self._transaction() as db:
+            if not transitions.holds(await self._holding(db, attempt.job_id), attempt, holder):
+                return None
+            await self._apply(db, attempt.job_id, transitions.started(attempt, holder, now), now)
+            return await self._current(db, attempt.job_id)
+
+    async def finish(
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
+    ) -> jobs_pb2.Job | None:
+        async with self._transaction() as db:
+            if not transitions.holds(await self._holding(db, attempt.job_id), attempt, holder):
+                return None
+            change = transitions.finished(attempt, holder, result, now)
+            await self._apply(db, attempt.job_id, change, now)
+            return await self._current(db, attempt.job_id, change.columns["result"])
+
+    async def release(self, attempt: Attempt, holder: Holder, reason: str, now: float) -> jobs_pb2.Job | None:
+        async with self._transaction() as db:
+            holding = await self._holding(db, attempt.job_id)
+            if holding is None or not transitions.holds(holding, attempt, holder):
+                return None
+            await self._apply(db, attempt.job_id, transitions.released(holding, reason, now), now)
+            return await self._job(db, attempt.job_id)
+
+    async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+        return await self._extend(holder, attempts, until, transitions.holds)
+
+    async def retake(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+        return await self._extend(holder, attempts, until, transitions.may_retake)
+
+    async def _extend(
+        self,
+        holder: Holder,
+        attempts: Sequence[Attempt],
+        until: float,
+        may: Callable[[Holding | None, Attempt, Holder], bool],
+    ) -> list[Attempt]:
+        stale: list[Attempt] = []
+        async with self._transaction() as db:
+            for attempt in attempts:
+                if may(await self._holding(db, attempt.job_id), attempt, holder):
+                    await self._apply(db, attempt.job_id, transitions.renewed(holder, until), until)
+                else:
+                    stale.append(attempt)
+        return stale
+
+    async def extend_leases(self, until: float) -> None:
+        async with self._transaction() as db:
+            await db.run(
+                "UPDATE jobs SET lease_expires = ? WHERE state = ? AND lease_expires < ?", until, RUNNING, until
+            )
+
+    async def requeue_expired(self, now: float) -> Lost:
+        async with self._transaction() as db:
+            rows = await db.all(
+                f"SELECT id, {HOLDING} FROM jobs WHERE state = ? AND lease_expires < ? FOR UPDATE SKIP LOCKED",
+                RUNNING,
+                now,
+            )
+            return await self._requeue(db, rows, now, transitions.lease_ran_out)
+
+    async def requeue_worker(self, worker_id: str, keep: Sequence[Attempt], now: float) -> Lost:
+        async with self._transaction() as db:
+            rows = await db.all(
+                f"SELECT id, {HOLDING} FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id FOR UPDATE",
+                RUNNING,
+                worker_id,
+            )
+            lost = [row for row in rows if Attempt(row[0], row[2]) not in keep]
+            return await self._requeue(db, lost, now, transitions.left_behind)
+
+    async def _requeue(
+        self, db: Database, rows: Sequence[Any], now: float, why: Callable[[Holding, float], transitions.Change]
+    ) -> Lost:
+        """Put the jobs of (id, *HOLDING) rows back in their queues; returns them and the lost attempts."""
+        lost: Lost = []
+        for job_id, *columns in rows:
+            holding = Holding(*columns)
+            await self._apply(db, job_id, why(holding, now), now)
+            job = await self._job(db, job_id)
+            assert job is not None
+            lost.append((job, Attempt(job_id, holding.attempt)))
+        return lost
+
+    async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
+        async with self._transaction() as db:
+            if not await db.one("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
+                return None
+            await self._holding(db, job_id)  # locks the job first, as every transition does
+            if namespace == ALL_NAMESPACES:
+                await db.run("DELETE FROM namespaces WHERE queue = ? AND job_id = ?", queue, job_id)
+            else:
+                await self._drop_namespace(db, queue, job_id, namespace)
+            await self._apply(db, job_id, transitions.cancel_requested(queue, namespace, now), now)
+            return await self._end_unheld(db, job_id, jobs_pb2.FINISH_REASON_CANCELLED, "cancelled", now, queue)
+
+    async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
+        replaced: list[Cancelled] = []
+        async with self._transaction() as db:
+            rows = await db.all(
+                "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.id = n.job_id"
+                " WHERE n.queue = ? AND n.namespace = ? AND n.job_id != ? AND j.state != ?"
+                " ORDER BY n.job_id FOR UPDATE OF j",
+                *(queue, namespace, keep, FINISHED),
+            )
+            for (job_id,) in rows:
+                await self._drop_namespace(db, queue, job_id, namespace)
+                await self._apply(db, job_id, transitions.replaced(queue, namespace, keep, now), now)
+                reason = jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT
+                replaced.append(await self._end_unheld(db, job_id, reason, "replaced", now))
+        return replaced
+
+    async def _drop_namespace(self, db: Database, queue: str, job_id: str, namespace: str) -> None:
+        await db.run(
+            "DELETE FROM namespaces WHERE queue = ? AND job_id = ? AND namespace = ?", queue, job_id, namespace
+        )
+
+    async def _end_unheld(
+        self,
+        db: Database,
+        job_id: str,
+        reason: Reason,
+        words: str,
+        now: float,
+        queue: str = "",
+    ) -> Cancelled:
+        """End the job as `reason` if no namespace holds it any more; what was done, either way."""
+        held = await db.one("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
+        return await self._end(db, job_id, None if held else reason, words, now, queue=queue)
+
+    async def delete(self, job_id: str, now: float) -> Cancelled | None:
+        async with self._transaction() as db:
+            if await self._holding(db, job_id) is None:
+                return None
+            await db.run("DELETE FROM namespaces WHERE job_id = ?", job_id)
+            return await self._end(db, job_id, jobs_pb2.FINISH_REASON_DELETED, "deleted", now, force=True)
+
+    async def _end(
+        self,
+        db: Database,
+        job_id: str,
+        reason: Reason | None,
+        words: str,
+        now: float,
+        *,
+        queue: str = "",
+        force: bool = False,
+    ) -> Cancelled:
+        """A client ends the job as `reason` (None: it does not end); the job after, and what to stop."""
+        holding = await self._holding(db, job_id)
+        assert holding is not None
+        change = None if reason is None else transitions.ended_by_client(holding, reason, words, now, force=force)
+        if change is not None:
+            await self._apply(db, job_id, change, now)
+        job = await self._details(db, job_id, queue)
+        assert job is not None
+        if change is None:
+            return Cancelled(job=job, stop=None, worker_id="")
+        return Cancelled(job=job, stop=transitions.to_stop(holding, job_id), worker_id=holding.worker_id)
+
+    async def expire(self, before: float, limit: int) -> list[str]:
+        async with self._transaction() as db:
+            rows = await db.all(
+                "SELECT id FROM jobs WHERE state = ? AND update_time < ? LIMIT ? FOR UPDATE SKIP LOCKED",
+                *(FINISHED, before, limit),
+            )
+            ids = [str(row[0]) for row in rows]
+            if ids:
+                marks = ", ".join("?" * len(ids))
+                for table in ("queue_jobs", "namespaces", "logs", "webhooks"):
+                    await db.run(f"DELETE FROM {table} WHERE job_id IN ({marks})", *ids)
+                await db.run(f"DELETE FROM jobs WHERE id IN ({marks})", *ids)
+        return ids

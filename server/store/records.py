@@ -1,0 +1,176 @@
+"""The SQL store both backends are: a job's life (`lifecycle`), and its reads, logs, webhooks and
+the worker records, in statements written once (see `database`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+from jobwire.server.store import transitions
+from jobwire.server.store.base import POSITION_LIMIT, Attempt, Capacity, Holder, LogTotals, Webhook
+from jobwire.server.store.database import JOB_COLUMNS, Database
+from jobwire.server.store.lifecycle import Lifecycle
+from jobwire.server.store.rows import already_stored, job_message, within_limit, worker_columns, workers_with_jobs
+from jobwire.server.store.transitions import FINISHED, RUNNING
+from jobwire.v1 import jobs_pb2
+
+LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
+
+
+class SqlStore(Lifecycle):
+    """StateStore in shared SQL; a backend adds its connections, schema and what it must do its own way."""
+
+    async def ping(self) -> None:
+        async with self._reading() as db:
+            await db.one("SELECT 1")
+
+    async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
+        async with self._reading() as db:
+            return await self._details(db, job_id, queue)
+
+    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
+        where = "q.queue = ? AND q.seq > ?" + (" AND j.state = ?" if state else "")
+        args: list[Any] = [queue, after] + ([state] if state else [])
+        async with self._reading() as db:
+            rows = await db.all(
+                f"SELECT q.seq, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
+                f" FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE {where} ORDER BY q.seq LIMIT ?",
+                *args,
+                limit + 1,
+            )
+        jobs = [job_message(tuple(row)[1:], namespaces=[]) for row in rows[:limit]]
+        return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
+
+    async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
+        async with self._transaction() as db:
+            finished = await db.one("SELECT 1 FROM jobs WHERE id = ? AND state = ? FOR SHARE", hook.job_id, FINISHED)
+            await db.run(
+                "INSERT INTO webhooks (job_id, event, url, body, armed, next_time) VALUES (?, ?, ?, ?, ?, ?)",
+                *(hook.job_id, hook.event, hook.url, hook.body, armed or finished is not None, now),
+            )
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[Webhook]:
+        async with self._transaction() as db:
+            rows = await db.all(
+                "SELECT id, job_id, event, url, body, attempts FROM webhooks WHERE armed AND next_time <= ?"
+                " ORDER BY next_time LIMIT ? FOR UPDATE SKIP LOCKED",
+                now,
+                limit,
+            )
+            for row in rows:
+                await db.run("UPDATE webhooks SET next_time = ? WHERE id = ?", until, row[0])
+        return [Webhook(job_id, event, url, bytes(body), id, tries) for id, job_id, event, url, body, tries in rows]
+
+    async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
+        async with self._transaction() as db:
+            if retry_at is None:
+                await db.run("DELETE FROM webhooks WHERE id = ?", hook_id)
+            else:
+                await db.run(
+                    "UPDATE webhooks SET attempts = attempts + 1, next_time = ? WHERE id = ?", retry_at, hook_id
+                )
+
+    async def append_logs(
+        self,
+        attempt: Attempt,
+        holder: Holder,
+        kind: LogKind,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int = 0,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
+        async with self._transaction() as db:
+            # reading who holds the job also locks it (on PostgreSQL): one append at a time
+            if not transitions.holds(await self._holding(db, attempt.job_id), attempt, holder):
+                return None
+            stored = await self._log_totals(db, attempt, kind)
+            kept = within_limit(stored.chars, chunks[already_stored(stored.chunks, start, len(chunks)) :], max_chars)
+            if kept:
+                batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
+                totals = stored.after(batch.chunks)
+                await db.run(
+                    "INSERT INTO logs (job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    *(attempt.job_id, attempt.attempt, kind, stored.chunks, len(batch.chunks)),
+                    *(batch.SerializeToString(), totals.stdout_chars, totals.stderr_chars),
+                )
+            return stored.chunks, kept
+
+    async def log_totals(self, attempt: Attempt, kind: LogKind) -> LogTotals:
+        async with self._reading() as db:
+            return await self._log_totals(db, attempt, kind)
+
+    async def _log_totals(self, db: Database, attempt: Attempt, kind: LogKind) -> LogTotals:
+        # The last batch by index (the primary key) ends the log: batches never overlap.
+        row = await db.one(
+            "SELECT start + count, stdout_chars, stderr_chars FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?"
+            " ORDER BY start DESC LIMIT 1",
+            *(attempt.job_id, attempt.attempt, kind),
+        )
+        return LogTotals(*row) if row else LogTotals()
+
+    async def read_logs(self, attempt: Attempt, kind: LogKind, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
+        async with self._reading() as db:
+            # each batch holds a chunk at least, so `limit` batches from `since` are enough
+            rows = await db.all(
+                "SELECT start, data FROM logs WHERE job_id = ? AND attempt = ? AND kind = ? AND start + count > ?"
+                " ORDER BY start LIMIT ?",
+                *(attempt.job_id, attempt.attempt, kind, since, limit),
+            )
+        chunks: list[jobs_pb2.LogChunk] = []
+        for start, data in rows:
+            chunks.extend(jobs_pb2.LogBatch.FromString(data).chunks[max(0, since - start) :])
+            if len(chunks) >= limit:
+                break
+        return chunks[:limit]
+
+    async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
+        async with self._transaction() as db:
+            await db.run(
+                "INSERT INTO workers (id, queue, session, last_seen, info, slots, gpus) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, session = excluded.session,"
+                " last_seen = excluded.last_seen, info = excluded.info, slots = excluded.slots, gpus = excluded.gpus",
+                *(info.id, queue, session, info.last_seen_time.ToMicroseconds() / 1e6, info.SerializeToString()),
+                *worker_columns(info),
+            )
+
+    async def remove_worker(self, worker_id: str, *, session: str) -> None:
+        async with self._transaction() as db:
+            await db.run("DELETE FROM workers WHERE id = ? AND session = ?", worker_id, session)
+
+    async def list_workers(self, queue: str, *, seen_since: float) -> list[jobs_pb2.WorkerInfo]:
+        async with self._reading() as db:
+            rows = await db.all(
+                "SELECT info FROM workers WHERE queue = ? AND last_seen >= ? ORDER BY id", queue, seen_since
+            )
+            running = await db.all(  # the state is literal so that the partial index jobs_worker serves
+                f"SELECT j.worker_id, j.id FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+                " WHERE w.queue = ?",
+                queue,
+            )
+        return workers_with_jobs([row[0] for row in rows], [(row[0], row[1]) for row in running])
+
+    async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
+        async with self._reading() as db:
+            workers, slots, most_gpus = await db.one(
+                "SELECT COUNT(*), COALESCE(SUM(slots), 0), COALESCE(MAX(gpus), 0) FROM workers"
+                " WHERE queue = ? AND last_seen >= ?",
+                queue,
+                seen_since,
+            )
+            (busy,) = await db.one(  # the state is literal so that the partial index jobs_worker serves
+                f"SELECT COUNT(*) FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+                " WHERE w.queue = ? AND w.last_seen >= ?",
+                queue,
+                seen_since,
+            )
+        return Capacity(workers, slots, busy, most_gpus)
+
+    async def queue_position(self, queue: str, job_id: str) -> int:
+        async with self._reading() as db:
+            (ahead,) = await db.one(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = ?"
+                " AND seq < (SELECT seq FROM queue_jobs WHERE queue = ? AND job_id = ?) LIMIT ?) ahead",
+                *(queue, queue, job_id, POSITION_LIMIT),
+            )
+        return int(ahead or 0)
