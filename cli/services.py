@@ -207,7 +207,6 @@ async def up(
             listen_port=port,
             upstreams=[("127.0.0.1", built.port)],
             descriptor_path=descriptor_path(),
-            admin_port=None,
             web=(web.host, web.port),
         ),
         data_directory / "envoy.yaml",
@@ -265,7 +264,6 @@ async def start_local_envoy(
             listen_port=port,
             upstreams=upstreams,
             descriptor_path=descriptor_path(),
-            admin_port=None,
             web=web,
         )
         return envoy_config.write(upstream, config_file)
