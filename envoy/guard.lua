@@ -139,7 +139,7 @@ local function check_query(route, query)
 end
 
 local function check_content_type(route, headers)
-  if route.raw then return end
+  if route.raw or route.verb == "GET" then return end
   local given = headers:get("content-type")
   local media = given and given:match("^[ \t]*([^;, \t]*)"):lower()
   if media == "application/json" then return end
