@@ -107,7 +107,6 @@ async def up(
             listen_port=port,
             upstreams=[("127.0.0.1", built.port)],
             descriptor_path=descriptor_path(),
-            admin_port=None,
             web=(web.host, web.port),
         ),
         data_directory / "envoy.yaml",
@@ -165,7 +164,6 @@ async def start_local_envoy(
             listen_port=port,
             upstreams=upstreams,
             descriptor_path=descriptor_path(),
-            admin_port=None,
             web=web,
         )
         return envoy_config.write(upstream, config_file)

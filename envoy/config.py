@@ -16,7 +16,10 @@ import yaml
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from jobwire.envoy import guard
+
 _TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+_GUARD = "jobwire.guard"
 
 
 @functools.cache
@@ -34,18 +37,32 @@ def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _http_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+def _connection_manager(config: dict[str, Any]) -> dict[str, Any]:
     listener = config["static_resources"]["listeners"][0]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    return cast(list[dict[str, Any]], hcm["http_filters"])
+    return cast(dict[str, Any], listener["filter_chains"][0]["filters"][0]["typed_config"])
+
+
+def _http_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return cast(list[dict[str, Any]], _connection_manager(config)["http_filters"])
+
+
+def filter_config(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The typed_config of the HTTP filter `name` inside `config` (not a copy)."""
+    for http_filter in _http_filters(config):
+        if http_filter["name"] == name:
+            return cast(dict[str, Any], http_filter["typed_config"])
+    raise KeyError(name)
 
 
 def transcoder_config(config: dict[str, Any]) -> dict[str, Any]:
     """The gRPC-JSON transcoder's typed_config inside `config` (not a copy)."""
-    for http_filter in _http_filters(config):
-        if http_filter["name"] == _TRANSCODER:
-            return cast(dict[str, Any], http_filter["typed_config"])
-    raise KeyError(_TRANSCODER)
+    return filter_config(config, _TRANSCODER)
+
+
+def cors_policy(config: dict[str, Any]) -> dict[str, Any]:
+    """The virtual host's CorsPolicy inside `config` (not a copy)."""
+    (host,) = _connection_manager(config)["route_config"]["virtual_hosts"]
+    return cast(dict[str, Any], host["typed_per_filter_config"]["envoy.filters.http.cors"])
 
 
 def render(
@@ -54,30 +71,39 @@ def render(
     listen_port: int = 8080,
     upstreams: Sequence[tuple[str, int]] = (("127.0.0.1", 50051),),
     descriptor_path: str | os.PathLike[str],
-    admin_port: int | None = 9901,
+    allowed_origins: Sequence[str] | None = None,
     web: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The template with this layout substituted; admin_port None binds admin to a free port.
+    """The template with this layout substituted, its request guard generated.
 
-    `web` is the (host, port) of a plain HTTP server holding the built browser client; when
-    given, the page and its assets are routed there (see `add_web_routes`).
+    `allowed_origins` None lets any origin call (CORS open, as a public server's capability
+    routes need); a list (exact origins such as `http://localhost:8080`, possibly empty)
+    answers preflights only for those and refuses any request whose `Origin` is another.
+    Credentials are never allowed. `web` is the (host, port) of a plain HTTP server holding
+    the built browser client; when given, the page and its assets are routed there (see
+    `add_web_routes`).
     """
     if not upstreams:
         raise ValueError("at least one upstream server is needed")
     config = load_template()
-    config["admin"]["address"] = _socket("127.0.0.1", 0 if admin_port is None else admin_port)
     config["static_resources"]["listeners"][0]["address"] = _socket(listen_host, listen_port)
     (cluster,) = config["static_resources"]["clusters"]
     lb_endpoints = [{"endpoint": {"address": _socket(host, port)}} for host, port in upstreams]
     cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": lb_endpoints}]
     transcoder_config(config)["proto_descriptor"] = str(Path(descriptor_path).resolve())
+    if allowed_origins is not None:
+        cors_policy(config)["allow_origin_string_match"] = [{"exact": origin} for origin in allowed_origins]
+    guard_source = guard.source(allowed_origins)
+    filter_config(config, _GUARD)["default_source_code"] = {"inline_string": guard_source}
     if web is not None:
         add_web_routes(config, *web)
     return config
 
 
 # The transcoder must not see page requests: with `reject_unknown_method` it would answer 404.
-_NO_TRANSCODER = {_TRANSCODER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+# Nor the guard's check after it, which would refuse `/j/{id}` left untranscoded.
+_DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+_NOT_TRANSCODED = {_TRANSCODER: _DISABLED, "jobwire.guard_check": _DISABLED}
 # Paths of the built web client (Vite's output). `/j/{id}` is the page only for a browser
 # navigating there (Accept: text/html); curl and fetch() still get the REST JSON of GetJob.
 _WEB_MATCHES: list[dict[str, Any]] = [
@@ -95,10 +121,9 @@ _WEB_MATCHES: list[dict[str, Any]] = [
 
 def add_web_routes(config: dict[str, Any], host: str, port: int) -> None:
     """Route the web client's page and assets to a `web` cluster at host:port, ahead of REST."""
-    virtual_host = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    routes = virtual_host["route_config"]["virtual_hosts"][0]["routes"]
+    routes = _connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
     web_routes = [
-        {"match": match, "route": {"cluster": "web"}, "typed_per_filter_config": copy.deepcopy(_NO_TRANSCODER)}
+        {"match": match, "route": {"cluster": "web"}, "typed_per_filter_config": copy.deepcopy(_NOT_TRANSCODED)}
         for match in _WEB_MATCHES
     ]
     routes[:0] = web_routes
@@ -124,7 +149,6 @@ def deployment() -> dict[str, Any]:
     return render(
         upstreams=[(name, 50051) for name in DEPLOYMENT_REPLICAS],
         descriptor_path="/etc/jobwire/jobwire.binpb",
-        admin_port=9901,
     )
 
 

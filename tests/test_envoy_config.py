@@ -22,7 +22,7 @@ import yaml
 from google.api import annotations_pb2, httpbody_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 
-from jobwire.envoy import config
+from jobwire.envoy import config, guard
 from jobwire.v1 import server_pb2, server_pb2_grpc
 
 pytestmark = pytest.mark.envoy
@@ -64,12 +64,60 @@ def rendered(**overrides: Any) -> dict[str, Any]:
 
 
 def test_rendered_config_validates(tmp_path: Path) -> None:
-    validate(rendered(admin_port=free_port()), tmp_path / "envoy.yaml")
+    validate(rendered(upstreams=[("127.0.0.1", 50051), ("localhost", 50052)]), tmp_path / "envoy.yaml")
 
 
-def test_rendered_config_without_fixed_admin_port_validates(tmp_path: Path) -> None:
-    cfg = rendered(admin_port=None, upstreams=[("127.0.0.1", 50051), ("localhost", 50052)])
+def test_rendered_config_with_an_origin_allow_list_validates(tmp_path: Path) -> None:
+    cfg = rendered(allowed_origins=["http://localhost:8080", "https://a.example"])
+    assert config.cors_policy(cfg)["allow_origin_string_match"] == [
+        {"exact": "http://localhost:8080"},
+        {"exact": "https://a.example"},
+    ]
+    assert config.cors_policy(cfg)["allow_credentials"] is False
+    assert 'ORIGINS = {["http://localhost:8080"] = true, ["https://a.example"] = true}' in guard_source(cfg)
     validate(cfg, tmp_path / "envoy.yaml")
+
+
+def guard_source(cfg: dict[str, Any]) -> str:
+    source: str = config.filter_config(cfg, "jobwire.guard")["default_source_code"]["inline_string"]
+    return source
+
+
+def test_open_cors_is_the_default_and_guards_no_origin() -> None:
+    cfg = rendered()
+    assert config.cors_policy(cfg)["allow_origin_string_match"] == [{"safe_regex": {"regex": ".*"}}]
+    assert config.cors_policy(cfg)["allow_credentials"] is False
+    assert "ORIGINS = nil" in guard_source(cfg)
+    assert "function envoy_on_request" in guard_source(cfg)
+
+
+def test_no_admin_interface() -> None:
+    # Envoy's admin API (/quitquitquit, config dumps) is off: no `admin` section at all.
+    assert "admin" not in config.load_template()
+    assert "admin" not in rendered() and "admin" not in config.deployment()
+
+
+@pytest.mark.parametrize(
+    ("template", "lua_pattern", "bound"),
+    [
+        ("/q/{queue}", "^/q/([^/]+)$", ["queue"]),
+        (
+            "/q/{queue}/j/{job_id}/{namespace}/cancel",
+            "^/q/([^/]+)/j/([^/]+)/([^/]+)/cancel$",
+            ["queue", "job_id", "namespace"],
+        ),
+        ("/j/{job_id}/{file=run-logs.json}", "^/j/([^/]+)/(run%-logs%.json)$", ["job_id", "file"]),
+        ("/j/{job_id}/inputs/{path=**}", "^/j/([^/]+)/inputs/(.+)$", ["job_id", "path"]),
+    ],
+)
+def test_guard_patterns(template: str, lua_pattern: str, bound: list[str]) -> None:
+    assert guard.pattern(template) == (lua_pattern, bound)
+
+
+def test_guard_refuses_templates_it_cannot_match() -> None:
+    for template in ("/v1/{name=shelves/*}", "/a/*", "/a:verb", "/j/{id}.json"):
+        with pytest.raises(ValueError, match="not supported"):
+            guard.pattern(template)
 
 
 def test_committed_template_validates(tmp_path: Path) -> None:
@@ -84,11 +132,8 @@ def test_render_substitutes_and_leaves_template_alone(tmp_path: Path) -> None:
         listen_port=1234,
         upstreams=[("a", 1), ("b", 2)],
         descriptor_path=DESCRIPTOR,
-        admin_port=None,
     )
     assert config.load_template() == before
-    assert before["admin"]["address"]["socket_address"]["port_value"] == 9901
-    assert cfg["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 0}
     listener = cfg["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 1234}
     (endpoints,) = cfg["static_resources"]["clusters"][0]["load_assignment"]["endpoints"]
@@ -145,7 +190,7 @@ def import_message_module(type_url: str) -> None:
 
 @pytest.mark.parametrize("which", ["template", "rendered"])
 def test_config_parses_strictly_as_bootstrap(which: str) -> None:
-    cfg = config.load_template() if which == "template" else rendered(admin_port=None)
+    cfg = config.load_template() if which == "template" else rendered()
     urls = set(type_urls(cfg))
     assert len(urls) >= 7
     for url in urls:
@@ -220,7 +265,6 @@ def envoy_port(upstream_port: int, tmp_path_factory: pytest.TempPathFactory) -> 
         listen_port=port,
         upstreams=[("127.0.0.1", upstream_port)],
         descriptor_path=DESCRIPTOR,
-        admin_port=None,
     )
     path = config.write(cfg, folder / "envoy.yaml")
     log = folder / "envoy.log"
@@ -322,7 +366,7 @@ def route_for(routes: list[dict[str, Any]], path: str) -> dict[str, Any]:
 
 
 def test_every_rpc_is_routed_and_streams_have_no_timeout() -> None:
-    cfg = rendered(admin_port=None)
+    cfg = rendered()
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
     files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())

@@ -121,7 +121,8 @@ async def test_malformed_definitions_are_rejected(
         response = await rest.post(f"/q/{queue}", json=body)
         assert response.status_code == 400, response.text
         assert "invalid definition" in response.json()["message"]
-    assert (await rest.post(f"/q/{queue}", content=b"{not json")).status_code == 400
+    malformed = await rest.post(f"/q/{queue}", content=b"{not json", headers={"content-type": "application/json"})
+    assert malformed.status_code == 400
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(command="x")))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

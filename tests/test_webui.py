@@ -59,9 +59,7 @@ async def test_static_server_says_how_to_build_when_not_built(tmp_path: Path) ->
 
 
 def test_config_with_web_routes_validates(tmp_path: Path) -> None:
-    cfg = envoy_config.render(
-        listen_port=free_port(), descriptor_path=descriptor_path(), admin_port=None, web=("127.0.0.1", 1)
-    )
+    cfg = envoy_config.render(listen_port=free_port(), descriptor_path=descriptor_path(), web=("127.0.0.1", 1))
     path = envoy_config.write(cfg, tmp_path / "envoy.yaml")
     done = subprocess.run(
         [envoy_config.envoy_binary(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
