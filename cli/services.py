@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -68,6 +68,8 @@ Local = subset("Local", UP_SETTINGS, UP_DEFAULTS)
 async def up(
     *,
     port: int = 8080,
+    listen: str = "127.0.0.1",
+    allow_origin: tuple[str, ...] = (),
     data_directory: Path = ServerSettings.data_directory,
     web_directory: Path = DEFAULT_DIRECTORY,
     local: Annotated[Local | None, Parameter(name="*")] = None,  # type: ignore[valid-type]  # a class made at import
@@ -78,6 +80,14 @@ async def up(
     ----------
     port
         Envoy's port: REST, gRPC and gRPC-Web.
+    listen
+        Address Envoy listens on. Loopback by default: only this machine can reach it; `0.0.0.0` lets
+        others in (anyone who can reach the port may then submit to queue `local`).
+    allow_origin
+        Origin (`https://host[:port]`) of a web page that may call this server from a browser; repeat
+        for more; `*` lets any page call it (public CORS, as a public server's Envoy does). The web UI
+        at http://localhost:PORT and http://127.0.0.1:PORT always may; list the origin you reach it by
+        otherwise. A page on an origin not listed can neither read an answer nor submit.
     data_directory
         One folder for the database, blobs and the worker's files.
     web_directory
@@ -108,6 +118,8 @@ async def up(
             upstreams=[("127.0.0.1", built.port)],
             descriptor_path=descriptor_path(),
             web=(web.host, web.port),
+            listen_host=listen,
+            allowed_origins=browser_origins(port, allow_origin),
         ),
         data_directory / "envoy.yaml",
     )
@@ -122,6 +134,14 @@ async def up(
             group.create_task(run_envoy(envoy_file, port))
 
     await _until_signal(everything())
+
+
+def browser_origins(port: int, listed: Sequence[str]) -> list[str] | None:
+    """The origins whose pages may call `jobwire up` on `port`: the web UI's own (browsers send an
+    Origin on its gRPC-Web POSTs) and `listed`; None (any origin) when `listed` holds `*`."""
+    if "*" in listed:
+        return None
+    return [f"http://localhost:{port}", f"http://127.0.0.1:{port}", *(origin.rstrip("/") for origin in listed)]
 
 
 def descriptor_path() -> Path:

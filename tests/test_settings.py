@@ -23,7 +23,8 @@ from jobwire.worker.settings import WorkerSettings
 COMMAND_OWN = {
     "server": set[str](),
     "worker": {"--debug"},  # this process's log level
-    "up": {"--port", "--data-directory", "--web-directory"},  # Envoy's port, one folder for all, the web client
+    # Envoy's port, address and allowed browser origins, one folder for all, the web client
+    "up": {"--port", "--listen", "--allow-origin", "--data-directory", "--web-directory"},
 }
 # Settings that are no options: knobs for tests and benchmarks.
 INTERNAL = {
