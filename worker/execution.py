@@ -21,7 +21,16 @@ from jobwire.core.units import format_duration, parse_duration, parse_size, time
 from jobwire.v1 import jobs_pb2, workers_pb2
 from jobwire.worker.builds import Builder
 from jobwire.worker.errors import JobError, StagingError
-from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, Outcome
+from jobwire.worker.runtime import (
+    LABEL,
+    STDERR,
+    STDOUT,
+    ContainerRuntime,
+    ContainerSpec,
+    Outcome,
+    resume_container,
+    run_container,
+)
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
 
@@ -48,13 +57,15 @@ class Execution:
         assignment: workers_pb2.JobAssignment,
         settings: WorkerSettings,
         worker_id: str,
-        runtime: DockerRuntime,
+        runtime: ContainerRuntime,
         staging: Staging,
         send: Send,
-        public_url: str,
+        server: Callable[[], Awaitable[workers_pb2.WorkerRegistered]],
     ) -> None:
+        """`server` answers what the server said at registration (its URL, the limits to obey),
+        once it has said it."""
         self.assignment, self.settings, self.worker_id = assignment, settings, worker_id
-        self.runtime, self.staging, self.send, self.public_url = runtime, staging, send, public_url
+        self.runtime, self.staging, self.send, self.server = runtime, staging, send, server
         self.job_id, self.attempt = assignment.job_id, assignment.attempt
         self.directory = settings.data_directory / "jobs" / f"{self.job_id}-{self.attempt}"
         self.logs = {kind: _LogStream(self, kind) for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)}
@@ -80,7 +91,8 @@ class Execution:
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
         """Follow this attempt's container, started before the worker restarted, to its result."""
         try:
-            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
+            limit = self.time_limit()
+            outcome = await resume_container(self.runtime, container_id, limit, self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
             await self._remove_folder()
@@ -107,15 +119,16 @@ class Execution:
             loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode())
 
         if definition.HasField("build"):
-            builder = Builder(self.runtime.client, self.staging, self.settings.data_directory / "builds")
+            builder = Builder(self.runtime, self.staging, self.settings.data_directory / "builds")
             image = await builder.ensure_built(definition.build, build_log)
         else:
             image = definition.image
             await self.runtime.ensure_image(image, build_log)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe land
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
-        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds], image)
-        outcome = await self.runtime.run(spec, self._on_output, self._started)
+        binds = [(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds]
+        spec = self.container_spec(binds, image, (await self.server()).public_url)
+        outcome = await run_container(self.runtime, spec, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
 
     def _make_folder(self, *folders: Path) -> None:
@@ -133,7 +146,7 @@ class Execution:
         self.logs[jobs_pb2.LOG_KIND_RUN].end()
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush()
         result = self._outcome(outcome, limit)
-        outputs = await self.staging.collect_outputs(self.directory / "outputs", self.settings.inline_limit)
+        outputs = await self.staging.collect_outputs(self.directory / "outputs", (await self.server()).inline_limit)
         for name, ref in outputs.items():
             result.outputs[name].CopyFrom(ref)
         definition = self.assignment.definition
@@ -153,11 +166,11 @@ class Execution:
         else:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
-    def container_spec(self, binds: list[tuple[str, str, bool]], image: str) -> ContainerSpec:
-        """The container for this attempt, per the container contract."""
+    def container_spec(self, binds: list[tuple[str, str, bool]], image: str, public_url: str) -> ContainerSpec:
+        """The container for this attempt, per the container contract (`public_url`: the server's)."""
         definition = self.assignment.definition
         env = dict(definition.env)
-        prefix = f"{self.public_url.rstrip('/')}/j/{self.job_id}"
+        prefix = f"{public_url.rstrip('/')}/j/{self.job_id}"
         env |= {
             "JOB_ID": self.job_id,
             "JOB_INPUTS": "/inputs",
