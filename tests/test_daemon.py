@@ -13,11 +13,12 @@ import pytest
 import pytest_asyncio
 
 import jobwire
+from bench.fake_runtime import FakeRuntime
 from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
 from jobwire.worker.daemon import Daemon
-from jobwire.worker.runtime import STDOUT, BuildSpec, ContainerSpec, Piece, Progress, State
+from jobwire.worker.runtime import STDOUT, ContainerSpec, Piece, State
 from jobwire.worker.settings import WorkerSettings
 from tests.conftest import Stack, eventually, wait_finished
 
@@ -25,27 +26,16 @@ JOBS = 8
 KILLED = 137
 
 
-class Runtime:
+class Runtime(FakeRuntime):
     """Containers that run until killed: `wait` blocks (as the engine's does) until `kill` or `remove`.
     Records which kills were issued while the container's `wait` was still blocked."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.ended: dict[str, asyncio.Event] = {}
         self.waiting: set[str] = set()
         self.killed_while_waited: set[str] = set()
         self.removed: set[str] = set()
-
-    async def prepare(self) -> None:
-        pass
-
-    async def ensure_image(self, image: str, progress: Progress) -> None:
-        pass
-
-    async def has_image(self, tag: str) -> bool:
-        return True
-
-    async def build(self, spec: BuildSpec, progress: Progress) -> None:
-        pass
 
     async def create(self, spec: ContainerSpec) -> str:
         self.ended[spec.name] = asyncio.Event()
@@ -60,9 +50,6 @@ class Runtime:
     async def _output(self, container_id: str) -> AsyncGenerator[Piece, None]:
         yield STDOUT, b"running\n", ""
         await self.ended[container_id].wait()
-
-    async def start(self, container_id: str) -> None:
-        pass
 
     async def wait(self, container_id: str) -> int:
         self.waiting.add(container_id)
@@ -84,9 +71,6 @@ class Runtime:
     async def remove(self, container_id: str) -> None:
         self.ended[container_id].set()
         self.removed.add(container_id)
-
-    async def ours(self, labels: dict[str, str]) -> list[dict[str, str]]:
-        return []
 
 
 StartDaemon = Callable[..., Awaitable[Daemon]]

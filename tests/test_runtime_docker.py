@@ -30,7 +30,7 @@ async def submit(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, **fields: objec
 
 def containers(client: docker.DockerClient, worker_id: str, **filters: str) -> list[Container]:
     """The worker's containers (all states), as `docker ps -a` lists them."""
-    filters = {"label": f"{WORKER_LABEL}={worker_id}", **filters}
+    filters: dict[str, str | list[str] | bool] = {"label": f"{WORKER_LABEL}={worker_id}", **filters}
     return list(client.containers.list(all=True, sparse=True, filters=filters))
 
 

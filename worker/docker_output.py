@@ -29,11 +29,33 @@ engine copies stdout and stderr in a goroutine each, so it can write an entry of
 one of the other."""
 
 
-async def pieces(
+class Pieces:
+    """What `read` hands on (in a thread of `threads`, from the first piece asked for), in order; at
+    most `_HANDOFF` pieces wait in memory. `aclose` calls `close` (which should end `read`) and lets
+    the thread go, unless the output ended already; before the first piece, it only calls `close`."""
+
+    def __init__(
+        self, threads: concurrent.futures.Executor, read: Callable[[Put], None], close: Callable[[], None]
+    ) -> None:
+        self._close, self._started = close, False
+        self._pieces = _pieces(threads, read, close)
+
+    def __aiter__(self) -> Pieces:
+        return self
+
+    async def __anext__(self) -> Piece:
+        self._started = True
+        return await anext(self._pieces)
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._close()
+        await self._pieces.aclose()
+
+
+async def _pieces(
     threads: concurrent.futures.Executor, read: Callable[[Put], None], close: Callable[[], None]
 ) -> AsyncGenerator[Piece, None]:
-    """What `read` hands on (in a thread of `threads`), in order; at most `_HANDOFF` pieces wait in
-    memory. Closing the generator early calls `close` (which should end `read`) and lets the thread go."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Piece | None] = asyncio.Queue()
     handed, closed = 0, False

@@ -3,14 +3,19 @@
 Every docker-py call runs in a thread of one of three pools, by kind of call, so that no call waits
 behind another kind. Each running job holds two threads for its whole life (its `wait` and the
 reader of its output): those, pulls and builds take the `streams` pool, sized for every job at once.
-Short calls (create, start, inspect, list) take `calls`, and kills and removes take `kills`, which
-nothing long-lived ever occupies: a time limit or a cancel is a kill that waits for nobody. (With
-asyncio's one default pool, 6 threads on 2 cores, 3 jobs held it all and no kill got through.)
+Short calls (create, start, inspect, list) take `calls`; kills and removes take `kills`, a thread
+per job, which nothing long-lived ever occupies: a time limit or a cancel is a kill that waits for
+nobody. (With asyncio's one default pool, 6 threads on 2 cores, 3 jobs held it all and no kill got
+through; tests/test_runtime_docker.py fails that way when the three pools are made one of 6.)
 
-Why docker-py with pools rather than aiodocker (measured on this 2-core machine, see the report of
-issue 18, figures in `KILL_AND_OVERHEAD` below): the same kill latency, a per-job overhead within
-noise, and docker-py is already the engine client of the builds, the raw attach and the engine log
-with stream ids that exact log capture needs; aiodocker would be a second client and dependency.
+docker-py with pools, not aiodocker 0.27 (an asyncio client): measured on this 2-core machine (shared,
+load 5-14, so single runs vary 2-4x), median per job of create, attach, start, wait, inspect and
+remove of `true`: 404 ms with pools, 309 ms with aiodocker in the quieter round (1717 vs 1803 ms in
+a loaded one); killing 8 containers at once while 8 jobs stream output and wait: 508 ms vs 529 ms
+(quiet), 2127 vs 873 ms (loaded; 2939 ms with a kill pool of 2 threads, hence one per job). Neither
+is faster beyond noise, and pools are simpler here: docker-py is already the client of the raw
+attach, of the engine log with stream ids that exact log capture and its resume need, and of builds
+(it tars the context); aiodocker would be a second client and dependency for the same behaviour.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import docker
@@ -31,12 +36,11 @@ from google.protobuf import timestamp_pb2
 
 from jobwire.worker import docker_output
 from jobwire.worker.errors import BuildError, ImageError
-from jobwire.worker.runtime import LABEL, BuildSpec, ContainerSpec, Piece, Progress, State
+from jobwire.worker.runtime import LABEL, BuildSpec, ContainerSpec, Pieces, Progress, State
 
 NETWORK = "jobwire-jobs"
 CACHE_VOLUME = "jobwire-job-cache"
-KILL_AND_OVERHEAD = "see module docstring"
-_CALL_THREADS, _KILL_THREADS = 4, 2
+_CALL_THREADS = 4
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -48,13 +52,14 @@ class DockerRuntime:
         self.client = client
         self._streams = concurrent.futures.ThreadPoolExecutor(2 * slots + 2, "docker-stream")
         self._calls = concurrent.futures.ThreadPoolExecutor(_CALL_THREADS, "docker-call")
-        self._kills = concurrent.futures.ThreadPoolExecutor(_KILL_THREADS, "docker-kill")
+        # A thread per job: cancelling them all at once kills them all at once.
+        self._kills = concurrent.futures.ThreadPoolExecutor(max(slots, 2), "docker-kill")
 
     @classmethod
     def from_env(cls, slots: int) -> DockerRuntime:
         """Connect to the engine named by DOCKER_HOST (default: the local socket)."""
         # A connection per thread, so that no call waits for one either.
-        connections = 2 * slots + 2 + _CALL_THREADS + _KILL_THREADS
+        connections = 2 * slots + 2 + _CALL_THREADS + max(slots, 2)
         return cls(docker.from_env(version="auto", timeout=120, max_pool_size=connections), slots)
 
     def close(self) -> None:
@@ -183,10 +188,15 @@ class DockerRuntime:
         )
         return str(self.client.api.create_container(**arguments)["Id"])
 
-    async def attach(self, container_id: str) -> AsyncGenerator[Piece, None]:
-        attached = await self._in(self._calls, self._attach, container_id)
+    async def attach(self, container_id: str) -> Pieces:
+        call = asyncio.ensure_future(self._in(self._calls, self._attach, container_id))
+        try:
+            attached = await asyncio.shield(call)
+        except asyncio.CancelledError:  # the attach goes on in its thread: let go of it when it is made
+            call.add_done_callback(_let_go)
+            raise
         read = functools.partial(docker_output.read_attached, attached)
-        return docker_output.pieces(self._streams, read, functools.partial(docker_output.close_attached, attached))
+        return docker_output.Pieces(self._streams, read, functools.partial(docker_output.close_attached, attached))
 
     def _attach(self, container_id: str) -> tuple[Any, Any]:
         """The container's stdout and stderr from now on, as the engine's multiplexed frames."""
@@ -196,9 +206,9 @@ class DockerRuntime:
         response = api._post(url, headers={"Connection": "Upgrade", "Upgrade": "tcp"}, params=params, stream=True)
         return response, api._get_raw_response_socket(response)
 
-    async def logs(self, container_id: str) -> AsyncGenerator[Piece, None]:
+    async def logs(self, container_id: str) -> Pieces:
         read = functools.partial(docker_output.read_log, self.client, container_id)
-        return docker_output.pieces(self._streams, read, lambda: None)  # ends when the container does
+        return docker_output.Pieces(self._streams, read, lambda: None)  # ends when the container does
 
     async def start(self, container_id: str) -> None:
         try:
@@ -228,6 +238,12 @@ class DockerRuntime:
         # The raw listing: no inspect per container, so one removed meanwhile cannot fail it.
         listed = await self._in(self._calls, self.client.api.containers, all=True, filters=filters)
         return [{**(container.get("Labels") or {}), "id": str(container["Id"])} for container in listed]
+
+
+def _let_go(attach: asyncio.Future[tuple[Any, Any]]) -> None:
+    """Close an attach nobody waits for any more, once it is made."""
+    if not attach.cancelled() and attach.exception() is None:
+        docker_output.close_attached(attach.result())
 
 
 def _docker_time(text: str) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeAlias
@@ -24,6 +24,17 @@ STDOUT, STDERR = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
 Stream: TypeAlias = "jobs_pb2.LogStream.ValueType"
 Piece: TypeAlias = "tuple[Stream, bytes, str]"
 """A piece of output: its stream, its bytes, and the engine's RFC 3339 time of it ("" for now)."""
+
+
+class Pieces(Protocol):
+    """A container's output, piece by piece (an async generator is one); `aclose` lets go of it,
+    before the first piece too."""
+
+    def __aiter__(self) -> AsyncIterator[Piece]: ...
+
+    async def aclose(self) -> None: ...
+
+
 Output = Callable[[Stream, bytes, str], Awaitable[None]]
 """Receives each piece of output, in order."""
 Progress = Callable[[str], object]
@@ -105,11 +116,11 @@ class ContainerRuntime(Protocol):
     async def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; its id. ImageError if the engine refuses it."""
 
-    async def attach(self, container_id: str) -> AsyncGenerator[Piece, None]:
+    async def attach(self, container_id: str) -> Pieces:
         """The container's output from now on, until it ends; attached before this returns.
         Closing the iterator (`aclose`) lets go of the output early."""
 
-    async def logs(self, container_id: str) -> AsyncGenerator[Piece, None]:
+    async def logs(self, container_id: str) -> Pieces:
         """The container's output from its first piece to its end (after a worker restart)."""
 
     async def start(self, container_id: str) -> None:
@@ -177,7 +188,7 @@ async def _follow(
     container_id: str,
     timeout: float | None,
     output: Output,
-    pieces: AsyncGenerator[Piece, None],
+    pieces: Pieces,
 ) -> Outcome:
     forwarder = asyncio.create_task(_forward(pieces, output))
     # The wait goes on while the container is killed: the kill must not wait for it, nor cancel it.
@@ -203,7 +214,7 @@ async def _follow(
     return Outcome(exit_code, timed_out, state.oom_killed, state.started_at, max(state.finished_at, state.started_at))
 
 
-async def _forward(pieces: AsyncGenerator[Piece, None], output: Output) -> None:
+async def _forward(pieces: Pieces, output: Output) -> None:
     try:
         async for piece in pieces:
             await output(*piece)
