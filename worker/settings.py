@@ -80,8 +80,8 @@ class WorkerSettings:
     """Most processes a job's container may have."""
     tls: bool = False
     """Dial the server over TLS even when `--server` is a bare `host:port` (`https://…` implies it)."""
-    ca_file: Path | None = None
-    """PEM root certificates to trust for the server's TLS certificate (default: the system's)."""
+    ca_file: Annotated[Path | None, Parameter(show_default=True)] = None
+    """PEM root certificates to trust for the server's TLS certificate (none: the system's)."""
 
     def job_memory_default(self) -> int:
         """`default_memory`, else 80% of the machine's physical memory."""
