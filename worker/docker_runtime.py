@@ -8,11 +8,12 @@ per job, which nothing long-lived ever occupies: a time limit or a cancel is a k
 nobody. (With asyncio's one default pool, 6 threads on 2 cores, 3 jobs held it all and no kill got
 through; tests/test_runtime_docker.py fails that way when the three pools are made one of 6.)
 
-docker-py with pools, not aiodocker 0.27 (an asyncio client): measured on this 2-core machine (shared,
-load 5-14, so single runs vary 2-4x), median per job of create, attach, start, wait, inspect and
-remove of `true`: 404 ms with pools, 309 ms with aiodocker in the quieter round (1717 vs 1803 ms in
-a loaded one); killing 8 containers at once while 8 jobs stream output and wait: 508 ms vs 529 ms
-(quiet), 2127 vs 873 ms (loaded; 2939 ms with a kill pool of 2 threads, hence one per job). Neither
+docker-py with pools, not aiodocker 0.27 (an asyncio client), measured on this 2-core machine when
+quiet (load < 2; medians of 10, two rounds): a job's create, attach, start, wait, inspect and remove
+of `true` took 302 and 317 ms with pools, 308 and 304 ms with aiodocker; killing 8 containers at
+once while 8 jobs stream output and wait, 506 and 533 ms against 495 and 619 ms. (Under the load of
+other work, 5 to 14, single runs varied 2-4x either way; a kill pool of 2 threads took 2.9 s for 8
+kills, hence a thread per job.) Neither
 is faster beyond noise, and pools are simpler here: docker-py is already the client of the raw
 attach, of the engine log with stream ids that exact log capture and its resume need, and of builds
 (it tars the context); aiodocker would be a second client and dependency for the same behaviour.
