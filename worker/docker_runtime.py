@@ -13,10 +13,10 @@ quiet (load < 2; medians of 10, two rounds): a job's create, attach, start, wait
 of `true` took 302 and 317 ms with pools, 308 and 304 ms with aiodocker; killing 8 containers at
 once while 8 jobs stream output and wait, 506 and 533 ms against 495 and 619 ms. (Under the load of
 other work, 5 to 14, single runs varied 2-4x either way; a kill pool of 2 threads took 2.9 s for 8
-kills, hence a thread per job.) Neither
-is faster beyond noise, and pools are simpler here: docker-py is already the client of the raw
-attach, of the engine log with stream ids that exact log capture and its resume need, and of builds
-(it tars the context); aiodocker would be a second client and dependency for the same behaviour.
+kills, hence a thread per job.) Neither is faster beyond noise, and pools are simpler here:
+docker-py is already the client of the raw attach, of the engine log with stream ids that exact log
+capture and its resume need, and of builds (it tars the context); aiodocker would be a second
+client and dependency for the same behaviour.
 """
 
 from __future__ import annotations
