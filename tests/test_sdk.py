@@ -101,7 +101,7 @@ async def test_readme_sync_example_runs(
 def test_readme_examples_typecheck_strict(tmp_path: Path) -> None:
     root = tmp_path / "typecheck"
     (root / "jobwire").mkdir(parents=True)
-    for folder in ("server", "worker", "cli", "envoy"):
+    for folder in ("core", "server", "worker", "cli", "envoy"):
         (root / "jobwire" / folder).symlink_to(REPO / folder)
     (root / "jobwire" / "v1").symlink_to(REPO / "gen" / "jobwire" / "v1")
     for path in (REPO / "sdk").iterdir():

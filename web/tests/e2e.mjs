@@ -172,7 +172,11 @@ async function cancel(page) {
 // 4. `/j/<id>` shows a finished job with its logs, and still does after a reload.
 async function reload(page) {
   const definition = { image: BUSYBOX, command: `sh -c 'echo reloaded-${TOKEN}; echo 42 > /outputs/answer.txt'` };
-  const submitted = await fetch(`${BASE}/q/local`, { method: "POST", body: JSON.stringify({ definition }) });
+  const submitted = await fetch(`${BASE}/q/local`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ definition }),
+  });
   assert(submitted.ok, `submit over REST: ${submitted.status}`);
   const { jobId } = await submitted.json();
   for (let i = 0; i < 120; i++) {
