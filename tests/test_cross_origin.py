@@ -12,24 +12,20 @@ The server is then asked over gRPC which jobs queue `local` holds: only the cont
 from __future__ import annotations
 
 import asyncio
-import functools
-import http.server
 import json
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 import pytest_asyncio
 
-from jobwire.cli.services import free_port
-from jobwire.v1 import jobs_pb2, jobs_pb2_grpc
-from tests.browser import Chromium, chromium_binary
-from tests.conftest import BUSYBOX, Process, eventually
+from jobwire.cli.front import private_hosts
+from tests.browser import Chromium, headless, serving
+from tests.conftest import BUSYBOX
+from tests.up import Up, running_up
 
 pytestmark = [pytest.mark.docker, pytest.mark.envoy]
 
@@ -76,18 +72,6 @@ window.submitAll = async (api) => ({
 """
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """A static server of `directory` on a loopback port of its own: an origin of its own."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 @pytest.fixture
 def marker() -> str:
     return uuid.uuid4().hex
@@ -99,59 +83,21 @@ def origins(tmp_path: Path, marker: str) -> Iterator[tuple[str, str]]:
     pages = tmp_path / "pages"
     pages.mkdir()
     (pages / "index.html").write_text(PAGE % {"image": BUSYBOX, "marker": marker})
-    served = [serve(pages), serve(pages)]
-    yield served[0][1], served[1][1]
-    for server, _ in served:
-        server.shutdown()
-        server.server_close()
-
-
-class Up:
-    """A running `jobwire up`: Envoy's port and the server's gRPC port."""
-
-    def __init__(self, port: int, grpc_port: int) -> None:
-        self.port, self.grpc_port = port, grpc_port
-        self.api = f"http://127.0.0.1:{port}"
-
-    async def jobs(self) -> list[jobs_pb2.Job]:
-        """The jobs queue `local` holds, asked of the server itself over gRPC."""
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
-            reply = await jobs_pb2_grpc.JobServiceStub(channel).ListJobs(jobs_pb2.ListJobsRequest(queue="local"))
-        return list(reply.jobs)
+    with serving(pages) as listed, serving(pages) as other:
+        yield listed, other
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def up(tmp_path: Path, origins: tuple[str, str], docker_images: None) -> AsyncIterator[Up]:
     """`jobwire up` as a user starts it, with the first origin listed."""
-    started = Up(free_port(), free_port())
-    data = tmp_path / "up"
-    data.mkdir()
-    args = ["up", "--port", str(started.port), "--grpc-port", str(started.grpc_port), "--allow-origin", origins[0]]
-    process = Process([*args, "--data-directory", str(data), "--web-directory", str(tmp_path)], data / "up.log")
-    await process.start()
-
-    async def healthy() -> bool:
-        assert process.process is not None and process.process.returncode is None, process.output()
-        async with httpx.AsyncClient() as http:
-            try:
-                return (await http.get(f"{started.api}/healthz")).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-    try:
-        await eventually(healthy, "jobwire up to answer")
+    async with running_up(tmp_path / "up", "--allow-origin", origins[0], "--web-directory", str(tmp_path)) as started:
         yield started
-    finally:
-        assert await process.terminate() == 0, process.output()
 
 
 @pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[Chromium]:
-    if chromium_binary() is None:
-        pytest.fail("chromium missing; `make browser` installs it (as `make test` does)")
-    browser = Chromium(tmp_path / "profile", tmp_path / "chromium.log")
-    yield browser
-    browser.close()
+    with headless(tmp_path) as browser:
+        yield browser
 
 
 async def submit_from(chromium: Chromium, origin: str, api: str) -> dict[str, Any]:
@@ -187,3 +133,12 @@ async def test_answers_only_to_its_own_host_names(up: Up) -> None:
         rebound = await http.get("/q/local", headers={"host": f"evil.example:{up.port}"})
     assert rebound.status_code == 403
     assert rebound.json()["message"] == "this server answers only to its own host name"
+
+
+def test_private_hosts() -> None:
+    assert private_hosts("0.0.0.0", 8080) is None and private_hosts("::", 8080) is None
+    assert private_hosts("127.0.0.1", 8080) == [
+        *("localhost", "localhost:8080", "127.0.0.1", "127.0.0.1:8080", "[::1]", "[::1]:8080"),
+    ]
+    assert private_hosts("fd00::5", 80)[-2:] == ["[fd00::5]", "[fd00::5]:80"]
+    assert private_hosts("192.168.1.5", 80)[-2:] == ["192.168.1.5", "192.168.1.5:80"]

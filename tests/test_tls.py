@@ -2,7 +2,9 @@
 
 The SDK, the CLI and REST clients trusting that CA work through it (gRPC over HTTP/2, REST over
 HTTP/1.1 or 2); one trusting another CA is refused with a clear error; a certificate moved into
-place on disk is what the next connection gets, Envoy running on.
+place on disk is what the next connection gets, Envoy running on. Every definition names its
+test's queue: identical definitions are one job across queues, and another test's must not find
+this one's finished.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.envoy import config as envoy_config
 from jobwire.envoy import tls
 from jobwire.errors import ServerUnavailable
+from jobwire.v1 import jobs_pb2
 from tests.conftest import BUSYBOX, JOBWIRE, Stack, StartWorker
+from tests.up import running_up
 
 pytestmark = [pytest.mark.envoy, pytest.mark.docker]
 
@@ -102,7 +106,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_cli_submits_and_reads_through_tls(front: Front, queue: str) -> None:
     server = ["--server", front.url, "--ca-file", str(front.ca_file)]
-    added = await asyncio.to_thread(run_cli, "job", "add", *server, queue, "--image", BUSYBOX, "--command", "true")
+    definition = ["--image", BUSYBOX, "--command", f"echo {queue}"]
+    added = await asyncio.to_thread(run_cli, "job", "add", *server, queue, *definition)
     assert added.returncode == 0, added.stderr
     job_id = added.stdout.strip()
     listed = await asyncio.to_thread(run_cli, "job", "ls", *server, queue)
@@ -126,7 +131,7 @@ async def test_cli_with_another_ca_says_the_certificate_is_not_trusted(
 async def test_rest_over_http1_with_httpx(front: Front, queue: str) -> None:
     trusted = ssl.create_default_context(cafile=str(front.ca_file))
     async with httpx.AsyncClient(base_url=front.url, verify=trusted) as http:
-        submitted = await http.post(f"/q/{queue}", json={"definition": {"image": BUSYBOX, "command": "true"}})
+        submitted = await http.post(f"/q/{queue}", json={"definition": {"image": BUSYBOX, "command": f"echo {queue}"}})
         assert submitted.status_code == 200, submitted.text
         assert submitted.http_version == "HTTP/1.1"
         job = (await http.get(f"/j/{submitted.json()['jobId']}")).json()
@@ -134,7 +139,7 @@ async def test_rest_over_http1_with_httpx(front: Front, queue: str) -> None:
 
 
 async def test_rest_over_http2_with_curl(front: Front, queue: str) -> None:
-    body = json.dumps({"definition": {"image": BUSYBOX, "command": "true"}})
+    body = json.dumps({"definition": {"image": BUSYBOX, "command": f"echo {queue} http2"}})
     command = ["curl", "-sS", "--http2", "--cacert", str(front.ca_file), "--json", body, "-w", "\n%{http_version}"]
     done = await asyncio.to_thread(subprocess.run, [*command, f"{front.url}/q/{queue}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -180,3 +185,45 @@ async def test_a_certificate_moved_into_place_is_served_without_a_restart(front:
     assert await asyncio.to_thread(served_certificate, front.port, front.ca_file) == expected
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(front.ca_file))) as http:
         assert (await http.get(f"{front.url}/healthz")).text == "OK"
+
+
+def test_up_takes_a_certificate_and_its_key_together(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("")
+    for given in (["--tls-cert", "cert.pem"], ["--tls-key", "cert.pem"]):
+        refused = subprocess.run(
+            [JOBWIRE, "up", *given, "--data-directory", str(tmp_path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2
+        assert "--tls-cert and --tls-key go together" in refused.stderr
+    missing = run_cli(
+        "up",
+        "--tls-cert",
+        str(tmp_path / "cert.pem"),
+        "--tls-key",
+        str(tmp_path / "nope.pem"),
+        "--data-directory",
+        str(tmp_path),
+    )
+    assert missing.returncode == 2
+    assert f"--tls-key {tmp_path / 'nope.pem'}: no such file" in missing.stderr
+
+
+async def test_up_with_a_certificate_serves_tls_end_to_end(tmp_path: Path, docker_images: None) -> None:
+    ca = trustme.CA()
+    folder = tmp_path / "certificate"
+    folder.mkdir()
+    install(ca.issue_cert("localhost", "127.0.0.1"), folder)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    certificate = ["--tls-cert", str(folder / "cert.pem"), "--tls-key", str(folder / "key.pem")]
+    async with running_up(tmp_path / "up", *certificate, ca_file=tmp_path / "ca.pem") as up:
+        server = ["--server", up.api, "--ca-file", str(tmp_path / "ca.pem")]
+        command = ["job", "add", *server, "local", "--image", BUSYBOX, "--command", "echo through up over tls"]
+        done = await asyncio.to_thread(run_cli, *command, "--wait", "--outputs", str(tmp_path / "out"))
+        assert done.returncode == 0, done.stderr
+        assert "through up over tls" in done.stdout
+        (job,) = await up.jobs()
+        assert job.state == jobs_pb2.JOB_STATE_FINISHED
