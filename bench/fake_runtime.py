@@ -1,4 +1,4 @@
-"""A container runtime that runs nothing: the DockerRuntime interface, answering at once.
+"""A container runtime that runs nothing: the worker's `ContainerRuntime`, answering at once.
 
 Only for measuring the control plane (figure 2): the real server, store, streams and
 protocol run; each "container" starts, prints one line and exits 0 immediately.
@@ -7,15 +7,13 @@ protocol run; each "container" starts, prints one line and exits 0 immediately.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator
 
-from jobwire.worker.runner import STDOUT, ContainerSpec, Outcome, Output
+from jobwire.worker.runtime import STDOUT, BuildSpec, ContainerSpec, Piece, Progress, State
 
 
 class FakeRuntime:
-    """prepare, ensure_image, run, resume, ours and remove, as worker/runner.py's DockerRuntime."""
-
-    client = None  # builds need a Docker client; benchmark definitions never build
+    """Every image is here, every container prints `done` and exits 0; nothing survives a restart."""
 
     def __init__(self) -> None:
         self.runs = 0
@@ -23,26 +21,44 @@ class FakeRuntime:
     async def prepare(self) -> None:
         pass
 
-    async def ensure_image(self, image: str, progress: Callable[[str], object]) -> None:
+    async def ensure_image(self, image: str, progress: Progress) -> None:
         pass
 
-    async def run(self, spec: ContainerSpec, output: Output, started: Callable[[], Awaitable[None]]) -> Outcome:
-        await started()
-        return await self._finish(output)
+    async def has_image(self, tag: str) -> bool:
+        return True
 
-    async def resume(
-        self, container_id: str, timeout: float, output: Output, started: Callable[[], Awaitable[None]]
-    ) -> Outcome:
-        return await self._finish(output)
+    async def build(self, spec: BuildSpec, progress: Progress) -> None:
+        pass
 
-    async def ours(self, labels: dict[str, str]) -> list[dict[str, str]]:
-        return []  # nothing survives a restart: there were no containers
+    async def create(self, spec: ContainerSpec) -> str:
+        self.runs += 1
+        return f"fake-{self.runs}"
+
+    async def attach(self, container_id: str) -> AsyncGenerator[Piece, None]:
+        return _done()
+
+    async def logs(self, container_id: str) -> AsyncGenerator[Piece, None]:
+        return _done()
+
+    async def start(self, container_id: str) -> None:
+        pass
+
+    async def wait(self, container_id: str) -> int:
+        return 0
+
+    async def inspect(self, container_id: str) -> State:
+        now = time.time()
+        return State("exited", now, now)
+
+    async def kill(self, container_id: str) -> None:
+        pass
 
     async def remove(self, container_id: str) -> None:
         pass
 
-    async def _finish(self, output: Output) -> Outcome:
-        self.runs += 1
-        now = time.time()
-        await output(STDOUT, b"done\n", "")
-        return Outcome(exit_code=0, timed_out=False, oom_killed=False, start_time=now, end_time=now)
+    async def ours(self, labels: dict[str, str]) -> list[dict[str, str]]:
+        return []
+
+
+async def _done() -> AsyncGenerator[Piece, None]:
+    yield STDOUT, b"done\n", ""

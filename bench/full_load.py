@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.runner import Context, Measurement, until
 from bench.stack import BUSYBOX, docker_run, real_worker, running_stack, unique
 from jobwire import Client
-from jobwire.worker.runner import CACHE_VOLUME, NETWORK
+from jobwire.worker.docker_runtime import CACHE_VOLUME, NETWORK
 from jobwire.worker.settings import WorkerSettings
 
 

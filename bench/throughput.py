@@ -17,7 +17,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,7 +28,6 @@ from bench.runner import Context, Measurement, until
 from bench.stack import Service, Stack, cpu_seconds, machine_busy_seconds, running_stack, spawn, unique
 from jobwire import Client
 from jobwire.worker.daemon import Daemon
-from jobwire.worker.runner import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 
 MODES = ("batches", "one by one")
@@ -195,7 +193,7 @@ async def _serve(target: str, queue: str, count: int, slots: int, directory: Pat
         settings = WorkerSettings(
             queue=queue, server=target, cpus=slots, data_directory=directory / worker_id, worker_id=worker_id
         )
-        daemons.append(Daemon(settings, cast(DockerRuntime, FakeRuntime())))
+        daemons.append(Daemon(settings, FakeRuntime()))
     await asyncio.gather(*(daemon.run() for daemon in daemons))
 
 

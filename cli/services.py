@@ -23,7 +23,7 @@ from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.worker.daemon import Daemon
-from jobwire.worker.runner import DockerRuntime
+from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ async def worker(settings: Annotated[WorkerSettings, Parameter(name="*")], *, de
     """
     if debug:
         logging.getLogger("jobwire").setLevel(logging.DEBUG)
-    daemon = Daemon(settings, _docker())
+    daemon = Daemon(settings, _docker(settings.cpus))
     await _until_signal(daemon.run(), drain=lambda: daemon.drain(settings.drain_timeout))
 
 
@@ -121,7 +121,7 @@ async def up(
         data_directory=data_directory / "worker",
         max_job_duration=local.max_job_duration,
     )
-    runtime = _docker()
+    runtime = _docker(local.cpus)
     built = await build_server(settings)
     web = WebServer(web_directory)
     envoy_file = envoy_config.write(
@@ -250,9 +250,9 @@ async def _wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
     raise CliError(f"envoy did not become healthy at {url}")
 
 
-def _docker() -> DockerRuntime:
+def _docker(slots: int) -> DockerRuntime:
     try:
-        return DockerRuntime.from_env()
+        return DockerRuntime.from_env(slots)
     except Exception as error:
         raise CliError(f"cannot reach Docker ({error}); is dockerd running? (`make docker` starts one)") from None
 

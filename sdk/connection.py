@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -57,12 +57,16 @@ class Target:
         return f"{'https' if self.tls else 'http'}://{self.address}"
 
 
-def open_channel(target: Target, root_certificates: bytes | None = None) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target` (TLS with the system's or the given root certificates)."""
+def open_channel(
+    target: Target, root_certificates: bytes | None = None, options: Sequence[tuple[str, int]] = ()
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to `target` (TLS with the system's or the given root certificates), with
+    `options` besides the SDK's own."""
+    every = [*CHANNEL_OPTIONS, *options]
     if target.tls:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        return grpc.aio.secure_channel(target.address, credentials, options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(target.address, credentials, options=every)
+    return grpc.aio.insecure_channel(target.address, options=every)
 
 
 @dataclass(frozen=True)

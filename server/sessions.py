@@ -80,6 +80,7 @@ class WorkerSession:
             lease_duration=duration_pb2.Duration(seconds=round(settings.lease_seconds)),
             stale=[workers_pb2.AttemptRef(job_id=a.job_id, attempt=a.attempt) for a in stale],
             public_url=settings.public_url,
+            inline_limit=settings.inline_limit,
         )
 
     async def run(self) -> None:

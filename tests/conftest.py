@@ -30,7 +30,7 @@ from jobwire.server.store import StateStore
 from jobwire.server.store.base import Submission
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from jobwire.worker.daemon import Daemon
-from jobwire.worker.runner import DockerRuntime
+from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
 from tests.services import PostgresCluster, S3Server
 
@@ -117,6 +117,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def key_pair(tmp_path: Path) -> tuple[bytes, bytes]:
+    """A self-signed certificate for `localhost` and its key."""
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    command += ["-addext", "subjectAltName=DNS:localhost", "-keyout", "key.pem", "-out", "cert.pem"]
+    subprocess.run(command, cwd=tmp_path, capture_output=True, check=True)
+    return (tmp_path / "key.pem").read_bytes(), (tmp_path / "cert.pem").read_bytes()
+
+
+@pytest.fixture
 def queue() -> str:
     """A fresh, unguessable queue name."""
     return f"q-{uuid.uuid4().hex}"
@@ -147,13 +156,14 @@ class WorkerHandle:
     """A running worker daemon and its task."""
 
     daemon: Daemon
+    runtime: DockerRuntime
     task: asyncio.Task[None]
 
     async def stop(self) -> None:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        self.daemon.runtime.client.close()
+        self.runtime.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -172,8 +182,9 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
             data_directory=tmp_path / f"worker-{len(handles)}",
             max_job_duration=max_job_duration,
         )
-        daemon = Daemon(settings, DockerRuntime.from_env())
-        handle = WorkerHandle(daemon, asyncio.create_task(daemon.run()))
+        runtime = DockerRuntime.from_env(cpus)
+        daemon = Daemon(settings, runtime)
+        handle = WorkerHandle(daemon, runtime, asyncio.create_task(daemon.run()))
         handles.append(handle)
         await asyncio.wait_for(daemon.registered.wait(), 30)
         return handle

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import grpc
 import pytest
 
@@ -61,15 +58,6 @@ def test_retry_backs_off_exponentially_with_jitter_and_a_cap() -> None:
     for delay, ceiling in zip(delays, [1, 2, 4, 4, 4], strict=True):
         assert ceiling / 2 <= delay <= ceiling
     assert list(Retry(attempts=1).delays()) == []
-
-
-@pytest.fixture
-def key_pair(tmp_path: Path) -> tuple[bytes, bytes]:
-    """A self-signed certificate for `localhost` and its key."""
-    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
-    command += ["-addext", "subjectAltName=DNS:localhost", "-keyout", "key.pem", "-out", "cert.pem"]
-    subprocess.run(command, cwd=tmp_path, capture_output=True, check=True)
-    return (tmp_path / "key.pem").read_bytes(), (tmp_path / "cert.pem").read_bytes()
 
 
 async def test_tls_with_given_root_certificates(key_pair: tuple[bytes, bytes]) -> None:

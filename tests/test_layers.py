@@ -73,3 +73,23 @@ def test_the_rules_see_the_code() -> None:
     """The checks above would pass on an empty tree: make sure they read the modules they guard."""
     assert any(module == "jobwire.server.scheduler" for path in ADAPTERS for _, module in _imports(path))
     assert len(list((ROOT / "server").rglob("*.py"))) > 20
+
+
+# Third-party clients each kept behind one seam: module prefix → the files that may import it.
+CONFINED = {
+    "docker": {"worker/docker_runtime.py", "worker/docker_output.py"},
+    "grpc": {"server/app.py", "server/errors.py", *(f"server/servicers/{path.name}" for path in ADAPTERS[:-1])},
+}
+
+
+@pytest.mark.parametrize("client", sorted(CONFINED))
+def test_engine_and_transport_clients_stay_behind_their_seams(client: str) -> None:
+    folders = {"docker": ["worker"], "grpc": ["server"]}[client]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for folder in folders
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for line, module in _imports(path)
+        if (module == client or module.startswith(f"{client}.")) and str(path.relative_to(ROOT)) not in CONFINED[client]
+    ]
+    assert not wrong, "\n".join(wrong)

@@ -21,7 +21,7 @@ from google.protobuf import json_format
 
 from jobwire.cli.services import free_port
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
-from jobwire.worker.runner import _Seen
+from jobwire.worker.docker_output import _Seen
 from tests.conftest import BUSYBOX, PYTHON, Processes, Stack, StartWorker, eventually, wait_finished
 
 pytestmark = pytest.mark.docker

@@ -16,15 +16,13 @@ import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-import docker
-import docker.errors
 from google.protobuf import json_format, struct_pb2
 
 from jobwire.core.definition import canonical_json
 from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import BuildError
+from jobwire.worker.runtime import BuildSpec, ContainerRuntime
 from jobwire.worker.staging import Staging
 
 TAG_PREFIX = "jobwire-build/"
@@ -38,20 +36,17 @@ def build_tag(build: definition_pb2.ImageBuild) -> str:
 
 
 class Builder:
-    """Builds images on the worker's Docker engine, in a scratch folder per build."""
+    """Builds images on the worker's container runtime, in a scratch folder per build."""
 
-    def __init__(self, client: docker.DockerClient, staging: Staging, directory: Path) -> None:
-        self.client, self.staging, self.directory = client, staging, directory
+    def __init__(self, runtime: ContainerRuntime, staging: Staging, directory: Path) -> None:
+        self.runtime, self.staging, self.directory = runtime, staging, directory
 
     async def ensure_built(self, build: definition_pb2.ImageBuild, log: Callable[[str], object]) -> str:
         """The tag of the built image, building it unless an identical build is cached."""
         tag = build_tag(build)
-        try:
-            await asyncio.to_thread(self.client.images.get, tag)
+        if await self.runtime.has_image(tag):
             log(f"using the cached image of this build ({tag})\n")
             return tag
-        except docker.errors.ImageNotFound:
-            pass
         folder = self.directory / tag.removeprefix(TAG_PREFIX).split(":")[0]
         await asyncio.to_thread(shutil.rmtree, folder, True)
         folder.mkdir(parents=True)
@@ -64,7 +59,16 @@ class Builder:
                 dockerfile.write_text(build.dockerfile)
             if not dockerfile.is_file():
                 raise BuildError(f"no {filename} in the build context and no `dockerfile` given")
-            await asyncio.to_thread(self._build, build, root, dockerfile.relative_to(root).as_posix(), tag, log)
+            arguments = dict(argument.partition("=")[::2] for argument in build.build_args)
+            spec = BuildSpec(
+                root,
+                dockerfile.relative_to(root).as_posix(),
+                tag,
+                arguments,
+                build.target or None,
+                build.platform or None,
+            )
+            await self.runtime.build(spec, log)
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)
         return tag
@@ -83,32 +87,6 @@ class Builder:
             await asyncio.to_thread(_unpack, archive, unpacked)
             unpacked = _hoisted(unpacked)
         return _inside(unpacked, build.build_context or ".", "buildContext")
-
-    def _build(
-        self, build: definition_pb2.ImageBuild, root: Path, dockerfile: str, tag: str, log: Callable[[str], object]
-    ) -> None:
-        arguments = dict(argument.partition("=")[::2] for argument in build.build_args)
-        log(f"building {tag}\n")
-        options: dict[str, Any] = {
-            "path": str(root),
-            "dockerfile": dockerfile,
-            "tag": tag,
-            "buildargs": arguments,
-            "target": build.target or None,
-            "platform": build.platform or None,
-            "rm": True,
-            "forcerm": True,
-            "decode": True,
-        }
-        try:
-            for event in self.client.api.build(**options):
-                if "error" in event:
-                    log(f"{event['error'].rstrip()}\n")
-                    raise BuildError(f"the image build failed: {event['error'].strip()}")
-                if text := event.get("stream") or event.get("status"):
-                    log(text if text.endswith("\n") else text + "\n")
-        except docker.errors.APIError as error:
-            raise BuildError(f"the image build failed: {error.explanation}") from None
 
 
 def _inside(root: Path, relative: str, field: str) -> Path:

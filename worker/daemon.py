@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import enum
 import logging
-import random
 import socket
+import sys
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -19,22 +19,24 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
-from jobwire.core.batching import take_ready
+from jobwire.connection import Retry, Target, open_channel
 from jobwire.core.units import format_duration
 from jobwire.files import FileClient
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from jobwire.worker.errors import StreamEnded
 from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.gpus import GpuPool
-from jobwire.worker.runner import DockerRuntime
+from jobwire.worker.outbox import Outbox
+from jobwire.worker.runtime import ContainerRuntime
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 256
 Call: TypeAlias = "grpc.aio.StreamStreamCall[workers_pb2.ConnectRequest, workers_pb2.ConnectResponse]"
+_RECONNECT = Retry(attempts=sys.maxsize, initial_backoff=0.5, max_backoff=30.0)
+"""Pauses between reconnects (forever), from the first again once a registration succeeds."""
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -42,60 +44,68 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class Outbox:
-    """Messages for the server in order, except heartbeats, which go first: a backlog of log batches
-    must never delay the heartbeat that keeps the worker's leases."""
+class Stop(enum.Enum):
+    """Why an attempt's task was cancelled."""
 
-    def __init__(self, size: int) -> None:
-        self._queue: asyncio.PriorityQueue[tuple[int, int, workers_pb2.ConnectRequest]] = asyncio.PriorityQueue(size)
-        self._sequence = itertools.count()
-
-    async def put(self, message: workers_pb2.ConnectRequest) -> None:
-        priority = 0 if message.HasField("heartbeat") else 1
-        await self._queue.put((priority, next(self._sequence), message))
-
-    async def get(self) -> workers_pb2.ConnectRequest:
-        """The next message, with whatever else is queued now as one batch."""
-        messages = take_ready((await self._queue.get())[2], self._queue, lambda entry: entry[2])
-        if len(messages) == 1:
-            return messages[0]
-        return workers_pb2.ConnectRequest(batch=workers_pb2.ConnectRequestBatch(messages=messages))
+    CANCEL = "the server asked to stop it"
+    RELEASE = "the worker is shutting down and gives it back"
 
 
 @dataclass
-class _Running:
-    attempt: int
-    task: asyncio.Task[None]
+class Attempt:
+    """One attempt on this worker, from its assignment until the server acknowledged its result
+    (its logs may need resending until then)."""
+
+    execution: Execution
+    task: asyncio.Task[None] | None = None
+    stop: Stop | None = None
+    result: workers_pb2.ConnectRequest | None = None
+    """Its JobFinished or JobReleased, once there is one, until the server acknowledges it."""
+
+    @property
+    def running(self) -> bool:
+        return self.result is None
+
+
+Key: TypeAlias = "tuple[str, int]"
 
 
 class Daemon:
     """Serves one queue until cancelled."""
 
-    def __init__(self, settings: WorkerSettings, runtime: DockerRuntime) -> None:
+    def __init__(self, settings: WorkerSettings, runtime: ContainerRuntime) -> None:
         self.settings, self.runtime = settings, runtime
         self.worker_id = settings.resolved_id()
         self.outbox = Outbox(OUTBOX_SIZE)
         self.retry: workers_pb2.ConnectRequest | None = None
-        self.running: dict[str, _Running] = {}
-        self.unacked: dict[tuple[str, int], workers_pb2.ConnectRequest] = {}
-        # Every execution until the server acknowledged its result: their logs may need resending.
-        self.executions: dict[tuple[str, int], Execution] = {}
-        self.public_url = ""
-        self.registered = asyncio.Event()
-        self.stopping: set[tuple[str, int]] = set()
-        self.releasing: set[tuple[str, int]] = set()
+        self.attempts: dict[Key, Attempt] = {}
+        self.answer = workers_pb2.WorkerRegistered()
+        """The server's latest answer to a registration: its URL and the limits this worker obeys."""
+        self.answered = asyncio.Event()  # set at the first registration, never cleared
+        self.registered = asyncio.Event()  # set while registered
         self.draining = False
         self.gpus = GpuPool(settings.gpus)
         self.all_acked = asyncio.Event()
 
+    def channel(self) -> grpc.aio.Channel:
+        """A channel to the server, as the SDK dials it: plain or TLS, by `--server` and `--tls`."""
+        target = Target.parse(self.settings.server, True if self.settings.tls else None)
+        certificates = self.settings.ca_file.read_bytes() if self.settings.ca_file else None
+        return open_channel(target, certificates, CHANNEL_OPTIONS)
+
+    async def server(self) -> workers_pb2.WorkerRegistered:
+        """What the server said at registration, once it has said it."""
+        await self.answered.wait()
+        return self.answer
+
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with exponential backoff and jitter."""
         await self.runtime.prepare()
-        async with grpc.aio.insecure_channel(self.settings.server, options=CHANNEL_OPTIONS) as channel:
+        async with self.channel() as channel:
             staging = Staging(FileClient(channel), self.settings.data_directory / "cache" / "blobs")
             async with asyncio.TaskGroup() as jobs:
                 await self._resume(jobs, staging)
-                backoff = 0.5
+                delays = _RECONNECT.delays()
                 while True:
                     try:
                         await self._session(workers_pb2_grpc.WorkerServiceStub(channel), jobs, staging)
@@ -103,10 +113,9 @@ class Daemon:
                         detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
                         log.warning("connection to %s lost (%s); reconnecting", self.settings.server, detail)
                     if self.registered.is_set():
-                        backoff = 0.5
+                        delays = _RECONNECT.delays()
                     self.registered.clear()
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, 30.0)
+                    await asyncio.sleep(next(delays))
 
     async def _session(
         self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, jobs: asyncio.TaskGroup, staging: Staging
@@ -116,25 +125,21 @@ class Daemon:
         first = await call.read()
         if not isinstance(first, workers_pb2.ConnectResponse) or not first.HasField("registered"):
             raise StreamEnded("the server did not accept the registration")
-        registered = first.registered
-        self.public_url = registered.public_url
+        self.answer = registered = first.registered
         for stale in registered.stale:
             self._stop(stale.job_id, stale.attempt, "the server no longer holds this attempt")
-        log.info(
-            "worker %s registered on queue %r at %s",
-            self.worker_id,
-            self.settings.queue,
-            self.settings.server,
-        )
+        log.info("worker %s registered on queue %r at %s", self.worker_id, self.settings.queue, self.settings.server)
         self.registered.set()
+        self.answered.set()
         if self.draining:
             await call.write(self._heartbeat_message())
         for cursor in registered.log_cursors:
-            execution = self.executions.get((cursor.job_id, cursor.attempt))
-            if execution is not None and (resend := execution.logs[cursor.kind].resume_at(cursor)):
+            attempt = self.attempts.get((cursor.job_id, cursor.attempt))
+            if attempt is not None and (resend := attempt.execution.logs[cursor.kind].resume_at(cursor)):
                 await call.write(resend)
-        for message in list(self.unacked.values()):
-            await call.write(message)
+        for each in list(self.attempts.values()):
+            if each.result is not None:
+                await call.write(each.result)
         interval = registered.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
         try:
             async with asyncio.TaskGroup() as group:
@@ -163,8 +168,10 @@ class Daemon:
     def _held(self) -> list[workers_pb2.AttemptRef]:
         """Attempts running here, and finished ones whose result the server has not acknowledged yet
         (so a re-registration does not give them up before the result arrives)."""
-        held = {(job_id, running.attempt) for job_id, running in self.running.items()} | set(self.unacked)
-        return [workers_pb2.AttemptRef(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held)]
+        return [workers_pb2.AttemptRef(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(self.attempts)]
+
+    def _running(self) -> list[Attempt]:
+        return [attempt for attempt in self.attempts.values() if attempt.running]
 
     async def _write(self, call: Call) -> None:
         while True:
@@ -182,12 +189,7 @@ class Daemon:
     def _heartbeat_message(self) -> workers_pb2.ConnectRequest:
         return workers_pb2.ConnectRequest(heartbeat=workers_pb2.Heartbeat(running=self._held(), draining=self.draining))
 
-    async def _read(
-        self,
-        call: Call,
-        jobs: asyncio.TaskGroup,
-        staging: Staging,
-    ) -> None:
+    async def _read(self, call: Call, jobs: asyncio.TaskGroup, staging: Staging) -> None:
         while True:
             message = await call.read()
             if not isinstance(message, workers_pb2.ConnectResponse):  # grpc.aio.EOF
@@ -204,10 +206,10 @@ class Daemon:
             case "stale":
                 self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
             case "finished_ack":
-                acked = (message.finished_ack.job_id, message.finished_ack.attempt)
-                self.unacked.pop(acked, None)
-                self.executions.pop(acked, None)
-                if not self.unacked:
+                acked = self.attempts.get((message.finished_ack.job_id, message.finished_ack.attempt))
+                if acked is not None and acked.result is not None:
+                    del self.attempts[(message.finished_ack.job_id, message.finished_ack.attempt)]
+                if not any(attempt.result for attempt in self.attempts.values()):
                     self.all_acked.set()
             case "batch":
                 for each in message.batch.messages:
@@ -219,13 +221,16 @@ class Daemon:
         for labels in await self.runtime.ours({WORKER_LABEL: self.worker_id}):
             job_id, attempt = labels.get(JOB_LABEL, ""), int(labels.get(ATTEMPT_LABEL) or 0)
             assignment = Execution.saved_assignment(self.settings, job_id, attempt)
-            if assignment is None or job_id in self.running:
+            if assignment is None or self._runs(job_id):
                 log.warning("removing container %s of this worker: nothing to resume it with", labels["id"][:12])
                 await self.runtime.remove(labels["id"])
                 continue
             log.info("re-attaching to job %s (attempt %d), still running on this machine", job_id, attempt)
             devices = self.gpus.take_these(filter(None, labels.get(GPUS_LABEL, "").split(",")))
             self._start(assignment, jobs, staging, container_id=labels["id"], devices=devices)
+
+    def _runs(self, job_id: str) -> bool:
+        return any(attempt.execution.job_id == job_id for attempt in self._running())
 
     def _start(
         self,
@@ -235,17 +240,11 @@ class Daemon:
         container_id: str = "",
         devices: list[str] | None = None,
     ) -> None:
-        if assignment.job_id in self.running:
+        if self._runs(assignment.job_id):
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
             return
         execution = Execution(
-            assignment,
-            self.settings,
-            self.worker_id,
-            self.runtime,
-            staging,
-            self.outbox.put,
-            self.public_url,
+            assignment, self.settings, self.worker_id, self.runtime, staging, self.outbox.put, self.server
         )
         try:
             execution.gpu_devices = (
@@ -256,63 +255,71 @@ class Daemon:
             execution.refusal = str(error)
         if container_id:
             execution.rereads()
-        task = jobs.create_task(self._execute(execution, container_id))
-        self.running[assignment.job_id] = _Running(assignment.attempt, task)
-        self.executions[(assignment.job_id, assignment.attempt)] = execution
+        attempt = self.attempts[(assignment.job_id, assignment.attempt)] = Attempt(execution)
+        attempt.task = jobs.create_task(self._execute(attempt, container_id))
 
     def _stop(self, job_id: str, attempt: int, reason: str) -> None:
-        running = self.running.get(job_id)
-        if running is not None and running.attempt == attempt:
+        stopped = self.attempts.get((job_id, attempt))
+        if stopped is not None and stopped.running and stopped.task is not None:
             log.info("stopping job %s (attempt %d): %s", job_id, attempt, reason)
-            self.stopping.add((job_id, attempt))
-            running.task.cancel()
+            stopped.stop = Stop.CANCEL
+            stopped.task.cancel()
 
     async def drain(self, timeout: float) -> None:
         """Shut down gently: take no new job, let running ones finish for up to `timeout` seconds, give
         the rest back to the server (re-queued at once), and wait briefly for the server to confirm."""
         self.draining = True
-        log.info("draining: %d job(s) running; giving them %s to finish", len(self.running), format_duration(timeout))
+        log.info(
+            "draining: %d job(s) running; giving them %s to finish", len(self._running()), format_duration(timeout)
+        )
         await self.outbox.put(self._heartbeat_message())
-        if self.running:
-            await asyncio.wait([running.task for running in self.running.values()], timeout=timeout)
-        for job_id, running in list(self.running.items()):
-            log.info("giving job %s back to the server", job_id)
-            self.releasing.add((job_id, running.attempt))
-            running.task.cancel()
-        if self.running:
-            await asyncio.wait([running.task for running in self.running.values()], timeout=10)
-        if self.unacked:
+        await self._until_done(timeout)
+        for attempt in self._running():
+            log.info("giving job %s back to the server", attempt.execution.job_id)
+            attempt.stop = Stop.RELEASE
+            if attempt.task is not None:
+                attempt.task.cancel()
+        await self._until_done(10)
+        if any(attempt.result for attempt in self.attempts.values()):
             self.all_acked.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.all_acked.wait(), 10)
 
-    async def _execute(self, execution: Execution, container_id: str) -> None:
+    async def _until_done(self, timeout: float) -> None:
+        if tasks := [attempt.task for attempt in self._running() if attempt.task is not None]:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    async def _execute(self, attempt: Attempt, container_id: str) -> None:
+        execution = attempt.execution
         log.info("running job %s (attempt %d)", execution.job_id, execution.attempt)
-        key = (execution.job_id, execution.attempt)
         try:
             result = await (execution.resume(container_id) if container_id else execution.run())
         except asyncio.CancelledError:
-            if key in self.releasing:
-                self.releasing.discard(key)
-                self.running.pop(execution.job_id, None)
-                released = workers_pb2.JobReleased(
-                    job_id=execution.job_id, attempt=execution.attempt, reason="the worker is shutting down"
-                )
-                self.unacked[key] = workers_pb2.ConnectRequest(released=released)
-                await self.outbox.put(self.unacked[key])
-                return
-            if key not in self.stopping:
+            if attempt.stop is None:
                 raise  # the worker is shutting down
-            self.stopping.discard(key)
-            result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED, message="stopped on request")
+            result = None
         except Exception as error:  # a bug must not take the worker down: report it as the job's error
             log.exception("job %s failed", execution.job_id)
             result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_ERROR, message=f"worker error: {error!r}")
         finally:
-            self.running.pop(execution.job_id, None)
             self.gpus.give_back(execution.gpu_devices)
-        finished = workers_pb2.JobFinished(job_id=execution.job_id, attempt=execution.attempt, result=result)
-        message = workers_pb2.ConnectRequest(finished=finished)
-        self.unacked[(execution.job_id, execution.attempt)] = message
-        await self.outbox.put(message)
-        log.info("job %s finished: %s", execution.job_id, jobs_pb2.FinishReason.Name(result.reason))
+        attempt.result = self._result_message(attempt, result)
+        await self.outbox.put(attempt.result)
+        if result is not None or attempt.stop is Stop.CANCEL:
+            log.info(
+                "job %s finished: %s",
+                execution.job_id,
+                jobs_pb2.FinishReason.Name(attempt.result.finished.result.reason),
+            )
+
+    @staticmethod
+    def _result_message(attempt: Attempt, result: jobs_pb2.JobResult | None) -> workers_pb2.ConnectRequest:
+        """JobReleased for an attempt given back before it ended, else JobFinished (cancelled if stopped)."""
+        job_id, number = attempt.execution.job_id, attempt.execution.attempt
+        if result is None and attempt.stop is Stop.RELEASE:
+            released = workers_pb2.JobReleased(job_id=job_id, attempt=number, reason="the worker is shutting down")
+            return workers_pb2.ConnectRequest(released=released)
+        if result is None:
+            result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED, message="stopped on request")
+        finished = workers_pb2.JobFinished(job_id=job_id, attempt=number, result=result)
+        return workers_pb2.ConnectRequest(finished=finished)

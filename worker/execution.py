@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import codecs
-import collections
 import contextlib
-import logging
 import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from jobwire.core.command import split_command
@@ -21,19 +17,20 @@ from jobwire.core.units import format_duration, parse_duration, parse_size, time
 from jobwire.v1 import jobs_pb2, workers_pb2
 from jobwire.worker.builds import Builder
 from jobwire.worker.errors import JobError, StagingError
-from jobwire.worker.runner import LABEL, STDERR, STDOUT, ContainerSpec, DockerRuntime, Outcome
+from jobwire.worker.job_logs import JobLog, Send
+from jobwire.worker.runtime import (
+    LABEL,
+    STDOUT,
+    ContainerRuntime,
+    ContainerSpec,
+    Outcome,
+    resume_container,
+    run_container,
+)
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
 
-log = logging.getLogger(__name__)
-Send = Callable[[workers_pb2.ConnectRequest], Awaitable[None]]
-_LINGER = 0.05
-_CHUNK_SIZE = 64 * 1024
-"""Characters a chunk grows to (a piece more at most) while it waits to be sent."""
-_BATCH_SIZE = 512 * 1024
-"""Characters of text a batch (one message) holds before it is sent without waiting."""
 _ASSIGNMENT = "assignment.binpb"
-_RETAINED_CHUNKS, _RETAINED_SIZE = 50_000, 32 * 1024 * 1024
 _SMALL_FOLDER_OUTPUTS = 64
 """Most outputs a folder removed on the loop may hold (see `Execution._remove_folder`)."""
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
@@ -48,16 +45,21 @@ class Execution:
         assignment: workers_pb2.JobAssignment,
         settings: WorkerSettings,
         worker_id: str,
-        runtime: DockerRuntime,
+        runtime: ContainerRuntime,
         staging: Staging,
         send: Send,
-        public_url: str,
+        server: Callable[[], Awaitable[workers_pb2.WorkerRegistered]],
     ) -> None:
+        """`server` answers what the server said at registration (its URL, the limits to obey),
+        once it has said it."""
         self.assignment, self.settings, self.worker_id = assignment, settings, worker_id
-        self.runtime, self.staging, self.send, self.public_url = runtime, staging, send, public_url
+        self.runtime, self.staging, self.send, self.server = runtime, staging, send, server
         self.job_id, self.attempt = assignment.job_id, assignment.attempt
         self.directory = settings.data_directory / "jobs" / f"{self.job_id}-{self.attempt}"
-        self.logs = {kind: _LogStream(self, kind) for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)}
+        self.logs = {
+            kind: JobLog(self.job_id, self.attempt, kind, send)
+            for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)
+        }
         self.gpu_devices: list[str] = []  # set by the daemon from its GpuPool
         self.refusal = ""  # why this worker cannot run the job at all, if it cannot
         self.small_folder = False  # see _remove_folder
@@ -80,7 +82,8 @@ class Execution:
     async def resume(self, container_id: str) -> jobs_pb2.JobResult:
         """Follow this attempt's container, started before the worker restarted, to its result."""
         try:
-            outcome = await self.runtime.resume(container_id, self.time_limit(), self._on_output, self._started)
+            limit = self.time_limit()
+            outcome = await resume_container(self.runtime, container_id, limit, self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
         finally:
             await self._remove_folder()
@@ -107,15 +110,16 @@ class Execution:
             loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode())
 
         if definition.HasField("build"):
-            builder = Builder(self.runtime.client, self.staging, self.settings.data_directory / "builds")
+            builder = Builder(self.runtime, self.staging, self.settings.data_directory / "builds")
             image = await builder.ensure_built(definition.build, build_log)
         else:
             image = definition.image
             await self.runtime.ensure_image(image, build_log)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe land
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
-        spec = self.container_spec([(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds], image)
-        outcome = await self.runtime.run(spec, self._on_output, self._started)
+        binds = [(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds]
+        spec = self.container_spec(binds, image, (await self.server()).public_url)
+        outcome = await run_container(self.runtime, spec, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
 
     def _make_folder(self, *folders: Path) -> None:
@@ -133,7 +137,7 @@ class Execution:
         self.logs[jobs_pb2.LOG_KIND_RUN].end()
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush()
         result = self._outcome(outcome, limit)
-        outputs = await self.staging.collect_outputs(self.directory / "outputs", self.settings.inline_limit)
+        outputs = await self.staging.collect_outputs(self.directory / "outputs", (await self.server()).inline_limit)
         for name, ref in outputs.items():
             result.outputs[name].CopyFrom(ref)
         definition = self.assignment.definition
@@ -153,11 +157,11 @@ class Execution:
         else:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
-    def container_spec(self, binds: list[tuple[str, str, bool]], image: str) -> ContainerSpec:
-        """The container for this attempt, per the container contract."""
+    def container_spec(self, binds: list[tuple[str, str, bool]], image: str, public_url: str) -> ContainerSpec:
+        """The container for this attempt, per the container contract (`public_url`: the server's)."""
         definition = self.assignment.definition
         env = dict(definition.env)
-        prefix = f"{self.public_url.rstrip('/')}/j/{self.job_id}"
+        prefix = f"{public_url.rstrip('/')}/j/{self.job_id}"
         env |= {
             "JOB_ID": self.job_id,
             "JOB_INPUTS": "/inputs",
@@ -246,115 +250,3 @@ class Execution:
         return jobs_pb2.JobResult(
             reason=jobs_pb2.FINISH_REASON_ERROR, message=message, finish_time=timestamp(time.time())
         )
-
-
-class _LogStream:
-    """One log of an execution: decodes bytes as UTF-8 per stream, gathers the text into chunks (a run
-    of one stream's text, timed by its first piece) and batches, and sends them in order."""
-
-    def __init__(self, execution: Execution, kind: jobs_pb2.LogKind.ValueType) -> None:
-        self.execution, self.kind = execution, kind
-        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in (STDOUT, STDERR)}
-        self.pending: list[tuple[jobs_pb2.LogStream.ValueType, timestamp_pb2.Timestamp, list[str]]] = []
-        self.pending_size = self.run_size = 0
-        self.sent = 0
-        self.skip = {STDOUT: 0, STDERR: 0}  # characters the server has already, of a log read again
-        self.placed = asyncio.Event()  # cleared until the server says where its copy ends (`resume_at`)
-        self.placed.set()
-        self.lock = asyncio.Lock()
-        self.timer: asyncio.Task[None] | None = None
-        # The latest chunks handed to `send`, for sending again what a broken stream lost.
-        self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque()
-        self.recent_size = 0
-
-    def add(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str = "") -> None:
-        """A piece of output; `stamp` is the engine's RFC 3339 time of it (default: now)."""
-        self._append(stream, self.decoders[stream].decode(data), stamp)
-
-    def end(self) -> None:
-        """Emit what the decoders still hold (an incomplete UTF-8 sequence at the very end)."""
-        for stream in self.decoders:
-            self._append(stream, self.decoders[stream].decode(b"", final=True))
-
-    def _append(self, stream: jobs_pb2.LogStream.ValueType, text: str, stamp: str = "") -> None:
-        if self.skip[stream]:
-            cut = min(self.skip[stream], len(text))
-            text, self.skip[stream] = text[cut:], self.skip[stream] - cut
-        if not text:
-            return
-        if self.pending and self.pending[-1][0] == stream and self.run_size < _CHUNK_SIZE:
-            self.pending[-1][2].append(text)
-            self.run_size += len(text)
-        else:
-            when = timestamp(time.time())
-            if stamp:
-                when.FromJsonString(stamp)
-            self.pending.append((stream, when, [text]))
-            self.run_size = len(text)
-        self.pending_size += len(text)
-
-    async def soon(self) -> None:
-        """Send within `_LINGER` seconds, with whatever else arrives meanwhile; at once when a batch is
-        full. One message per line would bury the worker's heartbeats under log traffic."""
-        if self.pending_size >= _BATCH_SIZE:
-            await self.flush()
-        elif self.timer is None or self.timer.done():
-            self.timer = asyncio.create_task(self._flush_later())
-
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(_LINGER)
-        await self.flush()
-
-    async def flush(self) -> None:
-        async with self.lock:
-            while self.pending:
-                chunks = [
-                    jobs_pb2.LogChunk(text="".join(parts), time=when, stream=s) for s, when, parts in self.pending
-                ]
-                self.pending, self.pending_size = [], 0
-                logs = workers_pb2.JobLogs(
-                    job_id=self.execution.job_id,
-                    attempt=self.execution.attempt,
-                    kind=self.kind,
-                    chunks=chunks,
-                    start=self.sent,
-                )
-                self.sent += len(chunks)
-                self._retain(chunks)
-                await self.execution.send(workers_pb2.ConnectRequest(logs=logs))
-
-    def _retain(self, chunks: list[jobs_pb2.LogChunk]) -> None:
-        self.recent.extend(chunks)
-        self.recent_size += sum(len(chunk.text) for chunk in chunks)
-        while len(self.recent) > _RETAINED_CHUNKS or self.recent_size > _RETAINED_SIZE:
-            self.recent_size -= len(self.recent.popleft().text)
-
-    def resume_at(self, cursor: workers_pb2.LogCursor) -> workers_pb2.ConnectRequest | None:
-        """Where the server's copy of this log ends. A log read again from the container's first output
-        (after a worker restart) goes on from there, skipping the text the server has; any other log
-        answers the chunks it sent that the server lacks (lost in flight), if any."""
-        if self.placed.is_set():
-            return self.resend_from(cursor.stored)
-        self.sent = cursor.stored
-        self.skip = {STDOUT: cursor.stdout_chars, STDERR: cursor.stderr_chars}
-        self.placed.set()
-        return None
-
-    def resend_from(self, stored: int) -> workers_pb2.ConnectRequest | None:
-        """The chunks from index `stored` on that were sent already (the server lost them in flight)."""
-        if stored >= self.sent:
-            return None
-        first = self.sent - len(self.recent)
-        chunks = list(self.recent)[max(stored - first, 0) :]
-        if stored < first:  # older than what is kept: fill the hole so later indices still line up
-            log.warning("job %s: %d log chunks lost for good", self.execution.job_id, first - stored)
-            note = jobs_pb2.LogChunk(text=f"[jobwire: {first - stored} log chunks lost]\n", stream=STDERR)
-            chunks = [note] + [jobs_pb2.LogChunk() for _ in range(first - stored - 1)] + chunks
-        logs = workers_pb2.JobLogs(
-            job_id=self.execution.job_id,
-            attempt=self.execution.attempt,
-            kind=self.kind,
-            chunks=chunks,
-            start=stored,
-        )
-        return workers_pb2.ConnectRequest(logs=logs)

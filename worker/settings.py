@@ -15,7 +15,7 @@ from typing import Annotated
 
 from cyclopts import Parameter, Token
 
-from jobwire.core.options import DURATION, INTERNAL, SIZE
+from jobwire.core.options import DURATION, SIZE
 
 
 def parse_gpus(spec: str) -> tuple[str, ...]:
@@ -78,8 +78,10 @@ class WorkerSettings:
     machine's memory."""
     pids_limit: int = 4096
     """Most processes a job's container may have."""
-    inline_limit: Annotated[int, INTERNAL] = 200
-    """Largest output file, in bytes, sent back inline rather than uploaded as a blob."""
+    tls: bool = False
+    """Dial the server over TLS even when `--server` is a bare `host:port` (`https://…` implies it)."""
+    ca_file: Annotated[Path | None, Parameter(show_default=True)] = None
+    """PEM root certificates to trust for the server's TLS certificate (none: the system's)."""
 
     def job_memory_default(self) -> int:
         """`default_memory`, else 80% of the machine's physical memory."""

@@ -291,10 +291,15 @@ class WorkerRegistered(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     PUBLIC_URL_FIELD_NUMBER: _builtins.int
     LOG_CURSORS_FIELD_NUMBER: _builtins.int
+    INLINE_LIMIT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The id the server knows the worker by."""
     public_url: _builtins.str
     """Public base URL of the server's REST API, for `JOB_URL_PREFIX`."""
+    inline_limit: _builtins.int
+    """Largest output file, in bytes, the worker returns inline in the job's
+    result; larger ones it uploads to the blob store and returns by key.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """Send a heartbeat this often."""
@@ -325,10 +330,11 @@ class WorkerRegistered(_message.Message):
         stale: _abc.Iterable[Global___AttemptRef] | None = ...,
         public_url: _builtins.str = ...,
         log_cursors: _abc.Iterable[Global___LogCursor] | None = ...,
+        inline_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "log_cursors", b"log_cursors", "public_url", b"public_url", "stale", b"stale", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "inline_limit", b"inline_limit", "lease_duration", b"lease_duration", "log_cursors", b"log_cursors", "public_url", b"public_url", "stale", b"stale", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
