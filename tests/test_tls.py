@@ -30,7 +30,7 @@ from jobwire.envoy import config as envoy_config
 from jobwire.envoy import tls
 from jobwire.errors import ServerUnavailable
 from jobwire.v1 import jobs_pb2
-from tests.conftest import BUSYBOX, JOBWIRE, Stack, StartWorker
+from tests.conftest import BUSYBOX, JOBWIRE, Process, Processes, Stack, eventually
 from tests.up import running_up
 
 pytestmark = [pytest.mark.envoy, pytest.mark.docker]
@@ -83,15 +83,30 @@ def other_ca(tmp_path: Path) -> Path:
     return path
 
 
-async def test_sdk_runs_a_job_through_tls(front: Front, queue: str, start_worker: StartWorker, stack: Stack) -> None:
-    # The worker dials the server itself: its own TLS dialling is the worker rework's (not on main yet).
-    await start_worker(queue)
+async def test_a_worker_and_the_sdk_run_a_job_through_tls(front: Front, queue: str, processes: Processes) -> None:
+    # A real `jobwire worker` process dialling Envoy over TLS, trusting the test's CA.
+    worker = await processes.worker(queue, front.url, extra=("--ca-file", str(front.ca_file)))
     async with Client(front.url, root_certificates=front.ca_file.read_bytes()) as client:
         assert client.target.tls
         job = await client.submit(queue, image=BUSYBOX, command=f"echo over tls {queue}")
-        result = await job.wait(timeout=60)
+        result = await job.wait(timeout=90)
         assert result.exit_code == 0
         assert f"over tls {queue}" in "".join([chunk.text async for chunk in job.logs()])
+        assert (await job.get()).worker_id == worker.args[worker.args.index("--id") + 1]
+
+
+async def test_a_worker_trusting_another_ca_takes_nothing(
+    front: Front, queue: str, processes: Processes, other_ca: Path
+) -> None:
+    worker = await processes.worker(queue, front.url, extra=("--ca-file", str(other_ca)))
+    await eventually(lambda: _says(worker, "CERTIFICATE_VERIFY_FAILED"), "the worker to report the certificate")
+    async with Client(front.url, root_certificates=front.ca_file.read_bytes()) as client:
+        status = await client.queue_status(queue)
+    assert list(status.workers) == []
+
+
+async def _says(process: Process, text: str) -> bool:
+    return text in process.output()
 
 
 async def test_sdk_refuses_a_server_its_roots_do_not_vouch_for(front: Front, other_ca: Path) -> None:
