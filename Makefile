@@ -93,7 +93,8 @@ postgres:
 # deploy/envoy.yaml: envoy/envoy.yaml rendered for the three replicas of deploy/docker-compose.yml.
 deploy-envoy: $(STAMP)
 	$(BIN)/python -c 'import sys; from pathlib import Path; from jobwire.envoy import config; \
-	  config.write(config.deployment(), Path("deploy/envoy.yaml"))'
+	  config.write(config.deployment(), Path("deploy/envoy.yaml")); \
+	  config.write(config.deployment_secret(), Path("deploy/envoy-tls.yaml"))'
 
 test: install docker images browser postgres check-gen lint typecheck web
 	$(BIN)/pytest

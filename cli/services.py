@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +16,7 @@ import httpx
 from cyclopts import Parameter
 
 from jobwire.cli.console import CliError
+from jobwire.cli.front import WILDCARDS, browser_origins, private_hosts, tls_secret
 from jobwire.cli.options import subset
 from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
 from jobwire.envoy import config as envoy_config
@@ -70,6 +71,8 @@ async def up(
     port: int = 8080,
     listen: str = "127.0.0.1",
     allow_origin: tuple[str, ...] = (),
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
     data_directory: Path = ServerSettings.data_directory,
     web_directory: Path = DEFAULT_DIRECTORY,
     local: Annotated[Local | None, Parameter(name="*")] = None,  # type: ignore[valid-type]  # a class made at import
@@ -81,13 +84,20 @@ async def up(
     port
         Envoy's port: REST, gRPC and gRPC-Web.
     listen
-        Address Envoy listens on. Loopback by default: only this machine can reach it; `0.0.0.0` lets
-        others in (anyone who can reach the port may then submit to queue `local`).
+        Address Envoy listens on. Loopback by default: only this machine can reach it, and only by a
+        loopback name (`localhost`, `127.0.0.1`, `[::1]`) or this address, so a web page whose name
+        points here (DNS rebinding) gets a 403. `0.0.0.0` lets others in, by any name (anyone who can
+        reach the port may then submit to queue `local`).
     allow_origin
         Origin (`https://host[:port]`) of a web page that may call this server from a browser; repeat
         for more; `*` lets any page call it (public CORS, as a public server's Envoy does). The web UI
         at http://localhost:PORT and http://127.0.0.1:PORT always may; list the origin you reach it by
         otherwise. A page on an origin not listed can neither read an answer nor submit.
+    tls_cert
+        Certificate chain (PEM) Envoy serves: PORT then speaks only TLS (https://, gRPC over HTTP/2).
+        Replacing the file (moving a new one into its folder) takes effect without a restart.
+    tls_key
+        The certificate's private key (PEM); goes with `--tls-cert`.
     data_directory
         One folder for the database, blobs and the worker's files.
     web_directory
@@ -95,12 +105,14 @@ async def up(
     """
     local = local or Local()
     data_directory = data_directory.resolve()
+    secret = tls_secret(tls_cert, tls_key, data_directory / "envoy-tls.yaml")
+    scheme = "https" if secret else "http"
     # Only Envoy faces the network; the server listens on loopback, whatever `jobwire server` defaults to.
     settings = ServerSettings(
         data_directory=data_directory / "server",
         host="127.0.0.1",
         port=local.grpc_port,
-        public_url=f"http://localhost:{port}",
+        public_url=f"{scheme}://localhost:{port}",
     )
     worker_settings = WorkerSettings(
         local.queue,
@@ -119,7 +131,9 @@ async def up(
             descriptor_path=descriptor_path(),
             web=(web.host, web.port),
             listen_host=listen,
-            allowed_origins=browser_origins(port, allow_origin),
+            allowed_origins=browser_origins(port, allow_origin, scheme),
+            allowed_hosts=private_hosts(listen, port),
+            tls_secret=secret,
         ),
         data_directory / "envoy.yaml",
     )
@@ -131,17 +145,9 @@ async def up(
             await started.wait()
             group.create_task(Daemon(worker_settings, runtime).run())
             group.create_task(web.run())
-            group.create_task(run_envoy(envoy_file, port))
+            group.create_task(run_envoy(envoy_file, port, host=listen, tls=secret is not None))
 
     await _until_signal(everything())
-
-
-def browser_origins(port: int, listed: Sequence[str]) -> list[str] | None:
-    """The origins whose pages may call `jobwire up` on `port`: the web UI's own (browsers send an
-    Origin on its gRPC-Web POSTs) and `listed`; None (any origin) when `listed` holds `*`."""
-    if "*" in listed:
-        return None
-    return [f"http://localhost:{port}", f"http://127.0.0.1:{port}", *(origin.rstrip("/") for origin in listed)]
 
 
 def descriptor_path() -> Path:
@@ -149,13 +155,16 @@ def descriptor_path() -> Path:
     return Path(str(resources.files("jobwire.v1").joinpath("jobwire.binpb")))
 
 
-async def start_envoy(config_file: Path, port: int) -> asyncio.subprocess.Process:
-    """Start Envoy and wait until it answers /healthz (through to the server)."""
+async def start_envoy(
+    config_file: Path, port: int, *, host: str = "127.0.0.1", tls: bool = False
+) -> asyncio.subprocess.Process:
+    """Start Envoy and wait until it answers /healthz on host:port (through to the server)."""
     process = await asyncio.create_subprocess_exec(
         envoy_config.envoy_binary(), "-c", str(config_file), "--log-level", "warn", "--use-dynamic-base-id"
     )
+    probed = "127.0.0.1" if host in WILDCARDS else f"[{host}]" if ":" in host else host
     try:
-        await _wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+        await _wait_healthy(f"{'https' if tls else 'http'}://{probed}:{port}/healthz", process)
     except BaseException:
         await stop_envoy(process)
         raise
@@ -171,12 +180,18 @@ def free_port() -> int:
 
 
 async def start_local_envoy(
-    upstreams: list[tuple[str, int]], config_file: Path, *, web: tuple[str, int] | None = None, attempts: int = 3
+    upstreams: list[tuple[str, int]],
+    config_file: Path,
+    *,
+    web: tuple[str, int] | None = None,
+    tls_secret: Path | None = None,
+    attempts: int = 3,
 ) -> tuple[asyncio.subprocess.Process, int]:
     """Envoy on a free loopback port in front of `upstreams`, and that port: for tests and benchmarks.
 
-    The port is free when picked, but another process can bind it before Envoy does; a start that
-    fails is tried again on another port."""
+    With `tls_secret` (a `jobwire.envoy.tls.secret()` file) it speaks only TLS. The port is free when
+    picked, but another process can bind it before Envoy does; a start that fails is tried again on
+    another port."""
 
     def configured(port: int) -> Path:
         upstream = envoy_config.render(
@@ -185,15 +200,17 @@ async def start_local_envoy(
             upstreams=upstreams,
             descriptor_path=descriptor_path(),
             web=web,
+            tls_secret=tls_secret,
         )
         return envoy_config.write(upstream, config_file)
 
+    tls = tls_secret is not None
     for _ in range(attempts - 1):
         port = free_port()
         with contextlib.suppress(CliError):
-            return await start_envoy(configured(port), port), port
+            return await start_envoy(configured(port), port, tls=tls), port
     port = free_port()
-    return await start_envoy(configured(port), port), port
+    return await start_envoy(configured(port), port, tls=tls), port
 
 
 async def stop_envoy(process: asyncio.subprocess.Process) -> None:
@@ -207,11 +224,12 @@ async def stop_envoy(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-async def run_envoy(config_file: Path, port: int) -> None:
+async def run_envoy(config_file: Path, port: int, *, host: str = "127.0.0.1", tls: bool = False) -> None:
     """Run Envoy until cancelled; an exit of its own is an error."""
-    process = await start_envoy(config_file, port)
+    process = await start_envoy(config_file, port, host=host, tls=tls)
     try:
-        log.info("jobwire is up: web UI, REST, gRPC and gRPC-Web on http://localhost:%d/", port)
+        scheme = "https" if tls else "http"
+        log.info("jobwire is up: web UI, REST, gRPC and gRPC-Web on %s://localhost:%d/", scheme, port)
         code = await process.wait()
         raise CliError(f"envoy exited with code {code}")
     finally:
@@ -219,7 +237,9 @@ async def run_envoy(config_file: Path, port: int) -> None:
 
 
 async def _wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx.AsyncClient() as client:
+    # Not verified: the certificate may name only the public host, and this asks only whether Envoy
+    # is up, sending nothing that needs protecting.
+    async with httpx.AsyncClient(verify=False) as client:
         for _ in range(200):
             if process.returncode is not None:
                 raise CliError(f"envoy exited with code {process.returncode} (port in use?)")

@@ -16,7 +16,7 @@ import yaml
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from jobwire.envoy import guard
+from jobwire.envoy import guard, tls
 
 _TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 _GUARD = "jobwire.guard"
@@ -59,9 +59,13 @@ def transcoder_config(config: dict[str, Any]) -> dict[str, Any]:
     return filter_config(config, _TRANSCODER)
 
 
+def _virtual_hosts(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return cast(list[dict[str, Any]], _connection_manager(config)["route_config"]["virtual_hosts"])
+
+
 def cors_policy(config: dict[str, Any]) -> dict[str, Any]:
-    """The virtual host's CorsPolicy inside `config` (not a copy)."""
-    (host,) = _connection_manager(config)["route_config"]["virtual_hosts"]
+    """The jobwire virtual host's CorsPolicy inside `config` (not a copy)."""
+    host = _virtual_hosts(config)[0]
     return cast(dict[str, Any], host["typed_per_filter_config"]["envoy.filters.http.cors"])
 
 
@@ -72,6 +76,8 @@ def render(
     upstreams: Sequence[tuple[str, int]] = (("127.0.0.1", 50051),),
     descriptor_path: str | os.PathLike[str],
     allowed_origins: Sequence[str] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    tls_secret: str | os.PathLike[str] | None = None,
     web: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """The template with this layout substituted, its request guard generated.
@@ -79,7 +85,10 @@ def render(
     `allowed_origins` None lets any origin call (CORS open, as a public server's capability
     routes need); a list (exact origins such as `http://localhost:8080`, possibly empty)
     answers preflights only for those and refuses any request whose `Origin` is another.
-    Credentials are never allowed. `web` is the (host, port) of a plain HTTP server holding
+    Credentials are never allowed. `allowed_hosts` None answers any `Host`; a list (exact
+    `name` or `name:port`) answers only those, and any other Host gets a 403 (see
+    `restrict_hosts`). `tls_secret` is the path of an SDS file (`tls.secret()`) naming the
+    certificate and key: the listener then speaks only TLS. `web` is the (host, port) of a plain HTTP server holding
     the built browser client; when given, the page and its assets are routed there (see
     `add_web_routes`).
     """
@@ -95,6 +104,11 @@ def render(
         cors_policy(config)["allow_origin_string_match"] = [{"exact": origin} for origin in allowed_origins]
     guard_source = guard.source(allowed_origins)
     filter_config(config, _GUARD)["default_source_code"] = {"inline_string": guard_source}
+    if allowed_hosts is not None:
+        restrict_hosts(config, allowed_hosts)
+    if tls_secret is not None:
+        (chain,) = config["static_resources"]["listeners"][0]["filter_chains"]
+        chain["transport_socket"] = tls.transport_socket(tls_secret)
     if web is not None:
         add_web_routes(config, *web)
     return config
@@ -104,6 +118,37 @@ def render(
 # Nor the guard's check after it, which would refuse `/j/{id}` left untranscoded.
 _DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 _NOT_TRANSCODED = {_TRANSCODER: _DISABLED, "jobwire.guard_check": _DISABLED}
+_JOBWIRE_FILTERS = (_GUARD, "envoy.filters.http.lua", _TRANSCODER, "jobwire.guard_check")
+_OTHER_HOST = '{"code":7,"message":"this server answers only to its own host name","details":[]}'
+
+
+def restrict_hosts(config: dict[str, Any], hosts: Sequence[str]) -> None:
+    """Route only requests whose Host is in `hosts` to jobwire; any other Host gets a 403.
+
+    Against DNS rebinding: a page on `http://evil.example:PORT`, its name re-pointed at this
+    machine, is same-origin to the browser and sends `Host: evil.example:PORT`. The check is
+    the route table's (virtual host domains), so no filter can be skipped around it: the
+    other hosts' virtual host answers directly, every jobwire filter disabled for it.
+    """
+    virtual_hosts = _virtual_hosts(config)
+    virtual_hosts[0]["domains"] = list(dict.fromkeys(hosts))
+    refusal = {"status": 403, "body": {"inline_string": _OTHER_HOST}}
+    virtual_hosts.append(
+        {
+            "name": "other-hosts",
+            "domains": ["*"],
+            "routes": [
+                {
+                    "match": {"prefix": "/"},
+                    "direct_response": refusal,
+                    "typed_per_filter_config": {name: copy.deepcopy(_DISABLED) for name in _JOBWIRE_FILTERS},
+                }
+            ],
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        }
+    )
+
+
 # Paths of the built web client (Vite's output). `/j/{id}` is the page only for a browser
 # navigating there (Accept: text/html); curl and fetch() still get the REST JSON of GetJob.
 _WEB_MATCHES: list[dict[str, Any]] = [
@@ -121,7 +166,7 @@ _WEB_MATCHES: list[dict[str, Any]] = [
 
 def add_web_routes(config: dict[str, Any], host: str, port: int) -> None:
     """Route the web client's page and assets to a `web` cluster at host:port, ahead of REST."""
-    routes = _connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
+    routes = _virtual_hosts(config)[0]["routes"]
     web_routes = [
         {"match": match, "route": {"cluster": "web"}, "typed_per_filter_config": copy.deepcopy(_NOT_TRANSCODED)}
         for match in _WEB_MATCHES
@@ -142,14 +187,24 @@ def add_web_routes(config: dict[str, Any], host: str, port: int) -> None:
 
 DEPLOYMENT_REPLICAS = ("server-1", "server-2", "server-3")
 """The server replicas of the reference deployment (deploy/docker-compose.yml)."""
+DEPLOYMENT_CERTIFICATE = ("/etc/jobwire/tls/cert.pem", "/etc/jobwire/tls/key.pem")
+"""Where the reference deployment's Envoy finds its certificate and key (the operator mounts the folder)."""
+DEPLOYMENT_SECRET = "/etc/jobwire/envoy-tls.yaml"
+"""The SDS file naming them, baked into the image (deploy/envoy-tls.yaml)."""
 
 
 def deployment() -> dict[str, Any]:
-    """The Envoy config of the reference deployment: every replica an endpoint of one cluster."""
+    """The Envoy config of the reference deployment: TLS, every replica an endpoint of one cluster."""
     return render(
         upstreams=[(name, 50051) for name in DEPLOYMENT_REPLICAS],
         descriptor_path="/etc/jobwire/jobwire.binpb",
+        tls_secret=DEPLOYMENT_SECRET,
     )
+
+
+def deployment_secret() -> dict[str, Any]:
+    """The reference deployment's SDS file (deploy/envoy-tls.yaml)."""
+    return tls.secret(*DEPLOYMENT_CERTIFICATE)
 
 
 def write(config: dict[str, Any], path: Path) -> Path:

@@ -18,6 +18,8 @@ raised locally). Raw `grpc.aio.AioRpcError`s never escape the SDK.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from jobwire.states import reason_name
@@ -88,10 +90,20 @@ _BY_CODE: dict[grpc.StatusCode, type[JobwireError]] = {
 }
 
 
+# How gRPC (BoringSSL) reports a certificate it could not verify, or one for another name.
+_UNTRUSTED = re.compile(r"CERTIFICATE_VERIFY_FAILED: [^:)]+|Peer name \S+ is not in peer certificate")
+
+
 def translate(error: grpc.aio.AioRpcError, *, target: str, not_found: type[NotFound] = NotFound) -> JobwireError:
     """The SDK error for a failed call; `not_found` is the NotFound subclass the call looks up."""
     code = error.code()
     details = error.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE and (untrusted := _UNTRUSTED.search(details)):
+        return ServerUnavailable(
+            f"the jobwire server at {target} has a TLS certificate this client does not trust ({untrusted[0]}): "
+            "give the CA that signed it (--ca-file, or root_certificates)",
+            code,
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailable(f"cannot reach the jobwire server at {target} ({details})", code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

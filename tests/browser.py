@@ -7,12 +7,17 @@ serves the pages it loads.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
 import os
 import select
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,35 @@ FLAGS = [
 def chromium_binary() -> str | None:
     """Debian's chromium (installed by `make browser`), if present."""
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextlib.contextmanager
+def headless(folder: Path) -> Iterator[Chromium]:
+    """A Chromium with its profile and log in `folder`, closed after."""
+    browser = Chromium(folder / "profile", folder / "chromium.log")
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """Serve `directory` on a loopback port of its own (an origin of its own); yields the origin."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 class Chromium:

@@ -10,11 +10,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import trustme
 import yaml
 
 from jobwire.cli.app import app
 from jobwire.cli.services import descriptor_path
 from jobwire.envoy import config as envoy_config
+from jobwire.envoy import tls
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -37,11 +39,32 @@ def jobwire_services(command: str) -> list[str]:
 def test_deploy_envoy_config_is_the_rendered_template() -> None:
     committed = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
     assert committed == envoy_config.deployment(), "deploy/envoy.yaml is stale: run `make deploy-envoy`"
+    secret = yaml.safe_load((DEPLOY / "envoy-tls.yaml").read_text())
+    assert secret == envoy_config.deployment_secret(), "deploy/envoy-tls.yaml is stale: run `make deploy-envoy`"
+
+
+def test_deploy_image_holds_what_envoy_reads() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"COPY deploy/envoy-tls.yaml {envoy_config.DEPLOYMENT_SECRET}" in dockerfile
+    # Every package folder pyproject maps is copied in, or `pip install .` fails in the build.
+    for folder in ("sdk", "core", "server", "worker", "cli", "envoy", "gen"):
+        assert f"COPY {folder} {folder}" in dockerfile
+    certificates = Path(envoy_config.DEPLOYMENT_CERTIFICATE[0]).parent
+    assert f"./tls:{certificates}:ro" in compose()["services"]["envoy"]["volumes"]
 
 
 def test_deploy_envoy_config_is_accepted_by_envoy(tmp_path: Path) -> None:
     config = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
     envoy_config.transcoder_config(config)["proto_descriptor"] = str(descriptor_path())
+    # The image's secret file, pointed at a certificate of a test CA (Envoy reads it when validating).
+    issued = trustme.CA().issue_cert("localhost")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    secret = envoy_config.write(tls.secret(tmp_path / "cert.pem", tmp_path / "key.pem"), tmp_path / "tls.yaml")
+    (chain,) = config["static_resources"]["listeners"][0]["filter_chains"]
+    sds = chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"]
+    assert sds[0]["sds_config"]["path_config_source"]["path"] == envoy_config.DEPLOYMENT_SECRET
+    sds[0]["sds_config"]["path_config_source"]["path"] = str(secret)
     path = envoy_config.write(config, tmp_path / "envoy.yaml")
     result = subprocess.run(
         [envoy_config.envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True

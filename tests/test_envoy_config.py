@@ -18,11 +18,12 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+import trustme
 import yaml
 from google.api import annotations_pb2, httpbody_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 
-from jobwire.envoy import config, guard
+from jobwire.envoy import config, guard, tls
 from jobwire.v1 import server_pb2, server_pb2_grpc
 
 pytestmark = pytest.mark.envoy
@@ -76,6 +77,48 @@ def test_rendered_config_with_an_origin_allow_list_validates(tmp_path: Path) -> 
     assert config.cors_policy(cfg)["allow_credentials"] is False
     assert 'ORIGINS = {["http://localhost:8080"] = true, ["https://a.example"] = true}' in guard_source(cfg)
     validate(cfg, tmp_path / "envoy.yaml")
+
+
+def write_secret(folder: Path) -> Path:
+    """An SDS secret file naming a certificate and key of a throwaway CA, in `folder`."""
+    issued = trustme.CA().issue_cert("localhost")
+    issued.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    issued.private_key_pem.write_to_path(str(folder / "key.pem"))
+    return config.write(tls.secret(folder / "cert.pem", folder / "key.pem"), folder / "envoy-tls.yaml")
+
+
+def test_rendered_config_with_tls_and_a_host_allow_list_validates(tmp_path: Path) -> None:
+    secret = write_secret(tmp_path)
+    cfg = rendered(tls_secret=secret, allowed_hosts=["localhost:8080", "localhost", "localhost"])
+    (chain,) = cfg["static_resources"]["listeners"][0]["filter_chains"]
+    context = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert context["alpn_protocols"] == ["h2", "http/1.1"]
+    (sds,) = context["tls_certificate_sds_secret_configs"]
+    assert sds["sds_config"]["path_config_source"]["path"] == str(secret)
+    jobwire_host, other_hosts = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"]
+    assert jobwire_host["domains"] == ["localhost:8080", "localhost"]
+    assert other_hosts["domains"] == ["*"]
+    assert other_hosts["routes"][0]["direct_response"]["status"] == 403
+    validate(cfg, tmp_path / "envoy.yaml")
+
+
+def test_tls_secret_watches_the_certificate_folder(tmp_path: Path) -> None:
+    (resource,) = tls.secret(tmp_path / "certs" / "cert.pem", "key.pem")["resources"]
+    certificate = resource["tls_certificate"]
+    assert certificate["certificate_chain"] == {"filename": str(tmp_path / "certs" / "cert.pem")}
+    assert certificate["private_key"] == {"filename": str(Path("key.pem").resolve())}  # Envoy's cwd is not ours
+    assert certificate["watched_directory"] == {"path": str(tmp_path / "certs")}
+
+
+def test_tls_secret_parses_strictly_as_a_discovery_response(tmp_path: Path) -> None:
+    document = tls.secret(tmp_path / "cert.pem", tmp_path / "key.pem")
+    for url in set(type_urls(document)):
+        import_message_module(url)
+    response = import_xds("envoy.service.discovery.v3.discovery_pb2").DiscoveryResponse()
+    json_format.ParseDict(document, response, ignore_unknown_fields=False)
+    assert len(response.resources) == 1
 
 
 def guard_source(cfg: dict[str, Any]) -> str:
@@ -188,9 +231,13 @@ def import_message_module(type_url: str) -> None:
     descriptor_pool.Default().FindMessageTypeByName(full_name)  # KeyError when still unknown
 
 
-@pytest.mark.parametrize("which", ["template", "rendered"])
+@pytest.mark.parametrize("which", ["template", "rendered", "private with tls"])
 def test_config_parses_strictly_as_bootstrap(which: str) -> None:
-    cfg = config.load_template() if which == "template" else rendered()
+    cfg = {
+        "template": config.load_template,
+        "rendered": rendered,
+        "private with tls": lambda: rendered(allowed_origins=[], allowed_hosts=["localhost"], tls_secret="/tls.yaml"),
+    }[which]()
     urls = set(type_urls(cfg))
     assert len(urls) >= 7
     for url in urls:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import http.server
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
-from tests.browser import Chromium, chromium_binary
+from tests.browser import Chromium, headless, serving
 from tests.conftest import BUSYBOX, Stack, WorkerHandle
 
 pytestmark = pytest.mark.docker
@@ -20,31 +17,17 @@ StartWorker = Callable[..., Awaitable[WorkerHandle]]
 PAGE = Path(__file__).parent / "grpcweb"
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def page_origin() -> Iterator[str]:
     """The test page, served from its own origin (so every API call is cross-origin)."""
-    handler = functools.partial(_Quiet, directory=str(PAGE))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(PAGE) as origin:
+        yield origin
 
 
 @pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[Chromium]:
-    if chromium_binary() is None:
-        pytest.fail("chromium missing; `make browser` installs it (as `make test` does)")
-    browser = Chromium(tmp_path / "profile", tmp_path / "chromium.log")
-    yield browser
-    browser.close()
+    with headless(tmp_path) as browser:
+        yield browser
 
 
 async def test_browser_submits_a_job_and_streams_its_logs_over_grpc_web(

@@ -24,7 +24,7 @@ COMMAND_OWN = {
     "server": set[str](),
     "worker": {"--debug"},  # this process's log level
     # Envoy's port, address and allowed browser origins, one folder for all, the web client
-    "up": {"--port", "--listen", "--allow-origin", "--data-directory", "--web-directory"},
+    "up": {"--port", "--listen", "--allow-origin", "--tls-cert", "--tls-key", "--data-directory", "--web-directory"},
 }
 # Settings that are no options: knobs for tests and benchmarks.
 INTERNAL = {
