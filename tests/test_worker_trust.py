@@ -258,3 +258,13 @@ async def _server(settings: ServerSettings) -> AsyncIterator[str]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_jobwire_worker_with_a_wrong_credential_exits_saying_why(
+    stack: Stack, channel: grpc.aio.Channel, processes: Processes
+) -> None:
+    created = await _create_queue(channel)
+    worker = await processes.worker(created.queue, stack.grpc_target, extra=("--credential", "a-guess"))
+    assert worker.process is not None
+    assert await asyncio.wait_for(worker.process.wait(), 60) != 0
+    assert "refused this worker: the queue's worker credential is missing, wrong or revoked" in worker.output()
