@@ -24,6 +24,7 @@ from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
+from jobwire.worker.errors import Refused
 from jobwire.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ async def worker(settings: Annotated[WorkerSettings, Parameter(name="*")], *, de
     if debug:
         logging.getLogger("jobwire").setLevel(logging.DEBUG)
     daemon = Daemon(settings, _docker(settings.cpus))
-    await _until_signal(daemon.run(), drain=lambda: daemon.drain(settings.drain_timeout))
+    try:
+        await _until_signal(daemon.run(), drain=lambda: daemon.drain(settings.drain_timeout))
+    except Refused as refused:
+        raise CliError(str(refused)) from None
 
 
 # The settings `up` exposes, by the names it gives them.

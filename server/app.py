@@ -20,6 +20,7 @@ from jobwire.server.retention import Retention
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.servicers.files import FileServicer
 from jobwire.server.servicers.jobs import JobServicer
+from jobwire.server.servicers.queues import QueueServicer
 from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.servicers.workers import WorkerServicer
 from jobwire.server.settings import ServerSettings
@@ -31,6 +32,8 @@ from jobwire.v1 import (
     files_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
+    queues_pb2,
+    queues_pb2_grpc,
     server_pb2,
     server_pb2_grpc,
     workers_pb2,
@@ -43,6 +46,7 @@ SERVICES = [
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     server_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name,
+    queues_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
     workers_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
 ]
 GRPC_OPTIONS = [
@@ -117,6 +121,7 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(scheduler, logs, blobs), server)
     files_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(blobs, settings.max_upload_size, metrics), server)
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(scheduler, settings), server)
+    queues_pb2_grpc.add_QueueServiceServicer_to_server(QueueServicer(scheduler), server)
     workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(scheduler, logs, lines, clock), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

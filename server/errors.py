@@ -6,6 +6,8 @@
      ├── FailedPrecondition   the server's state forbids the action        → FAILED_PRECONDITION (HTTP 400)
      ├── Conflict             the job's or upload's state forbids it now   → ABORTED (HTTP 409)
      ├── TooLarge             an upload past the size limit                → RESOURCE_EXHAUSTED (HTTP 429)
+     ├── Unauthenticated      a missing or wrong credential or secret      → UNAUTHENTICATED (HTTP 401)
+     ├── PermissionDenied     the server lets nobody do it here            → PERMISSION_DENIED (HTTP 403)
      └── Unavailable          a backend (store, blobs) cannot be reached   → UNAVAILABLE (HTTP 503)
 
 Envoy turns the status codes into HTTP codes with a JSON body
@@ -50,6 +52,14 @@ class TooLarge(ServerError):
     """An upload exceeds the server's size limit."""
 
 
+class Unauthenticated(ServerError):
+    """A credential or secret the call needs is missing or wrong; the message says which, never why."""
+
+
+class PermissionDenied(ServerError):
+    """The server's configuration forbids the action to anyone presenting what the caller presents."""
+
+
 class Unavailable(ServerError):
     """A backend cannot be reached; retrying later may work."""
 
@@ -60,6 +70,8 @@ STATUS_CODES: dict[type[ServerError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Conflict: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,7 @@ from jobwire.server.store.base import (
     Webhook,
 )
 from jobwire.server.store.rows import job_summary
+from jobwire.server.trust import Trust
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
 __all__ = ["Attempt", "Holder", "Scheduler", "check_queue"]
@@ -51,6 +53,11 @@ class Scheduler:
     ) -> None:
         self.store, self.bus, self.settings, self.clock = store, bus, settings, clock
         self.metrics = metrics
+
+    @functools.cached_property
+    def trust(self) -> Trust:
+        """Who may work a queue and who a worker is: checked when a worker registers."""
+        return Trust(self.store, self.settings, self.clock)
 
     async def ping(self) -> None:
         """Unavailable when the state store cannot be reached."""

@@ -50,8 +50,19 @@ class WorkerSession:
         self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
         self.wake = asyncio.Event()
         self.draining = False
+        self.credential: str | None = None
+        """Digest of the queue's worker credential this session serves under (None: an open queue)."""
+        self.revoked = False  # that credential was revoked: no new jobs
         self._handling = asyncio.Semaphore(HANDLING_LIMIT)
         self._latest: dict[str, asyncio.Task[None]] = {}  # the last message handled of each job
+
+    async def admit(self) -> None:
+        """Check what the worker presents: the queue's worker credential and its own secret (raises
+        Unauthenticated or PermissionDenied). Must pass before `open`."""
+        register = self.register
+        self.credential = await self.scheduler.trust.admit(
+            self.queue, self.worker_id, register.credential, register.secret
+        )
 
     async def open(self) -> workers_pb2.WorkerRegistered:
         """Accept the registration: keep the attempts the worker still holds, report the stale ones."""
@@ -158,7 +169,8 @@ class WorkerSession:
     async def _on_released(self, released: workers_pb2.JobReleased) -> None:
         attempt = Attempt(released.job_id, released.attempt)
         self._forget(attempt)
-        await self.scheduler.release(attempt, self.holder, released.reason or "no reason given")
+        if not await self.scheduler.release(attempt, self.holder, released.reason or "no reason given"):
+            await self._stale(attempt, "release of an attempt the server no longer holds; ignored")
         ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
 
@@ -179,12 +191,13 @@ class WorkerSession:
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
 
     async def _stale(self, attempt: Attempt, reason: str) -> None:
+        log.warning("worker %s, job %s attempt %d: %s", self.worker_id, attempt.job_id, attempt.attempt, reason)
         self._forget(attempt)
         stale = workers_pb2.StaleAttempt(job_id=attempt.job_id, attempt=attempt.attempt, reason=reason)
         await self.outbox.put(workers_pb2.ConnectResponse(stale=stale))
 
     def free_slots(self) -> int:
-        return 0 if self.draining else self.register.cpus - len(self.running)
+        return 0 if self.draining or self.revoked else self.register.cpus - len(self.running)
 
     def free_gpus(self) -> int:
         return len(self.register.gpus) - sum(self.gpus_used.values())
@@ -206,6 +219,13 @@ class WorkerSession:
                 line.pass_on()
 
     async def _fill(self, line: Line) -> None:
+        if self.credential is not None and not await self.scheduler.trust.may_work(self.queue, self.credential):
+            # What it runs goes on (its results come from the session holding the attempts); it takes
+            # nothing new, and its next registration is refused.
+            log.warning("worker %s: the queue credential it registered with was revoked; no new jobs", self.worker_id)
+            self.revoked = True
+            line.pass_on()
+            return
         free, free_gpus = self.free_slots(), self.free_gpus()
         jobs = await self.scheduler.claim(self.queue, self.holder, free_gpus, free)
         for job in jobs:

@@ -44,6 +44,10 @@ class ServerSettings:
     lease_seconds: Annotated[float, DURATION, Parameter(name="worker-grace")] = 30.0
     """How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued as
     worker-lost; a worker that reconnects within it keeps them, with no restart."""
+    require_worker_credential: bool = False
+    """Refuse workers on queues without a worker credential (those that exist only by name): a public
+    server sets it, so that only queues made by `jobwire queue new` are served, by their credential's
+    holders."""
     retention_seconds: Annotated[float, DURATION, Parameter(name="retention")] = 30 * 24 * 3600.0
     """How long finished jobs (results, logs, history) are kept."""
     heartbeat_seconds: Annotated[float, INTERNAL] = 5.0

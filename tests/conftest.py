@@ -28,7 +28,7 @@ from jobwire.server.app import Server, build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import Submission
-from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
@@ -203,6 +203,23 @@ async def wait_finished(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str, timeout
 
     await asyncio.wait_for(follow(), timeout)
     return (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
+
+
+class WorkerStream:
+    """A hand-driven worker stream; the server's messages are read one at a time, batches taken apart."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        self.call, self.unread = call, list[workers_pb2.ConnectResponse]()
+
+    async def write(self, message: workers_pb2.ConnectRequest) -> None:
+        await self.call.write(message)
+
+    async def read(self) -> workers_pb2.ConnectResponse:
+        if not self.unread:
+            message = await self.call.read()
+            assert isinstance(message, workers_pb2.ConnectResponse)
+            self.unread += message.batch.messages if message.HasField("batch") else [message]
+        return self.unread.pop(0)
 
 
 JOBWIRE = str(Path(sys.executable).parent / "jobwire")

@@ -218,9 +218,26 @@ async def test_errors_are_one_line_with_distinct_exit_codes(cli: Cli, queue: str
     assert len({unreachable.code, unknown.code, invalid.code, usage.code}) == 4
 
 
+async def test_a_queue_made_with_a_worker_credential_is_rotated_and_revoked_by_its_holder(cli: Cli) -> None:
+    created = await cli("queue", "new")
+    assert created.code == 0, created.err
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in created.out.splitlines())
+    queue, credential = exports["JOBWIRE_QUEUE"], exports["JOBWIRE_CREDENTIAL"]
+    assert len(queue) == 32 and len(credential) >= 43
+    assert (await cli("queue", "rotate", queue, "--credential", "a-guess")).code != 0
+    rotated = await cli("queue", "rotate", queue, "--credential", credential)
+    assert rotated.code == 0, rotated.err
+    new = rotated.out.strip().removeprefix("export JOBWIRE_CREDENTIAL=")
+    assert new and new != credential
+    refused = await cli("queue", "revoke", queue, "--credential", credential)  # the old one died with the rotation
+    assert refused.code != 0 and "credential" in refused.err
+    assert (await cli("queue", "revoke", queue, "--credential", new)).code == 0
+    assert (await cli("queue", "rotate", queue, "--credential", new)).code != 0
+
+
 async def test_queue_file_and_job_commands(cli: Cli, client: Client, queue: str, tmp_path: Path) -> None:
-    minted = (await cli("queue", "new")).out.strip()
-    assert len(minted) == 32 and minted != (await cli("queue", "new")).out.strip()
+    minted = (await cli("queue", "new", "--open")).out.strip()
+    assert len(minted) == 32 and minted != (await cli("queue", "new", "--open")).out.strip()
 
     (tmp_path / "blob.bin").write_bytes(os.urandom(5000))
     digest = hashlib.sha256((tmp_path / "blob.bin").read_bytes()).hexdigest()

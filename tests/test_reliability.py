@@ -22,7 +22,19 @@ from google.protobuf import json_format
 from jobwire.cli.services import free_port
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 from jobwire.worker.docker_output import _Seen
-from tests.conftest import BUSYBOX, PYTHON, Processes, Stack, StartWorker, eventually, wait_finished
+from tests.conftest import (
+    BUSYBOX,
+    PYTHON,
+    Processes,
+    Stack,
+    StartWorker,
+    WorkerStream,
+    eventually,
+    wait_finished,
+)
+
+SECRET = "the-hand-driven-workers-secret"
+"""What the hand-driven streams below prove their ids with (see `jobwire.server.trust`)."""
 
 pytestmark = pytest.mark.docker
 
@@ -255,23 +267,6 @@ async def _all_finished(jobs: jobs_pb2_grpc.JobServiceStub, ids: list[str]) -> b
     return all(state == jobs_pb2.JOB_STATE_FINISHED for state in states)
 
 
-class _Stream:
-    """A hand-driven worker stream; the server's messages are read one at a time, batches taken apart."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
-        self.call, self.unread = call, list[workers_pb2.ConnectResponse]()
-
-    async def write(self, message: workers_pb2.ConnectRequest) -> None:
-        await self.call.write(message)
-
-    async def read(self) -> workers_pb2.ConnectResponse:
-        if not self.unread:
-            message = await self.call.read()
-            assert isinstance(message, workers_pb2.ConnectResponse)
-            self.unread += message.batch.messages if message.HasField("batch") else [message]
-        return self.unread.pop(0)
-
-
 async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
     channel: grpc.aio.Channel,
     jobs: jobs_pb2_grpc.JobServiceStub,
@@ -280,9 +275,11 @@ async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
 ) -> None:
     """Two hand-driven worker streams: the first holds attempt 1 and goes silent past the grace period."""
     stub = workers_pb2_grpc.WorkerServiceStub(channel)
-    first = _Stream(stub.Connect())
+    first = WorkerStream(stub.Connect())
     await first.write(
-        workers_pb2.ConnectRequest(register=workers_pb2.RegisterWorker(worker_id="w-old", queue=queue, cpus=1))
+        workers_pb2.ConnectRequest(
+            register=workers_pb2.RegisterWorker(worker_id="w-old", queue=queue, cpus=1, secret=SECRET)
+        )
     )
     assert (await first.read()).HasField("registered")
     request = jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=f"echo {queue}"))
@@ -291,9 +288,11 @@ async def test_a_stale_attempts_result_is_rejected_and_the_newer_one_stands(
     assert (old.assignment.job_id, old.assignment.attempt) == (job_id, 1)
     await eventually(lambda: _requeued(jobs, job_id), "the silent worker's job to be re-queued", timeout=30)
 
-    second = _Stream(stub.Connect())
+    second = WorkerStream(stub.Connect())
     await second.write(
-        workers_pb2.ConnectRequest(register=workers_pb2.RegisterWorker(worker_id="w-new", queue=queue, cpus=1))
+        workers_pb2.ConnectRequest(
+            register=workers_pb2.RegisterWorker(worker_id="w-new", queue=queue, cpus=1, secret=SECRET)
+        )
     )
     assert (await second.read()).HasField("registered")
     new = await second.read()

@@ -1161,3 +1161,26 @@ async def test_postgres_running_jobs_get_a_session_and_are_retaken(
         await assert_retaken_after_migration(store)
     finally:
         await store.close()
+
+
+async def test_a_queue_credential_is_added_once_and_replaced_only_by_who_holds_it(store: StateStore) -> None:
+    assert await store.queue_credential("q") is None  # a queue that exists only by name is open
+    assert await store.add_queue_credential("q", "one", T0)
+    assert not await store.add_queue_credential("q", "other", T0)  # nobody takes over a protected queue
+    assert await store.queue_credential("q") == "one"
+    assert not await store.replace_queue_credential("q", "wrong", "mine", T0)
+    assert not await store.replace_queue_credential("unknown", "", "mine", T0)
+    assert await store.replace_queue_credential("q", "one", "two", T0)
+    assert await store.queue_credential("q") == "two"
+    assert await store.replace_queue_credential("q", "two", "", T0)  # revoked
+    assert await store.queue_credential("q") == ""
+    assert not await store.replace_queue_credential("q", "", "three", T0)  # a revoked queue stays closed
+    assert not await store.add_queue_credential("q", "three", T0)
+
+
+async def test_a_worker_id_trusts_the_first_secret_it_was_seen_with(store: StateStore) -> None:
+    assert await store.trust_worker("w1", "secret", T0)
+    assert await store.trust_worker("w1", "secret", T0 + 1)
+    assert not await store.trust_worker("w1", "forged", T0 + 2)
+    assert await store.trust_worker("w2", "forged", T0 + 2)  # another id is another worker
+    assert await store.trust_worker("w1", "secret", T0 + 3)

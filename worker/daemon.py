@@ -23,7 +23,7 @@ from jobwire.connection import Retry, Target, open_channel
 from jobwire.core.units import format_duration
 from jobwire.files import FileClient
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from jobwire.worker.errors import StreamEnded
+from jobwire.worker.errors import Refused, StreamEnded
 from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.gpus import GpuPool
 from jobwire.worker.outbox import Outbox
@@ -34,6 +34,8 @@ from jobwire.worker.staging import Staging
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 256
 Call: TypeAlias = "grpc.aio.StreamStreamCall[workers_pb2.ConnectRequest, workers_pb2.ConnectResponse]"
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+"""What the server answers a registration it will never accept (see `Refused`)."""
 _RECONNECT = Retry(attempts=sys.maxsize, initial_backoff=0.5, max_backoff=30.0)
 """Pauses between reconnects (forever), from the first again once a registration succeeds."""
 CHANNEL_OPTIONS = [
@@ -76,6 +78,7 @@ class Daemon:
     def __init__(self, settings: WorkerSettings, runtime: ContainerRuntime) -> None:
         self.settings, self.runtime = settings, runtime
         self.worker_id = settings.resolved_id()
+        self.secret = settings.secret()
         self.outbox = Outbox(OUTBOX_SIZE)
         self.retry: workers_pb2.ConnectRequest | None = None
         self.attempts: dict[Key, Attempt] = {}
@@ -99,23 +102,34 @@ class Daemon:
         return self.answer
 
     async def run(self) -> None:
-        """Connect and serve forever, reconnecting with exponential backoff and jitter."""
+        """Connect and serve forever, reconnecting with exponential backoff and jitter; raises `Refused`
+        when the server refuses the registration (jobs still running here are stopped)."""
         await self.runtime.prepare()
         async with self.channel() as channel:
             staging = Staging(FileClient(channel), self.settings.data_directory / "cache" / "blobs")
-            async with asyncio.TaskGroup() as jobs:
-                await self._resume(jobs, staging)
+            try:
+                async with asyncio.TaskGroup() as jobs:
+                    await self._resume(jobs, staging)
+                    await self._connect_forever(workers_pb2_grpc.WorkerServiceStub(channel), jobs, staging)
+            except* Refused as refused:
+                raise refused.exceptions[0] from None
+
+    async def _connect_forever(
+        self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, jobs: asyncio.TaskGroup, staging: Staging
+    ) -> None:
+        delays = _RECONNECT.delays()
+        while True:
+            try:
+                await self._session(stub, jobs, staging)
+            except (grpc.aio.AioRpcError, StreamEnded) as error:
+                detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+                if isinstance(error, grpc.aio.AioRpcError) and error.code() in _REFUSALS:
+                    raise Refused(f"the server refused this worker: {detail}") from None
+                log.warning("connection to %s lost (%s); reconnecting", self.settings.server, detail)
+            if self.registered.is_set():
                 delays = _RECONNECT.delays()
-                while True:
-                    try:
-                        await self._session(workers_pb2_grpc.WorkerServiceStub(channel), jobs, staging)
-                    except (grpc.aio.AioRpcError, StreamEnded) as error:
-                        detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
-                        log.warning("connection to %s lost (%s); reconnecting", self.settings.server, detail)
-                    if self.registered.is_set():
-                        delays = _RECONNECT.delays()
-                    self.registered.clear()
-                    await asyncio.sleep(next(delays))
+            self.registered.clear()
+            await asyncio.sleep(next(delays))
 
     async def _session(
         self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, jobs: asyncio.TaskGroup, staging: Staging
@@ -163,6 +177,8 @@ class Daemon:
             max_job_duration=duration_pb2.Duration(seconds=round(self.settings.max_job_duration)),
             running=self._held(),
             hostname=socket.gethostname(),
+            credential=self.settings.credential,
+            secret=self.secret,
         )
 
     def _held(self) -> list[workers_pb2.AttemptRef]:

@@ -5,7 +5,8 @@ WorkerError
  │    ├── ImageError   the image is not local, cannot be pulled, or the engine refused the container
  │    ├── BuildError   the image could not be built; the build log says why
  │    └── StagingError an input could not be written; the message says which and why
- └── StreamEnded       the server ended the worker's stream; the daemon reconnects
+ ├── StreamEnded       the server ended the worker's stream; the daemon reconnects
+ └── Refused           the server refused the registration (credential, secret); the daemon stops
 """
 
 
@@ -31,3 +32,8 @@ class StagingError(JobError):
 
 class StreamEnded(WorkerError):
     """The server ended the stream."""
+
+
+class Refused(WorkerError):
+    """The server refused the worker's registration; retrying with the same credential and secret
+    cannot help, so the daemon stops with the server's reason."""

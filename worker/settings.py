@@ -6,6 +6,7 @@ Adding an option is adding a field here."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import uuid
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ class WorkerSettings:
     """Longest a job may run here; a job's own `maxDuration` may be shorter."""
     worker_id: Annotated[str, Parameter(name="id")] = ""
     """The worker's id; by default one is created once and kept in the data directory."""
+    credential: str = ""
+    """The queue's worker credential, from `jobwire queue new` (prefer JOBWIRE_CREDENTIAL: command
+    lines are visible to every user of the machine); a queue that exists only by name needs none."""
     drain_timeout: Annotated[float, DURATION] = 60.0
     """On shutdown, how long running jobs may take to finish before they are handed back."""
     default_memory: Annotated[int, SIZE] = 0
@@ -100,3 +104,16 @@ class WorkerSettings:
         new_id = f"w-{uuid.uuid4().hex[:12]}"
         path.write_text(new_id + "\n")
         return new_id
+
+    def secret(self) -> str:
+        """The worker's secret, which proves its id to the server: made on the first start and kept
+        in the data directory, readable by its owner only."""
+        path = self.data_directory / "worker-secret"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_directory.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(32)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+        return secret

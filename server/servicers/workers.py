@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from jobwire.core.batching import take_ready
-from jobwire.server.errors import Context
+from jobwire.server.errors import Context, grpc_errors
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
@@ -23,7 +23,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     def __init__(self, scheduler: Scheduler, logs: LogHub, lines: Lines, clock: Callable[[], float]) -> None:
         self.scheduler, self.logs, self.lines, self.clock = scheduler, logs, lines, clock
         # The handler task of each worker's newest stream: a worker that reconnects before its old
-        # stream timed out here replaces it, so no job is assigned on a stream nobody reads.
+        # stream timed out here (a half-open connection) replaces it, so no job is assigned on a stream
+        # nobody reads. Only a stream that proved the worker's secret (`admit`) gets that far.
         self.streams: dict[str, asyncio.Task[object]] = {}
 
     # Responses go out through context.write from a pump task, so this handler returns None.
@@ -38,6 +39,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
             session = WorkerSession(self.scheduler, self.logs, self.lines, first.register, self.clock)
         except ProtocolError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        async with grpc_errors(context):
+            await session.admit()
         current = asyncio.current_task()
         assert current is not None
         if (previous := self.streams.get(session.worker_id)) is not None:

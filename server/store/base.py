@@ -107,7 +107,28 @@ class Webhook:
     attempts: int = 0
 
 
-class StateStore(Protocol):
+class CredentialStore(Protocol):
+    """Who may work a queue and who a worker is (`credentials`): the part of the `StateStore` that
+    keeps digests of queue credentials and worker secrets."""
+
+    async def add_queue_credential(self, queue: str, digest: str, now: float) -> bool:
+        """Protect `queue` with the credential whose digest is `digest`; False (and no change) if the
+        queue has, or had, a credential."""
+
+    async def queue_credential(self, queue: str) -> str | None:
+        """The digest of the queue's worker credential: None for a queue without one (open), "" once
+        revoked."""
+
+    async def replace_queue_credential(self, queue: str, current: str, new: str, now: float) -> bool:
+        """Swap the queue's credential digest `current` for `new` ("" revokes) in one step; False (and
+        no change) if `current` is not the queue's live credential."""
+
+    async def trust_worker(self, worker_id: str, digest: str, now: float) -> bool:
+        """Trust on first use: keep `digest` (of the worker's secret) the first time `worker_id` is seen;
+        True if `digest` is the one kept for the id."""
+
+
+class StateStore(CredentialStore, Protocol):
     """Jobs, queues, logs and workers, shared by every server replica."""
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from jobwire.server.store import credentials
 from jobwire.server.store.database import Database, postgres_sql
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, worker_columns
@@ -144,6 +145,8 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
     _worker_columns,
     # 6: the worker session holding a running job, beside its worker (see transitions: fencing).
     "ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT ''",
+    # 7: digests of queues' worker credentials and of workers' secrets (as SQLite's migration 10).
+    credentials.SCHEMA.format(time="DOUBLE PRECISION"),
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""
@@ -186,7 +189,7 @@ class PostgresDatabase:
         await self.connection.execute(postgres_sql(sql), *args)
 
 
-class PostgresStore(SqlStore):
+class PostgresStore(SqlStore, credentials.CredentialRecords):
     """StateStore on a PostgreSQL database, through a pool of asyncpg connections."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobwire.server.store import credentials
 from jobwire.server.store.base import Holder
 from jobwire.server.store.database import Database, sqlite_sql
 from jobwire.server.store.records import SqlStore
@@ -130,6 +131,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     _worker_columns,
     # 9: the worker session holding a running job, beside its worker (see transitions: fencing).
     "ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT ''",
+    # 10: digests of queues' worker credentials and of workers' secrets (see credentials).
+    credentials.SCHEMA.format(time="REAL"),
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
@@ -156,7 +159,7 @@ class SqliteDatabase:
         self.db.execute(sqlite_sql(sql), args)
 
 
-class SqliteStore(SqlStore):
+class SqliteStore(SqlStore, credentials.CredentialRecords):
     """StateStore on one SQLite file; see the module's docstring for how it stays off the loop's way."""
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:

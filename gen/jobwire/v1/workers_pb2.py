@@ -28,7 +28,7 @@ from jobwire.v1 import definition_pb2 as jobwire_dot_v1_dot_definition__pb2
 from jobwire.v1 import jobs_pb2 as jobwire_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jobwire/v1/workers.proto\x12\njobwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bjobwire/v1/definition.proto\x1a\x15jobwire/v1/jobs.proto\"\xd3\x02\n\x0e\x43onnectRequest\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.jobwire.v1.RegisterWorkerH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.jobwire.v1.HeartbeatH\x00\x12)\n\x07started\x18\x03 \x01(\x0b\x32\x16.jobwire.v1.JobStartedH\x00\x12#\n\x04logs\x18\x04 \x01(\x0b\x32\x13.jobwire.v1.JobLogsH\x00\x12+\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x17.jobwire.v1.JobFinishedH\x00\x12+\n\x08released\x18\x06 \x01(\x0b\x32\x17.jobwire.v1.JobReleasedH\x00\x12\x30\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x1f.jobwire.v1.ConnectRequestBatchH\x00\x42\t\n\x07message\"C\n\x13\x43onnectRequestBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.jobwire.v1.ConnectRequest\"\xb8\x02\n\x0f\x43onnectResponse\x12\x32\n\nregistered\x18\x01 \x01(\x0b\x32\x1c.jobwire.v1.WorkerRegisteredH\x00\x12/\n\nassignment\x18\x02 \x01(\x0b\x32\x19.jobwire.v1.JobAssignmentH\x00\x12\'\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x15.jobwire.v1.JobCancelH\x00\x12)\n\x05stale\x18\x04 \x01(\x0b\x32\x18.jobwire.v1.StaleAttemptH\x00\x12.\n\x0c\x66inished_ack\x18\x05 \x01(\x0b\x32\x16.jobwire.v1.AttemptRefH\x00\x12\x31\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32 .jobwire.v1.ConnectResponseBatchH\x00\x42\t\n\x07message\"E\n\x14\x43onnectResponseBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.jobwire.v1.ConnectResponse\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xcf\x01\n\x0eRegisterWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x05\x12\x0c\n\x04gpus\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x33\n\x10max_job_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x07running\x18\x07 \x03(\x0b\x32\x16.jobwire.v1.AttemptRef\x12\x10\n\x08hostname\x18\x08 \x01(\t\"\x8c\x02\n\x10WorkerRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05stale\x18\x04 \x03(\x0b\x32\x16.jobwire.v1.AttemptRef\x12\x12\n\npublic_url\x18\x05 \x01(\t\x12*\n\x0blog_cursors\x18\x06 \x03(\x0b\x32\x15.jobwire.v1.LogCursor\x12\x14\n\x0cinline_limit\x18\x07 \x01(\x03\"\x8b\x01\n\tLogCursor\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.jobwire.v1.LogKind\x12\x0e\n\x06stored\x18\x04 \x01(\x03\x12\x14\n\x0cstdout_chars\x18\x05 \x01(\x03\x12\x14\n\x0cstderr_chars\x18\x06 \x01(\x03\"p\n\tHeartbeat\x12\'\n\x07running\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.AttemptRef\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"n\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12-\n\ndefinition\x18\x03 \x01(\x0b\x32\x19.jobwire.v1.JobDefinition\x12\r\n\x05queue\x18\x04 \x01(\t\"<\n\tJobCancel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x0cStaleAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"]\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x82\x01\n\x07JobLogs\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.jobwire.v1.LogKind\x12$\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x14.jobwire.v1.LogChunk\x12\r\n\x05start\x18\x05 \x01(\x03\"U\n\x0bJobFinished\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x15.jobwire.v1.JobResult\">\n\x0bJobReleased\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1a.jobwire.v1.ConnectRequest\x1a\x1b.jobwire.v1.ConnectResponse\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jobwire/v1/workers.proto\x12\njobwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bjobwire/v1/definition.proto\x1a\x15jobwire/v1/jobs.proto\"\xd3\x02\n\x0e\x43onnectRequest\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.jobwire.v1.RegisterWorkerH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.jobwire.v1.HeartbeatH\x00\x12)\n\x07started\x18\x03 \x01(\x0b\x32\x16.jobwire.v1.JobStartedH\x00\x12#\n\x04logs\x18\x04 \x01(\x0b\x32\x13.jobwire.v1.JobLogsH\x00\x12+\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x17.jobwire.v1.JobFinishedH\x00\x12+\n\x08released\x18\x06 \x01(\x0b\x32\x17.jobwire.v1.JobReleasedH\x00\x12\x30\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x1f.jobwire.v1.ConnectRequestBatchH\x00\x42\t\n\x07message\"C\n\x13\x43onnectRequestBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.jobwire.v1.ConnectRequest\"\xb8\x02\n\x0f\x43onnectResponse\x12\x32\n\nregistered\x18\x01 \x01(\x0b\x32\x1c.jobwire.v1.WorkerRegisteredH\x00\x12/\n\nassignment\x18\x02 \x01(\x0b\x32\x19.jobwire.v1.JobAssignmentH\x00\x12\'\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x15.jobwire.v1.JobCancelH\x00\x12)\n\x05stale\x18\x04 \x01(\x0b\x32\x18.jobwire.v1.StaleAttemptH\x00\x12.\n\x0c\x66inished_ack\x18\x05 \x01(\x0b\x32\x16.jobwire.v1.AttemptRefH\x00\x12\x31\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32 .jobwire.v1.ConnectResponseBatchH\x00\x42\t\n\x07message\"E\n\x14\x43onnectResponseBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.jobwire.v1.ConnectResponse\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xf3\x01\n\x0eRegisterWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x05\x12\x0c\n\x04gpus\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x33\n\x10max_job_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x07running\x18\x07 \x03(\x0b\x32\x16.jobwire.v1.AttemptRef\x12\x10\n\x08hostname\x18\x08 \x01(\t\x12\x12\n\ncredential\x18\t \x01(\t\x12\x0e\n\x06secret\x18\n \x01(\t\"\x8c\x02\n\x10WorkerRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05stale\x18\x04 \x03(\x0b\x32\x16.jobwire.v1.AttemptRef\x12\x12\n\npublic_url\x18\x05 \x01(\t\x12*\n\x0blog_cursors\x18\x06 \x03(\x0b\x32\x15.jobwire.v1.LogCursor\x12\x14\n\x0cinline_limit\x18\x07 \x01(\x03\"\x8b\x01\n\tLogCursor\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.jobwire.v1.LogKind\x12\x0e\n\x06stored\x18\x04 \x01(\x03\x12\x14\n\x0cstdout_chars\x18\x05 \x01(\x03\x12\x14\n\x0cstderr_chars\x18\x06 \x01(\x03\"p\n\tHeartbeat\x12\'\n\x07running\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.AttemptRef\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"n\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12-\n\ndefinition\x18\x03 \x01(\x0b\x32\x19.jobwire.v1.JobDefinition\x12\r\n\x05queue\x18\x04 \x01(\t\"<\n\tJobCancel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x0cStaleAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"]\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x82\x01\n\x07JobLogs\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.jobwire.v1.LogKind\x12$\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x14.jobwire.v1.LogChunk\x12\r\n\x05start\x18\x05 \x01(\x03\"U\n\x0bJobFinished\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x15.jobwire.v1.JobResult\">\n\x0bJobReleased\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1a.jobwire.v1.ConnectRequest\x1a\x1b.jobwire.v1.ConnectResponse\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTEMPTREF']._serialized_start=954
   _globals['_ATTEMPTREF']._serialized_end=999
   _globals['_REGISTERWORKER']._serialized_start=1002
-  _globals['_REGISTERWORKER']._serialized_end=1209
-  _globals['_WORKERREGISTERED']._serialized_start=1212
-  _globals['_WORKERREGISTERED']._serialized_end=1480
-  _globals['_LOGCURSOR']._serialized_start=1483
-  _globals['_LOGCURSOR']._serialized_end=1622
-  _globals['_HEARTBEAT']._serialized_start=1624
-  _globals['_HEARTBEAT']._serialized_end=1736
-  _globals['_JOBASSIGNMENT']._serialized_start=1738
-  _globals['_JOBASSIGNMENT']._serialized_end=1848
-  _globals['_JOBCANCEL']._serialized_start=1850
-  _globals['_JOBCANCEL']._serialized_end=1910
-  _globals['_STALEATTEMPT']._serialized_start=1912
-  _globals['_STALEATTEMPT']._serialized_end=1975
-  _globals['_JOBSTARTED']._serialized_start=1977
-  _globals['_JOBSTARTED']._serialized_end=2070
-  _globals['_JOBLOGS']._serialized_start=2073
-  _globals['_JOBLOGS']._serialized_end=2203
-  _globals['_JOBFINISHED']._serialized_start=2205
-  _globals['_JOBFINISHED']._serialized_end=2290
-  _globals['_JOBRELEASED']._serialized_start=2292
-  _globals['_JOBRELEASED']._serialized_end=2354
-  _globals['_WORKERSERVICE']._serialized_start=2356
-  _globals['_WORKERSERVICE']._serialized_end=2445
+  _globals['_REGISTERWORKER']._serialized_end=1245
+  _globals['_WORKERREGISTERED']._serialized_start=1248
+  _globals['_WORKERREGISTERED']._serialized_end=1516
+  _globals['_LOGCURSOR']._serialized_start=1519
+  _globals['_LOGCURSOR']._serialized_end=1658
+  _globals['_HEARTBEAT']._serialized_start=1660
+  _globals['_HEARTBEAT']._serialized_end=1772
+  _globals['_JOBASSIGNMENT']._serialized_start=1774
+  _globals['_JOBASSIGNMENT']._serialized_end=1884
+  _globals['_JOBCANCEL']._serialized_start=1886
+  _globals['_JOBCANCEL']._serialized_end=1946
+  _globals['_STALEATTEMPT']._serialized_start=1948
+  _globals['_STALEATTEMPT']._serialized_end=2011
+  _globals['_JOBSTARTED']._serialized_start=2013
+  _globals['_JOBSTARTED']._serialized_end=2106
+  _globals['_JOBLOGS']._serialized_start=2109
+  _globals['_JOBLOGS']._serialized_end=2239
+  _globals['_JOBFINISHED']._serialized_start=2241
+  _globals['_JOBFINISHED']._serialized_end=2326
+  _globals['_JOBRELEASED']._serialized_start=2328
+  _globals['_JOBRELEASED']._serialized_end=2390
+  _globals['_WORKERSERVICE']._serialized_start=2392
+  _globals['_WORKERSERVICE']._serialized_end=2481
 # @@protoc_insertion_point(module_scope)

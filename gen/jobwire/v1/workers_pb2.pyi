@@ -237,6 +237,8 @@ class RegisterWorker(_message.Message):
     MAX_JOB_DURATION_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker (persisted in its data directory)."""
     queue: _builtins.str
@@ -247,6 +249,17 @@ class RegisterWorker(_message.Message):
     """Its software version."""
     hostname: _builtins.str
     """Its host name, for people."""
+    credential: _builtins.str
+    """The queue's worker credential (from `CreateQueue`), when the queue has
+    one: without it the registration is refused (UNAUTHENTICATED). Sent in
+    the clear on the stream: dial over TLS on anything but loopback.
+    """
+    secret: _builtins.str
+    """The worker's secret, made on its first start and kept beside its id. The
+    server keeps its hash the first time the id registers; every later
+    registration with that id must send the same secret (UNAUTHENTICATED
+    otherwise), so no other stream can take the id's place or its jobs.
+    """
     @_builtins.property
     def gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """GPU device ids it offers."""
@@ -270,10 +283,12 @@ class RegisterWorker(_message.Message):
         max_job_duration: _duration_pb2.Duration | None = ...,
         running: _abc.Iterable[Global___AttemptRef] | None = ...,
         hostname: _builtins.str = ...,
+        credential: _builtins.str = ...,
+        secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_job_duration", b"max_job_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "gpus", b"gpus", "hostname", b"hostname", "max_job_duration", b"max_job_duration", "queue", b"queue", "running", b"running", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "credential", b"credential", "gpus", b"gpus", "hostname", b"hostname", "max_job_duration", b"max_job_duration", "queue", b"queue", "running", b"running", "secret", b"secret", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,7 +56,10 @@ class WorkerServiceServicer:
         slots and cancels; the worker sends heartbeats, job starts, log batches
         and results. Every job message carries the attempt it belongs to (a
         fencing token): messages of an attempt the server no longer holds are
-        rejected with `stale`, and never change the job.
+        rejected with `stale`, and never change the job. A registration without
+        the queue's worker credential or the worker's secret ends the stream
+        (UNAUTHENTICATED, or PERMISSION_DENIED for a queue this server lets no
+        worker serve) before anything about the queue is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,10 @@ class WorkerServiceStub:
     slots and cancels; the worker sends heartbeats, job starts, log batches
     and results. Every job message carries the attempt it belongs to (a
     fencing token): messages of an attempt the server no longer holds are
-    rejected with `stale`, and never change the job.
+    rejected with `stale`, and never change the job. A registration without
+    the queue's worker credential or the worker's secret ends the stream
+    (UNAUTHENTICATED, or PERMISSION_DENIED for a queue this server lets no
+    worker serve) before anything about the queue is sent.
     """
 
 @_typing.type_check_only
@@ -59,7 +62,10 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     slots and cancels; the worker sends heartbeats, job starts, log batches
     and results. Every job message carries the attempt it belongs to (a
     fencing token): messages of an attempt the server no longer holds are
-    rejected with `stale`, and never change the job.
+    rejected with `stale`, and never change the job. A registration without
+    the queue's worker credential or the worker's secret ends the stream
+    (UNAUTHENTICATED, or PERMISSION_DENIED for a queue this server lets no
+    worker serve) before anything about the queue is sent.
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -79,7 +85,10 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         slots and cancels; the worker sends heartbeats, job starts, log batches
         and results. Every job message carries the attempt it belongs to (a
         fencing token): messages of an attempt the server no longer holds are
-        rejected with `stale`, and never change the job.
+        rejected with `stale`, and never change the job. A registration without
+        the queue's worker credential or the worker's secret ends the stream
+        (UNAUTHENTICATED, or PERMISSION_DENIED for a queue this server lets no
+        worker serve) before anything about the queue is sent.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
