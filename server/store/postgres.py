@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from jobwire.server.store import runs
 from jobwire.server.store.database import Database, postgres_sql
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, worker_columns
@@ -144,6 +145,9 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
     _worker_columns,
     # 6: the worker session holding a running job, beside its worker (see transitions: fencing).
     "ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT ''",
+    # 7: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
+    # (as SQLite's migration 10; see runs).
+    runs.split_postgres,
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""
@@ -225,8 +229,7 @@ class PostgresStore(SqlStore):
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = await self.pool.fetch(
-            "SELECT j.state, COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE q.queue = $1"
-            " GROUP BY j.state",
+            "SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state",
             queue,
         )
         return {state: count for state, count in rows}

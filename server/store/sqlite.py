@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobwire.server.store import runs
 from jobwire.server.store.base import Holder
 from jobwire.server.store.database import Database, sqlite_sql
 from jobwire.server.store.records import SqlStore
@@ -130,6 +131,9 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     _worker_columns,
     # 9: the worker session holding a running job, beside its worker (see transitions: fencing).
     "ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT ''",
+    # 10: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
+    # (see runs: results count only in the queue where they ran).
+    runs.split_sqlite,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
