@@ -223,14 +223,14 @@ async def wait_for(
 
 @job.command
 async def cancel(
-    job_id: str, *, queue: str = "", namespace: str = "", json: Json = False, connection: Connection = Connection()
+    job_id: str, *, queue: str, namespace: str = "", json: Json = False, connection: Connection = Connection()
 ) -> None:
     """Cancel a queued or running job; its container is killed.
 
     Parameters
     ----------
     queue
-        The job's queue (looked up when not given).
+        The job's queue (a job id names no queue's run).
     namespace
         Cancel for this namespace only (default `_`); `*` cancels for every namespace.
     """
@@ -280,18 +280,20 @@ async def list_outputs(
 
 
 @job.command
-async def copy(job_id: str, queue: str, *, namespace: str = "", connection: Connection = Connection()) -> None:
-    """Submit a stored job's definition to QUEUE (the same job id there)."""
+async def copy(
+    job_id: str, queue: str, *, source: str, namespace: str = "", connection: Connection = Connection()
+) -> None:
+    """Submit the definition of the job's run in queue SOURCE to QUEUE (the same job id there)."""
     async with connect(connection) as client:
-        copied = await client.job(job_id).copy(queue, namespace)
+        copied = await client.job(job_id, source).copy(queue, namespace)
         print(job_row(copied.snapshot or await copied.get()))
 
 
 @job.command
-async def delete(job_id: str, *, connection: Connection = Connection()) -> None:
-    """Delete a job and its cached result, so an identical submission runs again."""
+async def delete(job_id: str, *, queue: str, connection: Connection = Connection()) -> None:
+    """Delete the job's run in QUEUE and its cached result, so an identical submission there runs again."""
     async with connect(connection) as client:
-        await client.job(job_id).delete()
+        await client.job(job_id, queue).delete()
         print(f"deleted {job_id}")
 
 

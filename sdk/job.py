@@ -67,7 +67,7 @@ class Job:
         delivered: dict[tuple[int, int], int] = {}
         delays = self.client.calls.retry.delays()
         while True:
-            request = jobs_pb2.WatchJobRequest(job_id=self.id, run_logs_since=0 if logs else _NO_LOGS)
+            request = jobs_pb2.WatchJobRequest(job_id=self.id, run_logs_since=0 if logs else _NO_LOGS, queue=self.queue)
             request.build_logs = build_logs
             call = self._stub.WatchJob(request)
             try:
@@ -97,7 +97,7 @@ class Job:
                     for chunk in event.chunks:
                         yield chunk
             return
-        request = jobs_pb2.GetJobLogsRequest(job_id=self.id, kind=_KINDS[kind])
+        request = jobs_pb2.GetJobLogsRequest(job_id=self.id, kind=_KINDS[kind], queue=self.queue)
         while True:
             page = await self.client.calls.unary(self._stub.GetJobLogs, request, not_found=JobNotFound)
             for chunk in page.chunks:
@@ -152,20 +152,22 @@ class Job:
         """Cancel for `namespace` (default: the one it was submitted with, else `_`; `*`: all namespaces).
 
         When no namespace holds the job any more it finishes as cancelled and its container is killed.
+        Needs the handle's queue (a job id names no queue's run): the server refuses it without one.
         """
-        queue = self.queue or (await self.get()).queue
-        request = jobs_pb2.CancelJobRequest(queue=queue, job_id=self.id, namespace=namespace or self.namespace)
+        request = jobs_pb2.CancelJobRequest(queue=self.queue, job_id=self.id, namespace=namespace or self.namespace)
         self.snapshot = (await self.client.calls.unary(self._stub.CancelJob, request, not_found=JobNotFound)).job
         return self.snapshot
 
     async def delete(self) -> None:
-        """Delete the job and its cached result (a running container is killed)."""
-        request = jobs_pb2.DeleteJobRequest(job_id=self.id)
+        """Delete the job's run in the handle's queue and its cached result (a running container is
+        killed); the server refuses a handle without a queue."""
+        request = jobs_pb2.DeleteJobRequest(job_id=self.id, queue=self.queue)
         await self.client.calls.unary(self._stub.DeleteJob, request, idempotent=False, not_found=JobNotFound)
 
     async def copy(self, queue: str, namespace: str = "") -> Job:
-        """Submit this job's definition to another queue; the same id there."""
-        request = jobs_pb2.CopyJobRequest(job_id=self.id, queue=queue)
+        """Submit the definition of this job's run (in the handle's queue) to another queue; the same id
+        there, a run of its own."""
+        request = jobs_pb2.CopyJobRequest(job_id=self.id, queue=queue, source_queue=self.queue)
         if namespace:
             request.control.namespace = namespace
         response = await self.client.calls.unary(self._stub.CopyJob, request, not_found=JobNotFound)

@@ -9,7 +9,7 @@ from jobwire.server.bus import EventBus, Lagged
 from jobwire.server.errors import NotFound
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import Attempt, Holder
-from jobwire.server.store.rows import job_summary
+from jobwire.server.store.rows import job_summary, job_url_view
 from jobwire.v1 import jobs_pb2, workers_pb2
 
 READ_LIMIT, READ_SIZE = 100_000, 2 * 1024 * 1024
@@ -46,16 +46,17 @@ class LogHub:
         if kept:
             batch = jobs_pb2.LogBatch(kind=kind, start=first, chunks=kept, attempt=attempt.attempt)
             message = jobs_pb2.WatchJobResponse(logs=batch)
-            await self.bus.publish(topics.job(attempt.job_id), message.SerializeToString())
+            await self.bus.publish(topics.job(holder.queue, attempt.job_id), message.SerializeToString())
         return True
 
     async def read(self, job: jobs_pb2.Job, kind: jobs_pb2.LogKind.ValueType, since: int) -> list[jobs_pb2.LogChunk]:
-        """The current attempt's chunks of one log from index `since`."""
-        return await _read(self.store, Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since)
+        """The current attempt's chunks of one log of the run from index `since`."""
+        return await _read(self.store, job.queue, Attempt(job.id, job.attempt), kind or jobs_pb2.LOG_KIND_RUN, since)
 
-    async def cursor(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> workers_pb2.LogCursor:
-        """How much of the attempt's log is stored: chunks, and characters of each stream."""
-        totals = await self.store.log_totals(attempt, kind)
+    async def cursor(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, queue: str) -> workers_pb2.LogCursor:
+        """How much of the log of the attempt of the job's run in `queue` is stored: chunks, and
+        characters of each stream."""
+        totals = await self.store.log_totals(attempt, kind, queue=queue)
         return workers_pb2.LogCursor(
             job_id=attempt.job_id,
             attempt=attempt.attempt,
@@ -78,10 +79,17 @@ class LogHub:
             size += len(chunks[first].text)
         return start + first, chunks[first:]
 
-    async def watch(self, job_id: str, run_since: int, build: bool) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
-        """The job's state, its logs so far, then every change until it finishes."""
-        async with self.bus.subscribe(topics.job(job_id)) as subscription:
-            follower = _Follower(self, job_id, run_since, build)
+    async def watch(
+        self, job_id: str, run_since: int, build: bool, queue: str = ""
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        """The state of the job's run in `queue`, its logs so far, then every change until it finishes.
+        Without a queue: the run an id-only read shows when the watch begins, and no queue name
+        (`job_url_view`)."""
+        run = await self.store.get_job(job_id, queue=queue)
+        if run is None:
+            raise NotFound(f"job {job_id} not found")
+        async with self.bus.subscribe(topics.job(run.queue, job_id)) as subscription:
+            follower = _Follower(self, run.queue, job_id, run_since, build, shown=queue)
             async for message in follower.resync():
                 yield message
             while not follower.finished():
@@ -99,8 +107,8 @@ class LogHub:
 class _Follower:
     """Cursor state of one watcher: which attempt, and how far into each log."""
 
-    def __init__(self, hub: LogHub, job_id: str, run_since: int, build: bool) -> None:
-        self.hub, self.job_id = hub, job_id
+    def __init__(self, hub: LogHub, queue: str, job_id: str, run_since: int, build: bool, shown: str) -> None:
+        self.hub, self.queue, self.job_id, self.shown = hub, queue, job_id, shown
         self.kinds = [jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN] if build else [jobs_pb2.LOG_KIND_RUN]
         self.cursors = {kind: 0 for kind in self.kinds}
         self.cursors[jobs_pb2.LOG_KIND_RUN] = run_since
@@ -109,7 +117,7 @@ class _Follower:
 
     async def resync(self) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """Send the job's state and whatever the store has beyond the cursors."""
-        job = await self.hub.store.get_job(self.job_id)
+        job = await self.hub.store.get_job(self.job_id, queue=self.queue)
         if job is None:
             raise NotFound(f"job {self.job_id} not found")
         async for message in self._on_job(job):
@@ -136,7 +144,7 @@ class _Follower:
             if self.attempt >= 0:
                 self.cursors = {kind: 0 for kind in self.kinds}
             self.attempt = job.attempt
-        yield jobs_pb2.WatchJobResponse(job=job_summary(job))
+        yield jobs_pb2.WatchJobResponse(job=job_summary(job) if self.shown else job_url_view(job_summary(job)))
         async for message in self._catch_up():
             yield message
         self.state = job.state
@@ -148,7 +156,8 @@ class _Follower:
         if self.attempt <= 0:
             return
         for kind in self.kinds:
-            while chunks := await _read(self.hub.store, Attempt(self.job_id, self.attempt), kind, self.cursors[kind]):
+            attempt = Attempt(self.job_id, self.attempt)
+            while chunks := await _read(self.hub.store, self.queue, attempt, kind, self.cursors[kind]):
                 yield self._batch(kind, self.cursors[kind], chunks)
 
     def _batch(
@@ -160,10 +169,10 @@ class _Follower:
 
 
 async def _read(
-    store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int
+    store: StateStore, queue: str, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int
 ) -> list[jobs_pb2.LogChunk]:
     """Chunks from index `since`, as many as fit one response (at least one)."""
-    chunks = await store.read_logs(attempt, kind, since, READ_LIMIT)
+    chunks = await store.read_logs(attempt, kind, since, READ_LIMIT, queue=queue)
     size = 0
     for count, chunk in enumerate(chunks):
         size += len(chunk.text)

@@ -30,11 +30,11 @@ from jobwire.server.store.base import (
     Submission,
     Webhook,
 )
-from jobwire.server.store.rows import job_summary
+from jobwire.server.store.rows import job_summary, job_url_view
 from jobwire.server.trust import Trust
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 
-__all__ = ["Attempt", "Holder", "Scheduler", "check_queue"]
+__all__ = ["Attempt", "Holder", "Scheduler", "check_queue", "job_url_view"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
 
@@ -73,7 +73,9 @@ class Scheduler:
         control: definition_pb2.JobControl,
         claimed_id: str = "",
     ) -> jobs_pb2.Job:
-        """Validate and enqueue; an identical in-flight or cached job is returned as is."""
+        """Validate and enqueue in `queue`; the job's run there, returned as is when it is queued, running
+        or has a final result (only a result earned in this queue answers; other queues' runs of
+        the same definition neither answer nor hold it back)."""
         check_queue(queue)
         submission = self._checked(definition, control, claimed_id)
         ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
@@ -155,11 +157,14 @@ class Scheduler:
             (FINISHED_HOOK, callbacks.finished, False),
         ):
             if callback.url and (queued or event == FINISHED_HOOK):
-                hook = Webhook(job.id, event, callback.url, webhooks.body(job.id, job.queue, namespace, callback))
+                body = webhooks.body(job.id, job.queue, namespace, callback)
+                hook = Webhook(job.id, job.queue, event, callback.url, body)
                 await self.store.add_webhook(hook, armed=armed, now=self.clock())
 
     async def get_job(self, job_id: str, queue: str = "") -> jobs_pb2.Job:
-        """The full job, with a waiting reason while queued; NotFound if unknown."""
+        """The job's run in `queue` (without one: the run an id-only read shows, see
+        `StateStore.get_job`), with a waiting reason while queued; NotFound if unknown. Adapters show
+        an id-only read through `job_url_view`."""
         job = await self.store.get_job(job_id, queue=queue)
         if job is None:
             where = f" in queue {queue!r}" if queue else ""
@@ -236,6 +241,7 @@ class Scheduler:
 
     async def cancel(self, queue: str, job_id: str, namespace: str) -> jobs_pb2.Job:
         """Cancel for one namespace (`*`: all); the container is stopped when none is left."""
+        _need_queue(queue, f"cancelling needs the job's queue: POST /q/{{queue}}/j/{job_id}/cancel")
         cancelled = await self.store.cancel(
             queue=queue, job_id=job_id, namespace=namespace or DEFAULT_NAMESPACE, now=self.clock()
         )
@@ -244,11 +250,13 @@ class Scheduler:
         await self._after_end(cancelled, "cancelled by a client")
         return cancelled.job
 
-    async def delete(self, job_id: str) -> jobs_pb2.Job:
-        """Delete the job and its cached result; a running container is stopped."""
-        deleted = await self.store.delete(job_id, self.clock())
+    async def delete(self, queue: str, job_id: str) -> jobs_pb2.Job:
+        """Delete the job's run in `queue` and its cached result; a running container is stopped.
+        A job id alone deletes nothing: it names no queue's run."""
+        _need_queue(queue, f"deleting needs the job's queue: DELETE /q/{{queue}}/j/{job_id}")
+        deleted = await self.store.delete(queue=queue, job_id=job_id, now=self.clock())
         if deleted is None:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound(f"job {job_id} not found in queue {queue!r}")
         await self._after_end(deleted, "deleted by a client")
         return deleted.job
 
@@ -259,11 +267,12 @@ class Scheduler:
             message = workers_pb2.ConnectResponse(cancel=stop)
             await self.bus.publish(topics.worker(ended.worker_id), message.SerializeToString())
 
-    async def copy(self, job_id: str, queue: str, control: definition_pb2.JobControl) -> jobs_pb2.Job:
-        """Submit a stored job's definition to another queue."""
-        job = await self.store.get_job(job_id)
+    async def copy(self, job_id: str, source: str, queue: str, control: definition_pb2.JobControl) -> jobs_pb2.Job:
+        """Submit the definition of the job's run in queue `source` to `queue` (a run of its own there)."""
+        _need_queue(source, f"copying needs the job's queue: POST /q/{{queue}}/j/{job_id}/copy")
+        job = await self.store.get_job(job_id, queue=source)
         if job is None:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound(f"job {job_id} not found in queue {source!r}")
         return await self.submit(queue, job.definition, control)
 
     async def claim(self, queue: str, holder: Holder, gpus: int, count: int) -> list[jobs_pb2.Job]:
@@ -314,7 +323,8 @@ class Scheduler:
         its other jobs; returns the stale ones."""
         stale = await self.store.retake(holder, held, self.clock() + self.settings.lease_seconds)
         kept = [attempt for attempt in held if attempt not in stale]
-        await self._requeued(await self.store.requeue_worker(holder.worker_id, kept, self.clock()))
+        lost = await self.store.requeue_worker(holder.worker_id, kept, self.clock(), queue=holder.queue)
+        await self._requeued(lost)
         return stale
 
     async def reap(self) -> None:
@@ -334,9 +344,16 @@ class Scheduler:
             await self.bus.publish(topics.queue(job.queue), topics.work_notice(1))
 
     async def publish_job(self, job: jobs_pb2.Job) -> None:
-        """Tell watchers the job's new state (without definition, result logs and history)."""
+        """Tell watchers of the job's run the new state (without definition, result logs and history)."""
         message = jobs_pb2.WatchJobResponse(job=job_summary(job))
-        await self.bus.publish(topics.job(job.id), message.SerializeToString())
+        await self.bus.publish(topics.job(job.queue, job.id), message.SerializeToString())
+
+
+def _need_queue(queue: str, words: str) -> None:
+    """Refuse an id-only request that would change a run: a job id names no queue's run."""
+    if not queue:
+        raise InvalidArgument(words)
+    check_queue(queue)
 
 
 def check_queue(queue: str) -> None:

@@ -44,7 +44,7 @@ class WorkerSession:
         self.clock = clock
         self.worker_id, self.queue = register.worker_id, register.queue
         self.session_id = uuid.uuid4().hex
-        self.holder = Holder(self.worker_id, self.session_id)  # fences what this stream may act on
+        self.holder = Holder(self.worker_id, self.session_id, self.queue)  # fences what this stream may act on
         self.outbox: asyncio.Queue[workers_pb2.ConnectResponse] = asyncio.Queue(OUTBOX_SIZE)
         self.running: dict[str, int] = {}
         self.gpus_used: dict[str, int] = {}  # GPU devices each running job holds
@@ -80,7 +80,7 @@ class WorkerSession:
         )
         settings = self.scheduler.settings
         cursors = [
-            await self.logs.cursor(Attempt(job_id, attempt), kind)
+            await self.logs.cursor(Attempt(job_id, attempt), kind, self.queue)
             for job_id, attempt in self.running.items()
             for kind in (jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN)
         ]

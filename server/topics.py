@@ -1,9 +1,9 @@
 """Names of the event bus topics."""
 
 
-def job(job_id: str) -> str:
-    """State changes and log batches of one job (WatchJobResponse messages)."""
-    return f"job:{job_id}"
+def job(queue: str, job_id: str) -> str:
+    """State changes and log batches of one job's run in `queue` (WatchJobResponse messages)."""
+    return f"job:{queue}/{job_id}"
 
 
 def queue(name: str) -> str:

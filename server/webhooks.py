@@ -49,7 +49,7 @@ class Webhooks:
 
     async def _deliver(self, client: httpx.AsyncClient, hook: Webhook) -> None:
         payload: dict[str, Any] = json.loads(hook.body)
-        if hook.event == FINISHED_HOOK and (job := await self.store.get_job(hook.job_id)) is not None:
+        if hook.event == FINISHED_HOOK and (job := await self.store.get_job(hook.job_id, queue=hook.queue)) is not None:
             reason = jobs_pb2.FinishReason.Name(job.finish_reason).removeprefix("FINISH_REASON_")
             payload |= {
                 "state": "finished",

@@ -194,15 +194,17 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
         await handle.stop()
 
 
-async def wait_finished(jobs: jobs_pb2_grpc.JobServiceStub, job_id: str, timeout: float = 60) -> jobs_pb2.Job:
-    """Follow the job until it finishes; returns it with its result."""
+async def wait_finished(
+    jobs: jobs_pb2_grpc.JobServiceStub, job_id: str, timeout: float = 60, queue: str = ""
+) -> jobs_pb2.Job:
+    """Follow the job (its run in `queue`, if given) until it finishes; returns it with its result."""
 
     async def follow() -> None:
-        async for _ in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+        async for _ in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, queue=queue)):
             pass
 
     await asyncio.wait_for(follow(), timeout)
-    return (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))).job
+    return (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id, queue=queue))).job
 
 
 class WorkerStream:

@@ -254,8 +254,8 @@ async def test_queue_file_and_job_commands(cli: Cli, client: Client, queue: str,
     listed = await cli("job", "ls", queue, "--json")
     assert [job["id"] for job in json.loads(listed.out)["jobs"]] == [job_id]
     assert (await cli("job", "ls", queue, "--state", "running")).out == ""
-    assert "no worker is connected" in (await cli("job", "get", job_id)).out
-    cancelled = await cli("job", "cancel", job_id, "--namespace", "me")
+    assert "no worker is connected" in (await cli("job", "get", job_id, "--queue", queue)).out
+    cancelled = await cli("job", "cancel", job_id, "--queue", queue, "--namespace", "me")
     assert cancelled.code == 0 and "finished: cancelled" in cancelled.out, cancelled.err
     waited = await cli("job", "wait", job_id)
     assert waited.code == 6 and waited.err.startswith(f"error: job {job_id} finished: cancelled")

@@ -47,7 +47,7 @@ async def test_a_query_parameter_cannot_override_the_path(rest: httpx.AsyncClien
         assert_refused(response, 400, f"`{query.split('=')[0]}`")
     assert_refused(await rest.post(f"/q/{queue}/j/{job_id}/a/cancel?namespace=b"), 400, "`namespace`")
     assert_refused(await rest.get(f"/q/{queue}?queue={other}"), 400, "`queue`")
-    assert (await rest.get(f"/j/{job_id}")).json()["job"]["state"] == "JOB_STATE_QUEUED"
+    assert (await rest.get(f"/q/{queue}/j/{job_id}")).json()["job"]["state"] == "JOB_STATE_QUEUED"
     # The documented query parameters keep working.
     assert (await rest.get(f"/q/{queue}?pageSize=5&state=JOB_STATE_QUEUED")).json()["jobs"][0]["id"] == job_id
     cancelled = (await rest.post(f"/q/{queue}/j/{job_id}/cancel?namespace=*")).json()["job"]
@@ -125,9 +125,9 @@ async def test_json_routes_accept_only_json(
     job_id = (await rest.post(f"/q/{queue}", json={"definition": DEFINITION})).json()["jobId"]
     form = {"content-type": "application/x-www-form-urlencoded"}
     assert (await rest.post(f"/q/{queue}/j/{job_id}/cancel", headers=form)).status_code == 415
-    assert (await rest.post(f"/j/{job_id}/copy", content=b'{"queue": "x"}', headers=form)).status_code == 415
+    assert (await rest.post(f"/q/{queue}/j/{job_id}/copy", content=b'{"queue": "x"}', headers=form)).status_code == 415
     assert await stored(rest, queue) == [job_id]
-    assert (await rest.get(f"/j/{job_id}")).json()["job"]["state"] == "JOB_STATE_QUEUED"
+    assert (await rest.get(f"/q/{queue}/j/{job_id}")).json()["job"]["state"] == "JOB_STATE_QUEUED"
 
 
 async def test_raw_uploads_take_any_content_type(rest: httpx.AsyncClient, queue: str) -> None:

@@ -32,7 +32,7 @@ def chunks(*texts: str) -> list[jobs_pb2.LogChunk]:
 async def test_a_log_is_cut_at_its_limit_with_a_notice(store: SqliteStore) -> None:
     definition = definition_pb2.JobDefinition(image="x")
     await submit_one(store, job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
-    worker = Holder("w", "session")
+    worker = Holder("w", "session", "q")
     (job,) = await store.claim(queue="q", holder=worker, now=1, lease=30)
     attempt = Attempt(job.id, job.attempt)
     hub = LogHub(store, MemoryBus(), max_chars=10)
@@ -40,7 +40,7 @@ async def test_a_log_is_cut_at_its_limit_with_a_notice(store: SqliteStore) -> No
     assert await hub.append(attempt, worker, RUN, chunks("ghi", "jkl", "mno"), 2)  # "j" fits, then the notice
     assert await hub.append(attempt, worker, RUN, chunks("f"), 5)  # dropped, but the attempt is not stale
     assert await hub.append(attempt, worker, RUN, chunks("ghi", "jkl"), 2)  # a resend: dropped too
-    texts = [chunk.text for chunk in await store.read_logs(attempt, RUN, 0, 100)]
+    texts = [chunk.text for chunk in await store.read_logs(attempt, RUN, 0, 100, queue="q")]
     assert texts[:4] == ["abc", "def", "ghi", "j"] and len(texts) == 5 and "log cut at 10 characters" in texts[4]
-    assert (await hub.cursor(attempt, RUN)).stored == 5
+    assert (await hub.cursor(attempt, RUN, "q")).stored == 5
     assert not await hub.append(Attempt(job.id, job.attempt + 1), worker, RUN, chunks("x"), 9)

@@ -195,10 +195,24 @@ async def put_file(rest: httpx.AsyncClient, w: World) -> None:
 
 async def delete_job(rest: httpx.AsyncClient, w: World) -> None:
     job_id = await queued_job(rest, w.idle, "del")
-    response = await rest.delete(f"/j/{job_id}")
+    response = await rest.delete(f"/q/{w.idle}/j/{job_id}")
     assert response.status_code == 200, response.text
     assert response.json() == {"jobId": job_id}
     assert (await rest.get(f"/j/{job_id}")).json()["job"]["finishReason"] == "FINISH_REASON_DELETED"
+
+
+def refused(verb: str, path: str, words: str) -> Check:
+    """An id-only request that would change a run: 400 naming the route to use, and nothing changed."""
+
+    async def run(rest: httpx.AsyncClient, w: World) -> None:
+        job_id = await queued_job(rest, w.idle, "kept")
+        body = {"queue": "copied-by-id"} if verb == "post" else None
+        response = await rest.request(verb.upper(), path.format(j=job_id), json=body)
+        assert response.status_code == 400 and words in response.json()["message"], response.text
+        assert (await rest.get(f"/q/{w.idle}/j/{job_id}")).json()["job"]["state"] == "JOB_STATE_QUEUED"
+        assert (await rest.get("/q/copied-by-id")).json().get("jobs", []) == []
+
+    return run
 
 
 def plain(expected: str) -> Callable[[httpx.Response, World], None]:
@@ -229,7 +243,8 @@ EXPECTED: dict[tuple[str, str], Check] = {
     ("get", "/q/{queue}/j"): get("/q/{q}/j?pageSize=10", is_listed),
     ("get", "/j/{job_id}"): get("/j/{j}", is_job),
     ("get", "/q/{queue}/j/{job_id}"): get("/q/{q}/j/{j}", is_job),
-    ("delete", "/j/{job_id}"): delete_job,
+    ("delete", "/q/{queue}/j/{job_id}"): delete_job,
+    ("delete", "/j/{job_id}"): refused("delete", "/j/{j}", "deleting needs the job's queue"),
     ("get", "/j/{job_id}/definition.json"): get("/j/{j}/definition.json", is_definition),
     ("get", "/q/{queue}/j/{job_id}/definition.json"): get("/q/{q}/j/{j}/definition.json", is_definition),
     ("get", "/j/{job_id}/result.json"): get("/j/{j}/result.json", is_result),
@@ -241,6 +256,9 @@ EXPECTED: dict[tuple[str, str], Check] = {
     ("get", "/q/{queue}/j/{job_id}/{file=run-logs.json}"): get("/q/{q}/j/{j}/run-logs.json", is_run_log),
     ("get", "/q/{queue}/j/{job_id}/{file=build-logs.json}"): get("/q/{q}/j/{j}/build-logs.json", is_build_log),
     ("get", "/j/{job_id}/watch"): get("/j/{j}/watch", lambda r, w: r.json()[0]["job"]["state"] == "JOB_STATE_FINISHED"),
+    ("get", "/q/{queue}/j/{job_id}/watch"): get(
+        "/q/{q}/j/{j}/watch", lambda r, w: r.json()[0]["job"]["queue"] == w.queue
+    ),
     ("get", "/j/{job_id}/stream"): get("/j/{j}/stream", is_event_stream),
     ("get", "/q/{queue}/j/{job_id}/stream"): get("/q/{q}/j/{j}/stream?text=true", plain("hello\n")),
     ("get", "/j/{job_id}/inputs/{path=**}"): get("/j/{j}/inputs/dir/in.txt", is_input),
@@ -251,7 +269,8 @@ EXPECTED: dict[tuple[str, str], Check] = {
     ),
     ("post", "/q/{queue}/j/{job_id}/cancel"): post("/q/{q}/j/{j}/cancel?namespace=*", None, cancelled, idle=True),
     ("post", "/q/{queue}/j/{job_id}/{namespace}/cancel"): post("/q/{q}/j/{j}/ns1/cancel", None, cancelled, idle=True),
-    ("post", "/j/{job_id}/copy"): post("/j/{j}/copy", {"queue": "copied"}, copied),
+    ("post", "/q/{source_queue}/j/{job_id}/copy"): post("/q/{q}/j/{j}/copy", {"queue": "copied"}, copied),
+    ("post", "/j/{job_id}/copy"): refused("post", "/j/{j}/copy", "copying needs the job's queue"),
     ("get", "/q/{queue}/status"): get("/q/{q}/status", lambda r, w: r.json()["finished"] == "1"),
     ("get", "/q/{queue}/metrics"): get("/q/{q}/metrics", plain('jobwire_jobs{queue="')),
     ("get", "/healthz"): get("/healthz", plain("OK")),
@@ -305,7 +324,7 @@ async def test_unknown_jobs_and_files_are_404_with_a_json_body(rest: httpx.Async
     ):
         assert_error(await rest.get(path), 404, "not found")
     assert_error(await rest.post(f"/q/nobody/j/{unknown}/cancel"), 404, "not found")
-    assert_error(await rest.post(f"/j/{unknown}/copy", json={"queue": "x"}), 404, "not found")
+    assert_error(await rest.post(f"/q/nobody/j/{unknown}/copy", json={"queue": "x"}), 404, "not found")
 
 
 async def test_invalid_input_is_400(rest: httpx.AsyncClient, world: World) -> None:

@@ -24,6 +24,7 @@ from google.api import httpbody_pb2
 from jobwire import (
     Client,
     InvalidDefinition,
+    InvalidRequest,
     JobFailed,
     JobNotFound,
     RequestFailed,
@@ -176,7 +177,9 @@ async def test_cancel_and_failed_jobs_raise_job_failed(client: Client, queue: st
         async for event in events:
             if isinstance(event, jobs_pb2.Job) and event.state == jobs_pb2.JOB_STATE_RUNNING:
                 break
-    cancelled = await client.job(job.id).cancel()  # the queue is looked up
+    with pytest.raises(InvalidRequest, match=r"needs the job.s queue"):  # a job id names no queue's run
+        await client.job(job.id).cancel()
+    cancelled = await client.job(job.id, queue).cancel()
     assert cancelled.id == job.id
     with pytest.raises(JobFailed) as caught:
         await job.wait(timeout=30)

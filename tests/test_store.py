@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -89,13 +90,13 @@ async def submit(
     return job
 
 
-def holder(worker: str = "w1", session: str = "") -> Holder:
-    """The worker's holder: its first session unless another is named."""
-    return Holder(worker, session or f"first session of {worker}")
+def holder(worker: str = "w1", session: str = "", queue: str = "q") -> Holder:
+    """The worker's holder on `queue`: its first session unless another is named."""
+    return Holder(worker, session or f"first session of {worker}", queue)
 
 
 async def claim(store: StateStore, *, queue: str = "q", worker: str = "w1", now: float = T0) -> jobs_pb2.Job:
-    jobs = await store.claim(queue=queue, holder=holder(worker), now=now, lease=LEASE)
+    jobs = await store.claim(queue=queue, holder=holder(worker, queue=queue), now=now, lease=LEASE)
     assert len(jobs) == 1, f"nothing to claim on {queue!r}"
     return jobs[0]
 
@@ -117,11 +118,11 @@ def chunks(*texts: str) -> list[jobs_pb2.LogChunk]:
 async def log_texts(
     store: StateStore, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType = RUN, since: int = 0, limit: int = 100
 ) -> list[str]:
-    return [chunk.text for chunk in await store.read_logs(attempt, kind, since, limit)]
+    return [chunk.text for chunk in await store.read_logs(attempt, kind, since, limit, queue="q")]
 
 
-async def state(store: StateStore, job: jobs_pb2.Job) -> int:
-    current = await store.get_job(job.id)
+async def state(store: StateStore, job: jobs_pb2.Job, queue: str = "q") -> int:
+    current = await store.get_job(job.id, queue=queue)
     assert current is not None
     return current.state
 
@@ -442,7 +443,7 @@ async def test_requeue_worker_gives_up_only_the_attempts_it_came_back_without(st
     kept = await claim(store, worker="w1")
     lost = await claim(store, worker="w1")
     other = await claim(store, worker="w2")
-    requeued = await store.requeue_worker("w1", [attempt_of(kept)], T0 + 5)
+    requeued = await store.requeue_worker("w1", [attempt_of(kept)], T0 + 5, queue="q")
     assert [(job.id, attempt) for job, attempt in requeued] == [(lost.id, attempt_of(lost))]
     stored = await store.get_job(lost.id)
     assert stored is not None
@@ -468,9 +469,9 @@ async def test_a_log_batch_past_a_gap_is_not_stored(store: StateStore) -> None:
     running = attempt_of(await claim(store))
     assert await appended(store, running, RUN, 0, "a", "b") == (0, ["a", "b"])
     assert await appended(store, running, RUN, 3, "d") == (2, [])
-    assert (await store.log_totals(running, RUN)).chunks == 2
+    assert (await store.log_totals(running, RUN, queue="q")).chunks == 2
     assert await appended(store, running, RUN, 1, "b", "c", "d") == (2, ["c", "d"])
-    assert (await store.log_totals(running, RUN)).chunks == 4
+    assert (await store.log_totals(running, RUN, queue="q")).chunks == 4
     assert await log_texts(store, running) == ["a", "b", "c", "d"]
 
 
@@ -604,7 +605,7 @@ async def test_cancel_keeps_a_finished_result(store: StateStore) -> None:
 async def test_delete_running_job_stops_it_and_fences_the_attempt(store: StateStore) -> None:
     await submit(store, 1)
     running = await claim(store, worker="w5")
-    deleted = await store.delete(running.id, T0 + 1)
+    deleted = await store.delete(queue="q", job_id=running.id, now=T0 + 1)
     assert deleted is not None
     assert (deleted.stop, deleted.worker_id) == (attempt_of(running), "w5")
     assert (deleted.job.state, deleted.job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_DELETED)
@@ -614,7 +615,7 @@ async def test_delete_running_job_stops_it_and_fences_the_attempt(store: StateSt
 
 async def test_delete_queued_job(store: StateStore) -> None:
     job = await submit(store, 1)
-    deleted = await store.delete(job.id, T0 + 1)
+    deleted = await store.delete(queue="q", job_id=job.id, now=T0 + 1)
     assert deleted is not None
     assert (deleted.stop, deleted.job.finish_reason) == (None, jobs_pb2.FINISH_REASON_DELETED)
     assert await store.claim(queue="q", holder=holder("w1"), now=T0 + 2, lease=LEASE) == []
@@ -624,7 +625,7 @@ async def test_delete_forgets_the_result_so_the_job_runs_again(store: StateStore
     await submit(store, 1)
     running = attempt_of(await claim(store))
     await store.finish(running, holder(), result(exit_code=4), T0 + 1)
-    await store.delete(running.job_id, T0 + 2)
+    await store.delete(queue="q", job_id=running.job_id, now=T0 + 2)
     stored = await store.get_job(running.job_id)
     assert stored is not None and stored.result.exit_code != 4
     again, queued = await submit_one(
@@ -634,7 +635,10 @@ async def test_delete_forgets_the_result_so_the_job_runs_again(store: StateStore
 
 
 async def test_delete_unknown_job(store: StateStore) -> None:
-    assert await store.delete(job_id(definition(1)), T0) is None
+    assert await store.delete(queue="q", job_id=job_id(definition(1)), now=T0) is None
+    other = await submit(store, 1, queue="other")
+    assert await store.delete(queue="q", job_id=other.id, now=T0) is None  # another queue's run
+    assert await state(store, other, "other") == QUEUED
 
 
 # Logs
@@ -689,13 +693,13 @@ async def test_read_logs_from_an_index(store: StateStore, since: int, limit: int
 
 async def test_log_totals_count_chunks_and_the_characters_of_each_stream(store: StateStore) -> None:
     running = attempt_of(await submit(store, 1) and await claim(store))
-    assert await store.log_totals(running, RUN) == LogTotals()
+    assert await store.log_totals(running, RUN, queue="q") == LogTotals()
     out, err = jobs_pb2.LOG_STREAM_STDOUT, jobs_pb2.LOG_STREAM_STDERR
     first = [jobs_pb2.LogChunk(text="héllo\n", stream=out), jobs_pb2.LogChunk(text="oops\n", stream=err)]
     await store.append_logs(running, holder(), RUN, first, 0)
     await store.append_logs(running, holder(), RUN, [*first, jobs_pb2.LogChunk(text="more", stream=out)], 0)  # a resend
-    assert await store.log_totals(running, RUN) == LogTotals(chunks=3, stdout_chars=10, stderr_chars=5)
-    assert await store.log_totals(running, BUILD) == LogTotals()
+    assert await store.log_totals(running, RUN, queue="q") == LogTotals(chunks=3, stdout_chars=10, stderr_chars=5)
+    assert await store.log_totals(running, BUILD, queue="q") == LogTotals()
 
 
 async def test_chunk_fields_survive_the_store(store: StateStore) -> None:
@@ -703,7 +707,7 @@ async def test_chunk_fields_survive_the_store(store: StateStore) -> None:
     running = attempt_of(await claim(store))
     sent = jobs_pb2.LogChunk(text="oops\n", stream=jobs_pb2.LOG_STREAM_STDERR, time=timestamp(T0 + 0.25))
     await store.append_logs(running, holder(), RUN, [sent], 0)
-    assert await store.read_logs(running, RUN, 0, 10) == [sent]
+    assert await store.read_logs(running, RUN, 0, 10, queue="q") == [sent]
 
 
 async def test_logs_are_kept_per_kind_and_per_attempt(store: StateStore) -> None:
@@ -792,7 +796,7 @@ async def recount(store: StateStore, queue: str) -> dict[int, int]:
     counts: dict[int, int] = {}
     for page in await walk(store, queue, limit=50):
         for listed in page:
-            current = await state(store, jobs_pb2.Job(id=listed))
+            current = await state(store, jobs_pb2.Job(id=listed), queue)
             counts[current] = counts.get(current, 0) + 1
     return counts
 
@@ -803,27 +807,28 @@ async def test_queue_counts_and_claims_agree_with_the_jobs_through_every_transit
             assert await store.queue_counts(queue) == await recount(store, queue)
 
     shared = await submit(store, 0)
-    await submit(store, 0, queue="q2")  # one job, waiting in two queues
+    await submit(store, 0, queue="q2")  # one definition, a run waiting in each queue
     ids = [shared.id] + [(await submit(store, n, now=T0 + n)).id for n in range(1, 5)]
     await check()
-    taken = await claim(store, queue="q2")  # from the other queue: leaves q's line too
+    taken = await claim(store, queue="q2")  # q2's run: q's stays in its line
     assert taken.id == shared.id
-    await store.finish(attempt_of(await claim(store)), holder(), result(), T0 + 10)
+    await store.finish(attempt_of(taken), holder(queue="q2"), result(), T0 + 10)
     await check()
-    for queue in ("q", "q2"):  # ends it: no namespace of either queue holds it any more
-        await store.cancel(queue=queue, job_id=shared.id, namespace=ALL_NAMESPACES, now=T0 + 11)
+    assert await state(store, shared) == QUEUED and await state(store, shared, "q2") == FINISHED
+    await store.cancel(queue="q", job_id=shared.id, namespace=ALL_NAMESPACES, now=T0 + 11)
     await check()
-    await submit(store, 0, queue="q2", now=T0 + 12)  # a cancelled job runs again: back in both lines
-    assert (await claim(store)).id == shared.id  # it kept its place in q
+    await submit(store, 0, queue="q2", now=T0 + 12)  # q2's result answers q2: nothing queued
+    await submit(store, 0, queue="q", now=T0 + 12)  # q's cancelled run runs again, in its place
+    assert (await claim(store)).id == shared.id
     await check()
     await store.cancel(queue="q", job_id=ids[2], namespace=DEFAULT_NAMESPACE, now=T0 + 13)
-    await store.delete(ids[3], T0 + 14)
+    await store.delete(queue="q", job_id=ids[3], now=T0 + 14)
     await check()
     assert await store.requeue_expired(T0 + 100) != []
     await check()
     assert len(await store.expire(T0 + 50, 10)) == 3
     await check()
-    assert await store.queue_position("q", ids[4]) == 1  # the re-queued shared job is ahead
+    assert await store.queue_position("q", ids[4]) == 2  # q's re-queued run of the shared job, and ids[1]
 
 
 async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together(tmp_path: Path) -> None:
@@ -950,8 +955,8 @@ async def test_remove_worker_only_for_its_current_session(store: StateStore) -> 
 
 async def test_finished_webhooks_are_armed_by_the_finish_and_claimed_once(store: StateStore) -> None:
     job = await submit(store, 1)
-    await store.add_webhook(Webhook(job.id, QUEUED_HOOK, "http://q", b"{}"), armed=True, now=T0)
-    await store.add_webhook(Webhook(job.id, FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0)
+    await store.add_webhook(Webhook(job.id, "q", QUEUED_HOOK, "http://q", b"{}"), armed=True, now=T0)
+    await store.add_webhook(Webhook(job.id, "q", FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0)
     (due,) = await store.claim_webhooks(T0 + 1, T0 + 30, 10)
     assert (due.event, due.url, due.attempts) == (QUEUED_HOOK, "http://q", 0)
     assert await store.claim_webhooks(T0 + 2, T0 + 30, 10) == []  # hidden while tried
@@ -969,7 +974,7 @@ async def test_finished_webhooks_are_armed_by_the_finish_and_claimed_once(store:
 async def test_a_finished_webhook_for_a_finished_job_is_due_at_once(store: StateStore) -> None:
     job = await submit(store, 1)
     await store.finish(attempt_of(await claim(store)), holder(), result(), T0 + 1)
-    await store.add_webhook(Webhook(job.id, FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0 + 2)
+    await store.add_webhook(Webhook(job.id, "q", FINISHED_HOOK, "http://f", b"{}"), armed=False, now=T0 + 2)
     assert len(await store.claim_webhooks(T0 + 2, T0 + 30, 10)) == 1
 
 
@@ -983,7 +988,7 @@ async def test_expire_forgets_only_jobs_finished_before_the_cutoff(store: StateS
     live = await submit(store, 3)
     assert await store.expire(T0 + 50, 10) == [old.id]
     assert await store.get_job(old.id) is None
-    assert await store.read_logs(running, RUN, 0, 10) == []
+    assert await store.read_logs(running, RUN, 0, 10, queue="q") == []
     assert await store.get_job(young.id) is not None and await store.get_job(live.id) is not None
     assert await store.expire(T0 + 10_000, 10) == [young.id]  # never a live job
 
@@ -1184,3 +1189,131 @@ async def test_a_worker_id_trusts_the_first_secret_it_was_seen_with(store: State
     assert not await store.trust_worker("w1", "forged", T0 + 2)
     assert await store.trust_worker("w2", "forged", T0 + 2)  # another id is another worker
     assert await store.trust_worker("w1", "secret", T0 + 3)
+
+
+# Runs: a job's id in one queue
+
+
+async def test_a_result_answers_only_submissions_to_the_queue_where_it_ran(store: StateStore) -> None:
+    await submit(store, 1, queue="attacker")
+    forged = await claim(store, queue="attacker", worker="fake")
+    await store.finish(attempt_of(forged), holder("fake", queue="attacker"), result(exit_code=66), T0 + 1)
+    victim, queued = await submit_one(
+        store, job_id=forged.id, definition=definition(1), queue="victim", namespace=DEFAULT_NAMESPACE, now=T0 + 2
+    )
+    assert queued and (victim.state, victim.queue, victim.attempt) == (QUEUED, "victim", 0)
+    assert not victim.HasField("result")
+    honest = await claim(store, queue="victim", worker="honest", now=T0 + 3)
+    assert (honest.id, honest.attempt) == (forged.id, 1)  # its own attempts
+    assert await store.finish(attempt_of(honest), holder("fake", queue="attacker"), result(), T0 + 4) is None
+    done = await store.finish(attempt_of(honest), holder("honest", queue="victim"), result(exit_code=0), T0 + 4)
+    assert done is not None and done.result.exit_code == 0
+    again, queued = await submit_one(
+        store, job_id=forged.id, definition=definition(1), queue="victim", namespace=DEFAULT_NAMESPACE, now=T0 + 5
+    )
+    assert not queued and again.result.exit_code == 0  # its own queue's result answers
+    attacker = await store.get_job(forged.id, queue="attacker")
+    assert attacker is not None and attacker.result.exit_code == 66
+
+
+async def test_a_run_waiting_in_one_queue_does_not_hold_back_another(store: StateStore) -> None:
+    await submit(store, 1, queue="nobody-works-here")
+    await submit(store, 1, queue="victim")
+    taken = await claim(store, queue="victim", worker="honest")
+    assert taken.id == job_id(definition(1))
+    assert await state(store, taken, "nobody-works-here") == QUEUED
+    assert await store.queue_counts("nobody-works-here") == {QUEUED: 1}
+    assert await store.queue_counts("victim") == {RUNNING: 1}
+
+
+async def test_logs_and_webhooks_belong_to_one_run(store: StateStore) -> None:
+    for queue in ("a", "b"):
+        await submit(store, 1, queue=queue)
+        await store.add_webhook(
+            Webhook(job_id(definition(1)), queue, FINISHED_HOOK, f"http://{queue}", b"{}"), armed=False, now=T0
+        )
+    in_a, in_b = await claim(store, queue="a"), await claim(store, queue="b", worker="w2")
+    await store.append_logs(attempt_of(in_a), holder(queue="a"), RUN, chunks("from a"), 0)
+    await store.append_logs(attempt_of(in_b), holder("w2", queue="b"), RUN, chunks("from b"), 0)
+    assert [c.text for c in await store.read_logs(attempt_of(in_a), RUN, 0, 10, queue="a")] == ["from a"]
+    await store.finish(attempt_of(in_b), holder("w2", queue="b"), result(), T0 + 1)
+    (due,) = await store.claim_webhooks(T0 + 1, T0 + 30, 10)
+    assert (due.url, due.queue) == ("http://b", "b")
+
+
+async def test_an_id_only_read_shows_the_run_finished_last(store: StateStore) -> None:
+    assert await store.get_job(job_id(definition(1))) is None
+    await submit(store, 1, queue="a")
+    await submit(store, 1, queue="b", now=T0 + 1)
+    shown = await store.get_job(job_id(definition(1)))
+    assert shown is not None and shown.queue == "b"  # none finished: the one changed last
+    running = await claim(store, queue="a", now=T0 + 2)
+    await store.finish(attempt_of(running), holder(queue="a"), result(), T0 + 3)
+    await submit(store, 1, queue="c", now=T0 + 4)
+    shown = await store.get_job(job_id(definition(1)))
+    assert shown is not None and shown.queue == "a" and shown.state == FINISHED
+
+
+def _split_rows(execute: Callable[..., Any], marks: Callable[[int], str]) -> list[Any]:
+    """A finished job first queued on 'a' and listed by 'b' too, as one row held them before runs."""
+    old = definition(1)
+    finished = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS, exit_code=66, attempt=1)
+    return [
+        execute(
+            "INSERT INTO jobs (id, state, queue, attempt, worker_id, create_time, update_time, finish_reason,"
+            f" definition, result) VALUES ({marks(10)})",
+            *(job_id(old), FINISHED, "a", 1, "fake", T0, T0 + 1, jobs_pb2.FINISH_REASON_SUCCESS),
+            *(old.SerializeToString(), finished.SerializeToString()),
+        ),
+        *(execute(f"INSERT INTO queue_jobs (queue, job_id) VALUES ({marks(2)})", q, job_id(old)) for q in "ab"),
+        *(execute(f"INSERT INTO namespaces VALUES ({marks(3)})", q, job_id(old), "_") for q in "ab"),
+        execute(
+            f"INSERT INTO logs (job_id, attempt, kind, start, count, data) VALUES ({marks(6)})",
+            *(job_id(old), 1, RUN, 0, 1, jobs_pb2.LogBatch(chunks=chunks("forged")).SerializeToString()),
+        ),
+    ]
+
+
+async def assert_split_per_queue(store: StateStore) -> None:
+    """After the migration: 'a' keeps the run and its logs, 'b' has a fresh queued run of its own."""
+    old = job_id(definition(1))
+    kept, fresh = await store.get_job(old, queue="a"), await store.get_job(old, queue="b")
+    assert kept is not None and (kept.state, kept.result.exit_code) == (FINISHED, 66)
+    assert fresh is not None and (fresh.state, fresh.attempt, fresh.namespaces) == (QUEUED, 0, ["_"])
+    assert not fresh.HasField("result") and "a run of its own" in fresh.history[-1].message
+    assert [c.text for c in await store.read_logs(Attempt(old, 1), RUN, 0, 10, queue="a")] == ["forged"]
+    assert await store.queue_counts("b") == {QUEUED: 1} and await store.queue_counts("a") == {FINISHED: 1}
+    assert (await claim(store, queue="b")).id == old
+
+
+async def test_sqlite_a_job_listed_by_several_queues_becomes_a_run_per_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "jobwire.db"
+    with monkeypatch.context() as old_version:  # the schema as migration 9 left it
+        old_version.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:9])
+        await (await SqliteStore.open(path)).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        _split_rows(lambda sql, *args: db.execute(sql, args), lambda count: ", ".join("?" * count))
+    async with sqlite(tmp_path) as store:
+        await assert_split_per_queue(store)
+
+
+async def test_postgres_a_job_listed_by_several_queues_becomes_a_run_per_queue(
+    postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = await postgres_cluster.create_database()
+    with monkeypatch.context() as old_version:  # the schema as migration 6 left it
+        old_version.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:6])
+        await (await PostgresStore.open(url, max_size=2)).close()
+    connection = await asyncpg.connect(url)
+    try:
+        for statement in _split_rows(connection.execute, lambda count: ", ".join(f"${n}" for n in range(1, count + 1))):
+            await statement
+    finally:
+        await connection.close()
+    store = await PostgresStore.open(url, max_size=2)
+    try:
+        await assert_split_per_queue(store)
+    finally:
+        await store.close()

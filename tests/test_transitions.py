@@ -11,7 +11,7 @@ from jobwire.server.store.base import Attempt, Holder
 from jobwire.server.store.transitions import FINISHED, QUEUED, RUNNING, Holding
 from jobwire.v1 import jobs_pb2
 
-W1 = Holder("w1", "s1")
+W1 = Holder("w1", "s1", "q")
 RUNNING_W1 = Holding(RUNNING, 2, "w1", "s1")
 ATTEMPT = Attempt("job", 2)
 
@@ -25,8 +25,8 @@ def entry(change: transitions.Change) -> jobs_pb2.JobEvent:
     ("holding", "attempt", "holder", "holds", "may_retake"),
     [
         (RUNNING_W1, ATTEMPT, W1, True, True),
-        (RUNNING_W1, ATTEMPT, Holder("w1", "s2"), False, True),  # the same worker, registered again
-        (RUNNING_W1, ATTEMPT, Holder("w2", "s1"), False, False),
+        (RUNNING_W1, ATTEMPT, Holder("w1", "s2", "q"), False, True),  # the same worker, registered again
+        (RUNNING_W1, ATTEMPT, Holder("w2", "s1", "q"), False, False),
         (RUNNING_W1, Attempt("job", 1), W1, False, False),  # an earlier attempt
         (Holding(QUEUED, 2, "", ""), ATTEMPT, W1, False, False),
         (Holding(FINISHED, 2, "w1", "s1"), ATTEMPT, W1, False, False),
@@ -41,9 +41,9 @@ def test_only_the_session_holding_the_attempt_may_act_on_it(
 
 
 def test_an_assignment_records_the_next_attempt_its_worker_and_session() -> None:
-    change = transitions.assigned(1, W1, "q", 10.0, lease=30.0)
+    change = transitions.assigned(1, W1, 10.0, lease=30.0)
     assert change.columns | {"update_time": 0} == dict(
-        state=RUNNING, attempt=2, worker_id="w1", session="s1", update_time=0, lease_expires=40.0, queue="q"
+        state=RUNNING, attempt=2, worker_id="w1", session="s1", update_time=0, lease_expires=40.0
     )
     assert (entry(change).attempt, entry(change).message) == (2, "assigned to worker w1 as attempt 2")
 

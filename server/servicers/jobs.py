@@ -12,7 +12,7 @@ from jobwire.server import eventstream, transfers
 from jobwire.server.blobs import BlobStore
 from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, grpc_errors
 from jobwire.server.logs import LogHub
-from jobwire.server.scheduler import Scheduler
+from jobwire.server.scheduler import Scheduler, job_url_view
 from jobwire.server.servicers.http import header, is_rest
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 
@@ -49,7 +49,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             job = await self.scheduler.get_job(request.job_id, request.queue)
             await self._attach_logs(job)
-            return jobs_pb2.GetJobResponse(job=job)
+            return jobs_pb2.GetJobResponse(job=_shown(job, request.queue))
 
     async def GetJobDefinition(
         self, request: jobs_pb2.GetJobDefinitionRequest, context: Context
@@ -64,6 +64,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             job = await self.scheduler.get_job(request.job_id, request.queue)
             await self._attach_logs(job)
+            job = _shown(job, request.queue)
             response = jobs_pb2.GetJobResultResponse(job_id=job.id, state=job.state)
             if job.HasField("result"):
                 response.result.CopyFrom(job.result)
@@ -92,7 +93,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         async with grpc_errors(context):
-            async for message in self.logs.watch(request.job_id, request.run_logs_since, request.build_logs):
+            async for message in self.logs.watch(
+                request.job_id, request.run_logs_since, request.build_logs, request.queue
+            ):
                 yield message
 
     async def StreamJob(
@@ -101,7 +104,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with grpc_errors(context):
             await self.scheduler.get_job(request.job_id, request.queue)  # NotFound before the stream starts
             since = request.since or _cursor(header(context, "last-event-id"))
-            watch = self.logs.watch(request.job_id, since, build=not request.text)
+            watch = self.logs.watch(request.job_id, since, not request.text, request.queue)
             async for body in eventstream.text(watch) if request.text else eventstream.events(watch):
                 yield body
 
@@ -163,12 +166,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def CopyJob(self, request: jobs_pb2.CopyJobRequest, context: Context) -> jobs_pb2.CopyJobResponse:
         async with grpc_errors(context):
-            job = await self.scheduler.copy(request.job_id, request.queue, request.control)
+            job = await self.scheduler.copy(request.job_id, request.source_queue, request.queue, request.control)
             return jobs_pb2.CopyJobResponse(success=True, job=job)
 
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: Context) -> jobs_pb2.DeleteJobResponse:
         async with grpc_errors(context):
-            job = await self.scheduler.delete(request.job_id)
+            job = await self.scheduler.delete(request.queue, request.job_id)
             return jobs_pb2.DeleteJobResponse(job_id=job.id)
 
     async def GetQueueStatus(
@@ -186,6 +189,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
 
 _LOG_FILES = {"run-logs.json": jobs_pb2.LOG_KIND_RUN, "build-logs.json": jobs_pb2.LOG_KIND_BUILD}
+
+
+def _shown(job: jobs_pb2.Job, queue: str) -> jobs_pb2.Job:
+    """The job as the request may see it: an id-only request (no queue) names no queue."""
+    return job if queue else job_url_view(job)
 
 
 def _log_kind(request: jobs_pb2.GetJobLogsRequest) -> jobs_pb2.LogKind.ValueType:

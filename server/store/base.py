@@ -21,7 +21,7 @@ FINAL_REASONS = frozenset(
         jobs_pb2.FINISH_REASON_TIMED_OUT,
     }
 )
-"""Finished results that answer later identical submissions."""
+"""Finished results that answer later identical submissions to the same queue."""
 
 DEFAULT_NAMESPACE = "_"
 ALL_NAMESPACES = "*"
@@ -39,11 +39,13 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Holder:
-    """Who acts on an attempt: a worker, and the session (its current stream connection) that holds
-    the attempt; see `transitions` for the fencing rules."""
+    """Who acts on an attempt: a worker, the session (its current stream connection) that holds the
+    attempt, and the queue that session works (a job's run is its id in one queue); see
+    `transitions` for the fencing rules."""
 
     worker_id: str
     session: str
+    queue: str
 
 
 class Capacity(NamedTuple):
@@ -97,9 +99,10 @@ QUEUED_HOOK, FINISHED_HOOK = "queued", "finished"
 
 @dataclass(frozen=True)
 class Webhook:
-    """A JSON POST owed to `url` when the job reaches `event` (`queued` or `finished`)."""
+    """A JSON POST owed to `url` when the job's run in `queue` reaches `event` (`queued` or `finished`)."""
 
     job_id: str
+    queue: str
     event: str
     url: str
     body: bytes
@@ -129,7 +132,12 @@ class CredentialStore(Protocol):
 
 
 class StateStore(CredentialStore, Protocol):
-    """Jobs, queues, logs and workers, shared by every server replica."""
+    """Jobs, queues, logs and workers, shared by every server replica.
+
+    A job's *run* is its id in one queue: the same definition submitted to two queues is two runs,
+    each with its own state, attempts, logs and result; nothing one queue's run does (wait, run,
+    finish) answers or holds back another queue's submission. A worker acts on the run of its
+    holder's queue."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -138,11 +146,13 @@ class StateStore(CredentialStore, Protocol):
         """Raise when the store cannot be reached."""
 
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
-        """Add the jobs to the queue in order, in one transaction; returns each job and whether this
-        call (re)queued it (not when it was queued or running already, or has a final result)."""
+        """Add the jobs to the queue in order, in one transaction; returns each job's run in the queue and
+        whether this call (re)queued it (not when that run was queued or running already, or has a
+        final result: only a result earned in this queue answers)."""
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
-        """The job with definition, result and history; None if unknown (or not in `queue`)."""
+        """The job's run in `queue` with definition, result and history; None if unknown. Without a
+        queue: the run most recently finished, else the one most recently changed (`JOB_RUN_ORDER`)."""
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
@@ -198,10 +208,11 @@ class StateStore(CredentialStore, Protocol):
         """Let every running job's lease last at least until `until`."""
 
     async def requeue_worker(
-        self, worker_id: str, keep: Sequence[Attempt], now: float
+        self, worker_id: str, keep: Sequence[Attempt], now: float, *, queue: str
     ) -> list[tuple[jobs_pb2.Job, Attempt]]:
-        """Put the worker's running jobs back in their queues, except the attempts in `keep` (it came back
-        without the others, e.g. after a restart); returns them and the lost attempts."""
+        """Put the worker's running jobs back in their queues, except the attempts in `keep` of runs in
+        `queue` (it came back there without the others, e.g. after a restart); returns them and the
+        lost attempts."""
 
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         """Drop the namespace's hold on the job; finish it as cancelled when none is left."""
@@ -210,8 +221,8 @@ class StateStore(CredentialStore, Protocol):
         """One live job per namespace: drop the namespace's hold on its other unfinished jobs in the
         queue, finishing as replaced those no namespace holds any more."""
 
-    async def delete(self, job_id: str, now: float) -> Cancelled | None:
-        """Finish the job as deleted and forget its result, so it can run again."""
+    async def delete(self, *, queue: str, job_id: str, now: float) -> Cancelled | None:
+        """Finish the job's run in `queue` as deleted and forget its result, so it can run there again."""
 
     async def append_logs(
         self,
@@ -228,13 +239,14 @@ class StateStore(CredentialStore, Protocol):
         attempt. A batch starting past the stored end (a gap) is skipped whole: the worker resends from
         `log_totals` when it registers again."""
 
-    async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType) -> LogTotals:
-        """How much of the attempt's log is stored (read from its last batch: constant time)."""
+    async def log_totals(self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, *, queue: str) -> LogTotals:
+        """How much of the log of the attempt of the job's run in `queue` is stored (read from its last
+        batch: constant time)."""
 
     async def read_logs(
-        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int, *, queue: str
     ) -> list[jobs_pb2.LogChunk]:
-        """Chunks of the attempt's log from index `since`."""
+        """Chunks of the log of the attempt of the job's run in `queue`, from index `since`."""
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         """Record a connected worker (or refresh its heartbeat)."""

@@ -20,11 +20,14 @@ from typing import Any, Protocol
 
 from jobwire.server.store.base import FINISHED_HOOK
 from jobwire.server.store.rows import job_message, with_details
-from jobwire.server.store.transitions import HOLDING, Change, Holding
+from jobwire.server.store.transitions import FINISHED, HOLDING, Change, Holding
 from jobwire.v1 import jobs_pb2
 
 JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 """The columns `rows.job_message` reads, in its order."""
+JOB_RUN_ORDER = f"state = {FINISHED} DESC, update_time DESC"
+"""Which of a job id's runs an id-only read shows: the most recently finished, else the most recently
+changed (a job URL is for reading a result; the queue's URL names one run exactly)."""
 
 
 class Database(Protocol):
@@ -68,54 +71,58 @@ class SqlBase:
         """A connection for reads outside any operation."""
         raise NotImplementedError
 
-    async def _apply(self, db: Database, job_id: str, change: Change, now: float) -> None:
-        """Write what a transition decided: the row and its history in one statement; a finish arms
-        the job's `finished` webhooks in the same transaction."""
+    async def _apply(self, db: Database, queue: str, job_id: str, change: Change, now: float) -> None:
+        """Write what a transition decided to the job's run in `queue`: the row and its history in one
+        statement; a finish arms the run's `finished` webhooks in the same transaction."""
         values = [*change.columns.values()]
         sets = [f"{column} = ?" for column in change.columns]
         if change.entry:
             sets.append("history = history || ?")
             values.append(change.entry)
-        await db.run(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", *values, job_id)
+        await db.run(f"UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?", *values, queue, job_id)
         if change.finishes:
             await db.run(
-                "UPDATE webhooks SET armed = TRUE, next_time = ? WHERE job_id = ? AND event = ? AND NOT armed",
-                now,
-                job_id,
-                FINISHED_HOOK,
+                "UPDATE webhooks SET armed = TRUE, next_time = ?"
+                " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed",
+                *(now, job_id, queue, FINISHED_HOOK),
             )
 
-    async def _holding(self, db: Database, job_id: str) -> Holding | None:
-        """Who holds the job, locking its row (on PostgreSQL) until the operation ends; None if unknown."""
-        row = await db.one(f"SELECT {HOLDING} FROM jobs WHERE id = ? FOR UPDATE", job_id)
+    async def _holding(self, db: Database, queue: str, job_id: str) -> Holding | None:
+        """Who holds the job's run in `queue`, locking its row (on PostgreSQL) until the operation ends;
+        None if unknown."""
+        row = await db.one(f"SELECT {HOLDING} FROM jobs WHERE queue = ? AND id = ? FOR UPDATE", queue, job_id)
         return None if row is None else Holding(*row)
 
-    async def _job(self, db: Database, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
-        """The job's row with the namespaces holding it in `queue` (its own queue by default)."""
-        row = await db.one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
+    async def _job(self, db: Database, queue: str, job_id: str) -> jobs_pb2.Job | None:
+        """The job's run in `queue`, with the namespaces holding it."""
+        row = await db.one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
         if row is None:
             return None
         names = await db.all(
-            "SELECT namespace FROM namespaces WHERE queue = ? AND job_id = ? ORDER BY namespace",
-            queue or row[2],
-            job_id,
+            "SELECT namespace FROM namespaces WHERE queue = ? AND job_id = ? ORDER BY namespace", queue, job_id
         )
         return job_message(tuple(row), namespaces=[name[0] for name in names])
 
-    async def _current(self, db: Database, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
-        """The job as a transition left it: its definition (and `result`) but no history, which is
+    async def _current(self, db: Database, queue: str, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
+        """The run as a transition left it: its definition (and `result`) but no history, which is
         enough to assign it and to tell watchers."""
-        job = await self._job(db, job_id)
+        job = await self._job(db, queue, job_id)
         assert job is not None
-        (definition,) = await db.one("SELECT definition FROM jobs WHERE id = ?", job_id)
+        (definition,) = await db.one("SELECT definition FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
         return with_details(job, definition, result, b"")
 
-    async def _details(self, db: Database, job_id: str, queue: str = "") -> jobs_pb2.Job | None:
-        """The job with definition, result and history; None if unknown (or not in `queue`)."""
-        if queue and not await db.one("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
-            return None
-        job = await self._job(db, job_id, queue)
+    async def _details(self, db: Database, queue: str, job_id: str) -> jobs_pb2.Job | None:
+        """The job's run in `queue` with definition, result and history; None if unknown. Without a
+        queue: the run `JOB_RUN_ORDER` puts first."""
+        if not queue:
+            row = await db.one(f"SELECT queue FROM jobs WHERE id = ? ORDER BY {JOB_RUN_ORDER} LIMIT 1", job_id)
+            if row is None:
+                return None
+            queue = row[0]
+        job = await self._job(db, queue, job_id)
         if job is None:
             return None
-        definition, result, history = await db.one("SELECT definition, result, history FROM jobs WHERE id = ?", job_id)
+        definition, result, history = await db.one(
+            "SELECT definition, result, history FROM jobs WHERE queue = ? AND id = ?", queue, job_id
+        )
         return with_details(job, definition, result, history)

@@ -16,14 +16,15 @@ from jobwire.v1 import jobs_pb2
 Reason: TypeAlias = jobs_pb2.FinishReason.ValueType
 Lost = list[tuple[jobs_pb2.Job, Attempt]]
 _NEXT_WAITING = (
-    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.id = w.job_id"
+    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.queue = w.queue AND j.id = w.job_id"
     " WHERE w.queue = ? AND j.state = ? AND w.gpus <= ? ORDER BY w.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
 )
 """(id, attempt) of the queue's oldest waiting job needing at most some GPU devices, or no row."""
 
 
 class Lifecycle(SqlBase):
-    """Submission, assignment, the worker's messages, re-queueing and a client's ends of a job."""
+    """Submission, assignment, the worker's messages, re-queueing and a client's ends of a job's run
+    (its id in one queue: rows are keyed by (queue, id))."""
 
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction() as db:
@@ -31,19 +32,21 @@ class Lifecycle(SqlBase):
 
     async def _submit(self, db: Database, submission: Submission, queue: str, now: float) -> tuple[jobs_pb2.Job, bool]:
         job_id, definition = submission.job_id, submission.definition
-        change = transitions.queued(queue, now)
+        change = transitions.queued(now)
         inserted = await db.one(
             "INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (queue, id) DO NOTHING RETURNING id",
             *(job_id, QUEUED, queue, now, now, definition.SerializeToString(), definition.requirements.gpus),
             change.entry,
         )
         queued = inserted is not None
         if not queued:
-            state, reason = await db.one("SELECT state, finish_reason FROM jobs WHERE id = ? FOR UPDATE", job_id)
+            state, reason = await db.one(
+                "SELECT state, finish_reason FROM jobs WHERE queue = ? AND id = ? FOR UPDATE", queue, job_id
+            )
             queued = transitions.may_queue_again(state, reason)
             if queued:
-                await self._apply(db, job_id, change, now)
+                await self._apply(db, queue, job_id, change, now)
         # after the job's row: the triggers of queue_jobs read its state
         await db.run("INSERT INTO queue_jobs (queue, job_id) VALUES (?, ?) ON CONFLICT DO NOTHING", queue, job_id)
         await db.run(
@@ -51,7 +54,7 @@ class Lifecycle(SqlBase):
         )
         if inserted is not None:  # a new job: its row is all there is to it, so it is not read back
             return job_message((job_id, QUEUED, queue, 0, "", now, now, 0), namespaces=[submission.namespace]), True
-        job = await self._job(db, job_id, queue)
+        job = await self._job(db, queue, job_id)
         assert job is not None
         return job, queued
 
@@ -62,35 +65,35 @@ class Lifecycle(SqlBase):
         async with self._transaction() as db:
             while len(claimed) < count and (row := await db.one(_NEXT_WAITING, queue, QUEUED, gpus)) is not None:
                 job_id, attempt = row
-                await self._apply(db, job_id, transitions.assigned(attempt, holder, queue, now, lease), now)
-                claimed.append(await self._current(db, job_id))
+                await self._apply(db, queue, job_id, transitions.assigned(attempt, holder, now, lease), now)
+                claimed.append(await self._current(db, queue, job_id))
                 gpus -= claimed[-1].definition.requirements.gpus
         return claimed
 
     async def start(self, attempt: Attempt, holder: Holder, now: float) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            if not transitions.holds(await self._holding(db, attempt.job_id), attempt, holder):
+            if not transitions.holds(await self._held(db, attempt, holder), attempt, holder):
                 return None
-            await self._apply(db, attempt.job_id, transitions.started(attempt, holder, now), now)
-            return await self._current(db, attempt.job_id)
+            await self._apply(db, holder.queue, attempt.job_id, transitions.started(attempt, holder, now), now)
+            return await self._current(db, holder.queue, attempt.job_id)
 
     async def finish(
         self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
     ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            if not transitions.holds(await self._holding(db, attempt.job_id), attempt, holder):
+            if not transitions.holds(await self._held(db, attempt, holder), attempt, holder):
                 return None
             change = transitions.finished(attempt, holder, result, now)
-            await self._apply(db, attempt.job_id, change, now)
-            return await self._current(db, attempt.job_id, change.columns["result"])
+            await self._apply(db, holder.queue, attempt.job_id, change, now)
+            return await self._current(db, holder.queue, attempt.job_id, change.columns["result"])
 
     async def release(self, attempt: Attempt, holder: Holder, reason: str, now: float) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            holding = await self._holding(db, attempt.job_id)
+            holding = await self._held(db, attempt, holder)
             if holding is None or not transitions.holds(holding, attempt, holder):
                 return None
-            await self._apply(db, attempt.job_id, transitions.released(holding, reason, now), now)
-            return await self._job(db, attempt.job_id)
+            await self._apply(db, holder.queue, attempt.job_id, transitions.released(holding, reason, now), now)
+            return await self._job(db, holder.queue, attempt.job_id)
 
     async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
         return await self._extend(holder, attempts, until, transitions.holds)
@@ -108,11 +111,15 @@ class Lifecycle(SqlBase):
         stale: list[Attempt] = []
         async with self._transaction() as db:
             for attempt in attempts:
-                if may(await self._holding(db, attempt.job_id), attempt, holder):
-                    await self._apply(db, attempt.job_id, transitions.renewed(holder, until), until)
+                if may(await self._held(db, attempt, holder), attempt, holder):
+                    await self._apply(db, holder.queue, attempt.job_id, transitions.renewed(holder, until), until)
                 else:
                     stale.append(attempt)
         return stale
+
+    async def _held(self, db: Database, attempt: Attempt, holder: Holder) -> Holding | None:
+        """Who holds the attempt's job in the holder's queue (a worker acts on its queue's run only)."""
+        return await self._holding(db, holder.queue, attempt.job_id)
 
     async def extend_leases(self, until: float) -> None:
         async with self._transaction() as db:
@@ -123,61 +130,61 @@ class Lifecycle(SqlBase):
     async def requeue_expired(self, now: float) -> Lost:
         async with self._transaction() as db:
             rows = await db.all(
-                f"SELECT id, {HOLDING} FROM jobs WHERE state = ? AND lease_expires < ? FOR UPDATE SKIP LOCKED",
+                f"SELECT queue, id, {HOLDING} FROM jobs WHERE state = ? AND lease_expires < ? FOR UPDATE SKIP LOCKED",
                 RUNNING,
                 now,
             )
             return await self._requeue(db, rows, now, transitions.lease_ran_out)
 
-    async def requeue_worker(self, worker_id: str, keep: Sequence[Attempt], now: float) -> Lost:
+    async def requeue_worker(self, worker_id: str, keep: Sequence[Attempt], now: float, *, queue: str) -> Lost:
         async with self._transaction() as db:
             rows = await db.all(
-                f"SELECT id, {HOLDING} FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id FOR UPDATE",
+                f"SELECT queue, id, {HOLDING} FROM jobs WHERE state = ? AND worker_id = ?"
+                " ORDER BY queue, id FOR UPDATE",
                 RUNNING,
                 worker_id,
             )
-            lost = [row for row in rows if Attempt(row[0], row[2]) not in keep]
+            lost = [row for row in rows if row[0] != queue or Attempt(row[1], row[3]) not in keep]
             return await self._requeue(db, lost, now, transitions.left_behind)
 
     async def _requeue(
         self, db: Database, rows: Sequence[Any], now: float, why: Callable[[Holding, float], transitions.Change]
     ) -> Lost:
-        """Put the jobs of (id, *HOLDING) rows back in their queues; returns them and the lost attempts."""
+        """Put the runs of (queue, id, *HOLDING) rows back in their queues; returns them and the lost attempts."""
         lost: Lost = []
-        for job_id, *columns in rows:
+        for queue, job_id, *columns in rows:
             holding = Holding(*columns)
-            await self._apply(db, job_id, why(holding, now), now)
-            job = await self._job(db, job_id)
+            await self._apply(db, queue, job_id, why(holding, now), now)
+            job = await self._job(db, queue, job_id)
             assert job is not None
             lost.append((job, Attempt(job_id, holding.attempt)))
         return lost
 
     async def cancel(self, *, queue: str, job_id: str, namespace: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:
-            if not await db.one("SELECT 1 FROM queue_jobs WHERE queue = ? AND job_id = ?", queue, job_id):
+            if await self._holding(db, queue, job_id) is None:  # also locks the run first, as every transition does
                 return None
-            await self._holding(db, job_id)  # locks the job first, as every transition does
             if namespace == ALL_NAMESPACES:
                 await db.run("DELETE FROM namespaces WHERE queue = ? AND job_id = ?", queue, job_id)
             else:
                 await self._drop_namespace(db, queue, job_id, namespace)
-            await self._apply(db, job_id, transitions.cancel_requested(queue, namespace, now), now)
-            return await self._end_unheld(db, job_id, jobs_pb2.FINISH_REASON_CANCELLED, "cancelled", now, queue)
+            await self._apply(db, queue, job_id, transitions.cancel_requested(namespace, now), now)
+            return await self._end_unheld(db, queue, job_id, jobs_pb2.FINISH_REASON_CANCELLED, "cancelled", now)
 
     async def replace_in_namespace(self, *, queue: str, namespace: str, keep: str, now: float) -> list[Cancelled]:
         replaced: list[Cancelled] = []
         async with self._transaction() as db:
             rows = await db.all(
-                "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.id = n.job_id"
+                "SELECT n.job_id FROM namespaces n JOIN jobs j ON j.queue = n.queue AND j.id = n.job_id"
                 " WHERE n.queue = ? AND n.namespace = ? AND n.job_id != ? AND j.state != ?"
                 " ORDER BY n.job_id FOR UPDATE OF j",
                 *(queue, namespace, keep, FINISHED),
             )
             for (job_id,) in rows:
                 await self._drop_namespace(db, queue, job_id, namespace)
-                await self._apply(db, job_id, transitions.replaced(queue, namespace, keep, now), now)
+                await self._apply(db, queue, job_id, transitions.replaced(namespace, keep, now), now)
                 reason = jobs_pb2.FINISH_REASON_REPLACED_BY_CLIENT
-                replaced.append(await self._end_unheld(db, job_id, reason, "replaced", now))
+                replaced.append(await self._end_unheld(db, queue, job_id, reason, "replaced", now))
         return replaced
 
     async def _drop_namespace(self, db: Database, queue: str, job_id: str, namespace: str) -> None:
@@ -186,43 +193,37 @@ class Lifecycle(SqlBase):
         )
 
     async def _end_unheld(
-        self,
-        db: Database,
-        job_id: str,
-        reason: Reason,
-        words: str,
-        now: float,
-        queue: str = "",
+        self, db: Database, queue: str, job_id: str, reason: Reason, words: str, now: float
     ) -> Cancelled:
-        """End the job as `reason` if no namespace holds it any more; what was done, either way."""
-        held = await db.one("SELECT 1 FROM namespaces WHERE job_id = ? LIMIT 1", job_id)
-        return await self._end(db, job_id, None if held else reason, words, now, queue=queue)
+        """End the run as `reason` if no namespace holds it any more; what was done, either way."""
+        held = await db.one("SELECT 1 FROM namespaces WHERE queue = ? AND job_id = ? LIMIT 1", queue, job_id)
+        return await self._end(db, queue, job_id, None if held else reason, words, now)
 
-    async def delete(self, job_id: str, now: float) -> Cancelled | None:
+    async def delete(self, *, queue: str, job_id: str, now: float) -> Cancelled | None:
         async with self._transaction() as db:
-            if await self._holding(db, job_id) is None:
+            if await self._holding(db, queue, job_id) is None:
                 return None
-            await db.run("DELETE FROM namespaces WHERE job_id = ?", job_id)
-            return await self._end(db, job_id, jobs_pb2.FINISH_REASON_DELETED, "deleted", now, force=True)
+            await db.run("DELETE FROM namespaces WHERE queue = ? AND job_id = ?", queue, job_id)
+            return await self._end(db, queue, job_id, jobs_pb2.FINISH_REASON_DELETED, "deleted", now, force=True)
 
     async def _end(
         self,
         db: Database,
+        queue: str,
         job_id: str,
         reason: Reason | None,
         words: str,
         now: float,
         *,
-        queue: str = "",
         force: bool = False,
     ) -> Cancelled:
-        """A client ends the job as `reason` (None: it does not end); the job after, and what to stop."""
-        holding = await self._holding(db, job_id)
+        """A client ends the run as `reason` (None: it does not end); the run after, and what to stop."""
+        holding = await self._holding(db, queue, job_id)
         assert holding is not None
         change = None if reason is None else transitions.ended_by_client(holding, reason, words, now, force=force)
         if change is not None:
-            await self._apply(db, job_id, change, now)
-        job = await self._details(db, job_id, queue)
+            await self._apply(db, queue, job_id, change, now)
+        job = await self._details(db, queue, job_id)
         assert job is not None
         if change is None:
             return Cancelled(job=job, stop=None, worker_id="")
@@ -231,13 +232,12 @@ class Lifecycle(SqlBase):
     async def expire(self, before: float, limit: int) -> list[str]:
         async with self._transaction() as db:
             rows = await db.all(
-                "SELECT id FROM jobs WHERE state = ? AND update_time < ? LIMIT ? FOR UPDATE SKIP LOCKED",
+                "SELECT queue, id FROM jobs WHERE state = ? AND update_time < ? LIMIT ? FOR UPDATE SKIP LOCKED",
                 *(FINISHED, before, limit),
             )
-            ids = [str(row[0]) for row in rows]
-            if ids:
-                marks = ", ".join("?" * len(ids))
+            runs = [(str(queue), str(job_id)) for queue, job_id in rows]
+            for queue, job_id in runs:
                 for table in ("queue_jobs", "namespaces", "logs", "webhooks"):
-                    await db.run(f"DELETE FROM {table} WHERE job_id IN ({marks})", *ids)
-                await db.run(f"DELETE FROM jobs WHERE id IN ({marks})", *ids)
-        return ids
+                    await db.run(f"DELETE FROM {table} WHERE queue = ? AND job_id = ?", queue, job_id)
+                await db.run("DELETE FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
+        return [job_id for _, job_id in runs]

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from jobwire.server.store import credentials
+from jobwire.server.store import credentials, runs
 from jobwire.server.store.database import Database, postgres_sql
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, worker_columns
@@ -147,6 +147,9 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
     "ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT ''",
     # 7: digests of queues' worker credentials and of workers' secrets (as SQLite's migration 10).
     credentials.SCHEMA.format(time="DOUBLE PRECISION"),
+    # 8: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
+    # (as SQLite's migration 11; see runs).
+    runs.split_postgres,
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""
@@ -228,8 +231,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = await self.pool.fetch(
-            "SELECT j.state, COUNT(*) FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE q.queue = $1"
-            " GROUP BY j.state",
+            "SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state",
             queue,
         )
         return {state: count for state, count in rows}

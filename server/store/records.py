@@ -26,7 +26,7 @@ class SqlStore(Lifecycle):
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
         async with self._reading() as db:
-            return await self._details(db, job_id, queue)
+            return await self._details(db, queue, job_id)
 
     async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
         where = "q.queue = ? AND q.seq > ?" + (" AND j.state = ?" if state else "")
@@ -34,7 +34,8 @@ class SqlStore(Lifecycle):
         async with self._reading() as db:
             rows = await db.all(
                 f"SELECT q.seq, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
-                f" FROM queue_jobs q JOIN jobs j ON j.id = q.job_id WHERE {where} ORDER BY q.seq LIMIT ?",
+                f" FROM queue_jobs q JOIN jobs j ON j.queue = q.queue AND j.id = q.job_id WHERE {where}"
+                " ORDER BY q.seq LIMIT ?",
                 *args,
                 limit + 1,
             )
@@ -43,23 +44,30 @@ class SqlStore(Lifecycle):
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         async with self._transaction() as db:
-            finished = await db.one("SELECT 1 FROM jobs WHERE id = ? AND state = ? FOR SHARE", hook.job_id, FINISHED)
+            finished = await db.one(
+                "SELECT 1 FROM jobs WHERE queue = ? AND id = ? AND state = ? FOR SHARE",
+                hook.queue,
+                hook.job_id,
+                FINISHED,
+            )
             await db.run(
-                "INSERT INTO webhooks (job_id, event, url, body, armed, next_time) VALUES (?, ?, ?, ?, ?, ?)",
-                *(hook.job_id, hook.event, hook.url, hook.body, armed or finished is not None, now),
+                "INSERT INTO webhooks (job_id, queue, event, url, body, armed, next_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                *(hook.job_id, hook.queue, hook.event, hook.url, hook.body, armed or finished is not None, now),
             )
 
     async def claim_webhooks(self, now: float, until: float, limit: int) -> list[Webhook]:
         async with self._transaction() as db:
             rows = await db.all(
-                "SELECT id, job_id, event, url, body, attempts FROM webhooks WHERE armed AND next_time <= ?"
+                "SELECT id, job_id, queue, event, url, body, attempts FROM webhooks WHERE armed AND next_time <= ?"
                 " ORDER BY next_time LIMIT ? FOR UPDATE SKIP LOCKED",
                 now,
                 limit,
             )
             for row in rows:
                 await db.run("UPDATE webhooks SET next_time = ? WHERE id = ?", until, row[0])
-        return [Webhook(job_id, event, url, bytes(body), id, tries) for id, job_id, event, url, body, tries in rows]
+        return [
+            Webhook(job, queue, event, url, bytes(body), id, tries) for id, job, queue, event, url, body, tries in rows
+        ]
 
     async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
         async with self._transaction() as db:
@@ -81,41 +89,43 @@ class SqlStore(Lifecycle):
     ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
         async with self._transaction() as db:
             # reading who holds the job also locks it (on PostgreSQL): one append at a time
-            if not transitions.holds(await self._holding(db, attempt.job_id), attempt, holder):
+            if not transitions.holds(await self._held(db, attempt, holder), attempt, holder):
                 return None
-            stored = await self._log_totals(db, attempt, kind)
+            stored = await self._log_totals(db, holder.queue, attempt, kind)
             kept = within_limit(stored.chars, chunks[already_stored(stored.chunks, start, len(chunks)) :], max_chars)
             if kept:
                 batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
                 totals = stored.after(batch.chunks)
                 await db.run(
-                    "INSERT INTO logs (job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    *(attempt.job_id, attempt.attempt, kind, stored.chunks, len(batch.chunks)),
+                    "INSERT INTO logs (queue, job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    *(holder.queue, attempt.job_id, attempt.attempt, kind, stored.chunks, len(batch.chunks)),
                     *(batch.SerializeToString(), totals.stdout_chars, totals.stderr_chars),
                 )
             return stored.chunks, kept
 
-    async def log_totals(self, attempt: Attempt, kind: LogKind) -> LogTotals:
+    async def log_totals(self, attempt: Attempt, kind: LogKind, *, queue: str) -> LogTotals:
         async with self._reading() as db:
-            return await self._log_totals(db, attempt, kind)
+            return await self._log_totals(db, queue, attempt, kind)
 
-    async def _log_totals(self, db: Database, attempt: Attempt, kind: LogKind) -> LogTotals:
+    async def _log_totals(self, db: Database, queue: str, attempt: Attempt, kind: LogKind) -> LogTotals:
         # The last batch by index (the primary key) ends the log: batches never overlap.
         row = await db.one(
-            "SELECT start + count, stdout_chars, stderr_chars FROM logs WHERE job_id = ? AND attempt = ? AND kind = ?"
-            " ORDER BY start DESC LIMIT 1",
-            *(attempt.job_id, attempt.attempt, kind),
+            "SELECT start + count, stdout_chars, stderr_chars FROM logs"
+            " WHERE queue = ? AND job_id = ? AND attempt = ? AND kind = ? ORDER BY start DESC LIMIT 1",
+            *(queue, attempt.job_id, attempt.attempt, kind),
         )
         return LogTotals(*row) if row else LogTotals()
 
-    async def read_logs(self, attempt: Attempt, kind: LogKind, since: int, limit: int) -> list[jobs_pb2.LogChunk]:
+    async def read_logs(
+        self, attempt: Attempt, kind: LogKind, since: int, limit: int, *, queue: str
+    ) -> list[jobs_pb2.LogChunk]:
         async with self._reading() as db:
             # each batch holds a chunk at least, so `limit` batches from `since` are enough
             rows = await db.all(
-                "SELECT start, data FROM logs WHERE job_id = ? AND attempt = ? AND kind = ? AND start + count > ?"
-                " ORDER BY start LIMIT ?",
-                *(attempt.job_id, attempt.attempt, kind, since, limit),
+                "SELECT start, data FROM logs WHERE queue = ? AND job_id = ? AND attempt = ? AND kind = ?"
+                " AND start + count > ? ORDER BY start LIMIT ?",
+                *(queue, attempt.job_id, attempt.attempt, kind, since, limit),
             )
         chunks: list[jobs_pb2.LogChunk] = []
         for start, data in rows:

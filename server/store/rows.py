@@ -56,6 +56,23 @@ def job_summary(job: jobs_pb2.Job) -> jobs_pb2.Job:
     return summary
 
 
+def job_url_view(job: jobs_pb2.Job) -> jobs_pb2.Job:
+    """What an id-only read (a job URL) shows of a run: all but its queue. No queue field, no
+    namespaces (their holders are the queue's submitters), no waiting reason (it names the queue),
+    and the quoted queue name cut from the history and result messages (written before runs were
+    per queue: "queued on 'q'"; the server's words name no queue now, a worker's are its own)."""
+    view = jobs_pb2.Job()
+    view.CopyFrom(job)
+    for field in ("queue", "namespaces", "waiting_reason"):
+        view.ClearField(field)
+    quoted = repr(job.queue)
+    for entry in view.history:
+        entry.message = entry.message.replace(quoted, "its queue")
+    if view.HasField("result"):
+        view.result.message = view.result.message.replace(quoted, "its queue")
+    return view
+
+
 def blob_keys(definition: definition_pb2.JobDefinition) -> set[str]:
     """Keys of the blobs a definition reads: `key` refs of inputs and config files, an uploaded build context."""
     refs = [*definition.inputs.values(), *definition.config_files.values()]

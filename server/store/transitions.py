@@ -78,20 +78,21 @@ def may_queue_again(state: int, reason: int) -> bool:
     return state == FINISHED and reason not in FINAL_REASONS
 
 
-def queued(queue: str, now: float) -> Change:
-    """A job (new, or known and not final) waits in `queue`."""
-    entry = history_entry(jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message=f"queued on {queue!r}")
-    columns = dict(state=QUEUED, queue=queue, worker_id="", session="", update_time=now, finish_reason=0)
+def queued(now: float) -> Change:
+    """A job's run (new, or known and not final) waits in its queue. No history names a queue: a run
+    belongs to one, and a job id's routes must not reveal it."""
+    entry = history_entry(jobs_pb2.JOB_EVENT_KIND_QUEUED, now, message="queued")
+    columns = dict(state=QUEUED, worker_id="", session="", update_time=now, finish_reason=0)
     return Change(entry, columns | dict(result=None, lease_expires=None))
 
 
-def assigned(previous_attempt: int, holder: Holder, queue: str, now: float, lease: float) -> Change:
+def assigned(previous_attempt: int, holder: Holder, now: float, lease: float) -> Change:
     """A waiting job goes to the holder's worker and session as its next attempt."""
     attempt, worker_id = previous_attempt + 1, holder.worker_id
     message = f"assigned to worker {worker_id} as attempt {attempt}"
     entry = history_entry(jobs_pb2.JOB_EVENT_KIND_ASSIGNED, now, attempt=attempt, worker_id=worker_id, message=message)
     columns = dict(state=RUNNING, attempt=attempt, worker_id=worker_id, session=holder.session, update_time=now)
-    return Change(entry, columns | dict(lease_expires=now + lease, queue=queue))
+    return Change(entry, columns | dict(lease_expires=now + lease))
 
 
 def started(attempt: Attempt, holder: Holder, now: float) -> Change:
@@ -138,15 +139,15 @@ def _requeued(holding: Holding, now: float, why: str) -> Change:
     return Change(entry, columns)
 
 
-def cancel_requested(queue: str, namespace: str, now: float) -> Change:
-    """A namespace dropped its hold on the job (it ends only when no namespace holds it)."""
-    message = f"cancel requested on {queue!r} for namespace {namespace!r}"
+def cancel_requested(namespace: str, now: float) -> Change:
+    """A namespace dropped its hold on the job's run (it ends only when no namespace holds it)."""
+    message = f"cancel requested for namespace {namespace!r}"
     return Change(history_entry(jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED, now, message=message))
 
 
-def replaced(queue: str, namespace: str, keep: str, now: float) -> Change:
-    """A namespace's newer job replaces this one (the namespace drops its hold)."""
-    message = f"replaced by job {keep} in namespace {namespace!r} of {queue!r}"
+def replaced(namespace: str, keep: str, now: float) -> Change:
+    """A namespace's newer job replaces this one in their queue (the namespace drops its hold)."""
+    message = f"replaced by job {keep} in namespace {namespace!r}"
     return Change(history_entry(jobs_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED, now, message=message))
 
 

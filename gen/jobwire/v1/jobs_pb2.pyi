@@ -394,7 +394,7 @@ class Job(_message.Message):
     state: Global___JobState.ValueType
     """Where the job is in its life."""
     queue: _builtins.str
-    """The queue the job was last submitted to."""
+    """The queue of this run; empty on id-only reads (see `GetJob`)."""
     worker_id: _builtins.str
     """The worker running it (while running) or that ran it."""
     attempt: _builtins.int
@@ -660,7 +660,9 @@ class GetJobRequest(_message.Message):
     job_id: _builtins.str
     """The job id."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows,
+    without its queue name (see `GetJob`).
+    """
     def __init__(
         self,
         *,
@@ -710,7 +712,9 @@ class GetJobDefinitionRequest(_message.Message):
     job_id: _builtins.str
     """The job id."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows
+    (see `GetJob`).
+    """
     def __init__(
         self,
         *,
@@ -760,7 +764,9 @@ class GetJobResultRequest(_message.Message):
     job_id: _builtins.str
     """The job id."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows
+    (see `GetJob`).
+    """
     def __init__(
         self,
         *,
@@ -825,7 +831,9 @@ class GetJobLogsRequest(_message.Message):
     since: _builtins.int
     """Index of the first chunk to return (a cursor from `next_cursor`)."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows
+    (see `GetJob`).
+    """
     file: _builtins.str
     """The seed's log file name, bound by its routes: `run-logs.json` or
     `build-logs.json`. When set it picks the log and `kind` must be unset.
@@ -892,22 +900,28 @@ class WatchJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     RUN_LOGS_SINCE_FIELD_NUMBER: _builtins.int
     BUILD_LOGS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
     run_logs_since: _builtins.int
     """Send run-log chunks from this index on (0: all of them)."""
     build_logs: _builtins.bool
     """Also send the build log."""
+    queue: _builtins.str
+    """The queue whose run to follow; empty: the run an id-only read shows,
+    without its queue name.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         run_logs_since: _builtins.int = ...,
         build_logs: _builtins.bool = ...,
+        queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_logs", b"build_logs", "job_id", b"job_id", "run_logs_since", b"run_logs_since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_logs", b"build_logs", "job_id", b"job_id", "queue", b"queue", "run_logs_since", b"run_logs_since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -996,7 +1010,9 @@ class StreamJobRequest(_message.Message):
     job_id: _builtins.str
     """The job id."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows
+    (see `GetJob`).
+    """
     since: _builtins.int
     """Send run-log chunks from this index on (0: all of them). Server-sent
     events carry the cursor as their `id`, and a reconnecting `EventSource`
@@ -1037,7 +1053,9 @@ class GetJobInputRequest(_message.Message):
     path: _builtins.str
     """The input's name, e.g. `data/a.csv`."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows
+    (see `GetJob`).
+    """
     def __init__(
         self,
         *,
@@ -1067,7 +1085,9 @@ class GetJobOutputRequest(_message.Message):
     path: _builtins.str
     """The output's path under /outputs, e.g. `plots/a.png`."""
     queue: _builtins.str
-    """When set, the job must be in this queue."""
+    """The queue whose run to read; empty: the run an id-only read shows
+    (see `GetJob`).
+    """
     def __init__(
         self,
         *,
@@ -1149,10 +1169,13 @@ class CopyJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     CONTROL_FIELD_NUMBER: _builtins.int
+    SOURCE_QUEUE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job to copy."""
     queue: _builtins.str
     """The queue to submit it to."""
+    source_queue: _builtins.str
+    """The queue of the run to copy (required)."""
     @_builtins.property
     def control(self) -> _definition_pb2.JobControl:
         """How the new submission is handled."""
@@ -1163,10 +1186,11 @@ class CopyJobRequest(_message.Message):
         job_id: _builtins.str = ...,
         queue: _builtins.str = ...,
         control: _definition_pb2.JobControl | None = ...,
+        source_queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["control", b"control"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["control", b"control", "job_id", b"job_id", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control", b"control", "job_id", b"job_id", "queue", b"queue", "source_queue", b"source_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1207,16 +1231,20 @@ class DeleteJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
+    queue: _builtins.str
+    """The queue of the run to delete (required)."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "queue", b"queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -162,6 +162,15 @@ class JobServiceServicer:
 
     def GetJob(self, request, context):
         """Gets a job: state, definition, result and history.
+
+        A job's *run* is its id in one queue: the same definition submitted to
+        two queues is two runs, each with its own state, attempts, logs and
+        result. `/q/{queue}/j/{job_id}` names one run exactly. The id-only routes
+        (`/j/{job_id}…`) show the run most recently finished, or while none has
+        finished the one most recently changed, and never a queue name: the job
+        comes without `queue`, `namespaces` and `waiting_reason`, and no history
+        entry names a queue. Anyone may make a run of a definition they know on
+        a queue of their own, so a result to rely on is read with the queue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -192,7 +201,8 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """Follows a job: its current state and logs so far, then every change
-        live, until the job finishes.
+        live, until the job finishes. Without a queue: the run an id-only read
+        shows when the watch begins (see `GetJob`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,15 +252,19 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CopyJob(self, request, context):
-        """Submits a stored job's definition to another queue (same id).
+        """Submits the definition of a job's run in `source_queue` to another queue
+        (same id, a run of its own there). The id-only route `/j/{job_id}/copy`
+        is refused (`INVALID_ARGUMENT`, 400): a job id names no queue's run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Deletes a job and its cached result, so an identical submission runs
-        again. A running job is killed.
+        """Deletes a job's run in a queue and its cached result, so an identical
+        submission to that queue runs again. A running job is killed. The
+        seed's id-only `DELETE /j/{job_id}` is refused (`INVALID_ARGUMENT`,
+        400, changing nothing): use `DELETE /q/{queue}/j/{job_id}`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,17 @@ class JobServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """Lists a queue's jobs, oldest first, one page at a time."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
-    """Gets a job: state, definition, result and history."""
+    """Gets a job: state, definition, result and history.
+
+    A job's *run* is its id in one queue: the same definition submitted to
+    two queues is two runs, each with its own state, attempts, logs and
+    result. `/q/{queue}/j/{job_id}` names one run exactly. The id-only routes
+    (`/j/{job_id}…`) show the run most recently finished, or while none has
+    finished the one most recently changed, and never a queue name: the job
+    comes without `queue`, `namespaces` and `waiting_reason`, and no history
+    entry names a queue. Anyone may make a run of a definition they know on
+    a queue of their own, so a result to rely on is read with the queue.
+    """
     GetJobDefinition: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobDefinitionRequest, _jobs_pb2.GetJobDefinitionResponse]
     """Gets a job's definition."""
     GetJobResult: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobResultRequest, _jobs_pb2.GetJobResultResponse]
@@ -68,7 +78,8 @@ class JobServiceStub:
     """
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Follows a job: its current state and logs so far, then every change
-    live, until the job finishes.
+    live, until the job finishes. Without a queue: the run an id-only read
+    shows when the watch begins (see `GetJob`).
     """
     StreamJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamJobRequest, _httpbody_pb2.HttpBody]
     """Follows a job over plain HTTP until it finishes: `text/event-stream`
@@ -98,10 +109,15 @@ class JobServiceStub:
     its container is killed.
     """
     CopyJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CopyJobRequest, _jobs_pb2.CopyJobResponse]
-    """Submits a stored job's definition to another queue (same id)."""
+    """Submits the definition of a job's run in `source_queue` to another queue
+    (same id, a run of its own there). The id-only route `/j/{job_id}/copy`
+    is refused (`INVALID_ARGUMENT`, 400): a job id names no queue's run.
+    """
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
-    """Deletes a job and its cached result, so an identical submission runs
-    again. A running job is killed.
+    """Deletes a job's run in a queue and its cached result, so an identical
+    submission to that queue runs again. A running job is killed. The
+    seed's id-only `DELETE /j/{job_id}` is refused (`INVALID_ARGUMENT`,
+    400, changing nothing): use `DELETE /q/{queue}/j/{job_id}`.
     """
     GetQueueStatus: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetQueueStatusRequest, _jobs_pb2.GetQueueStatusResponse]
     """Summarises a queue: job counts by state, connected workers."""
@@ -137,7 +153,17 @@ class JobServiceAsyncStub(JobServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists a queue's jobs, oldest first, one page at a time."""
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
-    """Gets a job: state, definition, result and history."""
+    """Gets a job: state, definition, result and history.
+
+    A job's *run* is its id in one queue: the same definition submitted to
+    two queues is two runs, each with its own state, attempts, logs and
+    result. `/q/{queue}/j/{job_id}` names one run exactly. The id-only routes
+    (`/j/{job_id}…`) show the run most recently finished, or while none has
+    finished the one most recently changed, and never a queue name: the job
+    comes without `queue`, `namespaces` and `waiting_reason`, and no history
+    entry names a queue. Anyone may make a run of a definition they know on
+    a queue of their own, so a result to rely on is read with the queue.
+    """
     GetJobDefinition: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobDefinitionRequest, _jobs_pb2.GetJobDefinitionResponse]  # type: ignore[assignment]
     """Gets a job's definition."""
     GetJobResult: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobResultRequest, _jobs_pb2.GetJobResultResponse]  # type: ignore[assignment]
@@ -150,7 +176,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Follows a job: its current state and logs so far, then every change
-    live, until the job finishes.
+    live, until the job finishes. Without a queue: the run an id-only read
+    shows when the watch begins (see `GetJob`).
     """
     StreamJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.StreamJobRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Follows a job over plain HTTP until it finishes: `text/event-stream`
@@ -180,10 +207,15 @@ class JobServiceAsyncStub(JobServiceStub):
     its container is killed.
     """
     CopyJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CopyJobRequest, _jobs_pb2.CopyJobResponse]  # type: ignore[assignment]
-    """Submits a stored job's definition to another queue (same id)."""
+    """Submits the definition of a job's run in `source_queue` to another queue
+    (same id, a run of its own there). The id-only route `/j/{job_id}/copy`
+    is refused (`INVALID_ARGUMENT`, 400): a job id names no queue's run.
+    """
     DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
-    """Deletes a job and its cached result, so an identical submission runs
-    again. A running job is killed.
+    """Deletes a job's run in a queue and its cached result, so an identical
+    submission to that queue runs again. A running job is killed. The
+    seed's id-only `DELETE /j/{job_id}` is refused (`INVALID_ARGUMENT`,
+    400, changing nothing): use `DELETE /q/{queue}/j/{job_id}`.
     """
     GetQueueStatus: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetQueueStatusRequest, _jobs_pb2.GetQueueStatusResponse]  # type: ignore[assignment]
     """Summarises a queue: job counts by state, connected workers."""
@@ -240,7 +272,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.GetJobResponse, _abc.Awaitable[_jobs_pb2.GetJobResponse]]:
-        """Gets a job: state, definition, result and history."""
+        """Gets a job: state, definition, result and history.
+
+        A job's *run* is its id in one queue: the same definition submitted to
+        two queues is two runs, each with its own state, attempts, logs and
+        result. `/q/{queue}/j/{job_id}` names one run exactly. The id-only routes
+        (`/j/{job_id}…`) show the run most recently finished, or while none has
+        finished the one most recently changed, and never a queue name: the job
+        comes without `queue`, `namespaces` and `waiting_reason`, and no history
+        entry names a queue. Anyone may make a run of a definition they know on
+        a queue of their own, so a result to rely on is read with the queue.
+        """
 
     @_abc_1.abstractmethod
     def GetJobDefinition(
@@ -277,7 +319,8 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.WatchJobResponse], _abc.AsyncIterator[_jobs_pb2.WatchJobResponse]]:
         """Follows a job: its current state and logs so far, then every change
-        live, until the job finishes.
+        live, until the job finishes. Without a queue: the run an id-only read
+        shows when the watch begins (see `GetJob`).
         """
 
     @_abc_1.abstractmethod
@@ -337,7 +380,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.CopyJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.CopyJobResponse, _abc.Awaitable[_jobs_pb2.CopyJobResponse]]:
-        """Submits a stored job's definition to another queue (same id)."""
+        """Submits the definition of a job's run in `source_queue` to another queue
+        (same id, a run of its own there). The id-only route `/j/{job_id}/copy`
+        is refused (`INVALID_ARGUMENT`, 400): a job id names no queue's run.
+        """
 
     @_abc_1.abstractmethod
     def DeleteJob(
@@ -345,8 +391,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.DeleteJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
-        """Deletes a job and its cached result, so an identical submission runs
-        again. A running job is killed.
+        """Deletes a job's run in a queue and its cached result, so an identical
+        submission to that queue runs again. A running job is killed. The
+        seed's id-only `DELETE /j/{job_id}` is refused (`INVALID_ARGUMENT`,
+        400, changing nothing): use `DELETE /q/{queue}/j/{job_id}`.
         """
 
     @_abc_1.abstractmethod
