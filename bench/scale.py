@@ -119,7 +119,8 @@ async def _idle_streams(stack: Stack, count: int) -> AsyncIterator[str]:
 
 async def _idle_worker(channel: grpc.aio.Channel, queue: str, registered: asyncio.Semaphore) -> None:
     call = workers_pb2_grpc.WorkerServiceStub(channel).Connect()
-    register = workers_pb2.RegisterWorker(worker_id=unique("bench-idle-w"), queue=queue, cpus=1, version="bench")
+    worker_id, secret = unique("bench-idle-w"), uuid.uuid4().hex  # each worker id proves its secret
+    register = workers_pb2.RegisterWorker(worker_id=worker_id, queue=queue, cpus=1, version="bench", secret=secret)
     await call.write(workers_pb2.ConnectRequest(register=register))
     first = await call.read()
     assert isinstance(first, workers_pb2.ConnectResponse)

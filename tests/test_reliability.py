@@ -462,7 +462,7 @@ async def test_gpu_jobs_wait_for_a_worker_with_gpus_without_blocking_the_queue(
     cpu_body = {"definition": {"image": BUSYBOX, "command": f"echo {queue}"}}
     cpu_job = (await rest.post(f"/q/{queue}", json=cpu_body)).json()["jobId"]
     assert log_text(await wait_finished(jobs, cpu_job)) == f"{queue}\n"
-    waiting = (await rest.get(f"/j/{gpu_job}")).json()["job"]
+    waiting = (await rest.get(f"/q/{queue}/j/{gpu_job}")).json()["job"]  # a waiting reason names the queue
     assert waiting["state"] == "JOB_STATE_QUEUED"
     assert "needs 1 GPU(s) but no worker" in waiting["waitingReason"]
     assert "--gpus 1" in waiting["waitingReason"]

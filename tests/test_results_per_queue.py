@@ -40,7 +40,9 @@ class FakeWorker:
         self.queue, self.unread = queue, list[workers_pb2.ConnectResponse]()
 
     async def register(self) -> None:
-        register = workers_pb2.RegisterWorker(worker_id=f"fake-{uuid.uuid4().hex}", queue=self.queue, cpus=1)
+        register = workers_pb2.RegisterWorker(
+            worker_id=f"fake-{uuid.uuid4().hex}", queue=self.queue, cpus=1, secret=uuid.uuid4().hex
+        )
         await self.call.write(workers_pb2.ConnectRequest(register=register))
         assert (await self.read()).HasField("registered")
 

@@ -88,7 +88,8 @@ export class App {
 
   private async loadShort(id: string): Promise<void> {
     try {
-      const response = await this.target.api.jobs.getJobDefinition({ jobId: id });
+      const { api, queue } = this.target;
+      const response = await api.jobs.getJobDefinition({ jobId: id, queue });
       if (response.definition) this.job = toJson(JobDefinitionSchema, response.definition) as DefinitionJson;
     } catch (error) {
       this.ui.terminal.note(`Job ${id} not found: ${ConnectError.from(error).rawMessage}`);
@@ -150,7 +151,8 @@ export class App {
     });
     const id = runnable(this.definition) ? await jobId(this.definition) : "";
     this.ui.counts();
-    if (id !== this.jobId || !this.watcher) this.follow(id);
+    // The run followed is the job's run in the target queue: a new id or a new queue is a new watch.
+    if (id !== this.jobId || !this.watcher || this.watcher.queue !== this.target.queue) this.follow(id);
     if (id && this.hash.bool("autostart") && !this.current) void this.run();
   }
 
@@ -166,8 +168,8 @@ export class App {
     this.ui.outputs.show(undefined, "", {});
     this.ui.showState();
     if (!id) return;
-    const { api } = this.target;
-    this.watcher = new JobWatcher(api, id, {
+    const { api, queue } = this.target;
+    this.watcher = new JobWatcher(api, id, queue, {
       job: (job) => this.onJob(job, api),
       logs: (kind, chunks, fresh) => this.onLogs(kind, chunks, fresh),
       missing: () => {
@@ -204,7 +206,7 @@ export class App {
     if (job.state !== JobState.QUEUED) return;
     this.reasonTimer = setTimeout(async () => {
       try {
-        const fresh = (await api.jobs.getJob({ jobId: job.id })).job;
+        const fresh = (await api.jobs.getJob({ jobId: job.id, queue: this.target.queue })).job;
         if (fresh && this.current?.id === fresh.id && this.current.state === JobState.QUEUED) {
           this.current.waitingReason = fresh.waitingReason;
           this.ui.showState();
@@ -218,7 +220,7 @@ export class App {
 
   private async finished(job: Job, api: Api): Promise<void> {
     let result = job.result;
-    if (!result) result = (await api.jobs.getJobResult({ jobId: job.id })).result;
+    if (!result) result = (await api.jobs.getJobResult({ jobId: job.id, queue: this.target.queue })).result;
     const outputs = ((result && toJson(JobResultSchema, result) as { outputs?: Record<string, DataRefJson> })?.outputs) ?? {};
     if (job.id !== this.jobId) return;
     this.ui.outputs.show(api, job.id, outputs);
@@ -284,9 +286,9 @@ export class App {
   }
 
   async deleteAndRetry(): Promise<void> {
-    const { api } = this.target;
+    const { api, queue } = this.target;
     try {
-      await api.jobs.deleteJob({ jobId: this.jobId });
+      await api.jobs.deleteJob({ jobId: this.jobId, queue });
     } catch (error) {
       if (ConnectError.from(error).code !== Code.NotFound) {
         this.ui.showError(`Delete failed: ${ConnectError.from(error).rawMessage}`);
@@ -303,11 +305,11 @@ export class App {
 
   /** The whole stored log of the current job (for copying), read page by page. */
   async fullLogs(kind: LogKind): Promise<LogChunk[]> {
-    const { api } = this.target;
+    const { api, queue } = this.target;
     const chunks: LogChunk[] = [];
     let since = 0n;
     for (;;) {
-      const page = await api.jobs.getJobLogs({ jobId: this.jobId, kind, since });
+      const page = await api.jobs.getJobLogs({ jobId: this.jobId, queue, kind, since });
       chunks.push(...page.chunks);
       if (!page.chunks.length || page.nextCursor === since) return chunks;
       since = page.nextCursor;

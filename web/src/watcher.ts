@@ -23,6 +23,8 @@ export class JobWatcher {
   constructor(
     private api: Api,
     readonly jobId: string,
+    /** The queue whose run of the job is followed; "" follows what the job's URL shows (no queue). */
+    readonly queue: string,
     private events: WatchEvents,
   ) {
     void this.run();
@@ -62,7 +64,7 @@ export class JobWatcher {
   /** One WatchJob call; true when the job finished. */
   private async follow(): Promise<boolean> {
     let finished = false;
-    const request = { jobId: this.jobId, runLogsSince: BigInt(this.next[LogKind.RUN]), buildLogs: true };
+    const request = { jobId: this.jobId, queue: this.queue, runLogsSince: BigInt(this.next[LogKind.RUN]), buildLogs: true };
     for await (const message of this.api.jobs.watchJob(request, { signal: this.abort.signal })) {
       this.events.connection(undefined);
       if (message.event.case === "job") {

@@ -82,9 +82,10 @@ export interface Footer extends Described {
 /** What the footer says: no job, no queue, not run yet, or the job's state in words. */
 export function footer(jobId: string, queue: string, job: Job | undefined, building: boolean): Footer {
   if (!jobId) return { text: "No job", detail: "Set an image or a build to run.", tone: "idle", state: "none" };
+  // A job URL without a queue still shows its job (the run its id shows: a job id names no queue).
+  if (job) return { ...describe(job, building), state: JobState[job.state].toLowerCase() };
   if (!queue) return { text: "No queue", detail: "Choose a queue to run on.", tone: "idle", state: "none" };
-  if (!job) return { text: "Not run yet", detail: "Press Run.", tone: "idle", state: "none" };
-  return { ...describe(job, building), state: JobState[job.state].toLowerCase() };
+  return { text: "Not run yet", detail: "Press Run.", tone: "idle", state: "none" };
 }
 
 export type Action = "run" | "cancel" | "retry" | "none";
