@@ -292,3 +292,22 @@ async def test_jobwire_server_never_calls_a_webhook_the_policy_refuses(
     assert files.requests == []
     for named in ["127.0.0.1", "localhost", "::1", "127.0.0.2", *OUTSIDE]:
         assert f"refused to connect to {named}" in server.output() or f"the address of {named}" in server.output()
+
+
+def test_the_allow_list_reads_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobwire.cli.services import Local
+    from jobwire.server.settings import ServerSettings
+    from tests.test_settings import parsed
+
+    monkeypatch.delenv("JOBWIRE_EGRESS_ALLOW", raising=False)
+    given = ("--egress-allow", "10.0.0.0/8,files.lab.example", "--egress-allow", "127.0.0.1")
+    assert parsed("worker", "q", *given).egress_allow == ("10.0.0.0/8", "files.lab.example", "127.0.0.1")
+    assert parsed("server", *given).egress_allow == ("10.0.0.0/8", "files.lab.example", "127.0.0.1")
+    assert ServerSettings().egress_allow == parsed("worker", "q").egress_allow == ()
+    up = Local().egress_allow  # jobwire up: the private networks, never loopback nor link-local
+    assert "10.0.0.0/8" in up and "fc00::/7" in up
+    for address in ("127.0.0.1", "::1", "169.254.169.254"):
+        with pytest.raises(egress.EgressRefused):
+            egress.Policy(up).check(address, address)
+    with pytest.raises(Exception, match="no way"):
+        parsed("server", "--egress-allow", "no way")
