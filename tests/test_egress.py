@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -139,18 +139,11 @@ class _Spy(httpcore.AsyncNetworkBackend):
         self.connected: list[str] = []
         self.real = httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(self, host: str, port: int, *rest: Any, **options: Any) -> httpcore.AsyncNetworkStream:
         self.connected.append(host)
         if host not in ("127.0.0.1", "::1"):
             raise httpcore.ConnectError("the test connects only to loopback")
-        return await self.real.connect_tcp(host, port, timeout, local_address, socket_options)
+        return await self.real.connect_tcp(host, port, *rest, **options)
 
     async def sleep(self, seconds: float) -> None:
         await self.real.sleep(seconds)
