@@ -144,7 +144,7 @@ class _Transport(httpx.AsyncHTTPTransport):
     def __init__(self, policy: Policy) -> None:
         super().__init__(trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=httpx.create_ssl_context(),  # SSL_CERT_FILE and SSL_CERT_DIR still apply
             network_backend=_Backend(policy),
         )
 
