@@ -19,6 +19,7 @@ from jobwire.cli.console import CliError
 from jobwire.cli.front import WILDCARDS, browser_origins, private_hosts, tls_secret
 from jobwire.cli.options import subset
 from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
+from jobwire.core import egress
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
@@ -63,10 +64,13 @@ UP_SETTINGS = {
     "queue": (WorkerSettings, "queue"),
     "cpus": (WorkerSettings, "cpus"),
     "max_job_duration": (WorkerSettings, "max_job_duration"),
+    "egress_allow": (WorkerSettings, "egress_allow"),
 }
-# Where `up` needs another default than the worker's: a queue for its worker, and 2 jobs at once so
-# that a first sweep shows jobs running side by side.
-UP_DEFAULTS = {"queue": "local", "cpus": 2}
+# Where `up` needs another default than the worker's: a queue for its worker, 2 jobs at once so
+# that a first sweep shows jobs running side by side, and the private networks (one person's machine
+# on their own network; loopback, where Envoy and the server live, and link-local stay refused) as
+# what url inputs, build contexts and webhooks may reach.
+UP_DEFAULTS = {"queue": "local", "cpus": 2, "egress_allow": egress.PRIVATE_NETWORKS}
 Local = subset("Local", UP_SETTINGS, UP_DEFAULTS)
 
 
@@ -117,6 +121,7 @@ async def up(
         host="127.0.0.1",
         port=local.grpc_port,
         public_url=f"{scheme}://localhost:{port}",
+        egress_allow=local.egress_allow,
     )
     worker_settings = WorkerSettings(
         local.queue,
@@ -124,6 +129,7 @@ async def up(
         cpus=local.cpus,
         data_directory=data_directory / "worker",
         max_job_duration=local.max_job_duration,
+        egress_allow=local.egress_allow,
     )
     runtime = _docker(local.cpus)
     built = await build_server(settings)

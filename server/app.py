@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jobwire.core import egress
 from jobwire.server.blobs import BlobStore, open_blobs
 from jobwire.server.bus import EventBus, open_bus
 from jobwire.server.logs import LogHub
@@ -128,5 +129,5 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     retention = Retention(store, blobs, clock, settings.retention_seconds, settings.sweep_interval_seconds)
-    loops = [scheduler.reap, retention.run, Webhooks(store, clock).run]
+    loops = [scheduler.reap, retention.run, Webhooks(store, clock, egress.Policy(settings.egress_allow)).run]
     return Server(server, port, store, scheduler, health_servicer, blobs, bus, loops)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from cyclopts import Parameter
 
-from jobwire.core.options import DURATION, INTERNAL
+from jobwire.core.options import DURATION, EGRESS_ALLOW, INTERNAL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +48,9 @@ class ServerSettings:
     """Refuse workers on queues without a worker credential (those that exist only by name): a public
     server sets it, so that only queues made by `jobwire queue new` are served, by their credential's
     holders."""
+    egress_allow: Annotated[tuple[str, ...], EGRESS_ALLOW] = ()
+    """Hosts and networks (`10.0.0.0/8,hooks.lab.example`) that webhooks may call although they are
+    loopback, link-local, private or otherwise not public (refused by default)."""
     retention_seconds: Annotated[float, DURATION, Parameter(name="retention")] = 30 * 24 * 3600.0
     """How long finished jobs (results, logs, history) are kept."""
     heartbeat_seconds: Annotated[float, INTERNAL] = 5.0

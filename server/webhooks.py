@@ -4,6 +4,11 @@ The body is the seed's `{"jobId", "queue", "namespace", "config"}`; `finished` c
 `"state": "finished"`, `"reason"` (`success`, `error`, `timed-out`, …) and `"exitCode"`. A call
 is delivered when the receiver answers 2xx; otherwise it is tried again after 1 s, 2 s, 4 s, …
 (at most an hour apart) for up to MAX_ATTEMPTS tries, surviving server restarts.
+
+Calls obey the egress policy (`jobwire.core.egress`, `--egress-allow`): a call to an address it refuses
+(loopback, private, link-local, …, directly or by a redirect) is never made, and is abandoned at once
+with the reason logged. A receiver's answer is not read beyond its status, and a call has
+CALL_TIME seconds in all.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import httpx
 from google.protobuf import json_format
 
+from jobwire.core import egress
 from jobwire.server.store import StateStore
 from jobwire.server.store.base import FINISHED_HOOK, Webhook
 from jobwire.v1 import definition_pb2, jobs_pb2
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 20
 CLAIM = 32
 TIMEOUT = 10.0
+CALL_TIME = 2 * TIMEOUT
 
 
 def body(job_id: str, queue: str, namespace: str, callback: definition_pb2.Callback) -> bytes:
@@ -36,13 +43,15 @@ def body(job_id: str, queue: str, namespace: str, callback: definition_pb2.Callb
 class Webhooks:
     """Delivers due webhooks forever; several replicas may run one each (claims hide a call while it is tried)."""
 
-    def __init__(self, store: StateStore, clock: Callable[[], float], interval: float = 1.0) -> None:
-        self.store, self.clock, self.interval = store, clock, interval
+    def __init__(
+        self, store: StateStore, clock: Callable[[], float], policy: egress.Policy, interval: float = 1.0
+    ) -> None:
+        self.store, self.clock, self.policy, self.interval = store, clock, policy, interval
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=True) as client:
+        async with egress.client(self.policy, TIMEOUT) as client:
             while True:
-                due = await self.store.claim_webhooks(self.clock(), self.clock() + 2 * TIMEOUT, CLAIM)
+                due = await self.store.claim_webhooks(self.clock(), self.clock() + CALL_TIME, CLAIM)
                 await asyncio.gather(*(self._deliver(client, hook) for hook in due))
                 if len(due) < CLAIM:
                     await asyncio.sleep(self.interval)
@@ -57,13 +66,17 @@ class Webhooks:
                 "exitCode": job.result.exit_code,
             }
         try:
-            response = await client.post(hook.url, json=payload)
-            if response.is_success:
+            async with asyncio.timeout(CALL_TIME), client.stream("POST", hook.url, json=payload) as response:
+                success, problem = response.is_success, f"HTTP {response.status_code}"
+            if success:
                 await self.store.settle_webhook(hook.id, None)
                 return
-            problem = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, TimeoutError) as error:
             problem = f"{type(error).__name__}: {error}"
+        except egress.EgressRefused as error:
+            log.warning("webhook %s of job %s to %s abandoned: %s", hook.event, hook.job_id, hook.url, error)
+            await self.store.settle_webhook(hook.id, None)
+            return
         if hook.attempts + 1 >= MAX_ATTEMPTS:
             log.warning(
                 "webhook %s of job %s to %s abandoned after %d tries (%s)",

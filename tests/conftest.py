@@ -172,7 +172,13 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
     handles: list[WorkerHandle] = []
 
     async def start(
-        queue: str, *, cpus: int = 2, max_job_duration: float = 600, target: str = "", gpus: tuple[str, ...] = ()
+        queue: str,
+        *,
+        cpus: int = 2,
+        max_job_duration: float = 600,
+        target: str = "",
+        gpus: tuple[str, ...] = (),
+        egress_allow: tuple[str, ...] = (),
     ) -> WorkerHandle:
         settings = WorkerSettings(
             queue=queue,
@@ -181,6 +187,7 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
             gpus=gpus,
             data_directory=tmp_path / f"worker-{len(handles)}",
             max_job_duration=max_job_duration,
+            egress_allow=egress_allow,
         )
         runtime = DockerRuntime.from_env(cpus)
         daemon = Daemon(settings, runtime)

@@ -29,7 +29,7 @@ def run_log(job: jobs_pb2.Job) -> str:
 async def test_every_input_kind_and_nested_outputs(
     rest: httpx.AsyncClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
 ) -> None:
-    await start_worker(queue)
+    await start_worker(queue, egress_allow=("127.0.0.1",))  # the url input is Envoy's, on loopback
     uploaded = f"uploaded for {queue}\n".encode() * 100
     key = hashlib.sha256(uploaded).hexdigest()
     assert (await rest.put(f"/f/{key}", content=uploaded)).status_code == 200

@@ -67,6 +67,8 @@ def shown_default(field: str, default: Any) -> str:
         return f"[default: {format_duration(default)}]"
     if field == "gpus":
         return "[default: 0]"  # no devices
+    if field == "egress_allow":
+        return "[default: " + (",".join(default) or "none") + "]"
     return "[default: " + ('""' if default == "" else str(default)) + "]"
 
 

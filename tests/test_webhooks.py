@@ -61,7 +61,7 @@ async def test_queued_and_finished_webhooks_survive_a_server_restart(
 ) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    server = await processes.server(port, tmp_path / "server")
+    server = await processes.server(port, tmp_path / "server", extra=("--egress-allow", "127.0.0.1"))  # the receiver
     async with grpc.aio.insecure_channel(target) as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         await eventually(lambda: _serving(jobs), "the server", timeout=30)

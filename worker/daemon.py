@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2
 
 import jobwire
 from jobwire.connection import Retry, Target, open_channel
+from jobwire.core import egress
 from jobwire.core.units import format_duration
 from jobwire.files import FileClient
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
@@ -101,12 +102,22 @@ class Daemon:
         await self.answered.wait()
         return self.answer
 
+    async def _public_url(self) -> str:
+        return (await self.server()).public_url
+
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with exponential backoff and jitter; raises `Refused`
         when the server refuses the registration (jobs still running here are stopped)."""
         await self.runtime.prepare()
         async with self.channel() as channel:
-            staging = Staging(FileClient(channel), self.settings.data_directory / "cache" / "blobs")
+            staging = Staging(
+                FileClient(channel),
+                self.settings.data_directory / "cache" / "blobs",
+                policy=egress.Policy(self.settings.egress_allow),
+                max_download=self.settings.max_download_size,
+                download_time=self.settings.max_job_duration,
+                public_url=self._public_url,
+            )
             try:
                 async with asyncio.TaskGroup() as jobs:
                     await self._resume(jobs, staging)

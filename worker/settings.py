@@ -16,7 +16,7 @@ from typing import Annotated
 
 from cyclopts import Parameter, Token
 
-from jobwire.core.options import DURATION, SIZE
+from jobwire.core.options import DURATION, EGRESS_ALLOW, SIZE
 
 
 def parse_gpus(spec: str) -> tuple[str, ...]:
@@ -86,6 +86,13 @@ class WorkerSettings:
     """Dial the server over TLS even when `--server` is a bare `host:port` (`https://…` implies it)."""
     ca_file: Annotated[Path | None, Parameter(show_default=True)] = None
     """PEM root certificates to trust for the server's TLS certificate (none: the system's)."""
+    egress_allow: Annotated[tuple[str, ...], EGRESS_ALLOW] = ()
+    """Hosts and networks (`10.0.0.0/8,files.lab.example`) that jobs' `url` inputs and build contexts
+    may be fetched from although they are loopback, link-local, private or otherwise not public
+    (refused by default). A URL naming the server's own `/f/KEY` is always fetched, over the worker's
+    connection."""
+    max_download_size: Annotated[int, SIZE] = 10 * 1024**3
+    """Largest `url` input or build context the worker fetches."""
 
     def job_memory_default(self) -> int:
         """`default_memory`, else 80% of the machine's physical memory."""

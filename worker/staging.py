@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,19 +13,36 @@ from pathlib import Path
 import httpx
 from google.protobuf import struct_pb2
 
+from jobwire.core import egress
 from jobwire.core.definition import DefinitionError, check_relative_path, inline_bytes, is_sha256
 from jobwire.files import FileClient, sha256_file
 from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import StagingError
 
 DOWNLOAD_TRIES = 5
+READ_TIMEOUT = 60.0
+_OWN_BLOB = re.compile(r"/f/([0-9a-f]{64})")
 
 
 class Staging:
     """Writes data refs to disk (with a blob cache shared by jobs) and collects outputs."""
 
-    def __init__(self, files: FileClient, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        files: FileClient,
+        cache_dir: Path,
+        *,
+        policy: egress.Policy | None = None,
+        max_download: int = 10 * 1024**3,
+        download_time: float = 3600.0,
+        public_url: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
+        """`url` refs are fetched under `policy` (none: the default policy), at most `max_download`
+        bytes in `download_time` seconds; one that names `public_url` (the server's, once it said it)
+        `/f/KEY` is the blob KEY, fetched over `files`."""
         self.files, self.cache_dir = files, cache_dir
+        self.policy = policy or egress.Policy()
+        self.max_download, self.download_time, self.public_url = max_download, download_time, public_url
         cache_dir.mkdir(parents=True, exist_ok=True)
 
     async def write_inputs(
@@ -55,16 +73,17 @@ class Staging:
         try:
             if kind == "key":
                 await self._cached(ref.value.string_value, destination, self.files.download)
+            elif kind == "url" and (key := await self._own_blob(ref.value.string_value)):
+                await self._cached(key, destination, self.files.download)
             elif kind == "url":
-                await self._cached(
-                    ref.hash or "",
-                    destination,
-                    lambda _, path: _fetch(ref.value.string_value, path),
-                )
+                url = ref.value.string_value
+                await self._cached(ref.hash or "", destination, lambda _, path: self._fetch(url, path))
             else:
                 destination.write_bytes(inline_bytes(ref))
         except StagingError:
             raise
+        except egress.EgressRefused as error:
+            raise StagingError(f"input {name!r}: {error}") from None
         except Exception as error:
             raise StagingError(f"input {name!r}: {type(error).__name__}: {error}") from None
 
@@ -98,24 +117,55 @@ class Staging:
             outputs[name] = definition_pb2.DataRef(type="key", value=_string(digest), hash=digest)
         return outputs
 
-
-async def _fetch(url: str, destination: Path) -> None:
-    error: Exception | None = None
-    for _ in range(DOWNLOAD_TRIES):
+    async def _own_blob(self, url: str) -> str:
+        """KEY when `url` is this server's own `/f/KEY` (what the seed's upload helper writes), else ''."""
+        if self.public_url is None:
+            return ""
         try:
-            async with (
-                httpx.AsyncClient(follow_redirects=True, timeout=60) as client,
-                client.stream("GET", url, headers={"accept-encoding": "identity"}) as response,
-            ):
-                response.raise_for_status()
-                with destination.open("wb") as handle:
-                    async for block in response.aiter_bytes():
-                        handle.write(block)
-                return
-        except httpx.HTTPError as failure:
-            error = failure
-            await asyncio.sleep(1)
-    raise StagingError(f"download of {url} failed after {DOWNLOAD_TRIES} tries: {error}")
+            named, public = httpx.URL(url), httpx.URL(await self.public_url())
+        except httpx.InvalidURL:
+            return ""
+        same_origin = (named.scheme, named.host, _port(named)) == (public.scheme, public.host, _port(public))
+        prefix = public.path.rstrip("/")
+        match = _OWN_BLOB.fullmatch(named.path.removeprefix(prefix)) if named.path.startswith(prefix) else None
+        return match[1] if same_origin and match and not named.query else ""
+
+    async def _fetch(self, url: str, destination: Path) -> None:
+        """GET `url` under the egress policy (each redirect checked again), bounded in size and time."""
+        error: Exception | None = None
+        try:
+            async with asyncio.timeout(self.download_time):
+                for _ in range(DOWNLOAD_TRIES):
+                    try:
+                        await self._get(url, destination)
+                        return
+                    except httpx.HTTPError as failure:
+                        error = failure
+                        await asyncio.sleep(1)
+        except TimeoutError:
+            raise StagingError(f"download of {url} took longer than {self.download_time:.0f} s") from None
+        raise StagingError(f"download of {url} failed after {DOWNLOAD_TRIES} tries: {error}")
+
+    async def _get(self, url: str, destination: Path) -> None:
+        async with (
+            egress.client(self.policy, READ_TIMEOUT) as client,
+            client.stream("GET", url, headers={"accept-encoding": "identity"}) as response,
+        ):
+            response.raise_for_status()
+            too_big = StagingError(f"download of {url} is larger than {self.max_download} bytes")
+            if int(response.headers.get("content-length") or 0) > self.max_download:
+                raise too_big
+            written = 0
+            with destination.open("wb") as handle:
+                async for block in response.aiter_bytes():
+                    written += len(block)
+                    if written > self.max_download:
+                        raise too_big
+                    handle.write(block)
+
+
+def _port(url: httpx.URL) -> int | None:
+    return url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
 def _link(source: Path, target: Path) -> None:
