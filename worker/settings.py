@@ -108,7 +108,7 @@ class WorkerSettings:
         """A job's memory share: `default_memory`, else the machine's physical memory per slot."""
         if self.default_memory:
             return self.default_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(self.cpus, 1)
+        return os.sysconf("SC_PHYS_PAGES") // max(self.cpus, 1) * os.sysconf("SC_PAGE_SIZE")  # whole pages
 
     def job_cpus_default(self) -> float:
         """A job's CPU share: the machine's CPUs per slot."""
