@@ -9,7 +9,7 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import docker
@@ -25,7 +25,7 @@ from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import CAPABILITIES, WorkerSettings
-from tests.conftest import BUSYBOX, PYTHON, StartWorker, WorkerHandle, eventually, wait_finished
+from tests.conftest import BUSYBOX, PYTHON, Stack, StartWorker, WorkerHandle, eventually, wait_finished
 
 pytestmark = pytest.mark.docker
 _CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7}
@@ -38,7 +38,7 @@ async def submit(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, **fields: objec
 
 
 async def run(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, **fields: object) -> jobs_pb2.Job:
-    return await wait_finished(jobs, await submit(jobs, queue, **fields), timeout=90)
+    return await wait_finished(jobs, await submit(jobs, queue, **fields), timeout=90, queue=queue)
 
 
 def run_log(job: jobs_pb2.Job) -> str:
@@ -239,3 +239,53 @@ async def test_a_loud_job_keeps_the_engines_log_under_its_cap(
     text = "".join(chunk.text for chunk in logs.chunks)
     assert job.finish_reason == jobs_pb2.FINISH_REASON_CANCELLED
     assert len(text) >= 1 << 20 and text.startswith("0123456789"), len(text)
+
+
+OwnWorker = Callable[..., Awaitable[None]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_worker(stack: Stack, docker_images: None, tmp_path: Path) -> AsyncIterator[OwnWorker]:
+    """Start a worker with settings of the test's own: `await own_worker(queue, pids_limit=32)`."""
+    handles: list[WorkerHandle] = []
+
+    async def start(queue: str, **fields: object) -> None:
+        directory = tmp_path / f"own-worker-{len(handles)}"
+        settings = WorkerSettings(queue=queue, server=stack.grpc_target, data_directory=directory, **fields)  # type: ignore[arg-type]
+        runtime = DockerRuntime.from_env(settings.cpus)
+        daemon = Daemon(settings, runtime)
+        handles.append(WorkerHandle(daemon, runtime, asyncio.create_task(daemon.run())))
+        await asyncio.wait_for(daemon.registered.wait(), 30)
+
+    yield start
+    for handle in handles:
+        await handle.stop()
+
+
+async def test_a_build_step_is_held_to_the_pids_limit(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, own_worker: OwnWorker
+) -> None:
+    await own_worker(queue, pids_limit=32)
+    # (the limit is set as the engine names the step's container: a step may fork for a few ms before)
+    forks = f"sleep 2; for i in $(seq 100); do sleep 10 & done; echo forked 100 {queue}"
+    job = await run(jobs, queue, build={"dockerfile": f"FROM {BUSYBOX}\nRUN {forks}\n"})
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_ERROR, job.result.message
+    logs = await jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job.id, kind=jobs_pb2.LOG_KIND_BUILD))
+    assert "can't fork" in "".join(chunk.text for chunk in logs.chunks)
+
+
+async def test_a_writable_layer_cap_or_a_runtime_the_engine_lacks_is_a_clear_error(
+    docker_client: docker.DockerClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, own_worker: OwnWorker
+) -> None:
+    driver = docker_client.info()["DriverStatus"]
+    if ["Backing Filesystem", "xfs"] in driver:
+        pytest.skip("this engine may support a writable layer cap")
+    await own_worker(queue, disk_size=1 << 30)
+    job = await run(jobs, queue, image=BUSYBOX, command=f"echo {queue}")
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_ERROR
+    assert "storage-opt" in job.result.message, job.result.message
+    other = f"{queue}-runsc"
+    await own_worker(other, container_runtime="runsc")
+    job = await run(jobs, other, image=BUSYBOX, command=f"echo {other}")
+    assert job.finish_reason == jobs_pb2.FINISH_REASON_ERROR
+    assert "runsc" in job.result.message, job.result.message

@@ -45,13 +45,14 @@ def build_tag(build: definition_pb2.ImageBuild, context_digest: str = "") -> str
 
 class Builder:
     """Builds images on the worker's container runtime, in a scratch folder per build, each step
-    within the job's memory and CPUs (`memory`, `nano_cpus`)."""
+    within the job's memory, CPUs and pids."""
 
     def __init__(
-        self, runtime: ContainerRuntime, staging: Staging, directory: Path, memory: int | None, nano_cpus: int | None
+        self, runtime: ContainerRuntime, staging: Staging, directory: Path, limits: tuple[int, int, int]
     ) -> None:
+        """`limits`: the job's memory, CPUs (in billionths) and pids, which each build step gets."""
         self.runtime, self.staging, self.directory = runtime, staging, directory
-        self.memory, self.nano_cpus = memory, nano_cpus
+        self.limits = limits
 
     async def ensure_built(self, build: definition_pb2.ImageBuild, log: Callable[[str], object]) -> str:
         """The tag of the built image, building it unless an identical build is cached."""
@@ -81,7 +82,7 @@ class Builder:
         arguments = dict(argument.partition("=")[::2] for argument in build.build_args)
         relative = dockerfile.relative_to(root).as_posix()
         target, platform = build.target or None, build.platform or None
-        return BuildSpec(root, relative, tag, arguments, target, platform, self.memory, self.nano_cpus)
+        return BuildSpec(root, relative, tag, arguments, target, platform, *self.limits)
 
     async def _archive(
         self, build: definition_pb2.ImageBuild, folder: Path, log: Callable[[str], object]

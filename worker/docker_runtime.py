@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -47,6 +48,8 @@ from jobwire.worker.runtime import LABEL, BuildSpec, ContainerSpec, Pieces, Prog
 NETWORK = "jobwire-jobs"
 CACHE_VOLUME = "jobwire-job-cache"
 _CALL_THREADS = 4
+_STEP = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})$", re.MULTILINE)
+"""The classic builder's line naming a step's container."""
 _DRAIN_SECONDS = 10
 """How long a stopped build may take to let go of its connection."""
 P = ParamSpec("P")
@@ -164,13 +167,21 @@ class DockerRuntime:
                 api._raise_for_status(response)
                 stream.started(api._get_raw_response_socket(response))
                 for line in response.iter_lines():
-                    _build_event(json.loads(line) if line else {}, progress)
+                    if step := _build_event(json.loads(line) if line else {}, progress):
+                        self._limit_step(step, spec.pids_limit)
         except docker.errors.APIError as error:
             raise BuildError(f"the image build failed: {error.explanation}") from None
         except requests.RequestException:
             if not stream.stopped:
                 raise
             raise BuildError("the image build was stopped") from None
+
+    def _limit_step(self, container_id: str, pids_limit: int) -> None:
+        """Give a build step's container the job's pids limit, which the build API cannot set: the
+        engine names the container as it starts it, so a step may fork for a few ms before."""
+        api: Any = self.client.api
+        with contextlib.suppress(docker.errors.APIError):  # the step ended already
+            api._post_json(api._url("/containers/{0}/update", container_id), data={"PidsLimit": pids_limit})
 
     async def create(self, spec: ContainerSpec) -> str:
         try:
@@ -343,12 +354,16 @@ def _build_params(spec: BuildSpec) -> dict[str, Any]:
     return params
 
 
-def _build_event(event: dict[str, Any], progress: Progress) -> None:
+def _build_event(event: dict[str, Any], progress: Progress) -> str:
+    """Hand on a build's event; the id of the step's container when it says one is made."""
     if "error" in event:
         progress(f"{event['error'].rstrip()}\n")
         raise BuildError(f"the image build failed: {event['error'].strip()}")
     if text := event.get("stream") or event.get("status"):
         progress(text if text.endswith("\n") else text + "\n")
+        if step := _STEP.match(text):
+            return step[1]
+    return ""
 
 
 def _log_config(size: int) -> LogConfig | None:

@@ -133,7 +133,8 @@ class Execution:
             await self.runtime.ensure_image(definition.image, build_log)
             return definition.image
         directory = self.settings.data_directory / "builds"
-        builder = Builder(self.runtime, self.staging, directory, self.memory(), self.nano_cpus())
+        limits = (self.memory(), self.nano_cpus(), self.settings.pids_limit)
+        builder = Builder(self.runtime, self.staging, directory, limits)
         return await builder.ensure_built(definition.build, build_log)
 
     def _make_folder(self, *folders: Path) -> None:

@@ -86,6 +86,8 @@ class BuildSpec:
     """Memory (and memory + swap) of each build step's container."""
     nano_cpus: int | None = None
     """CPUs of each build step's container, in billionths."""
+    pids_limit: int = 4096
+    """Most processes of each build step's container."""
 
 
 @dataclass(frozen=True)
