@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import os
-import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import CAPABILITIES, WorkerSettings
 from tests.conftest import BUSYBOX, PYTHON, Stack, StartWorker, WorkerHandle, eventually, wait_finished
+from tests.test_builds import tar_gz
 
 pytestmark = pytest.mark.docker
 _CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7}
@@ -43,16 +42,6 @@ async def run(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, **fields: object) 
 
 def run_log(job: jobs_pb2.Job) -> str:
     return "".join(chunk.text for chunk in job.result.logs)
-
-
-def tar_gz(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 ATTACK = """
