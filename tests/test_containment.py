@@ -112,17 +112,27 @@ async def test_a_build_step_past_the_time_limit_times_out_and_leaves_no_containe
     assert await gone(docker_client, marker)
 
 
-async def test_a_cancelled_build_stops_its_step(
+async def test_a_cancelled_build_stops_its_step_which_ran_in_the_job_network_within_its_limits(
     docker_client: docker.DockerClient, jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_worker: StartWorker
 ) -> None:
-    await start_worker(queue)
+    await start_worker(queue, cpus=2)
     marker = f"sleep 60 # cancelled {queue}"
-    job_id = await submit(jobs, queue, build={"dockerfile": f"FROM {BUSYBOX}\nRUN {marker}\n"})
+    build = {"dockerfile": f"FROM {BUSYBOX}\nRUN {marker}\n"}
+    job_id = await submit(jobs, queue, build=build, requirements={"memory": "96m", "cpus": 0.5})
 
-    async def running() -> bool:
-        return bool(build_containers(docker_client, marker))
+    async def limited() -> bool:  # the pids limit comes a moment after the step starts
+        steps = [
+            docker_client.api.inspect_container(step)["HostConfig"] for step in build_containers(docker_client, marker)
+        ]
+        return any(step["PidsLimit"] == 4096 for step in steps)
 
-    await eventually(running, "the build step to run", timeout=30)
+    await eventually(limited, "the build step to run within its limits", timeout=30)
+    (step,) = [
+        docker_client.api.inspect_container(step)["HostConfig"] for step in build_containers(docker_client, marker)
+    ]
+    assert step["NetworkMode"] == "jobwire-jobs"
+    assert (step["Memory"], step["MemorySwap"]) == (96 << 20, 96 << 20)
+    assert step["CpuQuota"] / step["CpuPeriod"] == 0.5
     await jobs.CancelJob(jobs_pb2.CancelJobRequest(queue=queue, job_id=job_id))
     job = await wait_finished(jobs, job_id, timeout=30)
     assert job.finish_reason == jobs_pb2.FINISH_REASON_CANCELLED
