@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+from jobwire.worker.builds import build_tag
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import CAPABILITIES, WorkerSettings
@@ -288,3 +289,15 @@ async def test_a_writable_layer_cap_or_a_runtime_the_engine_lacks_is_a_clear_err
     job = await run(jobs, other, image=BUSYBOX, command=f"echo {other}")
     assert job.finish_reason == jobs_pb2.FINISH_REASON_ERROR
     assert "runsc" in job.result.message, job.result.message
+
+
+def test_a_build_is_tagged_by_its_definition_and_its_contexts_bytes() -> None:
+    build = json_format.ParseDict({"context": "https://example.com/c.tar.gz"}, definition_pb2.ImageBuild())
+    first, again = build_tag(build, "a" * 64), build_tag(build, "a" * 64)
+    assert first == again != build_tag(build, "b" * 64)  # the URL now serves other bytes: built again
+    other = json_format.ParseDict(
+        {"context": "https://example.com/c.tar.gz", "target": "x"}, definition_pb2.ImageBuild()
+    )
+    assert build_tag(other, "a" * 64) != first
+    blob = json_format.ParseDict({"context": f"/f/{'c' * 64}"}, definition_pb2.ImageBuild())
+    assert build_tag(blob) == build_tag(blob, "c" * 64)  # a blob context's key is its bytes' digest
