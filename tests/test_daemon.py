@@ -124,7 +124,7 @@ async def test_cancelling_every_running_job_kills_each_while_the_waits_block(
     await eventually(all_waiting, f"{JOBS} containers running")
     for job_id in ids:
         await jobs.CancelJob(jobs_pb2.CancelJobRequest(queue=queue, job_id=job_id))
-    finished = [await wait_finished(jobs, job_id, timeout=30) for job_id in ids]
+    finished = [await wait_finished(jobs, job_id, timeout=30, queue=queue) for job_id in ids]
     assert {job.result.reason for job in finished} == {jobs_pb2.FINISH_REASON_CANCELLED}
     assert len(runtime.killed_while_waited) == JOBS
     assert runtime.removed == set(runtime.ended)
@@ -136,7 +136,7 @@ async def test_a_time_limit_kills_every_job_that_reaches_it(
     runtime = Runtime()
     await start_daemon(queue, runtime, max_job_duration=0.5)
     ids = await submit_sleepers(jobs, queue)
-    finished = [await wait_finished(jobs, job_id, timeout=30) for job_id in ids]
+    finished = [await wait_finished(jobs, job_id, timeout=30, queue=queue) for job_id in ids]
     assert {job.result.reason for job in finished} == {jobs_pb2.FINISH_REASON_TIMED_OUT}
     assert {job.result.exit_code for job in finished} == {KILLED}
     assert len(runtime.killed_while_waited) == JOBS

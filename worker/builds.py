@@ -1,7 +1,9 @@
 """Image builds (`definition.build`): fetch and unpack the context, write the Dockerfile, build, cache.
 
-A built image is tagged by the SHA-256 of its build's canonical JSON, so an identical build is done
-once per worker. Contexts are archives (tar, tar.gz or zip) named by a URL, or by `/f/KEY` (or a
+A built image is tagged by the SHA-256 of its build's canonical JSON and of its context archive's
+bytes, so an identical build is done once per worker and no other build is ever served its image.
+Each step runs in the job network within the job's memory and CPUs, and its time counts against the
+job's time limit (worker/execution.py). Contexts are archives (tar, tar.gz or zip) named by a URL, or by `/f/KEY` (or a
 bare SHA-256 key) for an archive uploaded to the server's blob store; an archive whose root holds
 exactly one folder is unpacked from inside that folder, as GitHub archives are.
 """
@@ -13,6 +15,7 @@ import hashlib
 import re
 import shutil
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -20,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from google.protobuf import json_format, struct_pb2
 
 from jobwire.core.definition import canonical_json
+from jobwire.files import sha256_file
 from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import BuildError
 from jobwire.worker.runtime import BuildSpec, ContainerRuntime
@@ -29,64 +33,83 @@ TAG_PREFIX = "jobwire-build/"
 _BLOB_CONTEXT = re.compile(r"^(?:/f/)?([0-9a-f]{64})$")
 
 
-def build_tag(build: definition_pb2.ImageBuild) -> str:
-    """The image name of a build: its content hash."""
+def build_tag(build: definition_pb2.ImageBuild, context_digest: str = "") -> str:
+    """The image name of a build: the hash of everything that shapes the image, its definition and
+    the SHA-256 of its context archive's bytes (a blob context's key is that; a URL's is measured)."""
+    if not context_digest and (match := _BLOB_CONTEXT.match(build.context)):
+        context_digest = match[1]
     canonical = canonical_json(json_format.MessageToDict(build, preserving_proto_field_name=False))
-    return f"{TAG_PREFIX}{hashlib.sha256(canonical.encode()).hexdigest()[:32]}:latest"
+    keyed = hashlib.sha256(f"{canonical}\n{context_digest}".encode()).hexdigest()
+    return f"{TAG_PREFIX}{keyed[:32]}:latest"
 
 
 class Builder:
-    """Builds images on the worker's container runtime, in a scratch folder per build."""
+    """Builds images on the worker's container runtime, in a scratch folder per build, each step
+    within the job's memory, CPUs and pids."""
 
-    def __init__(self, runtime: ContainerRuntime, staging: Staging, directory: Path) -> None:
+    def __init__(
+        self, runtime: ContainerRuntime, staging: Staging, directory: Path, limits: tuple[int, int, int]
+    ) -> None:
+        """`limits`: the job's memory, CPUs (in billionths) and pids, which each build step gets."""
         self.runtime, self.staging, self.directory = runtime, staging, directory
+        self.limits = limits
 
     async def ensure_built(self, build: definition_pb2.ImageBuild, log: Callable[[str], object]) -> str:
         """The tag of the built image, building it unless an identical build is cached."""
-        tag = build_tag(build)
-        if await self.runtime.has_image(tag):
-            log(f"using the cached image of this build ({tag})\n")
-            return tag
-        folder = self.directory / tag.removeprefix(TAG_PREFIX).split(":")[0]
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        folder.mkdir(parents=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=self.directory))
         try:
-            root = await self._context(build, folder, log)
-            filename = build.filename or "Dockerfile"
-            dockerfile = _inside(root, filename, "filename")
-            if build.HasField("dockerfile"):
-                dockerfile.parent.mkdir(parents=True, exist_ok=True)
-                dockerfile.write_text(build.dockerfile)
-            if not dockerfile.is_file():
-                raise BuildError(f"no {filename} in the build context and no `dockerfile` given")
-            arguments = dict(argument.partition("=")[::2] for argument in build.build_args)
-            spec = BuildSpec(
-                root,
-                dockerfile.relative_to(root).as_posix(),
-                tag,
-                arguments,
-                build.target or None,
-                build.platform or None,
-            )
-            await self.runtime.build(spec, log)
+            archive = await self._archive(build, folder, log)
+            digest = await asyncio.to_thread(sha256_file, archive) if archive and not _blob(build) else ""
+            tag = build_tag(build, digest)
+            if await self.runtime.has_image(tag):
+                log(f"using the cached image of this build ({tag})\n")
+                return tag
+            await self.runtime.build(await self._spec(build, folder, archive, tag), log)
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)
         return tag
 
-    async def _context(self, build: definition_pb2.ImageBuild, folder: Path, log: Callable[[str], object]) -> Path:
+    async def _spec(self, build: definition_pb2.ImageBuild, folder: Path, archive: Path | None, tag: str) -> BuildSpec:
+        root = await self._context(build, folder, archive)
+        filename = build.filename or "Dockerfile"
+        dockerfile = _inside(root, filename, "filename")
+        if build.HasField("dockerfile"):
+            dockerfile.parent.mkdir(parents=True, exist_ok=True)
+            dockerfile.write_text(build.dockerfile)
+        if not dockerfile.is_file():
+            raise BuildError(f"no {filename} in the build context and no `dockerfile` given")
+        arguments = dict(argument.partition("=")[::2] for argument in build.build_args)
+        relative = dockerfile.relative_to(root).as_posix()
+        target, platform = build.target or None, build.platform or None
+        return BuildSpec(root, relative, tag, arguments, target, platform, *self.limits)
+
+    async def _archive(
+        self, build: definition_pb2.ImageBuild, folder: Path, log: Callable[[str], object]
+    ) -> Path | None:
+        """The context archive, downloaded (or linked from the blob cache) into `folder`; None without one."""
+        if not build.HasField("context"):
+            return None
+        archive = folder / "context.archive"
+        if match := _blob(build):
+            ref = definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=match[1]))
+        else:
+            ref = definition_pb2.DataRef(type="url", value=struct_pb2.Value(string_value=build.context))
+        log(f"downloading the build context {_without_credentials(build.context)}\n")
+        await self.staging.write(ref, archive, "build context")
+        return archive
+
+    async def _context(self, build: definition_pb2.ImageBuild, folder: Path, archive: Path | None) -> Path:
         unpacked = folder / "context"
         unpacked.mkdir()
-        if build.HasField("context"):
-            archive = folder / "context.archive"
-            if match := _BLOB_CONTEXT.match(build.context):
-                ref = definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=match[1]))
-            else:
-                ref = definition_pb2.DataRef(type="url", value=struct_pb2.Value(string_value=build.context))
-            log(f"downloading the build context {_without_credentials(build.context)}\n")
-            await self.staging.write(ref, archive, "build context")
+        if archive is not None:
             await asyncio.to_thread(_unpack, archive, unpacked)
             unpacked = _hoisted(unpacked)
         return _inside(unpacked, build.build_context or ".", "buildContext")
+
+
+def _blob(build: definition_pb2.ImageBuild) -> re.Match[str] | None:
+    return _BLOB_CONTEXT.match(build.context) if build.HasField("context") else None
 
 
 def _inside(root: Path, relative: str, field: str) -> Path:

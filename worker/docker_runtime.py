@@ -26,13 +26,19 @@ import concurrent.futures
 import contextlib
 import functools
 import json
-from collections.abc import Callable
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import docker
 import docker.errors
+import requests
+from docker import utils as docker_utils
+from docker.api.build import process_dockerfile
 from docker.models.containers import _create_container_args  # type: ignore[attr-defined]
-from docker.types import DeviceRequest, Mount
+from docker.types import DeviceRequest, LogConfig, Mount
 from google.protobuf import timestamp_pb2
 
 from jobwire.worker import docker_output
@@ -42,6 +48,10 @@ from jobwire.worker.runtime import LABEL, BuildSpec, ContainerSpec, Pieces, Prog
 NETWORK = "jobwire-jobs"
 CACHE_VOLUME = "jobwire-job-cache"
 _CALL_THREADS = 4
+_STEP = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})$", re.MULTILINE)
+"""The classic builder's line naming a step's container."""
+_DRAIN_SECONDS = 10
+"""How long a stopped build may take to let go of its connection."""
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -127,30 +137,51 @@ class DockerRuntime:
             ) from None
 
     async def build(self, spec: BuildSpec, progress: Progress) -> None:
-        await self._in(self._streams, self._build, spec, progress)
-
-    def _build(self, spec: BuildSpec, progress: Progress) -> None:
-        progress(f"building {spec.tag}\n")
-        options: dict[str, Any] = {
-            "path": str(spec.root),
-            "dockerfile": spec.dockerfile,
-            "tag": spec.tag,
-            "buildargs": spec.args,
-            "target": spec.target,
-            "platform": spec.platform,
-            "rm": True,
-            "forcerm": True,
-            "decode": True,
-        }
+        """Build with the classic builder; cancelled, it closes the build's connection, which makes
+        the engine stop the build and remove its step's container (measured: gone within 0.5 s)."""
+        stream = _BuildStream()
+        call = asyncio.ensure_future(self._in(self._streams, self._build, spec, progress, stream))
         try:
-            for event in self.client.api.build(**options):
-                if "error" in event:
-                    progress(f"{event['error'].rstrip()}\n")
-                    raise BuildError(f"the image build failed: {event['error'].strip()}")
-                if text := event.get("stream") or event.get("status"):
-                    progress(text if text.endswith("\n") else text + "\n")
+            await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await self._in(self._kills, stream.stop)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(call, _DRAIN_SECONDS)
+            raise
+
+    def _build(self, spec: BuildSpec, progress: Progress, stream: _BuildStream) -> None:
+        progress(f"building {spec.tag}\n")
+        api: Any = self.client.api  # the raw response, so that a cancel can close its socket
+        try:
+            with (
+                _context_tar(spec) as context,
+                api._post(
+                    api._url("/build"),
+                    data=context,
+                    params=_build_params(spec),
+                    headers={"Content-Type": "application/tar"},
+                    stream=True,
+                    timeout=None,
+                ) as response,
+            ):
+                api._raise_for_status(response)
+                stream.started(api._get_raw_response_socket(response))
+                for line in response.iter_lines():
+                    if step := _build_event(json.loads(line) if line else {}, progress):
+                        self._limit_step(step, spec.pids_limit)
         except docker.errors.APIError as error:
             raise BuildError(f"the image build failed: {error.explanation}") from None
+        except requests.RequestException:
+            if not stream.stopped:
+                raise
+            raise BuildError("the image build was stopped") from None
+
+    def _limit_step(self, container_id: str, pids_limit: int) -> None:
+        """Give a build step's container the job's pids limit, which the build API cannot set: the
+        engine names the container as it starts it, so a step may fork for a few ms before."""
+        api: Any = self.client.api
+        with contextlib.suppress(docker.errors.APIError):  # the step ended already
+            api._post_json(api._url("/containers/{0}/update", container_id), data={"PidsLimit": pids_limit})
 
     async def create(self, spec: ContainerSpec) -> str:
         try:
@@ -180,6 +211,11 @@ class DockerRuntime:
                 memswap_limit=spec.memory,  # the limit is of memory, not memory + swap
                 nano_cpus=spec.nano_cpus,
                 device_requests=devices if spec.gpu_devices else None,
+                cap_drop=["ALL"],
+                cap_add=list(spec.capabilities) or None,
+                log_config=_log_config(spec.log_size),
+                storage_opt={"size": str(spec.disk_size)} if spec.disk_size else None,
+                runtime=spec.engine_runtime or None,
                 security_opt=["no-new-privileges"],
                 pids_limit=spec.pids_limit,
                 privileged=False,
@@ -257,3 +293,81 @@ def _docker_time(text: str) -> float:
 def _progress_line(event: dict[str, Any]) -> str:
     parts = [event.get("id", ""), event.get("status", ""), event.get("progress", "")]
     return " ".join(p for p in parts if p).rstrip() + "\n"
+
+
+class _BuildStream:
+    """A build's connection, which `stop` closes from another thread, before or after it is made."""
+
+    def __init__(self) -> None:
+        self._lock, self.stopped = threading.Lock(), False
+        self._socket: socket.socket | None = None
+
+    def started(self, raw: Any) -> None:
+        with self._lock:
+            self._socket = getattr(raw, "_sock", raw)
+        if self.stopped:
+            self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            if self._socket is not None:
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def _context_tar(spec: BuildSpec) -> Iterator[Any]:
+    """The context folder as a tar, without what its `.dockerignore` names (as `docker build`)."""
+    ignore = spec.root / ".dockerignore"
+    exclude = None
+    if ignore.is_file():
+        lines = (line.strip() for line in ignore.read_text().splitlines())
+        exclude = [line for line in lines if line and not line.startswith("#")]
+    # (its name, and its text when it lies outside the folder: never here, builds.py checks)
+    dockerfile = process_dockerfile(spec.dockerfile, str(spec.root))
+    context = docker_utils.tar(spec.root, exclude=exclude, dockerfile=dockerfile)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+def _build_params(spec: BuildSpec) -> dict[str, Any]:
+    """The build's query: its image, and each step's container in the job network within the limits."""
+    params: dict[str, Any] = {
+        "t": spec.tag,
+        "dockerfile": spec.dockerfile,
+        "buildargs": json.dumps(spec.args),
+        "rm": 1,
+        "forcerm": 1,
+        "networkmode": NETWORK,
+    }
+    if spec.target:
+        params["target"] = spec.target
+    if spec.platform:
+        params["platform"] = spec.platform
+    if spec.memory:
+        params |= {"memory": spec.memory, "memswap": spec.memory}
+    if spec.nano_cpus:
+        params |= {"cpuperiod": 100_000, "cpuquota": spec.nano_cpus // 10_000}
+    return params
+
+
+def _build_event(event: dict[str, Any], progress: Progress) -> str:
+    """Hand on a build's event; the id of the step's container when it says one is made."""
+    if "error" in event:
+        progress(f"{event['error'].rstrip()}\n")
+        raise BuildError(f"the image build failed: {event['error'].strip()}")
+    if text := event.get("stream") or event.get("status"):
+        progress(text if text.endswith("\n") else text + "\n")
+        if step := _STEP.match(text):
+            return step[1]
+    return ""
+
+
+def _log_config(size: int) -> LogConfig | None:
+    """The engine's own log of a container, kept to `size` bytes in two files (0: the engine's default)."""
+    if not size:
+        return None
+    return LogConfig(type="json-file", config={"max-size": str(max(size // 2, 1024)), "max-file": "2"})

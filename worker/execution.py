@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -109,18 +110,32 @@ class Execution:
         def build_log(line: str) -> None:
             loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode())
 
-        if definition.HasField("build"):
-            builder = Builder(self.runtime, self.staging, self.settings.data_directory / "builds")
-            image = await builder.ensure_built(definition.build, build_log)
-        else:
-            image = definition.image
-            await self.runtime.ensure_image(image, build_log)
+        deadline = loop.time() + self.time_limit()  # the build's time counts
+        try:
+            async with asyncio.timeout_at(deadline):
+                image = await self._image(build_log)
+        except TimeoutError:
+            await self._build_log(f"timed out: stopped after its time limit of {format_duration(self.time_limit())}\n")
+            return self._timed_out("while its image was built or pulled")
         await asyncio.sleep(0)  # let the last call_soon_threadsafe land
         await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
-        binds = [(str(inputs), "/inputs", False), (str(outputs), "/outputs", False), *binds]
+        # Read-only: its files are the worker's cached blobs (hard links), which no job may change.
+        binds = [(str(inputs), "/inputs", True), (str(outputs), "/outputs", False), *binds]
         spec = self.container_spec(binds, image, (await self.server()).public_url)
-        outcome = await run_container(self.runtime, spec, self._on_output, self._started)
+        left = dataclasses.replace(spec, timeout=max(deadline - loop.time(), 0.1))
+        outcome = await run_container(self.runtime, left, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
+
+    async def _image(self, build_log: Callable[[str], None]) -> str:
+        """The job's image: built (within the job's memory and CPUs, in the job network) or pulled."""
+        definition = self.assignment.definition
+        if not definition.HasField("build"):
+            await self.runtime.ensure_image(definition.image, build_log)
+            return definition.image
+        directory = self.settings.data_directory / "builds"
+        limits = (self.memory(), self.nano_cpus(), self.settings.pids_limit)
+        builder = Builder(self.runtime, self.staging, directory, limits)
+        return await builder.ensure_built(definition.build, build_log)
 
     def _make_folder(self, *folders: Path) -> None:
         """This attempt's folders, and its assignment beside them for a restarted worker to find.
@@ -173,7 +188,6 @@ class Execution:
         }
         if self.gpu_devices:  # the container sees its devices numbered from 0
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(len(self.gpu_devices)))
-        requirements = definition.requirements
         return ContainerSpec(
             name=f"jobwire-{self.job_id[:12]}-{self.attempt}-{self.worker_id}",
             image=image,
@@ -194,15 +208,25 @@ class Execution:
             },
             timeout=self.time_limit(),
             shm_size=parse_size(definition.shm_size) if definition.HasField("shm_size") else None,
-            memory=(
-                parse_size(requirements.memory)
-                if requirements.HasField("memory")
-                else self.settings.job_memory_default()
-            ),
+            memory=self.memory(),
             pids_limit=self.settings.pids_limit,
-            nano_cpus=round(requirements.cpus * 1e9) if requirements.HasField("cpus") else None,
+            nano_cpus=self.nano_cpus(),
             gpu_devices=self.gpu_devices,
+            capabilities=self.settings.capabilities,
+            log_size=self.settings.container_log_size,
+            disk_size=self.settings.disk_size,
+            engine_runtime=self.settings.container_runtime,
         )
+
+    def memory(self) -> int:
+        """The job's memory: its slot's share, or less if it asks for less."""
+        requirements, share = self.assignment.definition.requirements, self.settings.job_memory_default()
+        return min(parse_size(requirements.memory), share) if requirements.HasField("memory") else share
+
+    def nano_cpus(self) -> int:
+        """The job's CPUs (in billionths): its slot's share, or fewer if it asks for fewer."""
+        requirements, share = self.assignment.definition.requirements, self.settings.job_cpus_default()
+        return round((min(requirements.cpus, share) if requirements.HasField("cpus") else share) * 1e9)
 
     def time_limit(self) -> float:
         """The smallest of the definition's limits and the worker's `--max-job-duration`."""
@@ -245,6 +269,14 @@ class Execution:
         elif outcome.exit_code != 0:
             result.message = f"the container exited with code {outcome.exit_code}"
         return result
+
+    def _timed_out(self, when: str) -> jobs_pb2.JobResult:
+        limit = format_duration(self.time_limit())
+        return jobs_pb2.JobResult(
+            reason=jobs_pb2.FINISH_REASON_TIMED_OUT,
+            message=f"timed out {when}: stopped after its time limit of {limit}",
+            finish_time=timestamp(time.time()),
+        )
 
     def _error(self, message: str) -> jobs_pb2.JobResult:
         return jobs_pb2.JobResult(

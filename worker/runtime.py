@@ -62,6 +62,14 @@ class ContainerSpec:
     gpu_devices: list[str] = field(default_factory=list)
     user: str | None = None
     pids_limit: int = 4096
+    capabilities: tuple[str, ...] = ()
+    """The only capabilities the container keeps (every other one is dropped)."""
+    log_size: int = 0
+    """Most bytes of output the engine itself keeps of the container (0: the engine's default)."""
+    disk_size: int = 0
+    """Most bytes the container's writable layer may hold (0: no limit; some storage drivers only)."""
+    engine_runtime: str = ""
+    """The engine's OCI runtime to run it with (e.g. `runsc`; empty: the engine's default)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,12 @@ class BuildSpec:
     args: dict[str, str] = field(default_factory=dict)
     target: str | None = None
     platform: str | None = None
+    memory: int | None = None
+    """Memory (and memory + swap) of each build step's container."""
+    nano_cpus: int | None = None
+    """CPUs of each build step's container, in billionths."""
+    pids_limit: int = 4096
+    """Most processes of each build step's container."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,8 @@ class ContainerRuntime(Protocol):
         """Whether the image is here."""
 
     async def build(self, spec: BuildSpec, progress: Progress) -> None:
-        """Build and tag an image; BuildError with the engine's reason if it fails."""
+        """Build and tag an image in the job network, each step within the spec's limits; BuildError
+        with the engine's reason if it fails. Cancelled, it stops the build and its step's container."""
 
     async def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; its id. ImageError if the engine refuses it."""

@@ -53,6 +53,13 @@ GPUS = Parameter(
 )
 
 
+CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL", "NET_BIND_SERVICE")
+"""What ordinary images need as root: own and reach their files (package managers, chown in
+entrypoints), change user (`su`, `gosu`, apt's `_apt`), signal their own processes, listen on a port
+below 1024. Docker's defaults also keep NET_RAW (raw sockets: ARP and ICMP spoofing on the job
+network), MKNOD, SYS_CHROOT, SETFCAP, SETPCAP, FSETID and AUDIT_WRITE, which no ordinary job needs."""
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """What the worker serves, where it connects, and how much it runs at once."""
@@ -78,10 +85,20 @@ class WorkerSettings:
     drain_timeout: Annotated[float, DURATION] = 60.0
     """On shutdown, how long running jobs may take to finish before they are handed back."""
     default_memory: Annotated[int, SIZE] = 0
-    """Memory limit of jobs whose definition sets none (`requirements.memory`); 0: 80% of this
-    machine's memory."""
+    """Memory of each job (its slot's share; a job's `requirements.memory` may ask for less, not
+    more); 0: this machine's memory divided by `--cpus`."""
     pids_limit: int = 4096
     """Most processes a job's container may have."""
+    capabilities: tuple[str, ...] = CAPABILITIES
+    """The Linux capabilities a job's container keeps; every other one is dropped."""
+    container_log_size: Annotated[int, SIZE] = 16 * 1024**2
+    """Most bytes of a job's output the Docker engine keeps in its own log (jobwire reads the output
+    as it is written; the engine's log serves only a job followed again after a worker restart)."""
+    disk_size: Annotated[int, SIZE] = 0
+    """Most bytes a job may write to its container's own filesystem (0: no limit; needs a storage
+    driver that supports it, such as overlay2 on XFS with project quotas)."""
+    container_runtime: str = ""
+    """The Docker runtime to run jobs with, e.g. `runsc` (gVisor) once installed; empty: Docker's default."""
     tls: bool = False
     """Dial the server over TLS even when `--server` is a bare `host:port` (`https://…` implies it)."""
     ca_file: Annotated[Path | None, Parameter(show_default=True)] = None
@@ -95,10 +112,14 @@ class WorkerSettings:
     """Largest `url` input or build context the worker fetches."""
 
     def job_memory_default(self) -> int:
-        """`default_memory`, else 80% of the machine's physical memory."""
+        """A job's memory share: `default_memory`, else the machine's physical memory per slot."""
         if self.default_memory:
             return self.default_memory
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+        return os.sysconf("SC_PHYS_PAGES") // max(self.cpus, 1) * os.sysconf("SC_PAGE_SIZE")  # whole pages
+
+    def job_cpus_default(self) -> float:
+        """A job's CPU share: the machine's CPUs per slot."""
+        return (os.cpu_count() or 1) / max(self.cpus, 1)
 
     def resolved_id(self) -> str:
         """`worker_id`, else the id persisted in the data directory (created once)."""
