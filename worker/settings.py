@@ -82,6 +82,11 @@ class WorkerSettings:
     machine's memory."""
     pids_limit: int = 4096
     """Most processes a job's container may have."""
+    max_outputs: int = 25_000
+    """Most output files a job may leave; beyond them (or the server's own limit) it finishes as an
+    error naming the limit, with no outputs."""
+    max_output_size: Annotated[int, SIZE] = 10 * 1024**3
+    """Most bytes a job's output files may hold in total (or the server's own limit, if smaller)."""
     tls: bool = False
     """Dial the server over TLS even when `--server` is a bare `host:port` (`https://…` implies it)."""
     ca_file: Annotated[Path | None, Parameter(show_default=True)] = None
