@@ -1,0 +1,147 @@
+"""A job's outputs are bounded (count, total size) and a job with many outputs is served by every route.
+
+Real server, real Envoy for REST, a real worker on dockerd. Small limits where the point is the limit;
+the 150,000-file job of issue 20 runs for real against the default limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+from jobwire.worker.daemon import Daemon
+from jobwire.worker.docker_runtime import DockerRuntime
+from jobwire.worker.settings import WorkerSettings
+from tests.conftest import BUSYBOX, Stack, wait_finished
+
+pytestmark = pytest.mark.docker
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def worker(stack: Stack, docker_images: None, tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+    """`await worker(queue, **settings)`: one real worker with these settings, stopped after the test."""
+    running: list[tuple[asyncio.Task[None], DockerRuntime]] = []
+
+    async def start(queue: str, **options: object) -> Daemon:
+        settings = WorkerSettings(
+            queue=queue, server=stack.grpc_target, data_directory=tmp_path / f"worker-{len(running)}", **options
+        )  # type: ignore[arg-type]
+        runtime = DockerRuntime.from_env(1)
+        daemon = Daemon(settings, runtime)
+        running.append((asyncio.create_task(daemon.run()), runtime))
+        await asyncio.wait_for(daemon.registered.wait(), 30)
+        return daemon
+
+    yield start
+    for task, runtime in running:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        runtime.close()
+
+
+async def _run(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, script: str, timeout: float = 100) -> jobs_pb2.Job:
+    definition = definition_pb2.JobDefinition(image=BUSYBOX, command=f"sh -c '{script}'")
+    submitted = await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=definition))
+    return await wait_finished(jobs, submitted.job_id, timeout)
+
+
+async def _an_innocent_job_runs_once(jobs: jobs_pb2_grpc.JobServiceStub, queue: str) -> None:
+    innocent = await _run(jobs, queue, "echo innocent > /outputs/ok")
+    assert innocent.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, innocent.result
+    assert innocent.attempt == 1 and list(innocent.result.outputs) == ["ok"]
+
+
+async def test_too_many_outputs_finish_as_error_once(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Callable[..., object]
+) -> None:
+    await worker(queue, max_outputs=100)  # type: ignore[operator]
+    job = await _run(jobs, queue, "cd /outputs && seq 101 | xargs touch")
+    assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR, job.result
+    assert job.result.message == "too many outputs: more than 100 files (the limit, max-outputs)"
+    assert job.attempt == 1 and not job.result.outputs
+    await _an_innocent_job_runs_once(jobs, queue)
+
+
+async def test_outputs_over_the_size_cap_finish_as_error_once(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Callable[..., object]
+) -> None:
+    await worker(queue, max_output_size=1024 * 1024)  # type: ignore[operator]
+    job = await _run(jobs, queue, "head -c 700000 /dev/zero > /outputs/a; head -c 700000 /dev/zero > /outputs/b")
+    assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR, job.result
+    assert job.result.message == "outputs too big: more than 1 MiB in total (the limit, max-output-size)"
+    assert job.attempt == 1 and not job.result.outputs
+    await _an_innocent_job_runs_once(jobs, queue)
+
+
+@pytest.mark.timeout(300)
+async def test_150000_outputs_finish_as_error_and_the_worker_goes_on(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Callable[..., object]
+) -> None:
+    """Issue 20's attack, for real, against the default limits."""
+    await worker(queue)  # type: ignore[operator]
+    job = await _run(jobs, queue, "cd /outputs && seq 150000 | xargs touch", timeout=240)
+    assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR, job.result
+    limit = WorkerSettings(queue=queue).max_outputs
+    assert job.result.message == f"too many outputs: more than {limit} files (the limit, max-outputs)"
+    assert job.attempt == 1
+    await _an_innocent_job_runs_once(jobs, queue)
+
+
+MANY = 20_000
+
+
+@pytest.mark.timeout(300)
+async def test_20000_outputs_are_served_by_every_route(
+    jobs: jobs_pb2_grpc.JobServiceStub, rest: httpx.AsyncClient, queue: str, worker: Callable[..., object]
+) -> None:
+    await worker(queue)  # type: ignore[operator]
+    job = await _run(
+        jobs, queue, f"cd /outputs && seq {MANY} | xargs -n 1000 sh -c 'for n; do echo $n > $n; done' -", 240
+    )
+    assert job.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
+    assert len(job.result.outputs) == MANY
+    got = await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))
+    assert len(got.job.result.outputs) == MANY
+    long = httpx.Timeout(120)
+    for route in (f"/j/{job.id}", f"/q/{queue}/j/{job.id}"):
+        response = await rest.get(route, timeout=long)
+        assert response.status_code == 200, (route, response.status_code, response.text[:300])
+        assert len(response.json()["job"]["result"]["outputs"]) == MANY, route
+    for route in (f"/j/{job.id}/result.json", f"/q/{queue}/j/{job.id}/result.json"):
+        response = await rest.get(route, timeout=long)
+        assert response.status_code == 200, (route, response.status_code, response.text[:300])
+        assert len(_outputs_of(response.json())) == MANY, route
+    response = await rest.get(f"/j/{job.id}/outputs/12345", timeout=long)
+    assert (response.status_code, response.text) == (200, "12345\n")
+    for route in (f"/j/{job.id}/stream", f"/q/{queue}/j/{job.id}/stream"):
+        events = await _events(rest, route)
+        assert events[-1][0] == "final", [name for name, _ in events]
+        assert len(events[-1][1]["result"]["outputs"]) == MANY, route
+
+
+def _outputs_of(body: dict[str, object]) -> dict[str, object]:
+    result = body.get("result", body)
+    assert isinstance(result, dict)
+    outputs = result["outputs"] if "outputs" in result else result["result"]["outputs"]
+    assert isinstance(outputs, dict)
+    return outputs
+
+
+async def _events(rest: httpx.AsyncClient, route: str) -> list[tuple[str, dict[str, object]]]:
+    events: list[tuple[str, dict[str, object]]] = []
+    async with rest.stream("GET", route, timeout=httpx.Timeout(120)) as response:
+        assert response.status_code == 200, (route, response.status_code, await response.aread())
+        name = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
