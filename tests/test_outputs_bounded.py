@@ -11,15 +11,17 @@ import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import pytest_asyncio
 
-from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+from jobwire.server.settings import ServerSettings
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
-from tests.conftest import BUSYBOX, Stack, wait_finished
+from tests.conftest import BUSYBOX, Stack, WorkerStream, wait_finished
 
 pytestmark = pytest.mark.docker
 
@@ -102,9 +104,7 @@ async def test_20000_outputs_are_served_by_every_route(
     jobs: jobs_pb2_grpc.JobServiceStub, rest: httpx.AsyncClient, queue: str, worker: Callable[..., object]
 ) -> None:
     await worker(queue)  # type: ignore[operator]
-    job = await _run(
-        jobs, queue, f"cd /outputs && seq {MANY} | xargs -n 1000 sh -c 'for n; do echo $n > $n; done' -", 240
-    )
+    job = await _run(jobs, queue, f"cd /outputs && for n in $(seq {MANY}); do echo $n > $n; done", 240)
     assert job.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
     assert len(job.result.outputs) == MANY
     got = await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))
@@ -145,3 +145,39 @@ async def _events(rest: httpx.AsyncClient, route: str) -> list[tuple[str, dict[s
             elif line.startswith("data: "):
                 events.append((name, json.loads(line.removeprefix("data: "))))
     return events
+
+
+async def test_the_server_turns_a_result_over_its_limits_into_an_error(
+    channel: grpc.aio.Channel, jobs: jobs_pb2_grpc.JobServiceStub, queue: str
+) -> None:
+    """A worker that ignores the limits it learnt at registration (a hand-driven stream)."""
+    stream = WorkerStream(workers_pb2_grpc.WorkerServiceStub(channel).Connect())
+    register = workers_pb2.RegisterWorker(worker_id=f"w-{queue[-12:]}", queue=queue, cpus=1, secret=f"s-{queue}")
+    await stream.write(workers_pb2.ConnectRequest(register=register))
+    registered = (await stream.read()).registered
+    assert registered.max_outputs == ServerSettings().max_outputs
+    assert registered.max_output_size == ServerSettings().max_output_size
+    for too_many in (registered.max_outputs + 1, 2):
+        definition = definition_pb2.JobDefinition(image=BUSYBOX, command=f"echo {too_many}")
+        job_id = (await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=definition))).job_id
+        assignment = await _assignment(stream)
+        result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS)
+        for index in range(too_many):  # tiny, or (2 of them) 5 MiB each: over the bytes a result may hold
+            size = 5 * 1024 * 1024 if too_many == 2 else 1
+            result.outputs[str(index)].value.string_value = "x" * size
+        finished = workers_pb2.JobFinished(job_id=job_id, attempt=assignment.attempt, result=result)
+        await stream.write(workers_pb2.ConnectRequest(finished=finished))
+        job = await wait_finished(jobs, job_id)
+        assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR and not job.result.outputs, job.result.message
+        if too_many == 2:
+            assert job.result.message.startswith("outputs too big for a result"), job.result.message
+        else:
+            assert job.result.message == (
+                f"too many outputs: more than {too_many - 1} files (the server's limit, max-outputs)"
+            )
+
+
+async def _assignment(stream: WorkerStream) -> workers_pb2.JobAssignment:
+    while not (message := await stream.read()).HasField("assignment"):
+        pass  # acknowledgements of earlier results
+    return message.assignment

@@ -23,9 +23,12 @@ DOWNLOAD_TRIES = 5
 MAX_RESULT = 8 * 1024 * 1024
 """Most bytes the outputs may take in a job's result (their names and inline contents): well under
 the gRPC message limit (64 MiB) and Envoy's 16 MiB buffer for a transcoded response, so that the
-result reaches the server and every route serves it."""
+result reaches the server and every route serves it. The server checks it again
+(`jobwire.server.scheduler.MAX_RESULT_OUTPUTS`); this count is never below the server's."""
 RESULT_OVERHEAD = 32
 """Bytes an output takes in the result beyond its name and value (map entry, DataRef fields), rounded up."""
+KEY_REF = 160
+"""Bytes of an uploaded output's value in the result (its SHA-256 as key and hash), rounded up."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ def _regular_files(root: Path, limits: OutputLimits) -> list[tuple[Path, int]]:
             files.append((path, status.st_size))
             total += status.st_size
             result += len(path.relative_to(root).as_posix()) + RESULT_OVERHEAD
-            result += _base64_size(status.st_size) if status.st_size <= limits.inline else 64
+            result += _base64_size(status.st_size) if status.st_size <= limits.inline else KEY_REF
             limits.check(len(files), total, result)
     return sorted(files)
 
