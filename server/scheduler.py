@@ -37,10 +37,10 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 __all__ = ["Attempt", "Holder", "Scheduler", "check_queue", "job_url_view"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
-MAX_RESULT_OUTPUTS = 8 * 1024 * 1024
-"""Most bytes a result's outputs may take (names and inline contents): the worker's own bound
-(`jobwire.worker.staging.MAX_RESULT`), checked again here. Well under Envoy's 16 MiB buffer for a
-transcoded response, so that `GET /j/{id}` and `result.json` can serve any stored result."""
+MAX_RESULT_OUTPUTS = 4 * 1024 * 1024
+"""Most bytes a result's outputs may take (names, inline contents, keys): the worker's own bound
+(`jobwire.worker.staging.MAX_RESULT`, which says why), checked again here, so that every route can
+serve any stored result."""
 
 
 class Scheduler:

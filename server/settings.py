@@ -60,7 +60,7 @@ class ServerSettings:
     """How often expired leases are looked for."""
     sweep_interval_seconds: Annotated[float, INTERNAL] = 3600.0
     """How often finished jobs past retention are swept."""
-    max_outputs: int = 25_000
+    max_outputs: int = 20_000
     """Most output files a job's result may list; a worker leaving more reports the job as an error
     (workers learn it when they register, and obey the smaller of it and their own limit)."""
     max_output_size: Annotated[int, SIZE] = 10 * 1024**3

@@ -110,14 +110,17 @@ async def test_many_outputs_are_served_by_every_route(
     many: int,
     write: str,
 ) -> None:
-    """20,000 small outputs, and the most a result may hold by default (25,000 outputs of 200 bytes,
-    the largest inlined): every route serves them."""
+    """20,000 small outputs, and the most a result may hold by default (20,000 outputs of 200 bytes,
+    the largest inlined: 1 MiB of them inline, the rest uploaded): every route serves them, GetJob
+    to a gRPC client with the default 4 MiB message limit too."""
     await worker(queue)  # type: ignore[operator]
     job = await _run(jobs, queue, f"cd /outputs && for n in $(seq {many}); do {write} > $n; done", 240)
     assert job.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
     assert len(job.result.outputs) == many
     got = await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))
     assert len(got.job.result.outputs) == many
+    kinds = {ref.type for ref in got.job.result.outputs.values()}
+    assert kinds == ({"base64"} if write.startswith("echo") else {"base64", "key"}), kinds
     long = httpx.Timeout(120)
     for route in (f"/j/{job.id}", f"/q/{queue}/j/{job.id}"):
         response = await rest.get(route, timeout=long)

@@ -82,7 +82,7 @@ class WorkerSettings:
     machine's memory."""
     pids_limit: int = 4096
     """Most processes a job's container may have."""
-    max_outputs: int = 25_000
+    max_outputs: int = 20_000
     """Most output files a job may leave; beyond them (or the server's own limit) it finishes as an
     error naming the limit, with no outputs."""
     max_output_size: Annotated[int, SIZE] = 10 * 1024**3

@@ -20,15 +20,19 @@ from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import StagingError
 
 DOWNLOAD_TRIES = 5
-MAX_RESULT = 8 * 1024 * 1024
-"""Most bytes the outputs may take in a job's result (their names and inline contents): well under
-the gRPC message limit (64 MiB) and Envoy's 16 MiB buffer for a transcoded response, so that the
-result reaches the server and every route serves it. The server checks it again
-(`jobwire.server.scheduler.MAX_RESULT_OUTPUTS`); this count is never below the server's."""
-RESULT_OVERHEAD = 32
-"""Bytes an output takes in the result beyond its name and value (map entry, DataRef fields), rounded up."""
-KEY_REF = 160
-"""Bytes of an uploaded output's value in the result (its SHA-256 as key and hash), rounded up."""
+MAX_RESULT = 4 * 1024 * 1024
+"""Most bytes the outputs may take in a job's result (their names and inline contents or keys).
+A job's JSON holds its definition (at most 8 MiB) and its result; Envoy buffers at most 16 MiB to
+transcode a response, and a gRPC client accepts 4 MiB unless told otherwise. The server checks it
+again (`jobwire.server.scheduler.MAX_RESULT_OUTPUTS`); this count is never below the server's."""
+INLINE_BUDGET = 1024 * 1024
+"""Most bytes of inline (base64) contents in a result; further small files are uploaded as blobs,
+which take a fixed `KEY_REF` each, so that many small outputs still fit `MAX_RESULT`."""
+RESULT_OVERHEAD = 24
+"""Bytes an output takes in the result beyond its name and value (map entry, field tags and lengths,
+the DataRef's type), rounded up (22 measured for a 200-byte file inlined)."""
+KEY_REF = 128
+"""Bytes of an uploaded output's value in the result: its SHA-256 as key and as hash."""
 
 
 @dataclass(frozen=True)
@@ -42,17 +46,12 @@ class OutputLimits:
     size: int
     """Most bytes in all output files together."""
 
-    def check(self, count: int, size: int, result: int) -> None:
-        """Raises `StagingError` naming the first limit that `count` files of `size` bytes in total,
-        taking `result` bytes of the result, pass."""
+    def check(self, count: int, size: int) -> None:
+        """Raises `StagingError` naming the first limit that `count` files of `size` bytes in total pass."""
         if count > self.count:
             raise StagingError(f"too many outputs: more than {self.count} files (the limit, max-outputs)")
         if size > self.size:
             raise StagingError(f"outputs too big: more than {_human(self.size)} in total (the limit, max-output-size)")
-        if result > MAX_RESULT:
-            raise StagingError(
-                f"outputs too big for a result: their names and inline contents pass {_human(MAX_RESULT)}"
-            )
 
 
 class Staging:
@@ -163,15 +162,25 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _found(root: Path, limits: OutputLimits) -> list[tuple[Path, bytes | None]]:
-    """The output files under `root`, each with its contents when it is to be inlined (in a thread:
-    a job may leave thousands)."""
-    return [(path, path.read_bytes() if size <= limits.inline else None) for path, size in _regular_files(root, limits)]
+    """The output files under `root`, each with its contents when it is inlined: small files, in
+    name order, while `INLINE_BUDGET` lasts (the rest are uploaded). In a thread: a job may leave
+    thousands."""
+    found: list[tuple[Path, bytes | None]] = []
+    inlined = result = 0
+    for path, size in _regular_files(root, limits):
+        inline = size <= limits.inline and inlined + _base64_size(size) <= INLINE_BUDGET
+        inlined += _base64_size(size) if inline else 0
+        result += len(path.relative_to(root).as_posix()) + RESULT_OVERHEAD + (_base64_size(size) if inline else KEY_REF)
+        if result > MAX_RESULT:
+            raise StagingError(f"outputs too big for a result: their names and references pass {_human(MAX_RESULT)}")
+        found.append((path, path.read_bytes() if inline else None))
+    return found
 
 
 def _regular_files(root: Path, limits: OutputLimits) -> list[tuple[Path, int]]:
     """The regular files under `root` with their sizes, sorted; stops at the first limit passed."""
     files: list[tuple[Path, int]] = []
-    total = result = 0
+    total = 0
     for folder, _, names in os.walk(root, followlinks=False):
         for name in names:
             path = Path(folder) / name
@@ -180,9 +189,7 @@ def _regular_files(root: Path, limits: OutputLimits) -> list[tuple[Path, int]]:
                 continue
             files.append((path, status.st_size))
             total += status.st_size
-            result += len(path.relative_to(root).as_posix()) + RESULT_OVERHEAD
-            result += _base64_size(status.st_size) if status.st_size <= limits.inline else KEY_REF
-            limits.check(len(files), total, result)
+            limits.check(len(files), total)
     return sorted(files)
 
 
