@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -24,10 +24,11 @@ from jobwire.worker.settings import WorkerSettings
 from tests.conftest import BUSYBOX, Stack, WorkerStream, wait_finished
 
 pytestmark = pytest.mark.docker
+Start = Callable[..., Awaitable[Daemon]]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def worker(stack: Stack, docker_images: None, tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+async def worker(stack: Stack, docker_images: None, tmp_path: Path) -> AsyncIterator[Start]:
     """`await worker(queue, **settings)`: one real worker with these settings, stopped after the test."""
     running: list[tuple[asyncio.Task[None], DockerRuntime]] = []
 
@@ -61,9 +62,9 @@ async def _an_innocent_job_runs_once(jobs: jobs_pb2_grpc.JobServiceStub, queue: 
 
 
 async def test_too_many_outputs_finish_as_error_once(
-    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Callable[..., object]
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Start
 ) -> None:
-    await worker(queue, max_outputs=100)  # type: ignore[operator]
+    await worker(queue, max_outputs=100)
     job = await _run(jobs, queue, "cd /outputs && seq 101 | xargs touch")
     assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR, job.result
     assert job.result.message == "too many outputs: more than 100 files (the limit, max-outputs)"
@@ -72,9 +73,9 @@ async def test_too_many_outputs_finish_as_error_once(
 
 
 async def test_outputs_over_the_size_cap_finish_as_error_once(
-    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Callable[..., object]
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Start
 ) -> None:
-    await worker(queue, max_output_size=1024 * 1024)  # type: ignore[operator]
+    await worker(queue, max_output_size=1024 * 1024)
     job = await _run(jobs, queue, "head -c 700000 /dev/zero > /outputs/a; head -c 700000 /dev/zero > /outputs/b")
     assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR, job.result
     assert job.result.message == "outputs too big: more than 1 MiB in total (the limit, max-output-size)"
@@ -84,10 +85,10 @@ async def test_outputs_over_the_size_cap_finish_as_error_once(
 
 @pytest.mark.timeout(300)
 async def test_150000_outputs_finish_as_error_and_the_worker_goes_on(
-    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Callable[..., object]
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, worker: Start
 ) -> None:
     """Issue 20's attack, for real, against the default limits."""
-    await worker(queue)  # type: ignore[operator]
+    await worker(queue)
     job = await _run(jobs, queue, "cd /outputs && seq 150000 | xargs touch", timeout=240)
     assert job.result.reason == jobs_pb2.FINISH_REASON_ERROR, job.result
     limit = WorkerSettings(queue=queue).max_outputs
@@ -106,14 +107,14 @@ async def test_many_outputs_are_served_by_every_route(
     jobs: jobs_pb2_grpc.JobServiceStub,
     rest: httpx.AsyncClient,
     queue: str,
-    worker: Callable[..., object],
+    worker: Start,
     many: int,
     write: str,
 ) -> None:
     """20,000 small outputs, and the most a result may hold by default (20,000 outputs of 200 bytes,
     the largest inlined: 1 MiB of them inline, the rest uploaded): every route serves them, GetJob
     to a gRPC client with the default 4 MiB message limit too."""
-    await worker(queue)  # type: ignore[operator]
+    await worker(queue)
     job = await _run(jobs, queue, f"cd /outputs && for n in $(seq {many}); do {write} > $n; done", 240)
     assert job.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
     assert len(job.result.outputs) == many

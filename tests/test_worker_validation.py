@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import pytest
 import pytest_asyncio
 
 from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2, workers_pb2_grpc
@@ -23,6 +22,7 @@ from jobwire.worker.settings import WorkerSettings
 from tests.conftest import BUSYBOX
 
 QUEUE = "q-fake-server"
+Start = Callable[[list[workers_pb2.ConnectResponse]], Awaitable["FakeServer"]]
 
 
 class FakeServer(workers_pb2_grpc.WorkerServiceServicer):
@@ -75,7 +75,7 @@ def _id(text: str) -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fake_worker(tmp_path: Path, docker_images: None) -> AsyncIterator[tuple[Path, object]]:
+async def fake_worker(tmp_path: Path, docker_images: None) -> AsyncIterator[tuple[Path, Start]]:
     """`(data directory, start(script) -> FakeServer)`: the worker runs until the test ends."""
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
@@ -115,7 +115,7 @@ class _Relay(workers_pb2_grpc.WorkerServiceServicer):
             yield answer
 
 
-async def test_a_path_like_job_id_is_refused_and_touches_nothing(fake_worker: tuple[Path, object]) -> None:
+async def test_a_path_like_job_id_is_refused_and_touches_nothing(fake_worker: tuple[Path, Start]) -> None:
     data, start = fake_worker
     victim = data.parent / "victim-1"  # what jobs/../../victim-1 names from the worker's data directory
     victim.mkdir(parents=True)
@@ -128,7 +128,7 @@ async def test_a_path_like_job_id_is_refused_and_touches_nothing(fake_worker: tu
         _assign(_id("attempt zero"), _definition(), attempt=0),
         _assign(honest, _definition()),
     ]
-    fake: FakeServer = await start(script)  # type: ignore[operator]
+    fake: FakeServer = await start(script)
     await asyncio.wait_for(_finished(fake, honest), 60)
     assert fake.finished[honest].result.reason == jobs_pb2.FINISH_REASON_SUCCESS, fake.finished[honest]
     assert (victim / "precious").read_text() == "keep me"
@@ -138,11 +138,11 @@ async def test_a_path_like_job_id_is_refused_and_touches_nothing(fake_worker: tu
     assert sent_ids == {honest}, sent_ids  # nothing started, finished or logged for the lies
 
 
-async def test_an_assignment_with_escaping_names_finishes_as_refused(fake_worker: tuple[Path, object]) -> None:
+async def test_an_assignment_with_escaping_names_finishes_as_refused(fake_worker: tuple[Path, Start]) -> None:
     data, start = fake_worker
     escaping = _id("escaping")
     script = [_assign(escaping, _definition(**{"../../../outside": "written by the server"}))]
-    fake: FakeServer = await start(script)  # type: ignore[operator]
+    fake: FakeServer = await start(script)
     await asyncio.wait_for(_finished(fake, escaping), 60)
     result = fake.finished[escaping].result
     assert result.reason == jobs_pb2.FINISH_REASON_ERROR and "refused this assignment" in result.message, result
@@ -151,12 +151,12 @@ async def test_an_assignment_with_escaping_names_finishes_as_refused(fake_worker
     assert not any(request.HasField("started") for request in fake.received)
 
 
-async def test_an_assignment_of_another_queue_is_refused(fake_worker: tuple[Path, object]) -> None:
+async def test_an_assignment_of_another_queue_is_refused(fake_worker: tuple[Path, Start]) -> None:
     _, start = fake_worker
     other = _id("other queue")
     message = _assign(other, _definition())
     message.assignment.queue = "someone-else"
-    fake: FakeServer = await start([message])  # type: ignore[operator]
+    fake: FakeServer = await start([message])
     await asyncio.wait_for(_finished(fake, other), 60)
     assert "not of the queue this worker serves" in fake.finished[other].result.message
     assert not any(request.HasField("started") for request in fake.received)
