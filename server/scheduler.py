@@ -320,7 +320,9 @@ class Scheduler:
         if count > self.settings.max_outputs:
             message = f"too many outputs: more than {self.settings.max_outputs} files (the server's limit, max-outputs)"
         elif size > MAX_RESULT_OUTPUTS:
-            message = f"outputs too big for a result: their names and inline contents pass {MAX_RESULT_OUTPUTS} bytes"
+            message = (
+                f"outputs too big for a result: their names and references pass {MAX_RESULT_OUTPUTS // 1024**2} MiB"
+            )
         else:
             return
         result.outputs.clear()

@@ -64,6 +64,7 @@ class ServerSettings:
     """Most output files a job's result may list; a worker leaving more reports the job as an error
     (workers learn it when they register, and obey the smaller of it and their own limit)."""
     max_output_size: Annotated[int, SIZE] = 10 * 1024**3
-    """Most bytes a job's output files may hold in total (obeyed by workers as `--max-outputs`)."""
+    """Most bytes a job's output files may hold in total; workers learn it when they register and
+    obey the smaller of it and their own limit (the server sees only the result, not the files)."""
     max_log_chars: Annotated[int, INTERNAL] = 256 * 1024 * 1024
     """Most characters of text kept per log (a notice marks the cut)."""

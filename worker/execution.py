@@ -149,12 +149,12 @@ class Execution:
         return result
 
     def _limits(self, server: workers_pb2.WorkerRegistered) -> OutputLimits:
-        """The worker's output limits, lowered by the server's (0 from the server: none of its own)."""
+        """The worker's output limits, lowered by the server's (0 or less from the server: none of its own)."""
         count, size = self.settings.max_outputs, self.settings.max_output_size
         return OutputLimits(
             inline=server.inline_limit,
-            count=min(count, server.max_outputs or count),
-            size=min(size, server.max_output_size or size),
+            count=min(count, server.max_outputs) if server.max_outputs > 0 else count,
+            size=min(size, server.max_output_size) if server.max_output_size > 0 else size,
         )
 
     async def _remove_folder(self) -> None:
