@@ -37,6 +37,10 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 __all__ = ["Attempt", "Holder", "Scheduler", "check_queue", "job_url_view"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
+MAX_RESULT_OUTPUTS = 4 * 1024 * 1024
+"""Most bytes a result's outputs may take (names, inline contents, keys): the worker's own bound
+(`jobwire.worker.staging.MAX_RESULT`, which says why), checked again here, so that every route can
+serve any stored result."""
 
 
 class Scheduler:
@@ -294,6 +298,7 @@ class Scheduler:
     async def finished(self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> jobs_pb2.Job | None:
         """Record the attempt's result; None (logged) if the attempt is stale."""
         result.attempt = attempt.attempt
+        self._bound_outputs(result)
         job = await self.store.finish(attempt, holder, result, self.clock())
         if job is None:
             log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
@@ -306,6 +311,22 @@ class Scheduler:
         self.metrics.finished(job)
         await self.publish_job(job)
         return job
+
+    def _bound_outputs(self, result: jobs_pb2.JobResult) -> None:
+        """A result listing more outputs than the server's limits (which workers learn at registration
+        and obey; one that did not) becomes an error naming the limit: stored as sent, every route
+        would have to serve it (at 100,000 outputs the REST routes answered 500)."""
+        count, size = len(result.outputs), sum(len(name) + ref.ByteSize() for name, ref in result.outputs.items())
+        if count > self.settings.max_outputs:
+            message = f"too many outputs: more than {self.settings.max_outputs} files (the server's limit, max-outputs)"
+        elif size > MAX_RESULT_OUTPUTS:
+            message = (
+                f"outputs too big for a result: their names and references pass {MAX_RESULT_OUTPUTS // 1024**2} MiB"
+            )
+        else:
+            return
+        result.outputs.clear()
+        result.reason, result.message = jobs_pb2.FINISH_REASON_ERROR, message
 
     async def release(self, attempt: Attempt, holder: Holder, reason: str) -> bool:
         """The worker gave the attempt back unfinished: re-queue the job now; False if stale."""

@@ -92,6 +92,8 @@ class WorkerSession:
             stale=[workers_pb2.AttemptRef(job_id=a.job_id, attempt=a.attempt) for a in stale],
             public_url=settings.public_url,
             inline_limit=settings.inline_limit,
+            max_outputs=settings.max_outputs,
+            max_output_size=settings.max_output_size,
         )
 
     async def run(self) -> None:

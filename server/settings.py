@@ -11,7 +11,7 @@ from typing import Annotated
 
 from cyclopts import Parameter
 
-from jobwire.core.options import DURATION, EGRESS_ALLOW, INTERNAL
+from jobwire.core.options import DURATION, EGRESS_ALLOW, INTERNAL, SIZE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,5 +63,11 @@ class ServerSettings:
     """How often expired leases are looked for."""
     sweep_interval_seconds: Annotated[float, INTERNAL] = 3600.0
     """How often finished jobs past retention are swept."""
+    max_outputs: int = 20_000
+    """Most output files a job's result may list; a worker leaving more reports the job as an error
+    (workers learn it when they register, and obey the smaller of it and their own limit)."""
+    max_output_size: Annotated[int, SIZE] = 10 * 1024**3
+    """Most bytes a job's output files may hold in total; workers learn it when they register and
+    obey the smaller of it and their own limit (the server sees only the result, not the files)."""
     max_log_chars: Annotated[int, INTERNAL] = 256 * 1024 * 1024
     """Most characters of text kept per log (a notice marks the cut)."""

@@ -24,13 +24,14 @@ from jobwire.core import egress
 from jobwire.core.units import format_duration
 from jobwire.files import FileClient
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from jobwire.worker.errors import Refused, StreamEnded
+from jobwire.worker.errors import BadMessage, Refused, StreamEnded
 from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
 from jobwire.worker.gpus import GpuPool
 from jobwire.worker.outbox import Outbox
 from jobwire.worker.runtime import ContainerRuntime
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
+from jobwire.worker.validation import check_assignment, check_attempt
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 256
@@ -234,7 +235,7 @@ class Daemon:
                 self._stop(message.stale.job_id, message.stale.attempt, message.stale.reason)
             case "finished_ack":
                 acked = self.attempts.get((message.finished_ack.job_id, message.finished_ack.attempt))
-                if acked is not None and acked.result is not None:
+                if acked is not None and acked.result is not None:  # only attempts of ours: checked ids
                     del self.attempts[(message.finished_ack.job_id, message.finished_ack.attempt)]
                 if not any(attempt.result for attempt in self.attempts.values()):
                     self.all_acked.set()
@@ -246,8 +247,10 @@ class Daemon:
         """Re-attach to the containers an earlier run of this worker (same id) left behind; they are
         re-registered with the server, which keeps their attempts if their lease has not run out."""
         for labels in await self.runtime.ours({WORKER_LABEL: self.worker_id}):
-            job_id, attempt = labels.get(JOB_LABEL, ""), int(labels.get(ATTEMPT_LABEL) or 0)
-            assignment = Execution.saved_assignment(self.settings, job_id, attempt)
+            job_id, attempt = labels.get(JOB_LABEL, ""), labels.get(ATTEMPT_LABEL, "")
+            assignment = (
+                Execution.saved_assignment(self.settings, job_id, int(attempt)) if _ours(job_id, attempt) else None
+            )
             if assignment is None or self._runs(job_id):
                 log.warning("removing container %s of this worker: nothing to resume it with", labels["id"][:12])
                 await self.runtime.remove(labels["id"])
@@ -267,6 +270,11 @@ class Daemon:
         container_id: str = "",
         devices: list[str] | None = None,
     ) -> None:
+        try:
+            check_attempt(assignment.job_id, assignment.attempt)
+        except BadMessage as error:  # no folder, container or report can be made with it: drop it
+            log.warning("ignoring an assignment from the server: %s", error)
+            return
         if self._runs(assignment.job_id):
             log.warning("job %s is already running here; ignoring a second assignment", assignment.job_id)
             return
@@ -274,18 +282,22 @@ class Daemon:
             assignment, self.settings, self.worker_id, self.runtime, staging, self.outbox.put, self.server
         )
         try:
+            check_assignment(assignment, self.settings.queue)
             execution.gpu_devices = (
                 self.gpus.take(assignment.definition.requirements.gpus) if devices is None else devices
             )
-        except ValueError as error:  # the server assigned more than we have: say so as the job's error
+        except (BadMessage, ValueError) as error:  # refused, or more GPUs than we have: the job's error
             execution.gpu_devices, container_id = [], ""
-            execution.refusal = str(error)
+            execution.refusal = (
+                f"the worker refused this assignment: {error}" if isinstance(error, BadMessage) else str(error)
+            )
         if container_id:
             execution.rereads()
         attempt = self.attempts[(assignment.job_id, assignment.attempt)] = Attempt(execution)
         attempt.task = jobs.create_task(self._execute(attempt, container_id))
 
     def _stop(self, job_id: str, attempt: int, reason: str) -> None:
+        """Cancel an attempt of ours; the ids are only looked up among them (any others do nothing)."""
         stopped = self.attempts.get((job_id, attempt))
         if stopped is not None and stopped.running and stopped.task is not None:
             log.info("stopping job %s (attempt %d): %s", job_id, attempt, reason)
@@ -350,3 +362,12 @@ class Daemon:
             result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED, message="stopped on request")
         finished = workers_pb2.JobFinished(job_id=job_id, attempt=number, result=result)
         return workers_pb2.ConnectRequest(finished=finished)
+
+
+def _ours(job_id: str, attempt: str) -> bool:
+    """Whether a container's labels name an attempt well enough to look for its saved assignment."""
+    try:
+        check_attempt(job_id, int(attempt))
+    except (BadMessage, ValueError):
+        return False
+    return True

@@ -5,6 +5,7 @@ WorkerError
  │    ├── ImageError   the image is not local, cannot be pulled, or the engine refused the container
  │    ├── BuildError   the image could not be built; the build log says why
  │    └── StagingError an input could not be written; the message says which and why
+ ├── BadMessage        the server sent something the worker will not act on (see validation.py)
  ├── StreamEnded       the server ended the worker's stream; the daemon reconnects
  └── Refused           the server refused the registration (credential, secret); the daemon stops
 """
@@ -28,6 +29,10 @@ class BuildError(JobError):
 
 class StagingError(JobError):
     """An input could not be written; the message says which and why."""
+
+
+class BadMessage(WorkerError):
+    """The server sent an id, a number or a name the worker refuses to act on."""
 
 
 class StreamEnded(WorkerError):

@@ -29,7 +29,7 @@ from jobwire.worker.runtime import (
     run_container,
 )
 from jobwire.worker.settings import WorkerSettings
-from jobwire.worker.staging import Staging
+from jobwire.worker.staging import OutputLimits, Staging
 
 _ASSIGNMENT = "assignment.binpb"
 _SMALL_FOLDER_OUTPUTS = 64
@@ -86,6 +86,8 @@ class Execution:
             limit = self.time_limit()
             outcome = await resume_container(self.runtime, container_id, limit, self._on_output, self._started)
             return await self._result(outcome, self.time_limit())
+        except JobError as error:
+            return self._error(str(error))
         finally:
             await self._remove_folder()
 
@@ -152,7 +154,7 @@ class Execution:
         self.logs[jobs_pb2.LOG_KIND_RUN].end()
         await self.logs[jobs_pb2.LOG_KIND_RUN].flush()
         result = self._outcome(outcome, limit)
-        outputs = await self.staging.collect_outputs(self.directory / "outputs", (await self.server()).inline_limit)
+        outputs = await self.staging.collect_outputs(self.directory / "outputs", self._limits(await self.server()))
         for name, ref in outputs.items():
             result.outputs[name].CopyFrom(ref)
         definition = self.assignment.definition
@@ -160,6 +162,15 @@ class Execution:
         moved = any(ref.type in ("key", "url") for ref in refs)  # downloaded inputs, uploaded outputs
         self.small_folder = not moved and len(outputs) <= _SMALL_FOLDER_OUTPUTS
         return result
+
+    def _limits(self, server: workers_pb2.WorkerRegistered) -> OutputLimits:
+        """The worker's output limits, lowered by the server's (0 or less from the server: none of its own)."""
+        count, size = self.settings.max_outputs, self.settings.max_output_size
+        return OutputLimits(
+            inline=server.inline_limit,
+            count=min(count, server.max_outputs) if server.max_outputs > 0 else count,
+            size=min(size, server.max_output_size) if server.max_output_size > 0 else size,
+        )
 
     async def _remove_folder(self) -> None:
         """Remove this attempt's folder: on the loop when it is known to hold only what the definition

@@ -99,6 +99,11 @@ class WorkerSettings:
     driver that supports it, such as overlay2 on XFS with project quotas)."""
     container_runtime: str = ""
     """The Docker runtime to run jobs with, e.g. `runsc` (gVisor) once installed; empty: Docker's default."""
+    max_outputs: int = 20_000
+    """Most output files a job may leave; beyond them (or the server's own limit) it finishes as an
+    error naming the limit, with no outputs."""
+    max_output_size: Annotated[int, SIZE] = 10 * 1024**3
+    """Most bytes a job's output files may hold in total (or the server's own limit, if smaller)."""
     tls: bool = False
     """Dial the server over TLS even when `--server` is a bare `host:port` (`https://…` implies it)."""
     ca_file: Annotated[Path | None, Parameter(show_default=True)] = None

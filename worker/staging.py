@@ -7,7 +7,9 @@ import base64
 import os
 import re
 import shutil
+import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,38 @@ from jobwire.worker.errors import StagingError
 DOWNLOAD_TRIES = 5
 READ_TIMEOUT = 60.0
 _OWN_BLOB = re.compile(r"/f/([0-9a-f]{64})")
+MAX_RESULT = 4 * 1024 * 1024
+"""Most bytes the outputs may take in a job's result (their names and inline contents or keys).
+A job's JSON holds its definition (at most 8 MiB) and its result; Envoy buffers at most 16 MiB to
+transcode a response, and a gRPC client accepts 4 MiB unless told otherwise. The server checks it
+again (`jobwire.server.scheduler.MAX_RESULT_OUTPUTS`); this count is never below the server's."""
+INLINE_BUDGET = 1024 * 1024
+"""Most bytes of inline (base64) contents in a result; further small files are uploaded as blobs,
+which take a fixed `KEY_REF` each, so that many small outputs still fit `MAX_RESULT`."""
+RESULT_OVERHEAD = 24
+"""Bytes an output takes in the result beyond its name and value (map entry, field tags and lengths,
+the DataRef's type), rounded up (22 measured for a 200-byte file inlined)."""
+KEY_REF = 128
+"""Bytes of an uploaded output's value in the result: its SHA-256 as key and as hash."""
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    """What a job's outputs may be: the worker's own limits, lowered by the server's."""
+
+    inline: int
+    """Largest file returned inline in the result; larger ones are uploaded."""
+    count: int
+    """Most output files."""
+    size: int
+    """Most bytes in all output files together."""
+
+    def check(self, count: int, size: int) -> None:
+        """Raises `StagingError` naming the first limit that `count` files of `size` bytes in total pass."""
+        if count > self.count:
+            raise StagingError(f"too many outputs: more than {self.count} files (the limit, max-outputs)")
+        if size > self.size:
+            raise StagingError(f"outputs too big: more than {_human(self.size)} in total (the limit, max-output-size)")
 
 
 class Staging:
@@ -102,14 +136,15 @@ class Staging:
             return
         _link(cached, destination)
 
-    async def collect_outputs(self, outputs_dir: Path, inline_limit: int) -> dict[str, definition_pb2.DataRef]:
-        """Every regular file under `outputs_dir`: inline when small, else uploaded by SHA-256."""
+    async def collect_outputs(self, outputs_dir: Path, limits: OutputLimits) -> dict[str, definition_pb2.DataRef]:
+        """Every regular file under `outputs_dir`: inline when small, else uploaded by SHA-256.
+        Raises `StagingError` naming the limit when they are too many or too big (nothing uploaded)."""
+        found = await asyncio.to_thread(_found, outputs_dir, limits)
         outputs: dict[str, definition_pb2.DataRef] = {}
-        for path in sorted(_regular_files(outputs_dir)):
+        for path, content in found:
             name = path.relative_to(outputs_dir).as_posix()
-            size = path.stat().st_size
-            if size <= inline_limit:
-                data = base64.b64encode(path.read_bytes()).decode()
+            if content is not None:
+                data = base64.b64encode(content).decode()
                 outputs[name] = definition_pb2.DataRef(type="base64", value=_string(data))
                 continue
             digest = await asyncio.to_thread(sha256_file, path)
@@ -176,11 +211,48 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _regular_files(root: Path) -> list[Path]:
-    files: list[Path] = []
+def _found(root: Path, limits: OutputLimits) -> list[tuple[Path, bytes | None]]:
+    """The output files under `root`, each with its contents when it is inlined: small files, in
+    name order, while `INLINE_BUDGET` lasts (the rest are uploaded). In a thread: a job may leave
+    thousands."""
+    found: list[tuple[Path, bytes | None]] = []
+    inlined = result = 0
+    for path, size in _regular_files(root, limits):
+        inline = size <= limits.inline and inlined + _base64_size(size) <= INLINE_BUDGET
+        inlined += _base64_size(size) if inline else 0
+        result += len(path.relative_to(root).as_posix()) + RESULT_OVERHEAD + (_base64_size(size) if inline else KEY_REF)
+        if result > MAX_RESULT:
+            raise StagingError(f"outputs too big for a result: their names and references pass {_human(MAX_RESULT)}")
+        found.append((path, path.read_bytes() if inline else None))
+    return found
+
+
+def _regular_files(root: Path, limits: OutputLimits) -> list[tuple[Path, int]]:
+    """The regular files under `root` with their sizes, sorted; stops at the first limit passed."""
+    files: list[tuple[Path, int]] = []
+    total = 0
     for folder, _, names in os.walk(root, followlinks=False):
-        files.extend(p for p in (Path(folder) / n for n in names) if p.is_file() and not p.is_symlink())
-    return files
+        for name in names:
+            path = Path(folder) / name
+            status = path.lstat()
+            if not stat.S_ISREG(status.st_mode):
+                continue
+            files.append((path, status.st_size))
+            total += status.st_size
+            limits.check(len(files), total)
+    return sorted(files)
+
+
+def _human(size: int) -> str:
+    """`size` in the largest binary unit that keeps one decimal meaningful: `10 GiB`, `1.5 MiB`, `200 bytes`."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
+
+
+def _base64_size(size: int) -> int:
+    return (size + 2) // 3 * 4
 
 
 def _string(text: str) -> struct_pb2.Value:

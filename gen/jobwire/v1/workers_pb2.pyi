@@ -307,6 +307,8 @@ class WorkerRegistered(_message.Message):
     PUBLIC_URL_FIELD_NUMBER: _builtins.int
     LOG_CURSORS_FIELD_NUMBER: _builtins.int
     INLINE_LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUTS_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_SIZE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The id the server knows the worker by."""
     public_url: _builtins.str
@@ -314,6 +316,15 @@ class WorkerRegistered(_message.Message):
     inline_limit: _builtins.int
     """Largest output file, in bytes, the worker returns inline in the job's
     result; larger ones it uploads to the blob store and returns by key.
+    """
+    max_outputs: _builtins.int
+    """Most output files the server accepts in one job's result; 0: no limit
+    of its own. The worker obeys the smaller of this and its own limit: a
+    job that leaves more finishes as an error naming the limit.
+    """
+    max_output_size: _builtins.int
+    """Most bytes a job's output files may hold in total; 0: no limit of its
+    own. Obeyed as `max_outputs` is.
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
@@ -346,10 +357,12 @@ class WorkerRegistered(_message.Message):
         public_url: _builtins.str = ...,
         log_cursors: _abc.Iterable[Global___LogCursor] | None = ...,
         inline_limit: _builtins.int = ...,
+        max_outputs: _builtins.int = ...,
+        max_output_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "inline_limit", b"inline_limit", "lease_duration", b"lease_duration", "log_cursors", b"log_cursors", "public_url", b"public_url", "stale", b"stale", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "inline_limit", b"inline_limit", "lease_duration", b"lease_duration", "log_cursors", b"log_cursors", "max_output_size", b"max_output_size", "max_outputs", b"max_outputs", "public_url", b"public_url", "stale", b"stale", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
