@@ -301,3 +301,17 @@ def test_a_build_is_tagged_by_its_definition_and_its_contexts_bytes() -> None:
     assert build_tag(other, "a" * 64) != first
     blob = json_format.ParseDict({"context": f"/f/{'c' * 64}"}, definition_pb2.ImageBuild())
     assert build_tag(blob) == build_tag(blob, "c" * 64)  # a blob context's key is its bytes' digest
+
+
+async def test_a_worker_with_no_job_network_gives_its_jobs_none(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, own_worker: OwnWorker
+) -> None:
+    """`--job-network none`: a job sees only its loopback device; the default job network gives it one more."""
+    command = f'sh -c "ls /sys/class/net; echo {queue}"'
+    await own_worker(queue)
+    assert "eth0" in run_log(await run(jobs, queue, image=BUSYBOX, command=command)).split()
+    isolated = f"{queue}-none"
+    await own_worker(isolated, job_network="none")
+    job = await run(jobs, isolated, image=BUSYBOX, command=command)
+    assert job.result.exit_code == 0, job.result.message
+    assert run_log(job).split() == ["lo", queue]

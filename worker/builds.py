@@ -48,9 +48,9 @@ class Builder:
     within the job's memory, CPUs and pids."""
 
     def __init__(
-        self, runtime: ContainerRuntime, staging: Staging, directory: Path, limits: tuple[int, int, int]
+        self, runtime: ContainerRuntime, staging: Staging, directory: Path, limits: tuple[int, int, int, str]
     ) -> None:
-        """`limits`: the job's memory, CPUs (in billionths) and pids, which each build step gets."""
+        """`limits`: the job's memory, CPUs (in billionths), pids and network, which each build step gets."""
         self.runtime, self.staging, self.directory = runtime, staging, directory
         self.limits = limits
 

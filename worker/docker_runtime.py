@@ -205,7 +205,7 @@ class DockerRuntime:
                 user=spec.user,
                 mounts=[Mount(target, source, type="bind", read_only=ro) for source, target, ro in spec.binds]
                 + [Mount("/job-cache", CACHE_VOLUME, type="volume")],
-                network=NETWORK,
+                network=_network(spec.network),
                 shm_size=spec.shm_size,
                 mem_limit=spec.memory,
                 memswap_limit=spec.memory,  # the limit is of memory, not memory + swap
@@ -333,6 +333,11 @@ def _context_tar(spec: BuildSpec) -> Iterator[Any]:
         context.close()
 
 
+def _network(name: str) -> str:
+    """The engine's network for a spec's: the job network, or Docker's `none` (a loopback device only)."""
+    return "none" if name == "none" else NETWORK
+
+
 def _build_params(spec: BuildSpec) -> dict[str, Any]:
     """The build's query: its image, and each step's container in the job network within the limits."""
     params: dict[str, Any] = {
@@ -341,7 +346,7 @@ def _build_params(spec: BuildSpec) -> dict[str, Any]:
         "buildargs": json.dumps(spec.args),
         "rm": 1,
         "forcerm": 1,
-        "networkmode": NETWORK,
+        "networkmode": _network(spec.network),
     }
     if spec.target:
         params["target"] = spec.target

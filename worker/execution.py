@@ -135,7 +135,7 @@ class Execution:
             await self.runtime.ensure_image(definition.image, build_log)
             return definition.image
         directory = self.settings.data_directory / "builds"
-        limits = (self.memory(), self.nano_cpus(), self.settings.pids_limit)
+        limits = (self.memory(), self.nano_cpus(), self.settings.pids_limit, self.settings.job_network)
         builder = Builder(self.runtime, self.staging, directory, limits)
         return await builder.ensure_built(definition.build, build_log)
 
@@ -227,6 +227,7 @@ class Execution:
             log_size=self.settings.container_log_size,
             disk_size=self.settings.disk_size,
             engine_runtime=self.settings.container_runtime,
+            network=self.settings.job_network,
         )
 
     def memory(self) -> int:

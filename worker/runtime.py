@@ -70,6 +70,8 @@ class ContainerSpec:
     """Most bytes the container's writable layer may hold (0: no limit; some storage drivers only)."""
     engine_runtime: str = ""
     """The engine's OCI runtime to run it with (e.g. `runsc`; empty: the engine's default)."""
+    network: str = "jobs"
+    """`jobs` (the runtime's job network: no traffic between jobs) or `none` (no network)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class BuildSpec:
     """CPUs of each build step's container, in billionths."""
     pids_limit: int = 4096
     """Most processes of each build step's container."""
+    network: str = "jobs"
+    """Each build step's network, as `ContainerSpec.network`."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from cyclopts import Parameter, Token
 
@@ -99,6 +99,10 @@ class WorkerSettings:
     driver that supports it, such as overlay2 on XFS with project quotas)."""
     container_runtime: str = ""
     """The Docker runtime to run jobs with, e.g. `runsc` (gVisor) once installed; empty: Docker's default."""
+    job_network: Literal["jobs", "none"] = "jobs"
+    """The network of jobs' containers and their build steps: `jobs`, a bridge of their own that reaches
+    the internet but not the other jobs; `none`, no network at all (a job then needs everything in its
+    image and inputs, and a build cannot download)."""
     max_outputs: int = 20_000
     """Most output files a job may leave; beyond them (or the server's own limit) it finishes as an
     error naming the limit, with no outputs."""
