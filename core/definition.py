@@ -154,6 +154,13 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
                 raise DefinitionError(f"`{name}`: {error}") from None
     _check_units(definition)
     _check_env(definition)
+    check_files(definition)
+
+
+def check_files(definition: definition_pb2.JobDefinition) -> None:
+    """Raise DefinitionError naming the first input or config file whose path is not safe or whose
+    reference is malformed: what a worker turns into paths and fetches (it checks no more than this
+    of what the server sends, since the server checked the rest at submission)."""
     for path, ref in definition.inputs.items():
         check_relative_path(path, what="inputs")
         check_data_ref(ref, where=f"inputs[{path!r}]")
@@ -163,6 +170,8 @@ def validate(definition: definition_pb2.JobDefinition) -> None:
         elif "\0" in path or ".." in path.split("/"):
             raise DefinitionError(f"configFiles: invalid path {path!r}")
         check_data_ref(ref, where=f"configFiles[{path!r}]")
+    if definition.HasField("build"):
+        _check_build(definition.build)
 
 
 def _check_shape(definition: definition_pb2.JobDefinition) -> None:
@@ -170,8 +179,6 @@ def _check_shape(definition: definition_pb2.JobDefinition) -> None:
         raise DefinitionError("definition needs an `image` (or a `build`)")
     if (size := definition.ByteSize()) > MAX_DEFINITION_BYTES:
         raise DefinitionError(f"the definition is {size} bytes, over the {MAX_DEFINITION_BYTES} byte limit")
-    if definition.HasField("build"):
-        _check_build(definition.build)
 
 
 def _check_build(build: definition_pb2.ImageBuild) -> None:

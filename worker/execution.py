@@ -109,7 +109,10 @@ class Execution:
         binds = await self.staging.write_inputs(definition, inputs, self.directory / "config")
         loop = asyncio.get_running_loop()
 
+        built: list[str] = []  # lines of a build or a pull, if there was one
+
         def build_log(line: str) -> None:
+            built.append(line)
             loop.call_soon_threadsafe(self.logs[jobs_pb2.LOG_KIND_BUILD].add, STDOUT, line.encode())
 
         deadline = loop.time() + self.time_limit()  # the build's time counts
@@ -119,8 +122,9 @@ class Execution:
         except TimeoutError:
             await self._build_log(f"timed out: stopped after its time limit of {format_duration(self.time_limit())}\n")
             return self._timed_out("while its image was built or pulled")
-        await asyncio.sleep(0)  # let the last call_soon_threadsafe land
-        await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
+        if built:  # an image already there (most jobs) logs nothing: no loop turn for it
+            await asyncio.sleep(0)  # let the last call_soon_threadsafe land
+            await self.logs[jobs_pb2.LOG_KIND_BUILD].flush()
         # Read-only: its files are the worker's cached blobs (hard links), which no job may change.
         binds = [(str(inputs), "/inputs", True), (str(outputs), "/outputs", False), *binds]
         spec = self.container_spec(binds, image, (await self.server()).public_url)

@@ -139,6 +139,8 @@ class Staging:
     async def collect_outputs(self, outputs_dir: Path, limits: OutputLimits) -> dict[str, definition_pb2.DataRef]:
         """Every regular file under `outputs_dir`: inline when small, else uploaded by SHA-256.
         Raises `StagingError` naming the limit when they are too many or too big (nothing uploaded)."""
+        if _empty(outputs_dir):  # most jobs leave none: no thread round trip to say so
+            return {}
         found = await asyncio.to_thread(_found, outputs_dir, limits)
         outputs: dict[str, definition_pb2.DataRef] = {}
         for path, content in found:
@@ -209,6 +211,15 @@ def _link(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def _empty(folder: Path) -> bool:
+    """True when `folder` holds nothing (or is missing): one directory read, cheap enough for the loop."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
 
 
 def _found(root: Path, limits: OutputLimits) -> list[tuple[Path, bytes | None]]:

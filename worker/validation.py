@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from jobwire.core.definition import DefinitionError, validate
+from jobwire.core.definition import DefinitionError, check_files
 from jobwire.v1 import workers_pb2
 from jobwire.worker.errors import BadMessage
 
@@ -29,11 +29,12 @@ def check_attempt(job_id: str, attempt: int) -> None:
 
 def check_assignment(assignment: workers_pb2.JobAssignment, queue: str) -> None:
     """Raises `BadMessage` unless the assignment's attempt is well formed (`check_attempt`), it is
-    of `queue`, and its definition would pass submission (names relative, no `..`, refs well formed)."""
+    of `queue`, and its definition's files are safe (names relative, no `..`, refs well formed): the
+    rest of a definition the worker hands to the engine as it is."""
     check_attempt(assignment.job_id, assignment.attempt)
     if assignment.queue != queue:
         raise BadMessage(f"an assignment of queue {assignment.queue[:80]!r}, not of the queue this worker serves")
     try:
-        validate(assignment.definition)
+        check_files(assignment.definition)
     except DefinitionError as error:
         raise BadMessage(f"an invalid definition: {error}") from None
