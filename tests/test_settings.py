@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import re
+import typing
 from typing import Any
 
 import docstring_parser
@@ -57,7 +58,9 @@ def described(settings: type, field: str, flag: str, default: Any) -> str:
     text = " ".join(next(doc.description or "" for doc in docs if doc.arg_name == field).split())
     assert text, f"{settings.__name__}.{field} has no help text"
     variable = "JOBWIRE_" + flag.removeprefix("--").replace("-", "_").upper()
-    return f"{text.replace('`', '')} [env var: {variable}] {shown_default(field, default)}"
+    hint = typing.get_type_hints(settings)[field]
+    choices = f"[choices: {', '.join(typing.get_args(hint))}] " if typing.get_origin(hint) is typing.Literal else ""
+    return f"{text.replace('`', '')} {choices}[env var: {variable}] {shown_default(field, default)}"
 
 
 def shown_default(field: str, default: Any) -> str:
