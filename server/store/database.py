@@ -25,6 +25,7 @@ from jobwire.v1 import jobs_pb2
 
 JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 """The columns `rows.job_message` reads, in its order."""
+_JOB_WIDTH = JOB_COLUMNS.count(",") + 1
 JOB_RUN_ORDER = f"state = {FINISHED} DESC, update_time DESC"
 """Which of a job id's runs an id-only read shows: the most recently finished, else the most recently
 changed (a job URL is for reading a result; the queue's URL names one run exactly)."""
@@ -95,20 +96,29 @@ class SqlBase:
 
     async def _job(self, db: Database, queue: str, job_id: str) -> jobs_pb2.Job | None:
         """The job's run in `queue`, with the namespaces holding it."""
-        row = await db.one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
+        found = await self._run(db, queue, job_id)
+        return None if found is None else found[0]
+
+    async def _run(
+        self, db: Database, queue: str, job_id: str, more: str = ""
+    ) -> tuple[jobs_pb2.Job, Sequence[Any]] | None:
+        """The job's run in `queue` with the namespaces holding it, and the values of the columns `more`
+        lists (`, definition, …`), read by the same statement as the run."""
+        row = await db.one(f"SELECT {JOB_COLUMNS}{more} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
         if row is None:
             return None
         names = await db.all(
             "SELECT namespace FROM namespaces WHERE queue = ? AND job_id = ? ORDER BY namespace", queue, job_id
         )
-        return job_message(tuple(row), namespaces=[name[0] for name in names])
+        job = job_message(tuple(row[:_JOB_WIDTH]), namespaces=[name[0] for name in names])
+        return job, tuple(row[_JOB_WIDTH:])
 
     async def _current(self, db: Database, queue: str, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
         """The run as a transition left it: its definition (and `result`) but no history, which is
         enough to assign it and to tell watchers."""
-        job = await self._job(db, queue, job_id)
-        assert job is not None
-        (definition,) = await db.one("SELECT definition FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
+        found = await self._run(db, queue, job_id, ", definition")
+        assert found is not None
+        job, (definition,) = found
         return with_details(job, definition, result, b"")
 
     async def _details(self, db: Database, queue: str, job_id: str) -> jobs_pb2.Job | None:
@@ -119,10 +129,8 @@ class SqlBase:
             if row is None:
                 return None
             queue = row[0]
-        job = await self._job(db, queue, job_id)
-        if job is None:
+        found = await self._run(db, queue, job_id, ", definition, result, history")
+        if found is None:
             return None
-        definition, result, history = await db.one(
-            "SELECT definition, result, history FROM jobs WHERE queue = ? AND id = ?", queue, job_id
-        )
+        job, (definition, result, history) = found
         return with_details(job, definition, result, history)
