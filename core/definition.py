@@ -45,6 +45,11 @@ MAX_DEFINITION_BYTES = 8 * 1024 * 1024
 """Largest definition, inline inputs included."""
 MAX_BATCH_JOBS = 1000
 """Most jobs one `SubmitJobs` call takes."""
+MAX_RESULT_OUTPUTS = 4 * 1024 * 1024
+"""Most bytes a result's outputs may take (their names and inline contents or keys). A job's JSON
+holds its definition (at most `MAX_DEFINITION_BYTES`) and its result; Envoy buffers at most 16 MiB to
+transcode a response, and a gRPC client accepts 4 MiB unless told otherwise. The worker collects
+outputs within it; the server checks every result against it again."""
 
 
 class DefinitionError(ValueError):

@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 
-from jobwire.core.definition import MAX_BATCH_JOBS, DefinitionError, job_id, validate
+from jobwire.core.definition import MAX_BATCH_JOBS, MAX_RESULT_OUTPUTS, DefinitionError, job_id, validate
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus, Subscription
 from jobwire.server.errors import InvalidArgument, NotFound, Unavailable
@@ -37,10 +37,6 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 __all__ = ["Attempt", "Holder", "Scheduler", "check_queue", "job_url_view"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
-MAX_RESULT_OUTPUTS = 4 * 1024 * 1024
-"""Most bytes a result's outputs may take (names, inline contents, keys): the worker's own bound
-(`jobwire.worker.staging.MAX_RESULT`, which says why), checked again here, so that every route can
-serve any stored result."""
 
 
 class Scheduler:

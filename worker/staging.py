@@ -16,7 +16,7 @@ import httpx
 from google.protobuf import struct_pb2
 
 from jobwire.core import egress
-from jobwire.core.definition import DefinitionError, check_relative_path, inline_bytes, is_sha256
+from jobwire.core.definition import MAX_RESULT_OUTPUTS, DefinitionError, check_relative_path, inline_bytes, is_sha256
 from jobwire.files import FileClient, sha256_file
 from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import StagingError
@@ -24,17 +24,13 @@ from jobwire.worker.errors import StagingError
 DOWNLOAD_TRIES = 5
 READ_TIMEOUT = 60.0
 _OWN_BLOB = re.compile(r"/f/([0-9a-f]{64})")
-MAX_RESULT = 4 * 1024 * 1024
-"""Most bytes the outputs may take in a job's result (their names and inline contents or keys).
-A job's JSON holds its definition (at most 8 MiB) and its result; Envoy buffers at most 16 MiB to
-transcode a response, and a gRPC client accepts 4 MiB unless told otherwise. The server checks it
-again (`jobwire.server.scheduler.MAX_RESULT_OUTPUTS`); this count is never below the server's."""
 INLINE_BUDGET = 1024 * 1024
 """Most bytes of inline (base64) contents in a result; further small files are uploaded as blobs,
-which take a fixed `KEY_REF` each, so that many small outputs still fit `MAX_RESULT`."""
+which take a fixed `KEY_REF` each, so that many small outputs still fit `MAX_RESULT_OUTPUTS`."""
 RESULT_OVERHEAD = 24
 """Bytes an output takes in the result beyond its name and value (map entry, field tags and lengths,
-the DataRef's type), rounded up (22 measured for a 200-byte file inlined)."""
+the DataRef's type), rounded up (22 measured for a 200-byte file inlined), so that the worker's
+count is never below the server's check of the same bound."""
 KEY_REF = 128
 """Bytes of an uploaded output's value in the result: its SHA-256 as key and as hash."""
 
@@ -232,8 +228,9 @@ def _found(root: Path, limits: OutputLimits) -> list[tuple[Path, bytes | None]]:
         inline = size <= limits.inline and inlined + _base64_size(size) <= INLINE_BUDGET
         inlined += _base64_size(size) if inline else 0
         result += len(path.relative_to(root).as_posix()) + RESULT_OVERHEAD + (_base64_size(size) if inline else KEY_REF)
-        if result > MAX_RESULT:
-            raise StagingError(f"outputs too big for a result: their names and references pass {_human(MAX_RESULT)}")
+        if result > MAX_RESULT_OUTPUTS:
+            passed = _human(MAX_RESULT_OUTPUTS)
+            raise StagingError(f"outputs too big for a result: their names and references pass {passed}")
         found.append((path, path.read_bytes() if inline else None))
     return found
 
