@@ -226,9 +226,9 @@ class Scheduler:
         keep their leases until they expire)."""
         await self.store.remove_worker(worker_id, session=session)
 
-    async def gpus_needed(self, job_id: str) -> int:
-        """GPU devices the job needs (0 for a job the store no longer has)."""
-        job = await self.store.get_job(job_id)
+    async def gpus_needed(self, queue: str, job_id: str) -> int:
+        """GPU devices the job's run in `queue` needs (0 for a run the store no longer has)."""
+        job = await self.store.get_job(job_id, queue=queue)
         return job.definition.requirements.gpus if job is not None else 0
 
     def worker_messages(self, worker_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:

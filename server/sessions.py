@@ -70,7 +70,7 @@ class WorkerSession:
         stale = await self.scheduler.reconnect(self.holder, held)
         self.running = {a.job_id: a.attempt for a in held if a not in stale}
         for job_id in self.running:
-            self.gpus_used[job_id] = await self.scheduler.gpus_needed(job_id)
+            self.gpus_used[job_id] = await self.scheduler.gpus_needed(self.queue, job_id)
         await self._save_info()
         log.info(
             "worker %s connected to queue %r (%d slots)",
