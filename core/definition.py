@@ -75,6 +75,8 @@ def hash_blob(definition: definition_pb2.JobDefinition) -> dict[str, Any]:
         part = {k: v for k, v in source.get(name, {}).items() if k in fields and v is not None}
         if part:
             blob[name] = part
+    if isinstance(context := blob.get("build", {}).get("context"), str):
+        blob["build"]["context"] = without_credentials(context)  # a token is no part of what is built
     env = {k: v for k, v in source.get("env", {}).items() if not _parent_injected(k)}
     if env:
         blob["env"] = env
@@ -83,6 +85,34 @@ def hash_blob(definition: definition_pb2.JobDefinition) -> dict[str, Any]:
         if refs:
             blob[name] = refs
     return blob
+
+
+def has_build(definition: definition_pb2.JobDefinition) -> bool:
+    """True when the definition builds its image: `build` holds a field (`build: {}` is no build,
+    hashed as absent, as the seed does)."""
+    return definition.HasField("build") and definition.build.ByteSize() > 0
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+
+
+def without_credentials(url: str) -> str:
+    """`url` without its `user:token@` part (what a job id, a log line or a response may show)."""
+    return _USERINFO.sub(r"\1", url)
+
+
+def shown(definition: definition_pb2.JobDefinition) -> definition_pb2.JobDefinition:
+    """A copy of the definition as a response may show it: the credentials of its build context and
+    of its `url` inputs and config files removed (the worker is given the stored one)."""
+    copy = definition_pb2.JobDefinition()
+    copy.CopyFrom(definition)
+    if copy.build.HasField("context"):
+        copy.build.context = without_credentials(copy.build.context)
+    for refs in (copy.inputs, copy.config_files):
+        for ref in refs.values():
+            if ref.type == "url" and ref.value.WhichOneof("kind") == "string_value":
+                ref.value.string_value = without_credentials(ref.value.string_value)
+    return copy
 
 
 def _parent_injected(key: str) -> bool:
@@ -175,12 +205,12 @@ def check_files(definition: definition_pb2.JobDefinition) -> None:
         elif "\0" in path or ".." in path.split("/"):
             raise DefinitionError(f"configFiles: invalid path {path!r}")
         check_data_ref(ref, where=f"configFiles[{path!r}]")
-    if definition.HasField("build"):
+    if has_build(definition):
         _check_build(definition.build)
 
 
 def _check_shape(definition: definition_pb2.JobDefinition) -> None:
-    if not definition.image and not definition.HasField("build"):
+    if not definition.image and not has_build(definition):
         raise DefinitionError("definition needs an `image` (or a `build`)")
     if (size := definition.ByteSize()) > MAX_DEFINITION_BYTES:
         raise DefinitionError(f"the definition is {size} bytes, over the {MAX_DEFINITION_BYTES} byte limit")

@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 
-from jobwire.core.definition import MAX_BATCH_JOBS, MAX_RESULT_OUTPUTS, DefinitionError, job_id, validate
+from jobwire.core.definition import MAX_BATCH_JOBS, MAX_RESULT_OUTPUTS, DefinitionError, job_id, shown, validate
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus, Subscription
 from jobwire.server.errors import InvalidArgument, NotFound, Unavailable
@@ -41,7 +41,8 @@ _QUEUE_NAME_MAX = 256
 
 class Scheduler:
     """The domain core of the server and the one face its adapters (servicers, worker sessions) call:
-    they hold no store and no bus. Knows nothing of gRPC."""
+    they hold no store and no bus. Knows nothing of gRPC. Every job it returns to an adapter shows its
+    definition without credentials (`definition.shown`); only a worker's claim carries them."""
 
     def __init__(
         self,
@@ -84,7 +85,7 @@ class Scheduler:
             await self.bus.publish(topics.queue(queue), topics.work_notice(1))
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
             job.waiting_reason = await self.waiting_reason(job, definition.requirements.gpus)
-        return job
+        return _shown(job)
 
     async def submit_many(self, queue: str, requests: Sequence[jobs_pb2.SubmitJobRequest]) -> list[jobs_pb2.Job]:
         """`submit` of each request, in order, stored in one transaction: all or none (an invalid
@@ -107,7 +108,7 @@ class Scheduler:
             await self._submitted(job, queued, submission, requests[index].control, last[submission.namespace] == index)
         if count := sum(queued for _, queued in stored):
             await self.bus.publish(topics.queue(queue), topics.work_notice(count))
-        return [job for job, _ in stored]
+        return [_shown(job) for job, _ in stored]
 
     def _checked(
         self, definition: definition_pb2.JobDefinition, control: definition_pb2.JobControl, claimed_id: str
@@ -171,7 +172,7 @@ class Scheduler:
             raise NotFound(f"job {job_id} not found{where}")
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
             job.waiting_reason = await self.waiting_reason(job, job.definition.requirements.gpus)
-        return job
+        return _shown(job)
 
     async def waiting_reason(self, job: jobs_pb2.Job, needs: int) -> str:
         """Why a queued job (needing `needs` GPU devices) is not running yet, in words a person can act on."""
@@ -193,9 +194,13 @@ class Scheduler:
             return f"all {slots} slots of the {workers} worker(s) on {job.queue!r} are busy; {ahead} job(s) ahead"
         return f"waiting for a worker to take it; {ahead} job(s) ahead"
 
-    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
-        """A page of the queue's jobs after cursor `after`, and the next cursor (0: the last page)."""
-        return await self.store.list_jobs(queue, state=state, after=after, limit=limit)
+    async def list_jobs(self, queue: str, *, state: int, after: str, limit: int) -> tuple[list[jobs_pb2.Job], str]:
+        """A page of the queue's jobs after cursor `after` ('' first): live ones in queue order, then
+        the most recently finished; and the next cursor ('': the last page)."""
+        try:
+            return await self.store.list_jobs(queue, state=state, after=after, limit=limit)
+        except ValueError:
+            raise InvalidArgument("invalid page_token; pass the next_page_token of the previous page") from None
 
     async def queue_status(self, queue: str) -> jobs_pb2.GetQueueStatusResponse:
         """The queue's jobs counted by state, and its live workers."""
@@ -248,7 +253,7 @@ class Scheduler:
         if cancelled is None:
             raise NotFound(f"job {job_id} not found in queue {queue!r}")
         await self._after_end(cancelled, "cancelled by a client")
-        return cancelled.job
+        return _shown(cancelled.job)
 
     async def delete(self, queue: str, job_id: str) -> jobs_pb2.Job:
         """Delete the job's run in `queue` and its cached result; a running container is stopped.
@@ -258,7 +263,7 @@ class Scheduler:
         if deleted is None:
             raise NotFound(f"job {job_id} not found in queue {queue!r}")
         await self._after_end(deleted, "deleted by a client")
-        return deleted.job
+        return _shown(deleted.job)
 
     async def _after_end(self, ended: Cancelled, reason: str) -> None:
         await self.publish_job(ended.job)
@@ -364,6 +369,13 @@ class Scheduler:
         """Tell watchers of the job's run the new state (without definition, result logs and history)."""
         message = jobs_pb2.WatchJobResponse(job=job_summary(job))
         await self.bus.publish(topics.job(job.queue, job.id), message.SerializeToString())
+
+
+def _shown(job: jobs_pb2.Job) -> jobs_pb2.Job:
+    """The job as adapters may show it: its definition without credentials."""
+    if job.HasField("definition"):
+        job.definition.CopyFrom(shown(job.definition))
+    return job
 
 
 def _need_queue(queue: str, words: str) -> None:

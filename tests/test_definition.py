@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import json_format
 
 from jobwire.core.command import split_command
-from jobwire.core.definition import DefinitionError, canonical_json, job_id, js_number, validate
+from jobwire.core.definition import DefinitionError, canonical_json, has_build, job_id, js_number, shown, validate
 from jobwire.core.units import parse_duration, parse_size
 from jobwire.v1 import definition_pb2
 
@@ -110,3 +110,23 @@ def test_units() -> None:
     assert parse_size("2g") == 2 * 1024**3
     assert parse_size("1GB") == 1024**3
     assert parse_size("512m") == 512 * 1024**2
+
+
+def test_an_empty_build_is_no_build() -> None:
+    """`build: {}` hashes as absent (the seed's vector) and runs the image."""
+    definition = parse({"image": "alpine:3.18.5", "command": "ls", "build": {}})
+    validate(definition)
+    assert job_id(definition) == SEED_VECTORS[0][1]
+    assert not has_build(definition)
+
+
+def test_a_context_token_is_no_part_of_the_id_nor_of_what_is_shown() -> None:
+    repository = "https://github.com/owner/repo/tree/v1.2.3"
+    secret = "x-access-token:ghp_s3cret@"
+    with_token = parse({"build": {"context": repository.replace("//", f"//{secret}")}})
+    url_input = {"type": "url", "value": "https://user:pw@files.example/a.csv"}
+    with_token.inputs["a.csv"].CopyFrom(json_format.ParseDict(url_input, definition_pb2.DataRef()))
+    assert job_id(with_token) == job_id(parse({"build": {"context": repository}, "inputs": {"a.csv": url_input}}))
+    visible = json_format.MessageToJson(shown(with_token))
+    assert "s3cret" not in visible and "pw" not in visible and "files.example/a.csv" in visible
+    assert with_token.build.context.startswith(f"https://{secret}")  # the stored one keeps it for the worker

@@ -173,7 +173,7 @@ async def test_same_job_submitted_twice_is_one_job(store: StateStore) -> None:
     assert not queued
     assert again.id == first.id
     assert again.create_time == timestamp(T0)
-    jobs, _ = await store.list_jobs("q", state=0, after=0, limit=10)
+    jobs, _ = await store.list_jobs("q", state=0, after="", limit=10)
     assert [job.id for job in jobs] == [first.id]
     assert await store.queue_counts("q") == {QUEUED: 1}
     stored = await store.get_job(first.id)
@@ -729,9 +729,9 @@ async def test_logs_are_kept_per_kind_and_per_attempt(store: StateStore) -> None
 
 
 async def walk(store: StateStore, queue: str, *, state: int = 0, limit: int) -> list[list[str]]:
-    """Every page of the listing, following cursors until the store returns 0."""
+    """Every page of the listing, following cursors until the store returns ''."""
     pages: list[list[str]] = []
-    after = 0
+    after = ""
     while True:
         jobs, after = await store.list_jobs(queue, state=state, after=after, limit=limit)
         pages.append([job.id for job in jobs])
@@ -759,11 +759,26 @@ async def test_list_filters_by_state_across_pages(store: StateStore) -> None:
     assert await walk(store, "q", state=FINISHED, limit=2) == [[ids[0]]]
 
 
+async def test_list_live_jobs_in_queue_order_then_the_most_recently_finished(store: StateStore) -> None:
+    ids = [(await submit(store, n, now=T0 + n, namespace=f"ns{n}")).id for n in range(5)]
+    first, second = await claim(store), await claim(store)
+    await store.finish(attempt_of(second), holder(), result(), T0 + 10)
+    await store.finish(attempt_of(first), holder(), result(), T0 + 20)
+    third = await claim(store)  # running, behind nothing: queue order holds running and queued alike
+    assert third.id == ids[2]
+    pages = await walk(store, "q", limit=2)
+    assert pages == [[ids[2], ids[3]], [ids[4], ids[0]], [ids[1]]]
+    (listed, *_), _ = await store.list_jobs("q", state=0, after="", limit=10)
+    assert list(listed.namespaces) == ["ns2"]
+    with pytest.raises(ValueError, match="not a listing cursor"):
+        await store.list_jobs("q", state=0, after="nonsense", limit=10)
+
+
 async def test_listed_jobs_are_summaries(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w6"))
     await store.finish(running, holder("w6"), result(exit_code=2), T0 + 1)
-    (job,), _ = await store.list_jobs("q", state=0, after=0, limit=10)
+    (job,), _ = await store.list_jobs("q", state=0, after="", limit=10)
     assert (job.id, job.state, job.finish_reason, job.worker_id, job.attempt) == (
         running.job_id,
         FINISHED,

@@ -4,8 +4,10 @@ A built image is tagged by the SHA-256 of its build's canonical JSON and of its 
 bytes, so an identical build is done once per worker and no other build is ever served its image.
 Each step runs in the job network within the job's memory and CPUs, and its time counts against the
 job's time limit (worker/execution.py). Contexts are archives (tar, tar.gz or zip) named by a URL, or by `/f/KEY` (or a
-bare SHA-256 key) for an archive uploaded to the server's blob store; an archive whose root holds
-exactly one folder is unpacked from inside that folder, as GitHub archives are.
+bare SHA-256 key) for an archive uploaded to the server's blob store, or by a Git repository URL
+(`worker/repositories.py`: that ref's archive from the Git host); an archive whose root holds
+exactly one folder is unpacked from inside that folder, as GitHub archives are. Credentials in a
+context URL are used for its download only: never in a log line, an error or the image's tag.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+import httpx
 from google.protobuf import json_format, struct_pb2
 
-from jobwire.core.definition import canonical_json
+from jobwire.core.definition import canonical_json, without_credentials
 from jobwire.files import sha256_file
 from jobwire.v1 import definition_pb2
+from jobwire.worker import repositories
 from jobwire.worker.errors import BuildError
 from jobwire.worker.runtime import BuildSpec, ContainerRuntime
 from jobwire.worker.staging import Staging
@@ -38,7 +42,10 @@ def build_tag(build: definition_pb2.ImageBuild, context_digest: str = "") -> str
     the SHA-256 of its context archive's bytes (a blob context's key is that; a URL's is measured)."""
     if not context_digest and (match := _BLOB_CONTEXT.match(build.context)):
         context_digest = match[1]
-    canonical = canonical_json(json_format.MessageToDict(build, preserving_proto_field_name=False))
+    shown = json_format.MessageToDict(build, preserving_proto_field_name=False)
+    if "context" in shown:
+        shown["context"] = without_credentials(shown["context"])  # a token does not change the image
+    canonical = canonical_json(shown)
     keyed = hashlib.sha256(f"{canonical}\n{context_digest}".encode()).hexdigest()
     return f"{TAG_PREFIX}{keyed[:32]}:latest"
 
@@ -48,11 +55,17 @@ class Builder:
     within the job's memory, CPUs and pids."""
 
     def __init__(
-        self, runtime: ContainerRuntime, staging: Staging, directory: Path, limits: tuple[int, int, int, str]
+        self,
+        runtime: ContainerRuntime,
+        staging: Staging,
+        directory: Path,
+        limits: tuple[int, int, int, str],
+        git_archive_base: str = repositories.GITHUB,
     ) -> None:
-        """`limits`: the job's memory, CPUs (in billionths), pids and network, which each build step gets."""
+        """`limits`: the job's memory, CPUs (in billionths), pids and network, which each build step
+        gets; `git_archive_base`: where repository contexts' archives are fetched from."""
         self.runtime, self.staging, self.directory = runtime, staging, directory
-        self.limits = limits
+        self.limits, self.git_archive_base = limits, git_archive_base
 
     async def ensure_built(self, build: definition_pb2.ImageBuild, log: Callable[[str], object]) -> str:
         """The tag of the built image, building it unless an identical build is cached."""
@@ -91,13 +104,27 @@ class Builder:
         if not build.HasField("context"):
             return None
         archive = folder / "context.archive"
+        log(f"downloading the build context {without_credentials(build.context)}\n")
         if match := _blob(build):
             ref = definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=match[1]))
+        elif repository := repositories.repository(build.context, self.git_archive_base):
+            await self._download(repository.archives(self.git_archive_base), repository.auth, archive, log)
+            return archive
+        elif (url := without_credentials(build.context)) != build.context:
+            await self._download([url], repositories.credentials_only(build.context)[1], archive, log)
+            return archive
         else:
             ref = definition_pb2.DataRef(type="url", value=struct_pb2.Value(string_value=build.context))
-        log(f"downloading the build context {_without_credentials(build.context)}\n")
         await self.staging.write(ref, archive, "build context")
         return archive
+
+    async def _download(
+        self, urls: list[str], auth: httpx.BasicAuth | None, archive: Path, log: Callable[[str], object]
+    ) -> None:
+        """A context URL with credentials: fetched here, where they are sent but never shown."""
+        policy, most = self.staging.policy, self.staging.max_download
+        found = await repositories.download(urls, auth, archive, policy=policy, max_bytes=most, log=log)
+        log(f"fetched {found}\n")
 
     async def _context(self, build: definition_pb2.ImageBuild, folder: Path, archive: Path | None) -> Path:
         unpacked = folder / "context"
@@ -139,7 +166,3 @@ def _unpack(archive: Path, destination: Path) -> None:
 def _hoisted(folder: Path) -> Path:
     entries = list(folder.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
-
-
-def _without_credentials(url: str) -> str:
-    return re.sub(r"//[^/@]+@", "//", url)

@@ -14,6 +14,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from jobwire.core.command import split_command
+from jobwire.core.definition import has_build
 from jobwire.core.units import format_duration, parse_duration, parse_size, timestamp
 from jobwire.v1 import jobs_pb2, workers_pb2
 from jobwire.worker.builds import Builder
@@ -135,12 +136,12 @@ class Execution:
     async def _image(self, build_log: Callable[[str], None]) -> str:
         """The job's image: built (within the job's memory and CPUs, in the job network) or pulled."""
         definition = self.assignment.definition
-        if not definition.HasField("build"):
+        if not has_build(definition):
             await self.runtime.ensure_image(definition.image, build_log)
             return definition.image
         directory = self.settings.data_directory / "builds"
         limits = (self.memory(), self.nano_cpus(), self.settings.pids_limit, self.settings.job_network)
-        builder = Builder(self.runtime, self.staging, directory, limits)
+        builder = Builder(self.runtime, self.staging, directory, limits, self.settings.git_archive_base)
         return await builder.ensure_built(definition.build, build_log)
 
     def _make_folder(self, *folders: Path) -> None:

@@ -42,7 +42,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             after = _page_cursor(request.page_token)
             limit = min(max(request.page_size, 0) or _PAGE_DEFAULT, _PAGE_MAX)
             jobs, cursor = await self.scheduler.list_jobs(request.queue, state=request.state, after=after, limit=limit)
-            token = base64.urlsafe_b64encode(str(cursor).encode()).decode() if cursor else ""
+            token = base64.urlsafe_b64encode(cursor.encode()).decode() if cursor else ""
             return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.GetJobResponse:
@@ -135,8 +135,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, ref: definition_pb2.DataRef, path: str, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         kind = ref.type or "utf8"
-        if kind == "url":
-            raise NotFound(f"{path!r} is a URL reference: {ref.value.string_value}")
+        if kind == "url":  # a redirect: the bytes never pass through (or are fetched by) the server
+            if not is_rest(context):
+                raise NotFound(f"{path!r} is a URL reference: fetch {ref.value.string_value}")
+            await context.send_initial_metadata(transfers.redirect(ref.value.string_value))
+            yield httpbody_pb2.HttpBody(content_type=transfers.content_type(path))
+            return
         disposition = ("content-disposition", transfers.attachment(path.rpartition("/")[2]))
         if kind == "key":
             key = ref.value.string_value
@@ -212,10 +216,8 @@ def _cursor(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
-def _page_cursor(token: str) -> int:
-    if not token:
-        return 0
+def _page_cursor(token: str) -> str:
     try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
+        return base64.urlsafe_b64decode(token.encode()).decode()
     except ValueError:
         raise InvalidArgument("invalid page_token; pass the next_page_token of the previous page") from None

@@ -154,8 +154,10 @@ class StateStore(CredentialStore, Protocol):
         """The job's run in `queue` with definition, result and history; None if unknown. Without a
         queue: the run most recently finished, else the one most recently changed (`JOB_RUN_ORDER`)."""
 
-    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
-        """A page of the queue's jobs in submission order after cursor `after`; the next cursor or 0."""
+    async def list_jobs(self, queue: str, *, state: int, after: str, limit: int) -> tuple[list[jobs_pb2.Job], str]:
+        """A page of the queue's runs after cursor `after` ('' first) with their namespaces: the live
+        ones (queued, running) in queue order, then the finished ones, the most recently finished
+        first; the next cursor, or '' after the last page. ValueError for a cursor it never gave."""
 
     async def claim(
         self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1

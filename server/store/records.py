@@ -15,6 +15,39 @@ from jobwire.server.store.transitions import FINISHED, RUNNING
 from jobwire.v1 import jobs_pb2
 
 LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
+_LISTED = (
+    f"SELECT q.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
+    " FROM queue_jobs q JOIN jobs j ON j.queue = q.queue AND j.id = q.job_id"
+)
+
+
+def _listing_cursor(after: str) -> tuple[bool, float, int]:
+    """(in the live part, the finish time and the queue position of the last run listed): `L:SEQ`
+    in the live part, `F:TIME:SEQ` in the finished part, '' at the start."""
+    if not after:
+        return True, 0.0, 0
+    part, _, rest = after.partition(":")
+    if part == "L":
+        return True, 0.0, int(rest)
+    if part == "F":
+        mark, _, seq = rest.partition(":")
+        return False, float(mark), int(seq)
+    raise ValueError(f"not a listing cursor: {after!r}")
+
+
+async def _namespaces(db: Any, queue: str, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    """The namespaces holding each of the queue's runs `job_ids`."""
+    if not job_ids:
+        return {}
+    found: dict[str, list[str]] = {}
+    for job_id, namespace in await db.all(
+        f"SELECT job_id, namespace FROM namespaces WHERE queue = ? AND job_id IN ({', '.join('?' * len(job_ids))})"
+        " ORDER BY job_id, namespace",
+        queue,
+        *job_ids,
+    ):
+        found.setdefault(job_id, []).append(namespace)
+    return found
 
 
 class SqlStore(Lifecycle):
@@ -28,19 +61,33 @@ class SqlStore(Lifecycle):
         async with self._reading() as db:
             return await self._details(db, queue, job_id)
 
-    async def list_jobs(self, queue: str, *, state: int, after: int, limit: int) -> tuple[list[jobs_pb2.Job], int]:
-        where = "q.queue = ? AND q.seq > ?" + (" AND j.state = ?" if state else "")
-        args: list[Any] = [queue, after] + ([state] if state else [])
+    async def list_jobs(self, queue: str, *, state: int, after: str, limit: int) -> tuple[list[jobs_pb2.Job], str]:
+        """Live runs (queued, running) in queue order, then finished ones, the most recently finished
+        first; each with its namespaces. Raises ValueError for a cursor this listing never gave."""
+        live, mark, seq = _listing_cursor(after)
+        rows: list[Any] = []
         async with self._reading() as db:
-            rows = await db.all(
-                f"SELECT q.seq, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
-                f" FROM queue_jobs q JOIN jobs j ON j.queue = q.queue AND j.id = q.job_id WHERE {where}"
-                " ORDER BY q.seq LIMIT ?",
-                *args,
-                limit + 1,
-            )
-        jobs = [job_message(tuple(row)[1:], namespaces=[]) for row in rows[:limit]]
-        return jobs, (rows[limit - 1][0] if len(rows) > limit else 0)
+            if live and state != FINISHED:
+                states = [state] if state else [transitions.QUEUED, RUNNING]
+                rows += await db.all(
+                    f"{_LISTED} WHERE q.queue = ? AND q.seq > ? AND j.state IN ({', '.join('?' * len(states))})"
+                    " ORDER BY q.seq LIMIT ?",
+                    *(queue, seq, *states, limit + 1),
+                )
+            if len(rows) <= limit and state in (0, FINISHED):
+                since = "" if live else " AND (j.update_time < ? OR (j.update_time = ? AND q.seq < ?))"
+                rows += await db.all(
+                    f"{_LISTED} WHERE q.queue = ? AND j.state = ?{since} ORDER BY j.update_time DESC, q.seq DESC"
+                    " LIMIT ?",
+                    *(queue, FINISHED, *(() if live else (mark, mark, seq)), limit + 1 - len(rows)),
+                )
+            names = await _namespaces(db, queue, [row[2] for row in rows[:limit]])
+        jobs = [job_message(tuple(row)[2:], namespaces=names.get(row[2], [])) for row in rows[:limit]]
+        if len(rows) <= limit:
+            return jobs, ""
+        last = rows[limit - 1]
+        finished = last[3] == FINISHED  # (seq, update_time, id, state, …)
+        return jobs, f"F:{last[1]!r}:{last[0]}" if finished else f"L:{last[0]}"
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         async with self._transaction() as db:
