@@ -397,3 +397,27 @@ async def test_openapi_document_lists_every_route(rest: httpx.AsyncClient) -> No
     assert submit["operationId"] == "JobService_SubmitJob"
     assert [p["name"] for p in submit["parameters"]] == ["queue", "body"]
     assert document["definitions"]["jobwire.v1.Job"]["properties"]["createTime"]["format"] == "date-time"
+
+
+async def test_listing_shows_namespaces_live_jobs_first(rest: httpx.AsyncClient, world: World) -> None:
+    waiting = await queued_job(rest, world.queue, "listed-ns")
+    listing = (await rest.get(f"/q/{world.queue}")).json()["jobs"]
+    assert [job["id"] for job in listing][:2] == [waiting, world.job_id]  # the live job before the finished one
+    assert listing[0]["namespaces"] == ["listed-ns"] and listing[1]["namespaces"] == ["_"]
+    first = (await rest.get(f"/q/{world.queue}", params={"pageSize": 1})).json()
+    second = (await rest.get(f"/q/{world.queue}", params={"pageSize": 1, "pageToken": first["nextPageToken"]})).json()
+    assert [first["jobs"][0]["id"], second["jobs"][0]["id"]] == [waiting, world.job_id]
+    finished = (await rest.get(f"/q/{world.queue}", params={"state": "JOB_STATE_FINISHED"})).json()["jobs"]
+    assert [job["id"] for job in finished] == [world.job_id]
+
+
+async def test_a_url_input_redirects_to_its_bytes(rest: httpx.AsyncClient, world: World) -> None:
+    blob = f"url input {world.queue}".encode()
+    key = hashlib.sha256(blob).hexdigest()
+    assert (await rest.put(f"/f/{key}", content=blob)).status_code == 200
+    url = f"{str(rest.base_url).rstrip('/')}/f/{key}"
+    body = {"definition": {"image": BUSYBOX, "inputs": {"data/in.bin": {"type": "url", "value": url}}}}
+    job_id = (await rest.post(f"/q/{world.idle}", json=body)).json()["jobId"]
+    response = await rest.get(f"/j/{job_id}/inputs/data/in.bin")
+    assert (response.status_code, response.headers["location"]) == (302, url)
+    assert (await rest.get(f"/j/{job_id}/inputs/data/in.bin", follow_redirects=True)).content == blob
