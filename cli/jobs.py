@@ -39,6 +39,7 @@ async def add(
     namespace: str | None = None,
     build_file: Path | None = None,
     context: Path | None = None,
+    git: Annotated[str | None, Parameter(name=["--git", "-r"])] = None,
     wait: Annotated[bool, Parameter(name=["--wait", "-w"], negative="")] = False,
     outputs: Outputs = Path("./outputs"),
     exit_code: ExitCode = False,
@@ -69,6 +70,11 @@ async def add(
         A Dockerfile to build the image from (its contents go into the definition).
     context
         A folder to use as the build context (packed reproducibly and uploaded).
+    git
+        A Git repository to build the image from: `https://github.com/OWNER/REPO`, optionally
+        `/tree/REF` or `/commit/SHA` (default `main`, then `master`); `https://TOKEN@github.com/…`
+        for a private one (the token is used for the download only: it is no part of the job id
+        and no answer shows it; it is visible in this machine's process list while the CLI runs).
     wait
         Follow the job: print its logs live, then write its outputs to --outputs.
     outputs
@@ -77,7 +83,7 @@ async def add(
         With --wait: exit with the container's exit code.
     """
     base, stdin_namespace = stdin_definition() if definition == "-" else (None, None)
-    options = submit_options(base, image, file, command, env, gpus, max_duration, build_file, context)
+    options = submit_options(base, image, file, command, env, gpus, max_duration, build_file, context, git)
     namespace = namespace if namespace is not None else stdin_namespace
     if namespace is not None:
         options["namespace"] = namespace

@@ -55,10 +55,13 @@ def submit_options(
     max_duration: str | None,
     build_file: Path | None,
     context: Path | None,
+    git: str | None = None,
 ) -> SubmitOptions:
     """The SDK's submit options from the flags (only those given, so a stdin definition keeps its own)."""
     options: SubmitOptions = {}
-    built = bool(base and ("image" in base or "build" in base)) or build_file is not None or context is not None
+    built = bool(base and ("image" in base or "build" in base)) or any(
+        given is not None for given in (build_file, context, git)
+    )
     if image or not built:
         options["image"] = image or DEFAULT_IMAGE  # the seed's default
     if files:
@@ -71,6 +74,12 @@ def submit_options(
         options["gpus"] = gpus
     if max_duration is not None:
         options["max_duration"] = max_duration
+    _add_build(options, build_file, context, git)
+    return options
+
+
+def _add_build(options: SubmitOptions, build_file: Path | None, context: Path | None, git: str | None) -> None:
+    """The build flags: a Dockerfile's contents, a local context folder or a Git repository."""
     if build_file is not None:
         try:
             options["dockerfile"] = build_file.read_text()
@@ -78,7 +87,8 @@ def submit_options(
             raise InvalidDefinition(f"cannot read --build-file {build_file}: {error.strerror}") from None
     if context is not None:
         options["context"] = context
-    return options
+    if git is not None:
+        options["git"] = git
 
 
 def _pair(text: str) -> tuple[str, str]:

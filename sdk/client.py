@@ -50,6 +50,10 @@ class SubmitOptions(TypedDict, total=False):
     """Dockerfile contents; the worker builds the image from it (and the `context`)."""
     context: str | os.PathLike[str]
     """A local folder, packed (reproducibly) and uploaded as the build context (`/f/KEY`)."""
+    git: str
+    """A Git repository as the build context: `https://[user:token@]github.com/OWNER/REPO[.git]`,
+    optionally `/tree/REF` or `/commit/SHA` (default branch `main`, then `master`); the worker fetches
+    that ref's archive. A token is used for the download only, never part of the job id or shown."""
     progress: Progress
 
 
@@ -238,4 +242,10 @@ def _definition(definition: Definition | None, options: SubmitOptions) -> defini
         built.requirements.gpus = options["gpus"]
     if "dockerfile" in options:
         built.build.dockerfile = options["dockerfile"]
+    if "git" in options:
+        if "context" in options:
+            raise InvalidDefinition(
+                "give a build context as a local folder (`context`) or a repository (`git`), not both"
+            )
+        built.build.context = options["git"]
     return built

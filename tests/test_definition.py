@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
+from jobwire.cli.submission import submit_options
+from jobwire.client import _definition
 from jobwire.core.command import split_command
 from jobwire.core.definition import DefinitionError, canonical_json, has_build, job_id, js_number, shown, validate
 from jobwire.core.units import parse_duration, parse_size
@@ -130,3 +132,13 @@ def test_a_context_token_is_no_part_of_the_id_nor_of_what_is_shown() -> None:
     visible = json_format.MessageToJson(shown(with_token))
     assert "s3cret" not in visible and "pw" not in visible and "files.example/a.csv" in visible
     assert with_token.build.context.startswith(f"https://{secret}")  # the stored one keeps it for the worker
+
+
+def test_git_flag_builds_from_the_repository() -> None:
+    """`jobwire job add --git URL`: the repository is the build context, and no default image is added."""
+    repository = "https://github.com/owner/repo/tree/v1.2.3"
+    options = submit_options(None, "", None, "cat /ref.txt", None, None, None, None, None, repository)
+    assert "image" not in options
+    built = _definition(None, options)
+    validate(built)
+    assert (built.build.context, built.HasField("image")) == (repository, False)

@@ -120,10 +120,10 @@ class WorkerSettings:
     max_download_size: Annotated[int, SIZE] = 10 * 1024**3
     """Largest `url` input or build context the worker fetches."""
     git_archive_base: str = "https://github.com"
-    """Where a build context naming a Git repository (`https://[user:token@]github.com/OWNER/REPO
-    [/tree/REF]`, or a repository on this base's own host) is fetched from, as the archive of its ref
-    (`OWNER/REPO/archive/refs/heads/REF.zip`, then `OWNER/REPO/archive/REF.zip`): GitHub's by
-    default; a GitHub Enterprise or any Git host serving archives the same way."""
+    """Where a build context naming a Git repository (`https://[user:token@]github.com/OWNER/REPO`,
+    optionally `/tree/REF`, or a repository on this base's own host) is fetched from as the archive
+    of its ref (`OWNER/REPO/archive/refs/heads/REF.zip`, then `OWNER/REPO/archive/REF.zip`): GitHub's
+    by default; a GitHub Enterprise or any Git host serving archives the same way."""
 
     def job_memory_default(self) -> int:
         """A job's memory share: `default_memory`, else the machine's physical memory per slot."""
