@@ -234,7 +234,14 @@ class ImageBuild(_message.Message):
     BUILD_ARGS_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     context: _builtins.str
-    """URL of an archive (tar.gz or zip) holding the build context."""
+    """The build context: the URL of an archive (tar, tar.gz or zip), `/f/KEY`
+    for an uploaded one, or a Git repository,
+    `https://[user:token@]github.com/OWNER/REPO[.git]` optionally followed by
+    `/tree/REF` or `/commit/SHA` (default branch `main`, then `master`), which
+    the worker fetches as that ref's archive. Credentials in the URL are used
+    for the download only: they are no part of the job id, and no response or
+    log shows them.
+    """
     build_context: _builtins.str
     """Sub-folder of the context used as the build context (default `.`)."""
     filename: _builtins.str

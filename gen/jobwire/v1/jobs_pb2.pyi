@@ -633,7 +633,10 @@ class ListJobsResponse(_message.Message):
     """Pass as `page_token` for the next page; empty on the last page."""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
-        """The jobs, oldest first, without definition, result and history."""
+        """The jobs, live ones (queued, running) in queue order, then finished ones,
+        the most recently finished first; each with its `namespaces`, without
+        definition, result and history.
+        """
 
     def __init__(
         self,

@@ -154,7 +154,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists a queue's jobs, oldest first, one page at a time.
+        """Lists a queue's jobs one page at a time: the live ones (queued, running)
+        in queue order, then the finished ones, the most recently finished first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,7 +224,9 @@ class JobServiceServicer:
     def GetJobInput(self, request, context):
         """Serves one input file of a job (nested paths allowed). With blobs in S3
         (`jobwire server --blobs s3://…`) a REST request for a file stored by
-        key is answered with `302 Found` to a presigned URL of the bucket.
+        key is answered with `302 Found` to a presigned URL of the bucket. A `url`
+        input is answered (REST) with `302 Found` to its URL, without credentials:
+        its bytes never pass through the server (over gRPC: NOT_FOUND naming it).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

@@ -53,7 +53,9 @@ class JobServiceStub:
     one call instead of one per job.
     """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
-    """Lists a queue's jobs, oldest first, one page at a time."""
+    """Lists a queue's jobs one page at a time: the live ones (queued, running)
+    in queue order, then the finished ones, the most recently finished first.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     """Gets a job: state, definition, result and history.
 
@@ -92,7 +94,9 @@ class JobServiceStub:
     GetJobInput: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetJobInputRequest, _httpbody_pb2.HttpBody]
     """Serves one input file of a job (nested paths allowed). With blobs in S3
     (`jobwire server --blobs s3://…`) a REST request for a file stored by
-    key is answered with `302 Found` to a presigned URL of the bucket.
+    key is answered with `302 Found` to a presigned URL of the bucket. A `url`
+    input is answered (REST) with `302 Found` to its URL, without credentials:
+    its bytes never pass through the server (over gRPC: NOT_FOUND naming it).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -151,7 +155,9 @@ class JobServiceAsyncStub(JobServiceStub):
     one call instead of one per job.
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists a queue's jobs, oldest first, one page at a time."""
+    """Lists a queue's jobs one page at a time: the live ones (queued, running)
+    in queue order, then the finished ones, the most recently finished first.
+    """
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     """Gets a job: state, definition, result and history.
 
@@ -190,7 +196,9 @@ class JobServiceAsyncStub(JobServiceStub):
     GetJobInput: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetJobInputRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Serves one input file of a job (nested paths allowed). With blobs in S3
     (`jobwire server --blobs s3://…`) a REST request for a file stored by
-    key is answered with `302 Found` to a presigned URL of the bucket.
+    key is answered with `302 Found` to a presigned URL of the bucket. A `url`
+    input is answered (REST) with `302 Found` to its URL, without credentials:
+    its bytes never pass through the server (over gRPC: NOT_FOUND naming it).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -264,7 +272,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ListJobsResponse, _abc.Awaitable[_jobs_pb2.ListJobsResponse]]:
-        """Lists a queue's jobs, oldest first, one page at a time."""
+        """Lists a queue's jobs one page at a time: the live ones (queued, running)
+        in queue order, then the finished ones, the most recently finished first.
+        """
 
     @_abc_1.abstractmethod
     def GetJob(
@@ -345,7 +355,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
         """Serves one input file of a job (nested paths allowed). With blobs in S3
         (`jobwire server --blobs s3://…`) a REST request for a file stored by
-        key is answered with `302 Found` to a presigned URL of the bucket.
+        key is answered with `302 Found` to a presigned URL of the bucket. A `url`
+        input is answered (REST) with `302 Found` to its URL, without credentials:
+        its bytes never pass through the server (over gRPC: NOT_FOUND naming it).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

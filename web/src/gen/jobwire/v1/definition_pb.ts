@@ -149,7 +149,13 @@ export const JobDefinitionSchema: GenMessage<JobDefinition> = /*@__PURE__*/
  */
 export type ImageBuild = Message<"jobwire.v1.ImageBuild"> & {
   /**
-   * URL of an archive (tar.gz or zip) holding the build context.
+   * The build context: the URL of an archive (tar, tar.gz or zip), `/f/KEY`
+   * for an uploaded one, or a Git repository,
+   * `https://[user:token@]github.com/OWNER/REPO[.git]` optionally followed by
+   * `/tree/REF` or `/commit/SHA` (default branch `main`, then `master`), which
+   * the worker fetches as that ref's archive. Credentials in the URL are used
+   * for the download only: they are no part of the job id, and no response or
+   * log shows them.
    *
    * @generated from field: optional string context = 1;
    */

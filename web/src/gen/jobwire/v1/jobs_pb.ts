@@ -502,7 +502,9 @@ export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
  */
 export type ListJobsResponse = Message<"jobwire.v1.ListJobsResponse"> & {
   /**
-   * The jobs, oldest first, without definition, result and history.
+   * The jobs, live ones (queued, running) in queue order, then finished ones,
+   * the most recently finished first; each with its `namespaces`, without
+   * definition, result and history.
    *
    * @generated from field: repeated jobwire.v1.Job jobs = 1;
    */
@@ -1640,7 +1642,8 @@ export const JobService: GenService<{
     output: typeof SubmitJobsResponseSchema;
   },
   /**
-   * Lists a queue's jobs, oldest first, one page at a time.
+   * Lists a queue's jobs one page at a time: the live ones (queued, running)
+   * in queue order, then the finished ones, the most recently finished first.
    *
    * @generated from rpc jobwire.v1.JobService.ListJobs
    */
@@ -1730,7 +1733,9 @@ export const JobService: GenService<{
   /**
    * Serves one input file of a job (nested paths allowed). With blobs in S3
    * (`jobwire server --blobs s3://…`) a REST request for a file stored by
-   * key is answered with `302 Found` to a presigned URL of the bucket.
+   * key is answered with `302 Found` to a presigned URL of the bucket. A `url`
+   * input is answered (REST) with `302 Found` to its URL, without credentials:
+   * its bytes never pass through the server (over gRPC: NOT_FOUND naming it).
    * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
    * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
    *
