@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from jobwire.server.store import credentials, runs
+from jobwire.server.store import credentials, records, runs
 from jobwire.server.store.database import Database, postgres_sql
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, worker_columns
@@ -150,6 +150,8 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
     # 8: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
     # (as SQLite's migration 11; see runs).
     runs.split_postgres,
+    # 9: a queue's listing reads its running runs and its finished ones by time from indexes (as SQLite's migration 12).
+    records.LISTING_INDEXES,
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""

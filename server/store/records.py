@@ -17,22 +17,50 @@ from jobwire.v1 import jobs_pb2
 LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
 _LISTED = (
     f"SELECT q.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
-    " FROM queue_jobs q JOIN jobs j ON j.queue = q.queue AND j.id = q.job_id"
+    " FROM jobs j JOIN queue_jobs q ON q.queue = j.queue AND q.job_id = j.id"
 )
+LISTING_INDEXES = (
+    f"CREATE INDEX jobs_running_by_queue ON jobs (queue) WHERE state = {RUNNING};"
+    f" CREATE INDEX jobs_finished_by_queue ON jobs (queue, update_time, id) WHERE state = {FINISHED}"
+)
+"""What a listing page reads by: a queue's running runs, its finished ones by time (its queued ones
+are `waiting`, in queue order). The states are literals in the index and in the statements, so that
+both databases use these partial indexes."""
 
 
-def _listing_cursor(after: str) -> tuple[bool, float, int]:
-    """(in the live part, the finish time and the queue position of the last run listed): `L:SEQ`
-    in the live part, `F:TIME:SEQ` in the finished part, '' at the start."""
+def _listing_cursor(after: str) -> tuple[bool, float, str, int]:
+    """(in the live part, the finish time and id, the queue position): of the last run listed,
+    `L:SEQ` in the live part, `F:TIME:ID` in the finished part, '' at the start."""
     if not after:
-        return True, 0.0, 0
+        return True, 0.0, "", 0
     part, _, rest = after.partition(":")
     if part == "L":
-        return True, 0.0, int(rest)
+        return True, 0.0, "", int(rest)
     if part == "F":
-        mark, _, seq = rest.partition(":")
-        return False, float(mark), int(seq)
+        mark, _, job_id = rest.partition(":")
+        return False, float(mark), job_id, 0
     raise ValueError(f"not a listing cursor: {after!r}")
+
+
+async def _live_page(db: Any, queue: str, state: int, seq: int, count: int) -> list[Any]:
+    """Up to `count` of the queue's queued and running runs (or those of `state`) after position
+    `seq`, in queue order: the queued ones from `waiting`, the running ones (few: a slot each) beside."""
+    rows: list[Any] = []
+    if state in (0, transitions.QUEUED):
+        rows += await db.all(
+            f"SELECT w.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
+            " FROM waiting w JOIN jobs j ON j.queue = w.queue AND j.id = w.job_id"
+            " WHERE w.queue = ? AND w.seq > ? ORDER BY w.seq LIMIT ?",
+            *(queue, seq, count),
+        )
+    if state in (0, RUNNING):
+        rows += await db.all(  # CROSS JOIN: SQLite reads the running rows first, not the queue's every row
+            f"SELECT q.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
+            " FROM jobs j CROSS JOIN queue_jobs q WHERE q.queue = j.queue AND q.job_id = j.id"
+            f" AND j.queue = ? AND j.state = {RUNNING} AND q.seq > ? ORDER BY q.seq LIMIT ?",
+            *(queue, seq, count),
+        )
+    return sorted(rows, key=lambda row: int(row[0]))[:count]
 
 
 async def _namespaces(db: Any, queue: str, job_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -64,30 +92,24 @@ class SqlStore(Lifecycle):
     async def list_jobs(self, queue: str, *, state: int, after: str, limit: int) -> tuple[list[jobs_pb2.Job], str]:
         """Live runs (queued, running) in queue order, then finished ones, the most recently finished
         first; each with its namespaces. Raises ValueError for a cursor this listing never gave."""
-        live, mark, seq = _listing_cursor(after)
+        live, mark, last_id, seq = _listing_cursor(after)
         rows: list[Any] = []
         async with self._reading() as db:
             if live and state != FINISHED:
-                states = [state] if state else [transitions.QUEUED, RUNNING]
-                rows += await db.all(
-                    f"{_LISTED} WHERE q.queue = ? AND q.seq > ? AND j.state IN ({', '.join('?' * len(states))})"
-                    " ORDER BY q.seq LIMIT ?",
-                    *(queue, seq, *states, limit + 1),
-                )
+                rows = await _live_page(db, queue, state, seq, limit + 1)
             if len(rows) <= limit and state in (0, FINISHED):
-                since = "" if live else " AND (j.update_time < ? OR (j.update_time = ? AND q.seq < ?))"
+                since = "" if live else " AND (j.update_time < ? OR (j.update_time = ? AND j.id < ?))"
                 rows += await db.all(
-                    f"{_LISTED} WHERE q.queue = ? AND j.state = ?{since} ORDER BY j.update_time DESC, q.seq DESC"
-                    " LIMIT ?",
-                    *(queue, FINISHED, *(() if live else (mark, mark, seq)), limit + 1 - len(rows)),
+                    f"{_LISTED} WHERE j.queue = ? AND j.state = {FINISHED}{since}"
+                    " ORDER BY j.update_time DESC, j.id DESC LIMIT ?",
+                    *(queue, *(() if live else (mark, mark, last_id)), limit + 1 - len(rows)),
                 )
             names = await _namespaces(db, queue, [row[2] for row in rows[:limit]])
         jobs = [job_message(tuple(row)[2:], namespaces=names.get(row[2], [])) for row in rows[:limit]]
         if len(rows) <= limit:
             return jobs, ""
-        last = rows[limit - 1]
-        finished = last[3] == FINISHED  # (seq, update_time, id, state, …)
-        return jobs, f"F:{last[1]!r}:{last[0]}" if finished else f"L:{last[0]}"
+        seq, update_time, job_id, job_state = rows[limit - 1][:4]
+        return jobs, f"F:{update_time!r}:{job_id}" if job_state == FINISHED else f"L:{seq}"
 
     async def add_webhook(self, hook: Webhook, *, armed: bool, now: float) -> None:
         async with self._transaction() as db:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jobwire.server.store import credentials, runs
+from jobwire.server.store import credentials, records, runs
 from jobwire.server.store.base import Holder
 from jobwire.server.store.database import Database, sqlite_sql
 from jobwire.server.store.records import SqlStore
@@ -136,6 +136,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 11: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
     # (see runs: results count only in the queue where they ran).
     runs.split_sqlite,
+    # 12: a queue's listing reads its running runs and its finished ones by time from indexes.
+    records.LISTING_INDEXES,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
