@@ -93,12 +93,13 @@ def has_build(definition: definition_pb2.JobDefinition) -> bool:
     return definition.HasField("build") and definition.build.ByteSize() > 0
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]*@")
 
 
-def without_credentials(url: str) -> str:
-    """`url` without its `user:token@` part (what a job id, a log line or a response may show)."""
-    return _USERINFO.sub(r"\1", url)
+def without_credentials(text: str) -> str:
+    """`text` (a URL, or a message naming URLs) without their `user:token@` parts: what a job id,
+    a log line, an error or a response may show."""
+    return _USERINFO.sub(r"\1", text)
 
 
 def shown(definition: definition_pb2.JobDefinition) -> definition_pb2.JobDefinition:

@@ -1,10 +1,20 @@
-"""Git repository URLs as build contexts: which URLs are repositories, and the archives tried."""
+"""Git repository URLs as build contexts (which URLs are repositories, the archives tried), and
+credentials in URLs kept out of errors."""
 
 from __future__ import annotations
 
-import pytest
+import socket
+from pathlib import Path
+from typing import cast
 
-from jobwire.worker.errors import BuildError
+import pytest
+from google.protobuf import struct_pb2
+
+from jobwire.core.egress import Policy
+from jobwire.files import FileClient
+from jobwire.v1 import definition_pb2
+from jobwire.worker import staging
+from jobwire.worker.errors import BuildError, StagingError
 from jobwire.worker.repositories import GITHUB, repository
 
 
@@ -62,3 +72,18 @@ def test_the_bases_own_host_is_a_git_host() -> None:
 def test_an_unusable_ref_is_a_build_error(ref: str) -> None:
     with pytest.raises(BuildError, match="names no usable Git ref"):
         repository(f"https://tok@github.com/o/r/tree/{ref}")
+
+
+async def test_a_url_inputs_credentials_are_in_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `url` input with `user:token@` that fails to download: the job's error names the URL without them."""
+    monkeypatch.setattr(staging, "DOWNLOAD_TRIES", 1)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: the connection is refused
+    port = closed.getsockname()[1]
+    url = f"http://user:tok3n@127.0.0.1:{port}/data.csv"
+    ref = definition_pb2.DataRef(type="url", value=struct_pb2.Value(string_value=url))
+    stage = staging.Staging(cast(FileClient, None), tmp_path / "cache", policy=Policy(("127.0.0.1",)))
+    with pytest.raises(StagingError) as failed:
+        await stage.write(ref, tmp_path / "data.csv", "data.csv")
+    closed.close()
+    assert f"http://127.0.0.1:{port}/data.csv" in str(failed.value) and "tok3n" not in str(failed.value)

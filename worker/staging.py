@@ -16,7 +16,14 @@ import httpx
 from google.protobuf import struct_pb2
 
 from jobwire.core import egress
-from jobwire.core.definition import MAX_RESULT_OUTPUTS, DefinitionError, check_relative_path, inline_bytes, is_sha256
+from jobwire.core.definition import (
+    MAX_RESULT_OUTPUTS,
+    DefinitionError,
+    check_relative_path,
+    inline_bytes,
+    is_sha256,
+    without_credentials,
+)
 from jobwire.files import FileClient, sha256_file
 from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import StagingError
@@ -114,8 +121,8 @@ class Staging:
             raise
         except egress.EgressRefused as error:
             raise StagingError(f"input {name!r}: {error}") from None
-        except Exception as error:
-            raise StagingError(f"input {name!r}: {type(error).__name__}: {error}") from None
+        except Exception as error:  # a message naming a URL names it without its credentials
+            raise StagingError(f"input {name!r}: {type(error).__name__}: {without_credentials(str(error))}") from None
 
     async def _cached(self, key: str, destination: Path, fetch: Callable[[str, Path], Awaitable[None]]) -> None:
         """Hard-link from the cache when `key` is a SHA-256 we hold; fetch (and cache) otherwise."""
@@ -176,8 +183,9 @@ class Staging:
                         error = failure
                         await asyncio.sleep(1)
         except TimeoutError:
-            raise StagingError(f"download of {url} took longer than {self.download_time:.0f} s") from None
-        raise StagingError(f"download of {url} failed after {DOWNLOAD_TRIES} tries: {error}")
+            shown = without_credentials(url)
+            raise StagingError(f"download of {shown} took longer than {self.download_time:.0f} s") from None
+        raise StagingError(without_credentials(f"download of {url} failed after {DOWNLOAD_TRIES} tries: {error}"))
 
     async def _get(self, url: str, destination: Path) -> None:
         async with (
@@ -185,7 +193,7 @@ class Staging:
             client.stream("GET", url, headers={"accept-encoding": "identity"}) as response,
         ):
             response.raise_for_status()
-            too_big = StagingError(f"download of {url} is larger than {self.max_download} bytes")
+            too_big = StagingError(f"download of {without_credentials(url)} is larger than {self.max_download} bytes")
             if int(response.headers.get("content-length") or 0) > self.max_download:
                 raise too_big
             written = 0
