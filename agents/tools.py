@@ -20,12 +20,11 @@ from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobwire.agents.views import job_view, log_text, output_link
 from jobwire.client import Client, SubmitOptions
 from jobwire.errors import JobNotFound, JobwireError, translate
 from jobwire.states import parse_state
 from jobwire.v1 import jobs_pb2
-
-from jobwire.agents.views import job_view, log_text, output_link
 
 MAX_TEXT_OUTPUT = 1024 * 1024
 """Largest output `get_output` returns as text; larger or binary ones are a link."""
@@ -67,13 +66,26 @@ class InputRef(BaseModel):
         return {"type": "url", "value": str(self.url)}
 
 
+# The definition's fields (as the SDK's and the server's messages name them) that are submit_job arguments.
+ARGUMENTS = {
+    "`maxDuration`": "`max_duration`",
+    "`requirements.gpus`": "`gpus`",
+    "`build.dockerfile`": "`dockerfile`",
+    "`build.context`": "`build_context` (or `git_repo`)",
+}
+
+
 @contextlib.contextmanager
-def _reported() -> Iterator[None]:
-    """SDK errors become tool errors with the server's message (no traceback, no protocol error)."""
+def _reported(arguments: dict[str, str] | None = None) -> Iterator[None]:
+    """SDK errors become tool errors with the server's message (no traceback, no protocol error), the
+    definition's field names in it replaced by the `arguments` they came from."""
     try:
         yield
     except JobwireError as error:
-        raise ToolError(str(error)) from None
+        message = str(error)
+        for field, argument in (arguments or {}).items():
+            message = message.replace(field, argument)
+        raise ToolError(message) from None
 
 
 def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
@@ -85,20 +97,25 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         queue: Queue,
         image: Annotated[str | None, Field(description="Docker image to run, e.g. `python:3.12`.")] = None,
         command: Annotated[
-            str | None, Field(description="Shell command run in the container; input files are in its working directory.")
+            str | None,
+            Field(
+                description="Command to run, split as a shell would (use `sh -c '…'` for pipes); inputs are "
+                "under /inputs, files written under /outputs become the job's outputs."
+            ),
         ] = None,
         dockerfile: Annotated[
             str | None, Field(description="Dockerfile contents: the worker builds the image (with the build context).")
         ] = None,
         build_context: Annotated[
-            str | None, Field(description="Build context: an http(s) URL of a tar(.gz) archive, or `/f/KEY` of an upload.")
+            str | None,
+            Field(description="Build context: an http(s) URL of a tar(.gz) archive, or `/f/KEY` of an upload."),
         ] = None,
         git_repo: Annotated[
             str | None,
             Field(description="A Git repository URL (optionally `/tree/<ref>`) used as the build context."),
         ] = None,
         inputs: Annotated[
-            dict[str, InputRef] | None, Field(description="Input files by name (a relative path in the job's folder).")
+            dict[str, InputRef] | None, Field(description="Input files by name (a relative path under /inputs).")
         ] = None,
         env: Annotated[dict[str, str] | None, Field(description="Environment variables of the container.")] = None,
         max_duration: Annotated[
@@ -107,7 +124,9 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         namespace: Annotated[
             str | None, Field(description="Your namespace in the queue (default `_`); cancel acts on one namespace.")
         ] = None,
-        gpus: Annotated[int | None, Field(ge=0, description="GPUs the job needs; only workers with them take it.")] = None,
+        gpus: Annotated[
+            int | None, Field(ge=0, description="GPUs the job needs; only workers with them take it.")
+        ] = None,
     ) -> dict[str, Any]:
         """Submit a Docker job to a queue; the same definition is the same job (its id is its SHA-256).
 
@@ -134,7 +153,7 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
             options["env"] = env
         if image is None and dockerfile is None and context is None:
             raise ToolError("image: give an image to run, or a dockerfile or build context to build one")
-        with _reported():
+        with _reported(ARGUMENTS):
             job = await client.submit(queue, definition, **options)
         assert job.snapshot is not None
         return job_view(client, job.snapshot, queue=queue)
@@ -151,7 +170,9 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         job_id: JobId,
         queue: JobQueue = "",
         cursor: Annotated[int, Field(ge=0, description="Where to start: 0, or `next_cursor` of the last call.")] = 0,
-        kind: Annotated[Literal["run", "build"], Field(description="The container's log, or the image build's.")] = "run",
+        kind: Annotated[
+            Literal["run", "build"], Field(description="The container's log, or the image build's.")
+        ] = "run",
     ) -> dict[str, Any]:
         """A page of a job's log from `cursor`: its text, the cursor to pass next, and whether more can come."""
         kinds = {"run": jobs_pb2.LOG_KIND_RUN, "build": jobs_pb2.LOG_KIND_BUILD}
@@ -209,7 +230,8 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         queue: Queue,
         job_id: JobId,
         namespace: Annotated[
-            str, Field(description="The namespace to cancel for (default `_`; `*`: all); the job stops when none holds it.")
+            str,
+            Field(description="The namespace to cancel for (default `_`; `*`: all); the job stops when none holds it."),
         ] = "",
     ) -> dict[str, Any]:
         """Cancel a job in a queue; its container is killed once no namespace holds it."""

@@ -51,7 +51,9 @@ def _result(client: Client, job_id: str, result: jobs_pb2.JobResult, queue: str)
         "reason": reason_name(result.reason),
         "exit_code": result.exit_code if result.HasField("exit_code") else None,
         "duration_seconds": result.duration.ToTimedelta().total_seconds(),
-        "outputs": {path: output_link(client, job_id, path, ref, queue) for path, ref in sorted(result.outputs.items())},
+        "outputs": {
+            path: output_link(client, job_id, path, ref, queue) for path, ref in sorted(result.outputs.items())
+        },
     }
     if result.message:
         view["message"] = result.message

@@ -32,6 +32,7 @@ app.command("jobwire.cli.files:file", help="Upload, download and look up blobs b
 app.command("jobwire.cli.services:up", help="Run server, Envoy and a local worker on this machine.")
 app.command("jobwire.cli.services:server", help="Run the jobwire gRPC server.")
 app.command("jobwire.cli.services:worker", help="Run a worker that takes jobs of a queue.")
+app.command("jobwire.cli.agents:mcp", help="Serve MCP over stdio for a local AI agent.")
 app.register_install_completion_command(add_to_startup=False)
 
 

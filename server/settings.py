@@ -22,6 +22,9 @@ class ServerSettings:
     """Address to listen on."""
     port: int = 50051
     """gRPC port."""
+    mcp_port: int = 50052
+    """Port (on `--host`) of the HTTP app for AI agents, which Envoy routes `/mcp`, `/mcp/health` and
+    `/llms.txt` to: MCP over Streamable HTTP, talking to this server's gRPC port; 0 turns it off."""
     data_directory: Path = Path("./jobwire-data")
     """Where the SQLite database and the blobs live."""
     database: str = ""
