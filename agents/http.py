@@ -33,7 +33,6 @@ def app(client: Client) -> ASGIApp:
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
 
-    @server.custom_route("/mcp/health", methods=["GET"])
     async def health(request: Request) -> Response:
         try:
             info = await client.server_info()
@@ -41,10 +40,11 @@ def app(client: Client) -> ASGIApp:
             return JSONResponse({"status": "unavailable", "message": str(error)}, status_code=503)
         return JSONResponse({"status": "ok", "server_version": info.version})
 
-    @server.custom_route("/llms.txt", methods=["GET"])
     async def llms_txt(request: Request) -> Response:
         return PlainTextResponse(await llms.render(server, client.public_url))
 
+    server.custom_route("/mcp/health", methods=["GET"])(health)
+    server.custom_route("/llms.txt", methods=["GET"])(llms_txt)
     return server.streamable_http_app()
 
 

@@ -88,12 +88,14 @@ def _reported(arguments: dict[str, str] | None = None) -> Iterator[None]:
         raise ToolError(message) from None
 
 
-def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
-    """An MCP server whose tools act on the jobwire server behind `client`."""
-    server = FastMCP(name, instructions=INSTRUCTIONS, **settings)
+class Tools:
+    """The tools, bound to the jobwire server behind `client`."""
 
-    @server.tool()
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
     async def submit_job(
+        self,
         queue: Queue,
         image: Annotated[str | None, Field(description="Docker image to run, e.g. `python:3.12`.")] = None,
         command: Annotated[
@@ -134,39 +136,32 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         Returns the job's id, URL and state; follow it with follow_job."""
         if build_context is not None and git_repo is not None:
             raise ToolError("build_context and git_repo: give one of them (git_repo is a build context too)")
-        definition: dict[str, Any] = {}
-        if inputs:
-            definition["inputs"] = {name: ref.data_ref() for name, ref in inputs.items()}
-        if (context := build_context or git_repo) is not None:
-            definition["build"] = {"context": context}
-        options: SubmitOptions = {}
-        for key, value in (("image", image), ("command", command), ("dockerfile", dockerfile)):
-            if value is not None:
-                options[key] = value  # type: ignore[literal-required]
-        if max_duration is not None:
-            options["max_duration"] = max_duration
-        if namespace is not None:
-            options["namespace"] = namespace
-        if gpus is not None:
-            options["gpus"] = gpus
-        if env:
-            options["env"] = env
+        context = build_context if build_context is not None else git_repo
         if image is None and dockerfile is None and context is None:
             raise ToolError("image: give an image to run, or a dockerfile or build context to build one")
+        definition: dict[str, Any] = {
+            "image": image,
+            "command": command,
+            "maxDuration": max_duration,
+            "env": env,
+            "inputs": {name: ref.data_ref() for name, ref in (inputs or {}).items()} or None,
+            "build": {"dockerfile": dockerfile, "context": context},
+            "requirements": {"gpus": gpus},
+        }
+        options: SubmitOptions = {"namespace": namespace} if namespace is not None else {}
         with _reported(ARGUMENTS):
-            job = await client.submit(queue, definition, **options)
+            job = await self.client.submit(queue, _present(definition), **options)
         assert job.snapshot is not None
-        return job_view(client, job.snapshot, queue=queue)
+        return job_view(self.client, job.snapshot, queue=queue)
 
-    @server.tool()
-    async def get_job_status(job_id: JobId, queue: JobQueue = "") -> dict[str, Any]:
+    async def get_job_status(self, job_id: JobId, queue: JobQueue = "") -> dict[str, Any]:
         """A job's state, why it waits, and once finished its result (exit code, reason, outputs as links)."""
         with _reported():
-            job = await client.job(job_id, queue).get()
-        return job_view(client, job, queue=queue, full=True)
+            job = await self.client.job(job_id, queue).get()
+        return job_view(self.client, job, queue=queue, full=True)
 
-    @server.tool()
     async def get_job_logs(
+        self,
         job_id: JobId,
         queue: JobQueue = "",
         cursor: Annotated[int, Field(ge=0, description="Where to start: 0, or `next_cursor` of the last call.")] = 0,
@@ -178,11 +173,11 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         kinds = {"run": jobs_pb2.LOG_KIND_RUN, "build": jobs_pb2.LOG_KIND_BUILD}
         request = jobs_pb2.GetJobLogsRequest(job_id=job_id, queue=queue, since=cursor, kind=kinds[kind])
         with _reported():
-            page = await client.calls.unary(client.job_service.GetJobLogs, request, not_found=JobNotFound)
+            page = await self.client.calls.unary(self.client.job_service.GetJobLogs, request, not_found=JobNotFound)
         return {"text": log_text(page.chunks), "next_cursor": page.next_cursor, "final": page.final}
 
-    @server.tool()
     async def follow_job(
+        self,
         job_id: JobId,
         ctx: Context,  # type: ignore[type-arg]
         queue: JobQueue = "",
@@ -192,23 +187,23 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
     ) -> dict[str, Any]:
         """Follow a job until it finishes or the timeout, sending progress notifications (state
         changes, log lines); then its status as get_job_status shows it, with `finished`."""
-        handle, events = client.job(job_id, queue), 0
+        handle, events = self.client.job(job_id, queue), 0
         with _reported():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_seconds):
                     async for event in handle.watch():
                         events += 1
                         if isinstance(event, jobs_pb2.Job):
-                            message = f"state: {job_view(client, event)['state']}"
+                            message = f"state: {job_view(self.client, event)['state']}"
                         else:
                             message = log_text(event.chunks)[-200:]
                         await ctx.report_progress(events, message=message)
             job = await handle.get()
-        view = job_view(client, job, queue=queue, full=True)
+        view = job_view(self.client, job, queue=queue, full=True)
         return {"finished": job.state == jobs_pb2.JOB_STATE_FINISHED, **view}
 
-    @server.tool()
     async def list_jobs(
+        self,
         queue: Queue,
         state: Annotated[
             Literal["queued", "running", "finished"] | None, Field(description="Only jobs in this state.")
@@ -221,12 +216,12 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         if state is not None:
             request.state = parse_state(state)
         with _reported():
-            page = await client.calls.unary(client.job_service.ListJobs, request)
-        jobs = [job_view(client, job, queue=queue) for job in page.jobs]
+            page = await self.client.calls.unary(self.client.job_service.ListJobs, request)
+        jobs = [job_view(self.client, job, queue=queue) for job in page.jobs]
         return {"jobs": jobs, "next_page_token": page.next_page_token}
 
-    @server.tool()
     async def cancel_job(
+        self,
         queue: Queue,
         job_id: JobId,
         namespace: Annotated[
@@ -236,11 +231,11 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
     ) -> dict[str, Any]:
         """Cancel a job in a queue; its container is killed once no namespace holds it."""
         with _reported():
-            job = await client.job(job_id, queue).cancel(namespace)
-        return job_view(client, job, queue=queue)
+            job = await self.client.job(job_id, queue).cancel(namespace)
+        return job_view(self.client, job, queue=queue)
 
-    @server.tool()
     async def upload_file(
+        self,
         content: Annotated[str, Field(description="The file's content: text, or base64 with encoding `base64`.")],
         encoding: Annotated[Literal["text", "base64"], Field(description="How `content` is written.")] = "text",
         name: Annotated[str, Field(description="A name for the upload (for messages only).")] = "",
@@ -249,36 +244,67 @@ def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
         data = _decoded(content, encoding)
         key = hashlib.sha256(data).hexdigest()
         with _reported():
-            await client.files.upload(data, key, name=name or key)
-        return {"file_key": key, "size": len(data), "url": f"{client.public_url}/f/{key}"}
+            await self.client.files.upload(data, key, name=name or key)
+        return {"file_key": key, "size": len(data), "url": f"{self.client.public_url}/f/{key}"}
 
-    @server.tool()
     async def get_output(
+        self,
         job_id: JobId,
         path: Annotated[str, Field(description="The output's path, as get_job_status lists it.")],
         queue: JobQueue = "",
     ) -> dict[str, Any]:
         """An output file of a finished job: its text when it is UTF-8 text up to 1 MiB, else a link."""
         with _reported():
-            result = await client.job(job_id, queue).result()
+            result = await self.client.job(job_id, queue).result()
             if result is None:
                 raise ToolError(f"job_id: job {job_id} has not finished; it has no outputs yet")
             if path not in result.outputs:
                 raise ToolError(f"path: no output {path!r} (outputs: {', '.join(sorted(result.outputs)) or 'none'})")
-            link = output_link(client, job_id, path, result.outputs[path], queue)
-            data = await _read_output(client, job_id, path, queue) if result.outputs[path].type != "url" else None
+            link = output_link(self.client, job_id, path, result.outputs[path], queue)
+            data = await _read_output(self.client, job_id, path, queue) if result.outputs[path].type != "url" else None
         if data is not None:
             with contextlib.suppress(UnicodeDecodeError):
                 return {"path": path, "text": data.decode(), "url": link}
         return {"path": path, "url": link, "text": None}
 
-    @server.resource("jobwire://jobs/{job_id}", mime_type="application/json")
-    async def job_resource(job_id: str) -> dict[str, Any]:
+    async def job_resource(self, job_id: str) -> dict[str, Any]:
         """A job as its URL shows it (state, result, outputs as links)."""
         with _reported():
-            return job_view(client, await client.job(job_id).get(), full=True)
+            return job_view(self.client, await self.client.job(job_id).get(), full=True)
 
+
+def build(client: Client, *, name: str = "jobwire", **settings: Any) -> FastMCP:
+    """An MCP server whose tools act on the jobwire server behind `client`."""
+    server = FastMCP(name, instructions=INSTRUCTIONS, **settings)
+    tools = Tools(client)
+    for tool in TOOLS:
+        server.add_tool(getattr(tools, tool))
+    server.resource("jobwire://jobs/{job_id}", mime_type="application/json")(tools.job_resource)
     return server
+
+
+TOOLS = (
+    "submit_job",
+    "get_job_status",
+    "get_job_logs",
+    "follow_job",
+    "list_jobs",
+    "cancel_job",
+    "upload_file",
+    "get_output",
+)
+"""The tools' names, in the order they are listed."""
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without the arguments not given (None), and without objects left empty by that."""
+    present = {}
+    for name, value in fields.items():
+        if isinstance(value, dict) and name != "env" and name != "inputs":
+            value = _present(value) or None
+        if value is not None:
+            present[name] = value
+    return present
 
 
 def _decoded(content: str, encoding: str) -> bytes:

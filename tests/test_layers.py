@@ -21,7 +21,15 @@ MAY_IMPORT = {
     "envoy": {"jobwire.envoy", "jobwire.v1"},
     "agents": {"jobwire.agents", "jobwire", "jobwire.core", "jobwire.v1"},
 }
-SUBPACKAGES = ("jobwire.core", "jobwire.server", "jobwire.worker", "jobwire.cli", "jobwire.envoy", "jobwire.agents", "jobwire.v1")
+SUBPACKAGES = (
+    "jobwire.core",
+    "jobwire.server",
+    "jobwire.worker",
+    "jobwire.cli",
+    "jobwire.envoy",
+    "jobwire.agents",
+    "jobwire.v1",
+)
 # Modules that adapt a protocol to the scheduler: they hold no store and no bus.
 ADAPTERS = [*sorted((ROOT / "server" / "servicers").glob("*.py")), ROOT / "server" / "sessions.py"]
 
