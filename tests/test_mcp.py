@@ -175,3 +175,15 @@ async def test_llms_txt_names_every_rest_route_and_every_tool(front: Front) -> N
     missing = [f"{method} {path}" for method, path in routes if f"`{method} {path}`" not in served.text]
     missing += [f"tool {name}" for name in TOOLS if f"- `{name}`" not in served.text]
     assert routes and not missing, missing
+
+
+async def test_a_git_repository_is_the_build_context(front: Front, queue: str) -> None:
+    """`git_repo` reaches the definition as `build.context` (the worker resolves repository URLs)."""
+    repository = "https://github.com/jobwire-test/example/tree/v1.2.3"
+    async with http_session(front) as session:
+        submitted = await call(session, "submit_job", queue=queue, git_repo=repository, command="true")
+        both = await session.call_tool("submit_job", {"queue": queue, "git_repo": repository, "build_context": "/f/x"})
+    assert both.isError and "git_repo" in _text(both)
+    async with Client(front.stack.grpc_target) as client:
+        job = await client.job(submitted["id"], queue).get()
+    assert job.definition.build.context == repository and not job.definition.HasField("image")
