@@ -22,21 +22,12 @@ from mcp.types import CallToolResult, TextContent
 
 from jobwire.agents import llms
 from jobwire.agents.http import AgentsServer
-from jobwire.cli.services import start_local_envoy, stop_envoy
+from jobwire.agents.tools import TOOLS
+from jobwire.cli.services import free_port, start_local_envoy, stop_envoy
 from jobwire.client import Client
-from tests.conftest import BUSYBOX, JOBWIRE, Stack, StartWorker
+from tests.conftest import BUSYBOX, JOBWIRE, Processes, Stack, StartWorker, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-TOOLS = {
-    "submit_job",
-    "get_job_status",
-    "get_job_logs",
-    "follow_job",
-    "list_jobs",
-    "cancel_job",
-    "upload_file",
-    "get_output",
-}
 
 
 @dataclass
@@ -105,7 +96,7 @@ async def test_an_agent_submits_follows_reads_cancels_lists_and_uploads(
     await start_worker(queue)
     async with SESSIONS[transport](front) as session:
         listed = {tool.name: tool for tool in (await session.list_tools()).tools}
-        assert set(listed) >= TOOLS
+        assert set(listed) == set(TOOLS)
         for tool in listed.values():
             undescribed = [
                 name for name, schema in tool.inputSchema["properties"].items() if not schema.get("description")
@@ -187,3 +178,18 @@ async def test_a_git_repository_is_the_build_context(front: Front, queue: str) -
     async with Client(front.stack.grpc_target) as client:
         job = await client.job(submitted["id"], queue).get()
     assert job.definition.build.context == repository and not job.definition.HasField("image")
+
+
+async def test_jobwire_server_serves_mcp_beside_grpc_and_stops_on_sigterm(processes: Processes, tmp_path: Path) -> None:
+    mcp_port = free_port()
+    server = await processes.server(free_port(), tmp_path / "server", extra=("--mcp-port", str(mcp_port)))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{mcp_port}", timeout=5) as client:
+
+        async def healthy() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return (await client.get("/mcp/health")).status_code == 200
+            return False
+
+        await eventually(healthy, "the agents' app of `jobwire server` to answer")
+        assert "`submit_job`" in (await client.get("/llms.txt")).text
+    assert await server.terminate() == 0, server.output()
