@@ -40,6 +40,7 @@ def main() -> None:
     """Console entry point: run the command; errors are one line and a distinct non-zero exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # a line per MCP request otherwise
     keep_freed_buffers()  # servers, workers and `jobwire file` move big files
     try:
         result = app(_stdin_marker(sys.argv[1:]), exit_on_error=True)
