@@ -66,7 +66,7 @@ lint: $(STAMP)
 # mypy --strict over the jobwire namespace, laid out as it is imported.
 typecheck: $(STAMP) web-typecheck
 	rm -rf .typecheck && mkdir -p .typecheck/jobwire
-	for d in core server worker cli envoy; do ln -s ../../$$d .typecheck/jobwire/$$d; done
+	for d in core server worker cli envoy agents; do ln -s ../../$$d .typecheck/jobwire/$$d; done
 	ln -s ../../gen/jobwire/v1 .typecheck/jobwire/v1
 	for f in sdk/*; do ln -s ../../$$f .typecheck/jobwire/; done
 	cd .typecheck && MYPYPATH=. ../$(BIN)/mypy --config-file ../pyproject.toml -p jobwire --exclude 'jobwire/v1/'

@@ -32,6 +32,7 @@ app.command("jobwire.cli.files:file", help="Upload, download and look up blobs b
 app.command("jobwire.cli.services:up", help="Run server, Envoy and a local worker on this machine.")
 app.command("jobwire.cli.services:server", help="Run the jobwire gRPC server.")
 app.command("jobwire.cli.services:worker", help="Run a worker that takes jobs of a queue.")
+app.command("jobwire.cli.agents:mcp", help="Serve MCP over stdio for a local AI agent.")
 app.register_install_completion_command(add_to_startup=False)
 
 
@@ -39,6 +40,7 @@ def main() -> None:
     """Console entry point: run the command; errors are one line and a distinct non-zero exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # a line per MCP request otherwise
     keep_freed_buffers()  # servers, workers and `jobwire file` move big files
     try:
         result = app(_stdin_marker(sys.argv[1:]), exit_on_error=True)

@@ -15,10 +15,12 @@ from typing import Annotated, Any
 import httpx
 from cyclopts import Parameter
 
+from jobwire.agents.http import AgentsServer
 from jobwire.cli.console import CliError
 from jobwire.cli.front import WILDCARDS, browser_origins, private_hosts, tls_secret
 from jobwire.cli.options import subset
 from jobwire.cli.webui import DEFAULT_DIRECTORY, WebServer
+from jobwire.client import Client
 from jobwire.core import egress
 from jobwire.envoy import config as envoy_config
 from jobwire.server.app import build_server
@@ -32,9 +34,30 @@ log = logging.getLogger(__name__)
 
 
 async def server(settings: Annotated[ServerSettings | None, Parameter(name="*")] = None) -> None:
-    """Run the jobwire gRPC server (put Envoy in front of it for REST and gRPC-Web)."""
-    built = await build_server(settings or ServerSettings())
-    await _until_signal(built.run())
+    """Run the jobwire gRPC server and its agents' HTTP app (put Envoy in front for REST, gRPC-Web, MCP)."""
+    settings = settings or ServerSettings()
+    built = await build_server(settings)
+    if not settings.mcp_port:
+        await _until_signal(built.run())
+        return
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
+    loopback = f"[{loopback}]" if ":" in loopback and not loopback.startswith("[") else loopback
+    agents = agents_server(f"{loopback}:{built.port}", settings.public_url, settings.host, settings.mcp_port)
+
+    async def both() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(built.run())
+            group.create_task(agents.run())
+
+    await _until_signal(both())
+
+
+def agents_server(target: str, public_url: str, host: str = "127.0.0.1", port: int = 0) -> AgentsServer:
+    """The agents' HTTP app (MCP, /llms.txt) for the gRPC server at `target`, on host:port."""
+    try:
+        return AgentsServer(Client(target, public_url=public_url), host, port)
+    except OSError as error:
+        raise CliError(f"cannot listen on {host}:{port} for MCP ({error.strerror}); see --mcp-port") from None
 
 
 async def worker(settings: Annotated[WorkerSettings, Parameter(name="*")], *, debug: bool = False) -> None:
@@ -85,7 +108,8 @@ async def up(
     web_directory: Path = DEFAULT_DIRECTORY,
     local: Annotated[Local | None, Parameter(name="*")] = None,  # type: ignore[valid-type]  # a class made at import
 ) -> None:
-    """Run everything on this machine: server, Envoy on PORT, a worker on queue `local`, the web UI.
+    """Run everything on this machine: server, Envoy on PORT, a worker on queue `local`, the web UI, and
+    MCP for AI agents at /mcp (with /llms.txt).
 
     Parameters
     ----------
@@ -134,12 +158,14 @@ async def up(
     runtime = _docker(local.cpus)
     built = await build_server(settings)
     web = WebServer(web_directory)
+    agents = agents_server(f"127.0.0.1:{built.port}", settings.public_url)
     envoy_file = envoy_config.write(
         envoy_config.render(
             listen_port=port,
             upstreams=[("127.0.0.1", built.port)],
             descriptor_path=descriptor_path(),
             web=(web.host, web.port),
+            agents=[(agents.host, agents.port)],
             listen_host=listen,
             allowed_origins=browser_origins(port, allow_origin, scheme),
             allowed_hosts=private_hosts(listen, port),
@@ -155,6 +181,7 @@ async def up(
             await started.wait()
             group.create_task(Daemon(worker_settings, runtime).run())
             group.create_task(web.run())
+            group.create_task(agents.run())
             group.create_task(run_envoy(envoy_file, port, host=listen, tls=secret is not None))
 
     await _until_signal(everything())
@@ -194,6 +221,7 @@ async def start_local_envoy(
     config_file: Path,
     *,
     web: tuple[str, int] | None = None,
+    agents: list[tuple[str, int]] | None = None,
     tls_secret: Path | None = None,
     attempts: int = 3,
 ) -> tuple[asyncio.subprocess.Process, int]:
@@ -210,6 +238,7 @@ async def start_local_envoy(
             upstreams=upstreams,
             descriptor_path=descriptor_path(),
             web=web,
+            agents=agents or (),
             tls_secret=tls_secret,
         )
         return envoy_config.write(upstream, config_file)

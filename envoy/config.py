@@ -79,6 +79,7 @@ def render(
     allowed_hosts: Sequence[str] | None = None,
     tls_secret: str | os.PathLike[str] | None = None,
     web: tuple[str, int] | None = None,
+    agents: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
     """The template with this layout substituted, its request guard generated.
 
@@ -90,7 +91,8 @@ def render(
     `restrict_hosts`). `tls_secret` is the path of an SDS file (`tls.secret()`) naming the
     certificate and key: the listener then speaks only TLS. `web` is the (host, port) of a plain HTTP server holding
     the built browser client; when given, the page and its assets are routed there (see
-    `add_web_routes`).
+    `add_web_routes`). `agents` are the (host, port)s of the agents' HTTP app (`jobwire.agents.http`):
+    `/mcp`, `/mcp/health` and `/llms.txt` are routed there (see `add_agent_routes`).
     """
     if not upstreams:
         raise ValueError("at least one upstream server is needed")
@@ -111,6 +113,8 @@ def render(
         chain["transport_socket"] = tls.transport_socket(tls_secret)
     if web is not None:
         add_web_routes(config, *web)
+    if agents:
+        add_agent_routes(config, agents)
     return config
 
 
@@ -185,6 +189,38 @@ def add_web_routes(config: dict[str, Any], host: str, port: int) -> None:
     )
 
 
+# What the agents' app serves: MCP (Streamable HTTP: POST, GET and DELETE on one path), its health
+# and /llms.txt. Nothing else reaches it, so no other path can bypass the REST routes' checks.
+AGENT_PATHS = ("/mcp", "/mcp/health", "/llms.txt")
+
+
+def add_agent_routes(config: dict[str, Any], upstreams: Sequence[tuple[str, int]]) -> None:
+    """Route the agents' paths to an `agents` cluster of `upstreams`, ahead of REST.
+
+    The transcoder and the guard's route check are off for them (they are no gRPC methods); CORS and
+    the guard's origin check stay on, so a private server's agents' app answers the pages it answers.
+    No timeout: follow_job streams progress for as long as it follows."""
+    routes = _virtual_hosts(config)[0]["routes"]
+    routes[:0] = [
+        {
+            "match": {"path": path},
+            "route": {"cluster": "agents", "timeout": "0s"},
+            "typed_per_filter_config": copy.deepcopy(_NOT_TRANSCODED),
+        }
+        for path in AGENT_PATHS
+    ]
+    lb_endpoints = [{"endpoint": {"address": _socket(host, port)}} for host, port in upstreams]
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "agents",
+            "type": "STRICT_DNS",
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": "5s",
+            "load_assignment": {"cluster_name": "agents", "endpoints": [{"lb_endpoints": lb_endpoints}]},
+        }
+    )
+
+
 DEPLOYMENT_REPLICAS = ("server-1", "server-2", "server-3")
 """The server replicas of the reference deployment (deploy/docker-compose.yml)."""
 DEPLOYMENT_CERTIFICATE = ("/etc/jobwire/tls/cert.pem", "/etc/jobwire/tls/key.pem")
@@ -197,6 +233,7 @@ def deployment() -> dict[str, Any]:
     """The Envoy config of the reference deployment: TLS, every replica an endpoint of one cluster."""
     return render(
         upstreams=[(name, 50051) for name in DEPLOYMENT_REPLICAS],
+        agents=[(name, 50052) for name in DEPLOYMENT_REPLICAS],
         descriptor_path="/etc/jobwire/jobwire.binpb",
         tls_secret=DEPLOYMENT_SECRET,
     )

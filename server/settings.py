@@ -22,6 +22,10 @@ class ServerSettings:
     """Address to listen on."""
     port: int = 50051
     """gRPC port."""
+    mcp_port: int = 0
+    """Port (on `--host`) of the HTTP app for AI agents, which Envoy routes `/mcp`, `/mcp/health` and
+    `/llms.txt` to: MCP over Streamable HTTP, talking to this server's gRPC port (the reference
+    deployment uses 50052); 0, the default, runs none (`jobwire up` always runs it)."""
     data_directory: Path = Path("./jobwire-data")
     """Where the SQLite database and the blobs live."""
     database: str = ""

@@ -125,12 +125,19 @@ async def test_a_page_on_another_origin_cannot_submit(
     assert job.id == json.loads(control["json"]["text"])["jobId"]
 
 
-async def test_answers_only_to_its_own_host_names(up: Up) -> None:
+async def test_answers_only_to_its_own_host_names(up: Up, origins: tuple[str, str]) -> None:
     async with httpx.AsyncClient(base_url=up.api) as http:
         for host in (f"localhost:{up.port}", f"127.0.0.1:{up.port}", f"[::1]:{up.port}", "localhost"):
             assert (await http.get("/healthz", headers={"host": host})).status_code == 200, host
         # A page whose name was pointed at 127.0.0.1 (DNS rebinding) sends its own name as Host.
         rebound = await http.get("/q/local", headers={"host": f"evil.example:{up.port}"})
+        # The agents' app (MCP) is behind the same checks: its own host and the listed origins only.
+        assert (await http.get("/mcp/health")).json()["status"] == "ok"
+        mcp = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        other = await http.post("/mcp", json=call, headers={**mcp, "origin": origins[1]})
+        assert other.status_code == 403, other.text
+        assert (await http.post("/mcp", json=call, headers={**mcp, "host": "evil.example"})).status_code == 403
     assert rebound.status_code == 403
     assert rebound.json()["message"] == "this server answers only to its own host name"
 

@@ -47,7 +47,7 @@ def test_deploy_image_holds_what_envoy_reads() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert f"COPY deploy/envoy-tls.yaml {envoy_config.DEPLOYMENT_SECRET}" in dockerfile
     # Every package folder pyproject maps is copied in, or `pip install .` fails in the build.
-    for folder in ("sdk", "core", "server", "worker", "cli", "envoy", "gen"):
+    for folder in ("sdk", "core", "server", "worker", "cli", "envoy", "agents", "gen"):
         assert f"COPY {folder} {folder}" in dockerfile
     certificates = Path(envoy_config.DEPLOYMENT_CERTIFICATE[0]).parent
     assert f"./tls:{certificates}:ro" in compose()["services"]["envoy"]["volumes"]

@@ -19,8 +19,17 @@ MAY_IMPORT = {
     "server": {"jobwire.server", "jobwire.core", "jobwire.v1"},
     "worker": {"jobwire.worker", "jobwire", "jobwire.core", "jobwire.v1"},
     "envoy": {"jobwire.envoy", "jobwire.v1"},
+    "agents": {"jobwire.agents", "jobwire", "jobwire.core", "jobwire.v1"},
 }
-SUBPACKAGES = ("jobwire.core", "jobwire.server", "jobwire.worker", "jobwire.cli", "jobwire.envoy", "jobwire.v1")
+SUBPACKAGES = (
+    "jobwire.core",
+    "jobwire.server",
+    "jobwire.worker",
+    "jobwire.cli",
+    "jobwire.envoy",
+    "jobwire.agents",
+    "jobwire.v1",
+)
 # Modules that adapt a protocol to the scheduler: they hold no store and no bus.
 ADAPTERS = [*sorted((ROOT / "server" / "servicers").glob("*.py")), ROOT / "server" / "sessions.py"]
 
