@@ -81,7 +81,7 @@ class Lifecycle(SqlBase):
         self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
     ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            if not transitions.holds(await self._held(db, attempt, holder), attempt, holder):
+            if not transitions.may_finish(await self._held(db, attempt, holder), attempt, holder, result):
                 return None
             change = transitions.finished(attempt, holder, result, now)
             await self._apply(db, holder.queue, attempt.job_id, change, now)

@@ -9,7 +9,9 @@ Fencing: a worker acts on a running job only as the attempt it was given *and* f
 session (one stream connection) that holds it. A stream that registers with another worker id, or
 with the same id beside the live session, is refused. A worker that reconnects and names the
 attempts it still holds re-takes them into its new session (`may_retake`), so that a restart of
-the server or a network blip keeps running jobs.
+the server or a network blip keeps running jobs. A worker that comes back after its lease ran out
+may still deliver the result of the attempt it lost, as long as nobody else was given the job since
+(`may_finish`): the job then finishes once rather than running again.
 """
 
 from __future__ import annotations
@@ -73,6 +75,22 @@ def may_retake(holding: Holding | None, attempt: Attempt, holder: Holder) -> boo
     )
 
 
+def may_finish(holding: Holding | None, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> bool:
+    """True when `holder` may finish the job with `result`: it holds `attempt`, or its worker lost the
+    attempt when its lease ran out (the job is queued again, still naming that worker and attempt:
+    see `lease_ran_out`) and nobody was given the job since. A cancelled result is not taken that way:
+    it is the worker obeying the server's stop of the lost attempt, not the attempt's own end."""
+    if holds(holding, attempt, holder):
+        return True
+    return (
+        holding is not None
+        and holding.state == QUEUED
+        and holding.attempt == attempt.attempt
+        and holding.worker_id == holder.worker_id
+        and result.reason != jobs_pb2.FINISH_REASON_CANCELLED
+    )
+
+
 def may_queue_again(state: int, reason: int) -> bool:
     """A submission of a known job queues it again unless it is queued, running, or has a final result."""
     return state == FINISHED and reason not in FINAL_REASONS
@@ -118,8 +136,11 @@ def released(holding: Holding, reason: str, now: float) -> Change:
 
 
 def lease_ran_out(holding: Holding, now: float) -> Change:
-    """The job's worker went silent past its lease."""
-    return _requeued(holding, now, f"worker-lost: no word from worker {holding.worker_id} within its lease")
+    """The job's worker went silent past its lease. The queued job keeps naming that worker (not its
+    session) until it is assigned again, so a result the worker sends when it comes back is still
+    taken (`may_finish`)."""
+    change = _requeued(holding, now, f"worker-lost: no word from worker {holding.worker_id} within its lease")
+    return Change(change.entry, change.columns | dict(worker_id=holding.worker_id))
 
 
 def left_behind(holding: Holding, now: float) -> Change:
