@@ -119,3 +119,14 @@ def test_a_lease_that_ran_out_queues_the_job_again_still_naming_its_worker() -> 
     columns = transitions.lease_ran_out(RUNNING_W1, 5.0).columns
     assert (columns["state"], columns["worker_id"], columns["session"]) == (QUEUED, "w1", "")
     assert transitions.left_behind(RUNNING_W1, 5.0).columns["worker_id"] == ""
+
+
+def test_a_worker_back_past_its_lease_retakes_its_attempt_until_the_job_is_given_again() -> None:
+    back = Holder("w1", "s2", "q")
+    assert transitions.may_retake(LOST_W1, ATTEMPT, back)
+    assert not transitions.may_retake(LOST_W1, ATTEMPT, Holder("w2", "s3", "q"))
+    assert not transitions.may_retake(Holding(RUNNING, 3, "w2", "s3"), ATTEMPT, back)
+    change = transitions.renewed(back, 40.0, LOST_W1, 10.0)
+    assert change.columns == dict(lease_expires=40.0, session="s2", state=RUNNING, worker_id="w1", update_time=10.0)
+    assert (entry(change).attempt, entry(change).worker_id) == (2, "w1")
+    assert not transitions.renewed(back, 40.0, RUNNING_W1, 10.0).entry  # an ordinary renewal: no history

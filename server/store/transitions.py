@@ -65,12 +65,25 @@ def holds(holding: Holding | None, attempt: Attempt, holder: Holder) -> bool:
 
 
 def may_retake(holding: Holding | None, attempt: Attempt, holder: Holder) -> bool:
-    """True when the worker of `holder` holds `attempt` in some session: a reconnecting worker takes
-    the attempts it still runs into its new session."""
+    """True when the worker of `holder` holds `attempt` in some session, or lost it when its lease ran
+    out and nobody was given the job since (`lost_to`): a reconnecting worker takes the attempts it
+    still runs, or finished while cut off, into its new session rather than the job running again."""
     return (
         holding is not None
         and holding.state == RUNNING
         and holding.attempt == attempt.attempt
+        and holding.worker_id == holder.worker_id
+    ) or lost_to(holding, attempt, holder)
+
+
+def lost_to(holding: Holding | None, attempt: Attempt, holder: Holder) -> bool:
+    """True when the job is queued again because the lease of `holder`'s worker on `attempt` ran out,
+    and no worker has been given it since (see `lease_ran_out`)."""
+    return (
+        holding is not None
+        and holding.state == QUEUED
+        and holding.attempt == attempt.attempt
+        and bool(holding.worker_id)
         and holding.worker_id == holder.worker_id
     )
 
@@ -80,14 +93,8 @@ def may_finish(holding: Holding | None, attempt: Attempt, holder: Holder, result
     attempt when its lease ran out (the job is queued again, still naming that worker and attempt:
     see `lease_ran_out`) and nobody was given the job since. A cancelled result is not taken that way:
     it is the worker obeying the server's stop of the lost attempt, not the attempt's own end."""
-    if holds(holding, attempt, holder):
-        return True
-    return (
-        holding is not None
-        and holding.state == QUEUED
-        and holding.attempt == attempt.attempt
-        and holding.worker_id == holder.worker_id
-        and result.reason != jobs_pb2.FINISH_REASON_CANCELLED
+    return holds(holding, attempt, holder) or (
+        lost_to(holding, attempt, holder) and result.reason != jobs_pb2.FINISH_REASON_CANCELLED
     )
 
 
@@ -183,9 +190,18 @@ def ended_by_client(holding: Holding, reason: Reason, words: str, now: float, *,
     return Change(entry, _final(reason, now, result.SerializeToString()))
 
 
-def renewed(holder: Holder, until: float) -> Change:
-    """The holder's lease on a job it holds (or re-takes) lasts until `until`; no history."""
-    return Change(columns=dict(lease_expires=until, session=holder.session))
+def renewed(holder: Holder, until: float, holding: Holding | None = None, now: float = 0.0) -> Change:
+    """The holder's lease on a job it holds (or re-takes) lasts until `until`; no history, unless the
+    job was queued again after the worker's lease ran out (`lost_to`): it is running again, the same
+    attempt on the same worker."""
+    columns: dict[str, Any] = dict(lease_expires=until, session=holder.session)
+    if holding is None or holding.state != QUEUED:
+        return Change(columns=columns)
+    message = f"worker {holder.worker_id} came back with this attempt after its lease ran out; it runs on"
+    entry = history_entry(
+        jobs_pb2.JOB_EVENT_KIND_ASSIGNED, now, attempt=holding.attempt, worker_id=holder.worker_id, message=message
+    )
+    return Change(entry, columns | dict(state=RUNNING, worker_id=holder.worker_id, update_time=now))
 
 
 def to_stop(holding: Holding, job_id: str) -> Attempt | None:
