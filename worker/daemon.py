@@ -137,6 +137,7 @@ class Daemon:
                 max_download=self.settings.max_download_size,
                 download_time=self.settings.max_job_duration,
                 public_url=self._public_url,
+                upload_patience=self.settings.upload_patience,
             )
             try:
                 async with asyncio.TaskGroup() as jobs:

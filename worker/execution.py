@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import shutil
@@ -33,6 +34,7 @@ from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import OutputLimits, Staging
 
 _ASSIGNMENT = "assignment.binpb"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _SMALL_FOLDER_OUTPUTS = 64
 """Most outputs a folder removed on the loop may hold (see `Execution._remove_folder`)."""
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
@@ -75,6 +77,15 @@ class Execution:
         except JobError as error:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            # The worker's own disk (its data directory): the job cannot run here now; its folder goes
+            # below, and the next job finds the space it freed.
+            message = f"the worker's disk is full ({self.settings.data_directory}): {error.strerror}"
+            with contextlib.suppress(OSError):
+                await self._build_log(f"error: {message}\n")
+            return self._error(message)
         finally:
             await self._remove_folder()
 

@@ -119,6 +119,10 @@ class WorkerSettings:
     connection."""
     max_download_size: Annotated[int, SIZE] = 10 * 1024**3
     """Largest `url` input or build context the worker fetches."""
+    upload_patience: Annotated[float, DURATION] = 3600.0
+    """How long the worker keeps retrying to store a finished job's output files while the server is
+    unreachable or out of space or its bucket fails, before the job finishes as an error. An output
+    the server refuses for good (past its size limit) is an error at once."""
 
     def job_memory_default(self) -> int:
         """A job's memory share: `default_memory`, else the machine's physical memory per slot."""
