@@ -51,16 +51,21 @@ async def test_a_cancel_at_any_point_of_an_attempt_leaves_no_container(
         await jobs.CancelJob(jobs_pb2.CancelJobRequest(queue=queue, job_id=job_id))
         return job_id
 
-    ids = await asyncio.gather(*(cancel_after(index) for index in range(24)))
-    finished = [await wait_finished(jobs, job_id, timeout=60) for job_id in ids]
-    assert {job.result.reason for job in finished} == {jobs_pb2.FINISH_REASON_CANCELLED}
-
     async def none_left() -> bool:
         return not await asyncio.to_thread(labelled, docker_client, mine)
 
-    await eventually(none_left, "no container of a cancelled job left", timeout=30)
-    await asyncio.sleep(1)  # a create still in the engine when its attempt ended would show up now
-    assert not await asyncio.to_thread(labelled, docker_client, mine)
+    try:
+        ids = await asyncio.gather(*(cancel_after(index) for index in range(24)))
+        finished = [await wait_finished(jobs, job_id, timeout=60) for job_id in ids]
+        assert {job.result.reason for job in finished} == {jobs_pb2.FINISH_REASON_CANCELLED}
+        await eventually(none_left, "no container of a cancelled job left", timeout=30)
+        await asyncio.sleep(1)  # a create still in the engine when its attempt ended would show up now
+        assert await none_left()
+    finally:
+        await worker.stop()
+        for container_id in await asyncio.to_thread(labelled, docker_client, mine):
+            with contextlib.suppress(docker.errors.NotFound):
+                await asyncio.to_thread(docker_client.api.remove_container, container_id, force=True)
 
 
 async def test_containers_of_a_worker_that_never_returned_are_removed_past_their_deadline(
@@ -173,6 +178,15 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+def _fill(path: Path) -> None:
+    """Write to `path` until its file system has no byte left."""
+    with path.open("wb", buffering=0) as out:
+        for block in (1024 * 1024, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"x" * block)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 async def test_a_full_worker_disk_fails_the_job_with_a_clear_message_and_the_worker_runs_the_next(
     jobs: jobs_pb2_grpc.JobServiceStub,
@@ -182,7 +196,8 @@ async def test_a_full_worker_disk_fails_the_job_with_a_clear_message_and_the_wor
     tmp_path: Path,
 ) -> None:
     """The worker's data directory on a 4 MiB tmpfs: a job whose 5 MiB input cannot be written there
-    finishes as an error saying the disk is full; the worker stays up and runs the next job."""
+        finishes as an error saying the disk is full, and so does a job arriving when the disk was filled up
+    by something else; the worker stays up and runs the next job once there is space."""
     data = tmp_path / "small-disk"
     if not _mount_tmpfs(data, "4m"):
         pytest.skip("cannot mount a tmpfs here")
@@ -195,7 +210,13 @@ async def test_a_full_worker_disk_fails_the_job_with_a_clear_message_and_the_wor
         failed = await wait_finished(jobs, (await jobs.SubmitJob(request)).job_id, queue=queue)
         assert failed.result.reason == jobs_pb2.FINISH_REASON_ERROR
         assert "No space left on device" in failed.result.message, failed.result.message
-        ok = await wait_finished(jobs, await submit(jobs, queue, "echo fine"), queue=queue)
+        # Filled up by something else: even the job's folder cannot be made.
+        await asyncio.to_thread(_fill, data / "filler")
+        full = await wait_finished(jobs, await submit(jobs, queue, "echo fine", N="1"), queue=queue)
+        assert full.result.reason == jobs_pb2.FINISH_REASON_ERROR
+        assert full.result.message.startswith("the worker's disk is full"), full.result.message
+        (data / "filler").unlink()
+        ok = await wait_finished(jobs, await submit(jobs, queue, "echo fine", N="2"), queue=queue)
         assert ok.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, ok.result.message
         assert not worker.task.done()
         await worker.stop()
