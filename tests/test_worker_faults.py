@@ -14,12 +14,16 @@ from pathlib import Path
 
 import docker
 import grpc
+import httpx
 import pytest
 import pytest_asyncio
 from google.protobuf import struct_pb2
 
+from jobwire import errors
 from jobwire.files import FileClient
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+from jobwire.worker import staging
+from jobwire.worker.errors import StagingError
 from jobwire.worker.execution import DEADLINE_LABEL, JOB_LABEL, WORKER_LABEL
 from jobwire.worker.runtime import LABEL
 from tests.conftest import BUSYBOX, Stack, StartWorker, eventually, wait_finished
@@ -222,3 +226,71 @@ async def test_a_full_worker_disk_fails_the_job_with_a_clear_message_and_the_wor
         await worker.stop()
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(data)], check=False)
+
+
+async def test_an_output_upload_that_fails_while_the_server_is_unreachable_is_retried(
+    jobs: jobs_pb2_grpc.JobServiceStub,
+    queue: str,
+    start_worker: StartWorker,
+    cut: Cut,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server becomes unreachable while the job runs: its finished container's output upload fails,
+    is tried again once the server is back, and the job succeeds with its output."""
+    worker = await start_worker(queue, target=await cut.start())
+    command = "sh -c 'sleep 1; head -c 2000000 /dev/urandom > /outputs/big'"
+    job_id = await submit(jobs, queue, command)
+
+    async def running() -> bool:
+        job = (await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id, queue=queue))).job
+        return job.state == jobs_pb2.JOB_STATE_RUNNING and bool(worker.daemon.attempts)
+
+    await eventually(running, "the job running")
+    cut.cut()
+
+    async def upload_failed() -> bool:
+        return any(record.getMessage().startswith("upload of output big failed") for record in caplog.records)
+
+    await eventually(upload_failed, "the output upload failing", timeout=30)
+    cut.open = True
+    job = await wait_finished(jobs, job_id, timeout=60, queue=queue)
+    assert job.result.reason == jobs_pb2.FINISH_REASON_SUCCESS, job.result.message
+    assert job.result.outputs["big"].type == "key"
+
+
+class FlakyFiles:
+    """A file client whose uploads fail with the given errors, in turn, then succeed."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors, self.tries = list(errors), 0
+
+    async def upload(self, source: Path, key: str) -> str:
+        self.tries += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return key
+
+
+async def test_an_upload_refused_for_good_is_the_jobs_error_and_a_passing_failure_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(staging, "UPLOAD_FIRST_RETRY", 0.01)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "big").write_bytes(b"x" * 4096)
+    limits = staging.OutputLimits(inline=10, count=10, size=10**6)
+    full = errors.TooLarge("the server's disk is full", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    down = errors.ServerUnavailable("cannot reach the jobwire server", grpc.StatusCode.UNAVAILABLE)
+    flaky = FlakyFiles(down, full, httpx.ReadTimeout("slow bucket"))
+    collected = await staging.Staging(flaky, tmp_path / "cache").collect_outputs(output, limits)  # type: ignore[arg-type]
+    assert (flaky.tries, collected["big"].type) == (4, "key")
+
+    too_big = errors.TooLarge("upload exceeds the limit of 100 bytes", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    refusing = FlakyFiles(too_big)
+    with pytest.raises(StagingError, match="output big could not be stored: the server refused it: upload exceeds"):
+        await staging.Staging(refusing, tmp_path / "cache").collect_outputs(output, limits)  # type: ignore[arg-type]
+    assert refusing.tries == 1
+
+    patience = staging.Staging(FlakyFiles(*[down] * 100), tmp_path / "cache", upload_patience=0.05)  # type: ignore[arg-type]
+    with pytest.raises(StagingError, match=r"could not be stored within .* \(upload-patience\)"):
+        await patience.collect_outputs(output, limits)
