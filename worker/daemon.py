@@ -57,6 +57,8 @@ FIRST_RECONNECT = 0.5
 RECONNECTS_WITHIN_GRACE = 4
 """A worker cut off from the server tries again at least this often within the server's grace (its
 lease), so that it is back before its jobs are re-queued: the pauses stop growing at a quarter of it."""
+MAX_RECONNECT = 30.0
+"""The longest pause between reconnects, however long the grace."""
 UNKNOWN_GRACE = 20.0
 """The grace assumed before the server has said its own (the server's default is 30 s)."""
 CHANNEL_OPTIONS = [
@@ -203,9 +205,10 @@ class Daemon:
 
     def reconnect_cap(self) -> float:
         """The longest pause between reconnects: a quarter of the server's grace (its lease) as it said at
-        the last registration (`UNKNOWN_GRACE` before any), so that several tries fall within it."""
+        the last registration (`UNKNOWN_GRACE` before any), so that several tries fall within it, and
+        never more than `MAX_RECONNECT`."""
         grace = self.answer.lease_duration.ToTimedelta().total_seconds() or UNKNOWN_GRACE
-        return max(grace / RECONNECTS_WITHIN_GRACE, FIRST_RECONNECT)
+        return min(max(grace / RECONNECTS_WITHIN_GRACE, FIRST_RECONNECT), MAX_RECONNECT)
 
     def _reconnect_delays(self) -> Iterator[float]:
         """Pauses between reconnects, forever: exponential from `FIRST_RECONNECT`, capped by
