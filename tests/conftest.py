@@ -179,13 +179,14 @@ async def start_worker(stack: Stack, docker_images: None, tmp_path: Path) -> Asy
         target: str = "",
         gpus: tuple[str, ...] = (),
         egress_allow: tuple[str, ...] = (),
+        data_directory: Path | None = None,
     ) -> WorkerHandle:
         settings = WorkerSettings(
             queue=queue,
             server=target or stack.grpc_target,
             cpus=cpus,
             gpus=gpus,
-            data_directory=tmp_path / f"worker-{len(handles)}",
+            data_directory=data_directory or tmp_path / f"worker-{len(handles)}",
             max_job_duration=max_job_duration,
             egress_allow=egress_allow,
         )

@@ -17,7 +17,7 @@ from bench.fake_runtime import FakeRuntime
 from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
-from jobwire.worker.daemon import Daemon
+from jobwire.worker.daemon import UNKNOWN_GRACE, Daemon
 from jobwire.worker.runtime import STDOUT, ContainerSpec, Piece, State
 from jobwire.worker.settings import WorkerSettings
 from tests.conftest import Stack, eventually, wait_finished
@@ -171,3 +171,18 @@ async def test_the_worker_dials_tls_with_the_given_ca_file(
                         await info
     finally:
         await listening.stop(None)
+
+
+def test_reconnect_pauses_stay_within_a_quarter_of_the_servers_grace(tmp_path: Path) -> None:
+    """Before the first registration a safe default bounds them; after it, the grace the server said.
+    Whatever the outage, the worker tries several times within the grace, so it is back before its
+    jobs are re-queued."""
+    daemon = Daemon(WorkerSettings(queue="q", data_directory=tmp_path), Runtime())
+    delays = daemon._reconnect_delays()
+    before = [next(delays) for _ in range(20)]
+    assert max(before) <= UNKNOWN_GRACE / 4 and before[0] <= 0.5
+    daemon.answer.lease_duration.FromSeconds(8)  # a server with --worker-grace 8s
+    after = [next(delays) for _ in range(20)]
+    assert max(after) <= 2 and min(after) >= 0.5  # jitter: half to all of the pause
+    daemon.answer.lease_duration.FromSeconds(600)
+    assert 15 < max(next(delays) for _ in range(40)) <= 30  # a long grace: they grow, to 30 s at most

@@ -305,7 +305,20 @@ async def test_attempt_is_stale_after_its_lease_expired(store: StateStore) -> No
     await submit(store, 1)
     lost = attempt_of(await claim(store))
     assert len(await store.requeue_expired(T0 + LEASE + 1)) == 1
-    await assert_stale(store, lost)
+    await assert_stale(store, lost, worker="w2")
+    # Its own worker, back, may still deliver its result while nobody else has the job: it runs once.
+    finished = await store.finish(lost, holder("w1", "back"), result(exit_code=0), T0 + LEASE + 5)
+    assert finished is not None and finished.state == jobs_pb2.JOB_STATE_FINISHED and finished.attempt == lost.attempt
+
+
+async def test_a_worker_back_past_its_lease_retakes_its_attempt_unless_given_again(store: StateStore) -> None:
+    await submit(store, 1)
+    lost = attempt_of(await claim(store, worker="w1"))
+    await store.requeue_expired(T0 + LEASE + 1)
+    assert await store.retake(holder("w1", "back"), [lost], T0 + 2 * LEASE) == []
+    job = await store.get_job(lost.job_id)
+    assert (job.state, job.attempt, job.worker_id) == (jobs_pb2.JOB_STATE_RUNNING, lost.attempt, "w1")
+    assert await store.claim(queue="q", holder=holder("w2"), now=T0 + LEASE + 3, lease=LEASE) == []  # not waiting
 
 
 async def test_attempt_is_stale_once_another_attempt_claimed_the_job(store: StateStore) -> None:
@@ -428,7 +441,8 @@ async def test_requeue_expired_puts_only_expired_leases_back(store: StateStore) 
     requeued = await store.requeue_expired(T0 + LEASE + 1)
     assert [(job.id, attempt) for job, attempt in requeued] == [(early.id, attempt_of(early))]
     job, _ = requeued[0]
-    assert (job.state, job.worker_id, job.queue) == (QUEUED, "", "q")
+    # still naming the worker it was lost from, whose result is taken until another claims it
+    assert (job.state, job.worker_id, job.queue) == (QUEUED, "w1", "q")
     stored = await store.get_job(early.id)
     assert stored is not None
     assert stored.history[-1].kind == jobs_pb2.JOB_EVENT_KIND_REQUEUED

@@ -71,7 +71,7 @@ def test_a_requeue_frees_the_job_of_its_worker_and_session(
     requeue: Callable[[Holding], transitions.Change], message: str
 ) -> None:
     change = requeue(RUNNING_W1)
-    assert (change.columns["state"], change.columns["worker_id"], change.columns["session"]) == (QUEUED, "", "")
+    assert (change.columns["state"], change.columns["session"]) == (QUEUED, "")  # no session holds it
     assert not change.finishes and (entry(change).attempt, entry(change).message) == (2, message)
 
 
@@ -90,3 +90,43 @@ def test_a_submission_queues_a_known_job_again_only_without_a_final_result() -> 
     assert transitions.may_queue_again(FINISHED, jobs_pb2.FINISH_REASON_CANCELLED)
     assert not transitions.may_queue_again(FINISHED, jobs_pb2.FINISH_REASON_SUCCESS)
     assert not transitions.may_queue_again(RUNNING, 0)
+
+
+SUCCESS = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_SUCCESS)
+LOST_W1 = Holding(QUEUED, 2, "w1", "")  # what `lease_ran_out` leaves: queued, still naming w1
+
+
+@pytest.mark.parametrize(
+    ("holding", "holder", "result", "may_finish"),
+    [
+        (RUNNING_W1, W1, SUCCESS, True),
+        (LOST_W1, Holder("w1", "s2", "q"), SUCCESS, True),  # back past its lease, nobody else has it
+        (LOST_W1, Holder("w1", "s2", "q"), jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_ERROR), True),
+        (LOST_W1, Holder("w2", "s3", "q"), SUCCESS, False),  # another worker
+        # the worker obeying the stop of its lost attempt: the job must run again
+        (LOST_W1, Holder("w1", "s2", "q"), jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_CANCELLED), False),
+        (Holding(RUNNING, 3, "w2", "s3"), Holder("w1", "s2", "q"), SUCCESS, False),  # given to another since
+        (Holding(QUEUED, 2, "", ""), Holder("w1", "s2", "q"), SUCCESS, False),  # released or queued again
+    ],
+)
+def test_a_result_of_an_attempt_lost_past_its_lease_is_taken_until_the_job_is_given_again(
+    holding: Holding, holder: Holder, result: jobs_pb2.JobResult, may_finish: bool
+) -> None:
+    assert transitions.may_finish(holding, ATTEMPT, holder, result) is may_finish
+
+
+def test_a_lease_that_ran_out_queues_the_job_again_still_naming_its_worker() -> None:
+    columns = transitions.lease_ran_out(RUNNING_W1, 5.0).columns
+    assert (columns["state"], columns["worker_id"], columns["session"]) == (QUEUED, "w1", "")
+    assert transitions.left_behind(RUNNING_W1, 5.0).columns["worker_id"] == ""
+
+
+def test_a_worker_back_past_its_lease_retakes_its_attempt_until_the_job_is_given_again() -> None:
+    back = Holder("w1", "s2", "q")
+    assert transitions.may_retake(LOST_W1, ATTEMPT, back)
+    assert not transitions.may_retake(LOST_W1, ATTEMPT, Holder("w2", "s3", "q"))
+    assert not transitions.may_retake(Holding(RUNNING, 3, "w2", "s3"), ATTEMPT, back)
+    change = transitions.renewed(back, 40.0, LOST_W1, 10.0)
+    assert change.columns == dict(lease_expires=40.0, session="s2", state=RUNNING, worker_id="w1", update_time=10.0)
+    assert (entry(change).attempt, entry(change).worker_id) == (2, "w1")
+    assert not transitions.renewed(back, 40.0, RUNNING_W1, 10.0).entry  # an ordinary renewal: no history

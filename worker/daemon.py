@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 import socket
-import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -19,16 +21,23 @@ import grpc
 from google.protobuf import duration_pb2
 
 import jobwire
-from jobwire.connection import Retry, Target, open_channel
+from jobwire.connection import Target, open_channel
 from jobwire.core import egress
 from jobwire.core.units import format_duration
 from jobwire.files import FileClient
 from jobwire.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from jobwire.worker.errors import BadMessage, Refused, StreamEnded
-from jobwire.worker.execution import ATTEMPT_LABEL, GPUS_LABEL, JOB_LABEL, WORKER_LABEL, Execution
+from jobwire.worker.execution import (
+    ATTEMPT_LABEL,
+    DEADLINE_LABEL,
+    GPUS_LABEL,
+    JOB_LABEL,
+    WORKER_LABEL,
+    Execution,
+)
 from jobwire.worker.gpus import GpuPool
 from jobwire.worker.outbox import Outbox
-from jobwire.worker.runtime import ContainerRuntime
+from jobwire.worker.runtime import LABEL, ContainerRuntime
 from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import Staging
 from jobwire.worker.validation import check_assignment, check_attempt
@@ -38,8 +47,20 @@ OUTBOX_SIZE = 256
 Call: TypeAlias = "grpc.aio.StreamStreamCall[workers_pb2.ConnectRequest, workers_pb2.ConnectResponse]"
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 """What the server answers a registration it will never accept (see `Refused`)."""
-_RECONNECT = Retry(attempts=sys.maxsize, initial_backoff=0.5, max_backoff=30.0)
-"""Pauses between reconnects (forever), from the first again once a registration succeeds."""
+EXPIRED_AFTER = 60.0
+"""How long past its deadline label a container of another worker is left alone (its own worker,
+if alive, removes it at the deadline)."""
+SWEEP_INTERVAL = 60.0
+"""How often a worker looks for containers left past their deadline (see `Daemon.remove_expired`)."""
+FIRST_RECONNECT = 0.5
+"""The first pause before reconnecting; each next one doubles, up to `reconnect_cap`."""
+RECONNECTS_WITHIN_GRACE = 4
+"""A worker cut off from the server tries again at least this often within the server's grace (its
+lease), so that it is back before its jobs are re-queued: the pauses stop growing at a quarter of it."""
+MAX_RECONNECT = 30.0
+"""The longest pause between reconnects, however long the grace."""
+UNKNOWN_GRACE = 20.0
+"""The grace assumed before the server has said its own (the server's default is 30 s)."""
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),
@@ -118,10 +139,13 @@ class Daemon:
                 max_download=self.settings.max_download_size,
                 download_time=self.settings.max_job_duration,
                 public_url=self._public_url,
+                upload_patience=self.settings.upload_patience,
             )
             try:
                 async with asyncio.TaskGroup() as jobs:
+                    await self.remove_expired()
                     await self._resume(jobs, staging)
+                    jobs.create_task(self._remove_expired_forever())
                     await self._connect_forever(workers_pb2_grpc.WorkerServiceStub(channel), jobs, staging)
             except* Refused as refused:
                 raise refused.exceptions[0] from None
@@ -129,7 +153,7 @@ class Daemon:
     async def _connect_forever(
         self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, jobs: asyncio.TaskGroup, staging: Staging
     ) -> None:
-        delays = _RECONNECT.delays()
+        delays = self._reconnect_delays()
         while True:
             try:
                 await self._session(stub, jobs, staging)
@@ -139,7 +163,7 @@ class Daemon:
                     raise Refused(f"the server refused this worker: {detail}") from None
                 log.warning("connection to %s lost (%s); reconnecting", self.settings.server, detail)
             if self.registered.is_set():
-                delays = _RECONNECT.delays()
+                delays = self._reconnect_delays()
             self.registered.clear()
             await asyncio.sleep(next(delays))
 
@@ -178,6 +202,22 @@ class Daemon:
                     beat.cancel()
         except* (grpc.aio.AioRpcError, StreamEnded) as lost:
             raise lost.exceptions[0] from None  # the stream broke: reconnect
+
+    def reconnect_cap(self) -> float:
+        """The longest pause between reconnects: a quarter of the server's grace (its lease) as it said at
+        the last registration (`UNKNOWN_GRACE` before any), so that several tries fall within it, and
+        never more than `MAX_RECONNECT`."""
+        grace = self.answer.lease_duration.ToTimedelta().total_seconds() or UNKNOWN_GRACE
+        return min(max(grace / RECONNECTS_WITHIN_GRACE, FIRST_RECONNECT), MAX_RECONNECT)
+
+    def _reconnect_delays(self) -> Iterator[float]:
+        """Pauses between reconnects, forever: exponential from `FIRST_RECONNECT`, capped by
+        `reconnect_cap` (read at each pause), each with jitter (half to all of it)."""
+        delay = FIRST_RECONNECT
+        while True:
+            delay = min(delay, self.reconnect_cap())
+            yield delay * random.uniform(0.5, 1.0)
+            delay *= 2
 
     def _registration(self) -> workers_pb2.RegisterWorker:
         return workers_pb2.RegisterWorker(
@@ -242,6 +282,34 @@ class Daemon:
             case "batch":
                 for each in message.batch.messages:
                     self._dispatch(each, jobs, staging)
+
+    async def remove_expired(self) -> None:
+        """Remove the containers of any jobwire worker on this machine whose attempt's deadline passed
+        `EXPIRED_AFTER` ago: their worker died and did not come back (a live one removes its own at
+        the deadline). So a container never outlives its job's time limit by more than that plus
+        `SWEEP_INTERVAL` while some worker runs on the machine."""
+        now = time.time()
+        for labels in await self.runtime.ours({LABEL: "true"}):
+            try:
+                deadline = float(labels.get(DEADLINE_LABEL, "inf"))
+            except ValueError:
+                continue
+            if deadline + EXPIRED_AFTER < now and labels.get(WORKER_LABEL) != self.worker_id:
+                log.warning(
+                    "removing container %s of job %s: worker %s left it past its deadline",
+                    labels["id"][:12],
+                    labels.get(JOB_LABEL, "?"),
+                    labels.get(WORKER_LABEL, "?"),
+                )
+                await self.runtime.remove(labels["id"])
+
+    async def _remove_expired_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.remove_expired()
+            except Exception:  # the engine is busy or restarting: the next sweep tries again
+                log.warning("could not look for expired containers", exc_info=True)
 
     async def _resume(self, jobs: asyncio.TaskGroup, staging: Staging) -> None:
         """Re-attach to the containers an earlier run of this worker (same id) left behind; they are

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import math
 import os
 import shutil
 import time
@@ -33,10 +35,13 @@ from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import OutputLimits, Staging
 
 _ASSIGNMENT = "assignment.binpb"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _SMALL_FOLDER_OUTPUTS = 64
 """Most outputs a folder removed on the loop may hold (see `Execution._remove_folder`)."""
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
 GPUS_LABEL = f"{LABEL}.gpus"
+DEADLINE_LABEL = f"{LABEL}.deadline"
+"""When the attempt's time limit ends, in whole seconds since the epoch: its container must be gone by then."""
 
 
 class Execution:
@@ -73,6 +78,15 @@ class Execution:
         except JobError as error:
             await self._build_log(f"error: {error}\n")
             return self._error(str(error))
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            # The worker's own disk (its data directory): the job cannot run here now; its folder goes
+            # below, and the next job finds the space it freed.
+            message = f"the worker's disk is full ({self.settings.data_directory}): {error.strerror}"
+            with contextlib.suppress(OSError):
+                await self._build_log(f"error: {message}\n")
+            return self._error(message)
         finally:
             await self._remove_folder()
 
@@ -129,7 +143,11 @@ class Execution:
         # Read-only: its files are the worker's cached blobs (hard links), which no job may change.
         binds = [(str(inputs), "/inputs", True), (str(outputs), "/outputs", False), *binds]
         spec = self.container_spec(binds, image, (await self.server()).public_url)
-        left = dataclasses.replace(spec, timeout=max(deadline - loop.time(), 0.1))
+        left_seconds = max(deadline - loop.time(), 0.1)
+        # Its deadline on the container too: any worker on this machine removes it once past (see
+        # `Daemon.remove_expired`), should this worker die and never return.
+        labels = spec.labels | {DEADLINE_LABEL: str(math.ceil(time.time() + left_seconds))}
+        left = dataclasses.replace(spec, timeout=left_seconds, labels=labels)
         outcome = await run_container(self.runtime, left, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
 

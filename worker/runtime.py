@@ -166,7 +166,7 @@ async def run_container(
 ) -> Outcome:
     """Run the container to its end (or its time limit), streaming its output; always removes it.
     `started` is awaited once the runtime has started the container."""
-    container_id = await runtime.create(spec)
+    container_id = await _create(runtime, spec)
     try:
         # Attached before it starts, so nothing it writes is missed however short the run.
         pieces = await runtime.attach(container_id)
@@ -179,6 +179,22 @@ async def run_container(
         return await _follow(runtime, container_id, spec.timeout, output, pieces)
     finally:
         await asyncio.shield(runtime.remove(container_id))
+
+
+async def _create(runtime: ContainerRuntime, spec: ContainerSpec) -> str:
+    """Create the container; cancelled meanwhile, the engine may still make it: it is then removed
+    once made (else a cancel within the create left a `created` container behind for good)."""
+    creating = asyncio.ensure_future(runtime.create(spec))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        await asyncio.shield(_remove_once_made(runtime, creating))
+        raise
+
+
+async def _remove_once_made(runtime: ContainerRuntime, creating: asyncio.Future[str]) -> None:
+    with contextlib.suppress(Exception):
+        await runtime.remove(await creating)
 
 
 async def resume_container(

@@ -124,6 +124,10 @@ class WorkerSettings:
     optionally `/tree/REF`, or a repository on this base's own host) is fetched from as the archive
     of its ref (`OWNER/REPO/archive/refs/heads/REF.zip`, then `OWNER/REPO/archive/REF.zip`): GitHub's
     by default; a GitHub Enterprise or any Git host serving archives the same way."""
+    upload_patience: Annotated[float, DURATION] = 3600.0
+    """How long the worker keeps retrying to store a finished job's output files while the server is
+    unreachable or out of space or its bucket fails, before the job finishes as an error. An output
+    the server refuses for good (past its size limit) is an error at once."""
 
     def job_memory_default(self) -> int:
         """A job's memory share: `default_memory`, else the machine's physical memory per slot."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import random
 import re
 import shutil
 import stat
@@ -12,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 from google.protobuf import struct_pb2
 
@@ -24,12 +27,17 @@ from jobwire.core.definition import (
     is_sha256,
     without_credentials,
 )
+from jobwire.core.units import format_duration
+from jobwire.errors import JobwireError
 from jobwire.files import FileClient, sha256_file
 from jobwire.v1 import definition_pb2
 from jobwire.worker.errors import StagingError
 
+log = logging.getLogger(__name__)
 DOWNLOAD_TRIES = 5
 READ_TIMEOUT = 60.0
+UPLOAD_FIRST_RETRY, UPLOAD_MAX_RETRY = 1.0, 30.0
+"""The first pause before an output upload is tried again, and the longest (each doubles)."""
 _OWN_BLOB = re.compile(r"/f/([0-9a-f]{64})")
 INLINE_BUDGET = 1024 * 1024
 """Most bytes of inline (base64) contents in a result; further small files are uploaded as blobs,
@@ -73,11 +81,13 @@ class Staging:
         max_download: int = 10 * 1024**3,
         download_time: float = 3600.0,
         public_url: Callable[[], Awaitable[str]] | None = None,
+        upload_patience: float = 3600.0,
     ) -> None:
         """`url` refs are fetched under `policy` (none: the default policy), at most `max_download`
         bytes in `download_time` seconds; one that names `public_url` (the server's, once it said it)
-        `/f/KEY` is the blob KEY, fetched over `files`."""
-        self.files, self.cache_dir = files, cache_dir
+        `/f/KEY` is the blob KEY, fetched over `files`. An output upload that fails for a reason that
+        may pass is retried for up to `upload_patience` seconds (see `_store`)."""
+        self.files, self.cache_dir, self.upload_patience = files, cache_dir, upload_patience
         self.policy = policy or egress.Policy()
         self.max_download, self.download_time, self.public_url = max_download, download_time, public_url
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -153,9 +163,33 @@ class Staging:
                 outputs[name] = definition_pb2.DataRef(type="base64", value=_string(data))
                 continue
             digest = await asyncio.to_thread(sha256_file, path)
-            await self.files.upload(path, digest)  # skipped when the server has the blob
+            await self._store(path, digest, name)  # skipped when the server has the blob
             outputs[name] = definition_pb2.DataRef(type="key", value=_string(digest), hash=digest)
         return outputs
+
+    async def _store(self, path: Path, digest: str, name: str) -> None:
+        """Upload an output, retrying with backoff (and jitter) while the failure may pass: the server
+        unreachable, restarting or out of disk space, a slow or failing bucket. The container has
+        finished: its outputs are worth waiting for, up to `upload_patience`. A refusal that cannot
+        pass (the file is past the server's size limit, the request is invalid) is the job's error."""
+        loop = asyncio.get_running_loop()
+        give_up, delay = loop.time() + self.upload_patience, UPLOAD_FIRST_RETRY
+        while True:
+            try:
+                await self.files.upload(path, digest)
+                return
+            except (JobwireError, httpx.HTTPError) as error:
+                if not _passing(error):
+                    raise StagingError(f"output {name} could not be stored: the server refused it: {error}") from None
+                pause = delay * random.uniform(0.5, 1.0)
+                if loop.time() + pause > give_up:
+                    raise StagingError(
+                        f"output {name} could not be stored within {format_duration(self.upload_patience)}"
+                        f" (upload-patience): {error}"
+                    ) from None
+                log.warning("upload of output %s failed (%s); retrying in %.1f s", name, error, pause)
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, UPLOAD_MAX_RETRY)
 
     async def _own_blob(self, url: str) -> str:
         """KEY when `url` is this server's own `/f/KEY` (what the seed's upload helper writes), else ''."""
@@ -203,6 +237,28 @@ class Staging:
                     if written > self.max_download:
                         raise too_big
                     handle.write(block)
+
+
+_PERMANENT = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+)
+
+
+def _passing(error: JobwireError | httpx.HTTPError) -> bool:
+    """Whether an upload's failure may pass by itself. RESOURCE_EXHAUSTED is both the server's size
+    limit (`upload exceeds the limit of N bytes`: permanent) and its disk full (passes once space is
+    freed); the bucket's errors (no status) and every other status are taken as passing."""
+    if isinstance(error, httpx.HTTPError) or error.code is None:
+        return True
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "exceeds the limit" not in str(error)
+    return error.code not in _PERMANENT
 
 
 def _port(url: httpx.URL) -> int | None:

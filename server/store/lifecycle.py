@@ -3,6 +3,7 @@ what may happen, and writes the answer (`SqlBase._apply`)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -81,7 +82,7 @@ class Lifecycle(SqlBase):
         self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
     ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
-            if not transitions.holds(await self._held(db, attempt, holder), attempt, holder):
+            if not transitions.may_finish(await self._held(db, attempt, holder), attempt, holder, result):
                 return None
             change = transitions.finished(attempt, holder, result, now)
             await self._apply(db, holder.queue, attempt.job_id, change, now)
@@ -111,8 +112,9 @@ class Lifecycle(SqlBase):
         stale: list[Attempt] = []
         async with self._transaction() as db:
             for attempt in attempts:
-                if may(await self._held(db, attempt, holder), attempt, holder):
-                    await self._apply(db, holder.queue, attempt.job_id, transitions.renewed(holder, until), until)
+                if may(holding := await self._held(db, attempt, holder), attempt, holder):
+                    change = transitions.renewed(holder, until, holding, time.time())
+                    await self._apply(db, holder.queue, attempt.job_id, change, until)
                 else:
                     stale.append(attempt)
         return stale

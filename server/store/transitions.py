@@ -9,7 +9,9 @@ Fencing: a worker acts on a running job only as the attempt it was given *and* f
 session (one stream connection) that holds it. A stream that registers with another worker id, or
 with the same id beside the live session, is refused. A worker that reconnects and names the
 attempts it still holds re-takes them into its new session (`may_retake`), so that a restart of
-the server or a network blip keeps running jobs.
+the server or a network blip keeps running jobs. A worker that comes back after its lease ran out
+may still deliver the result of the attempt it lost, as long as nobody else was given the job since
+(`may_finish`): the job then finishes once rather than running again.
 """
 
 from __future__ import annotations
@@ -63,13 +65,36 @@ def holds(holding: Holding | None, attempt: Attempt, holder: Holder) -> bool:
 
 
 def may_retake(holding: Holding | None, attempt: Attempt, holder: Holder) -> bool:
-    """True when the worker of `holder` holds `attempt` in some session: a reconnecting worker takes
-    the attempts it still runs into its new session."""
+    """True when the worker of `holder` holds `attempt` in some session, or lost it when its lease ran
+    out and nobody was given the job since (`lost_to`): a reconnecting worker takes the attempts it
+    still runs, or finished while cut off, into its new session rather than the job running again."""
     return (
         holding is not None
         and holding.state == RUNNING
         and holding.attempt == attempt.attempt
         and holding.worker_id == holder.worker_id
+    ) or lost_to(holding, attempt, holder)
+
+
+def lost_to(holding: Holding | None, attempt: Attempt, holder: Holder) -> bool:
+    """True when the job is queued again because the lease of `holder`'s worker on `attempt` ran out,
+    and no worker has been given it since (see `lease_ran_out`)."""
+    return (
+        holding is not None
+        and holding.state == QUEUED
+        and holding.attempt == attempt.attempt
+        and bool(holding.worker_id)
+        and holding.worker_id == holder.worker_id
+    )
+
+
+def may_finish(holding: Holding | None, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> bool:
+    """True when `holder` may finish the job with `result`: it holds `attempt`, or its worker lost the
+    attempt when its lease ran out (the job is queued again, still naming that worker and attempt:
+    see `lease_ran_out`) and nobody was given the job since. A cancelled result is not taken that way:
+    it is the worker obeying the server's stop of the lost attempt, not the attempt's own end."""
+    return holds(holding, attempt, holder) or (
+        lost_to(holding, attempt, holder) and result.reason != jobs_pb2.FINISH_REASON_CANCELLED
     )
 
 
@@ -118,8 +143,11 @@ def released(holding: Holding, reason: str, now: float) -> Change:
 
 
 def lease_ran_out(holding: Holding, now: float) -> Change:
-    """The job's worker went silent past its lease."""
-    return _requeued(holding, now, f"worker-lost: no word from worker {holding.worker_id} within its lease")
+    """The job's worker went silent past its lease. The queued job keeps naming that worker (not its
+    session) until it is assigned again, so a result the worker sends when it comes back is still
+    taken (`may_finish`)."""
+    change = _requeued(holding, now, f"worker-lost: no word from worker {holding.worker_id} within its lease")
+    return Change(change.entry, change.columns | dict(worker_id=holding.worker_id))
 
 
 def left_behind(holding: Holding, now: float) -> Change:
@@ -162,9 +190,18 @@ def ended_by_client(holding: Holding, reason: Reason, words: str, now: float, *,
     return Change(entry, _final(reason, now, result.SerializeToString()))
 
 
-def renewed(holder: Holder, until: float) -> Change:
-    """The holder's lease on a job it holds (or re-takes) lasts until `until`; no history."""
-    return Change(columns=dict(lease_expires=until, session=holder.session))
+def renewed(holder: Holder, until: float, holding: Holding | None = None, now: float = 0.0) -> Change:
+    """The holder's lease on a job it holds (or re-takes) lasts until `until`; no history, unless the
+    job was queued again after the worker's lease ran out (`lost_to`): it is running again, the same
+    attempt on the same worker."""
+    columns: dict[str, Any] = dict(lease_expires=until, session=holder.session)
+    if holding is None or holding.state != QUEUED:
+        return Change(columns=columns)
+    message = f"worker {holder.worker_id} came back with this attempt after its lease ran out; it runs on"
+    entry = history_entry(
+        jobs_pb2.JOB_EVENT_KIND_ASSIGNED, now, attempt=holding.attempt, worker_id=holder.worker_id, message=message
+    )
+    return Change(entry, columns | dict(state=RUNNING, worker_id=holder.worker_id, update_time=now))
 
 
 def to_stop(holding: Holding, job_id: str) -> Attempt | None:
