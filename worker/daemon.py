@@ -411,6 +411,7 @@ class Daemon:
         finally:
             self.gpus.give_back(execution.gpu_devices)
         attempt.result = self._result_message(attempt, result)
+        await execution.report_started()
         await self.outbox.put(attempt.result)
         if result is not None or attempt.stop is Stop.CANCEL:
             log.info(

@@ -5,6 +5,7 @@ Adding an option is adding a field here."""
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import subprocess
@@ -58,6 +59,18 @@ CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL", "
 entrypoints), change user (`su`, `gosu`, apt's `_apt`), signal their own processes, listen on a port
 below 1024. Docker's defaults also keep NET_RAW (raw sockets: ARP and ICMP spoofing on the job
 network), MKNOD, SYS_CHROOT, SETFCAP, SETPCAP, FSETID and AUDIT_WRITE, which no ordinary job needs."""
+
+
+@functools.cache
+def _machine_cpus() -> int:
+    """The machine's CPUs, read once: `os.cpu_count` reads a file under /sys on every call."""
+    return os.cpu_count() or 1
+
+
+@functools.cache
+def _physical_pages() -> int:
+    """The machine's pages of physical memory, read once."""
+    return os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)
@@ -133,11 +146,11 @@ class WorkerSettings:
         """A job's memory share: `default_memory`, else the machine's physical memory per slot."""
         if self.default_memory:
             return self.default_memory
-        return os.sysconf("SC_PHYS_PAGES") // max(self.cpus, 1) * os.sysconf("SC_PAGE_SIZE")  # whole pages
+        return _physical_pages() // max(self.cpus, 1) * os.sysconf("SC_PAGE_SIZE")  # whole pages
 
     def job_cpus_default(self) -> float:
         """A job's CPU share: the machine's CPUs per slot."""
-        return (os.cpu_count() or 1) / max(self.cpus, 1)
+        return _machine_cpus() / max(self.cpus, 1)
 
     def resolved_id(self) -> str:
         """`worker_id`, else the id persisted in the data directory (created once)."""
