@@ -184,10 +184,19 @@ class DockerRuntime:
             api._post_json(api._url("/containers/{0}/update", container_id), data={"PidsLimit": pids_limit})
 
     async def create(self, spec: ContainerSpec) -> str:
+        # A future, not a task: shielding it costs no task on the way every job takes.
+        made = asyncio.get_running_loop().run_in_executor(self._calls, self._create, spec)
         try:
-            return await self._in(self._calls, self._create, spec)
+            return await asyncio.shield(made)
         except docker.errors.APIError as error:
             raise ImageError(f"the Docker engine refused the container: {error.explanation}") from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._remove_once_made(made))
+            raise
+
+    async def _remove_once_made(self, made: asyncio.Future[str]) -> None:
+        with contextlib.suppress(Exception):
+            await self.remove(await made)
 
     def _create(self, spec: ContainerSpec) -> str:
         devices = [DeviceRequest(driver="nvidia", device_ids=spec.gpu_devices, capabilities=[["gpu"]])]

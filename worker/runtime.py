@@ -133,7 +133,9 @@ class ContainerRuntime(Protocol):
         with the engine's reason if it fails. Cancelled, it stops the build and its step's container."""
 
     async def create(self, spec: ContainerSpec) -> str:
-        """Create (not start) the container; its id. ImageError if the engine refuses it."""
+        """Create (not start) the container; its id. ImageError if the engine refuses it. Cancelled
+        while the engine makes it, it removes the container once made (else a cancel within the create
+        would leave a `created` container behind for good)."""
 
     async def attach(self, container_id: str) -> Pieces:
         """The container's output from now on, until it ends; attached before this returns.
@@ -166,7 +168,7 @@ async def run_container(
 ) -> Outcome:
     """Run the container to its end (or its time limit), streaming its output; always removes it.
     `started` is awaited once the runtime has started the container."""
-    container_id = await _create(runtime, spec)
+    container_id = await runtime.create(spec)
     try:
         # Attached before it starts, so nothing it writes is missed however short the run.
         pieces = await runtime.attach(container_id)
@@ -179,22 +181,6 @@ async def run_container(
         return await _follow(runtime, container_id, spec.timeout, output, pieces)
     finally:
         await asyncio.shield(runtime.remove(container_id))
-
-
-async def _create(runtime: ContainerRuntime, spec: ContainerSpec) -> str:
-    """Create the container; cancelled meanwhile, the engine may still make it: it is then removed
-    once made (else a cancel within the create left a `created` container behind for good)."""
-    creating = asyncio.ensure_future(runtime.create(spec))
-    try:
-        return await asyncio.shield(creating)
-    except asyncio.CancelledError:
-        await asyncio.shield(_remove_once_made(runtime, creating))
-        raise
-
-
-async def _remove_once_made(runtime: ContainerRuntime, creating: asyncio.Future[str]) -> None:
-    with contextlib.suppress(Exception):
-        await runtime.remove(await creating)
 
 
 async def resume_container(

@@ -13,6 +13,7 @@ run without yielding the loop between them, as the SQLite store requires (see `s
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -26,6 +27,9 @@ from jobwire.v1 import jobs_pb2
 JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, finish_reason"
 """The columns `rows.job_message` reads, in its order."""
 _JOB_WIDTH = JOB_COLUMNS.count(",") + 1
+_NAMESPACES = "(SELECT json_agg(namespace) FROM namespaces WHERE queue = jobs.queue AND job_id = jobs.id)"
+"""The namespaces holding a run, as a JSON array (NULL or `[]` for none), read in the run's statement."""
+_RUN_COLUMNS = f"{JOB_COLUMNS}, {_NAMESPACES}"
 JOB_RUN_ORDER = f"state = {FINISHED} DESC, update_time DESC"
 """Which of a job id's runs an id-only read shows: the most recently finished, else the most recently
 changed (a job URL is for reading a result; the queue's URL names one run exactly)."""
@@ -56,8 +60,16 @@ _ROW_LOCK = re.compile(r" FOR (UPDATE|SHARE)( OF \w+)?( SKIP LOCKED)?")
 
 @functools.lru_cache(maxsize=512)
 def sqlite_sql(sql: str) -> str:
-    """`sql` without row locks, and with a history append kept a blob (`||` makes text of blobs)."""
-    return _ROW_LOCK.sub("", sql).replace("history = history || ?", "history = CAST(history || ? AS BLOB)")
+    """`sql` without row locks, with a history append kept a blob (`||` makes text of blobs), and
+    PostgreSQL's `json_agg` as SQLite names it."""
+    sql = _ROW_LOCK.sub("", sql).replace("history = history || ?", "history = CAST(history || ? AS BLOB)")
+    return sql.replace("json_agg(", "json_group_array(")
+
+
+def _run_of(row: Sequence[Any]) -> tuple[jobs_pb2.Job, Sequence[Any]]:
+    """A run read with `_RUN_COLUMNS` (and more columns after them): its Job, and those columns."""
+    names = json.loads(row[_JOB_WIDTH]) if row[_JOB_WIDTH] else []
+    return job_message(tuple(row[:_JOB_WIDTH]), namespaces=sorted(names)), tuple(row[_JOB_WIDTH + 1 :])
 
 
 class SqlBase:
@@ -72,21 +84,28 @@ class SqlBase:
         """A connection for reads outside any operation."""
         raise NotImplementedError
 
-    async def _apply(self, db: Database, queue: str, job_id: str, change: Change, now: float) -> None:
+    async def _apply(
+        self, db: Database, queue: str, job_id: str, change: Change, now: float, returning: str = ""
+    ) -> Any:
         """Write what a transition decided to the job's run in `queue`: the row and its history in one
-        statement; a finish arms the run's `finished` webhooks in the same transaction."""
+        statement (answering the row `returning` names, if it names one); a finish arms the run's
+        `finished` webhooks in the same transaction."""
         values = [*change.columns.values()]
         sets = [f"{column} = ?" for column in change.columns]
         if change.entry:
             sets.append("history = history || ?")
             values.append(change.entry)
-        await db.run(f"UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?", *values, queue, job_id)
+        update = f"UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
+        row = (
+            await db.one(update, *values, queue, job_id) if returning else await db.run(update, *values, queue, job_id)
+        )
         if change.finishes:
             await db.run(
                 "UPDATE webhooks SET armed = TRUE, next_time = ?"
                 " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed",
                 *(now, job_id, queue, FINISHED_HOOK),
             )
+        return row
 
     async def _holding(self, db: Database, queue: str, job_id: str) -> Holding | None:
         """Who holds the job's run in `queue`, locking its row (on PostgreSQL) until the operation ends;
@@ -103,22 +122,19 @@ class SqlBase:
         self, db: Database, queue: str, job_id: str, more: str = ""
     ) -> tuple[jobs_pb2.Job, Sequence[Any]] | None:
         """The job's run in `queue` with the namespaces holding it, and the values of the columns `more`
-        lists (`, definition, …`), read by the same statement as the run."""
-        row = await db.one(f"SELECT {JOB_COLUMNS}{more} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
-        if row is None:
-            return None
-        names = await db.all(
-            "SELECT namespace FROM namespaces WHERE queue = ? AND job_id = ? ORDER BY namespace", queue, job_id
-        )
-        job = job_message(tuple(row[:_JOB_WIDTH]), namespaces=[name[0] for name in names])
-        return job, tuple(row[_JOB_WIDTH:])
+        lists (`, definition, …`), read by one statement."""
+        row = await db.one(f"SELECT {_RUN_COLUMNS}{more} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
+        return None if row is None else _run_of(row)
 
-    async def _current(self, db: Database, queue: str, job_id: str, result: bytes | None = None) -> jobs_pb2.Job:
-        """The run as a transition left it: its definition (and `result`) but no history, which is
-        enough to assign it and to tell watchers."""
-        found = await self._run(db, queue, job_id, ", definition")
-        assert found is not None
-        job, (definition,) = found
+    async def _changed(
+        self, db: Database, queue: str, job_id: str, change: Change, now: float, result: bytes | None = None
+    ) -> jobs_pb2.Job:
+        """`_apply`, answering the run as the transition left it: its definition (and `result`) but no
+        history, which is enough to assign it and to tell watchers. The row is written and read back
+        by one statement."""
+        row = await self._apply(db, queue, job_id, change, now, f" RETURNING {_RUN_COLUMNS}, definition")
+        assert row is not None
+        job, (definition,) = _run_of(row)
         return with_details(job, definition, result, b"")
 
     async def _details(self, db: Database, queue: str, job_id: str) -> jobs_pb2.Job | None:

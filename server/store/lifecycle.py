@@ -66,8 +66,8 @@ class Lifecycle(SqlBase):
         async with self._transaction() as db:
             while len(claimed) < count and (row := await db.one(_NEXT_WAITING, queue, QUEUED, gpus)) is not None:
                 job_id, attempt = row
-                await self._apply(db, queue, job_id, transitions.assigned(attempt, holder, now, lease), now)
-                claimed.append(await self._current(db, queue, job_id))
+                assigned = transitions.assigned(attempt, holder, now, lease)
+                claimed.append(await self._changed(db, queue, job_id, assigned, now))
                 gpus -= claimed[-1].definition.requirements.gpus
         return claimed
 
@@ -75,8 +75,7 @@ class Lifecycle(SqlBase):
         async with self._transaction() as db:
             if not transitions.holds(await self._held(db, attempt, holder), attempt, holder):
                 return None
-            await self._apply(db, holder.queue, attempt.job_id, transitions.started(attempt, holder, now), now)
-            return await self._current(db, holder.queue, attempt.job_id)
+            return await self._changed(db, holder.queue, attempt.job_id, transitions.started(attempt, holder, now), now)
 
     async def finish(
         self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
@@ -85,8 +84,7 @@ class Lifecycle(SqlBase):
             if not transitions.may_finish(await self._held(db, attempt, holder), attempt, holder, result):
                 return None
             change = transitions.finished(attempt, holder, result, now)
-            await self._apply(db, holder.queue, attempt.job_id, change, now)
-            return await self._current(db, holder.queue, attempt.job_id, change.columns["result"])
+            return await self._changed(db, holder.queue, attempt.job_id, change, now, change.columns["result"])
 
     async def release(self, attempt: Attempt, holder: Holder, reason: str, now: float) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
