@@ -13,9 +13,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from jobwire.core.definition import MAX_BATCH_JOBS, MAX_RESULT_OUTPUTS, DefinitionError, job_id, validate
+from jobwire.core.units import format_duration
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus, Subscription
-from jobwire.server.errors import InvalidArgument, NotFound, Unavailable
+from jobwire.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from jobwire.server.metrics import Metrics, queue_metrics
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
@@ -37,6 +38,7 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 __all__ = ["Attempt", "Holder", "Scheduler", "check_queue", "job_url_view"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
+EXPIRE_BATCH = 1000
 
 
 class Scheduler:
@@ -78,6 +80,7 @@ class Scheduler:
         the same definition neither answer nor hold it back)."""
         check_queue(queue)
         submission = self._checked(definition, control, claimed_id)
+        await self._room(queue, 1)
         ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
         await self._submitted(job, queued, submission, control, replaces=True)
         if queued:
@@ -100,6 +103,7 @@ class Scheduler:
                 submissions.append(self._checked(request.definition, request.control, request.id))
             except InvalidArgument as error:
                 raise InvalidArgument(f"jobs[{index}]: {error}") from None
+        await self._room(queue, len(submissions))
         stored = await self.store.submit(queue=queue, jobs=submissions, now=self.clock())
         # As if submitted one by one: the last job of a namespace is the one that replaces the others.
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
@@ -108,6 +112,36 @@ class Scheduler:
         if count := sum(queued for _, queued in stored):
             await self.bus.publish(topics.queue(queue), topics.work_notice(count))
         return [job for job, _ in stored]
+
+    async def _room(self, queue: str, count: int) -> None:
+        """TooLarge unless the queue has room for `count` more queued jobs (`--max-queued-jobs`).
+
+        Checked before the submission's transaction, so submissions racing each other may pass the
+        limit by as many as run at once; a resubmission of a job already queued counts as new."""
+        limit = self.settings.max_queued_jobs
+        if not limit:
+            return
+        queued = (await self.store.queue_counts(queue)).get(jobs_pb2.JOB_STATE_QUEUED, 0)
+        if queued + count > limit:
+            raise TooLarge(
+                f"queue {queue!r} holds {queued:,} queued jobs, the limit is {limit:,} (max-queued-jobs):"
+                " wait for workers to take some, or cancel some"
+            )
+
+    async def expire_queued(self) -> int:
+        """End the jobs that waited in their queues past `--queued-ttl` as expired (their finished
+        webhooks fire; watchers are told); returns how many."""
+        ttl = self.settings.queued_ttl
+        if not ttl:
+            return 0
+        count, now = 0, self.clock()
+        while ended := await self.store.expire_queued(now - ttl, EXPIRE_BATCH, format_duration(ttl), now):
+            count += len(ended)
+            for job in ended:
+                await self.publish_job(job)
+        if count:
+            log.info("expired %d job(s) queued longer than %s", count, format_duration(ttl))
+        return count
 
     def _checked(
         self, definition: definition_pb2.JobDefinition, control: definition_pb2.JobControl, claimed_id: str

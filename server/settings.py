@@ -53,6 +53,12 @@ class ServerSettings:
     loopback, link-local, private or otherwise not public (refused by default)."""
     retention_seconds: Annotated[float, DURATION, Parameter(name="retention")] = 30 * 24 * 3600.0
     """How long finished jobs (results, logs, history) are kept."""
+    queued_ttl: Annotated[float, DURATION] = 28 * 24 * 3600.0
+    """How long a job may wait in its queue for a worker; past it, it finishes as expired (and is
+    forgotten after `--retention`, its definition's bytes with it). 0 keeps queued jobs forever."""
+    max_queued_jobs: int = 100_000
+    """Most jobs one queue may hold queued; a submission past it is refused (RESOURCE_EXHAUSTED, HTTP
+    429). 0: no limit."""
     heartbeat_seconds: Annotated[float, INTERNAL] = 5.0
     """How often workers are told to send a heartbeat."""
     inline_limit: Annotated[int, INTERNAL] = 200

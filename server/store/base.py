@@ -197,6 +197,10 @@ class StateStore(CredentialStore, Protocol):
     async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
         """Forget a delivered (or abandoned) webhook, or count a failed try and retry it at `retry_at`."""
 
+    async def expire_queued(self, before: float, limit: int, ttl: str, now: float) -> list[jobs_pb2.Job]:
+        """End up to `limit` jobs queued (last put in their queue) before `before` as expired (see
+        `transitions.expired`; `ttl` names the time-to-live in words); returns their runs."""
+
     async def expire(self, before: float, limit: int) -> list[str]:
         """Forget up to `limit` jobs finished before `before`, with their logs, history and webhooks;
         returns their ids."""

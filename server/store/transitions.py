@@ -162,6 +162,18 @@ def ended_by_client(holding: Holding, reason: Reason, words: str, now: float, *,
     return Change(entry, _final(reason, now, result.SerializeToString()))
 
 
+def expired(holding: Holding, ttl: str, now: float) -> Change | None:
+    """A queued job waited past the queued time-to-live (`ttl` in words) and ends as expired; None
+    unless it is still queued."""
+    if holding.state != QUEUED:
+        return None
+    message = f"expired: waited in its queue longer than {ttl} without a worker taking it"
+    result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_EXPIRED, message=message, attempt=holding.attempt)
+    result.finish_time.CopyFrom(timestamp(now))
+    entry = history_entry(jobs_pb2.JOB_EVENT_KIND_FINISHED, now, attempt=holding.attempt, message=message)
+    return Change(entry, _final(jobs_pb2.FINISH_REASON_EXPIRED, now, result.SerializeToString()))
+
+
 def renewed(holder: Holder, until: float) -> Change:
     """The holder's lease on a job it holds (or re-takes) lasts until `until`; no history."""
     return Change(columns=dict(lease_expires=until, session=holder.session))
