@@ -79,6 +79,7 @@ def render(
     allowed_hosts: Sequence[str] | None = None,
     tls_secret: str | os.PathLike[str] | None = None,
     web: tuple[str, int] | None = None,
+    file_limit: int | None = None,
 ) -> dict[str, Any]:
     """The template with this layout substituted, its request guard generated.
 
@@ -90,7 +91,8 @@ def render(
     `restrict_hosts`). `tls_secret` is the path of an SDS file (`tls.secret()`) naming the
     certificate and key: the listener then speaks only TLS. `web` is the (host, port) of a plain HTTP server holding
     the built browser client; when given, the page and its assets are routed there (see
-    `add_web_routes`).
+    `add_web_routes`). `file_limit` is the open-file limit Envoy will run with: the cap on client
+    connections is lowered to leave room below it (see `connection_cap`).
     """
     if not upstreams:
         raise ValueError("at least one upstream server is needed")
@@ -111,7 +113,18 @@ def render(
         chain["transport_socket"] = tls.transport_socket(tls_secret)
     if web is not None:
         add_web_routes(config, *web)
+    if file_limit is not None:
+        (monitor,) = config["overload_manager"]["resource_monitors"]
+        cap = monitor["typed_config"]["max_active_downstream_connections"]
+        monitor["typed_config"]["max_active_downstream_connections"] = connection_cap(file_limit, cap)
     return config
+
+
+def connection_cap(file_limit: int, cap: int) -> int:
+    """The most client connections Envoy may hold (at most `cap`) under an open-file limit of
+    `file_limit`: a tenth of the limit (at least 1,024 files) stays free for upstream connections,
+    listeners, the descriptor set and logs."""
+    return max(min(cap, file_limit - max(file_limit // 10, 1024)), 1)
 
 
 # The transcoder must not see page requests: with `reject_unknown_method` it would answer 404.

@@ -1,6 +1,7 @@
 """Bounded storage, against a real server (SQLite, filesystem blobs) and a real Envoy: queued jobs
 expire after `--queued-ttl` and the data directory stops growing; a queue past `--max-queued-jobs`
-refuses more with RESOURCE_EXHAUSTED (HTTP 429)."""
+refuses more with RESOURCE_EXHAUSTED (HTTP 429); Envoy closes half-sent requests and may open more
+files than its connection cap."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+import yaml
 from google.protobuf import struct_pb2
 
 from jobwire.cli.services import start_local_envoy, stop_envoy
@@ -37,6 +39,8 @@ class Bounded:
     data: Path
     jobs: jobs_pb2_grpc.JobServiceStub
     rest: httpx.AsyncClient
+    envoy: asyncio.subprocess.Process
+    envoy_port: int
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -61,7 +65,7 @@ async def bounded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bou
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as rest,
         ):
-            yield Bounded(data, jobs_pb2_grpc.JobServiceStub(channel), rest)
+            yield Bounded(data, jobs_pb2_grpc.JobServiceStub(channel), rest, envoy, port)
     finally:
         await stop_envoy(envoy)
         task.cancel()
@@ -141,3 +145,33 @@ async def test_a_full_queue_refuses_submissions_with_resource_exhausted(bounded:
     # another queue is not held back
     other = f"q-{uuid.uuid4().hex}"
     await bounded.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=other, definition=extra))
+
+
+async def test_envoy_closes_half_sent_requests_within_its_headers_timeout(bounded: Bounded) -> None:
+    """A slowloris: 200 connections each send part of a request's headers, then nothing."""
+    connections = [await asyncio.open_connection("127.0.0.1", bounded.envoy_port) for _ in range(200)]
+    try:
+        for _, writer in connections:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        await asyncio.gather(*(writer.drain() for _, writer in connections))
+
+        async def closed(reader: asyncio.StreamReader) -> None:
+            while await reader.read(65536):  # Envoy's 408, then the end of the connection
+                pass
+
+        # request_headers_timeout is 10 s; without it Envoy held such connections for minutes
+        await asyncio.wait_for(asyncio.gather(*(closed(reader) for reader, _ in connections)), 40)
+    finally:
+        for _, writer in connections:
+            writer.close()
+    assert (await bounded.rest.get("/healthz")).status_code == 200
+
+
+def test_envoy_may_open_more_files_than_its_connection_cap(bounded: Bounded) -> None:
+    config = yaml.safe_load((bounded.data / "envoy.yaml").read_text())
+    (monitor,) = config["overload_manager"]["resource_monitors"]
+    cap = monitor["typed_config"]["max_active_downstream_connections"]
+    limits = Path(f"/proc/{bounded.envoy.pid}/limits").read_text().splitlines()
+    (files,) = [line for line in limits if line.startswith("Max open files")]
+    soft = int(files.split()[3])
+    assert cap >= 1024 and soft > cap + 1024, (soft, cap)
