@@ -121,7 +121,8 @@ class FileClient:
         if is_sha256(key) and await self.exists(key):
             report(Transfer(name, total, total, complete=True, skipped=True))
             return key
-        direct = await self.url(key, files_pb2.FILE_URL_METHOD_PUT)
+        # Other keys are written once, which only the server checks: they are never given a URL.
+        direct = await self.url(key, files_pb2.FILE_URL_METHOD_PUT) if is_sha256(key) else None
         if direct is not None:
             await _put(direct, source, total, report, name)
         else:

@@ -217,3 +217,19 @@ async def test_interrupted_grpc_upload_resumes_through_envoy(stack: Stack) -> No
         assert tail == b"".join([chunk async for chunk in generated(total, seed, total - 10)])
     with contextlib.suppress(FileNotFoundError):
         (stack.data_directory / "blobs" / key).unlink()
+
+
+async def test_a_key_that_is_no_hash_cannot_be_overwritten_by_another_client(
+    rest: httpx.AsyncClient, stack: Stack, queue: str
+) -> None:
+    key = f"report-{queue}.txt"
+    assert (await rest.put(f"/f/{key}", content=b"the owner's report")).status_code == 200
+    async with httpx.AsyncClient(base_url=stack.rest, timeout=30) as stranger:
+        refused = await stranger.put(f"/f/{key}", content=b"a stranger's report")
+        assert refused.status_code == 409, refused.text
+        assert f"file {key!r} exists with other bytes" in refused.json()["message"]
+        again = await stranger.put(f"/f/{key}", content=b"the owner's report")  # the same bytes: fine
+        assert again.status_code == 200, again.text
+        url = await stranger.get(f"/f/{key}/url", params={"method": "FILE_URL_METHOD_PUT"})
+        assert url.json().get("url", "") == ""  # no way around the server's check
+    assert (await rest.get(f"/f/{key}")).content == b"the owner's report"

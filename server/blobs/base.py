@@ -35,7 +35,8 @@ class BlobWriter(Protocol):
         """Make the blob visible under its key; returns the SHA-256 hex of its bytes.
 
         Raises InvalidArgument (and drops the upload) when the key is a SHA-256 that the
-        bytes do not match."""
+        bytes do not match. A key that is not a SHA-256 is written once: AlreadyExists (the
+        upload dropped) when a blob of other bytes is there; one of the same bytes is kept."""
 
     async def suspend(self) -> None:
         """Stop writing but keep what was written, for a later `writer(key, offset)`."""

@@ -15,7 +15,7 @@ from typing import BinaryIO
 from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.core.writing import ChunkWriter
 from jobwire.server.blobs.base import CHUNK_SIZE
-from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from jobwire.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600
 """Suspended uploads untouched for this long are removed when the store opens."""
@@ -130,6 +130,29 @@ def _open_at(resumable: Path, own: Path, offset: int) -> tuple[BinaryIO, hashlib
     return handle, digest
 
 
+def _write_once(partial: Path, final: Path, digest: str) -> None:
+    """Make `partial` the blob `final` unless a blob is there: a key that is not a SHA-256 is
+    written once (a hard link fails when the name exists, atomically, whoever races). An existing
+    blob of the same bytes is kept as it is; one of other bytes refuses the upload."""
+    try:
+        os.link(partial, final)
+    except FileExistsError:
+        if file_sha256(final) != digest:
+            raise AlreadyExists(
+                f"file {final.name!r} exists with other bytes; a key that is not a SHA-256 of its bytes is"
+                " written once: upload under another key (or under the bytes' SHA-256)"
+            ) from None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex of the file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _remove_stale(folder: Path, before: float) -> None:
     for path in folder.iterdir():
         if path.stat().st_mtime < before:
@@ -172,9 +195,13 @@ class FileBlobWriter:
             )
         try:
             await asyncio.to_thread(self._chunks.handle.close)
-            await asyncio.to_thread(os.replace, self._partial, self._final)
+            if is_sha256(self.key):
+                await asyncio.to_thread(os.replace, self._partial, self._final)
+            else:
+                await asyncio.to_thread(_write_once, self._partial, self._final, digest)
             self._resumable.unlink(missing_ok=True)  # the blob is complete: nothing left to resume
         finally:
+            self._partial.unlink(missing_ok=True)
             self._ended(self.key)
         return digest
 

@@ -28,7 +28,7 @@ from botocore.exceptions import ClientError
 
 from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.server.blobs.base import CHUNK_SIZE, URL_SECONDS, put_headers
-from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from jobwire.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -49,6 +49,12 @@ def parse_url(url: str) -> tuple[str, str]:
         raise ValueError(f"blob store URL {url!r} names no bucket")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""
+
+
+def _exists(error: ClientError) -> bool:
+    """The error of a conditional write (If-None-Match: *) of a key that exists."""
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412")
 
 
 def _missing(error: ClientError) -> bool:
@@ -292,20 +298,42 @@ class S3BlobWriter:
                 f"checksum mismatch: the bytes hash to {digest}, not to the key {self.key}; nothing was stored"
             )
         try:
-            await self._assemble()
+            try:
+                await self._assemble(once=not is_sha256(self.key))
+            except ClientError as error:
+                if not _exists(error) or await self._digest_of_blob() != digest:
+                    raise
             await self.store.delete_objects([name for name, _ in self._segments])
+        except BaseException as error:
+            if isinstance(error, ClientError) and _exists(error):
+                await self.store.delete_objects([name for name, _ in self._segments])
+                raise AlreadyExists(
+                    f"file {self.key!r} exists with other bytes; a key that is not a SHA-256 of its bytes is"
+                    " written once: upload under another key (or under the bytes' SHA-256)"
+                ) from None
+            raise
         finally:
             self.store.ended(self.key)
         return digest
 
-    async def _assemble(self) -> None:
+    async def _digest_of_blob(self) -> str:
+        """SHA-256 hex of the stored blob's bytes."""
+        digest = hashlib.sha256()
+        async for chunk in self.store.read(self.key):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    async def _assemble(self, *, once: bool) -> None:
+        """Store the segments and buffer as the blob; `once`: only if no blob is there (a conditional
+        write, If-None-Match: *, which the bucket answers 412 when one is)."""
         client, bucket, final = self.store.client, self.store.bucket, self.store.prefix + self.key
+        condition: dict[str, Any] = {"IfNoneMatch": "*"} if once else {}
         if not self._segments:
-            await client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer))
+            await client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer), **condition)
             return
         if self._buffer:
             await self._flush(len(self._buffer))
-        if len(self._segments) == 1:
+        if len(self._segments) == 1 and not once:  # a copy cannot be conditional: once goes multipart
             source = {"Bucket": bucket, "Key": self._segments[0][0]}
             await client.copy_object(Bucket=bucket, Key=final, CopySource=source)  # type: ignore[arg-type]
             return
@@ -327,6 +355,7 @@ class S3BlobWriter:
                 Key=final,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                **condition,
             )
         except BaseException:
             await client.abort_multipart_upload(Bucket=bucket, Key=final, UploadId=upload_id)

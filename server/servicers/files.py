@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
 
-from jobwire.core.definition import DefinitionError, check_key
+from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.core.units import timestamp
 from jobwire.server import transfers
 from jobwire.server.blobs import BlobStore
@@ -88,6 +88,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             upload = request.method == files_pb2.FILE_URL_METHOD_PUT
             if not upload and await self.blobs.size(key) is None:
                 raise NotFound(f"file {key!r} not found")
+            if upload and not is_sha256(key):
+                return files_pb2.GetFileUrlResponse()  # written once: the server compares the bytes
             url = await self.blobs.presigned_url(key, method="PUT" if upload else "GET")
             if url is None:
                 return files_pb2.GetFileUrlResponse()

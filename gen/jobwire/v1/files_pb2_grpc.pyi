@@ -33,7 +33,9 @@ class FileServiceStub:
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     @_typing.overload
@@ -49,7 +51,8 @@ class FileServiceStub:
     fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
     was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
     409) when another upload of the key is in progress or `offset` is past
-    the stored bytes.
+    the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+    and a file of other bytes has it.
     """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]
     """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
@@ -78,7 +81,9 @@ class FileServiceStub:
     `UploadFile` / `DownloadFile`. A download URL of a missing blob is
     NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
     that hash (the bucket checks the signed checksum sent in `headers`);
-    the blob is visible once the PUT succeeds.
+    the blob is visible once the PUT succeeds. Other keys get no upload URL
+    (`url` empty): they are written once, which the server checks, so their
+    bytes go through `UploadFile`.
     """
 
 @_typing.type_check_only
@@ -88,7 +93,9 @@ class FileServiceAsyncStub(FileServiceStub):
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -101,7 +108,8 @@ class FileServiceAsyncStub(FileServiceStub):
     fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
     was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
     409) when another upload of the key is in progress or `offset` is past
-    the stored bytes.
+    the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+    and a file of other bytes has it.
     """
     DownloadFile: _aio.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
@@ -130,7 +138,9 @@ class FileServiceAsyncStub(FileServiceStub):
     `UploadFile` / `DownloadFile`. A download URL of a missing blob is
     NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
     that hash (the bucket checks the signed checksum sent in `headers`);
-    the blob is visible once the PUT succeeds.
+    the blob is visible once the PUT succeeds. Other keys get no upload URL
+    (`url` empty): they are written once, which the server checks, so their
+    bytes go through `UploadFile`.
     """
 
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -139,7 +149,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     @_abc_1.abstractmethod
@@ -156,7 +168,8 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
         was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
         409) when another upload of the key is in progress or `offset` is past
-        the stored bytes.
+        the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+        and a file of other bytes has it.
         """
 
     @_abc_1.abstractmethod
@@ -209,7 +222,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         `UploadFile` / `DownloadFile`. A download URL of a missing blob is
         NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
         that hash (the bucket checks the signed checksum sent in `headers`);
-        the blob is visible once the PUT succeeds.
+        the blob is visible once the PUT succeeds. Other keys get no upload URL
+        (`url` empty): they are written once, which the server checks, so their
+        bytes go through `UploadFile`.
         """
 
 def add_FileServiceServicer_to_server(servicer: FileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

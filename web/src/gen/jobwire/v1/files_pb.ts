@@ -353,7 +353,9 @@ export const FileUrlMethodSchema: GenEnum<FileUrlMethod> = /*@__PURE__*/
  * A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
  * start with a dot. When the key is a SHA-256 hex string (64 characters) the
  * server verifies the uploaded bytes against it and rejects a mismatch, so a
- * blob stored under its hash can be trusted and shared.
+ * blob stored under its hash can be trusted and shared. Any other key is
+ * written once: an upload of other bytes under an existing key is refused
+ * with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
  *
  * @generated from service jobwire.v1.FileService
  */
@@ -367,7 +369,8 @@ export const FileService: GenService<{
    * fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
    * was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
    * 409) when another upload of the key is in progress or `offset` is past
-   * the stored bytes.
+   * the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+   * and a file of other bytes has it.
    *
    * @generated from rpc jobwire.v1.FileService.UploadFile
    */
@@ -424,7 +427,9 @@ export const FileService: GenService<{
    * `UploadFile` / `DownloadFile`. A download URL of a missing blob is
    * NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
    * that hash (the bucket checks the signed checksum sent in `headers`);
-   * the blob is visible once the PUT succeeds.
+   * the blob is visible once the PUT succeeds. Other keys get no upload URL
+   * (`url` empty): they are written once, which the server checks, so their
+   * bytes go through `UploadFile`.
    *
    * @generated from rpc jobwire.v1.FileService.GetFileUrl
    */
