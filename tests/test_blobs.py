@@ -259,6 +259,22 @@ async def test_read_a_range(blobs: BlobStore) -> None:
     assert b"".join(chunks) == DATA[CHUNK_SIZE - 5 : 2 * CHUNK_SIZE + 5]
 
 
+async def test_a_suspended_upload_is_resumed_only_by_its_owner(blobs: BlobStore) -> None:
+    data = b"0123456789" * 1000
+    writer = await blobs.writer(sha256(data), owner="alice")
+    await writer.write(data[:4000])
+    await writer.suspend()
+    assert await blobs.pending(sha256(data), owner="mallory") == (0, False)
+    assert await blobs.pending(sha256(data)) == (0, False)
+    with pytest.raises(Conflict, match="no interrupted upload"):
+        await blobs.writer(sha256(data), 4000, owner="mallory")
+    assert await blobs.pending(sha256(data), owner="alice") == (4000, False)
+    resumed = await blobs.writer(sha256(data), 4000, owner="alice")
+    await resumed.write(data[4000:])
+    assert await resumed.commit() == sha256(data)
+    assert await read_all(blobs, sha256(data)) == data
+
+
 async def test_a_key_that_is_no_hash_is_written_once(blobs: BlobStore) -> None:
     assert await put(blobs, "notes.txt", b"first words") == sha256(b"first words")
     with pytest.raises(AlreadyExists, match=r"'notes\.txt' exists with other bytes"):

@@ -24,9 +24,9 @@ PARTIAL_MAX_AGE = 7 * 24 * 3600
 class FileBlobStore:
     """Blobs as files `<root>/<key>`; each upload writes its own `<root>/.partial/<key>.<uuid>`.
 
-    Uploads of one key never mix. A suspended upload becomes the key's resumable partial,
-    `<root>/.partial/<key>` (the latest one wins); a resume claims it by renaming it to
-    its own name, so two resumes cannot both continue it."""
+    Uploads of one key never mix. A suspended upload becomes its owner's resumable partial of
+    the key, `<root>/.partial/<key>~<owner>` (the owner's latest one wins); a resume claims it
+    by renaming it to its own name, so two resumes cannot both continue it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,22 +43,26 @@ class FileBlobStore:
             raise InvalidArgument(str(error)) from None
         return self.root / key
 
-    async def writer(self, key: str, offset: int = 0) -> FileBlobWriter:
+    async def writer(self, key: str, offset: int = 0, *, owner: str = "") -> FileBlobWriter:
         final = self._path(key)
-        own = self._partials / f"{key}.{uuid.uuid4().hex}"
-        handle, digest = await asyncio.to_thread(_open_at, self._partials / key, own, offset)
+        own, resumable = self._partials / f"{key}.{uuid.uuid4().hex}", self._resumable(key, owner)
+        handle, digest = await asyncio.to_thread(_open_at, resumable, own, offset)
         self._running[key] += 1
-        return FileBlobWriter(key, own, final, self._partials / key, handle, digest, offset, self._ended)
+        return FileBlobWriter(key, own, final, resumable, handle, digest, offset, self._ended)
+
+    def _resumable(self, key: str, owner: str) -> Path:
+        """The suspended upload of `key` by `owner` (`~` is in no key, so names never collide)."""
+        return self._partials / (f"{key}~{owner}" if owner else key)
 
     def _ended(self, key: str) -> None:
         self._running[key] -= 1
         if self._running[key] <= 0:
             del self._running[key]
 
-    async def pending(self, key: str) -> tuple[int, bool]:
+    async def pending(self, key: str, *, owner: str = "") -> tuple[int, bool]:
         self._path(key)
         try:
-            stored = (await asyncio.to_thread(os.stat, self._partials / key)).st_size
+            stored = (await asyncio.to_thread(os.stat, self._resumable(key, owner))).st_size
         except FileNotFoundError:
             stored = 0
         return stored, key in self._running

@@ -43,6 +43,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
                 offset=first.offset,
                 expected=expected,
                 limit=self.max_upload_size,
+                owner=_owner(first.resume_token, context),
             )
             self.metrics.bytes["uploaded"] += size - first.offset
             return files_pb2.UploadFileResponse(key=key, size=size, sha256=digest)
@@ -79,7 +80,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         async with grpc_errors(context):
             key = checked_key(request.key)
             complete = await self.blobs.size(key) is not None
-            offset, running = await self.blobs.pending(key)
+            offset, running = await self.blobs.pending(key, owner=_owner(request.resume_token, context))
             return files_pb2.GetUploadResponse(key=key, offset=offset, complete=complete, in_progress=running)
 
     async def GetFileUrl(self, request: files_pb2.GetFileUrlRequest, context: Context) -> files_pb2.GetFileUrlResponse:
@@ -110,6 +111,11 @@ async def _nothing() -> AsyncIterator[bytes]:
     empty: tuple[bytes, ...] = ()
     for chunk in empty:
         yield chunk
+
+
+def _owner(token: str, context: Context) -> str:
+    """Who may resume the call's upload: from its resume token (the field, else the header)."""
+    return transfers.owner(token or header(context, transfers.RESUME_TOKEN) or "")
 
 
 def checked_key(key: str) -> str:

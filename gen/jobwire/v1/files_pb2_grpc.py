@@ -87,10 +87,12 @@ class FileServiceServicer:
         REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
         in memory); `?offset=N` resumes. The blob becomes visible only once
         complete and verified. An upload cut short (the client went away, or
-        fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-        was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-        409) when another upload of the key is in progress or `offset` is past
-        the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+        fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+        carries a `resume_token` keeps what was stored for the holder of that
+        token alone: `GetUpload` with the token tells the offset to resume from,
+        and only an upload with the same token can resume it (without a token
+        nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+        progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
         and a file of other bytes has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -121,8 +123,9 @@ class FileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUpload(self, request, context):
-        """Tells how much of an interrupted upload is stored, i.e. the offset to
-        resume from (0 when there is none), and whether one is running.
+        """Tells how much of the caller's interrupted upload (named by its resume
+        token) is stored, i.e. the offset to resume from (0 when there is none),
+        and whether an upload of the key is running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

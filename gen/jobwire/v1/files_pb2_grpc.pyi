@@ -48,10 +48,12 @@ class FileServiceStub:
     REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
     in memory); `?offset=N` resumes. The blob becomes visible only once
     complete and verified. An upload cut short (the client went away, or
-    fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-    was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-    409) when another upload of the key is in progress or `offset` is past
-    the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+    fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+    carries a `resume_token` keeps what was stored for the holder of that
+    token alone: `GetUpload` with the token tells the offset to resume from,
+    and only an upload with the same token can resume it (without a token
+    nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+    progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
     and a file of other bytes has it.
     """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]
@@ -70,8 +72,9 @@ class FileServiceStub:
     does not.
     """
     GetUpload: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]
-    """Tells how much of an interrupted upload is stored, i.e. the offset to
-    resume from (0 when there is none), and whether one is running.
+    """Tells how much of the caller's interrupted upload (named by its resume
+    token) is stored, i.e. the offset to resume from (0 when there is none),
+    and whether an upload of the key is running.
     """
     GetFileUrl: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetFileUrlRequest, _files_pb2.GetFileUrlResponse]
     """Gives a URL that moves a blob's bytes straight to or from the blob
@@ -105,10 +108,12 @@ class FileServiceAsyncStub(FileServiceStub):
     REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
     in memory); `?offset=N` resumes. The blob becomes visible only once
     complete and verified. An upload cut short (the client went away, or
-    fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-    was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-    409) when another upload of the key is in progress or `offset` is past
-    the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+    fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+    carries a `resume_token` keeps what was stored for the holder of that
+    token alone: `GetUpload` with the token tells the offset to resume from,
+    and only an upload with the same token can resume it (without a token
+    nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+    progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
     and a file of other bytes has it.
     """
     DownloadFile: _aio.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
@@ -127,8 +132,9 @@ class FileServiceAsyncStub(FileServiceStub):
     does not.
     """
     GetUpload: _aio.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]  # type: ignore[assignment]
-    """Tells how much of an interrupted upload is stored, i.e. the offset to
-    resume from (0 when there is none), and whether one is running.
+    """Tells how much of the caller's interrupted upload (named by its resume
+    token) is stored, i.e. the offset to resume from (0 when there is none),
+    and whether an upload of the key is running.
     """
     GetFileUrl: _aio.UnaryUnaryMultiCallable[_files_pb2.GetFileUrlRequest, _files_pb2.GetFileUrlResponse]  # type: ignore[assignment]
     """Gives a URL that moves a blob's bytes straight to or from the blob
@@ -165,10 +171,12 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
         in memory); `?offset=N` resumes. The blob becomes visible only once
         complete and verified. An upload cut short (the client went away, or
-        fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-        was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-        409) when another upload of the key is in progress or `offset` is past
-        the stored bytes. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+        fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+        carries a `resume_token` keeps what was stored for the holder of that
+        token alone: `GetUpload` with the token tells the offset to resume from,
+        and only an upload with the same token can resume it (without a token
+        nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+        progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
         and a file of other bytes has it.
         """
 
@@ -205,8 +213,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _files_pb2.GetUploadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_files_pb2.GetUploadResponse, _abc.Awaitable[_files_pb2.GetUploadResponse]]:
-        """Tells how much of an interrupted upload is stored, i.e. the offset to
-        resume from (0 when there is none), and whether one is running.
+        """Tells how much of the caller's interrupted upload (named by its resume
+        token) is stored, i.e. the offset to resume from (0 when there is none),
+        and whether an upload of the key is running.
         """
 
     @_abc_1.abstractmethod
