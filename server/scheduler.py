@@ -80,7 +80,7 @@ class Scheduler:
         the same definition neither answer nor hold it back)."""
         check_queue(queue)
         submission = self._checked(definition, control, claimed_id)
-        await self._room(queue, 1)
+        await self._room(queue, [submission])
         ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
         await self._submitted(job, queued, submission, control, replaces=True)
         if queued:
@@ -103,7 +103,7 @@ class Scheduler:
                 submissions.append(self._checked(request.definition, request.control, request.id))
             except InvalidArgument as error:
                 raise InvalidArgument(f"jobs[{index}]: {error}") from None
-        await self._room(queue, len(submissions))
+        await self._room(queue, submissions)
         stored = await self.store.submit(queue=queue, jobs=submissions, now=self.clock())
         # As if submitted one by one: the last job of a namespace is the one that replaces the others.
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
@@ -113,20 +113,28 @@ class Scheduler:
             await self.bus.publish(topics.queue(queue), topics.work_notice(count))
         return [job for job, _ in stored]
 
-    async def _room(self, queue: str, count: int) -> None:
-        """TooLarge unless the queue has room for `count` more queued jobs (`--max-queued-jobs`).
+    async def _room(self, queue: str, submissions: Sequence[Submission]) -> None:
+        """TooLarge unless the queue has room for `submissions`: more queued jobs
+        (`--max-queued-jobs`) and more bytes of definitions (`--max-queue-bytes`).
 
         Checked before the submission's transaction, so submissions racing each other may pass the
-        limit by as many as run at once; a resubmission of a job already queued counts as new."""
+        limits by as much as they add at once; a resubmission of a job the queue holds counts as new."""
         limit = self.settings.max_queued_jobs
-        if not limit:
-            return
-        queued = (await self.store.queue_counts(queue)).get(jobs_pb2.JOB_STATE_QUEUED, 0)
-        if queued + count > limit:
-            raise TooLarge(
-                f"queue {queue!r} holds {queued:,} queued jobs, the limit is {limit:,} (max-queued-jobs):"
-                " wait for workers to take some, or cancel some"
-            )
+        if limit:
+            queued = (await self.store.queue_counts(queue)).get(jobs_pb2.JOB_STATE_QUEUED, 0)
+            if queued + len(submissions) > limit:
+                raise TooLarge(
+                    f"queue {queue!r} holds {queued:,} queued jobs, the limit is {limit:,} (max-queued-jobs):"
+                    " wait for workers to take some, or cancel some"
+                )
+        most = self.settings.max_queue_bytes
+        if most:
+            held = await self.store.queue_bytes(queue)
+            if held + sum(submission.definition.ByteSize() for submission in submissions) > most:
+                raise TooLarge(
+                    f"queue {queue!r} holds {held:,} bytes of job definitions, the limit is {most:,}"
+                    " (max-queue-bytes): put large inputs in files (by key) instead of inline"
+                )
 
     async def expire_queued(self) -> int:
         """End the jobs that waited in their queues past `--queued-ttl` as expired (their finished

@@ -59,6 +59,11 @@ class ServerSettings:
     max_queued_jobs: int = 100_000
     """Most jobs one queue may hold queued; a submission past it is refused (RESOURCE_EXHAUSTED, HTTP
     429). 0: no limit."""
+    max_queue_bytes: Annotated[int, SIZE] = 1024**3
+    """Most bytes of job definitions (inline inputs included) one queue may hold, its queued,
+    running and finished jobs' together (finished ones until `--retention` forgets them); a
+    submission past it is refused (RESOURCE_EXHAUSTED, HTTP 429). Uploaded files count toward no
+    queue: a file is shared by its key. 0: no limit."""
     heartbeat_seconds: Annotated[float, INTERNAL] = 5.0
     """How often workers are told to send a heartbeat."""
     inline_limit: Annotated[int, INTERNAL] = 200

@@ -22,13 +22,14 @@ import yaml
 from google.protobuf import struct_pb2
 
 from jobwire.cli.services import start_local_envoy, stop_envoy
-from jobwire.core.definition import MAX_INLINE_BYTES
+from jobwire.core.definition import MAX_INLINE_BYTES, job_id
 from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import eventually
 
 LIMIT = 4
+BYTES = 20 * 1024 * 1024
 ROUNDS = 20
 
 
@@ -43,6 +44,21 @@ class Bounded:
     envoy_port: int
 
 
+@contextlib.asynccontextmanager
+async def serving(settings: ServerSettings) -> AsyncIterator[int]:
+    """A server of `settings` running; its port."""
+    server = await build_server(settings)
+    started = asyncio.Event()
+    task = asyncio.create_task(server.run(started))
+    await started.wait()
+    try:
+        yield server.port
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def bounded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bounded]:
     data = tmp_path_factory.mktemp("bounded")
@@ -55,31 +71,25 @@ async def bounded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bou
         sweep_interval_seconds=0.2,
         max_queued_jobs=LIMIT,
     )
-    server = await build_server(settings)
-    started = asyncio.Event()
-    task = asyncio.create_task(server.run(started))
-    await started.wait()
-    envoy, port = await start_local_envoy([("127.0.0.1", server.port)], data / "envoy.yaml")
-    try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as rest,
-        ):
-            yield Bounded(data, jobs_pb2_grpc.JobServiceStub(channel), rest, envoy, port)
-    finally:
-        await stop_envoy(envoy)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with serving(settings) as server_port:
+        envoy, port = await start_local_envoy([("127.0.0.1", server_port)], data / "envoy.yaml")
+        try:
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel,
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as rest,
+            ):
+                yield Bounded(data, jobs_pb2_grpc.JobServiceStub(channel), rest, envoy, port)
+        finally:
+            await stop_envoy(envoy)
 
 
-def big_definition(tag: str) -> definition_pb2.JobDefinition:
-    """A definition of about 1 MiB: an inline input just under the inline limit."""
-    payload = base64.b64encode(os.urandom(MAX_INLINE_BYTES * 3 // 4 - 64)).decode()
-    value = struct_pb2.Value(string_value=payload)
-    return definition_pb2.JobDefinition(
-        image="busybox", command=f"true {tag}", inputs={"blob.bin": definition_pb2.DataRef(type="base64", value=value)}
-    )
+def big_definition(tag: str, inputs: int = 1) -> definition_pb2.JobDefinition:
+    """A definition of about `inputs` MiB: inline inputs just under the inline limit."""
+    refs = {}
+    for index in range(inputs):
+        payload = base64.b64encode(os.urandom(MAX_INLINE_BYTES * 3 // 4 - 64)).decode()
+        refs[f"blob-{index}.bin"] = definition_pb2.DataRef(type="base64", value=struct_pb2.Value(string_value=payload))
+    return definition_pb2.JobDefinition(image="busybox", command=f"true {tag}", inputs=refs)
 
 
 def data_bytes(folder: Path) -> int:
@@ -145,6 +155,28 @@ async def test_a_full_queue_refuses_submissions_with_resource_exhausted(bounded:
     # another queue is not held back
     other = f"q-{uuid.uuid4().hex}"
     await bounded.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=other, definition=extra))
+
+
+async def test_a_queue_holding_its_bytes_of_definitions_refuses_more(tmp_path: Path) -> None:
+    settings = ServerSettings(data_directory=tmp_path, host="127.0.0.1", port=0, max_queue_bytes=BYTES)
+    queue = f"q-{uuid.uuid4().hex}"
+    first, second, third = (big_definition(tag, inputs=7) for tag in ("first", "second", "third"))
+    large = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]  # a job's answer holds its definition
+    async with serving(settings) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=large) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=first))
+        await jobs.CancelJob(jobs_pb2.CancelJobRequest(queue=queue, job_id=job_id(first)))
+        await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=second))
+        held = first.ByteSize() + second.ByteSize()  # a finished job's definition counts until retention
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=third))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == (
+            f"queue {queue!r} holds {held:,} bytes of job definitions, the limit is {BYTES:,} (max-queue-bytes):"
+            " put large inputs in files (by key) instead of inline"
+        )
+        other = f"q-{uuid.uuid4().hex}"  # another queue is not held back
+        await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=other, definition=third))
 
 
 async def test_envoy_closes_half_sent_requests_within_its_headers_timeout(bounded: Bounded) -> None:

@@ -269,6 +269,9 @@ class StateStore(CredentialStore, Protocol):
     async def queue_counts(self, queue: str) -> dict[int, int]:
         """Number of the queue's jobs by state."""
 
+    async def queue_bytes(self, queue: str) -> int:
+        """Bytes of the definitions (inline inputs included) of the queue's runs in the store."""
+
     async def queue_position(self, queue: str, job_id: str) -> int:
         """How many queued jobs of the queue are ahead of this one, counted up to POSITION_LIMIT
         (so that the answer costs the same at the back of a queue of millions)."""

@@ -136,6 +136,19 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 11: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
     # (see runs: results count only in the queue where they ran).
     runs.split_sqlite,
+    # 12: each queue's bytes of job definitions (inline inputs included), kept by triggers, for the
+    # server's --max-queue-bytes.
+    """
+    CREATE TABLE queue_sizes (queue TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+    CREATE TRIGGER job_sized AFTER INSERT ON jobs BEGIN
+      INSERT INTO queue_sizes VALUES (NEW.queue, length(NEW.definition))
+        ON CONFLICT (queue) DO UPDATE SET bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER job_unsized AFTER DELETE ON jobs BEGIN
+      UPDATE queue_sizes SET bytes = bytes - length(OLD.definition) WHERE queue = OLD.queue;
+    END;
+    INSERT INTO queue_sizes SELECT queue, SUM(length(definition)) FROM jobs GROUP BY queue
+    """,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
