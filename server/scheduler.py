@@ -121,7 +121,7 @@ class Scheduler:
         limits by as much as they add at once; a resubmission of a job the queue holds counts as new."""
         limit = self.settings.max_queued_jobs
         if limit:
-            queued = (await self.store.queue_counts(queue)).get(jobs_pb2.JOB_STATE_QUEUED, 0)
+            queued = await self.store.queued_count(queue, limit)
             if queued + len(submissions) > limit:
                 raise TooLarge(
                     f"queue {queue!r} holds {queued:,} queued jobs, the limit is {limit:,} (max-queued-jobs):"

@@ -1015,6 +1015,16 @@ async def test_expire_queued_ends_only_jobs_queued_before_the_cutoff_as_expired(
     assert queued  # expired is no result: submitting it again queues it again
 
 
+async def test_queued_count_counts_a_queues_waiting_jobs_up_to_a_bound(store: StateStore) -> None:
+    for n in range(5):
+        await submit(store, n)
+    await submit(store, 9, queue="other")
+    await claim(store)
+    assert await store.queued_count("q", 100) == 4
+    assert await store.queued_count("q", 3) == 3
+    assert await store.queued_count("nobody", 100) == 0
+
+
 async def test_queue_bytes_count_the_definitions_of_a_queues_runs(store: StateStore) -> None:
     assert await store.queue_bytes("q") == 0
     await submit(store, 1)

@@ -269,6 +269,10 @@ class StateStore(CredentialStore, Protocol):
     async def queue_counts(self, queue: str) -> dict[int, int]:
         """Number of the queue's jobs by state."""
 
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        """The queue's queued jobs, counted up to `up_to` (so that a check against a limit costs at
+        most the limit, whatever the queue holds)."""
+
     async def queue_bytes(self, queue: str) -> int:
         """Bytes of the definitions (inline inputs included) of the queue's runs in the store."""
 

@@ -287,6 +287,13 @@ class SqliteStore(SqlStore, credentials.CredentialRecords):
                 keys |= job_blob_keys(definition, result)
         return keys
 
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        """From the per-queue state counters: one row, however long the queue."""
+        row = self._db.execute(
+            "SELECT jobs FROM queue_states WHERE queue = ? AND state = ?", (queue, jobs_pb2.JOB_STATE_QUEUED)
+        ).fetchone()
+        return min(int(row[0]) if row else 0, up_to)
+
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = self._db.execute("SELECT state, jobs FROM queue_states WHERE queue = ? AND jobs > 0", (queue,))
         return {state: count for state, count in rows}
