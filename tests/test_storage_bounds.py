@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -23,10 +22,9 @@ from google.protobuf import struct_pb2
 
 from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.core.definition import MAX_INLINE_BYTES, job_id
-from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
-from tests.conftest import eventually
+from tests.conftest import eventually, own_server
 
 LIMIT = 4
 BYTES = 20 * 1024 * 1024
@@ -44,21 +42,6 @@ class Bounded:
     envoy_port: int
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: ServerSettings) -> AsyncIterator[int]:
-    """A server of `settings` running; its port."""
-    server = await build_server(settings)
-    started = asyncio.Event()
-    task = asyncio.create_task(server.run(started))
-    await started.wait()
-    try:
-        yield server.port
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def bounded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bounded]:
     data = tmp_path_factory.mktemp("bounded")
@@ -71,11 +54,11 @@ async def bounded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bou
         sweep_interval_seconds=0.2,
         max_queued_jobs=LIMIT,
     )
-    async with serving(settings) as server_port:
-        envoy, port = await start_local_envoy([("127.0.0.1", server_port)], data / "envoy.yaml")
+    async with own_server(settings) as target:
+        envoy, port = await start_local_envoy([("127.0.0.1", int(target.rpartition(":")[2]))], data / "envoy.yaml")
         try:
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel,
+                grpc.aio.insecure_channel(target) as channel,
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as rest,
             ):
                 yield Bounded(data, jobs_pb2_grpc.JobServiceStub(channel), rest, envoy, port)
@@ -162,7 +145,7 @@ async def test_a_queue_holding_its_bytes_of_definitions_refuses_more(tmp_path: P
     queue = f"q-{uuid.uuid4().hex}"
     first, second, third = (big_definition(tag, inputs=7) for tag in ("first", "second", "third"))
     large = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]  # a job's answer holds its definition
-    async with serving(settings) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=large) as channel:
+    async with own_server(settings) as target, grpc.aio.insecure_channel(target, options=large) as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=first))
         await jobs.CancelJob(jobs_pb2.CancelJobRequest(queue=queue, job_id=job_id(first)))

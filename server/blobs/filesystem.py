@@ -141,20 +141,13 @@ def _write_once(partial: Path, final: Path, digest: str) -> None:
     try:
         os.link(partial, final)
     except FileExistsError:
-        if file_sha256(final) != digest:
+        with final.open("rb") as stored:
+            same = hashlib.file_digest(stored, "sha256").hexdigest() == digest
+        if not same:
             raise AlreadyExists(
                 f"file {final.name!r} exists with other bytes; a key that is not a SHA-256 of its bytes is"
                 " written once: upload under another key (or under the bytes' SHA-256)"
             ) from None
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex of the file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove_stale(folder: Path, before: float) -> None:
