@@ -46,7 +46,10 @@ async def receive(
     (see `owner`) to resume; without one nothing is kept: another client could otherwise finish
     the upload with bytes of its own."""
     if offset and not owner:
-        raise InvalidArgument(f"resuming an upload needs the resume token it started with ({RESUME_TOKEN})")
+        raise Conflict(
+            f"no interrupted upload of {key!r} is kept for a client without a resume token ({RESUME_TOKEN});"
+            " start at offset 0"
+        )
     writer = await blobs.writer(key, offset, owner=owner)
     try:
         async for data in chunks:

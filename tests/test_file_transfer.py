@@ -262,7 +262,7 @@ async def test_an_interrupted_upload_is_resumed_only_by_the_client_that_started_
         assert (await stranger.get(f"/f/{key}/upload", headers=token("stranger"))).json()["offset"] == "0"
         evil = b"E" * (total - offset)
         without = await stranger.put(f"/f/{key}", params={"offset": offset}, content=evil)
-        assert without.status_code == 400 and "resume token" in without.json()["message"], without.text
+        assert without.status_code == 409 and "without a resume token" in without.json()["message"], without.text
         guessed = await stranger.put(f"/f/{key}", params={"offset": offset}, content=evil, headers=token("stranger"))
         assert guessed.status_code == 409 and "no interrupted upload" in guessed.json()["message"], guessed.text
         assert (await stranger.get(f"/f/{key}/exists")).status_code == 404
