@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 from collections.abc import Callable, Coroutine
@@ -170,6 +171,7 @@ async def up(
             allowed_origins=browser_origins(port, allow_origin, scheme),
             allowed_hosts=private_hosts(listen, port),
             tls_secret=secret,
+            file_limit=envoy_file_limit(),
         ),
         data_directory / "envoy.yaml",
     )
@@ -190,6 +192,17 @@ async def up(
 def descriptor_path() -> Path:
     """The packaged descriptor set of jobwire.v1 that Envoy transcodes with."""
     return Path(str(resources.files("jobwire.v1").joinpath("jobwire.binpb")))
+
+
+def envoy_file_limit() -> int:
+    """The open-file limit Envoy will start with: this process's soft limit raised to its hard
+    limit (Envoy inherits it; above the hard limit only a privileged parent could go), so that its
+    connection cap can be set below it (`envoy_config.render(file_limit=…)`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+    if soft != wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
 
 
 async def start_envoy(
@@ -240,6 +253,7 @@ async def start_local_envoy(
             web=web,
             agents=agents or (),
             tls_secret=tls_secret,
+            file_limit=envoy_file_limit(),
         )
         return envoy_config.write(upstream, config_file)
 

@@ -80,6 +80,7 @@ def render(
     tls_secret: str | os.PathLike[str] | None = None,
     web: tuple[str, int] | None = None,
     agents: Sequence[tuple[str, int]] = (),
+    file_limit: int | None = None,
 ) -> dict[str, Any]:
     """The template with this layout substituted, its request guard generated.
 
@@ -92,7 +93,9 @@ def render(
     certificate and key: the listener then speaks only TLS. `web` is the (host, port) of a plain HTTP server holding
     the built browser client; when given, the page and its assets are routed there (see
     `add_web_routes`). `agents` are the (host, port)s of the agents' HTTP app (`jobwire.agents.http`):
-    `/mcp`, `/mcp/health` and `/llms.txt` are routed there (see `add_agent_routes`).
+    `/mcp`, `/mcp/health` and `/llms.txt` are routed there (see `add_agent_routes`). `file_limit` is
+    the open-file limit Envoy will run with: the cap on client connections is lowered to leave room
+    below it (see `connection_cap`).
     """
     if not upstreams:
         raise ValueError("at least one upstream server is needed")
@@ -115,7 +118,18 @@ def render(
         add_web_routes(config, *web)
     if agents:
         add_agent_routes(config, agents)
+    if file_limit is not None:
+        (monitor,) = config["overload_manager"]["resource_monitors"]
+        cap = monitor["typed_config"]["max_active_downstream_connections"]
+        monitor["typed_config"]["max_active_downstream_connections"] = connection_cap(file_limit, cap)
     return config
+
+
+def connection_cap(file_limit: int, cap: int) -> int:
+    """The most client connections Envoy may hold (at most `cap`) under an open-file limit of
+    `file_limit`: a tenth of the limit (at least 1,024 files) stays free for upstream connections,
+    listeners, the descriptor set and logs."""
+    return max(min(cap, file_limit - max(file_limit // 10, 1024)), 1)
 
 
 # The transcoder must not see page requests: with `reject_unknown_method` it would answer 404.

@@ -2,8 +2,9 @@
 
 The one file-transfer client: the SDK, the CLI and the worker all move bytes with it.
 Uploads under a SHA-256 key are skipped when the server already has the blob; an
-upload cut short resumes at the offset the server kept (`GetUpload`), also across
-runs; downloads resume at the byte they reached and are checked against a SHA-256 key.
+upload cut short resumes at the offset the server kept for it (`GetUpload`; bound to it by a
+secret resume token, so only this upload can resume it); downloads resume at the byte they
+reached and are checked against a SHA-256 key.
 When the server keeps blobs in S3 it hands out presigned URLs (`GetFileUrl`), and the
 bytes go straight between this client and the bucket instead of through the server.
 """
@@ -14,6 +15,7 @@ import asyncio
 import hashlib
 import io
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +123,8 @@ class FileClient:
         if is_sha256(key) and await self.exists(key):
             report(Transfer(name, total, total, complete=True, skipped=True))
             return key
-        direct = await self.url(key, files_pb2.FILE_URL_METHOD_PUT)
+        # Other keys are written once, which only the server checks: they are never given a URL.
+        direct = await self.url(key, files_pb2.FILE_URL_METHOD_PUT) if is_sha256(key) else None
         if direct is not None:
             await _put(direct, source, total, report, name)
         else:
@@ -144,12 +147,15 @@ class _Upload:
     def __init__(self, files: FileClient, source: Path | bytes, key: str, total: int, report: Progress, name: str):
         self.files, self.source, self.key, self.total = files, source, key, total
         self.report, self.name = report, name
+        # The secret that binds what the server keeps of this upload, if it is cut short, to this
+        # client: only an upload with the same token can resume it.
+        self.token = secrets.token_urlsafe(32)
 
     async def run(self) -> None:
         delays = self.files.calls.retry.delays()
-        # A blob stored under its SHA-256 is verified by the server, so any interrupted upload of
-        # it (even another client's) can be resumed; other keys start over the first time.
-        offset = await self._resume_at() if is_sha256(self.key) else 0
+        # What the server kept for this upload's token (nothing, for a new one), or None when a
+        # blob stored under its SHA-256 is already complete.
+        offset = await self._resume_at()
         while offset is not None:
             try:
                 await self.files.upload_call(self._chunks(offset))
@@ -164,7 +170,7 @@ class _Upload:
 
     async def _resume_at(self) -> int | None:
         """The byte to go on from: what an interrupted upload left on the server; None once it is complete."""
-        request = files_pb2.GetUploadRequest(key=self.key)
+        request = files_pb2.GetUploadRequest(key=self.key, resume_token=self.token)
         try:
             state = await self.files.calls.unary(self.files.stub.GetUpload, request)
         except RequestFailed as error:
@@ -178,7 +184,9 @@ class _Upload:
     async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
         source = self.source
         # The first message names the key; the total size lets the server keep a cut-short upload for resuming.
-        head = files_pb2.UploadFileRequest(key=self.key, offset=offset, size=self.total).SerializeToString()
+        head = files_pb2.UploadFileRequest(
+            key=self.key, offset=offset, size=self.total, resume_token=self.token
+        ).SerializeToString()
         with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as handle:
             handle.seek(offset)
             done = offset

@@ -128,6 +128,8 @@ async def build_server(settings: ServerSettings, clock: Callable[[], float] = ti
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    retention = Retention(store, blobs, clock, settings.retention_seconds, settings.sweep_interval_seconds)
+    retention = Retention(
+        store, blobs, clock, settings.retention_seconds, settings.sweep_interval_seconds, scheduler.expire_queued
+    )
     loops = [scheduler.reap, retention.run, Webhooks(store, clock, egress.Policy(settings.egress_allow)).run]
     return Server(server, port, store, scheduler, health_servicer, blobs, bus, loops)

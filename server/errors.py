@@ -5,7 +5,8 @@
      ├── NotFound             unknown job, file, input or output           → NOT_FOUND (HTTP 404)
      ├── FailedPrecondition   the server's state forbids the action        → FAILED_PRECONDITION (HTTP 400)
      ├── Conflict             the job's or upload's state forbids it now   → ABORTED (HTTP 409)
-     ├── TooLarge             an upload past the size limit                → RESOURCE_EXHAUSTED (HTTP 429)
+     ├── AlreadyExists        a write-once file holding other bytes        → ALREADY_EXISTS (HTTP 409)
+     ├── TooLarge             an upload or a queue past its limit          → RESOURCE_EXHAUSTED (HTTP 429)
      ├── Unauthenticated      a missing or wrong credential or secret      → UNAUTHENTICATED (HTTP 401)
      ├── PermissionDenied     the server lets nobody do it here            → PERMISSION_DENIED (HTTP 403)
      └── Unavailable          a backend (store, blobs) cannot be reached   → UNAVAILABLE (HTTP 503)
@@ -48,8 +49,12 @@ class Conflict(ServerError):
     google/rpc/code.proto) turns ABORTED into HTTP 409 and FAILED_PRECONDITION into 400."""
 
 
+class AlreadyExists(ServerError):
+    """A file that is written once (its key is not a SHA-256) exists with other bytes."""
+
+
 class TooLarge(ServerError):
-    """An upload exceeds the server's size limit."""
+    """An upload, or a queue, exceeds one of the server's limits."""
 
 
 class Unauthenticated(ServerError):
@@ -69,6 +74,7 @@ STATUS_CODES: dict[type[ServerError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Conflict: grpc.StatusCode.ABORTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

@@ -1,10 +1,11 @@
-"""Retention: finished jobs, and blobs nothing refers to, are forgotten after `--retention`."""
+"""Retention: queued jobs expire after `--queued-ttl`; finished jobs, and blobs nothing refers to, are
+forgotten after `--retention`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from jobwire.server.blobs import BlobStore
 from jobwire.server.store import StateStore
@@ -14,17 +15,26 @@ BATCH = 1000
 
 
 class Retention:
-    """Sweeps every `interval` seconds: jobs finished before the cutoff, then unreferenced blobs
-    last written before it (a blob any job still in the store refers to is kept)."""
+    """Sweeps every `interval` seconds: queued jobs past their time-to-live end as expired
+    (`expire_queued`, the scheduler's), then jobs finished before the cutoff are forgotten, then
+    unreferenced blobs last written before it (a blob any job still in the store refers to is kept)."""
 
     def __init__(
-        self, store: StateStore, blobs: BlobStore, clock: Callable[[], float], retention: float, interval: float
+        self,
+        store: StateStore,
+        blobs: BlobStore,
+        clock: Callable[[], float],
+        retention: float,
+        interval: float,
+        expire_queued: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.store, self.blobs, self.clock = store, blobs, clock
-        self.retention, self.interval = retention, interval
+        self.retention, self.interval, self.expire_queued = retention, interval, expire_queued
 
     async def run(self) -> None:
         while True:
+            if self.expire_queued is not None:
+                await self.expire_queued()
             await self.sweep()
             await asyncio.sleep(self.interval)
 

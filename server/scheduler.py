@@ -13,9 +13,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from jobwire.core.definition import MAX_BATCH_JOBS, MAX_RESULT_OUTPUTS, DefinitionError, job_id, shown, validate
+from jobwire.core.units import format_duration
 from jobwire.server import topics, webhooks
 from jobwire.server.bus import EventBus, Subscription
-from jobwire.server.errors import InvalidArgument, NotFound, Unavailable
+from jobwire.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from jobwire.server.metrics import Metrics, queue_metrics
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store import StateStore
@@ -37,6 +38,7 @@ from jobwire.v1 import definition_pb2, jobs_pb2, workers_pb2
 __all__ = ["Attempt", "Holder", "Scheduler", "check_queue", "job_url_view"]
 log = logging.getLogger(__name__)
 _QUEUE_NAME_MAX = 256
+EXPIRE_BATCH = 1000
 
 
 class Scheduler:
@@ -79,6 +81,7 @@ class Scheduler:
         the same definition neither answer nor hold it back)."""
         check_queue(queue)
         submission = self._checked(definition, control, claimed_id)
+        await self._room(queue, [submission])
         ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
         await self._submitted(job, queued, submission, control, replaces=True)
         if queued:
@@ -101,6 +104,7 @@ class Scheduler:
                 submissions.append(self._checked(request.definition, request.control, request.id))
             except InvalidArgument as error:
                 raise InvalidArgument(f"jobs[{index}]: {error}") from None
+        await self._room(queue, submissions)
         stored = await self.store.submit(queue=queue, jobs=submissions, now=self.clock())
         # As if submitted one by one: the last job of a namespace is the one that replaces the others.
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
@@ -109,6 +113,44 @@ class Scheduler:
         if count := sum(queued for _, queued in stored):
             await self.bus.publish(topics.queue(queue), topics.work_notice(count))
         return [_shown(job) for job, _ in stored]
+
+    async def _room(self, queue: str, submissions: Sequence[Submission]) -> None:
+        """TooLarge unless the queue has room for `submissions`: more queued jobs
+        (`--max-queued-jobs`) and more bytes of definitions (`--max-queue-bytes`).
+
+        Checked before the submission's transaction, so submissions racing each other may pass the
+        limits by as much as they add at once; a resubmission of a job the queue holds counts as new."""
+        limit = self.settings.max_queued_jobs
+        if limit:
+            queued = await self.store.queued_count(queue, limit)
+            if queued + len(submissions) > limit:
+                raise TooLarge(
+                    f"queue {queue!r} holds {queued:,} queued jobs, the limit is {limit:,} (max-queued-jobs):"
+                    " wait for workers to take some, or cancel some"
+                )
+        most = self.settings.max_queue_bytes
+        if most:
+            held = await self.store.queue_bytes(queue)
+            if held + sum(submission.definition.ByteSize() for submission in submissions) > most:
+                raise TooLarge(
+                    f"queue {queue!r} holds {held:,} bytes of job definitions, the limit is {most:,}"
+                    " (max-queue-bytes): put large inputs in files (by key) instead of inline"
+                )
+
+    async def expire_queued(self) -> int:
+        """End the jobs that waited in their queues past `--queued-ttl` as expired (their finished
+        webhooks fire; watchers are told); returns how many."""
+        ttl = self.settings.queued_ttl
+        if not ttl:
+            return 0
+        count, now = 0, self.clock()
+        while ended := await self.store.expire_queued(now - ttl, EXPIRE_BATCH, format_duration(ttl), now):
+            count += len(ended)
+            for job in ended:
+                await self.publish_job(job)
+        if count:
+            log.info("expired %d job(s) queued longer than %s", count, format_duration(ttl))
+        return count
 
     def _checked(
         self, definition: definition_pb2.JobDefinition, control: definition_pb2.JobControl, claimed_id: str

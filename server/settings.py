@@ -57,6 +57,17 @@ class ServerSettings:
     loopback, link-local, private or otherwise not public (refused by default)."""
     retention_seconds: Annotated[float, DURATION, Parameter(name="retention")] = 30 * 24 * 3600.0
     """How long finished jobs (results, logs, history) are kept."""
+    queued_ttl: Annotated[float, DURATION] = 28 * 24 * 3600.0
+    """How long a job may wait in its queue for a worker; past it, it finishes as expired (and is
+    forgotten after `--retention`, its definition's bytes with it). 0 keeps queued jobs forever."""
+    max_queued_jobs: int = 100_000
+    """Most jobs one queue may hold queued; a submission past it is refused (RESOURCE_EXHAUSTED, HTTP
+    429). 0: no limit."""
+    max_queue_bytes: Annotated[int, SIZE] = 1024**3
+    """Most bytes of job definitions (inline inputs included) one queue may hold, its queued,
+    running and finished jobs' together (finished ones until `--retention` forgets them); a
+    submission past it is refused (RESOURCE_EXHAUSTED, HTTP 429). Uploaded files count toward no
+    queue: a file is shared by its key. 0: no limit."""
     heartbeat_seconds: Annotated[float, INTERNAL] = 5.0
     """How often workers are told to send a heartbeat."""
     inline_limit: Annotated[int, INTERNAL] = 200

@@ -5,11 +5,13 @@ headers as metadata and response metadata as headers: the `Range` request header
 `x-jobwire-content-length` (the request's `Content-Length`, copied by Envoy's Lua filter,
 which the transcoder would otherwise drop). Responses set `content-range`,
 `x-jobwire-content-length` and `x-jobwire-http-status`, which the Lua filter turns into
-`Content-Length` and the HTTP status for REST clients (and strips for gRPC ones).
+`Content-Length` and the HTTP status for REST clients (and strips for gRPC ones). A REST
+upload's resume token travels in the `x-jobwire-resume-token` header (a secret: not in the URL).
 """
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import re
 from collections.abc import AsyncIterator
@@ -22,18 +24,33 @@ from jobwire.server.blobs import BlobStore
 from jobwire.server.errors import Conflict, InvalidArgument, TooLarge
 
 CONTENT_LENGTH = "x-jobwire-content-length"
+RESUME_TOKEN = "x-jobwire-resume-token"
 HTTP_STATUS = "x-jobwire-http-status"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 async def receive(
-    blobs: BlobStore, key: str, chunks: AsyncIterator[bytes], *, offset: int, expected: int, limit: int
+    blobs: BlobStore,
+    key: str,
+    chunks: AsyncIterator[bytes],
+    *,
+    offset: int,
+    expected: int,
+    limit: int,
+    owner: str = "",
 ) -> tuple[int, str]:
     """Store `chunks` as blob `key` from `offset`; returns (size, SHA-256 hex).
 
-    `expected` (0: unknown) is the blob's total size: a stream that ends short leaves the
-    stored bytes for a resume and raises Conflict, as does any interruption of the stream."""
-    writer = await blobs.writer(key, offset)
+    `expected` (0: unknown) is the blob's total size: a stream that ends short raises Conflict,
+    as does any interruption of the stream. The stored bytes are then kept for `owner` alone
+    (see `owner`) to resume; without one nothing is kept: another client could otherwise finish
+    the upload with bytes of its own."""
+    if offset and not owner:
+        raise Conflict(
+            f"no interrupted upload of {key!r} is kept for a client without a resume token ({RESUME_TOKEN});"
+            " start at offset 0"
+        )
+    writer = await blobs.writer(key, offset, owner=owner)
     try:
         async for data in chunks:
             if writer.size + len(data) > limit:
@@ -45,14 +62,26 @@ async def receive(
         await writer.abort()
         raise
     except BaseException:
-        await writer.suspend()
+        await (writer.suspend() if owner else writer.abort())
         raise
     if expected and writer.size < expected:
+        got = f"upload incomplete: {writer.size} of {expected} bytes of {key!r} arrived"
+        if not owner:
+            await writer.abort()
+            raise Conflict(f"{got}; nothing was kept (send a resume token to be able to resume)")
         await writer.suspend()
-        raise Conflict(
-            f"upload incomplete: {writer.size} of {expected} bytes of {key!r} stored; resume at offset {writer.size}"
-        )
+        raise Conflict(f"{got} and are stored; resume at offset {writer.size}")
     return writer.size, await writer.commit()
+
+
+def owner(token: str) -> str:
+    """Who may resume an upload started with the resume `token`: its SHA-256 hex (the server
+    keeps no token); empty without one. InvalidArgument for a token too short to be a secret."""
+    if not token:
+        return ""
+    if not 16 <= len(token) <= 256:
+        raise InvalidArgument(f"a resume token has 16 to 256 characters, not {len(token)}")
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def expected_size(offset: int, size: int, content_length: str | None) -> int:

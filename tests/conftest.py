@@ -316,6 +316,21 @@ async def processes(
     await spawned.close()
 
 
+@contextlib.asynccontextmanager
+async def own_server(settings: ServerSettings) -> AsyncIterator[str]:
+    """A server of its own, for settings the session's server does not have; its gRPC address."""
+    server = await build_server(settings)
+    started = asyncio.Event()
+    task = asyncio.create_task(server.run(started))
+    await started.wait()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
     """Poll `check` until true; fail with `what` after `timeout` seconds."""
     loop = asyncio.get_running_loop()

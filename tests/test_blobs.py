@@ -16,7 +16,7 @@ from jobwire.server.blobs import BlobStore
 from jobwire.server.blobs.base import CHUNK_SIZE, put_headers
 from jobwire.server.blobs.filesystem import FileBlobStore
 from jobwire.server.blobs.s3 import S3BlobStore
-from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from jobwire.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from tests.services import S3Server
 
 MIB = 1024 * 1024
@@ -163,10 +163,9 @@ async def test_concurrent_uploads_of_one_key_never_mix(blobs: BlobStore) -> None
         await first.write(b"A" * (index + 1) * 1000)
         await second.write(b"B" * (index + 1) * 1000)
     await first.commit()
-    await second.commit()
-    stored = await read_all(blobs, "shared")
-    assert stored in {b"A" * 10_000, b"B" * 10_000}
-    assert await blobs.size("shared") == 10_000
+    with pytest.raises(AlreadyExists):  # not a SHA-256 key: written once, the first commit wins
+        await second.commit()
+    assert await read_all(blobs, "shared") == b"A" * 10_000
 
 
 # Absolute keys are tested below, inside tmp_path: a regression must not write files elsewhere.
@@ -258,6 +257,46 @@ async def test_read_a_range(blobs: BlobStore) -> None:
     await put(blobs, "ranged", DATA)
     chunks = [chunk async for chunk in blobs.read("ranged", CHUNK_SIZE - 5, CHUNK_SIZE + 10)]
     assert b"".join(chunks) == DATA[CHUNK_SIZE - 5 : 2 * CHUNK_SIZE + 5]
+
+
+async def test_a_suspended_upload_is_resumed_only_by_its_owner(blobs: BlobStore) -> None:
+    data = b"0123456789" * 1000
+    writer = await blobs.writer(sha256(data), owner="alice")
+    await writer.write(data[:4000])
+    await writer.suspend()
+    assert await blobs.pending(sha256(data), owner="mallory") == (0, False)
+    assert await blobs.pending(sha256(data)) == (0, False)
+    with pytest.raises(Conflict, match="no interrupted upload"):
+        await blobs.writer(sha256(data), 4000, owner="mallory")
+    assert await blobs.pending(sha256(data), owner="alice") == (4000, False)
+    resumed = await blobs.writer(sha256(data), 4000, owner="alice")
+    await resumed.write(data[4000:])
+    assert await resumed.commit() == sha256(data)
+    assert await read_all(blobs, sha256(data)) == data
+
+
+async def test_a_key_that_is_no_hash_is_written_once(blobs: BlobStore) -> None:
+    assert await put(blobs, "notes.txt", b"first words") == sha256(b"first words")
+    with pytest.raises(AlreadyExists, match=r"'notes\.txt' exists with other bytes"):
+        await put(blobs, "notes.txt", b"other words")
+    assert await put(blobs, "notes.txt", b"first words") == sha256(b"first words")  # the same bytes: fine
+    assert await read_all(blobs, "notes.txt") == b"first words"
+    assert await blobs.pending("notes.txt") == (0, False)  # the refused upload left nothing behind
+
+
+async def test_s3_write_once_holds_for_an_upload_assembled_from_parts(s3_server: S3Server) -> None:
+    store = await S3BlobStore.open(f"s3://{uuid.uuid4().hex}", endpoint=s3_server.endpoint, segment_size=5 * MIB)
+    try:
+        first, other = b"a" * (6 * MIB), b"b" * (6 * MIB)
+        await put(store, "big.bin", first)
+        with pytest.raises(AlreadyExists):
+            await put(store, "big.bin", other)
+        assert await put(store, "big.bin", first) == sha256(first)
+        assert await read_all(store, "big.bin") == first
+        listing = await store.client.list_objects_v2(Bucket=store.bucket)
+        assert [item["Key"] for item in listing.get("Contents", [])] == ["big.bin"]  # no partial objects
+    finally:
+        await store.close()
 
 
 # The S3 backend's own promises: multipart assembly, presigned URLs, nothing left behind.

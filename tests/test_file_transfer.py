@@ -137,10 +137,15 @@ async def cut_after(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[b
         yield chunk
 
 
-async def stored_offset(client: httpx.AsyncClient, key: str) -> int:
-    """The resume offset once the interrupted upload has ended on the server."""
+def token(who: str = "owner") -> dict[str, str]:
+    """The header that binds an upload to the client holding the token (16+ characters)."""
+    return {"x-jobwire-resume-token": f"{who}-{os.urandom(16).hex()}"}
+
+
+async def stored_offset(client: httpx.AsyncClient, key: str, secret: dict[str, str]) -> int:
+    """The resume offset (of the upload started with `secret`) once the upload ended on the server."""
     for _ in range(100):
-        status = (await client.get(f"/f/{key}/upload")).json()
+        status = (await client.get(f"/f/{key}/upload", headers=secret)).json()
         if not status["inProgress"]:
             return int(status["offset"])
         await asyncio.sleep(0.1)
@@ -151,14 +156,15 @@ async def test_interrupted_rest_upload_resumes_without_resending(stack: Stack, r
     total, half = 64 * MiB, 32 * MiB
     seed = os.urandom(16)
     key = await digest_of(generated(total, seed))
-    length = {"Content-Length": str(total)}
+    secret = token()
+    length = {"Content-Length": str(total)} | secret
     with pytest.raises(Interrupted):
         await rest.put(f"/f/{key}", content=cut_after(generated(total, seed), half), headers=length)
-    offset = await stored_offset(rest, key)
+    offset = await stored_offset(rest, key, secret)
     assert half - 16 * MiB <= offset <= half, offset  # at most Envoy's buffers were lost
     assert (await rest.get(f"/f/{key}/exists")).status_code == 404  # nothing committed
 
-    rest_of_it = {"Content-Length": str(total - offset)}
+    rest_of_it = {"Content-Length": str(total - offset)} | secret
     resumed = await rest.put(
         f"/f/{key}", params={"offset": offset}, content=generated(total, seed, offset), headers=rest_of_it
     )
@@ -166,22 +172,24 @@ async def test_interrupted_rest_upload_resumes_without_resending(stack: Stack, r
     assert resumed.json() == {"key": key, "size": str(total), "sha256": key}
     async with rest.stream("GET", f"/f/{key}") as download:
         assert await digest_of(download.aiter_bytes()) == key
-    assert (await rest.get(f"/f/{key}/upload")).json() == {
+    assert (await rest.get(f"/f/{key}/upload", headers=secret)).json() == {
         "key": key, "offset": "0", "complete": True, "inProgress": False
     }  # fmt: skip
     (stack.data_directory / "blobs" / key).unlink()
 
 
 async def test_interrupted_upload_without_a_hash_key_is_not_committed(rest: httpx.AsyncClient, queue: str) -> None:
-    key = f"notes-{queue}.bin"
+    key, secret = f"notes-{queue}.bin", token()
     with pytest.raises(Interrupted):
         await rest.put(
-            f"/f/{key}", content=cut_after(generated(8 * MiB, b"n"), 2 * MiB), headers={"Content-Length": str(8 * MiB)}
+            f"/f/{key}",
+            content=cut_after(generated(8 * MiB, b"n"), 2 * MiB),
+            headers={"Content-Length": str(8 * MiB)} | secret,
         )
-    offset = await stored_offset(rest, key)
+    offset = await stored_offset(rest, key, secret)
     assert 0 < offset < 8 * MiB
     assert (await rest.get(f"/f/{key}/exists")).status_code == 404
-    stale = await rest.put(f"/f/{key}", params={"offset": offset + 1}, content=b"x")
+    stale = await rest.put(f"/f/{key}", params={"offset": offset + 1}, content=b"x", headers=secret)
     assert stale.status_code == 409 and f"resume at offset {offset}" in stale.json()["message"]
     restart = await rest.put(f"/f/{key}", content=b"small")  # offset 0 starts over
     assert restart.json()["size"] == "5"
@@ -190,7 +198,7 @@ async def test_interrupted_upload_without_a_hash_key_is_not_committed(rest: http
 
 async def test_interrupted_grpc_upload_resumes_through_envoy(stack: Stack) -> None:
     total, half = 24 * MiB, 12 * MiB
-    seed = os.urandom(16)
+    seed, secret = os.urandom(16), os.urandom(16).hex()
     key = await digest_of(generated(total, seed))
 
     async def messages(start: int, stop: int | None) -> AsyncIterator[files_pb2.UploadFileRequest]:
@@ -199,6 +207,7 @@ async def test_interrupted_grpc_upload_resumes_through_envoy(stack: Stack) -> No
             message = files_pb2.UploadFileRequest(body=httpbody_pb2.HttpBody(data=chunk))
             if first:
                 message.key, message.offset, message.size, first = key, start, total, False
+                message.resume_token = secret
             yield message
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy_port}") as channel:
@@ -206,7 +215,7 @@ async def test_interrupted_grpc_upload_resumes_through_envoy(stack: Stack) -> No
         with pytest.raises(grpc.aio.AioRpcError) as cut:
             await files.UploadFile(messages(0, half))  # the stream ends short of `size`
         assert cut.value.code() == grpc.StatusCode.ABORTED
-        status = await files.GetUpload(files_pb2.GetUploadRequest(key=key))
+        status = await files.GetUpload(files_pb2.GetUploadRequest(key=key, resume_token=secret))
         assert (status.offset, status.complete, status.in_progress) == (half, False, False)
 
         done = await files.UploadFile(messages(half, None))
@@ -217,3 +226,62 @@ async def test_interrupted_grpc_upload_resumes_through_envoy(stack: Stack) -> No
         assert tail == b"".join([chunk async for chunk in generated(total, seed, total - 10)])
     with contextlib.suppress(FileNotFoundError):
         (stack.data_directory / "blobs" / key).unlink()
+
+
+async def test_a_key_that_is_no_hash_cannot_be_overwritten_by_another_client(
+    rest: httpx.AsyncClient, stack: Stack, queue: str
+) -> None:
+    key = f"report-{queue}.txt"
+    assert (await rest.put(f"/f/{key}", content=b"the owner's report")).status_code == 200
+    async with httpx.AsyncClient(base_url=stack.rest, timeout=30) as stranger:
+        refused = await stranger.put(f"/f/{key}", content=b"a stranger's report")
+        assert refused.status_code == 409, refused.text
+        assert f"file {key!r} exists with other bytes" in refused.json()["message"]
+        again = await stranger.put(f"/f/{key}", content=b"the owner's report")  # the same bytes: fine
+        assert again.status_code == 200, again.text
+        url = await stranger.get(f"/f/{key}/url", params={"method": "FILE_URL_METHOD_PUT"})
+        assert url.json().get("url", "") == ""  # no way around the server's check
+    assert (await rest.get(f"/f/{key}")).content == b"the owner's report"
+
+
+async def test_an_interrupted_upload_is_resumed_only_by_the_client_that_started_it(
+    rest: httpx.AsyncClient, stack: Stack, queue: str
+) -> None:
+    total, cut = 8 * MiB, 2 * MiB
+    key, secret, seed = f"dataset-{queue}.bin", token(), os.urandom(16)
+    with pytest.raises(Interrupted):
+        await rest.put(
+            f"/f/{key}", content=cut_after(generated(total, seed), cut), headers={"Content-Length": str(total)} | secret
+        )
+    offset = await stored_offset(rest, key, secret)
+    assert 0 < offset < total
+
+    async with httpx.AsyncClient(base_url=stack.rest, timeout=30) as stranger:
+        # The stranger sees no offset to resume from, and no offset or token of its own works.
+        assert (await stranger.get(f"/f/{key}/upload")).json()["offset"] == "0"
+        assert (await stranger.get(f"/f/{key}/upload", headers=token("stranger"))).json()["offset"] == "0"
+        evil = b"E" * (total - offset)
+        without = await stranger.put(f"/f/{key}", params={"offset": offset}, content=evil)
+        assert without.status_code == 409 and "without a resume token" in without.json()["message"], without.text
+        guessed = await stranger.put(f"/f/{key}", params={"offset": offset}, content=evil, headers=token("stranger"))
+        assert guessed.status_code == 409 and "no interrupted upload" in guessed.json()["message"], guessed.text
+        assert (await stranger.get(f"/f/{key}/exists")).status_code == 404
+
+    rest_of_it = {"Content-Length": str(total - offset)} | secret
+    resumed = await rest.put(
+        f"/f/{key}", params={"offset": offset}, content=generated(total, seed, offset), headers=rest_of_it
+    )
+    assert resumed.status_code == 200, resumed.text
+    async with rest.stream("GET", f"/f/{key}") as download:
+        assert await digest_of(download.aiter_bytes()) == await digest_of(generated(total, seed))
+
+
+async def test_an_upload_without_a_resume_token_keeps_nothing_when_cut_short(
+    rest: httpx.AsyncClient, queue: str
+) -> None:
+    key = f"loose-{queue}.bin"
+    with pytest.raises(Interrupted):
+        await rest.put(
+            f"/f/{key}", content=cut_after(generated(4 * MiB, b"l"), MiB), headers={"Content-Length": str(4 * MiB)}
+        )
+    assert await stored_offset(rest, key, {}) == 0  # nothing anyone could resume

@@ -38,7 +38,7 @@ INTERNAL = {
 }
 # Fields whose flag is not their name, as README and deployments spell them.
 FLAGS = {"lease_seconds": "--worker-grace", "retention_seconds": "--retention", "worker_id": "--id"}
-DURATIONS = {"lease_seconds", "retention_seconds", "max_job_duration", "drain_timeout", "upload_patience"}
+DURATIONS = {"lease_seconds", "retention_seconds", "max_job_duration", "drain_timeout", "upload_patience", "queued_ttl"}
 
 
 def help_rows(command: str) -> dict[str, str]:

@@ -1022,6 +1022,52 @@ async def test_expire_forgets_only_jobs_finished_before_the_cutoff(store: StateS
     assert await store.expire(T0 + 10_000, 10) == [young.id]  # never a live job
 
 
+async def test_expire_queued_ends_only_jobs_queued_before_the_cutoff_as_expired(store: StateStore) -> None:
+    await submit(store, 1)
+    waiting = await submit(store, 2, now=T0 + 1)
+    await store.add_webhook(Webhook(waiting.id, "q", FINISHED_HOOK, "http://hook", b"{}"), armed=False, now=T0)
+    await claim(store)  # the oldest waiting job: old
+    young = await submit(store, 3, now=T0 + 100)
+    assert waiting.id != young.id
+    (expired,) = await store.expire_queued(T0 + 50, 10, "1m", T0 + 60)
+    assert expired.id == waiting.id  # job 2: queued before the cutoff; job 1 runs, job 3 is younger
+    job = await store.get_job(waiting.id, queue="q")
+    assert job is not None and (job.state, job.finish_reason) == (FINISHED, jobs_pb2.FINISH_REASON_EXPIRED)
+    assert job.result.message == "expired: waited in its queue longer than 1m without a worker taking it"
+    assert job.history[-1].kind == jobs_pb2.JOB_EVENT_KIND_FINISHED
+    (hook,) = await store.claim_webhooks(T0 + 60, T0 + 70, 10)  # its finished webhook fires
+    assert (hook.job_id, hook.event) == (waiting.id, FINISHED_HOOK)
+    assert await store.expire_queued(T0 + 50, 10, "1m", T0 + 60) == []
+    _, queued = await submit_one(
+        store, job_id=waiting.id, definition=definition(2), queue="q", namespace=DEFAULT_NAMESPACE, now=T0 + 70
+    )
+    assert queued  # expired is no result: submitting it again queues it again
+
+
+async def test_queued_count_counts_a_queues_waiting_jobs_up_to_a_bound(store: StateStore) -> None:
+    for n in range(5):
+        await submit(store, n)
+    await submit(store, 9, queue="other")
+    await claim(store)
+    assert await store.queued_count("q", 100) == 4
+    assert await store.queued_count("q", 3) == 3
+    assert await store.queued_count("nobody", 100) == 0
+
+
+async def test_queue_bytes_count_the_definitions_of_a_queues_runs(store: StateStore) -> None:
+    assert await store.queue_bytes("q") == 0
+    await submit(store, 1)
+    await submit(store, 2, queue="other")
+    await submit(store, 1)  # the same run again: no new bytes
+    assert await store.queue_bytes("q") == definition(1).ByteSize()
+    await store.finish(attempt_of(await claim(store)), holder(), result(), T0)
+    await submit(store, 3)
+    assert await store.queue_bytes("q") == definition(1).ByteSize() + definition(3).ByteSize()
+    await store.expire(T0 + 1, 10)  # retention forgets the finished run
+    assert await store.queue_bytes("q") == definition(3).ByteSize()
+    assert await store.queue_bytes("other") == definition(2).ByteSize()
+
+
 async def test_blob_references_are_the_keys_of_inputs_build_contexts_and_outputs(store: StateStore) -> None:
     def ref(key: str) -> definition_pb2.DataRef:
         return definition_pb2.DataRef(type="key", value=struct_pb2.Value(string_value=key))

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import stat
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from jobwire.server.app import build_server
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import (
     definition_pb2,
@@ -29,7 +26,16 @@ from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.errors import Refused
 from jobwire.worker.settings import WorkerSettings
-from tests.conftest import BUSYBOX, Processes, Stack, StartWorker, WorkerStream, eventually, wait_finished
+from tests.conftest import (
+    BUSYBOX,
+    Processes,
+    Stack,
+    StartWorker,
+    WorkerStream,
+    eventually,
+    own_server,
+    wait_finished,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -236,28 +242,13 @@ async def test_a_server_that_requires_credentials_refuses_workers_on_queues_know
     tmp_path: Path, queue: str
 ) -> None:
     settings = ServerSettings(data_directory=tmp_path, host="127.0.0.1", port=0, require_worker_credential=True)
-    async with _server(settings) as target, grpc.aio.insecure_channel(target) as channel:
+    async with own_server(settings) as target, grpc.aio.insecure_channel(target) as channel:
         refused = await _refusal(await _connect(channel, queue, secret=_secret()))
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "jobwire queue new" in (refused.details() or "")
         created = await _create_queue(channel)
         stream = await _registered(channel, created.queue, credential=created.credential)
         stream.call.cancel()
-
-
-@contextlib.asynccontextmanager
-async def _server(settings: ServerSettings) -> AsyncIterator[str]:
-    """A server of its own (the session's serves open queues); its gRPC address."""
-    server = await build_server(settings)
-    started = asyncio.Event()
-    task = asyncio.create_task(server.run(started))
-    await started.wait()
-    try:
-        yield f"127.0.0.1:{server.port}"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_jobwire_worker_with_a_wrong_credential_exits_saying_why(

@@ -35,7 +35,8 @@ class BlobWriter(Protocol):
         """Make the blob visible under its key; returns the SHA-256 hex of its bytes.
 
         Raises InvalidArgument (and drops the upload) when the key is a SHA-256 that the
-        bytes do not match."""
+        bytes do not match. A key that is not a SHA-256 is written once: AlreadyExists (the
+        upload dropped) when a blob of other bytes is there; one of the same bytes is kept."""
 
     async def suspend(self) -> None:
         """Stop writing but keep what was written, for a later `writer(key, offset)`."""
@@ -47,15 +48,16 @@ class BlobWriter(Protocol):
 class BlobStore(Protocol):
     """Blobs by key, shared by every server replica and reachable by workers."""
 
-    async def writer(self, key: str, offset: int = 0) -> BlobWriter:
-        """Start writing the blob `key` (offset 0), or resume a suspended upload at `offset`.
+    async def writer(self, key: str, offset: int = 0, *, owner: str = "") -> BlobWriter:
+        """Start writing the blob `key` (offset 0), or resume at `offset` the upload `owner`
+        suspended (each owner, e.g. the digest of a client's secret, has its own).
 
         Stored bytes past `offset` are dropped. Raises Conflict when another upload of the
         key is in progress or `offset` passes the stored bytes."""
 
-    async def pending(self, key: str) -> tuple[int, bool]:
-        """Bytes stored by an unfinished upload of `key` (the offset to resume from; 0: none),
-        and whether an upload of it is running now."""
+    async def pending(self, key: str, *, owner: str = "") -> tuple[int, bool]:
+        """Bytes stored by `owner`'s unfinished upload of `key` (the offset to resume from; 0:
+        none), and whether an upload of the key is running now."""
 
     def read(self, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         """The blob's bytes from `offset` (at most `length`; 0: to the end), in chunks;

@@ -15,7 +15,7 @@ from typing import BinaryIO
 from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.core.writing import ChunkWriter
 from jobwire.server.blobs.base import CHUNK_SIZE
-from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from jobwire.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600
 """Suspended uploads untouched for this long are removed when the store opens."""
@@ -24,9 +24,9 @@ PARTIAL_MAX_AGE = 7 * 24 * 3600
 class FileBlobStore:
     """Blobs as files `<root>/<key>`; each upload writes its own `<root>/.partial/<key>.<uuid>`.
 
-    Uploads of one key never mix. A suspended upload becomes the key's resumable partial,
-    `<root>/.partial/<key>` (the latest one wins); a resume claims it by renaming it to
-    its own name, so two resumes cannot both continue it."""
+    Uploads of one key never mix. A suspended upload becomes its owner's resumable partial of
+    the key, `<root>/.partial/<key>~<owner>` (the owner's latest one wins); a resume claims it
+    by renaming it to its own name, so two resumes cannot both continue it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,22 +43,26 @@ class FileBlobStore:
             raise InvalidArgument(str(error)) from None
         return self.root / key
 
-    async def writer(self, key: str, offset: int = 0) -> FileBlobWriter:
+    async def writer(self, key: str, offset: int = 0, *, owner: str = "") -> FileBlobWriter:
         final = self._path(key)
-        own = self._partials / f"{key}.{uuid.uuid4().hex}"
-        handle, digest = await asyncio.to_thread(_open_at, self._partials / key, own, offset)
+        own, resumable = self._partials / f"{key}.{uuid.uuid4().hex}", self._resumable(key, owner)
+        handle, digest = await asyncio.to_thread(_open_at, resumable, own, offset)
         self._running[key] += 1
-        return FileBlobWriter(key, own, final, self._partials / key, handle, digest, offset, self._ended)
+        return FileBlobWriter(key, own, final, resumable, handle, digest, offset, self._ended)
+
+    def _resumable(self, key: str, owner: str) -> Path:
+        """The suspended upload of `key` by `owner` (`~` is in no key, so names never collide)."""
+        return self._partials / (f"{key}~{owner}" if owner else key)
 
     def _ended(self, key: str) -> None:
         self._running[key] -= 1
         if self._running[key] <= 0:
             del self._running[key]
 
-    async def pending(self, key: str) -> tuple[int, bool]:
+    async def pending(self, key: str, *, owner: str = "") -> tuple[int, bool]:
         self._path(key)
         try:
-            stored = (await asyncio.to_thread(os.stat, self._partials / key)).st_size
+            stored = (await asyncio.to_thread(os.stat, self._resumable(key, owner))).st_size
         except FileNotFoundError:
             stored = 0
         return stored, key in self._running
@@ -130,6 +134,22 @@ def _open_at(resumable: Path, own: Path, offset: int) -> tuple[BinaryIO, hashlib
     return handle, digest
 
 
+def _write_once(partial: Path, final: Path, digest: str) -> None:
+    """Make `partial` the blob `final` unless a blob is there: a key that is not a SHA-256 is
+    written once (a hard link fails when the name exists, atomically, whoever races). An existing
+    blob of the same bytes is kept as it is; one of other bytes refuses the upload."""
+    try:
+        os.link(partial, final)
+    except FileExistsError:
+        with final.open("rb") as stored:
+            same = hashlib.file_digest(stored, "sha256").hexdigest() == digest
+        if not same:
+            raise AlreadyExists(
+                f"file {final.name!r} exists with other bytes; a key that is not a SHA-256 of its bytes is"
+                " written once: upload under another key (or under the bytes' SHA-256)"
+            ) from None
+
+
 def _remove_stale(folder: Path, before: float) -> None:
     for path in folder.iterdir():
         if path.stat().st_mtime < before:
@@ -172,9 +192,13 @@ class FileBlobWriter:
             )
         try:
             await asyncio.to_thread(self._chunks.handle.close)
-            await asyncio.to_thread(os.replace, self._partial, self._final)
+            if is_sha256(self.key):
+                await asyncio.to_thread(os.replace, self._partial, self._final)
+            else:
+                await asyncio.to_thread(_write_once, self._partial, self._final, digest)
             self._resumable.unlink(missing_ok=True)  # the blob is complete: nothing left to resume
         finally:
+            self._partial.unlink(missing_ok=True)
             self._ended(self.key)
         return digest
 

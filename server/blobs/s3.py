@@ -5,8 +5,9 @@ segments of `segment_size` bytes, each an object of its own under `<prefix>.part
 (keys never start with a dot, so these never collide with blobs); the commit assembles
 them server-side (a multipart upload of `UploadPartCopy`s: the bytes are not sent again),
 or copies the only one. A suspended upload records its segments in
-`.partial/<key>/resume.json`, which a resume claims (reading the stored bytes back once to
-continue the SHA-256). Clients that can reach the bucket get presigned URLs instead, so
+`.partial/<key>/resume-<owner>.json` (each owner has its own), which a resume claims (reading
+the stored bytes back once to continue the SHA-256). A key that is not a SHA-256 is written
+once: its commit is conditional (If-None-Match: *). Clients that can reach the bucket get presigned URLs instead, so
 bytes never pass through the server.
 """
 
@@ -28,7 +29,7 @@ from botocore.exceptions import ClientError
 
 from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.server.blobs.base import CHUNK_SIZE, URL_SECONDS, put_headers
-from jobwire.server.errors import Conflict, InvalidArgument, NotFound
+from jobwire.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -49,6 +50,12 @@ def parse_url(url: str) -> tuple[str, str]:
         raise ValueError(f"blob store URL {url!r} names no bucket")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""
+
+
+def _exists(error: ClientError) -> bool:
+    """The error of a conditional write (If-None-Match: *) of a key that exists."""
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412")
 
 
 def _missing(error: ClientError) -> bool:
@@ -126,20 +133,20 @@ class S3BlobStore:
     def _partial(self, key: str) -> str:
         return f"{self.prefix}.partial/{key}/"
 
-    async def writer(self, key: str, offset: int = 0) -> S3BlobWriter:
+    async def writer(self, key: str, offset: int = 0, *, owner: str = "") -> S3BlobWriter:
         self._name(key)
-        writer = S3BlobWriter(self, key)
+        writer = S3BlobWriter(self, key, owner)
         if offset > 0:
             lock = self._claims.setdefault(key, asyncio.Lock())
             async with lock:  # two resumes in this process cannot both claim the upload
-                resumable = await self._resumable(key)
+                resumable = await self._resumable(key, owner)
                 if resumable is None:
                     raise Conflict(f"no interrupted upload of {key!r} is stored; start at offset 0")
                 if offset > resumable.size:
                     raise Conflict(
                         f"only {resumable.size} bytes of {key!r} are stored; resume at offset {resumable.size}"
                     )
-                await self.client.delete_object(Bucket=self.bucket, Key=self._partial(key) + "resume.json")
+                await self.client.delete_object(Bucket=self.bucket, Key=self._record(key, owner))
             await writer.resume(resumable, offset)
         self._running[key] += 1
         return writer
@@ -149,9 +156,13 @@ class S3BlobStore:
         if self._running[key] <= 0:
             del self._running[key]
 
-    async def _resumable(self, key: str) -> _Resumable | None:
+    def _record(self, key: str, owner: str) -> str:
+        """The object naming the segments of `owner`'s suspended upload of `key`."""
+        return self._partial(key) + (f"resume-{owner}.json" if owner else "resume.json")
+
+    async def _resumable(self, key: str, owner: str) -> _Resumable | None:
         try:
-            response = await self.client.get_object(Bucket=self.bucket, Key=self._partial(key) + "resume.json")
+            response = await self.client.get_object(Bucket=self.bucket, Key=self._record(key, owner))
             async with response["Body"] as body:
                 record = json.loads(await body.read())
         except ClientError as error:
@@ -160,11 +171,11 @@ class S3BlobStore:
             raise
         return _Resumable([(str(name), int(size)) for name, size in record["segments"]])
 
-    async def save_resumable(self, key: str, resumable: _Resumable) -> None:
+    async def save_resumable(self, key: str, owner: str, resumable: _Resumable) -> None:
         """Make `resumable` the key's suspended upload (the latest one wins; the one it replaces is dropped)."""
-        previous = await self._resumable(key)
+        previous = await self._resumable(key, owner)
         body = json.dumps({"segments": resumable.segments}).encode()
-        await self.client.put_object(Bucket=self.bucket, Key=self._partial(key) + "resume.json", Body=body)
+        await self.client.put_object(Bucket=self.bucket, Key=self._record(key, owner), Body=body)
         if previous is not None:
             mine = {name for name, _ in resumable.segments}
             await self.delete_objects([name for name, _ in previous.segments if name not in mine])
@@ -174,9 +185,9 @@ class S3BlobStore:
             batch = [{"Key": name} for name in names[start : start + 1000]]
             await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})  # type: ignore[typeddict-item]
 
-    async def pending(self, key: str) -> tuple[int, bool]:
+    async def pending(self, key: str, *, owner: str = "") -> tuple[int, bool]:
         self._name(key)
-        resumable = await self._resumable(key)
+        resumable = await self._resumable(key, owner)
         return (resumable.size if resumable else 0), key in self._running
 
     async def read(self, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
@@ -244,8 +255,8 @@ class S3BlobStore:
 class S3BlobWriter:
     """An upload in segments under the key's partial prefix, hashed as it is written."""
 
-    def __init__(self, store: S3BlobStore, key: str) -> None:
-        self.store, self.key, self.size = store, key, 0
+    def __init__(self, store: S3BlobStore, key: str, owner: str) -> None:
+        self.store, self.key, self.owner, self.size = store, key, owner, 0
         self._upload = uuid.uuid4().hex
         self._segments: list[tuple[str, int]] = []
         self._buffer = bytearray()
@@ -292,20 +303,42 @@ class S3BlobWriter:
                 f"checksum mismatch: the bytes hash to {digest}, not to the key {self.key}; nothing was stored"
             )
         try:
-            await self._assemble()
+            try:
+                await self._assemble(once=not is_sha256(self.key))
+            except ClientError as error:
+                if not _exists(error) or await self._digest_of_blob() != digest:
+                    raise
             await self.store.delete_objects([name for name, _ in self._segments])
+        except BaseException as error:
+            if isinstance(error, ClientError) and _exists(error):
+                await self.store.delete_objects([name for name, _ in self._segments])
+                raise AlreadyExists(
+                    f"file {self.key!r} exists with other bytes; a key that is not a SHA-256 of its bytes is"
+                    " written once: upload under another key (or under the bytes' SHA-256)"
+                ) from None
+            raise
         finally:
             self.store.ended(self.key)
         return digest
 
-    async def _assemble(self) -> None:
+    async def _digest_of_blob(self) -> str:
+        """SHA-256 hex of the stored blob's bytes."""
+        digest = hashlib.sha256()
+        async for chunk in self.store.read(self.key):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    async def _assemble(self, *, once: bool) -> None:
+        """Store the segments and buffer as the blob; `once`: only if no blob is there (a conditional
+        write, If-None-Match: *, which the bucket answers 412 when one is)."""
         client, bucket, final = self.store.client, self.store.bucket, self.store.prefix + self.key
+        condition: dict[str, Any] = {"IfNoneMatch": "*"} if once else {}
         if not self._segments:
-            await client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer))
+            await client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer), **condition)
             return
         if self._buffer:
             await self._flush(len(self._buffer))
-        if len(self._segments) == 1:
+        if len(self._segments) == 1 and not once:  # a copy cannot be conditional: once goes multipart
             source = {"Bucket": bucket, "Key": self._segments[0][0]}
             await client.copy_object(Bucket=bucket, Key=final, CopySource=source)  # type: ignore[arg-type]
             return
@@ -327,6 +360,7 @@ class S3BlobWriter:
                 Key=final,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                **condition,
             )
         except BaseException:
             await client.abort_multipart_upload(Bucket=bucket, Key=final, UploadId=upload_id)
@@ -336,7 +370,7 @@ class S3BlobWriter:
         try:
             if self._buffer:
                 await self._flush(len(self._buffer))
-            await self.store.save_resumable(self.key, _Resumable(list(self._segments)))
+            await self.store.save_resumable(self.key, self.owner, _Resumable(list(self._segments)))
         finally:
             self.store.ended(self.key)
 

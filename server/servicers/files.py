@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
 
-from jobwire.core.definition import DefinitionError, check_key
+from jobwire.core.definition import DefinitionError, check_key, is_sha256
 from jobwire.core.units import timestamp
 from jobwire.server import transfers
 from jobwire.server.blobs import BlobStore
@@ -43,6 +43,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
                 offset=first.offset,
                 expected=expected,
                 limit=self.max_upload_size,
+                owner=_owner(first.resume_token, context),
             )
             self.metrics.bytes["uploaded"] += size - first.offset
             return files_pb2.UploadFileResponse(key=key, size=size, sha256=digest)
@@ -79,7 +80,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         async with grpc_errors(context):
             key = checked_key(request.key)
             complete = await self.blobs.size(key) is not None
-            offset, running = await self.blobs.pending(key)
+            offset, running = await self.blobs.pending(key, owner=_owner(request.resume_token, context))
             return files_pb2.GetUploadResponse(key=key, offset=offset, complete=complete, in_progress=running)
 
     async def GetFileUrl(self, request: files_pb2.GetFileUrlRequest, context: Context) -> files_pb2.GetFileUrlResponse:
@@ -88,6 +89,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             upload = request.method == files_pb2.FILE_URL_METHOD_PUT
             if not upload and await self.blobs.size(key) is None:
                 raise NotFound(f"file {key!r} not found")
+            if upload and not is_sha256(key):
+                return files_pb2.GetFileUrlResponse()  # written once: the server compares the bytes
             url = await self.blobs.presigned_url(key, method="PUT" if upload else "GET")
             if url is None:
                 return files_pb2.GetFileUrlResponse()
@@ -108,6 +111,11 @@ async def _nothing() -> AsyncIterator[bytes]:
     empty: tuple[bytes, ...] = ()
     for chunk in empty:
         yield chunk
+
+
+def _owner(token: str, context: Context) -> str:
+    """Who may resume the call's upload: from its resume token (the field, else the header)."""
+    return transfers.owner(token or header(context, transfers.RESUME_TOKEN) or "")
 
 
 def checked_key(key: str) -> str:

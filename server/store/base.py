@@ -199,6 +199,10 @@ class StateStore(CredentialStore, Protocol):
     async def settle_webhook(self, hook_id: int, retry_at: float | None) -> None:
         """Forget a delivered (or abandoned) webhook, or count a failed try and retry it at `retry_at`."""
 
+    async def expire_queued(self, before: float, limit: int, ttl: str, now: float) -> list[jobs_pb2.Job]:
+        """End up to `limit` jobs queued (last put in their queue) before `before` as expired (see
+        `transitions.expired`; `ttl` names the time-to-live in words); returns their runs."""
+
     async def expire(self, before: float, limit: int) -> list[str]:
         """Forget up to `limit` jobs finished before `before`, with their logs, history and webhooks;
         returns their ids."""
@@ -266,6 +270,13 @@ class StateStore(CredentialStore, Protocol):
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         """Number of the queue's jobs by state."""
+
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        """The queue's queued jobs, counted up to `up_to` (so that a check against a limit costs at
+        most the limit, whatever the queue holds)."""
+
+    async def queue_bytes(self, queue: str) -> int:
+        """Bytes of the definitions (inline inputs included) of the queue's runs in the store."""
 
     async def queue_position(self, queue: str, job_id: str) -> int:
         """How many queued jobs of the queue are ahead of this one, counted up to POSITION_LIMIT

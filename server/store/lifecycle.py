@@ -229,6 +229,23 @@ class Lifecycle(SqlBase):
             return Cancelled(job=job, stop=None, worker_id="")
         return Cancelled(job=job, stop=transitions.to_stop(holding, job_id), worker_id=holding.worker_id)
 
+    async def expire_queued(self, before: float, limit: int, ttl: str, now: float) -> list[jobs_pb2.Job]:
+        ended: list[jobs_pb2.Job] = []
+        async with self._transaction() as db:
+            rows = await db.all(
+                f"SELECT queue, id, {HOLDING} FROM jobs WHERE state = ? AND update_time < ?"
+                " LIMIT ? FOR UPDATE SKIP LOCKED",
+                *(QUEUED, before, limit),
+            )
+            for queue, job_id, *columns in rows:
+                change = transitions.expired(Holding(*columns), ttl, now)
+                if change is not None:
+                    await self._apply(db, queue, job_id, change, now)
+                    job = await self._job(db, queue, job_id)  # no definition: watchers need none
+                    assert job is not None
+                    ended.append(job)
+        return ended
+
     async def expire(self, before: float, limit: int) -> list[str]:
         async with self._transaction() as db:
             rows = await db.all(

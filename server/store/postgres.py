@@ -152,6 +152,24 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
     runs.split_postgres,
     # 9: a queue's listing reads its running runs and its finished ones by time from indexes (as SQLite's migration 12).
     records.LISTING_INDEXES,
+    # 10: each queue's bytes of job definitions (as SQLite's migration 13), for --max-queue-bytes. The
+    # trigger is deferred to the commit, so concurrent submissions to one queue hold its row only
+    # while they commit.
+    """
+    CREATE TABLE queue_sizes (queue TEXT PRIMARY KEY, bytes BIGINT NOT NULL);
+    CREATE FUNCTION jobwire_job_sized() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO queue_sizes VALUES (NEW.queue, octet_length(NEW.definition))
+          ON CONFLICT (queue) DO UPDATE SET bytes = queue_sizes.bytes + EXCLUDED.bytes;
+      ELSE
+        UPDATE queue_sizes SET bytes = bytes - octet_length(OLD.definition) WHERE queue = OLD.queue;
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER job_sized AFTER INSERT OR DELETE ON jobs DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION jobwire_job_sized();
+    INSERT INTO queue_sizes SELECT queue, SUM(octet_length(definition)) FROM jobs GROUP BY queue;
+    """,
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""

@@ -245,6 +245,18 @@ class SqlStore(Lifecycle):
             )
         return Capacity(workers, slots, busy, most_gpus)
 
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        async with self._reading() as db:
+            (count,) = await db.one(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = ? LIMIT ?) queued", queue, up_to
+            )
+        return int(count or 0)
+
+    async def queue_bytes(self, queue: str) -> int:
+        async with self._reading() as db:
+            row = await db.one("SELECT bytes FROM queue_sizes WHERE queue = ?", queue)
+        return int(row[0]) if row else 0
+
     async def queue_position(self, queue: str, job_id: str) -> int:
         async with self._reading() as db:
             (ahead,) = await db.one(

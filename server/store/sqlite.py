@@ -138,6 +138,19 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     runs.split_sqlite,
     # 12: a queue's listing reads its running runs and its finished ones by time from indexes.
     records.LISTING_INDEXES,
+    # 13: each queue's bytes of job definitions (inline inputs included), kept by triggers, for the
+    # server's --max-queue-bytes.
+    """
+    CREATE TABLE queue_sizes (queue TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+    CREATE TRIGGER job_sized AFTER INSERT ON jobs BEGIN
+      INSERT INTO queue_sizes VALUES (NEW.queue, length(NEW.definition))
+        ON CONFLICT (queue) DO UPDATE SET bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER job_unsized AFTER DELETE ON jobs BEGIN
+      UPDATE queue_sizes SET bytes = bytes - length(OLD.definition) WHERE queue = OLD.queue;
+    END;
+    INSERT INTO queue_sizes SELECT queue, SUM(length(definition)) FROM jobs GROUP BY queue
+    """,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
@@ -275,6 +288,13 @@ class SqliteStore(SqlStore, credentials.CredentialRecords):
             for definition, result in db.execute("SELECT definition, result FROM jobs"):
                 keys |= job_blob_keys(definition, result)
         return keys
+
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        """From the per-queue state counters: one row, however long the queue."""
+        row = self._db.execute(
+            "SELECT jobs FROM queue_states WHERE queue = ? AND state = ?", (queue, jobs_pb2.JOB_STATE_QUEUED)
+        ).fetchone()
+        return min(int(row[0]) if row else 0, up_to)
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = self._db.execute("SELECT state, jobs FROM queue_states WHERE queue = ? AND jobs > 0", (queue,))

@@ -204,6 +204,20 @@ def renewed(holder: Holder, until: float, holding: Holding | None = None, now: f
     return Change(entry, columns | dict(state=RUNNING, worker_id=holder.worker_id, update_time=now))
 
 
+def expired(holding: Holding, ttl: str, now: float) -> Change | None:
+    """A queued job waited past the queued time-to-live (`ttl` in words) and ends as expired; None
+    unless it is still queued."""
+    if holding.state != QUEUED:
+        return None
+    message = f"expired: waited in its queue longer than {ttl} without a worker taking it"
+    result = jobs_pb2.JobResult(reason=jobs_pb2.FINISH_REASON_EXPIRED, message=message, attempt=holding.attempt)
+    result.finish_time.CopyFrom(timestamp(now))
+    entry = history_entry(jobs_pb2.JOB_EVENT_KIND_FINISHED, now, attempt=holding.attempt, message=message)
+    return Change(entry, _final(jobs_pb2.FINISH_REASON_EXPIRED, now, result.SerializeToString()))
+
+
+
+
 def to_stop(holding: Holding, job_id: str) -> Attempt | None:
     """The attempt a worker must stop when a client ends the job: its running one, if any."""
     return Attempt(job_id, holding.attempt) if holding.state == RUNNING else None

@@ -27,7 +27,7 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobwire/v1/files.proto\x12\njobwire.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x11GetFileUrlRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x06method\x18\x02 \x01(\x0e\x32\x19.jobwire.v1.FileUrlMethod\"\xc0\x01\n\x12GetFileUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12<\n\x07headers\x18\x02 \x03(\x0b\x32+.jobwire.v1.GetFileUrlResponse.HeadersEntry\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x11UploadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\"?\n\x12UploadFileResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"B\n\x13\x44ownloadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"!\n\x12GetFileInfoRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"3\n\x13GetFileInfoResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x1f\n\x10GetUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"W\n\x11GetUploadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x13\n\x0bin_progress\x18\x04 \x01(\x08*b\n\rFileUrlMethod\x12\x1f\n\x1b\x46ILE_URL_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46ILE_URL_METHOD_GET\x10\x01\x12\x17\n\x13\x46ILE_URL_METHOD_PUT\x10\x02\x32\xfe\x03\n\x0b\x46ileService\x12\x65\n\nUploadFile\x12\x1d.jobwire.v1.UploadFileRequest\x1a\x1e.jobwire.v1.UploadFileResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x1a\x08/f/{key}:\x04\x62ody(\x01\x12Y\n\x0c\x44ownloadFile\x12\x1f.jobwire.v1.DownloadFileRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/f/{key}0\x01\x12g\n\x0bGetFileInfo\x12\x1e.jobwire.v1.GetFileInfoRequest\x1a\x1f.jobwire.v1.GetFileInfoResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/exists\x12\x61\n\tGetUpload\x12\x1c.jobwire.v1.GetUploadRequest\x1a\x1d.jobwire.v1.GetUploadResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/upload\x12\x61\n\nGetFileUrl\x12\x1d.jobwire.v1.GetFileUrlRequest\x1a\x1e.jobwire.v1.GetFileUrlResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/f/{key}/urlb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobwire/v1/files.proto\x12\njobwire.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x11GetFileUrlRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x06method\x18\x02 \x01(\x0e\x32\x19.jobwire.v1.FileUrlMethod\"\xc0\x01\n\x12GetFileUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12<\n\x07headers\x18\x02 \x03(\x0b\x32+.jobwire.v1.GetFileUrlResponse.HeadersEntry\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x11UploadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\"?\n\x12UploadFileResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"B\n\x13\x44ownloadFileRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"!\n\x12GetFileInfoRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"3\n\x13GetFileInfoResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\"5\n\x10GetUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"W\n\x11GetUploadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x13\n\x0bin_progress\x18\x04 \x01(\x08*b\n\rFileUrlMethod\x12\x1f\n\x1b\x46ILE_URL_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46ILE_URL_METHOD_GET\x10\x01\x12\x17\n\x13\x46ILE_URL_METHOD_PUT\x10\x02\x32\xfe\x03\n\x0b\x46ileService\x12\x65\n\nUploadFile\x12\x1d.jobwire.v1.UploadFileRequest\x1a\x1e.jobwire.v1.UploadFileResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x1a\x08/f/{key}:\x04\x62ody(\x01\x12Y\n\x0c\x44ownloadFile\x12\x1f.jobwire.v1.DownloadFileRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/f/{key}0\x01\x12g\n\x0bGetFileInfo\x12\x1e.jobwire.v1.GetFileInfoRequest\x1a\x1f.jobwire.v1.GetFileInfoResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/exists\x12\x61\n\tGetUpload\x12\x1c.jobwire.v1.GetUploadRequest\x1a\x1d.jobwire.v1.GetUploadResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/f/{key}/upload\x12\x61\n\nGetFileUrl\x12\x1d.jobwire.v1.GetFileUrlRequest\x1a\x1e.jobwire.v1.GetFileUrlResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/f/{key}/urlb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,8 +46,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILESERVICE'].methods_by_name['GetUpload']._serialized_options = b'\202\323\344\223\002\021\022\017/f/{key}/upload'
   _globals['_FILESERVICE'].methods_by_name['GetFileUrl']._loaded_options = None
   _globals['_FILESERVICE'].methods_by_name['GetFileUrl']._serialized_options = b'\202\323\344\223\002\016\022\014/f/{key}/url'
-  _globals['_FILEURLMETHOD']._serialized_start=843
-  _globals['_FILEURLMETHOD']._serialized_end=941
+  _globals['_FILEURLMETHOD']._serialized_start=887
+  _globals['_FILEURLMETHOD']._serialized_end=985
   _globals['_GETFILEURLREQUEST']._serialized_start=128
   _globals['_GETFILEURLREQUEST']._serialized_end=203
   _globals['_GETFILEURLRESPONSE']._serialized_start=206
@@ -55,19 +55,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETFILEURLRESPONSE_HEADERSENTRY']._serialized_start=352
   _globals['_GETFILEURLRESPONSE_HEADERSENTRY']._serialized_end=398
   _globals['_UPLOADFILEREQUEST']._serialized_start=400
-  _globals['_UPLOADFILEREQUEST']._serialized_end=498
-  _globals['_UPLOADFILERESPONSE']._serialized_start=500
-  _globals['_UPLOADFILERESPONSE']._serialized_end=563
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=565
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=631
-  _globals['_GETFILEINFOREQUEST']._serialized_start=633
-  _globals['_GETFILEINFOREQUEST']._serialized_end=666
-  _globals['_GETFILEINFORESPONSE']._serialized_start=668
-  _globals['_GETFILEINFORESPONSE']._serialized_end=719
-  _globals['_GETUPLOADREQUEST']._serialized_start=721
-  _globals['_GETUPLOADREQUEST']._serialized_end=752
-  _globals['_GETUPLOADRESPONSE']._serialized_start=754
-  _globals['_GETUPLOADRESPONSE']._serialized_end=841
-  _globals['_FILESERVICE']._serialized_start=944
-  _globals['_FILESERVICE']._serialized_end=1454
+  _globals['_UPLOADFILEREQUEST']._serialized_end=520
+  _globals['_UPLOADFILERESPONSE']._serialized_start=522
+  _globals['_UPLOADFILERESPONSE']._serialized_end=585
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=587
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=653
+  _globals['_GETFILEINFOREQUEST']._serialized_start=655
+  _globals['_GETFILEINFOREQUEST']._serialized_end=688
+  _globals['_GETFILEINFORESPONSE']._serialized_start=690
+  _globals['_GETFILEINFORESPONSE']._serialized_end=741
+  _globals['_GETUPLOADREQUEST']._serialized_start=743
+  _globals['_GETUPLOADREQUEST']._serialized_end=796
+  _globals['_GETUPLOADRESPONSE']._serialized_start=798
+  _globals['_GETUPLOADRESPONSE']._serialized_end=885
+  _globals['_FILESERVICE']._serialized_start=988
+  _globals['_FILESERVICE']._serialized_end=1498
 # @@protoc_insertion_point(module_scope)

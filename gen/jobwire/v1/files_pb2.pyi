@@ -139,6 +139,7 @@ class UploadFileRequest(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The blob's key; required in the first message, ignored afterwards."""
     offset: _builtins.int
@@ -152,6 +153,14 @@ class UploadFileRequest(_message.Message):
     leaves a partial upload to resume. 0: unknown, the end of the stream
     completes the blob.
     """
+    resume_token: _builtins.str
+    """First message only: a secret the client makes up (16 to 256 characters,
+    e.g. 32 random bytes in base64url) to be able to resume this upload if it
+    is cut short: the server keeps the stored bytes bound to it (it keeps only
+    its SHA-256), and resuming (`offset` > 0) needs the same token. Over REST
+    send it in the `x-jobwire-resume-token` header (which gRPC clients may use
+    instead of this field).
+    """
     @_builtins.property
     def body(self) -> _httpbody_pb2.HttpBody:
         """A chunk of the blob's bytes in `data` (`content_type` is ignored)."""
@@ -163,10 +172,11 @@ class UploadFileRequest(_message.Message):
         body: _httpbody_pb2.HttpBody | None = ...,
         offset: _builtins.int = ...,
         size: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "key", b"key", "offset", b"offset", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "key", b"key", "offset", b"offset", "resume_token", b"resume_token", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -287,16 +297,23 @@ class GetUploadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The blob's key."""
+    resume_token: _builtins.str
+    """The token the interrupted upload was started with (see
+    `UploadFileRequest.resume_token`; over REST the `x-jobwire-resume-token`
+    header): the offset reported is that upload's, 0 without it.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,7 +32,9 @@ class FileServiceStub:
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     def __init__(self, channel):
@@ -74,7 +76,9 @@ class FileServiceServicer:
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     def UploadFile(self, request_iterator, context):
@@ -83,10 +87,13 @@ class FileServiceServicer:
         REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
         in memory); `?offset=N` resumes. The blob becomes visible only once
         complete and verified. An upload cut short (the client went away, or
-        fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-        was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-        409) when another upload of the key is in progress or `offset` is past
-        the stored bytes.
+        fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+        carries a `resume_token` keeps what was stored for the holder of that
+        token alone: `GetUpload` with the token tells the offset to resume from,
+        and only an upload with the same token can resume it (without a token
+        nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+        progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+        and a file of other bytes has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,8 +123,9 @@ class FileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUpload(self, request, context):
-        """Tells how much of an interrupted upload is stored, i.e. the offset to
-        resume from (0 when there is none), and whether one is running.
+        """Tells how much of the caller's interrupted upload (named by its resume
+        token) is stored, i.e. the offset to resume from (0 when there is none),
+        and whether an upload of the key is running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,7 +139,9 @@ class FileServiceServicer:
         `UploadFile` / `DownloadFile`. A download URL of a missing blob is
         NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
         that hash (the bucket checks the signed checksum sent in `headers`);
-        the blob is visible once the PUT succeeds.
+        the blob is visible once the PUT succeeds. Other keys get no upload URL
+        (`url` empty): they are written once, which the server checks, so their
+        bytes go through `UploadFile`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,7 +189,9 @@ class FileService:
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     @staticmethod

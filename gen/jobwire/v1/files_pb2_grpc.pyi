@@ -33,7 +33,9 @@ class FileServiceStub:
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     @_typing.overload
@@ -46,10 +48,13 @@ class FileServiceStub:
     REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
     in memory); `?offset=N` resumes. The blob becomes visible only once
     complete and verified. An upload cut short (the client went away, or
-    fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-    was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-    409) when another upload of the key is in progress or `offset` is past
-    the stored bytes.
+    fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+    carries a `resume_token` keeps what was stored for the holder of that
+    token alone: `GetUpload` with the token tells the offset to resume from,
+    and only an upload with the same token can resume it (without a token
+    nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+    progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+    and a file of other bytes has it.
     """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]
     """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
@@ -67,8 +72,9 @@ class FileServiceStub:
     does not.
     """
     GetUpload: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]
-    """Tells how much of an interrupted upload is stored, i.e. the offset to
-    resume from (0 when there is none), and whether one is running.
+    """Tells how much of the caller's interrupted upload (named by its resume
+    token) is stored, i.e. the offset to resume from (0 when there is none),
+    and whether an upload of the key is running.
     """
     GetFileUrl: _grpc.UnaryUnaryMultiCallable[_files_pb2.GetFileUrlRequest, _files_pb2.GetFileUrlResponse]
     """Gives a URL that moves a blob's bytes straight to or from the blob
@@ -78,7 +84,9 @@ class FileServiceStub:
     `UploadFile` / `DownloadFile`. A download URL of a missing blob is
     NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
     that hash (the bucket checks the signed checksum sent in `headers`);
-    the blob is visible once the PUT succeeds.
+    the blob is visible once the PUT succeeds. Other keys get no upload URL
+    (`url` empty): they are written once, which the server checks, so their
+    bytes go through `UploadFile`.
     """
 
 @_typing.type_check_only
@@ -88,7 +96,9 @@ class FileServiceAsyncStub(FileServiceStub):
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -98,10 +108,13 @@ class FileServiceAsyncStub(FileServiceStub):
     REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
     in memory); `?offset=N` resumes. The blob becomes visible only once
     complete and verified. An upload cut short (the client went away, or
-    fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-    was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-    409) when another upload of the key is in progress or `offset` is past
-    the stored bytes.
+    fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+    carries a `resume_token` keeps what was stored for the holder of that
+    token alone: `GetUpload` with the token tells the offset to resume from,
+    and only an upload with the same token can resume it (without a token
+    nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+    progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+    and a file of other bytes has it.
     """
     DownloadFile: _aio.UnaryStreamMultiCallable[_files_pb2.DownloadFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Downloads a blob in chunks of at most 1 MiB. Over REST, a `Range:
@@ -119,8 +132,9 @@ class FileServiceAsyncStub(FileServiceStub):
     does not.
     """
     GetUpload: _aio.UnaryUnaryMultiCallable[_files_pb2.GetUploadRequest, _files_pb2.GetUploadResponse]  # type: ignore[assignment]
-    """Tells how much of an interrupted upload is stored, i.e. the offset to
-    resume from (0 when there is none), and whether one is running.
+    """Tells how much of the caller's interrupted upload (named by its resume
+    token) is stored, i.e. the offset to resume from (0 when there is none),
+    and whether an upload of the key is running.
     """
     GetFileUrl: _aio.UnaryUnaryMultiCallable[_files_pb2.GetFileUrlRequest, _files_pb2.GetFileUrlResponse]  # type: ignore[assignment]
     """Gives a URL that moves a blob's bytes straight to or from the blob
@@ -130,7 +144,9 @@ class FileServiceAsyncStub(FileServiceStub):
     `UploadFile` / `DownloadFile`. A download URL of a missing blob is
     NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
     that hash (the bucket checks the signed checksum sent in `headers`);
-    the blob is visible once the PUT succeeds.
+    the blob is visible once the PUT succeeds. Other keys get no upload URL
+    (`url` empty): they are written once, which the server checks, so their
+    bytes go through `UploadFile`.
     """
 
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -139,7 +155,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
     start with a dot. When the key is a SHA-256 hex string (64 characters) the
     server verifies the uploaded bytes against it and rejects a mismatch, so a
-    blob stored under its hash can be trusted and shared.
+    blob stored under its hash can be trusted and shared. Any other key is
+    written once: an upload of other bytes under an existing key is refused
+    with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
     """
 
     @_abc_1.abstractmethod
@@ -153,10 +171,13 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
         in memory); `?offset=N` resumes. The blob becomes visible only once
         complete and verified. An upload cut short (the client went away, or
-        fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-        was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-        409) when another upload of the key is in progress or `offset` is past
-        the stored bytes.
+        fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+        carries a `resume_token` keeps what was stored for the holder of that
+        token alone: `GetUpload` with the token tells the offset to resume from,
+        and only an upload with the same token can resume it (without a token
+        nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+        progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+        and a file of other bytes has it.
         """
 
     @_abc_1.abstractmethod
@@ -192,8 +213,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _files_pb2.GetUploadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_files_pb2.GetUploadResponse, _abc.Awaitable[_files_pb2.GetUploadResponse]]:
-        """Tells how much of an interrupted upload is stored, i.e. the offset to
-        resume from (0 when there is none), and whether one is running.
+        """Tells how much of the caller's interrupted upload (named by its resume
+        token) is stored, i.e. the offset to resume from (0 when there is none),
+        and whether an upload of the key is running.
         """
 
     @_abc_1.abstractmethod
@@ -209,7 +231,9 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         `UploadFile` / `DownloadFile`. A download URL of a missing blob is
         NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
         that hash (the bucket checks the signed checksum sent in `headers`);
-        the blob is visible once the PUT succeeds.
+        the blob is visible once the PUT succeeds. Other keys get no upload URL
+        (`url` empty): they are written once, which the server checks, so their
+        bytes go through `UploadFile`.
         """
 
 def add_FileServiceServicer_to_server(servicer: FileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -76,6 +76,11 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """A newer job replaced it in its namespace."""
     FINISH_REASON_DELETED: _FinishReason.ValueType  # 7
     """Deleted by a client."""
+    FINISH_REASON_EXPIRED: _FinishReason.ValueType  # 8
+    """Waited in its queue longer than the server's time-to-live for queued
+    jobs (`jobwire server --queued-ttl`, 4 weeks by default) without a worker
+    taking it. Not a result: submitting the job again queues it again.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a job finished."""
@@ -100,6 +105,11 @@ FINISH_REASON_REPLACED_BY_CLIENT: FinishReason.ValueType  # 6
 """A newer job replaced it in its namespace."""
 FINISH_REASON_DELETED: FinishReason.ValueType  # 7
 """Deleted by a client."""
+FINISH_REASON_EXPIRED: FinishReason.ValueType  # 8
+"""Waited in its queue longer than the server's time-to-live for queued
+jobs (`jobwire server --queued-ttl`, 4 weeks by default) without a worker
+taking it. Not a result: submitting the job again queues it again.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _LogStream:

@@ -60,6 +60,8 @@ function finished(job: Job): Described {
       return { text: "Replaced", detail: message || "a newer job replaced it", tone: "idle" };
     case FinishReason.DELETED:
       return { text: "Deleted", detail: message || "deleted by a client", tone: "idle" };
+    case FinishReason.EXPIRED:
+      return { text: "Expired", detail: message || "no worker took it in time", tone: "idle" };
     default:
       return { text: "Finished", detail: message, tone: "idle" };
   }

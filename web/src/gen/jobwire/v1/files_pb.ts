@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/files.proto.
  */
 export const file_jobwire_v1_files: GenFile = /*@__PURE__*/
-  fileDesc("ChZqb2J3aXJlL3YxL2ZpbGVzLnByb3RvEgpqb2J3aXJlLnYxIksKEUdldEZpbGVVcmxSZXF1ZXN0EgsKA2tleRgBIAEoCRIpCgZtZXRob2QYAiABKA4yGS5qb2J3aXJlLnYxLkZpbGVVcmxNZXRob2QiwAEKEkdldEZpbGVVcmxSZXNwb25zZRILCgN1cmwYASABKAkSPAoHaGVhZGVycxgCIAMoCzIrLmpvYndpcmUudjEuR2V0RmlsZVVybFJlc3BvbnNlLkhlYWRlcnNFbnRyeRIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiYgoRVXBsb2FkRmlsZVJlcXVlc3QSCwoDa2V5GAEgASgJEiIKBGJvZHkYAiABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5Eg4KBm9mZnNldBgDIAEoAxIMCgRzaXplGAQgASgDIj8KElVwbG9hZEZpbGVSZXNwb25zZRILCgNrZXkYASABKAkSDAoEc2l6ZRgCIAEoAxIOCgZzaGEyNTYYAyABKAkiQgoTRG93bmxvYWRGaWxlUmVxdWVzdBILCgNrZXkYASABKAkSDgoGb2Zmc2V0GAIgASgDEg4KBmxlbmd0aBgDIAEoAyIhChJHZXRGaWxlSW5mb1JlcXVlc3QSCwoDa2V5GAEgASgJIjMKE0dldEZpbGVJbmZvUmVzcG9uc2USDgoGZXhpc3RzGAEgASgIEgwKBHNpemUYAiABKAMiHwoQR2V0VXBsb2FkUmVxdWVzdBILCgNrZXkYASABKAkiVwoRR2V0VXBsb2FkUmVzcG9uc2USCwoDa2V5GAEgASgJEg4KBm9mZnNldBgCIAEoAxIQCghjb21wbGV0ZRgDIAEoCBITCgtpbl9wcm9ncmVzcxgEIAEoCCpiCg1GaWxlVXJsTWV0aG9kEh8KG0ZJTEVfVVJMX01FVEhPRF9VTlNQRUNJRklFRBAAEhcKE0ZJTEVfVVJMX01FVEhPRF9HRVQQARIXChNGSUxFX1VSTF9NRVRIT0RfUFVUEAIy/gMKC0ZpbGVTZXJ2aWNlEmUKClVwbG9hZEZpbGUSHS5qb2J3aXJlLnYxLlVwbG9hZEZpbGVSZXF1ZXN0Gh4uam9id2lyZS52MS5VcGxvYWRGaWxlUmVzcG9uc2UiFoLT5JMCEBoIL2Yve2tleX06BGJvZHkoARJZCgxEb3dubG9hZEZpbGUSHy5qb2J3aXJlLnYxLkRvd25sb2FkRmlsZVJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhCC0+STAgoSCC9mL3trZXl9MAESZwoLR2V0RmlsZUluZm8SHi5qb2J3aXJlLnYxLkdldEZpbGVJbmZvUmVxdWVzdBofLmpvYndpcmUudjEuR2V0RmlsZUluZm9SZXNwb25zZSIXgtPkkwIREg8vZi97a2V5fS9leGlzdHMSYQoJR2V0VXBsb2FkEhwuam9id2lyZS52MS5HZXRVcGxvYWRSZXF1ZXN0Gh0uam9id2lyZS52MS5HZXRVcGxvYWRSZXNwb25zZSIXgtPkkwIREg8vZi97a2V5fS91cGxvYWQSYQoKR2V0RmlsZVVybBIdLmpvYndpcmUudjEuR2V0RmlsZVVybFJlcXVlc3QaHi5qb2J3aXJlLnYxLkdldEZpbGVVcmxSZXNwb25zZSIUgtPkkwIOEgwvZi97a2V5fS91cmxiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_timestamp]);
+  fileDesc("ChZqb2J3aXJlL3YxL2ZpbGVzLnByb3RvEgpqb2J3aXJlLnYxIksKEUdldEZpbGVVcmxSZXF1ZXN0EgsKA2tleRgBIAEoCRIpCgZtZXRob2QYAiABKA4yGS5qb2J3aXJlLnYxLkZpbGVVcmxNZXRob2QiwAEKEkdldEZpbGVVcmxSZXNwb25zZRILCgN1cmwYASABKAkSPAoHaGVhZGVycxgCIAMoCzIrLmpvYndpcmUudjEuR2V0RmlsZVVybFJlc3BvbnNlLkhlYWRlcnNFbnRyeRIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEieAoRVXBsb2FkRmlsZVJlcXVlc3QSCwoDa2V5GAEgASgJEiIKBGJvZHkYAiABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5Eg4KBm9mZnNldBgDIAEoAxIMCgRzaXplGAQgASgDEhQKDHJlc3VtZV90b2tlbhgFIAEoCSI/ChJVcGxvYWRGaWxlUmVzcG9uc2USCwoDa2V5GAEgASgJEgwKBHNpemUYAiABKAMSDgoGc2hhMjU2GAMgASgJIkIKE0Rvd25sb2FkRmlsZVJlcXVlc3QSCwoDa2V5GAEgASgJEg4KBm9mZnNldBgCIAEoAxIOCgZsZW5ndGgYAyABKAMiIQoSR2V0RmlsZUluZm9SZXF1ZXN0EgsKA2tleRgBIAEoCSIzChNHZXRGaWxlSW5mb1Jlc3BvbnNlEg4KBmV4aXN0cxgBIAEoCBIMCgRzaXplGAIgASgDIjUKEEdldFVwbG9hZFJlcXVlc3QSCwoDa2V5GAEgASgJEhQKDHJlc3VtZV90b2tlbhgCIAEoCSJXChFHZXRVcGxvYWRSZXNwb25zZRILCgNrZXkYASABKAkSDgoGb2Zmc2V0GAIgASgDEhAKCGNvbXBsZXRlGAMgASgIEhMKC2luX3Byb2dyZXNzGAQgASgIKmIKDUZpbGVVcmxNZXRob2QSHwobRklMRV9VUkxfTUVUSE9EX1VOU1BFQ0lGSUVEEAASFwoTRklMRV9VUkxfTUVUSE9EX0dFVBABEhcKE0ZJTEVfVVJMX01FVEhPRF9QVVQQAjL+AwoLRmlsZVNlcnZpY2USZQoKVXBsb2FkRmlsZRIdLmpvYndpcmUudjEuVXBsb2FkRmlsZVJlcXVlc3QaHi5qb2J3aXJlLnYxLlVwbG9hZEZpbGVSZXNwb25zZSIWgtPkkwIQGggvZi97a2V5fToEYm9keSgBElkKDERvd25sb2FkRmlsZRIfLmpvYndpcmUudjEuRG93bmxvYWRGaWxlUmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiEILT5JMCChIIL2Yve2tleX0wARJnCgtHZXRGaWxlSW5mbxIeLmpvYndpcmUudjEuR2V0RmlsZUluZm9SZXF1ZXN0Gh8uam9id2lyZS52MS5HZXRGaWxlSW5mb1Jlc3BvbnNlIheC0+STAhESDy9mL3trZXl9L2V4aXN0cxJhCglHZXRVcGxvYWQSHC5qb2J3aXJlLnYxLkdldFVwbG9hZFJlcXVlc3QaHS5qb2J3aXJlLnYxLkdldFVwbG9hZFJlc3BvbnNlIheC0+STAhESDy9mL3trZXl9L3VwbG9hZBJhCgpHZXRGaWxlVXJsEh0uam9id2lyZS52MS5HZXRGaWxlVXJsUmVxdWVzdBoeLmpvYndpcmUudjEuR2V0RmlsZVVybFJlc3BvbnNlIhSC0+STAg4SDC9mL3trZXl9L3VybGIGcHJvdG8z", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_timestamp]);
 
 /**
  * Request of `GetFileUrl`.
@@ -120,6 +120,18 @@ export type UploadFileRequest = Message<"jobwire.v1.UploadFileRequest"> & {
    * @generated from field: int64 size = 4;
    */
   size: bigint;
+
+  /**
+   * First message only: a secret the client makes up (16 to 256 characters,
+   * e.g. 32 random bytes in base64url) to be able to resume this upload if it
+   * is cut short: the server keeps the stored bytes bound to it (it keeps only
+   * its SHA-256), and resuming (`offset` > 0) needs the same token. Over REST
+   * send it in the `x-jobwire-resume-token` header (which gRPC clients may use
+   * instead of this field).
+   *
+   * @generated from field: string resume_token = 5;
+   */
+  resumeToken: string;
 };
 
 /**
@@ -260,6 +272,15 @@ export type GetUploadRequest = Message<"jobwire.v1.GetUploadRequest"> & {
    * @generated from field: string key = 1;
    */
   key: string;
+
+  /**
+   * The token the interrupted upload was started with (see
+   * `UploadFileRequest.resume_token`; over REST the `x-jobwire-resume-token`
+   * header): the offset reported is that upload's, 0 without it.
+   *
+   * @generated from field: string resume_token = 2;
+   */
+  resumeToken: string;
 };
 
 /**
@@ -353,7 +374,9 @@ export const FileUrlMethodSchema: GenEnum<FileUrlMethod> = /*@__PURE__*/
  * A key is any name of 1–128 characters from `[A-Za-z0-9._-]` that does not
  * start with a dot. When the key is a SHA-256 hex string (64 characters) the
  * server verifies the uploaded bytes against it and rejects a mismatch, so a
- * blob stored under its hash can be trusted and shared.
+ * blob stored under its hash can be trusted and shared. Any other key is
+ * written once: an upload of other bytes under an existing key is refused
+ * with ALREADY_EXISTS (HTTP 409); the same bytes again succeed.
  *
  * @generated from service jobwire.v1.FileService
  */
@@ -364,10 +387,13 @@ export const FileService: GenService<{
    * REST: `PUT /f/{key}` with the raw bytes as the body, streamed (never held
    * in memory); `?offset=N` resumes. The blob becomes visible only once
    * complete and verified. An upload cut short (the client went away, or
-   * fewer bytes than `size` or the HTTP `Content-Length` arrived) keeps what
-   * was stored: `GetUpload` tells the offset to resume from. ABORTED (HTTP
-   * 409) when another upload of the key is in progress or `offset` is past
-   * the stored bytes.
+   * fewer bytes than `size` or the HTTP `Content-Length` arrived) that
+   * carries a `resume_token` keeps what was stored for the holder of that
+   * token alone: `GetUpload` with the token tells the offset to resume from,
+   * and only an upload with the same token can resume it (without a token
+   * nothing is kept). ABORTED (HTTP 409) when another upload of the key is in
+   * progress or `offset` is past the bytes stored for the token. ALREADY_EXISTS (HTTP 409) when the key is not a SHA-256
+   * and a file of other bytes has it.
    *
    * @generated from rpc jobwire.v1.FileService.UploadFile
    */
@@ -406,8 +432,9 @@ export const FileService: GenService<{
     output: typeof GetFileInfoResponseSchema;
   },
   /**
-   * Tells how much of an interrupted upload is stored, i.e. the offset to
-   * resume from (0 when there is none), and whether one is running.
+   * Tells how much of the caller's interrupted upload (named by its resume
+   * token) is stored, i.e. the offset to resume from (0 when there is none),
+   * and whether an upload of the key is running.
    *
    * @generated from rpc jobwire.v1.FileService.GetUpload
    */
@@ -424,7 +451,9 @@ export const FileService: GenService<{
    * `UploadFile` / `DownloadFile`. A download URL of a missing blob is
    * NOT_FOUND. An upload URL of a SHA-256 key only accepts the bytes of
    * that hash (the bucket checks the signed checksum sent in `headers`);
-   * the blob is visible once the PUT succeeds.
+   * the blob is visible once the PUT succeeds. Other keys get no upload URL
+   * (`url` empty): they are written once, which the server checks, so their
+   * bytes go through `UploadFile`.
    *
    * @generated from rpc jobwire.v1.FileService.GetFileUrl
    */
