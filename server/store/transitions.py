@@ -216,8 +216,6 @@ def expired(holding: Holding, ttl: str, now: float) -> Change | None:
     return Change(entry, _final(jobs_pb2.FINISH_REASON_EXPIRED, now, result.SerializeToString()))
 
 
-
-
 def to_stop(holding: Holding, job_id: str) -> Attempt | None:
     """The attempt a worker must stop when a client ends the job: its running one, if any."""
     return Attempt(job_id, holding.attempt) if holding.state == RUNNING else None
