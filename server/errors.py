@@ -6,19 +6,29 @@
      ├── FailedPrecondition   the server's state forbids the action        → FAILED_PRECONDITION (HTTP 400)
      ├── Conflict             the job's or upload's state forbids it now   → ABORTED (HTTP 409)
      ├── TooLarge             an upload past the size limit                → RESOURCE_EXHAUSTED (HTTP 429)
+     ├── DiskFull             the server's disk (or the database's) is full → RESOURCE_EXHAUSTED (HTTP 429)
      ├── Unauthenticated      a missing or wrong credential or secret      → UNAUTHENTICATED (HTTP 401)
      ├── PermissionDenied     the server lets nobody do it here            → PERMISSION_DENIED (HTTP 403)
      └── Unavailable          a backend (store, blobs) cannot be reached   → UNAVAILABLE (HTTP 503)
 
 Envoy turns the status codes into HTTP codes with a JSON body
 `{"code": …, "message": …}`. Messages are short, actionable and leak no internals.
+
+A dependency that fails under a call (the database down or restarting, a full disk, a bucket that
+times out) is not a bug of the call: `dependency_error` names it (`Unavailable` or `DiskFull`), and
+`grpc_errors` reports it so, never as UNKNOWN. A call answers OK only once its commit returned, so a
+client that sees one of these retries; nothing it was told was stored is lost.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import sqlite3
 from types import TracebackType
 from typing import Any, TypeAlias
 
+import asyncpg
 import grpc
 
 # A gRPC handler's context, whatever its request and response types.
@@ -64,12 +74,17 @@ class Unavailable(ServerError):
     """A backend cannot be reached; retrying later may work."""
 
 
+class DiskFull(ServerError):
+    """The server cannot store what the call brings: its disk (or the database's) is full."""
+
+
 STATUS_CODES: dict[type[ServerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Conflict: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -84,8 +99,78 @@ def status_code(error: ServerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_UNREACHABLE = (ConnectionError, TimeoutError)
+_DISK_FULL = "the server's disk is full: nothing was stored; retry once space is freed"
+_SQLITE_FULL = 13
+
+
+JOB_STORE = "the job store"
+
+
+def dependency_error(error: BaseException, what: str = "") -> ServerError | None:
+    """What `error` means to a client when it says a dependency failed: `DiskFull` for a full disk
+    (ENOSPC, SQLite's "database or disk is full", PostgreSQL's disk full), `Unavailable` for the job
+    store down or restarting (PostgreSQL connection errors, SQLite I/O errors), a bucket that fails or
+    times out, or a connection refused or timed out (to `what`, when the caller knows which
+    dependency it called); None for anything else (a bug: UNKNOWN). The message names the dependency
+    and the kind of failure, never a path or a statement."""
+    if isinstance(error, ServerError):
+        return error
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return DiskFull(_DISK_FULL)
+    if isinstance(error, sqlite3.Error):
+        if getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(error):
+            return DiskFull(_DISK_FULL)
+        if isinstance(error, sqlite3.OperationalError):
+            return Unavailable(f"the job store is unavailable ({error}); retry")
+        return None
+    if isinstance(error, asyncpg.DiskFullError):
+        return DiskFull("the database's disk is full: nothing was stored; retry once space is freed")
+    if isinstance(
+        error,
+        asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.OperatorInterventionError
+        | asyncpg.exceptions.InsufficientResourcesError
+        | asyncpg.exceptions.PostgresSystemError,
+    ):
+        return Unavailable(f"the job store is unavailable ({_summary(error)}); retry")
+    if type(error).__module__.partition(".")[0] in ("botocore", "aiobotocore", "aiohttp"):
+        return Unavailable(f"the file store is unavailable ({type(error).__name__}); retry")
+    if isinstance(error, _UNREACHABLE):
+        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else type(error).__name__
+        return Unavailable(f"{what or 'a service the server depends on'} is unavailable ({reason}); retry")
+    return None
+
+
+def raise_dependency_error(error: Exception, what: str) -> None:
+    """Raise `dependency_error(error, what)` from `error` when it names one (call it in an `except`
+    block of a call to `what`, then `raise` the original)."""
+    failure = dependency_error(error, what)
+    if failure is not None and failure is not error:
+        raise failure from error
+
+
+def _summary(error: BaseException) -> str:
+    """The kind of a database error and its first line (no statement, no parameters)."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _first_failure(error: BaseException) -> ServerError | None:
+    """`dependency_error` of `error`, or of the first exception of a group that has one."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _first_failure(inner)) is not None:
+                return found
+        return None
+    return dependency_error(error)
+
+
 class grpc_errors:
-    """Turn JobwireErrors raised in a handler body into gRPC status codes (never swallows)."""
+    """Turn ServerErrors raised in a handler body into gRPC status codes, and failures of the server's
+    dependencies (`dependency_error`) into UNAVAILABLE or RESOURCE_EXHAUSTED (never swallows)."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
@@ -99,5 +184,8 @@ class grpc_errors:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if isinstance(error, ServerError):
-            await self.context.abort(status_code(error), str(error))
+        if error is None or not isinstance(error, Exception):
+            return
+        failure = _first_failure(error)
+        if failure is not None:
+            await self.context.abort(status_code(failure), str(failure))
