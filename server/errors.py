@@ -131,6 +131,7 @@ def dependency_error(error: BaseException, what: str = "") -> ServerError | None
         error,
         asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
+        | asyncpg.InternalClientError  # a connection left broken by a restart of the database
         | asyncpg.exceptions.OperatorInterventionError
         | asyncpg.exceptions.InsufficientResourcesError
         | asyncpg.exceptions.PostgresSystemError,

@@ -63,7 +63,7 @@ class PostgresBus:
     @classmethod
     async def open(cls, dsn: str, queue_size: int = QUEUE_SIZE) -> PostgresBus:
         """Connect (a small pool to publish, one connection to listen) and start dispatching."""
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, timeout=CONNECT_SECONDS)
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=CONNECT_SECONDS)
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)  # the table of large message bodies
