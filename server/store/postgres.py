@@ -8,6 +8,7 @@ replicas never assign one job twice or deliver one webhook twice at once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -244,7 +245,9 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
                     yield connection
                 except Exception as error:
                     if not isinstance(error, ServerError) and dependency_error(error) is not None:
-                        connection.terminate()  # the pool opens a new one in its place
+                        # The pool opens a new one in its place (one it already let go of is gone).
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            connection.terminate()
                     raise
         except Exception as error:
             raise_dependency_error(error, JOB_STORE)
