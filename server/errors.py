@@ -103,6 +103,8 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _UNREACHABLE = (ConnectionError, TimeoutError)
 _DISK_FULL = "the server's disk is full: nothing was stored; retry once space is freed"
 _SQLITE_FULL = 13
+_SQLITE_UNAVAILABLE = {5, 6, 8, 10, 14, 15}
+"""SQLite's BUSY, LOCKED, READONLY, IOERR, CANTOPEN, PROTOCOL: the file, not the statement, failed."""
 
 
 JOB_STORE = "the job store"
@@ -120,11 +122,12 @@ def dependency_error(error: BaseException, what: str = "") -> ServerError | None
     if isinstance(error, OSError) and error.errno in _NO_SPACE:
         return DiskFull(_DISK_FULL)
     if isinstance(error, sqlite3.Error):
-        if getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(error):
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+        if code == _SQLITE_FULL:
             return DiskFull(_DISK_FULL)
-        if isinstance(error, sqlite3.OperationalError):
+        if code in _SQLITE_UNAVAILABLE or (code == 0 and "disk I/O error" in str(error)):
             return Unavailable(f"the job store is unavailable ({error}); retry")
-        return None
+        return None  # a statement the store got wrong: a bug
     if isinstance(error, asyncpg.DiskFullError):
         return DiskFull("the database's disk is full: nothing was stored; retry once space is freed")
     if isinstance(
@@ -169,6 +172,13 @@ def _first_failure(error: BaseException) -> ServerError | None:
     return dependency_error(error)
 
 
+async def abort_on_failure(context: Context, error: BaseException) -> None:
+    """Abort the call with the status of the dependency failure (or ServerError) in `error` (an
+    exception group too), if it holds one; return otherwise (the caller re-raises)."""
+    if (failure := _first_failure(error)) is not None:
+        await context.abort(status_code(failure), str(failure))
+
+
 class grpc_errors:
     """Turn ServerErrors raised in a handler body into gRPC status codes, and failures of the server's
     dependencies (`dependency_error`) into UNAVAILABLE or RESOURCE_EXHAUSTED (never swallows)."""
@@ -185,8 +195,5 @@ class grpc_errors:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if error is None or not isinstance(error, Exception):
-            return
-        failure = _first_failure(error)
-        if failure is not None:
-            await self.context.abort(status_code(failure), str(failure))
+        if isinstance(error, Exception):
+            await abort_on_failure(self.context, error)
