@@ -20,9 +20,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from jobwire.cli.services import free_port
 
@@ -114,6 +116,21 @@ class PostgresCluster:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A started throwaway cluster, stopped and removed afterwards; the test fails if it cannot start."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        cluster.stop()
+        pytest.fail(f"cannot start PostgreSQL: {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 class S3Server:

@@ -28,7 +28,7 @@ from jobwire.server.store.base import Submission
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.v1 import definition_pb2, files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import BUSYBOX, Process, Processes, eventually
-from tests.services import PostgresCluster
+from tests.services import PostgresCluster, running_cluster
 
 pytestmark = pytest.mark.docker
 CALL_BOUND = 15.0
@@ -85,14 +85,8 @@ async def server(processes: Processes, data: Path, *extra: str) -> AsyncIterator
 @pytest.fixture
 def cluster() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster of this test's own: it is stopped and started again."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-        cluster.stop()
-        pytest.fail(f"cannot start PostgreSQL: {error}")
-    yield cluster
-    cluster.stop()
+    with running_cluster() as cluster:
+        yield cluster
 
 
 OUTAGE = 10.0
