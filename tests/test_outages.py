@@ -23,12 +23,13 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.cli.services import free_port
-from jobwire.server.errors import DiskFull, dependency_error
+from jobwire.server.blobs.s3 import S3BlobStore
+from jobwire.server.errors import DiskFull, Unavailable, dependency_error
 from jobwire.server.store.base import Submission
 from jobwire.server.store.sqlite import SqliteStore
 from jobwire.v1 import definition_pb2, files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import BUSYBOX, Process, Processes, eventually
-from tests.services import PostgresCluster, running_cluster
+from tests.services import PostgresCluster, S3Server, running_cluster
 
 pytestmark = pytest.mark.docker
 CALL_BOUND = 15.0
@@ -267,3 +268,68 @@ async def test_a_full_sqlite_database_fails_the_commit_group_it_hits_and_takes_t
         assert await store.get_job(c.job_id, queue="q") is not None  # answered OK, stored
     finally:
         await store.close()
+
+
+class StallingProxy:
+    """A TCP proxy that, once stalled, keeps every connection open and passes no byte either way
+    (a bucket that hangs, not one that refuses), until resumed."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        with contextlib.suppress(Exception):
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pipe(reader, up_writer))
+                group.create_task(self._pipe(up_reader, writer))
+        for end in (writer, up_writer):
+            end.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            await self.flowing.wait()
+            writer.write(data)
+            await writer.drain()
+        writer.transport.abort()
+
+    async def close(self) -> None:
+        self.flowing.set()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_bucket_that_hangs_fails_calls_as_unavailable_and_they_work_once_it_answers(
+    s3_server: S3Server,
+) -> None:
+    proxy = StallingProxy(s3_server.port)
+    endpoint = await proxy.start()
+    blobs = await S3BlobStore.open(f"s3://hang-{os.getpid()}/p", endpoint=endpoint, read_seconds=1.0)
+    try:
+        data = b"stored before the bucket hung"
+        key = hashlib.sha256(data).hexdigest()
+        writer = await blobs.writer(key)
+        await writer.write(data)
+        await writer.commit()
+        proxy.flowing.clear()
+        raised: Exception | None = None
+        try:
+            async with asyncio.timeout(CALL_BOUND):  # a bound: botocore's defaults took minutes
+                await blobs.size(key)
+        except Exception as error:
+            raised = error
+        assert raised is not None, "a read from a bucket that hangs succeeded"
+        failure = dependency_error(raised)
+        assert isinstance(failure, Unavailable) and "file store is unavailable" in str(failure), repr(raised)
+        proxy.flowing.set()
+        assert await blobs.size(key) == len(data)
+    finally:
+        await blobs.close()
+        await proxy.close()
