@@ -175,8 +175,8 @@ class PostgresBus:
             return base64.b64decode(payload[1:])
         try:
             data = await self.pool.fetchval("SELECT data FROM bus_messages WHERE id = $1", int(payload[1:]))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError):
-            log.warning("event bus: could not read a large message back from the database")
+        except Exception as error:  # the database down, a timeout, a bad pointer: never the dispatcher's end
+            log.warning("event bus: could not read a large message back from the database (%s)", error)
             return None
         return bytes(data) if data is not None else None
 
