@@ -42,6 +42,11 @@ from jobwire.v1 import (
 )
 
 log = logging.getLogger(__name__)
+Loop = Callable[[], Coroutine[None, None, None]]
+RETRY_FIRST, RETRY_MOST = 0.5, 10.0
+"""Seconds a background loop waits before it starts again after an error: doubling, capped."""
+RECOVERED_AFTER = 5.0
+"""Seconds a restarted loop must run without an error to count as recovered (and log so)."""
 MAX_MESSAGE = 64 * 1024 * 1024
 SERVICES = [
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -79,7 +84,7 @@ class Server:
     health: health.aio.HealthServicer
     blobs: BlobStore
     bus: EventBus
-    loops: list[Callable[[], Coroutine[None, None, None]]]
+    loops: list[Loop]
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Serve until cancelled, then stop gracefully."""
@@ -91,7 +96,7 @@ class Server:
         try:
             async with asyncio.TaskGroup() as group:
                 for loop in self.loops:
-                    group.create_task(loop())
+                    group.create_task(supervised(loop)())
         finally:
             try:
                 await self.health.enter_graceful_shutdown()
@@ -100,6 +105,42 @@ class Server:
                 await self.bus.close()
                 await self.blobs.close()
                 await self.store.close()
+
+
+def supervised(loop: Loop, name: str = "") -> Loop:
+    """`loop`, kept running: an error (the database down, a full disk…) never ends it, nor the
+    server. The first error of an outage is logged once with its cause, later ones only at debug
+    level; the loop starts again after 0.5 s, 1 s, 2 s, … (at most RETRY_MOST apart), and once it has
+    run RECOVERED_AFTER seconds without an error it logs that it recovered."""
+    name = name or getattr(loop, "__qualname__", repr(loop))
+
+    async def run() -> None:
+        failures = 0
+        while True:
+            task = asyncio.create_task(loop(), name=name)
+            try:
+                if failures:
+                    done, _ = await asyncio.wait([task], timeout=RECOVERED_AFTER)
+                    if not done:
+                        log.warning("%s: recovered after %d retries", name, failures)
+                        failures = 0
+                await task
+                return  # a loop that ends by itself is done
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            except Exception as error:
+                if failures == 0:
+                    log.warning(
+                        "%s failed (%s: %s); retrying with backoff until it recovers", name, type(error).__name__, error
+                    )
+                else:
+                    log.debug("%s failed again: %s: %s", name, type(error).__name__, error)
+                delay = min(RETRY_FIRST * 2**failures, RETRY_MOST)
+                failures += 1
+            await asyncio.sleep(delay)
+
+    return run
 
 
 async def build_server(settings: ServerSettings, clock: Callable[[], float] = time.time) -> Server:

@@ -19,7 +19,7 @@ from google.api import httpbody_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from jobwire.server.errors import ServerError, status_code
+from jobwire.server.errors import dependency_error, status_code
 from jobwire.v1 import jobs_pb2
 
 EVENT_STREAM = "text/event-stream"
@@ -42,8 +42,10 @@ async def events(watch: AsyncIterator[jobs_pb2.WatchJobResponse]) -> AsyncIterat
                 text = event(_KINDS.get(message.logs.kind, "log"), message.logs, ident)
             yield httpbody_pb2.HttpBody(content_type=content_type, data=text.encode())
             content_type = ""
-    except ServerError as error:
-        failure = {"code": status_code(error).name, "message": str(error)}
+    except Exception as error:  # a ServerError, or a dependency failing (the database restarting…)
+        if (known := dependency_error(error)) is None:
+            raise
+        failure = {"code": status_code(known).name, "message": str(known)}
         yield httpbody_pb2.HttpBody(content_type=content_type, data=_event("error", json.dumps(failure)).encode())
         return
     if last is not None:

@@ -32,7 +32,7 @@ from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, workers_pb2
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.docker_runtime import DockerRuntime
 from jobwire.worker.settings import WorkerSettings
-from tests.services import PostgresCluster, S3Server
+from tests.services import PostgresCluster, S3Server, running_cluster
 
 S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "jobwire-test", "AWS_SECRET_ACCESS_KEY": "jobwire-test"}
 BUSYBOX = "jobwire/busybox:latest"
@@ -94,14 +94,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """A throwaway PostgreSQL cluster for the session (`make postgres` installs Debian's PostgreSQL)."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-        cluster.stop()
-        pytest.fail(f"cannot start PostgreSQL: {error}")
-    yield cluster
-    cluster.stop()
+    with running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

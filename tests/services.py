@@ -13,15 +13,18 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from jobwire.cli.services import free_port
 
@@ -58,9 +61,14 @@ class PostgresCluster:
             check=True,
             capture_output=True,
         )
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the postmaster on the cluster's data (again, after `halt`) and wait until it accepts."""
+        data = self.directory / "data"
         options = ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         options += ["-c", "max_connections=300", "-c", f"unix_socket_directories={self.directory}"]
-        with (self.directory / "postgres.log").open("wb") as log:
+        with (self.directory / "postgres.log").open("ab") as log:
             self.process = subprocess.Popen(
                 self._as_owner(
                     str(self.bin / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), *options
@@ -79,6 +87,12 @@ class PostgresCluster:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"PostgreSQL did not start: {(self.directory / 'postgres.log').read_text()[-2000:]}")
+
+    def halt(self) -> None:
+        """Stop the postmaster as an operator would (fast shutdown: clients are cut off), keeping the data."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGINT)  # runuser and the postmaster, whoever runs it
+        self.process.wait(30)
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
@@ -102,6 +116,21 @@ class PostgresCluster:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A started throwaway cluster, stopped and removed afterwards; the test fails if it cannot start."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        cluster.stop()
+        pytest.fail(f"cannot start PostgreSQL: {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 class S3Server:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 else:
     S3Client = Any
 
+CONNECT_SECONDS, READ_SECONDS, ATTEMPTS = 5.0, 10.0, 2
+"""A bucket that does not answer fails a call (UNAVAILABLE, "the file store is unavailable") after at
+most ATTEMPTS tries of CONNECT_SECONDS to connect and READ_SECONDS without a byte, not botocore's
+default of 60 s and 5 tries each."""
 SEGMENT_SIZE = 8 * 1024 * 1024
 """Bytes per stored segment (S3 parts other than the last must be at least 5 MiB)."""
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -94,6 +98,7 @@ class S3BlobStore:
         public_endpoint: str = "",
         region: str = "",
         segment_size: int = SEGMENT_SIZE,
+        read_seconds: float = READ_SECONDS,
     ) -> S3BlobStore:
         """Connect to the bucket of `s3://bucket/prefix` (credentials from the usual AWS sources),
         creating the bucket if it does not exist; presigned URLs name `public_endpoint` (default
@@ -104,7 +109,13 @@ class S3BlobStore:
         region = region or session.get_config_variable("region") or "us-east-1"
 
         async def connect(at: str) -> S3Client:
-            config = AioConfig(signature_version="s3v4", s3={"addressing_style": "path" if at else "auto"})
+            config = AioConfig(
+                signature_version="s3v4",
+                s3={"addressing_style": "path" if at else "auto"},
+                connect_timeout=min(CONNECT_SECONDS, read_seconds),
+                read_timeout=read_seconds,
+                retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+            )
             return await stack.enter_async_context(
                 session.create_client("s3", endpoint_url=at or None, region_name=region, config=config)
             )

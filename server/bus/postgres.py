@@ -5,8 +5,11 @@ identifiers), LISTENed on one dedicated connection while this process has a subs
 so a replica only receives the topics it follows. A payload carries the message as
 base64 when it fits NOTIFY's 8000-byte limit; a larger one is written to the
 `bus_messages` table and the payload carries only its row id (a pointer), read back by
-the receivers. If the listening connection drops, every subscriber gets `Lagged` (it
-re-reads the store) and the bus reconnects and listens again.
+the receivers. If the listening connection drops (the database stopped or restarted), every
+subscriber gets `Lagged` (it re-reads the store), the bus reconnects with backoff (capped at
+RECONNECT_MOST seconds) and LISTENs to every followed channel again, then wakes every subscriber once
+more: a notification sent while nobody listened is re-read, not missed. Subscribing while the
+database is down succeeds; the channel is listened to on reconnect.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from jobwire.server.bus.memory import QUEUE_SIZE, MemorySubscription
-from jobwire.server.store.postgres import migrate
+from jobwire.server.errors import JOB_STORE, raise_dependency_error
+from jobwire.server.store.postgres import CONNECT_SECONDS, migrate
 
 log = logging.getLogger(__name__)
 INLINE_LIMIT = 7000
@@ -33,6 +37,8 @@ INLINE_LIMIT = 7000
 POINTER_TTL = 300.0
 """Seconds a pointed-to message body is kept: receivers read it within moments."""
 _INBOX_SIZE = 8192
+RECONNECT_MOST = 5.0
+"""Most seconds between two attempts to reconnect the listening connection."""
 
 
 def channel(topic: str) -> str:
@@ -57,7 +63,7 @@ class PostgresBus:
     @classmethod
     async def open(cls, dsn: str, queue_size: int = QUEUE_SIZE) -> PostgresBus:
         """Connect (a small pool to publish, one connection to listen) and start dispatching."""
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=CONNECT_SECONDS)
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)  # the table of large message bodies
@@ -76,16 +82,22 @@ class PostgresBus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._listener is not None:
+        if (listener := self._listener) is not None:
+            self._listener = None
             with contextlib.suppress(Exception):
-                await self._listener.close()
+                await listener.close()
         await self.pool.close()
 
     async def publish(self, topic: str, message: bytes) -> None:
+        """Raises `Unavailable` while the database is down (see errors.dependency_error)."""
         payload = "=" + base64.b64encode(message).decode()
-        if len(payload) > INLINE_LIMIT:
-            payload = "#" + str(await self._store(message))
-        await self.pool.execute("SELECT pg_notify($1, $2)", channel(topic), payload)
+        try:
+            if len(payload) > INLINE_LIMIT:
+                payload = "#" + str(await self._store(message))
+            await self.pool.execute("SELECT pg_notify($1, $2)", channel(topic), payload)
+        except Exception as error:
+            raise_dependency_error(error, JOB_STORE)
+            raise
 
     async def _store(self, message: bytes) -> int:
         now = time.time()
@@ -116,7 +128,12 @@ class PostgresBus:
         async with self._listen_lock:
             self._channels[name] = topic
             if self._listener is not None and not self._listener.is_closed():
-                await self._listener.add_listener(name, self._on_notify)
+                try:
+                    await self._listener.add_listener(name, self._on_notify)
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                    # The connection is failing: the reconnect listens to every channel again.
+                    log.warning("event bus: LISTEN failed (%s); reconnecting", error)
+                    self._lost.set()
 
     async def _unlisten(self, topic: str) -> None:
         name = channel(topic)
@@ -158,35 +175,51 @@ class PostgresBus:
             return base64.b64decode(payload[1:])
         try:
             data = await self.pool.fetchval("SELECT data FROM bus_messages WHERE id = $1", int(payload[1:]))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError):
-            log.warning("event bus: could not read a large message back from the database")
+        except Exception as error:  # the database down, a timeout, a bad pointer: never the dispatcher's end
+            log.warning("event bus: could not read a large message back from the database (%s)", error)
             return None
         return bytes(data) if data is not None else None
 
     async def _connect(self) -> None:
-        listener = await asyncpg.connect(self.dsn)
-        listener.add_termination_listener(lambda _: self._lost.set())
-        async with self._listen_lock:
-            for name in list(self._channels):
-                await listener.add_listener(name, self._on_notify)
-            self._listener = listener
+        listener = await asyncpg.connect(self.dsn, timeout=CONNECT_SECONDS)
+        try:
+            async with self._listen_lock:
+                for name in list(self._channels):
+                    await listener.add_listener(name, self._on_notify)
+                previous, self._listener = self._listener, listener
+                listener.add_termination_listener(self._on_termination)
+        except BaseException:
+            listener.terminate()
+            raise
+        if previous is not None and not previous.is_closed():
+            previous.terminate()
+
+    def _on_termination(self, connection: object) -> None:
+        if connection is self._listener:  # not one this bus replaced or closed on purpose
+            self._lost.set()
 
     async def _reconnect(self) -> None:
-        """When the listening connection drops: tell subscribers they lagged, connect again."""
+        """When the listening connection drops: tell subscribers they lagged, connect again (logging
+        the outage once, not every try), then wake them again."""
         while True:
             await self._lost.wait()
             self._lost.clear()
             log.warning("event bus: lost the LISTEN connection; reconnecting")
             self._lag_all()
-            delay = 0.1
+            delay, tries = 0.1, 0
             while True:
                 try:
                     await self._connect()
                     break
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                    log.warning("event bus: reconnect failed (%s); retrying in %.1f s", error, delay)
+                except Exception as error:  # refused, reset, timed out, shutting down: all the same here
+                    if tries == 0:
+                        log.warning("event bus: cannot reconnect yet (%s); retrying with backoff", error)
+                    tries += 1
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, RECONNECT_MOST)
+            if tries:
+                log.warning("event bus: listening again after %d failed tries", tries)
+            self._lost.clear()  # a LISTEN that failed meanwhile was on the connection just replaced
             self._lag_all()  # messages sent while reconnecting were missed
 
     async def flush(self) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from jobwire.core.batching import take_ready
-from jobwire.server.errors import Context, grpc_errors
+from jobwire.server.errors import Context, abort_on_failure, grpc_errors
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.sessions import ProtocolError, WorkerSession
@@ -59,6 +59,9 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                     runner.cancel()
         except* ProtocolError as errors:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(errors.exceptions[0]))
+        except* Exception as errors:  # the store down, a full disk: UNAVAILABLE / RESOURCE_EXHAUSTED
+            await abort_on_failure(context, errors)
+            raise
         finally:
             if self.streams.get(session.worker_id) is current:
                 del self.streams[session.worker_id]

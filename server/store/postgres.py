@@ -8,12 +8,14 @@ replicas never assign one job twice or deliver one webhook twice at once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 
+from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
 from jobwire.server.store import credentials, records, runs
 from jobwire.server.store.database import Database, postgres_sql
 from jobwire.server.store.records import SqlStore
@@ -174,6 +176,12 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""
 
+CONNECT_SECONDS = 5.0
+"""How long opening a connection may take: while the database is unreachable, calls fail (UNAVAILABLE)
+within this bound rather than hang. Pools keep no floor of open connections (`min_size=0`): they open
+one when a call needs it, so an outage costs no background reconnect loop (whose every failed try
+asyncpg logs with a traceback), and a connection broken by the outage is replaced on its next use."""
+
 _MIGRATION_LOCK = 0x6A6F6277  # pg_advisory_xact_lock key: replicas starting together migrate once
 
 
@@ -221,7 +229,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 10) -> PostgresStore:
         """Connect a pool to `dsn` (postgresql://…) and bring the schema up to date."""
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=max_size, timeout=CONNECT_SECONDS)
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)
@@ -233,25 +241,46 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     async def close(self) -> None:
         await self.pool.close()
 
+    # Every operation below reports the database down, restarting or out of disk as `Unavailable` or
+    # `DiskFull` (see errors.dependency_error), not as asyncpg's or the socket's own errors, and never
+    # gives back to the pool a connection that failed under it: after a restart of PostgreSQL an idle
+    # pooled connection can be left in a broken protocol state ("cannot switch to state 12; another
+    # operation is in progress"), which its next user would meet again.
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Database]:
-        async with self.pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             yield PostgresDatabase(connection)
 
     @asynccontextmanager
     async def _reading(self) -> AsyncIterator[Database]:
-        yield PostgresDatabase(self.pool)
+        async with self._connection() as connection:
+            yield PostgresDatabase(connection)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        try:
+            async with self.pool.acquire() as connection:
+                try:
+                    yield connection
+                except Exception as error:
+                    if not isinstance(error, ServerError) and dependency_error(error) is not None:
+                        # The pool opens a new one in its place (one it already let go of is gone).
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            connection.terminate()
+                    raise
+        except Exception as error:
+            raise_dependency_error(error, JOB_STORE)
+            raise
 
     async def blob_references(self) -> set[str]:
         keys: set[str] = set()
-        async with self.pool.acquire() as db, db.transaction():
+        async with self._connection() as db, db.transaction():
             async for definition, result in db.cursor("SELECT definition, result FROM jobs", prefetch=500):
                 keys |= job_blob_keys(definition, result)
         return keys
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
-        rows = await self.pool.fetch(
-            "SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state",
-            queue,
-        )
+        async with self._reading() as db:
+            rows = await db.all("SELECT state, COUNT(*) FROM jobs WHERE queue = ? GROUP BY state", queue)
         return {state: count for state, count in rows}

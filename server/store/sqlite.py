@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import operator
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +26,7 @@ from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, worker_columns
 from jobwire.v1 import jobs_pb2
 
+log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, state INTEGER NOT NULL, queue TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
@@ -210,17 +212,30 @@ class SqliteStore(SqlStore, credentials.CredentialRecords):
         self._checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._checkpoints
-        await asyncio.to_thread(self._checkpoint)
+        try:
+            await asyncio.to_thread(self._checkpoint)
+        except (sqlite3.Error, OSError) as error:  # the WAL keeps what the file lacks; the next open reads it
+            log.warning("job store: the last WAL checkpoint failed (%s)", error)
         self._db.close()
 
     async def _checkpoint_forever(self) -> None:
-        """Copy the WAL into the database file every second there were writes, off the loop."""
-        written = self._db.total_changes
+        """Copy the WAL into the database file every second there were writes, off the loop. A
+        checkpoint that fails (a full disk) is logged once and tried again the next second."""
+        written, failing = self._db.total_changes, False
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
-            if self._db.total_changes != written:
+            if self._db.total_changes != written or failing:
                 written = self._db.total_changes
-                await asyncio.to_thread(self._checkpoint)
+                try:
+                    await asyncio.to_thread(self._checkpoint)
+                except (sqlite3.Error, OSError) as error:
+                    if not failing:
+                        log.warning("job store: WAL checkpoint failed (%s); retrying every second", error)
+                    failing = True
+                    continue
+                if failing:
+                    log.warning("job store: WAL checkpoints work again")
+                failing = False
 
     def _checkpoint(self) -> None:
         with contextlib.closing(_connect(self._path)) as db:
@@ -235,39 +250,75 @@ class SqliteStore(SqlStore, credentials.CredentialRecords):
         """One store operation: a savepoint inside a transaction shared by the operations that arrive
         together (group commit, see `_commit_when_quiet`); the operation returns after that commit, so
         nothing is acknowledged before it is stored. The body must not suspend (its `Database` calls
-        never do)."""
+        never do).
+
+        A failure of the database (a full disk, an I/O error) fails the operations of the group it
+        hits, never the process: if SQLite rolled the whole transaction back (as it may on SQLITE_FULL
+        or SQLITE_IOERR), every operation that shared it fails at once, and the next operation starts
+        a new group."""
         if self._commit is None:
             loop = asyncio.get_running_loop()
             self._db.execute("BEGIN IMMEDIATE")
             self._commit, self._operations = loop.create_future(), 0
-            loop.call_soon(self._commit_when_quiet, 0, loop.time() + GROUP_SECONDS)
+            loop.call_soon(self._commit_when_quiet, self._commit, 0, loop.time() + GROUP_SECONDS)
         commit = self._commit
         self._operations += 1
-        self._db.execute("SAVEPOINT operation")
+        try:
+            self._db.execute("SAVEPOINT operation")
+        except sqlite3.Error as error:
+            self._fail_group(commit, error)
+            raise
         try:
             yield self._statements
-        except BaseException:
-            self._db.execute("ROLLBACK TO operation")
-            self._db.execute("RELEASE operation")
+        except BaseException as error:
+            self._undo(commit, error)
             raise
-        self._db.execute("RELEASE operation")
+        try:
+            self._db.execute("RELEASE operation")
+        except sqlite3.Error as error:
+            self._fail_group(commit, error)
+            raise
         await asyncio.shield(commit)
 
-    def _commit_when_quiet(self, seen: int, deadline: float) -> None:
+    def _undo(self, commit: asyncio.Future[None], error: BaseException) -> None:
+        """Roll back the failed operation's savepoint; if SQLite rolled back the whole transaction
+        (or the savepoint cannot be), fail the group."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK TO operation")
+                self._db.execute("RELEASE operation")
+                return
+            except sqlite3.Error as undo_error:
+                error = undo_error
+        if not isinstance(error, sqlite3.Error):
+            error = sqlite3.OperationalError("the transaction was rolled back")
+        self._fail_group(commit, error)
+
+    def _fail_group(self, commit: asyncio.Future[None], error: BaseException) -> None:
+        """End the open group without storing it: roll back, and fail every operation waiting on it."""
+        if self._commit is commit:
+            self._commit = None
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.rollback()
+        if not commit.done():
+            commit.set_exception(error)
+            commit.exception()  # retrieved: a group nobody awaits any more must not warn
+
+    def _commit_when_quiet(self, commit: asyncio.Future[None], seen: int, deadline: float) -> None:
         """Commit once a loop turn began no new operation (a lone request waits one turn), or at
         `deadline`: under load one commit, and one write of the pages it touched, serves many."""
+        if self._commit is not commit:
+            return  # the group failed already (see `_fail_group`)
         loop = asyncio.get_running_loop()
         if self._operations != seen and loop.time() < deadline:
-            loop.call_soon(self._commit_when_quiet, self._operations, deadline)
+            loop.call_soon(self._commit_when_quiet, commit, self._operations, deadline)
             return
-        commit, self._commit = self._commit, None
-        assert commit is not None
+        self._commit = None
         try:
             self._db.execute("COMMIT")
         except Exception as error:  # every operation in it fails; the store takes the next ones
-            if self._db.in_transaction:
-                self._db.rollback()
-            commit.set_exception(error)
+            self._fail_group(commit, error)
         else:
             commit.set_result(None)
 
