@@ -3,6 +3,7 @@ the worker records, in statements written once (see `database`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -15,6 +16,17 @@ from jobwire.server.store.transitions import FINISHED, RUNNING
 from jobwire.v1 import jobs_pb2
 
 LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
+_LOG = "queue = ? AND job_id = ? AND attempt = ? AND kind = ?"  # a log's batches: a prefix of the key
+_FIRST_PAGE, _LAST_PAGE = 8, 256
+"""Batches a log read asks for at first, and at most, per statement: a read costs what it returns
+(the worker's batches are about 512 KiB each; a short log's batches may be a chunk each)."""
+_END = 2**62  # an index past any log's
+
+
+async def _next_page(page: int) -> int:
+    """The next statement's page size; lets the loop run others' work first (SQLite runs on it)."""
+    await asyncio.sleep(0)
+    return min(page * 2, _LAST_PAGE)
 
 
 class SqlStore(Lifecycle):
@@ -118,21 +130,60 @@ class SqlStore(Lifecycle):
         return LogTotals(*row) if row else LogTotals()
 
     async def read_logs(
-        self, attempt: Attempt, kind: LogKind, since: int, limit: int, *, queue: str
+        self, attempt: Attempt, kind: LogKind, since: int, limit: int, *, queue: str, max_chars: int = 0
     ) -> list[jobs_pb2.LogChunk]:
-        async with self._reading() as db:
-            # each batch holds a chunk at least, so `limit` batches from `since` are enough
-            rows = await db.all(
-                "SELECT start, data FROM logs WHERE queue = ? AND job_id = ? AND attempt = ? AND kind = ?"
-                " AND start + count > ? ORDER BY start LIMIT ?",
-                *(queue, attempt.job_id, attempt.attempt, kind, since, limit),
-            )
+        key = (queue, attempt.job_id, attempt.attempt, kind)
         chunks: list[jobs_pb2.LogChunk] = []
-        for start, data in rows:
-            chunks.extend(jobs_pb2.LogBatch.FromString(data).chunks[max(0, since - start) :])
-            if len(chunks) >= limit:
-                break
+        async with self._reading() as db:
+            # the batch holding `since`, found by the key (batches never overlap): a cursor deep into a
+            # long log costs what one at its start does
+            row = await db.one(
+                f"SELECT start FROM logs WHERE {_LOG} AND start <= ? ORDER BY start DESC LIMIT 1", *key, since
+            )
+            after, page, size = (row[0] if row else 0), _FIRST_PAGE, 0
+            while len(chunks) < limit and not (max_chars and size >= max_chars):
+                rows = await db.all(
+                    f"SELECT start, data FROM logs WHERE {_LOG} AND start >= ? ORDER BY start LIMIT ?",
+                    *key,
+                    after,
+                    page,
+                )
+                for start, data in rows:
+                    batch = jobs_pb2.LogBatch.FromString(data).chunks[max(0, since - start) :]
+                    chunks.extend(batch)
+                    size += sum(len(chunk.text) for chunk in batch)
+                    after = start + 1
+                    if len(chunks) >= limit or (max_chars and size >= max_chars):
+                        break
+                if len(rows) < page:
+                    break
+                page = await _next_page(page)
         return chunks[:limit]
+
+    async def read_log_tail(
+        self, attempt: Attempt, kind: LogKind, chunks: int, chars: int, *, queue: str
+    ) -> tuple[int, list[jobs_pb2.LogChunk]]:
+        key = (queue, attempt.job_id, attempt.attempt, kind)
+        batches: list[Sequence[jobs_pb2.LogChunk]] = []  # last first
+        first, count, size, page = 0, 0, 0, _FIRST_PAGE
+        async with self._reading() as db:
+            while count < chunks and size <= chars:
+                rows = await db.all(
+                    f"SELECT start, data FROM logs WHERE {_LOG} AND start < ? ORDER BY start DESC LIMIT ?",
+                    *key,
+                    first if batches else _END,
+                    page,
+                )
+                for start, data in rows:
+                    batch = jobs_pb2.LogBatch.FromString(data).chunks
+                    batches.append(batch)
+                    first, count, size = start, count + len(batch), size + sum(len(chunk.text) for chunk in batch)
+                    if count >= chunks or size > chars:
+                        break
+                if len(rows) < page:
+                    break
+                page = await _next_page(page)
+        return first, [chunk for batch in reversed(batches) for chunk in batch]
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         async with self._transaction() as db:
