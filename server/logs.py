@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from jobwire.server import topics
@@ -173,7 +174,9 @@ class _Follower:
 async def _read(
     store: StateStore, queue: str, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int
 ) -> list[jobs_pb2.LogChunk]:
-    """Chunks from index `since`, as many as fit one response (at least one)."""
+    """Chunks from index `since`, as many as fit one response (at least one). A long log is read in
+    such pieces, and the loop runs others' calls between them (SQLite's statements run on it)."""
+    await asyncio.sleep(0)
     chunks = await store.read_logs(attempt, kind, since, READ_LIMIT, queue=queue, max_chars=READ_SIZE)
     size = 0
     for count, chunk in enumerate(chunks):

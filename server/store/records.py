@@ -17,16 +17,21 @@ from jobwire.v1 import jobs_pb2
 
 LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
 _LOG = "queue = ? AND job_id = ? AND attempt = ? AND kind = ?"  # a log's batches: a prefix of the key
-_FIRST_PAGE, _LAST_PAGE = 8, 256
-"""Batches a log read asks for at first, and at most, per statement: a read costs what it returns
-(the worker's batches are about 512 KiB each; a short log's batches may be a chunk each)."""
+_LAST_PAGE = 256
+"""Most batches a log read asks for in one statement (a short log's batches may be a chunk each;
+the worker's are about 512 KiB)."""
 _END = 2**62  # an index past any log's
 
 
-async def _next_page(page: int) -> int:
-    """The next statement's page size; lets the loop run others' work first (SQLite runs on it)."""
+async def _next_page(rows: int, size: int, left: int) -> int:
+    """How many batches the next statement of a log read asks for: as many as `left` more characters
+    take at the average size of the `rows` read so far (`size` characters), so that a read costs what
+    it returns; doubling when nothing bounds the characters. Lets the loop run others' work first
+    (SQLite's statements run on it)."""
     await asyncio.sleep(0)
-    return min(page * 2, _LAST_PAGE)
+    if left <= 0 or size == 0:
+        return min(rows * 2, _LAST_PAGE)
+    return max(1, min(_LAST_PAGE, -(-left * rows // size)))
 
 
 class SqlStore(Lifecycle):
@@ -140,7 +145,7 @@ class SqlStore(Lifecycle):
             row = await db.one(
                 f"SELECT start FROM logs WHERE {_LOG} AND start <= ? ORDER BY start DESC LIMIT 1", *key, since
             )
-            after, page, size = (row[0] if row else 0), _FIRST_PAGE, 0
+            after, page, size, read = (row[0] if row else 0), 1, 0, 0
             while len(chunks) < limit and not (max_chars and size >= max_chars):
                 rows = await db.all(
                     f"SELECT start, data FROM logs WHERE {_LOG} AND start >= ? ORDER BY start LIMIT ?",
@@ -152,12 +157,12 @@ class SqlStore(Lifecycle):
                     batch = jobs_pb2.LogBatch.FromString(data).chunks[max(0, since - start) :]
                     chunks.extend(batch)
                     size += sum(len(chunk.text) for chunk in batch)
-                    after = start + 1
+                    after, read = start + 1, read + 1
                     if len(chunks) >= limit or (max_chars and size >= max_chars):
                         break
                 if len(rows) < page:
                     break
-                page = await _next_page(page)
+                page = await _next_page(read, size, max_chars - size if max_chars else 0)
         return chunks[:limit]
 
     async def read_log_tail(
@@ -165,7 +170,7 @@ class SqlStore(Lifecycle):
     ) -> tuple[int, list[jobs_pb2.LogChunk]]:
         key = (queue, attempt.job_id, attempt.attempt, kind)
         batches: list[Sequence[jobs_pb2.LogChunk]] = []  # last first
-        first, count, size, page = 0, 0, 0, _FIRST_PAGE
+        first, count, size, page = 0, 0, 0, 1
         async with self._reading() as db:
             while count < chunks and size <= chars:
                 rows = await db.all(
@@ -182,7 +187,7 @@ class SqlStore(Lifecycle):
                         break
                 if len(rows) < page:
                     break
-                page = await _next_page(page)
+                page = await _next_page(len(batches), size, chars + 1 - size)
         return first, [chunk for batch in reversed(batches) for chunk in batch]
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:

@@ -1,0 +1,173 @@
+"""Followers that resume anywhere, and log reads that cost what they return.
+
+An SDK follower on a real in-process gRPC server that breaks its streams the ways proxies and
+dying replicas do; the log hub on a real SQLite store with a log of many batches; a real result
+read through Envoy of a job whose log is tens of megabytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from jobwire import Client
+from jobwire.connection import Retry
+from jobwire.core.definition import job_id
+from jobwire.errors import JobNotFound
+from jobwire.server.bus.memory import MemoryBus
+from jobwire.server.logs import TAIL_BYTES, LogHub
+from jobwire.server.store.base import Attempt, Holder
+from jobwire.server.store.sqlite import SqliteDatabase, SqliteStore
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
+from tests.conftest import submit_one
+
+RUN = jobs_pb2.LOG_KIND_RUN
+RUNNING, FINISHED = jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
+
+
+def _job(attempt: int, state: int = RUNNING) -> jobs_pb2.WatchJobResponse:
+    return jobs_pb2.WatchJobResponse(job=jobs_pb2.Job(id="j", attempt=attempt, state=state))  # type: ignore[arg-type]
+
+
+def _lines(attempt: int, start: int, end: int) -> jobs_pb2.WatchJobResponse:
+    chunks = [jobs_pb2.LogChunk(text=f"{attempt}:{i}\n") for i in range(start, end)]
+    return jobs_pb2.WatchJobResponse(logs=jobs_pb2.LogBatch(kind=RUN, start=start, chunks=chunks, attempt=attempt))
+
+
+class Breaking(jobs_pb2_grpc.JobServiceServicer):
+    """WatchJob played from a script: each call sends its messages, then ends with its status."""
+
+    def __init__(self, script: Sequence[tuple[list[jobs_pb2.WatchJobResponse], grpc.StatusCode | None]]) -> None:
+        self.script, self.asked = list(script), list[int]()
+
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        self.asked.append(request.run_logs_since)
+        messages, status = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        for message in messages:
+            yield message
+        if status is not None:
+            await context.abort(status, "broken on purpose")
+
+
+@pytest_asyncio.fixture
+async def serve() -> AsyncIterator[Callable[[Breaking], Any]]:
+    servers: list[grpc.aio.Server] = []
+
+    async def start(servicer: Breaking) -> Client:
+        server = grpc.aio.server()
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        return Client(f"127.0.0.1:{port}", retry=Retry(initial_backoff=0.01, max_backoff=0.05, stream_failures=4))
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+async def _follow(client: Client) -> list[str]:
+    async with client:
+        return [chunk.text async for chunk in client.job("j", "q").logs(follow=True)]
+
+
+async def test_a_follower_resumes_from_its_cursor_after_statuses_that_are_no_answer(serve: Any) -> None:
+    servicer = Breaking(
+        [
+            ([_job(1), _lines(1, 0, 4)], grpc.StatusCode.INTERNAL),  # Envoy's RST_STREAM of a dead replica
+            ([_job(1), _lines(1, 2, 7)], grpc.StatusCode.UNKNOWN),  # a resend overlapping what was delivered
+            ([_job(1)], grpc.StatusCode.CANCELLED),
+            ([], grpc.StatusCode.DEADLINE_EXCEEDED),
+            ([_job(2), _lines(2, 7, 9)], None),  # re-queued: a cursor of attempt 1 would skip attempt 2's start
+            ([_job(2), _lines(2, 0, 3), _job(2, FINISHED)], None),
+        ]
+    )
+    texts = await _follow(await serve(servicer))
+    assert texts == [f"1:{i}\n" for i in range(7)] + [f"2:{i}\n" for i in range(3)]  # each line once, in order
+    assert servicer.asked == [0, 4, 7, 7, 7, 0]  # resumed from the cursor; attempt 2 from its start
+
+
+async def test_a_follower_gives_up_on_answers_and_after_its_bound_of_failures(serve: Any) -> None:
+    refused = Breaking([([], grpc.StatusCode.NOT_FOUND)])
+    with pytest.raises(JobNotFound):
+        await _follow(await serve(refused))
+    assert refused.asked == [0]  # an answer: no retry
+    broken = Breaking([([], grpc.StatusCode.INTERNAL)])
+    with pytest.raises(Exception, match="broken on purpose"):
+        await _follow(await serve(broken))
+    assert len(broken.asked) == 4  # Retry.stream_failures consecutive failures, then the error
+
+
+# The log hub on a real SQLite store: a log of many batches, read in pieces.
+
+BATCHES, CHUNKS, CHUNK = 48, 8, 64 * 1024  # 24 MiB of text in the worker's batch size (512 KiB)
+
+
+@pytest_asyncio.fixture
+async def big_log(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, jobs_pb2.Job]]:
+    store = await SqliteStore.open(tmp_path / "jobs.db")
+    definition = definition_pb2.JobDefinition(image="x")
+    await submit_one(store, job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
+    worker = Holder("w", "session", "q")
+    (job,) = await store.claim(queue="q", holder=worker, now=1, lease=30)
+    hub = LogHub(store, MemoryBus())
+    for n in range(BATCHES):
+        chunks = [jobs_pb2.LogChunk(text=f"{n * CHUNKS + i:08d}".ljust(CHUNK, ".")) for i in range(CHUNKS)]
+        assert await hub.append(Attempt(job.id, job.attempt), worker, RUN, chunks, n * CHUNKS)
+    yield store, job
+    await store.close()
+
+
+async def test_the_tail_of_a_long_log_reads_only_its_last_batches(
+    big_log: tuple[SqliteStore, jobs_pb2.Job], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, job = big_log
+    fetched = _count_fetched(monkeypatch)
+    start, chunks = await LogHub(store, MemoryBus()).tail(job)
+    assert sum(len(chunk.text) for chunk in chunks) <= TAIL_BYTES and len(chunks) == TAIL_BYTES // CHUNK
+    assert start == BATCHES * CHUNKS - len(chunks)
+    assert chunks[-1].text.startswith(f"{BATCHES * CHUNKS - 1:08d}") and chunks[0].text.startswith(f"{start:08d}")
+    assert len(fetched) <= 4  # the last batches (3 hold 1 MiB), not the 45 before them
+    fetched.clear()
+    deep = await store.read_logs(Attempt(job.id, job.attempt), RUN, 300, 5, queue="q", max_chars=1)
+    assert [chunk.text[:8] for chunk in deep] == [f"{i:08d}" for i in range(300, 304)]  # the rest of its batch
+    assert len(fetched) == 1  # found by the key: a cursor deep in the log reads one batch
+
+
+async def test_other_calls_run_while_a_follower_catches_up_on_a_long_log(
+    big_log: tuple[SqliteStore, jobs_pb2.Job],
+) -> None:
+    store, job = big_log
+    hub = LogHub(store, MemoryBus())
+    pinged = asyncio.create_task(store.ping())
+    received, pinged_at = 0, None
+    async for message in hub.watch(job.id, 0, False, "q"):
+        received += len(message.logs.chunks)
+        if pinged.done() and pinged_at is None:
+            pinged_at = received
+        if received == BATCHES * CHUNKS:
+            break
+    # The ping ran between the pieces of the catch-up, not after the whole log was read.
+    assert pinged_at is not None and pinged_at < BATCHES * CHUNKS
+
+
+def _count_fetched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the log batches the store's statements return, from now on."""
+    fetched: list[int] = []
+    real = SqliteDatabase.all
+
+    async def counting(self: SqliteDatabase, sql: str, *args: Any) -> Sequence[Any]:
+        rows = await real(self, sql, *args)
+        fetched.extend(len(row[1]) for row in rows if "FROM logs" in sql and len(row) > 1)
+        return rows
+
+    monkeypatch.setattr(SqliteDatabase, "all", counting)
+    return fetched
