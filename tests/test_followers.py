@@ -1,8 +1,9 @@
 """Followers that resume anywhere, and log reads that cost what they return.
 
 An SDK follower on a real in-process gRPC server that breaks its streams the ways proxies and
-dying replicas do; the log hub on a real SQLite store with a log of many batches; a real result
-read through Envoy of a job whose log is tens of megabytes.
+dying replicas do; SDK and CLI followers through the real Envoy in front of two replicas on
+PostgreSQL, one of them killed mid-stream; the log hub on a real SQLite store with a log of many
+batches.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from jobwire.server.logs import TAIL_BYTES, LogHub
 from jobwire.server.store.base import Attempt, Holder
 from jobwire.server.store.sqlite import SqliteDatabase, SqliteStore
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
-from tests.conftest import submit_one
+from tests.conftest import JOBWIRE, Processes, eventually, submit_one
+from tests.test_scale_out import Deployment, _serving, submit
+from tests.test_scale_out import deployment as deployment  # the fixture: two replicas behind one Envoy
 
 RUN = jobs_pb2.LOG_KIND_RUN
 RUNNING, FINISHED = jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
@@ -104,6 +107,63 @@ async def test_a_follower_gives_up_on_answers_and_after_its_bound_of_failures(se
     with pytest.raises(Exception, match="broken on purpose"):
         await _follow(await serve(broken))
     assert len(broken.asked) == 4  # Retry.stream_failures consecutive failures, then the error
+
+
+class Counting:
+    """A JobService stub that counts the WatchJob calls made through it."""
+
+    def __init__(self, stub: jobs_pb2_grpc.JobServiceAsyncStub) -> None:
+        self.stub, self.watches = stub, 0
+
+    def WatchJob(self, request: jobs_pb2.WatchJobRequest) -> Any:
+        self.watches += 1
+        return self.stub.WatchJob(request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stub, name)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+async def test_followers_through_envoy_outlive_the_replica_they_follow_on(
+    deployment: Deployment, processes: Processes, queue: str
+) -> None:
+    a, b = deployment.a, deployment.b
+    job_id = await submit(a, queue, "sh -c 'seq 1 3000; sleep 5; seq 3001 6000'")
+    await b.process.kill()  # while b is down every follower attaches on a, the replica killed below
+    clients = [Client(deployment.envoy_target) for _ in range(2)]
+    stubs = [Counting(client.job_service) for client in clients]
+    for client, stub in zip(clients, stubs, strict=True):
+        client._jobs = stub  # type: ignore[assignment]
+    texts, attached, first_half = ["", ""], [asyncio.Event(), asyncio.Event()], [asyncio.Event(), asyncio.Event()]
+
+    async def follow(n: int) -> None:
+        async for event in clients[n].job(job_id, queue).watch():
+            attached[n].set()
+            if isinstance(event, jobs_pb2.LogBatch):
+                texts[n] += "".join(chunk.text for chunk in event.chunks)
+                if "\n3000\n" in texts[n]:
+                    first_half[n].set()
+
+    cli = await asyncio.create_subprocess_exec(
+        JOBWIRE, "job", "logs", "-f", job_id, "--server", deployment.envoy_target, stdout=asyncio.subprocess.PIPE
+    )
+    followers = [asyncio.create_task(follow(n)) for n in range(2)]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in attached)), 60)
+    await b.process.start()
+    await eventually(lambda: _serving(b), "replica b back", timeout=60)
+    await processes.worker(queue, b.target, cpus=1)  # the job runs on b, beside the replica killed
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in first_half)), 120)
+    await a.process.kill()  # kill -9 mid-stream: Envoy resets the followers' streams
+
+    printed, _ = await asyncio.wait_for(cli.communicate(), 180)
+    await asyncio.wait_for(asyncio.gather(*followers), 60)
+    expected = "".join(f"{i}\n" for i in range(1, 6001))
+    assert texts == [expected, expected] and printed.decode() == expected  # every line once, in order
+    assert cli.returncode == 0
+    assert all(stub.watches >= 2 for stub in stubs)  # each SDK follower was cut off and resumed
+    for client in clients:
+        await client.close()
 
 
 # The log hub on a real SQLite store: a log of many batches, read in pieces.
