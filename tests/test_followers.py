@@ -21,6 +21,7 @@ from jobwire import Client
 from jobwire.connection import Retry
 from jobwire.core.definition import job_id
 from jobwire.errors import JobNotFound
+from jobwire.server import eventstream
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import TAIL_BYTES, LogHub
 from jobwire.server.store.base import Attempt, Holder
@@ -231,3 +232,32 @@ def _count_fetched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(SqliteDatabase, "all", counting)
     return fetched
+
+
+async def test_an_event_stream_resumes_at_its_last_event_id_and_a_new_attempt_from_its_start(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "jobs.db")
+    definition = definition_pb2.JobDefinition(image="x")
+    await submit_one(store, job_id=job_id(definition), definition=definition, queue="q", namespace="_", now=1)
+    worker, hub = Holder("w", "session", "q"), LogHub(store, MemoryBus())
+    (first,) = await store.claim(queue="q", holder=worker, now=1, lease=30)
+    texts = [jobs_pb2.LogChunk(text=f"a{i}\n") for i in range(5)]
+    assert await hub.append(Attempt(first.id, 1), worker, RUN, texts, 0)
+
+    async def sse(last_event_id: str, until: str) -> str:
+        """The stream's text from `Last-Event-ID` up to the event with the id `until`."""
+        start, out = eventstream.resume(last_event_id), ""
+        async with asyncio.timeout(30):  # the job runs on: the stream would never end by itself
+            async for body in eventstream.events(hub.watch(first.id, start.run, True, "q", resume=start), start):
+                out += body.data.decode()
+                if f"id: {until}\n" in out:
+                    return out
+        raise AssertionError(out)
+
+    seen = await sse("1.3.0", until="1.5.0")  # an EventSource that had 3 chunks of attempt 1
+    assert '"a3' in seen and '"a2' not in seen
+    assert await store.release(Attempt(first.id, 1), worker, "test", now=2)  # re-queued: attempt 2
+    (second,) = await store.claim(queue="q", holder=worker, now=3, lease=30)
+    assert await hub.append(Attempt(second.id, 2), worker, RUN, [jobs_pb2.LogChunk(text="b0\n")] * 2, 0)
+    resumed = await sse("1.5.0", until="2.2.0")  # its position in attempt 1 does not skip attempt 2's start
+    assert resumed.count('"b0') == 2 and '"text":"a' not in resumed
+    await store.close()
