@@ -24,12 +24,16 @@ from jobwire.errors import JobNotFound
 from jobwire.server import eventstream
 from jobwire.server.bus.memory import MemoryBus
 from jobwire.server.logs import TAIL_BYTES, LogHub
-from jobwire.server.store.base import Attempt, Holder
+from jobwire.server.store.base import Attempt, Holder, StateStore
 from jobwire.server.store.sqlite import SqliteDatabase, SqliteStore
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import JOBWIRE, Processes, eventually, submit_one
 from tests.test_scale_out import Deployment, _serving, submit
 from tests.test_scale_out import deployment as deployment  # the fixture: two replicas behind one Envoy
+from tests.test_store import claim as claim_one
+from tests.test_store import holder
+from tests.test_store import store as store  # the fixture: each backend
+from tests.test_store import submit as submit_n
 
 RUN = jobs_pb2.LOG_KIND_RUN
 RUNNING, FINISHED = jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_FINISHED
@@ -261,3 +265,22 @@ async def test_an_event_stream_resumes_at_its_last_event_id_and_a_new_attempt_fr
     resumed = await sse("1.5.0", until="2.2.0")  # its position in attempt 1 does not skip attempt 2's start
     assert resumed.count('"b0') == 2 and '"text":"a' not in resumed
     await store.close()
+
+
+async def test_log_reads_by_position_on_every_backend(store: StateStore) -> None:
+    """The tail and a read past the end, in the SQL both backends share (PostgreSQL's INTEGER index)."""
+    await submit_n(store, 1)
+    job = await claim_one(store)
+    attempt, worker = Attempt(job.id, job.attempt), holder()
+    for n in range(6):  # batches of 3 chunks of 4 characters
+        texts = [jobs_pb2.LogChunk(text=f"{3 * n + i:03d}.") for i in range(3)]
+        assert await store.append_logs(attempt, worker, RUN, texts, 3 * n) is not None
+    start, tail = await store.read_log_tail(attempt, RUN, 4, 1000, queue="q")
+    assert (start, [c.text for c in tail]) == (12, ["012.", "013.", "014.", "015.", "016.", "017."])
+    start, tail = await store.read_log_tail(attempt, RUN, 100, 9, queue="q")  # past 9 characters: the last batch
+    assert start == 15 and len(tail) == 3
+    assert await store.read_log_tail(Attempt(job.id, job.attempt + 1), RUN, 4, 9, queue="q") == (0, [])
+    assert await store.read_logs(attempt, RUN, 2**62, 10, queue="q") == []  # WatchJob's "no run log" cursor
+    assert [c.text for c in await store.read_logs(attempt, RUN, 7, 100, queue="q", max_chars=5)] == ["007.", "008."]
+    assert await store.read_logs(attempt, RUN, 18, 10, queue="q") == []  # at the end
+    assert [c.text for c in await store.read_logs(attempt, RUN, 15, 10, queue="q")] == ["015.", "016.", "017."]

@@ -20,7 +20,7 @@ _LOG = "queue = ? AND job_id = ? AND attempt = ? AND kind = ?"  # a log's batche
 _LAST_PAGE = 256
 """Most batches a log read asks for in one statement (a short log's batches may be a chunk each;
 the worker's are about 512 KiB)."""
-_END = 2**62  # an index past any log's
+_END = 2**31 - 1  # an index past any log's that the INTEGER `start` column can be compared with
 
 
 async def _next_page(rows: int, size: int, left: int) -> int:
@@ -143,9 +143,12 @@ class SqlStore(Lifecycle):
             # the batch holding `since`, found by the key (batches never overlap): a cursor deep into a
             # long log costs what one at its start does
             row = await db.one(
-                f"SELECT start FROM logs WHERE {_LOG} AND start <= ? ORDER BY start DESC LIMIT 1", *key, since
+                f"SELECT start, count FROM logs WHERE {_LOG} AND start <= ? ORDER BY start DESC LIMIT 1",
+                *key,
+                min(since, _END),
             )
-            after, page, size, read = (row[0] if row else 0), 1, 0, 0
+            after = 0 if row is None else row[0] if row[0] + row[1] > since else row[0] + 1  # past it: not read
+            page, size, read = 1, 0, 0
             while len(chunks) < limit and not (max_chars and size >= max_chars):
                 rows = await db.all(
                     f"SELECT start, data FROM logs WHERE {_LOG} AND start >= ? ORDER BY start LIMIT ?",
