@@ -134,7 +134,7 @@ async def test_followers_through_envoy_outlive_the_replica_they_follow_on(
     deployment: Deployment, processes: Processes, queue: str
 ) -> None:
     a, b = deployment.a, deployment.b
-    job_id = await submit(a, queue, "sh -c 'seq 1 3000; sleep 5; seq 3001 6000'")
+    job_id = await submit(a, queue, "sh -c 'seq 1 3000; sleep 3; seq 3001 6000'")
     await b.process.kill()  # while b is down every follower attaches on a, the replica killed below
     clients = [Client(deployment.envoy_target) for _ in range(2)]
     stubs = [Counting(client.job_service) for client in clients]
