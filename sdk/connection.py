@@ -92,13 +92,21 @@ class Retry:
     max_backoff: float = 5.0
     multiplier: float = 2.0
     stream_failures: int = 20
-    """Consecutive failures after which a follower gives up (about 50-95 s of backoff in all: longer
-    than a replica's restart or a database restart); any message received resets the count."""
+    """Consecutive failures after which a follower gives up (`attempts` if that is more): about
+    50-95 s of backoff in all, longer than a replica's or a database's restart; any message received
+    resets the count."""
 
-    def delays(self, attempts: int | None = None) -> Iterator[float]:
-        """The pauses before each retry (of `attempts` tries in all, default `self.attempts`)."""
+    def delays(self) -> Iterator[float]:
+        """The pauses before each retry."""
+        return self._delays(self.attempts)
+
+    def stream_delays(self) -> Iterator[float]:
+        """The pauses before each time a follower resumes its stream, from its last message on."""
+        return self._delays(max(self.attempts, self.stream_failures))
+
+    def _delays(self, attempts: int) -> Iterator[float]:
         delay = self.initial_backoff
-        for _ in range((self.attempts if attempts is None else attempts) - 1):
+        for _ in range(attempts - 1):
             yield delay * random.uniform(0.5, 1.0)
             delay = min(delay * self.multiplier, self.max_backoff)
 

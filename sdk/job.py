@@ -68,13 +68,13 @@ class Job:
         `Retry.stream_failures` failures in a row; no chunk is delivered twice or skipped.
         """
         position, retry = _Position(logs), self.client.calls.retry
-        delays = retry.delays(retry.stream_failures)
+        delays = retry.stream_delays()
         while True:
             request = position.request(self.id, self.queue, build_logs)
             call = self._stub.WatchJob(request)
             try:
                 async for event in call:
-                    delays = retry.delays(retry.stream_failures)
+                    delays = retry.stream_delays()
                     if event.HasField("job"):
                         if position.skips(event.job):
                             break  # the cursor was another attempt's: ask again from this one's start
