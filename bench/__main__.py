@@ -20,6 +20,7 @@ FIGURES = {
     "4": "bench.log_stream",
     "5": "bench.transfer",
     "6": "bench.scale",
+    "7": "bench.log_reads",
 }
 
 

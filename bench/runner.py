@@ -55,6 +55,8 @@ FULL = {
     "idle_seconds": 15,
     "queued_jobs": 100_000,
     "latency_calls": 20,
+    "long_log_mib": 256,  # figure 7: the long log (Mi characters; the server keeps 256 Mi per log)
+    "read_calls": 20,  # figure 7: result.json reads of each job
 }
 QUICK = {
     "overhead_runs": 2,
@@ -70,6 +72,8 @@ QUICK = {
     "idle_seconds": 1,
     "queued_jobs": 200,
     "latency_calls": 3,
+    "long_log_mib": 4,
+    "read_calls": 3,
 }
 
 

@@ -69,20 +69,44 @@ def open_channel(
     return grpc.aio.insecure_channel(target.address, options=every)
 
 
+RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,  # Envoy's answer when the replica behind a stream dies (RST_STREAM)
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,  # a proxy that gave up the stream; the SDK's own cancels never retry
+        grpc.StatusCode.DEADLINE_EXCEEDED,  # of a proxy's stream timeout: followers set no deadline
+    }
+)
+"""Statuses that end a follower's stream without answering its request: it resumes from its cursor."""
+
+
 @dataclass(frozen=True)
 class Retry:
-    """Retries of idempotent calls that failed with UNAVAILABLE: exponential backoff with jitter."""
+    """Retries of idempotent calls that failed with UNAVAILABLE, and of followers' streams that broke
+    (`RESUMABLE`): exponential backoff with jitter."""
 
     attempts: int = 4
     """Tries in all (1: no retry)."""
     initial_backoff: float = 0.25
     max_backoff: float = 5.0
     multiplier: float = 2.0
+    stream_failures: int = 20
+    """Consecutive failures after which a follower gives up (`attempts` if that is more): about
+    50-95 s of backoff in all, longer than a replica's or a database's restart; any message received
+    resets the count."""
 
     def delays(self) -> Iterator[float]:
         """The pauses before each retry."""
+        return self._delays(self.attempts)
+
+    def stream_delays(self) -> Iterator[float]:
+        """The pauses before each time a follower resumes its stream, from its last message on."""
+        return self._delays(max(self.attempts, self.stream_failures))
+
+    def _delays(self, attempts: int) -> Iterator[float]:
         delay = self.initial_backoff
-        for _ in range(self.attempts - 1):
+        for _ in range(attempts - 1):
             yield delay * random.uniform(0.5, 1.0)
             delay = min(delay * self.multiplier, self.max_backoff)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 import grpc
 
+from jobwire.connection import RESUMABLE
 from jobwire.core.definition import DefinitionError, check_relative_path, inline_bytes
 from jobwire.errors import JobFailed, JobNotFound, NotFound, RequestFailed, translate
 from jobwire.files import Progress
@@ -62,30 +63,39 @@ class Job:
     ) -> AsyncIterator[jobs_pb2.Job | jobs_pb2.LogBatch]:
         """The job's state, then every state change and new log batch, until it finishes.
 
-        A dropped connection is resumed (with backoff) without repeating log chunks.
+        A stream that breaks without an answer (`connection.RESUMABLE`: a replica or a proxy gone, a
+        database restart) is resumed from the run log's cursor, with backoff, up to
+        `Retry.stream_failures` failures in a row; no chunk is delivered twice or skipped.
         """
-        delivered: dict[tuple[int, int], int] = {}
-        delays = self.client.calls.retry.delays()
+        position, retry = _Position(logs), self.client.calls.retry
+        delays = retry.stream_delays()
         while True:
-            request = jobs_pb2.WatchJobRequest(job_id=self.id, run_logs_since=0 if logs else _NO_LOGS, queue=self.queue)
-            request.build_logs = build_logs
+            request = position.request(self.id, self.queue, build_logs)
             call = self._stub.WatchJob(request)
             try:
                 async for event in call:
-                    delays = self.client.calls.retry.delays()
+                    delays = retry.stream_delays()
                     if event.HasField("job"):
+                        if position.skips(event.job):
+                            break  # the cursor was another attempt's: ask again from this one's start
                         self.snapshot = event.job
                         yield event.job
-                    elif (batch := _unseen(event.logs, delivered)).chunks:
+                    elif (batch := position.unseen(event.logs)).chunks:
                         yield batch
-                return
+                else:
+                    if position.finished:
+                        return
+                    delay = next(delays, None)  # ended without the final state: as a broken stream
+                    if delay is None:
+                        raise RequestFailed(f"job {self.id}: the server kept ending the stream before the job finished")
+                    await asyncio.sleep(delay)
             except grpc.aio.AioRpcError as error:
-                delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = next(delays, None) if error.code() in RESUMABLE else None
                 if delay is None:
                     raise translate(error, target=self.client.calls.target, not_found=JobNotFound) from None
+                await asyncio.sleep(delay)
             finally:
                 call.cancel()
-            await asyncio.sleep(delay)
 
     async def logs(
         self, *, follow: bool = False, kind: Literal["run", "build"] = "run"
@@ -176,6 +186,32 @@ class Job:
     @property
     def _stub(self) -> jobs_pb2_grpc.JobServiceAsyncStub:
         return self.client.job_service
+
+
+class _Position:
+    """Where a follower is: the attempt it follows, and how far into each of that attempt's logs it
+    has delivered (the cursor a resumed watch asks from)."""
+
+    def __init__(self, logs: bool) -> None:
+        self.logs, self.attempt, self.asked, self.finished = logs, 0, 0, False
+        self.delivered: dict[tuple[int, int], int] = {}
+
+    def request(self, job_id: str, queue: str, build_logs: bool) -> jobs_pb2.WatchJobRequest:
+        """A watch from the cursor: the run-log chunks delivered of the attempt last seen."""
+        self.asked = self.delivered.get((self.attempt, jobs_pb2.LOG_KIND_RUN), 0)
+        since = self.asked if self.logs else _NO_LOGS
+        return jobs_pb2.WatchJobRequest(job_id=job_id, run_logs_since=since, build_logs=build_logs, queue=queue)
+
+    def skips(self, job: jobs_pb2.Job) -> bool:
+        """Take a state; True when it is the first of a call whose cursor belongs to another attempt
+        (the server applies it to the attempt it sends first, so it would skip part of that log)."""
+        self.attempt, self.finished = job.attempt, job.state == jobs_pb2.JOB_STATE_FINISHED
+        asked, self.asked = self.asked, 0  # later attempts of the same call start at 0 on the server
+        return asked > self.delivered.get((job.attempt, jobs_pb2.LOG_KIND_RUN), 0)
+
+    def unseen(self, batch: jobs_pb2.LogBatch) -> jobs_pb2.LogBatch:
+        """The part of `batch` not yet delivered (a resumed watch may repeat the build log)."""
+        return _unseen(batch, self.delivered)
 
 
 def _unseen(batch: jobs_pb2.LogBatch, delivered: dict[tuple[int, int], int]) -> jobs_pb2.LogBatch:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from jobwire.server import topics
 from jobwire.server.bus import EventBus, Lagged
@@ -67,12 +69,14 @@ class LogHub:
         )
 
     async def tail(self, job: jobs_pb2.Job) -> tuple[int, list[jobs_pb2.LogChunk]]:
-        """The end of the current attempt's run log that fits a result, and the index it starts at."""
-        start, chunks = 0, list[jobs_pb2.LogChunk]()
-        while batch := await self.read(job, jobs_pb2.LOG_KIND_RUN, start + len(chunks)):
-            chunks += batch
-            if len(chunks) > TAIL_CHUNKS:
-                start, chunks = start + len(chunks) - TAIL_CHUNKS, chunks[-TAIL_CHUNKS:]
+        """The end of the current attempt's run log that fits a result, and the index it starts at:
+        read from the log's last batches, so it costs the same for 10 lines and 256 Mi characters."""
+        attempt = Attempt(job.id, job.attempt)
+        start, chunks = await self.store.read_log_tail(
+            attempt, jobs_pb2.LOG_KIND_RUN, TAIL_CHUNKS, TAIL_BYTES, queue=job.queue
+        )
+        if len(chunks) > TAIL_CHUNKS:
+            start, chunks = start + len(chunks) - TAIL_CHUNKS, chunks[-TAIL_CHUNKS:]
         size, first = 0, len(chunks)
         while first > 0 and size + len(chunks[first - 1].text) <= TAIL_BYTES:
             first -= 1
@@ -80,16 +84,17 @@ class LogHub:
         return start + first, chunks[first:]
 
     async def watch(
-        self, job_id: str, run_since: int, build: bool, queue: str = ""
+        self, job_id: str, run_since: int, build: bool, queue: str = "", *, resume: Resume | None = None
     ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The state of the job's run in `queue`, its logs so far, then every change until it finishes.
         Without a queue: the run an id-only read shows when the watch begins, and no queue name
-        (`job_url_view`)."""
+        (`job_url_view`). `resume` (a follower's position) overrides `run_since`: its cursors apply
+        to its attempt only; another attempt is sent from its start."""
         run = await self.store.get_job(job_id, queue=queue)
         if run is None:
             raise NotFound(f"job {job_id} not found")
         async with self.bus.subscribe(topics.job(run.queue, job_id)) as subscription:
-            follower = _Follower(self, run.queue, job_id, run_since, build, shown=queue)
+            follower = _Follower(self, run.queue, job_id, resume or Resume(0, run_since), build, shown=queue)
             async for message in follower.resync():
                 yield message
             while not follower.finished():
@@ -104,14 +109,27 @@ class LogHub:
                         yield message
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a follower resumes: the attempt its cursors belong to (0: whichever is sent first) and
+    how many chunks of the run and build logs it has."""
+
+    attempt: int
+    run: int
+    build: int = 0
+
+
 class _Follower:
     """Cursor state of one watcher: which attempt, and how far into each log."""
 
-    def __init__(self, hub: LogHub, queue: str, job_id: str, run_since: int, build: bool, shown: str) -> None:
+    def __init__(self, hub: LogHub, queue: str, job_id: str, resume: Resume, build: bool, shown: str) -> None:
         self.hub, self.queue, self.job_id, self.shown = hub, queue, job_id, shown
         self.kinds = [jobs_pb2.LOG_KIND_BUILD, jobs_pb2.LOG_KIND_RUN] if build else [jobs_pb2.LOG_KIND_RUN]
         self.cursors = {kind: 0 for kind in self.kinds}
-        self.cursors[jobs_pb2.LOG_KIND_RUN] = run_since
+        self.cursors[jobs_pb2.LOG_KIND_RUN] = resume.run
+        if build:
+            self.cursors[jobs_pb2.LOG_KIND_BUILD] = resume.build
+        self.resumed = resume.attempt
         self.attempt = -1
         self.state: jobs_pb2.JobState.ValueType = jobs_pb2.JOB_STATE_UNSPECIFIED
 
@@ -141,7 +159,7 @@ class _Follower:
 
     async def _on_job(self, job: jobs_pb2.Job) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         if job.attempt != self.attempt:
-            if self.attempt >= 0:
+            if self.attempt >= 0 or self.resumed not in (0, job.attempt):
                 self.cursors = {kind: 0 for kind in self.kinds}
             self.attempt = job.attempt
         yield jobs_pb2.WatchJobResponse(job=job_summary(job) if self.shown else job_url_view(job_summary(job)))
@@ -171,8 +189,10 @@ class _Follower:
 async def _read(
     store: StateStore, queue: str, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int
 ) -> list[jobs_pb2.LogChunk]:
-    """Chunks from index `since`, as many as fit one response (at least one)."""
-    chunks = await store.read_logs(attempt, kind, since, READ_LIMIT, queue=queue)
+    """Chunks from index `since`, as many as fit one response (at least one). A long log is read in
+    such pieces, and the loop runs others' calls between them (SQLite's statements run on it)."""
+    await asyncio.sleep(0)
+    chunks = await store.read_logs(attempt, kind, since, READ_LIMIT, queue=queue, max_chars=READ_SIZE)
     size = 0
     for count, chunk in enumerate(chunks):
         size += len(chunk.text)

@@ -103,9 +103,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async with grpc_errors(context):
             await self.scheduler.get_job(request.job_id, request.queue)  # NotFound before the stream starts
-            since = request.since or _cursor(header(context, "last-event-id"))
-            watch = self.logs.watch(request.job_id, since, not request.text, request.queue)
-            async for body in eventstream.text(watch) if request.text else eventstream.events(watch):
+            start = eventstream.resume(header(context, "last-event-id"), request.since)
+            watch = self.logs.watch(request.job_id, start.run, not request.text, request.queue, resume=start)
+            async for body in eventstream.text(watch) if request.text else eventstream.events(watch, start):
                 yield body
 
     async def GetJobInput(
@@ -210,10 +210,6 @@ def _log_kind(request: jobs_pb2.GetJobLogsRequest) -> jobs_pb2.LogKind.ValueType
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
-
-
-def _cursor(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
 
 
 def _page_cursor(token: str) -> str:

@@ -250,9 +250,25 @@ class StateStore(CredentialStore, Protocol):
         batch: constant time)."""
 
     async def read_logs(
-        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, since: int, limit: int, *, queue: str
+        self,
+        attempt: Attempt,
+        kind: jobs_pb2.LogKind.ValueType,
+        since: int,
+        limit: int,
+        *,
+        queue: str,
+        max_chars: int = 0,
     ) -> list[jobs_pb2.LogChunk]:
-        """Chunks of the log of the attempt of the job's run in `queue`, from index `since`."""
+        """Chunks of the log of the attempt of the job's run in `queue`, from index `since`: up to
+        `limit`, stopping after the batch that reaches `max_chars` characters of text (0: no bound).
+        Costs what it returns, wherever `since` is."""
+
+    async def read_log_tail(
+        self, attempt: Attempt, kind: jobs_pb2.LogKind.ValueType, chunks: int, chars: int, *, queue: str
+    ) -> tuple[int, list[jobs_pb2.LogChunk]]:
+        """The end of that log, read from its last batch backwards until it holds `chunks` chunks or
+        more than `chars` characters (or the whole log), and the index of its first chunk: costs what
+        it returns, however long the log."""
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         """Record a connected worker (or refresh its heartbeat)."""

@@ -3,6 +3,7 @@ the worker records, in statements written once (see `database`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -76,6 +77,24 @@ async def _namespaces(db: Any, queue: str, job_ids: Sequence[str]) -> dict[str, 
     ):
         found.setdefault(job_id, []).append(namespace)
     return found
+
+
+_LOG = "queue = ? AND job_id = ? AND attempt = ? AND kind = ?"  # a log's batches: a prefix of the key
+_LAST_PAGE = 256
+"""Most batches a log read asks for in one statement (a short log's batches may be a chunk each;
+the worker's are about 512 KiB)."""
+_END = 2**31 - 1  # an index past any log's that the INTEGER `start` column can be compared with
+
+
+async def _next_page(rows: int, size: int, left: int) -> int:
+    """How many batches the next statement of a log read asks for: as many as `left` more characters
+    take at the average size of the `rows` read so far (`size` characters), so that a read costs what
+    it returns; doubling when nothing bounds the characters. Lets the loop run others' work first
+    (SQLite's statements run on it)."""
+    await asyncio.sleep(0)
+    if left <= 0 or size == 0:
+        return min(rows * 2, _LAST_PAGE)
+    return max(1, min(_LAST_PAGE, -(-left * rows // size)))
 
 
 class SqlStore(Lifecycle):
@@ -187,21 +206,63 @@ class SqlStore(Lifecycle):
         return LogTotals(*row) if row else LogTotals()
 
     async def read_logs(
-        self, attempt: Attempt, kind: LogKind, since: int, limit: int, *, queue: str
+        self, attempt: Attempt, kind: LogKind, since: int, limit: int, *, queue: str, max_chars: int = 0
     ) -> list[jobs_pb2.LogChunk]:
-        async with self._reading() as db:
-            # each batch holds a chunk at least, so `limit` batches from `since` are enough
-            rows = await db.all(
-                "SELECT start, data FROM logs WHERE queue = ? AND job_id = ? AND attempt = ? AND kind = ?"
-                " AND start + count > ? ORDER BY start LIMIT ?",
-                *(queue, attempt.job_id, attempt.attempt, kind, since, limit),
-            )
+        key = (queue, attempt.job_id, attempt.attempt, kind)
         chunks: list[jobs_pb2.LogChunk] = []
-        for start, data in rows:
-            chunks.extend(jobs_pb2.LogBatch.FromString(data).chunks[max(0, since - start) :])
-            if len(chunks) >= limit:
-                break
+        async with self._reading() as db:
+            # the batch holding `since`, found by the key (batches never overlap): a cursor deep into a
+            # long log costs what one at its start does
+            row = await db.one(
+                f"SELECT start, count FROM logs WHERE {_LOG} AND start <= ? ORDER BY start DESC LIMIT 1",
+                *key,
+                min(since, _END),
+            )
+            after = 0 if row is None else row[0] if row[0] + row[1] > since else row[0] + 1  # past it: not read
+            page, size, read = 1, 0, 0
+            while len(chunks) < limit and not (max_chars and size >= max_chars):
+                rows = await db.all(
+                    f"SELECT start, data FROM logs WHERE {_LOG} AND start >= ? ORDER BY start LIMIT ?",
+                    *key,
+                    after,
+                    page,
+                )
+                for start, data in rows:
+                    batch = jobs_pb2.LogBatch.FromString(data).chunks[max(0, since - start) :]
+                    chunks.extend(batch)
+                    size += sum(len(chunk.text) for chunk in batch)
+                    after, read = start + 1, read + 1
+                    if len(chunks) >= limit or (max_chars and size >= max_chars):
+                        break
+                if len(rows) < page:
+                    break
+                page = await _next_page(read, size, max_chars - size if max_chars else 0)
         return chunks[:limit]
+
+    async def read_log_tail(
+        self, attempt: Attempt, kind: LogKind, chunks: int, chars: int, *, queue: str
+    ) -> tuple[int, list[jobs_pb2.LogChunk]]:
+        key = (queue, attempt.job_id, attempt.attempt, kind)
+        batches: list[Sequence[jobs_pb2.LogChunk]] = []  # last first
+        first, count, size, page = 0, 0, 0, 1
+        async with self._reading() as db:
+            while count < chunks and size <= chars:
+                rows = await db.all(
+                    f"SELECT start, data FROM logs WHERE {_LOG} AND start < ? ORDER BY start DESC LIMIT ?",
+                    *key,
+                    first if batches else _END,
+                    page,
+                )
+                for start, data in rows:
+                    batch = jobs_pb2.LogBatch.FromString(data).chunks
+                    batches.append(batch)
+                    first, count, size = start, count + len(batch), size + sum(len(chunk.text) for chunk in batch)
+                    if count >= chunks or size > chars:
+                        break
+                if len(rows) < page:
+                    break
+                page = await _next_page(len(batches), size, chars + 1 - size)
+        return first, [chunk for batch in reversed(batches) for chunk in batch]
 
     async def upsert_worker(self, info: jobs_pb2.WorkerInfo, *, queue: str, session: str) -> None:
         async with self._transaction() as db:
