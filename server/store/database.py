@@ -96,9 +96,11 @@ class SqlBase:
             sets.append("history = history || ?")
             values.append(change.entry)
         update = f"UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
-        row = (
-            await db.one(update, *values, queue, job_id) if returning else await db.run(update, *values, queue, job_id)
-        )
+        row = None
+        if returning:
+            row = await db.one(update, *values, queue, job_id)
+        else:
+            await db.run(update, *values, queue, job_id)
         if change.finishes:
             await db.run(
                 "UPDATE webhooks SET armed = TRUE, next_time = ?"
