@@ -58,7 +58,7 @@ export class Editor {
   }
 
   private modeButton(label: string, active: boolean, onclick: () => void): HTMLButtonElement {
-    return h("button", { type: "button", className: active ? "active" : "", onclick }, label);
+    return h("button", { type: "button", className: active ? "active" : "", "aria-pressed": String(active), onclick }, label);
   }
 
   private setMode(mode: "image" | "build"): void {
@@ -155,6 +155,7 @@ export class Editor {
           h("input", {
             value,
             name: `env.${key}`,
+            "aria-label": `Value of ${key}`,
             oninput: (e: Event) => {
               job.env![key] = (e.target as HTMLInputElement).value;
               this.host.changed();
@@ -163,7 +164,7 @@ export class Editor {
           h("button.icon", { type: "button", title: `Remove ${key}`, onclick: () => remove(key) }, "✕"),
         ),
       );
-      const name = h("input", { placeholder: "NAME", name: "env.new" });
+      const name = h("input", { placeholder: "NAME", name: "env.new", "aria-label": "New variable name" });
       const add = () => {
         const key = name.value.trim();
         if (!key || /[=\s]/.test(key)) return;

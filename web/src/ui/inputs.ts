@@ -36,7 +36,7 @@ export class InputsPanel {
     picker.addEventListener("change", () => void this.addFiles([...(picker.files ?? [])]));
     const zone = h(
       "div.dropzone",
-      { tabIndex: 0, onclick: () => picker.click(), onkeydown: (e: KeyboardEvent) => e.key === "Enter" && picker.click() },
+      { tabIndex: 0, role: "button", "aria-label": "Add files: drop them here or press Enter to choose", onclick: () => picker.click(), onkeydown: (e: KeyboardEvent) => e.key === "Enter" && picker.click() },
       h("strong", {}, "Drop files here"),
       h("span", {}, " or click to choose. They appear in the container at /inputs/<name>."),
       picker,
@@ -119,7 +119,7 @@ export class InputsPanel {
   private textFileEditors(): HTMLElement {
     const files = this.host.textFiles;
     const editors = Object.entries(files).map(([name, text]) => {
-      const area = h("textarea.code", { rows: Math.min(12, Math.max(3, text.split("\n").length + 1)), name: `text.${name}`, value: text, spellcheck: false });
+      const area = h("textarea.code", { rows: Math.min(12, Math.max(3, text.split("\n").length + 1)), name: `text.${name}`, value: text, spellcheck: false, "aria-label": `Text of ${name}` });
       area.addEventListener("input", () => {
         files[name] = area.value;
         this.host.textFilesChanged();
@@ -131,7 +131,7 @@ export class InputsPanel {
       };
       return h("div.textfile", {}, h("div.row", {}, h("code", {}, name), h("button.icon", { type: "button", title: `Remove ${name}`, onclick: remove }, "✕")), area);
     });
-    const name = h("input", { placeholder: "script.py", name: "text.new" });
+    const name = h("input", { placeholder: "script.py", name: "text.new", "aria-label": "New text file name" });
     const add = () => {
       const value = name.value.trim().replace(/^\/+/, "");
       if (!value || value in files) return;
