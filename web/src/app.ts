@@ -102,7 +102,8 @@ export class App implements PageEvents {
       const status = await api.jobs.getQueueStatus({ queue: SERVER_QUEUE });
       if (!status.workers.length) return;
       this.serverQueue = SERVER_QUEUE;
-      if (!this.target.queue) this.setQueue(SERVER_QUEUE);
+      // A `/j/{id}` page learns its queue from the job; it is not rewritten on load.
+      if (!this.target.queue && !this.shortId && !this.current) this.setQueue(SERVER_QUEUE);
       else this.update();
     } catch {
       // no such queue here, or the server is away: nothing to offer

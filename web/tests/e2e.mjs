@@ -438,13 +438,20 @@ async function urlstate(page) {
   await waitForState(page, "finished");
   await waitForText(page, `typed-queue-${TOKEN}`);
   const jobId = await currentJobId(page);
-  // A job page opened without a queue learns it from the job; an edit keeps it in the URL.
-  await page.goto(`${BASE}/j/${jobId}`);
+  // The job's own link (`/j/{id}#?queue=…`: a job id reveals no queue, so its links carry it);
+  // an edit there rewrites the URL with the queue kept.
+  const link = await page.locator("a.job-id").getAttribute("href");
+  assert(link === `/j/${jobId}#?queue=local`, `the job's link carries its queue: ${link}`);
+  await page.goto("about:blank");
+  await page.goto(`${BASE}${link}`);
   await waitForState(page, "finished");
-  await page.waitForFunction(() => location.hash.includes("queue=local"));
   await page.locator("nav.tabs button[data-tab='job']").click();
+  assert(new URL(page.url()).pathname === `/j/${jobId}`, "the job page is not rewritten on load");
   await page.locator("input[name='command']").fill(`echo edited-page-${TOKEN}`);
-  await page.waitForFunction(() => location.hash.includes("job="));
+  await page.waitForFunction(
+    (t) => atob(decodeURIComponent(location.hash.match(/job=([^&]+)/)?.[1] ?? "")).includes(t),
+    `edited-page-${TOKEN}`,
+  );
   const rewritten = page.url();
   assert(new URL(rewritten).hash.includes("queue=local"), `the rewritten URL carries the queue: ${rewritten}`);
   const again = await page.context().newPage();
@@ -532,6 +539,10 @@ try {
   console.log(`ok ${name}`);
 } catch (error) {
   await shot(page, `failed-${name}`).catch(() => {});
+  for (const [i, other] of context.pages().filter((p) => p !== page).entries()) {
+    await shot(other, `failed-${name}-page${i + 2}`).catch(() => {});
+    console.error(`page ${i + 2}: ${other.url()}`);
+  }
   console.error(`FAILED ${name}: ${error.stack || error}`);
   console.error(problems.join("\n"));
   console.error(`terminal: ${await terminalText(page).catch(() => "?")}`);

@@ -300,7 +300,7 @@ export class Layout {
       h(
         "form.row",
         { method: "dialog" },
-        h("button.keep", { type: "submit", value: "keep", autofocus: true }, "Keep it"),
+        h("button.keep", { type: "submit", value: "keep" }, "Keep it"),
         h("button.danger", { type: "submit", value: "cancel" }, "Cancel for everyone"),
       ),
     );
