@@ -501,6 +501,10 @@ async function phone(page) {
   const box = await shown.boundingBox();
   assert(box.y >= 0 && box.y + box.height <= 844, "on screen without scrolling");
   await shot(page, "21-phone-shared-link");
+  // On a phone the terminal is a tab of its own: Escape leaves it for the tabs.
+  await page.locator(".terminal .xterm-helper-textarea").focus();
+  await page.keyboard.press("Escape");
+  assert(await page.evaluate(() => document.activeElement?.dataset.tab === "job"), `Escape on a phone: ${await focused(page)}`);
   await page.goto(jobUrl({ image: `jobwire/missing-${TOKEN}:never`, command: "true" }));
   await clickAction(page, "run");
   await waitForState(page, "finished");

@@ -4,7 +4,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "../api";
 import { JobState, type GetQueueStatusResponse, type Job } from "../gen/jobwire/v1/jobs_pb";
-import { formatSeconds, h, replace } from "./dom";
+import { debounce, formatSeconds, h, replace } from "./dom";
 import { seconds } from "./status";
 
 const REFRESH_MS = 3000;
@@ -25,11 +25,13 @@ export class QueuePanel {
     replace(this.element, h("h2", {}, "Queue"), h("p.empty", {}, "Choose a queue."));
   }
 
-  /** Follow a queue (or none); refreshes now. */
+  /** Follow a queue (or none); refreshes once the name stops changing (it is typed key by key). */
   setQueue(api: Api | undefined, queue: string): void {
     this.target = api && queue ? { api, queue } : undefined;
-    void this.refresh();
+    this.refreshSoon();
   }
+
+  private refreshSoon = debounce(() => void this.refresh(), 400);
 
   /** Poll while visible; stop when hidden. */
   setVisible(visible: boolean): void {
