@@ -238,7 +238,7 @@ async function views(page) {
   await page.waitForFunction(() => location.hash.includes("job="));
   await page.waitForTimeout(600);
   page.off("request", count);
-  assert(calls.length <= 3, `no request per keystroke (${calls.length} for ${`echo edited-${TOKEN}`.length} keys)`);
+  assert(calls.length <= 3, `no request per keystroke (${calls.length} for ${`echo edited-${TOKEN}`.length} keys): ${calls.map((c) => c.split("/").pop()).join(", ")}`);
   const job = JSON.parse(Buffer.from(decodeURIComponent(new URL(page.url()).hash.match(/job=([^&]+)/)[1]), "base64").toString());
   assert(job.command === `echo edited-${TOKEN}`, "the URL carries the edit");
   await page.locator("nav.tabs button[data-tab='queue']").click();

@@ -25,10 +25,12 @@ export class QueuePanel {
     replace(this.element, h("h2", {}, "Queue"), h("p.empty", {}, "Choose a queue."));
   }
 
-  /** Follow a queue (or none); refreshes once the name stops changing (it is typed key by key). */
+  /** Follow a queue (or none); the first at once, a changed one once the name stops changing (it is typed key by key). */
   setQueue(api: Api | undefined, queue: string): void {
+    const first = !this.target;
     this.target = api && queue ? { api, queue } : undefined;
-    this.refreshSoon();
+    if (first) void this.refresh();
+    else this.refreshSoon();
   }
 
   private refreshSoon = debounce(() => void this.refresh(), 400);
