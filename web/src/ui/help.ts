@@ -18,7 +18,7 @@ export function helpPanel(): HTMLElement {
       ", for a queue on another server). Anyone who knows a queue's name can submit to it.",
     ),
     h("h3", {}, "Running a worker"),
-    h("p", {}, "On a machine with Docker: ", code("jobwire worker QUEUE --server URL"), ". ", code("jobwire up"), " runs a server, this page and a worker on queue ", code("local"), " on one machine."),
+    h("p", {}, "On a machine with Docker: ", code("jobwire worker QUEUE --server HOST:PORT"), ". ", code("jobwire up"), " runs a server, this page and a worker on queue ", code("local"), " on one machine."),
     h("h3", {}, "What the URL holds"),
     h(
       "p",
