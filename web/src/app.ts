@@ -1,7 +1,7 @@
 // The page's controller and its one state object. Data flows one way: the state (this App's
 // fields: the URL's job, the job followed, the queue, errors…) changes, `update()` schedules one
 // `Layout.render()` that redraws every view from it; views never change the state themselves,
-// they send events up (`PageEvents`: changed, setQueue, run, cancel, …). The terminal is the one
+// they send events up (`PageEvents`: edit, setQueue, run, cancel, …). The terminal is the one
 // sink written directly (log text streams into it; its notices are state like the rest).
 
 import { toJson } from "@bufbuild/protobuf";
@@ -11,6 +11,7 @@ import { assemble, jobId, runnable, toMessage, type DataRefJson, type Definition
 import { JobDefinitionSchema } from "./gen/jobwire/v1/definition_pb";
 import { JobResultSchema, JobState, LogKind, type Job, type LogChunk } from "./gen/jobwire/v1/jobs_pb";
 import { HashParams } from "./hashparams";
+import type { Draft } from "./ui/editor";
 import { Layout, type PageEvents } from "./ui/layout";
 import { debounce } from "./ui/dom";
 import { action, footer, type Action, type Footer } from "./ui/status";
@@ -151,14 +152,16 @@ export class App implements PageEvents {
   // --- edits ------------------------------------------------------------------------
 
   /** The definition or a switch changed (called on every keystroke: everything here is cheap). */
-  changed(): void {
+  private changed(): void {
     this.dirty = true;
     this.update();
     this.writeHash();
     this.refresh();
   }
 
-  textFilesChanged(): void {
+  /** A view's edit, applied to the state here (the views never change it themselves). */
+  edit(change: (draft: Draft) => void): void {
+    change({ job: this.job, hash: this.hash, textFiles: this.textFiles });
     this.hash.setJson("inputs", this.textFiles);
     this.changed();
   }

@@ -10,7 +10,7 @@ import type { DataRefJson, DefinitionJson } from "../definition";
 import { LogKind, LogStream, type Job, type LogChunk } from "../gen/jobwire/v1/jobs_pb";
 import type { HashParams } from "../hashparams";
 import type { Action, Footer } from "./status";
-import { Editor } from "./editor";
+import { Editor, type Draft } from "./editor";
 import { h, replace } from "./dom";
 import { helpPanel } from "./help";
 import { InputsPanel } from "./inputs";
@@ -51,9 +51,8 @@ export interface PageState {
 
 /** What the views ask for. */
 export interface PageEvents {
-  /** The definition (or a switch) changed: update the URL, maybe the job id. */
-  changed(): void;
-  textFilesChanged(): void;
+  /** Apply a change to the definition, text files or URL parameters; the URL and job id follow. */
+  edit(change: (draft: Draft) => void): void;
   upload(bytes: Uint8Array): Promise<string>;
   setQueue(value: string): void;
   run(): Promise<void>;
@@ -111,15 +110,14 @@ export class Layout {
     this.editor = new Editor({
       get job() { return state.job; },
       get hash() { return state.hash; },
-      changed: () => events.changed(),
+      edit: (change) => events.edit(change),
     });
     this.inputs = new InputsPanel({
       get job() { return state.job; },
       get textFiles() { return state.textFiles; },
       get metaframeInputs() { return state.metaframeInputs; },
       upload: (bytes) => events.upload(bytes),
-      changed: () => events.changed(),
-      textFilesChanged: () => events.textFilesChanged(),
+      edit: (change) => events.edit(change),
     });
     this.queuePanel = new QueuePanel(
       (id) => window.open(`/j/${id}${this.queueHash()}`, "_blank"),
