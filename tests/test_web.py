@@ -117,3 +117,19 @@ def test_failed_job_and_non_zero_exit_are_told_apart(web_stack: str) -> None:
 
 def test_build_mode_builds_an_inline_dockerfile_and_runs_it(web_stack: str) -> None:
     scenario(web_stack, "build")
+
+
+def test_keyboard_only_reaches_every_control_and_axe_finds_nothing_serious(web_stack: str) -> None:
+    scenario(web_stack, "keyboard")
+
+
+def test_queue_typed_late_enables_run_and_an_edited_job_page_keeps_its_queue(web_stack: str) -> None:
+    scenario(web_stack, "urlstate")
+
+
+def test_double_click_on_run_submits_once_and_cancels_nothing(web_stack: str) -> None:
+    scenario(web_stack, "dblclick")
+
+
+def test_a_shared_link_on_a_phone_shows_the_command_before_run(web_stack: str) -> None:
+    scenario(web_stack, "phone")

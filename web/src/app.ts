@@ -1,5 +1,8 @@
-// The page's controller: the URL hash is the job; edits rewrite the URL, a debounced refresh
-// recomputes the job id and follows that job; Run, Cancel and Delete-and-retry act on it.
+// The page's controller and its one state object. Data flows one way: the state (this App's
+// fields: the URL's job, the job followed, the queue, errors…) changes, `update()` schedules one
+// `Layout.render()` that redraws every view from it; views never change the state themselves,
+// they send events up (`PageEvents`: edit, setQueue, run, cancel, …). The terminal is the one
+// sink written directly (log text streams into it; its notices are state like the rest).
 
 import { toJson } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -8,16 +11,22 @@ import { assemble, jobId, runnable, toMessage, type DataRefJson, type Definition
 import { JobDefinitionSchema } from "./gen/jobwire/v1/definition_pb";
 import { JobResultSchema, JobState, LogKind, type Job, type LogChunk } from "./gen/jobwire/v1/jobs_pb";
 import { HashParams } from "./hashparams";
-import { Layout } from "./ui/layout";
+import type { Draft } from "./ui/editor";
+import { Layout, type PageEvents } from "./ui/layout";
 import { debounce } from "./ui/dom";
 import { action, footer, type Action, type Footer } from "./ui/status";
+
+/** Run ignores clicks this long after one (a double-click submits once). */
+export const RUN_LOCK_MS = 600;
+/** The queue `jobwire up` runs a worker on: offered when this server has a live worker on it. */
+export const SERVER_QUEUE = "local";
 import { JobWatcher } from "./watcher";
 
 const SHORT_PATH = /^\/j\/([0-9a-f]{64})\/?$/;
 
 export type Finished = (job: Job, api: Api, outputs: Record<string, DataRefJson>) => void;
 
-export class App {
+export class App implements PageEvents {
   hash: HashParams;
   job: DefinitionJson = {};
   textFiles: Record<string, string> = {};
@@ -37,25 +46,69 @@ export class App {
   private reasonTimer: ReturnType<typeof setTimeout> | undefined;
   private finishedListeners: Finished[] = [];
   private hashListeners: (() => void)[] = [];
+  /** A transient error (a failed submission, cancel, copy), shown until the next action. */
+  error = "";
+  /** Connection trouble of the job's stream (retrying), or "". */
+  connection = "";
+  /** The finished job's outputs, shown by the Outputs panel (a new object for each job). */
+  outputs: { api?: Api; jobId: string; files: Record<string, DataRefJson> } = { jobId: "", files: {} };
+  /** Bumped when the definition changed underneath the forms (URL, metaframe): they redraw. */
+  formVersion = 0;
+  /** Run ignores clicks until then (ms, `performance.now()`). */
+  runLockedUntil = 0;
+  /** The terminal dropped earlier lines of this job's log (its scrollback is bounded). */
+  logsDropped = false;
+  /** This server's own queue when it has a live worker (offered on a first visit). */
+  serverQueue = "";
+  private renderScheduled = false;
   readonly ui: Layout;
 
   constructor() {
     this.hash = new HashParams(location.hash);
     this.shortId = SHORT_PATH.exec(location.pathname)?.[1];
     this.readHash();
-    this.ui = new Layout(this);
+    this.ui = new Layout(this, this);
     window.addEventListener("hashchange", () => {
       this.hash = new HashParams(location.hash);
       this.readHash();
-      this.ui.rerender();
+      this.dirty = true; // Run before the debounced refresh runs the job the URL now holds
+      this.formVersion++;
+      this.update();
       this.refresh();
     });
   }
 
   async start(): Promise<void> {
     if (this.shortId) await this.loadShort(this.shortId);
-    this.ui.rerender();
-    this.refreshNow();
+    this.formVersion++;
+    this.update();
+    await this.refreshNow();
+    void this.offerServerQueue();
+  }
+
+  /** Redraw every view from the state, once per task however many changes came in it. */
+  update(): void {
+    if (this.renderScheduled) return;
+    this.renderScheduled = true;
+    queueMicrotask(() => {
+      this.renderScheduled = false;
+      this.ui.render();
+    });
+  }
+
+  /** A page with no queue gets this server's own queue when a worker serves it. */
+  private async offerServerQueue(): Promise<void> {
+    try {
+      const api = apiFor(location.origin);
+      const status = await api.jobs.getQueueStatus({ queue: SERVER_QUEUE });
+      if (!status.workers.length) return;
+      this.serverQueue = SERVER_QUEUE;
+      // A `/j/{id}` page learns its queue from the job; it is not rewritten on load.
+      if (!this.target.queue && !this.shortId && !this.current) this.setQueue(SERVER_QUEUE);
+      else this.update();
+    } catch {
+      // no such queue here, or the server is away: nothing to offer
+    }
   }
 
   /** Queue name and server origin, from `queueOverride`, `queue`, or the job itself. */
@@ -92,21 +145,23 @@ export class App {
       const response = await api.jobs.getJobDefinition({ jobId: id, queue });
       if (response.definition) this.job = toJson(JobDefinitionSchema, response.definition) as DefinitionJson;
     } catch (error) {
-      this.ui.terminal.note(`Job ${id} not found: ${ConnectError.from(error).rawMessage}`);
+      this.error = `Job ${id} not found: ${ConnectError.from(error).rawMessage}`;
     }
   }
 
   // --- edits ------------------------------------------------------------------------
 
   /** The definition or a switch changed (called on every keystroke: everything here is cheap). */
-  changed(): void {
+  private changed(): void {
     this.dirty = true;
-    this.ui.counts();
+    this.update();
     this.writeHash();
     this.refresh();
   }
 
-  textFilesChanged(): void {
+  /** A view's edit, applied to the state here (the views never change it themselves). */
+  edit(change: (draft: Draft) => void): void {
+    change({ job: this.job, hash: this.hash, textFiles: this.textFiles });
     this.hash.setJson("inputs", this.textFiles);
     this.changed();
   }
@@ -115,27 +170,28 @@ export class App {
     this.hash.set("queue", value.trim());
     this.hash.set("queueOverride", undefined);
     this.changed();
-    this.ui.queuePanel.setQueue(this.target.api, this.target.queue);
   }
 
   /** Replace the whole job (metaframe input `job` with `allowsetjob`). */
   setJob(job: DefinitionJson): void {
     this.job = job;
-    this.ui.rerender();
+    this.formVersion++;
     this.changed();
   }
 
   setMetaframeInputs(inputs: Record<string, DataRefJson>): void {
     this.metaframeInputs = inputs;
     this.dirty = true;
-    this.ui.inputs.render();
-    this.ui.counts();
+    this.formVersion++;
+    this.update();
     this.refresh();
   }
 
   private writeHash = debounce(() => {
     if (this.shortId) this.shortId = undefined; // edited: the URL now carries the job itself
     this.hash.setJson("job", this.job);
+    // The URL always carries the queue, also when it came from the job (a `/j/{id}` page).
+    if (!this.hash.get("queue") && !this.hash.get("queueOverride") && this.target.queue) this.hash.set("queue", this.target.queue);
     history.replaceState(history.state, "", `/${this.hash}`);
     for (const listener of this.hashListeners) listener();
   }, 250);
@@ -150,7 +206,7 @@ export class App {
       extraInputs: this.metaframeInputs,
     });
     const id = runnable(this.definition) ? await jobId(this.definition) : "";
-    this.ui.counts();
+    this.update();
     // The run followed is the job's run in the target queue: a new id or a new queue is a new watch.
     if (id !== this.jobId || !this.watcher || this.watcher.queue !== this.target.queue) this.follow(id);
     if (id && this.hash.bool("autostart") && !this.current) void this.run();
@@ -164,9 +220,10 @@ export class App {
     this.jobId = id;
     this.current = undefined;
     this.building = false;
+    this.logsDropped = false;
     this.ui.terminal.clear();
-    this.ui.outputs.show(undefined, "", {});
-    this.ui.showState();
+    this.outputs = { jobId: "", files: {} };
+    this.update();
     if (!id) return;
     const { api, queue } = this.target;
     this.watcher = new JobWatcher(api, id, queue, {
@@ -176,9 +233,12 @@ export class App {
         this.current = undefined;
         this.ui.terminal.clear();
         this.ui.terminal.note("Not run yet: press Run, and the logs appear here live.");
-        this.ui.showState();
+        this.update();
       },
-      connection: (problem) => this.ui.showConnection(problem),
+      connection: (problem) => {
+        this.connection = problem ?? "";
+        this.update();
+      },
     });
   }
 
@@ -190,10 +250,12 @@ export class App {
     this.followWaitingReason(job, api);
     if (!this.hash.get("queue") && !this.hash.get("queueOverride") && job.queue && job.queue !== this.jobQueue) {
       this.jobQueue = job.queue;
-      this.ui.rerenderQueue();
+      // A `/j/{id}` page learns its queue from the job: the URL carries it from now on.
+      this.hash.set("queue", job.queue);
+      history.replaceState(history.state, "", `${location.pathname}${this.hash}`);
+      for (const listener of this.hashListeners) listener();
     }
-    this.ui.showState();
-    void this.ui.queuePanel.refresh(); // the queue's counts changed with this job
+    this.update();
     if (job.state === JobState.FINISHED && this.finishedSeen !== job.id + job.attempt) {
       this.finishedSeen = job.id + job.attempt;
       void this.finished(job, api);
@@ -209,7 +271,7 @@ export class App {
         const fresh = (await api.jobs.getJob({ jobId: job.id, queue: this.target.queue })).job;
         if (fresh && this.current?.id === fresh.id && this.current.state === JobState.QUEUED) {
           this.current.waitingReason = fresh.waitingReason;
-          this.ui.showState();
+          this.update();
           this.followWaitingReason(this.current, api);
         }
       } catch {
@@ -223,9 +285,8 @@ export class App {
     if (!result) result = (await api.jobs.getJobResult({ jobId: job.id, queue: this.target.queue })).result;
     const outputs = ((result && toJson(JobResultSchema, result) as { outputs?: Record<string, DataRefJson> })?.outputs) ?? {};
     if (job.id !== this.jobId) return;
-    this.ui.outputs.show(api, job.id, outputs);
-    this.ui.counts();
-    if (Object.keys(outputs).length) this.ui.select("outputs", true);
+    this.outputs = { api, jobId: job.id, files: outputs };
+    this.update();
     for (const listener of this.finishedListeners) listener(job, api, outputs);
   }
 
@@ -241,7 +302,8 @@ export class App {
       if (this.building && chunks.length) this.building = false;
       this.ui.terminal.writeRun(chunks);
     }
-    this.ui.showState();
+    if (this.ui.terminal.dropped && !this.logsDropped) this.logsDropped = true;
+    this.update();
   }
 
   /** The footer's words for the current job. */
@@ -256,7 +318,22 @@ export class App {
 
   // --- actions ---------------------------------------------------------------------
 
+  /** One submission per click, and none for the clicks of a double-click that follow it. */
+  private lock(): boolean {
+    const now = performance.now();
+    if (now < this.runLockedUntil) return false;
+    this.runLockedUntil = now + RUN_LOCK_MS;
+    this.error = "";
+    this.update();
+    setTimeout(() => this.update(), RUN_LOCK_MS + 10);
+    return true;
+  }
+
   async run(): Promise<void> {
+    if (this.lock()) await this.submit();
+  }
+
+  private async submit(): Promise<void> {
     if (this.dirty) await this.refreshNow(); // Run right after an edit runs the edited job
     const { api, queue } = this.target;
     if (!queue || !this.jobId) return;
@@ -272,30 +349,47 @@ export class App {
       if (this.hash.bool("debug")) console.debug("jobwire: submitted", response.jobId, this.definition);
       this.follow(response.jobId);
     } catch (error) {
-      this.ui.showError(`Run failed: ${ConnectError.from(error).rawMessage}`);
+      this.showError(`Run failed: ${ConnectError.from(error).rawMessage}`);
     }
   }
 
+  showError(message: string): void {
+    this.error = message;
+    this.update();
+  }
+
+  /** Cancel the job for this page's namespace (others who submitted it keep it). */
   async cancel(): Promise<void> {
     const { api, queue } = this.target;
+    this.error = "";
     try {
       await api.jobs.cancelJob({ queue: this.current?.queue || queue, jobId: this.jobId, namespace: this.namespace });
     } catch (error) {
-      this.ui.showError(`Cancel failed: ${ConnectError.from(error).rawMessage}`);
+      this.showError(`Cancel failed: ${ConnectError.from(error).rawMessage}`);
+    }
+  }
+
+  /** Cancel a queue's job for every namespace (the Queue panel asks first). */
+  async cancelForEveryone(queue: string, jobId: string): Promise<void> {
+    try {
+      await this.target.api.jobs.cancelJob({ queue, jobId, namespace: "*" });
+    } catch (error) {
+      this.showError(`Cancel failed: ${ConnectError.from(error).rawMessage}`);
     }
   }
 
   async deleteAndRetry(): Promise<void> {
+    if (!this.lock()) return;
     const { api, queue } = this.target;
     try {
       await api.jobs.deleteJob({ jobId: this.jobId, queue });
     } catch (error) {
       if (ConnectError.from(error).code !== Code.NotFound) {
-        this.ui.showError(`Delete failed: ${ConnectError.from(error).rawMessage}`);
+        this.showError(`Delete failed: ${ConnectError.from(error).rawMessage}`);
         return;
       }
     }
-    await this.run();
+    await this.submit();
   }
 
   /** Store bytes on the job's server by SHA-256. */

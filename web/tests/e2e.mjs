@@ -16,7 +16,8 @@ const SHOTS = process.env.SCREENSHOTS || join(dirname(fileURLToPath(import.meta.
 const BUSYBOX = "jobwire/busybox:latest";
 const TOKEN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 
-const scenarios = { run, drop, cancel, reload, views, longlog, metaframe, failures, build };
+const scenarios = { run, drop, cancel, reload, views, longlog, metaframe, failures, build, keyboard, urlstate, dblclick, phone };
+const AXE = join(dirname(fileURLToPath(import.meta.url)), "..", "node_modules", "axe-core", "axe.min.js");
 
 function assert(condition, message) {
   if (!condition) throw new Error(`assertion failed: ${message}`);
@@ -47,11 +48,28 @@ async function waitForState(page, wanted, timeout = 60_000) {
   await page.waitForFunction((s) => document.querySelector("#status")?.dataset.state === s, wanted, { timeout });
 }
 
+// Cancel is its own control (shown while the job waits or runs); Run is `run` or `retry`.
 async function clickAction(page, action) {
-  const button = page.locator("#action");
-  await page.waitForFunction((a) => document.querySelector("#action")?.dataset.action === a, action, { timeout: 20_000 });
-  await button.click();
+  const selector = action === "cancel" ? "#cancel:not([hidden])" : `#run[data-action='${action}']:not([disabled])`;
+  await page.locator(selector).waitFor({ timeout: 20_000 });
+  await page.locator(selector).click();
 }
+
+/** axe-core in the page: no serious or critical violation. */
+async function axe(page, what) {
+  if (!(await page.evaluate(() => "axe" in window))) await page.addScriptTag({ path: AXE });
+  const results = await page.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
+  const bad = results.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
+  const described = bad.map((v) => `${v.impact} ${v.id}: ${v.nodes.map((n) => `${n.target.join(" ")} (${n.failureSummary})`).join("; ")}`);
+  assert(bad.length === 0, `axe on the ${what} page:\n${described.join("\n")}`);
+  console.log(`axe ${what}: ${results.violations.length} minor finding(s), none serious or critical`);
+}
+
+const focused = (page) =>
+  page.evaluate(() => {
+    const el = document.activeElement;
+    return el?.id ? `#${el.id}` : el?.getAttribute("name") ? `[name=${el.getAttribute("name")}]` : el?.closest(".terminal") ? "terminal" : el?.tagName.toLowerCase();
+  });
 
 function containers(jobId) {
   return execFileSync("docker", ["ps", "-a", "-q", "--filter", `label=io.jobwire.job=${jobId}`], { encoding: "utf8" }).trim();
@@ -77,6 +95,11 @@ async function run(page) {
   await waitForText(page, `end-${TOKEN}`);
   const text = await terminalText(page);
   assert(text.includes("green") && text.includes("oops"), "stdout and stderr both shown");
+  // stdout and stderr in one sequence, in the order Docker delivered them (the stored log's order;
+  // the engine copies the two pipes in a goroutine each, so that is not always the program's).
+  const stored = await (await fetch(`${BASE}/j/${await currentJobId(page)}/run-logs.json`)).json();
+  const delivered = stored.chunks.map((c) => c.text).join("");
+  assert(text.includes(delivered), `the terminal shows the stored order: ${JSON.stringify(delivered)} in ${JSON.stringify(text)}`);
   assert((await stateText(page)) === "Finished", `finished cleanly: ${await stateText(page)}`);
   const detail = await page.locator("#status .state-detail").textContent();
   assert(detail.includes("exit code 0"), `exit code in words: ${detail}`);
@@ -215,7 +238,7 @@ async function views(page) {
   await page.waitForFunction(() => location.hash.includes("job="));
   await page.waitForTimeout(600);
   page.off("request", count);
-  assert(calls.length <= 3, `no request per keystroke (${calls.length} for ${`echo edited-${TOKEN}`.length} keys)`);
+  assert(calls.length <= 3, `no request per keystroke (${calls.length} for ${`echo edited-${TOKEN}`.length} keys): ${calls.map((c) => c.split("/").pop()).join(", ")}`);
   const job = JSON.parse(Buffer.from(decodeURIComponent(new URL(page.url()).hash.match(/job=([^&]+)/)[1]), "base64").toString());
   assert(job.command === `echo edited-${TOKEN}`, "the URL carries the edit");
   await page.locator("nav.tabs button[data-tab='queue']").click();
@@ -230,8 +253,25 @@ async function views(page) {
   await waitForState(page, "queued");
   await page.locator("#status .state-detail").filter({ hasText: "no worker" }).waitFor({ timeout: 10_000 });
   await shot(page, "12-queued-waiting-reason");
-  await clickAction(page, "cancel");
+  // The queue's rows show image and command; a row's Cancel (for everyone) asks first.
+  await page.locator("nav.tabs button[data-tab='queue']").click();
+  const row = page.locator(".queue tbody tr").filter({ hasText: `waiting-${TOKEN}` });
+  await row.locator("td.what").filter({ hasText: BUSYBOX }).waitFor({ timeout: 10_000 });
+  await row.getByRole("button", { name: /Cancel job .* for everyone/ }).click();
+  const dialog = page.getByRole("dialog", { name: "Cancel this job for everyone?" });
+  await dialog.waitFor();
+  assert((await focused(page)) === "button", "the dialog takes the focus");
+  await axe(page, "cancel-confirmation");
+  await shot(page, "12b-cancel-for-everyone-asks");
+  await page.keyboard.press("Escape"); // keeps the job
+  await dialog.waitFor({ state: "hidden" });
+  await page.waitForTimeout(300);
+  assert((await state(page)) === "queued", "Escape keeps the job");
+  await row.getByRole("button", { name: /Cancel job .* for everyone/ }).click();
+  await dialog.getByRole("button", { name: "Cancel for everyone" }).click();
   await waitForState(page, "finished");
+  assert((await stateText(page)) === "Cancelled", `cancelled from the queue: ${await stateText(page)}`);
+  await page.locator("nav.tabs button[data-tab='job']").click();
   await page.locator("input[name='command']").fill(`echo edited-${TOKEN}`);
   await page.locator("#queue").fill("local");
   await page.locator("#queue").press("Enter");
@@ -283,6 +323,12 @@ async function longlog(page) {
   await waitForText(page, `done-${TOKEN}`);
   const lines = await page.evaluate(() => window.jobwire.terminalLines());
   assert(lines <= 5000 + 100, `bounded scrollback: ${lines} lines kept`);
+  // It says so, and links the whole log.
+  const notice = page.locator(".dropped-notice");
+  await notice.waitFor();
+  const full = await notice.locator("a").getAttribute("href");
+  const whole = await (await fetch(full)).text();
+  assert(whole.startsWith("1\n2\n") && whole.includes(`\n30000\ndone-${TOKEN}`), `the full log link: ${full}`);
   await shot(page, "13-long-log");
 }
 
@@ -316,7 +362,7 @@ async function metaframe(page) {
   await page.goto(`${hostOrigin}/metapage-test/host.html`);
   const frame = page.frameLocator("iframe");
   await frame.locator("nav.tabs button[data-tab='inputs']").filter({ hasText: "(1)" }).waitFor({ timeout: 20_000 });
-  await frame.locator("#action[data-action='run']").click();
+  await frame.locator("#run[data-action='run']").click();
   await page.waitForFunction(() => window.outputs["shout.txt"], null, { timeout: 60_000 });
   const output = await page.evaluate(() => window.outputs["shout.txt"]);
   assert(output.type === "base64", `an output DataRef: ${JSON.stringify(output)}`);
@@ -335,6 +381,136 @@ async function metaframe(page) {
     TOKEN,
     { timeout: 10_000 },
   );
+}
+
+// 1. Keyboard only, and axe on the empty, running and finished pages.
+async function keyboard(page) {
+  // A first visit: help first, and this server's live queue offered.
+  await page.goto(`${BASE}/`);
+  await page.locator(".help").waitFor();
+  await page.waitForFunction(() => document.querySelector("#queue")?.value === "local", null, { timeout: 10_000 });
+  await page.waitForFunction(() => location.hash.includes("queue=local"), null, { timeout: 5000 }); // the URL carries it
+  await axe(page, "empty");
+  await shot(page, "18-first-visit-help");
+  const command = `sh -c 'echo kb-start-${TOKEN}; sleep 3; echo kb-end-${TOKEN}'`;
+  await page.goto("about:blank"); // a fresh load, not a hash change
+  await page.goto(jobUrl({ image: BUSYBOX, command }));
+  await page.waitForFunction(() => document.querySelector("#run")?.dataset.action === "run");
+  const seen = [];
+  for (let i = 0; i < 60 && !seen.includes("#run"); i++) {
+    await page.keyboard.press("Tab");
+    seen.push(await focused(page));
+  }
+  for (const wanted of ["#queue", "terminal", "[name=image]", "[name=command]", "#run"]) {
+    assert(seen.includes(wanted), `Tab reaches ${wanted}: ${seen.join(" ")}`);
+  }
+  assert(seen.indexOf("terminal") < seen.indexOf("[name=image]"), "Tab leaves the terminal");
+  await page.keyboard.press("Enter"); // on Run
+  await waitForText(page, `kb-start-${TOKEN}`);
+  assert((await state(page)) === "running", "Run from the keyboard started it");
+  // The output is in the accessibility tree (xterm's screen-reader mode).
+  await page.waitForFunction((t) => document.querySelector(".xterm-accessibility-tree")?.textContent.includes(t), `kb-start-${TOKEN}`, { timeout: 5000 });
+  await axe(page, "running");
+  await shot(page, "19-keyboard-running");
+  // The documented key leaves the terminal: Escape, for the side panel (Shift+Tab leaves it too).
+  await page.locator(".terminal .xterm-helper-textarea").focus();
+  assert((await focused(page)) === "terminal", "the terminal takes focus");
+  await page.keyboard.press("Escape");
+  assert(await page.evaluate(() => document.activeElement?.classList.contains("side")), `Escape leaves the terminal: ${await focused(page)}`);
+  await page.locator(".terminal .xterm-helper-textarea").focus();
+  await page.keyboard.press("Shift+Tab");
+  assert((await focused(page)) !== "terminal", "Shift+Tab leaves the terminal");
+  await waitForState(page, "finished");
+  await waitForText(page, `kb-end-${TOKEN}`);
+  await axe(page, "finished");
+  await shot(page, "20-keyboard-finished");
+}
+
+// 2. The queue typed after the job enables Run; an edit on a /j/{id} page keeps the queue.
+async function urlstate(page) {
+  const job = Buffer.from(JSON.stringify({ image: BUSYBOX, command: `echo typed-queue-${TOKEN}` })).toString("base64");
+  await page.goto(`${BASE}/#?job=${encodeURIComponent(job)}`);
+  await page.locator("input[name='command']").waitFor();
+  // This server's live queue is offered to a URL without one; clear it to type one later.
+  await page.waitForFunction(() => document.querySelector("#queue")?.value === "local", null, { timeout: 10_000 });
+  await page.locator("#queue").fill("");
+  await page.waitForFunction(() => document.querySelector("#run")?.disabled && document.querySelector("#status")?.textContent.includes("No queue"));
+  await page.locator("#queue").pressSequentially("local", { delay: 30 }); // no Enter, no blur
+  await page.waitForFunction(() => !document.querySelector("#run")?.disabled, null, { timeout: 5000 });
+  await clickAction(page, "run");
+  await waitForState(page, "finished");
+  await waitForText(page, `typed-queue-${TOKEN}`);
+  const jobId = await currentJobId(page);
+  // The job's own link (`/j/{id}#?queue=…`: a job id reveals no queue, so its links carry it);
+  // an edit there rewrites the URL with the queue kept.
+  const link = await page.locator("a.job-id").getAttribute("href");
+  assert(link === `/j/${jobId}#?queue=local`, `the job's link carries its queue: ${link}`);
+  await page.goto("about:blank");
+  await page.goto(`${BASE}${link}`);
+  await waitForState(page, "finished");
+  await page.locator("nav.tabs button[data-tab='job']").click();
+  assert(new URL(page.url()).pathname === `/j/${jobId}`, "the job page is not rewritten on load");
+  await page.locator("input[name='command']").fill(`echo edited-page-${TOKEN}`);
+  await page.waitForFunction(
+    (t) => atob(decodeURIComponent(location.hash.match(/job=([^&]+)/)?.[1] ?? "")).includes(t),
+    `edited-page-${TOKEN}`,
+  );
+  const rewritten = page.url();
+  assert(new URL(rewritten).hash.includes("queue=local"), `the rewritten URL carries the queue: ${rewritten}`);
+  const again = await page.context().newPage();
+  await again.goto(rewritten);
+  await again.waitForFunction(() => document.querySelector("#queue")?.value === "local");
+  await clickAction(again, "run");
+  await waitForState(again, "finished");
+  await waitForText(again, `edited-page-${TOKEN}`);
+  const editedId = await currentJobId(again);
+  const result = await (await fetch(`${BASE}/q/local/j/${editedId}/result.json`)).json();
+  assert(result.state === "JOB_STATE_FINISHED", `the edited job ran on queue local: ${JSON.stringify(result).slice(0, 200)}`);
+  await again.close();
+}
+
+// 3. A double-click on Run submits once and cancels nothing.
+async function dblclick(page) {
+  await page.goto(jobUrl({ image: BUSYBOX, command: `sh -c 'echo dbl-${TOKEN}; sleep 4; echo dbl-end-${TOKEN}'` }));
+  await page.waitForFunction(() => document.querySelector("#run")?.dataset.action === "run");
+  const submissions = [];
+  page.on("request", (request) => request.url().includes("SubmitJob") && submissions.push(request.url()));
+  const cancels = [];
+  page.on("request", (request) => request.url().includes("CancelJob") && cancels.push(request.url()));
+  await page.locator("#run").dblclick();
+  await waitForText(page, `dbl-${TOKEN}`);
+  const run = await page.locator("#run").boundingBox();
+  const cancel = await page.locator("#cancel").boundingBox();
+  assert(cancel.x + cancel.width <= run.x, "Cancel has a place of its own, left of Run");
+  await page.locator("#run").dblclick({ force: true }); // on a running job: Run stays Run, disabled
+  await waitForState(page, "finished");
+  assert((await stateText(page)) === "Finished", `not cancelled: ${await stateText(page)}`);
+  assert(submissions.length === 1 && cancels.length === 0, `one submission (${submissions.length}), no cancel (${cancels.length})`);
+  await waitForText(page, `dbl-end-${TOKEN}`);
+}
+
+// 5. A shared link on a phone shows the command before Run.
+async function phone(page) {
+  await page.setViewportSize({ width: 390, height: 844 });
+  const command = `sh -c 'echo phone-${TOKEN}; ls /'`;
+  await page.goto(jobUrl({ image: BUSYBOX, command }));
+  await page.waitForFunction(() => document.querySelector("#run")?.dataset.action === "run");
+  const shown = page.locator("#command");
+  assert(await shown.isVisible(), "the command is visible");
+  assert((await shown.textContent()).includes(command), `the whole command: ${await shown.textContent()}`);
+  const box = await shown.boundingBox();
+  assert(box.y >= 0 && box.y + box.height <= 844, "on screen without scrolling");
+  await shot(page, "21-phone-shared-link");
+  // On a phone the terminal is a tab of its own: Escape leaves it for the tabs.
+  await page.locator(".terminal .xterm-helper-textarea").focus();
+  await page.keyboard.press("Escape");
+  assert(await page.evaluate(() => document.activeElement?.dataset.tab === "job"), `Escape on a phone: ${await focused(page)}`);
+  await page.goto(jobUrl({ image: `jobwire/missing-${TOKEN}:never`, command: "true" }));
+  await clickAction(page, "run");
+  await waitForState(page, "finished");
+  assert(await page.locator("#run").isVisible(), "Run stays on screen beside a long error");
+  await axe(page, "phone-failed");
+  await shot(page, "22-phone-missing-image");
 }
 
 const name = process.argv[2];
@@ -370,6 +546,10 @@ try {
   console.log(`ok ${name}`);
 } catch (error) {
   await shot(page, `failed-${name}`).catch(() => {});
+  for (const [i, other] of context.pages().filter((p) => p !== page).entries()) {
+    await shot(other, `failed-${name}-page${i + 2}`).catch(() => {});
+    console.error(`page ${i + 2}: ${other.url()}`);
+  }
   console.error(`FAILED ${name}: ${error.stack || error}`);
   console.error(problems.join("\n"));
   console.error(`terminal: ${await terminalText(page).catch(() => "?")}`);

@@ -1,15 +1,23 @@
 // The Job panel: image or build, command, entrypoint, workdir, env vars, GPU, limits, and the
-// page's own switches. Every edit mutates the definition and calls `changed` (the app debounces).
+// page's own switches. The form reads the state; each edit goes up as a change for the app to
+// apply to its definition or URL parameters (`edit`; the app debounces the rest).
 
 import type { DefinitionJson } from "../definition";
 import type { HashParams } from "../hashparams";
 import { h, replace } from "./dom";
 
-export interface EditorHost {
+/** What an edit may change: the state's definition and URL parameters. */
+export interface Draft {
   job: DefinitionJson;
   hash: HashParams;
-  /** The definition (or a switch) changed: update the URL, maybe the job id. */
-  changed(): void;
+  textFiles: Record<string, string>;
+}
+
+export interface EditorHost {
+  readonly job: DefinitionJson;
+  readonly hash: HashParams;
+  /** Apply a change to the state (then the URL and maybe the job id follow). */
+  edit(change: (draft: Draft) => void): void;
 }
 
 const FLAGS: [string, string][] = [
@@ -58,23 +66,24 @@ export class Editor {
   }
 
   private modeButton(label: string, active: boolean, onclick: () => void): HTMLButtonElement {
-    return h("button", { type: "button", className: active ? "active" : "", onclick }, label);
+    return h("button", { type: "button", className: active ? "active" : "", "aria-pressed": String(active), onclick }, label);
   }
 
   private setMode(mode: "image" | "build"): void {
-    const job = this.host.job;
-    if (mode === "build") {
-      job.build = job.build ?? { dockerfile: job.image ? `FROM ${job.image}\n` : "FROM jobwire/busybox:latest\n" };
-      delete job.image;
-    } else {
-      delete job.build;
-    }
-    this.host.changed();
+    this.host.edit(({ job }) => {
+      if (mode === "build") {
+        job.build = job.build ?? { dockerfile: job.image ? `FROM ${job.image}\n` : "FROM jobwire/busybox:latest\n" };
+        delete job.image;
+      } else {
+        delete job.build;
+      }
+    });
     this.render();
   }
 
   private buildFields(): HTMLElement {
-    const build = (this.host.job.build ??= {});
+    const build = this.host.job.build ?? {};
+    const editBuild = (change: (build: NonNullable<DefinitionJson["build"]>) => void) => this.host.edit(({ job }) => change((job.build ??= {})));
     const text = (label: string, key: keyof typeof build, placeholder: string) =>
       labelled(
         label,
@@ -82,10 +91,7 @@ export class Editor {
           value: (build[key] as string | undefined) ?? "",
           placeholder,
           name: `build.${key}`,
-          oninput: (e: Event) => {
-            setOrDelete(build, key, (e.target as HTMLInputElement).value);
-            this.host.changed();
-          },
+          oninput: (e: Event) => editBuild((b) => setOrDelete(b, key, (e.target as HTMLInputElement).value)),
         }),
       );
     return h(
@@ -98,10 +104,7 @@ export class Editor {
           name: "build.dockerfile",
           value: build.dockerfile ?? "",
           placeholder: "FROM python:3.12\nRUN pip install numpy",
-          oninput: (e: Event) => {
-            setOrDelete(build, "dockerfile", (e.target as HTMLTextAreaElement).value);
-            this.host.changed();
-          },
+          oninput: (e: Event) => editBuild((b) => setOrDelete(b, "dockerfile", (e.target as HTMLTextAreaElement).value)),
         }),
       ),
       text("Context URL", "context", "https://…/archive.tar.gz (optional)"),
@@ -117,9 +120,10 @@ export class Editor {
           name: "build.buildArgs",
           oninput: (e: Event) => {
             const args = (e.target as HTMLInputElement).value.split(",").map((s) => s.trim()).filter(Boolean);
-            if (args.length) build.buildArgs = args;
-            else delete build.buildArgs;
-            this.host.changed();
+            editBuild((b) => {
+              if (args.length) b.buildArgs = args;
+              else delete b.buildArgs;
+            });
           },
         }),
       ),
@@ -135,18 +139,15 @@ export class Editor {
         value: job[key] ?? "",
         placeholder,
         spellcheck: false,
-        oninput: (e: Event) => {
-          setOrDelete(job, key, (e.target as HTMLInputElement).value);
-          this.host.changed();
-        },
+        oninput: (e: Event) => this.host.edit((draft) => setOrDelete(draft.job, key, (e.target as HTMLInputElement).value)),
       }),
     );
   }
 
   private envRows(): HTMLElement {
-    const job = this.host.job;
     const box = h("div.env");
     const draw = () => {
+      const job = this.host.job;
       const rows = Object.entries(job.env ?? {}).map(([key, value]) =>
         h(
           "div.row",
@@ -155,20 +156,17 @@ export class Editor {
           h("input", {
             value,
             name: `env.${key}`,
-            oninput: (e: Event) => {
-              job.env![key] = (e.target as HTMLInputElement).value;
-              this.host.changed();
-            },
+            "aria-label": `Value of ${key}`,
+            oninput: (e: Event) => this.host.edit((draft) => (draft.job.env = { ...draft.job.env, [key]: (e.target as HTMLInputElement).value })),
           }),
           h("button.icon", { type: "button", title: `Remove ${key}`, onclick: () => remove(key) }, "✕"),
         ),
       );
-      const name = h("input", { placeholder: "NAME", name: "env.new" });
+      const name = h("input", { placeholder: "NAME", name: "env.new", "aria-label": "New variable name" });
       const add = () => {
         const key = name.value.trim();
         if (!key || /[=\s]/.test(key)) return;
-        job.env = { ...job.env, [key]: job.env?.[key] ?? "" };
-        this.host.changed();
+        this.host.edit((draft) => (draft.job.env = { ...draft.job.env, [key]: draft.job.env?.[key] ?? "" }));
         draw();
       };
       name.addEventListener("keydown", (e) => e.key === "Enter" && add());
@@ -177,9 +175,11 @@ export class Editor {
       if (hashEnv.length) box.append(h("p.hint", {}, `Also from the URL's other parameters: ${hashEnv.join(", ")}`));
     };
     const remove = (key: string) => {
-      delete job.env![key];
-      if (!Object.keys(job.env!).length) delete job.env;
-      this.host.changed();
+      this.host.edit(({ job }) => {
+        if (!job.env) return;
+        delete job.env[key];
+        if (!Object.keys(job.env).length) delete job.env;
+      });
       draw();
     };
     draw();
@@ -197,11 +197,13 @@ export class Editor {
         checked: Boolean(job.requirements?.gpus),
         onchange: (e: Event) => {
           const on = (e.target as HTMLInputElement).checked;
-          job.requirements = { ...job.requirements };
-          if (on) job.requirements.gpus = 1;
-          else delete job.requirements.gpus;
-          if (!Object.keys(job.requirements).length) delete job.requirements;
-          this.host.changed();
+          this.host.edit((draft) => {
+            const requirements = { ...draft.job.requirements };
+            if (on) requirements.gpus = 1;
+            else delete requirements.gpus;
+            if (Object.keys(requirements).length) draft.job.requirements = requirements;
+            else delete draft.job.requirements;
+          });
         },
       }),
       " Needs a GPU",
@@ -216,10 +218,7 @@ export class Editor {
         type: "checkbox",
         name: key,
         checked: this.host.hash.bool(key),
-        onchange: (e: Event) => {
-          this.host.hash.setBool(key, (e.target as HTMLInputElement).checked);
-          this.host.changed();
-        },
+        onchange: (e: Event) => this.host.edit(({ hash }) => hash.setBool(key, (e.target as HTMLInputElement).checked)),
       }),
       ` ${label}`,
     );
@@ -231,10 +230,7 @@ export class Editor {
       h("input", {
         name: key,
         value: this.host.hash.get(key) ?? "",
-        oninput: (e: Event) => {
-          this.host.hash.set(key, (e.target as HTMLInputElement).value);
-          this.host.changed();
-        },
+        oninput: (e: Event) => this.host.edit(({ hash }) => hash.set(key, (e.target as HTMLInputElement).value)),
       }),
     );
   }
@@ -249,9 +245,9 @@ export class Editor {
     });
     area.addEventListener("input", () => {
       try {
-        this.host.hash.setJson("definition", area.value.trim() ? JSON.parse(area.value) : undefined);
+        const value: unknown = area.value.trim() ? JSON.parse(area.value) : undefined;
         area.classList.remove("invalid");
-        this.host.changed();
+        this.host.edit(({ hash }) => hash.setJson("definition", value));
       } catch {
         area.classList.add("invalid");
       }

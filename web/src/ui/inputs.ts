@@ -4,17 +4,18 @@
 // edited in place.
 
 import type { DataRefJson, DefinitionJson } from "../definition";
+import type { Draft } from "./editor";
 import { formatBytes, h, replace } from "./dom";
 
 export interface InputsHost {
-  job: DefinitionJson;
-  textFiles: Record<string, string>;
+  readonly job: DefinitionJson;
+  readonly textFiles: Record<string, string>;
   /** Inputs that came from the metaframe (read-only here). */
-  metaframeInputs: Record<string, DataRefJson>;
+  readonly metaframeInputs: Record<string, DataRefJson>;
   /** Store bytes on the server; returns the key. */
   upload(bytes: Uint8Array): Promise<string>;
-  changed(): void;
-  textFilesChanged(): void;
+  /** Apply a change to the state's definition or text files. */
+  edit(change: (draft: Draft) => void): void;
 }
 
 export class InputsPanel {
@@ -36,7 +37,7 @@ export class InputsPanel {
     picker.addEventListener("change", () => void this.addFiles([...(picker.files ?? [])]));
     const zone = h(
       "div.dropzone",
-      { tabIndex: 0, onclick: () => picker.click(), onkeydown: (e: KeyboardEvent) => e.key === "Enter" && picker.click() },
+      { tabIndex: 0, role: "button", "aria-label": "Add files: drop them here or press Enter to choose", onclick: () => picker.click(), onkeydown: (e: KeyboardEvent) => e.key === "Enter" && picker.click() },
       h("strong", {}, "Drop files here"),
       h("span", {}, " or click to choose. They appear in the container at /inputs/<name>."),
       picker,
@@ -67,12 +68,12 @@ export class InputsPanel {
   /** Upload dropped files and add them to the definition. */
   async addFiles(files: File[]): Promise<void> {
     if (!files.length) return;
-    const job = this.host.job;
+    const added: Record<string, DataRefJson> = {};
     for (const file of files) {
       this.status.textContent = `Uploading ${file.name} (${formatBytes(file.size)})…`;
       try {
         const key = await this.host.upload(new Uint8Array(await file.arrayBuffer()));
-        job.inputs = { ...job.inputs, [file.name]: { type: "key", value: key } };
+        added[file.name] = { type: "key", value: key };
         this.sizes.set(key, file.size);
       } catch (error) {
         this.status.textContent = `${file.name}: ${(error as Error).message}`;
@@ -80,7 +81,7 @@ export class InputsPanel {
       }
     }
     this.status.textContent = `Added ${files.map((f) => f.name).join(", ")}`;
-    this.host.changed();
+    this.host.edit(({ job }) => (job.inputs = { ...job.inputs, ...added })); // the job of now, not of the drop
     this.render();
   }
 
@@ -103,9 +104,11 @@ export class InputsPanel {
               type: "button",
               title: `Remove ${name}`,
               onclick: () => {
-                delete job.inputs![name];
-                if (!Object.keys(job.inputs!).length) delete job.inputs;
-                this.host.changed();
+                this.host.edit((draft) => {
+                  if (!draft.job.inputs) return;
+                  delete draft.job.inputs[name];
+                  if (!Object.keys(draft.job.inputs).length) delete draft.job.inputs;
+                });
                 this.render();
               },
             },
@@ -119,24 +122,21 @@ export class InputsPanel {
   private textFileEditors(): HTMLElement {
     const files = this.host.textFiles;
     const editors = Object.entries(files).map(([name, text]) => {
-      const area = h("textarea.code", { rows: Math.min(12, Math.max(3, text.split("\n").length + 1)), name: `text.${name}`, value: text, spellcheck: false });
+      const area = h("textarea.code", { rows: Math.min(12, Math.max(3, text.split("\n").length + 1)), name: `text.${name}`, value: text, spellcheck: false, "aria-label": `Text of ${name}` });
       area.addEventListener("input", () => {
-        files[name] = area.value;
-        this.host.textFilesChanged();
+        this.host.edit((draft) => (draft.textFiles[name] = area.value));
       });
       const remove = () => {
-        delete files[name];
-        this.host.textFilesChanged();
+        this.host.edit((draft) => delete draft.textFiles[name]);
         this.render();
       };
       return h("div.textfile", {}, h("div.row", {}, h("code", {}, name), h("button.icon", { type: "button", title: `Remove ${name}`, onclick: remove }, "✕")), area);
     });
-    const name = h("input", { placeholder: "script.py", name: "text.new" });
+    const name = h("input", { placeholder: "script.py", name: "text.new", "aria-label": "New text file name" });
     const add = () => {
       const value = name.value.trim().replace(/^\/+/, "");
       if (!value || value in files) return;
-      files[value] = "";
-      this.host.textFilesChanged();
+      this.host.edit((draft) => (draft.textFiles[value] = ""));
       this.render();
     };
     name.addEventListener("keydown", (e) => e.key === "Enter" && add());

@@ -4,7 +4,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "../api";
 import { JobState, type GetQueueStatusResponse, type Job } from "../gen/jobwire/v1/jobs_pb";
-import { formatSeconds, h, replace } from "./dom";
+import { debounce, formatSeconds, h, replace } from "./dom";
 import { seconds } from "./status";
 
 const REFRESH_MS = 3000;
@@ -14,19 +14,26 @@ export class QueuePanel {
   private timer: ReturnType<typeof setInterval> | undefined;
   private target?: { api: Api; queue: string };
   summary = "";
+  private definitions = new Map<string, Promise<{ image: string; command: string }>>();
 
   constructor(
     private open: (jobId: string) => void,
     private onSummary: (text: string) => void,
+    /** A row's Cancel: cancels for every user, so the layout asks first. */
+    private onCancel: (queue: string, jobId: string) => void,
   ) {
     replace(this.element, h("h2", {}, "Queue"), h("p.empty", {}, "Choose a queue."));
   }
 
-  /** Follow a queue (or none); refreshes now. */
+  /** Follow a queue (or none); the first at once, a changed one once the name stops changing (it is typed key by key). */
   setQueue(api: Api | undefined, queue: string): void {
+    const first = !this.target;
     this.target = api && queue ? { api, queue } : undefined;
-    void this.refresh();
+    if (first) void this.refresh();
+    else this.refreshSoon();
   }
+
+  private refreshSoon = debounce(() => void this.refresh(), 400);
 
   /** Poll while visible; stop when hidden. */
   setVisible(visible: boolean): void {
@@ -53,6 +60,25 @@ export class QueuePanel {
     } catch (error) {
       replace(this.element, h("h2", {}, `Queue ${target.queue}`), h("p.error", {}, (error as Error).message));
     }
+  }
+
+  /** A row's image and command (ListJobs omits definitions: read once per job id, immutable). */
+  private what(api: Api, queue: string, jobId: string): HTMLElement {
+    const cell = h("span", {}, "…");
+    let known = this.definitions.get(jobId);
+    if (!known) {
+      known = api.jobs.getJobDefinition({ jobId, queue }).then(
+        ({ definition }) => {
+          const image = definition?.image || (definition?.build ? "(Dockerfile build)" : "");
+          return { image, command: definition?.command ?? "" };
+        },
+        () => ({ image: "", command: "" }),
+      );
+      this.definitions.set(jobId, known);
+      if (this.definitions.size > 1000) this.definitions.delete(this.definitions.keys().next().value!);
+    }
+    void known.then(({ image, command }) => replace(cell, h("code", {}, image), command ? h("span.meta", {}, ` ${command}`) : ""));
+    return cell;
   }
 
   private render(queue: string, status: GetQueueStatusResponse, jobs: Job[], api: Api): void {
@@ -91,7 +117,7 @@ export class QueuePanel {
         ? h(
             "table",
             {},
-            h("thead", {}, h("tr", {}, ["Job", "State", "Since", ""].map((c) => h("th", {}, c)))),
+            h("thead", {}, h("tr", {}, ["Job", "Image and command", "State", "Since", h("span.visually-hidden", {}, "Actions")].map((c) => h("th", {}, c)))),
             h(
               "tbody",
               {},
@@ -99,10 +125,11 @@ export class QueuePanel {
                 h(
                   "tr",
                   {},
-                  h("td", {}, h("button.link", { type: "button", onclick: () => this.open(job.id) }, job.id.slice(0, 8))),
+                  h("td", {}, h("button.link", { type: "button", title: `Open job ${job.id}`, onclick: () => this.open(job.id) }, job.id.slice(0, 8))),
+                  h("td.what", {}, this.what(api, queue, job.id)),
                   h("td", { title: job.waitingReason }, job.state === JobState.RUNNING ? "running" : "queued"),
                   h("td", {}, job.updateTime ? ago(timestampDate(job.updateTime)) : ""),
-                  h("td", {}, h("button.small", { type: "button", onclick: () => void cancel(api, queue, job.id).then(() => this.refresh()) }, "Cancel")),
+                  h("td", {}, h("button.small", { type: "button", "aria-label": `Cancel job ${job.id.slice(0, 8)} for everyone`, onclick: () => this.onCancel(queue, job.id) }, "Cancel…")),
                 ),
               ),
             ),
@@ -112,9 +139,6 @@ export class QueuePanel {
   }
 }
 
-async function cancel(api: Api, queue: string, jobId: string): Promise<void> {
-  await api.jobs.cancelJob({ queue, jobId, namespace: "*" });
-}
 
 function ago(date: Date): string {
   return `${formatSeconds(Math.max(0, (Date.now() - date.getTime()) / 1000))} ago`;
