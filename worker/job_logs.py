@@ -40,7 +40,8 @@ class JobLog:
         self.placed = asyncio.Event()  # cleared until the server says where its copy ends (`resume_at`)
         self.placed.set()
         self.lock = asyncio.Lock()
-        self.timer: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None  # rings when the linger is over
+        self.flushing: asyncio.Future[None] | None = None  # the flush it started
         # The latest chunks handed to `send`, for sending again what a broken stream lost.
         self.recent: collections.deque[jobs_pb2.LogChunk] = collections.deque()
         self.recent_size = 0
@@ -76,14 +77,19 @@ class JobLog:
         full. One message per line would bury the worker's heartbeats under log traffic."""
         if self.pending_size >= _BATCH_SIZE:
             await self.flush()
-        elif self.timer is None or self.timer.done():
-            self.timer = asyncio.create_task(self._flush_later())
+        elif self.timer is None:
+            # A timer, not a task: a log flushed before it rings (a short job's, at its end) costs no task.
+            self.timer = asyncio.get_running_loop().call_later(_LINGER, self._lingered)
 
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(_LINGER)
-        await self.flush()
+    def _lingered(self) -> None:
+        self.timer = None
+        if self.pending:
+            self.flushing = asyncio.ensure_future(self.flush())
 
     async def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         async with self.lock:
             while self.pending:
                 chunks = [
