@@ -338,11 +338,14 @@ class Scheduler:
             await self.publish_job(job)
         return job is not None
 
-    async def finished(self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> jobs_pb2.Job | None:
-        """Record the attempt's result; None (logged) if the attempt is stale."""
+    async def finished(
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, *, started: bool = False
+    ) -> jobs_pb2.Job | None:
+        """Record the attempt's result (and its container's start first, when `started`); None (logged)
+        if the attempt is stale."""
         result.attempt = attempt.attempt
         self._bound_outputs(result)
-        job = await self.store.finish(attempt, holder, result, self.clock())
+        job = await self.store.finish(attempt, holder, result, self.clock(), started=started)
         if job is None:
             log.warning("rejected result of stale attempt %d of job %s", attempt.attempt, attempt.job_id)
             return None

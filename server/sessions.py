@@ -187,7 +187,7 @@ class WorkerSession:
         self._forget(attempt)
         result = finished.result
         result.worker_id = self.worker_id
-        if await self.scheduler.finished(attempt, self.holder, result) is None:
+        if await self.scheduler.finished(attempt, self.holder, result, started=finished.HasField("started")) is None:
             await self._stale(attempt, "result of an attempt the server no longer holds; it was discarded")
         ack = workers_pb2.AttemptRef(job_id=attempt.job_id, attempt=attempt.attempt)
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))

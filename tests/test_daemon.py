@@ -16,7 +16,7 @@ import jobwire
 from bench.fake_runtime import FakeRuntime
 from jobwire.server.servicers.server import ServerServicer
 from jobwire.server.settings import ServerSettings
-from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
+from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc, workers_pb2
 from jobwire.worker.daemon import UNKNOWN_GRACE, Daemon
 from jobwire.worker.runtime import STDOUT, ContainerSpec, Piece, State
 from jobwire.worker.settings import WorkerSettings
@@ -186,3 +186,29 @@ def test_reconnect_pauses_stay_within_a_quarter_of_the_servers_grace(tmp_path: P
     assert max(after) <= 2 and min(after) >= 0.5  # jitter: half to all of the pause
     daemon.answer.lease_duration.FromSeconds(600)
     assert 15 < max(next(delays) for _ in range(40)) <= 30  # a long grace: they grow, to 30 s at most
+
+
+async def test_a_container_that_ends_at_once_has_its_start_reported_with_its_result(
+    jobs: jobs_pb2_grpc.JobServiceStub, queue: str, start_daemon: StartDaemon
+) -> None:
+    """One message for the start and the result of a short job; the history still says both, in order."""
+    runtime = FakeRuntime()
+    daemon = await start_daemon(queue, runtime)
+    sent: list[workers_pb2.ConnectRequest] = []
+    put = daemon.outbox.put
+
+    async def spy(message: workers_pb2.ConnectRequest) -> None:
+        sent.append(message)
+        await put(message)
+
+    daemon.outbox.put = spy  # type: ignore[method-assign]
+    definition = definition_pb2.JobDefinition(image="fake", command="echo at once")
+    submitted = await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=definition))
+    job = await wait_finished(jobs, submitted.job_id, timeout=30, queue=queue)
+    assert job.result.reason == jobs_pb2.FINISH_REASON_SUCCESS
+    kinds = [event.kind for event in job.history]
+    started, finished = kinds.index(jobs_pb2.JOB_EVENT_KIND_STARTED), kinds.index(jobs_pb2.JOB_EVENT_KIND_FINISHED)
+    assert started < finished
+    assert not [message for message in sent if message.HasField("started")]
+    (result,) = [message for message in sent if message.HasField("finished")]
+    assert result.finished.started.job_id == submitted.job_id

@@ -411,7 +411,10 @@ class Daemon:
         finally:
             self.gpus.give_back(execution.gpu_devices)
         attempt.result = self._result_message(attempt, result)
-        await execution.report_started()
+        if attempt.result.HasField("finished") and (start := execution.held_start()) is not None:
+            attempt.result.finished.started.CopyFrom(start)  # reported with the result: one message
+        else:
+            await execution.report_started()
         await self.outbox.put(attempt.result)
         if result is not None or attempt.stop is Stop.CANCEL:
             log.info(

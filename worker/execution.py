@@ -39,8 +39,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _SMALL_FOLDER_OUTPUTS = 64
 """Most outputs a folder removed on the loop may hold (see `Execution._remove_folder`)."""
 _START_LINGER = 0.01
-"""Seconds the report that a container started waits to travel with the attempt's next message: a
-job that ends at once then costs the stream one write instead of two (see `Execution._started`)."""
+"""Seconds the report that a container started is held back: a container that ends meanwhile has its
+start reported with its result, one message instead of two (see `Execution._started`)."""
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
 GPUS_LABEL = f"{LABEL}.gpus"
 DEADLINE_LABEL = f"{LABEL}.deadline"
@@ -67,13 +67,13 @@ class Execution:
         self.job_id, self.attempt = assignment.job_id, assignment.attempt
         self.directory = settings.data_directory / "jobs" / f"{self.job_id}-{self.attempt}"
         self.logs = {
-            kind: JobLog(self.job_id, self.attempt, kind, self._report)
+            kind: JobLog(self.job_id, self.attempt, kind, send)
             for kind in (jobs_pb2.LOG_KIND_RUN, jobs_pb2.LOG_KIND_BUILD)
         }
         self.gpu_devices: list[str] = []  # set by the daemon from its GpuPool
         self.refusal = ""  # why this worker cannot run the job at all, if it cannot
         self.small_folder = False  # see _remove_folder
-        self._start: workers_pb2.ConnectRequest | None = None  # the started report, while held back
+        self._start: workers_pb2.JobStarted | None = None  # the started report, while held back
         self._start_timer: asyncio.TimerHandle | None = None
         self._start_sent: asyncio.Future[None] | None = None  # its sending, once the linger ran out
 
@@ -280,33 +280,31 @@ class Execution:
         return min(limits)
 
     async def _started(self) -> None:
-        """Hold the started report back for `_START_LINGER` seconds, or until this attempt's next
-        message (its output, its result), whichever comes first; its start time is now's."""
+        """Hold the started report back for `_START_LINGER` seconds: a container that ends meanwhile
+        has its start reported with its result (`held_start`); its start time is now's either way.
+        Logs need not wait for it: the server takes an attempt's logs from its assignment on."""
         started = workers_pb2.JobStarted(job_id=self.job_id, attempt=self.attempt, start_time=timestamp(time.time()))
-        self._start = workers_pb2.ConnectRequest(started=started)
+        self._start = started
         self._start_timer = asyncio.get_running_loop().call_later(_START_LINGER, self._start_lingered)
 
     def _start_lingered(self) -> None:
-        self._start_timer = None
-        if self._start is not None:
-            self._start_sent = asyncio.ensure_future(self.send(self._start))
-            self._start = None
+        if (start := self.held_start()) is not None:
+            self._start_sent = asyncio.ensure_future(self.send(workers_pb2.ConnectRequest(started=start)))
 
-    async def report_started(self) -> None:
-        """Send the started report if it is held back, so that it goes before whatever comes next."""
+    def held_start(self) -> workers_pb2.JobStarted | None:
+        """The started report, if it is still held back (it is then the caller's to send)."""
         if self._start_timer is not None:
             self._start_timer.cancel()
             self._start_timer = None
-        if (start := self._start) is not None:
-            self._start = None
-            await self.send(start)
+        start, self._start = self._start, None
+        return start
+
+    async def report_started(self) -> None:
+        """Send the started report now if it is held back; once it is on its way (however it left)."""
+        if (start := self.held_start()) is not None:
+            await self.send(workers_pb2.ConnectRequest(started=start))
         elif self._start_sent is not None:
             await self._start_sent
-
-    async def _report(self, message: workers_pb2.ConnectRequest) -> None:
-        """Send one of this attempt's messages, after its started report."""
-        await self.report_started()
-        await self.send(message)
 
     async def _on_output(self, stream: jobs_pb2.LogStream.ValueType, data: bytes, stamp: str) -> None:
         await self.logs[jobs_pb2.LOG_KIND_RUN].placed.wait()

@@ -178,10 +178,11 @@ class StateStore(CredentialStore, Protocol):
         the holder's session and extend their leases; returns those it does not hold (stale)."""
 
     async def finish(
-        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float, *, started: bool = False
     ) -> jobs_pb2.Job | None:
-        """Finish the job with `result`; returns it with its result, without its history; None (and no
-        change) if the holder does not hold the attempt."""
+        """Finish the job with `result` (recording its container's start first, when `started`: the
+        worker reported it with the result); returns it with its result, without its history; None
+        (and no change) if the holder does not hold the attempt."""
 
     async def requeue_expired(self, now: float) -> list[tuple[jobs_pb2.Job, Attempt]]:
         """Put running jobs whose lease ran out back in their queue; returns them and the lost attempts."""

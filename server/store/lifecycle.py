@@ -80,12 +80,12 @@ class Lifecycle(SqlBase):
             return await self._changed(db, holder.queue, attempt.job_id, transitions.started(attempt, holder, now), now)
 
     async def finish(
-        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float, *, started: bool = False
     ) -> jobs_pb2.Job | None:
         async with self._transaction() as db:
             if not transitions.may_finish(await self._held(db, attempt, holder), attempt, holder, result):
                 return None
-            change = transitions.finished(attempt, holder, result, now)
+            change = transitions.finished(attempt, holder, result, now, started=started)
             return await self._changed(db, holder.queue, attempt.job_id, change, now, change.columns["result"])
 
     async def release(self, attempt: Attempt, holder: Holder, reason: str, now: float) -> jobs_pb2.Job | None:

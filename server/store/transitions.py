@@ -122,18 +122,25 @@ def assigned(previous_attempt: int, holder: Holder, now: float, lease: float) ->
 
 def started(attempt: Attempt, holder: Holder, now: float) -> Change:
     """The held attempt's container started (the job stays running)."""
+    return Change(_started_entry(attempt, holder, now))
+
+
+def _started_entry(attempt: Attempt, holder: Holder, now: float) -> bytes:
     kind = jobs_pb2.JOB_EVENT_KIND_STARTED
-    return Change(
-        history_entry(kind, now, attempt=attempt.attempt, worker_id=holder.worker_id, message="container started")
-    )
+    return history_entry(kind, now, attempt=attempt.attempt, worker_id=holder.worker_id, message="container started")
 
 
-def finished(attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float) -> Change:
-    """The held attempt ended with `result`."""
+def finished(
+    attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float, *, started: bool = False
+) -> Change:
+    """The held attempt ended with `result` (and, when `started`, its container's start is reported
+    with it: the history records both, as `started` then this would)."""
     message = finish_message(result)
     entry = history_entry(
         jobs_pb2.JOB_EVENT_KIND_FINISHED, now, attempt=attempt.attempt, worker_id=holder.worker_id, message=message
     )
+    if started:
+        entry = _started_entry(attempt, holder, now) + entry
     return Change(entry, _final(result.reason, now, result.SerializeToString()))
 
 
