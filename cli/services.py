@@ -147,6 +147,7 @@ async def up(
         port=local.grpc_port,
         public_url=f"{scheme}://localhost:{port}",
         egress_allow=local.egress_allow,
+        offered_queue=local.queue,
     )
     worker_settings = WorkerSettings(
         local.queue,

@@ -45,6 +45,10 @@ class ServerSettings:
     """The bucket's region; empty: from the AWS configuration, else us-east-1."""
     public_url: str = "http://localhost:8080"
     """Base URL of the REST API as users reach it (used in JOB_URL_PREFIX)."""
+    offered_queue: str = ""
+    """A queue the server names to anyone who asks (its web page offers it to a first visit) while a
+    worker serves it; `jobwire up` offers its local queue. Empty: none, as a public server should (a
+    queue's name is the right to use it)."""
     lease_seconds: Annotated[float, DURATION, Parameter(name="worker-grace")] = 30.0
     """How long a silent worker (no heartbeat, no stream) keeps its jobs before they are re-queued as
     worker-lost; a worker that reconnects within it keeps them, with no restart."""

@@ -20,7 +20,7 @@ from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, serv
 from jobwire.worker.daemon import UNKNOWN_GRACE, Daemon
 from jobwire.worker.runtime import STDOUT, ContainerSpec, Piece, State
 from jobwire.worker.settings import WorkerSettings
-from tests.conftest import Stack, eventually, wait_finished
+from tests.conftest import Stack, eventually, own_server, wait_finished
 
 JOBS = 8
 KILLED = 137
@@ -212,3 +212,21 @@ async def test_a_container_that_ends_at_once_has_its_start_reported_with_its_res
     assert not [message for message in sent if message.HasField("started")]
     (result,) = [message for message in sent if message.HasField("finished")]
     assert result.finished.started.job_id == submitted.job_id
+
+
+async def test_the_server_names_its_offered_queue_only_while_a_worker_serves_it(tmp_path: Path) -> None:
+    settings = ServerSettings(data_directory=tmp_path / "server", host="127.0.0.1", port=0, offered_queue="local")
+    async with own_server(settings) as target, grpc.aio.insecure_channel(target) as channel:
+        server = server_pb2_grpc.ServerServiceStub(channel)
+        assert (await server.GetServerInfo(server_pb2.GetServerInfoRequest())).offered_queue == ""
+        worker = WorkerSettings(queue="local", server=target, cpus=1, data_directory=tmp_path / "worker")
+        daemon = Daemon(worker, FakeRuntime())
+        task = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.wait_for(daemon.registered.wait(), 30)
+            assert (await server.GetServerInfo(server_pb2.GetServerInfoRequest())).offered_queue == "local"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert ServerSettings().offered_queue == ""  # a server offers no queue unless told to

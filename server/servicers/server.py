@@ -31,11 +31,16 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
     async def GetServerInfo(
         self, request: server_pb2.GetServerInfoRequest, context: Context
     ) -> server_pb2.GetServerInfoResponse:
-        return server_pb2.GetServerInfoResponse(
-            version=jobwire.__version__,
-            inline_limit=self.settings.inline_limit,
-            max_upload_size=self.settings.max_upload_size,
-        )
+        async with grpc_errors(context):
+            offered = self.settings.offered_queue
+            if offered and not await self.scheduler.live_workers(offered):
+                offered = ""
+            return server_pb2.GetServerInfoResponse(
+                version=jobwire.__version__,
+                inline_limit=self.settings.inline_limit,
+                max_upload_size=self.settings.max_upload_size,
+                offered_queue=offered,
+            )
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import { Code, ConnectError, createClient, type Client, type Interceptor } from 
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { FileService } from "./gen/jobwire/v1/files_pb";
 import { JobService } from "./gen/jobwire/v1/jobs_pb";
+import { ServerService } from "./gen/jobwire/v1/server_pb";
 import { sha256Hex } from "./sha256";
 
 export interface Api {
@@ -13,6 +14,7 @@ export interface Api {
   origin: string;
   jobs: Client<typeof JobService>;
   files: Client<typeof FileService>;
+  server: Client<typeof ServerService>;
 }
 
 const apis = new Map<string, Api>();
@@ -41,7 +43,12 @@ export function apiFor(origin: string): Api {
   let api = apis.get(origin);
   if (!api) {
     const transport = createGrpcWebTransport({ baseUrl: origin, useBinaryFormat: true, interceptors: [retryUnary] });
-    api = { origin, jobs: createClient(JobService, transport), files: createClient(FileService, transport) };
+    api = {
+      origin,
+      jobs: createClient(JobService, transport),
+      files: createClient(FileService, transport),
+      server: createClient(ServerService, transport),
+    };
     apis.set(origin, api);
   }
   return api;

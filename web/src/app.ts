@@ -18,8 +18,6 @@ import { action, footer, type Action, type Footer } from "./ui/status";
 
 /** Run ignores clicks this long after one (a double-click submits once). */
 export const RUN_LOCK_MS = 600;
-/** The queue `jobwire up` runs a worker on: offered when this server has a live worker on it. */
-export const SERVER_QUEUE = "local";
 import { JobWatcher } from "./watcher";
 
 const SHORT_PATH = /^\/j\/([0-9a-f]{64})\/?$/;
@@ -100,11 +98,12 @@ export class App implements PageEvents {
   private async offerServerQueue(): Promise<void> {
     try {
       const api = apiFor(location.origin);
-      const status = await api.jobs.getQueueStatus({ queue: SERVER_QUEUE });
-      if (!status.workers.length) return;
-      this.serverQueue = SERVER_QUEUE;
+      // Named only while a worker serves it (`jobwire up`'s local queue); a public server names none.
+      const offered = (await api.server.getServerInfo({})).offeredQueue;
+      if (!offered) return;
+      this.serverQueue = offered;
       // A `/j/{id}` page learns its queue from the job; it is not rewritten on load.
-      if (!this.target.queue && !this.shortId && !this.current) this.setQueue(SERVER_QUEUE);
+      if (!this.target.queue && !this.shortId && !this.current) this.setQueue(offered);
       else this.update();
     } catch {
       // no such queue here, or the server is away: nothing to offer

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jobwire/v1/server.proto\x12\njobwire.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\x12\n\x10GetHealthRequest\"\x13\n\x11GetOpenApiRequest\"\x16\n\x14GetServerInfoRequest\"W\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0cinline_limit\x18\x02 \x01(\x03\x12\x17\n\x0fmax_upload_size\x18\x03 \x01(\x03\x32\xa1\x02\n\rServerService\x12Q\n\tGetHealth\x12\x1c.jobwire.v1.GetHealthRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/healthz\x12\x63\n\rGetServerInfo\x12 .jobwire.v1.GetServerInfoRequest\x1a!.jobwire.v1.GetServerInfoResponse\"\r\x82\xd3\xe4\x93\x02\x07\x12\x05/info\x12X\n\nGetOpenApi\x12\x1d.jobwire.v1.GetOpenApiRequest\x1a\x14.google.api.HttpBody\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/openapi.jsonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jobwire/v1/server.proto\x12\njobwire.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\x12\n\x10GetHealthRequest\"\x13\n\x11GetOpenApiRequest\"\x16\n\x14GetServerInfoRequest\"n\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0cinline_limit\x18\x02 \x01(\x03\x12\x17\n\x0fmax_upload_size\x18\x03 \x01(\x03\x12\x15\n\roffered_queue\x18\x04 \x01(\t2\xa1\x02\n\rServerService\x12Q\n\tGetHealth\x12\x1c.jobwire.v1.GetHealthRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/healthz\x12\x63\n\rGetServerInfo\x12 .jobwire.v1.GetServerInfoRequest\x1a!.jobwire.v1.GetServerInfoResponse\"\r\x82\xd3\xe4\x93\x02\x07\x12\x05/info\x12X\n\nGetOpenApi\x12\x1d.jobwire.v1.GetOpenApiRequest\x1a\x14.google.api.HttpBody\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/openapi.jsonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,7 +46,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_start=137
   _globals['_GETSERVERINFOREQUEST']._serialized_end=159
   _globals['_GETSERVERINFORESPONSE']._serialized_start=161
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=248
-  _globals['_SERVERSERVICE']._serialized_start=251
-  _globals['_SERVERSERVICE']._serialized_end=540
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=271
+  _globals['_SERVERSERVICE']._serialized_start=274
+  _globals['_SERVERSERVICE']._serialized_end=563
 # @@protoc_insertion_point(module_scope)

@@ -76,6 +76,7 @@ class GetServerInfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     INLINE_LIMIT_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_SIZE_FIELD_NUMBER: _builtins.int
+    OFFERED_QUEUE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The server's software version."""
     inline_limit: _builtins.int
@@ -84,16 +85,23 @@ class GetServerInfoResponse(_message.Message):
     """
     max_upload_size: _builtins.int
     """Largest blob the server accepts, in bytes."""
+    offered_queue: _builtins.str
+    """A queue this server offers to people who open its web page without one,
+    named only while a worker serves it: `jobwire up` offers its local queue.
+    Empty on a server that offers none (a public server's default: a queue's
+    name is the right to use it).
+    """
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         inline_limit: _builtins.int = ...,
         max_upload_size: _builtins.int = ...,
+        offered_queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inline_limit", b"inline_limit", "max_upload_size", b"max_upload_size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inline_limit", b"inline_limit", "max_upload_size", b"max_upload_size", "offered_queue", b"offered_queue", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/server.proto.
  */
 export const file_jobwire_v1_server: GenFile = /*@__PURE__*/
-  fileDesc("Chdqb2J3aXJlL3YxL3NlcnZlci5wcm90bxIKam9id2lyZS52MSISChBHZXRIZWFsdGhSZXF1ZXN0IhMKEUdldE9wZW5BcGlSZXF1ZXN0IhYKFEdldFNlcnZlckluZm9SZXF1ZXN0IlcKFUdldFNlcnZlckluZm9SZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgJEhQKDGlubGluZV9saW1pdBgCIAEoAxIXCg9tYXhfdXBsb2FkX3NpemUYAyABKAMyoQIKDVNlcnZlclNlcnZpY2USUQoJR2V0SGVhbHRoEhwuam9id2lyZS52MS5HZXRIZWFsdGhSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIQgtPkkwIKEggvaGVhbHRoehJjCg1HZXRTZXJ2ZXJJbmZvEiAuam9id2lyZS52MS5HZXRTZXJ2ZXJJbmZvUmVxdWVzdBohLmpvYndpcmUudjEuR2V0U2VydmVySW5mb1Jlc3BvbnNlIg2C0+STAgcSBS9pbmZvElgKCkdldE9wZW5BcGkSHS5qb2J3aXJlLnYxLkdldE9wZW5BcGlSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIVgtPkkwIPEg0vb3BlbmFwaS5qc29uYgZwcm90bzM", [file_google_api_annotations, file_google_api_httpbody]);
+  fileDesc("Chdqb2J3aXJlL3YxL3NlcnZlci5wcm90bxIKam9id2lyZS52MSISChBHZXRIZWFsdGhSZXF1ZXN0IhMKEUdldE9wZW5BcGlSZXF1ZXN0IhYKFEdldFNlcnZlckluZm9SZXF1ZXN0Im4KFUdldFNlcnZlckluZm9SZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgJEhQKDGlubGluZV9saW1pdBgCIAEoAxIXCg9tYXhfdXBsb2FkX3NpemUYAyABKAMSFQoNb2ZmZXJlZF9xdWV1ZRgEIAEoCTKhAgoNU2VydmVyU2VydmljZRJRCglHZXRIZWFsdGgSHC5qb2J3aXJlLnYxLkdldEhlYWx0aFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhCC0+STAgoSCC9oZWFsdGh6EmMKDUdldFNlcnZlckluZm8SIC5qb2J3aXJlLnYxLkdldFNlcnZlckluZm9SZXF1ZXN0GiEuam9id2lyZS52MS5HZXRTZXJ2ZXJJbmZvUmVzcG9uc2UiDYLT5JMCBxIFL2luZm8SWAoKR2V0T3BlbkFwaRIdLmpvYndpcmUudjEuR2V0T3BlbkFwaVJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhWC0+STAg8SDS9vcGVuYXBpLmpzb25iBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody]);
 
 /**
  * Request of `GetHealth`.
@@ -87,6 +87,16 @@ export type GetServerInfoResponse = Message<"jobwire.v1.GetServerInfoResponse"> 
    * @generated from field: int64 max_upload_size = 3;
    */
   maxUploadSize: bigint;
+
+  /**
+   * A queue this server offers to people who open its web page without one,
+   * named only while a worker serves it: `jobwire up` offers its local queue.
+   * Empty on a server that offers none (a public server's default: a queue's
+   * name is the right to use it).
+   *
+   * @generated from field: string offered_queue = 4;
+   */
+  offeredQueue: string;
 };
 
 /**
