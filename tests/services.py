@@ -13,6 +13,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,9 +59,13 @@ class PostgresCluster:
             check=True,
             capture_output=True,
         )
+        self._launch()
+
+    def _launch(self) -> None:
+        data = self.directory / "data"
         options = ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         options += ["-c", "max_connections=300", "-c", f"unix_socket_directories={self.directory}"]
-        with (self.directory / "postgres.log").open("wb") as log:
+        with (self.directory / "postgres.log").open("ab") as log:
             self.process = subprocess.Popen(
                 self._as_owner(
                     str(self.bin / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), *options
@@ -79,6 +84,16 @@ class PostgresCluster:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"PostgreSQL did not start: {(self.directory / 'postgres.log').read_text()[-2000:]}")
+
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: open connections are ended), keeping its data for `resume`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(60)
+
+    def resume(self) -> None:
+        """Start the server again on the same data and port (after `halt`)."""
+        self._launch()
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
