@@ -59,7 +59,7 @@ async def worker_kill(run: Run, *, restart: bool) -> Row:
     workers = [await run.worker(server.target, cpus=2) for _ in range(2)]
     await run.wait_workers(client, 2)
     long = "sh -c 'echo start; sleep 12; echo end'" if not restart else SHORT
-    ids = [await run.submit(client, f"{long} # {n}") for n in range(short_jobs(run) if restart else 4)]
+    ids = [await run.submit(client, long, env={"N": str(n)}) for n in range(short_jobs(run) if restart else 4)]
     await started(run, 2)
     rounds = 1 if run.quick or not restart else 3
     recover: float | None = None
@@ -84,7 +84,7 @@ async def server_kill(run: Run) -> Row:
     for _ in range(2):
         await run.worker(server.target, cpus=2)
     await run.wait_workers(client, 2)
-    ids = [await run.submit(client, f"{SHORT} # {n}") for n in range(short_jobs(run))]
+    ids = [await run.submit(client, SHORT, env={"N": str(n)}) for n in range(short_jobs(run))]
     recover: float | None = None
     for _ in range(1 if run.quick else 2):
         await started(run, 2)
@@ -105,15 +105,16 @@ async def stream_faults(run: Run, *, stall: bool) -> Row:
         for _ in range(2):
             await run.worker(proxy.target, cpus=2)
         await run.wait_workers(client, 2)
-        ids = [await run.submit(client, f"{SHORT} # {n}") for n in range(short_jobs(run))]
+        ids = [await run.submit(client, SHORT, env={"N": str(n)}) for n in range(short_jobs(run))]
         await started(run, 2)
         recover: float | None = None
         if stall:
             # shorter than the grace, then (full run) longer than it: the server re-queues, the worker returns
             for seconds in [4.0] if run.quick else [4.0, 12.0]:
                 run.say(f"stalling every stream {seconds:.0f} s")
+                fault = time.time()
                 await proxy.stall(seconds)
-                recover = await first_finish_after(run, client, ids, time.time(), 120)
+                recover = await first_finish_after(run, client, ids, fault, 120)
         else:
             for _ in range(2 if run.quick else 4):
                 run.say(f"reset {proxy.reset()} connection(s)")
@@ -237,7 +238,7 @@ async def postgres_outage(run: Run, *, stop_seconds: float) -> Row:
         await run.worker(a.target, cpus=2)
         await run.worker(b.target, cpus=2)
         await run.wait_workers(client, 2)
-        ids = [await run.submit(client, f"{SHORT} # {n}") for n in range(short_jobs(run))]
+        ids = [await run.submit(client, SHORT, env={"N": str(n)}) for n in range(short_jobs(run))]
         await started(run, 2)
         await asyncio.to_thread(pg.cluster.halt)
         run.say(f"PostgreSQL stopped for {stop_seconds:.0f} s")
@@ -339,14 +340,14 @@ async def disk_full(run: Run, *, on_server: bool) -> Row:
         await run.worker(server.target, cpus=2, data=None if on_server else disk / "worker")
         await run.wait_workers(client, 1)
         command = "sh -c 'echo start; sleep 1; head -c 2000000 /dev/urandom > /outputs/out.bin; echo end'"
-        ids = [await run.submit(client, f"{command} # {n}") for n in range(2)]
+        ids = [await run.submit(client, command, env={"N": str(n)}) for n in range(2)]
         await started(run, 1)
         filler = await asyncio.to_thread(fill, disk)
         run.say("disk full")
         refused = 0
         for n in range(2, 6):
             try:
-                ids.append(await run.submit(client, f"{command} # {n}"))
+                ids.append(await run.submit(client, command, env={"N": str(n)}))
             except Exception as error:  # a clear refusal is allowed while the disk is full
                 refused += 1
                 run.say(f"submit refused: {error}")
