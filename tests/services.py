@@ -88,7 +88,7 @@ class PostgresCluster:
     def halt(self) -> None:
         """Stop the server (fast shutdown: open connections are ended), keeping its data for `resume`."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            os.killpg(self.process.pid, signal.SIGINT)  # its own session: runuser passes no signal on
             self.process.wait(60)
 
     def resume(self) -> None:

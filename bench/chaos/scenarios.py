@@ -58,7 +58,8 @@ async def worker_kill(run: Run, *, restart: bool) -> Row:
     client = run.client(server.target)
     workers = [await run.worker(server.target, cpus=2) for _ in range(2)]
     await run.wait_workers(client, 2)
-    long = "sh -c 'echo start; sleep 12; echo end'" if not restart else SHORT
+    # never back: long enough to outlive the grace, so that a container left running meets the second attempt
+    long = f"sh -c 'echo start; sleep {12 if run.quick else 30}; echo end'" if not restart else SHORT
     ids = [await run.submit(client, long, env={"N": str(n)}) for n in range(short_jobs(run) if restart else 4)]
     await started(run, 2)
     rounds = 1 if run.quick or not restart else 3
