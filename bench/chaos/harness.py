@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -108,7 +109,7 @@ class Containers:
         count = 0
         for spans in jobs.values():
             spans.sort()
-            if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
+            if any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)):
                 count += 1
         return count
 
@@ -236,7 +237,7 @@ class Run:
     async def settle(self, timeout: float) -> list[str]:
         """Wait up to `timeout` for the queue's containers to be gone; the ids of those still there."""
         deadline = time.monotonic() + timeout
-        while (left := await left_behind(self.queue)) and time.monotonic() < deadline:
+        while (left := await left_behind(self.queue)) and time.monotonic() < deadline:  # noqa: ASYNC110 - dockerd asked
             await asyncio.sleep(0.5)
         return left
 
@@ -269,7 +270,12 @@ class Run:
         if row.lost:
             row.failures.append(f"{row.lost} lost (not finished)")
         if unexpected := {r: n for r, n in row.finished.items() if r not in expect}:
-            row.failures.append(f"finished {unexpected}, expected only {sorted(expect)}")
+            messages = {
+                job.result.message[:200]
+                for job in jobs.values()
+                if job.state == jobs_pb2.JOB_STATE_FINISHED and reason_name(job.finish_reason) not in expect
+            }
+            row.failures.append(f"finished {unexpected}, expected only {sorted(expect)}: {' | '.join(messages)}")
         if row.duplicates:
             row.failures.append(f"{row.duplicates} job(s) ran twice at once")
         if row.containers_left:
@@ -337,7 +343,7 @@ class Worker(Process):
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not await check():  # noqa: ASYNC110 - state across processes: asked, not told
+    while not await check():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(0.2)
@@ -389,9 +395,10 @@ def write(rows: list[Row], info: dict[str, object], directory: Path) -> Path:
     raw = {"machine": info, "rows": [asdict(r) | {"ok": r.ok} for r in rows]}
     (directory / "chaos.json").write_text(json.dumps(raw, indent=2) + "\n")
     header = f"Machine: {info['cores']} cores, {info['cpu']}, load {info['load_average']} at {info['time']}\n\n"
-    details = "".join(
-        f"\n- {row.scenario}: {'; '.join(row.failures)}" for row in rows if row.failures
-    ) or "\n- every guarantee held"
+    details = (
+        "".join(f"\n- {row.scenario}: {'; '.join(row.failures)}" for row in rows if row.failures)
+        or "\n- every guarantee held"
+    )
     notes = "".join(f"\n- {row.scenario}: {row.notes}" for row in rows if row.notes)
     markdown = directory / "chaos.md"
     markdown.write_text(header + table(rows) + "\n\nFailures:\n" + details + "\n\nNotes:\n" + notes + "\n")

@@ -13,14 +13,15 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-from bench.chaos.harness import Row, Run, until
+from bench.chaos.harness import Row, Run, Server, until
 from bench.chaos.proxy import Proxy
 from jobwire import Client
 from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.v1 import jobs_pb2
+from tests.services import PostgresCluster
 
 GRACE = "8s"
 SHORT = "sh -c 'echo start; sleep 2; echo end'"
@@ -204,26 +205,19 @@ async def sigterm_drain(run: Run) -> Row:
     return row
 
 
-class Postgres:
-    """The tests' throwaway cluster (`tests/services.py`), stopped and started again on the same data."""
-
-    def __init__(self) -> None:
-        from tests.services import PostgresCluster
-
-        self.cluster = PostgresCluster()
-
-    def __enter__(self) -> Postgres:
-        self.cluster.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.cluster.stop()
+@contextlib.contextmanager
+def postgres() -> Iterator[PostgresCluster]:
+    """The tests' throwaway cluster (`tests/services.py`: its own folder and port), removed after."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
-async def replicas(run: Run, cluster: object, count: int = 2) -> list:  # type: ignore[type-arg]
-    from tests.services import PostgresCluster
-
-    assert isinstance(cluster, PostgresCluster)
+async def replicas(run: Run, cluster: PostgresCluster, count: int = 2) -> list[Server]:
+    """`count` replicas on a fresh database of `cluster`."""
     database = await cluster.create_database()
     return [
         await run.server(name=f"replica-{n}", extra=["--database", database, "--worker-grace", GRACE])
@@ -233,23 +227,25 @@ async def replicas(run: Run, cluster: object, count: int = 2) -> list:  # type: 
 
 async def postgres_outage(run: Run, *, stop_seconds: float) -> Row:
     """2 replicas on one PostgreSQL, jobs running; PostgreSQL stopped `stop_seconds` (0: a restart) and started."""
-    with Postgres() as pg:
-        a, b = await replicas(run, pg.cluster)
+    with postgres() as cluster:
+        a, b = await replicas(run, cluster)
         client = run.client(b.target)
         await run.worker(a.target, cpus=2)
         await run.worker(b.target, cpus=2)
         await run.wait_workers(client, 2)
         ids = [await run.submit(client, SHORT, env={"N": str(n)}) for n in range(short_jobs(run))]
         await started(run, 2)
-        await asyncio.to_thread(pg.cluster.halt)
+        await asyncio.to_thread(cluster.halt)
         run.say(f"PostgreSQL stopped for {stop_seconds:.0f} s")
         await asyncio.sleep(stop_seconds)
-        await asyncio.to_thread(pg.cluster.resume)
+        await asyncio.to_thread(cluster.resume)
         fault = time.time()
         down = [s for s in (a, b) if not s.alive]
         recover = await first_finish_after(run, client, ids, fault, 90) if not down else None
         jobs = await run.wait_finished(client, ids, 120) if not down else await run.states(client, ids)
-        name = f"PostgreSQL stopped {stop_seconds:.0f} s, 2 replicas" if stop_seconds else "PostgreSQL restart, 2 replicas"
+        name = "PostgreSQL restart, 2 replicas"
+        if stop_seconds:
+            name = f"PostgreSQL stopped {stop_seconds:.0f} s, 2 replicas"
         row = await run.row(name, ids, jobs, expect={"success"}, recover=recover)
         if down:
             row.failures.insert(0, f"{len(down)} replica(s) exited")
@@ -258,8 +254,8 @@ async def postgres_outage(run: Run, *, stop_seconds: float) -> Row:
 
 async def replica_kill_followers(run: Run) -> Row:
     """2 replicas behind Envoy; followers (SDK, through Envoy) of a job printing 30 lines; one replica killed."""
-    with Postgres() as pg:
-        a, b = await replicas(run, pg.cluster)
+    with postgres() as cluster:
+        a, b = await replicas(run, cluster)
         upstreams = [("127.0.0.1", int(s.target.rpartition(":")[2])) for s in (a, b)]
         envoy, envoy_port = await start_local_envoy(upstreams, run.directory / "envoy.yaml")
         try:
@@ -306,7 +302,7 @@ async def replica_kill_followers(run: Run) -> Row:
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str):  # type: ignore[no-untyped-def]
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A real tmpfs of `size` at `path` (root only)."""
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
@@ -340,13 +336,16 @@ async def disk_full(run: Run, *, on_server: bool) -> Row:
         client = run.client(server.target)
         await run.worker(server.target, cpus=2, data=None if on_server else disk / "worker")
         await run.wait_workers(client, 1)
-        command = "sh -c 'echo start; sleep 1; head -c 2000000 /dev/urandom > /outputs/out.bin; echo end'"
+        # the output is written first; the disk fills while the containers still run, so their results
+        # (the upload of out.bin, the result, the logs) meet the full disk, on the server or the worker
+        command = "sh -c 'head -c 2000000 /dev/urandom > /outputs/out.bin && echo written && sleep 4 && echo end'"
         ids = [await run.submit(client, command, env={"N": str(n)}) for n in range(2)]
-        await started(run, 1)
+        await started(run, 2)
+        await asyncio.sleep(1.5)
         filler = await asyncio.to_thread(fill, disk)
         run.say("disk full")
         refused = 0
-        for n in range(2, 6):
+        for n in range(2, 6) if on_server else ():  # on a full worker a new job's own write would fail
             try:
                 ids.append(await run.submit(client, command, env={"N": str(n)}))
             except Exception as error:  # a clear refusal is allowed while the disk is full
@@ -356,6 +355,8 @@ async def disk_full(run: Run, *, on_server: bool) -> Row:
         filler.unlink()
         fault = time.time()
         alive = server.alive
+        if alive and not on_server:  # and new work runs again once there is room
+            ids += [await run.submit(client, command, env={"N": str(n)}) for n in range(2, 4)]
         recover = await first_finish_after(run, client, ids, fault, 60) if alive else None
         jobs = await run.wait_finished(client, ids, 90) if alive else {}
         where = "server" if on_server else "worker"
@@ -365,7 +366,7 @@ async def disk_full(run: Run, *, on_server: bool) -> Row:
             jobs,
             expect={"success"},
             recover=recover,
-            notes=f"{refused} submission(s) refused while full",
+            notes=f"{refused} submission(s) refused while full" if on_server else "",
         )
         if not alive:
             row.failures.insert(0, "the server exited")
@@ -391,4 +392,3 @@ SCENARIOS: dict[str, Scenario] = {
     "disk-full-server": lambda run: disk_full(run, on_server=True),
     "disk-full-worker": lambda run: disk_full(run, on_server=False),
 }
-
