@@ -33,7 +33,8 @@ KILL_BOUND = 5.0
 
 
 def reason_name(reason: int) -> str:
-    return jobs_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower().replace("_", " ")
+    name: str = jobs_pb2.FinishReason.Name(reason)
+    return name.removeprefix("FINISH_REASON_").lower().replace("_", " ")
 
 
 @dataclass
@@ -214,7 +215,8 @@ class Run:
         definition = json_format.ParseDict(
             {"image": BUSYBOX, "command": command, **fields}, definition_pb2.JobDefinition()
         )
-        return (await client.submit(self.queue, definition)).id
+        job_id: str = (await client.submit(self.queue, definition)).id
+        return job_id
 
     async def states(self, client: Client, ids: Iterable[str]) -> dict[str, jobs_pb2.Job]:
         found: dict[str, jobs_pb2.Job] = {}
