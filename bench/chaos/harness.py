@@ -28,6 +28,7 @@ from jobwire.v1 import definition_pb2, jobs_pb2
 
 QUEUE_LABEL = "io.jobwire.queue"
 JOB_LABEL = "io.jobwire.job"
+WORKER_LABEL = "io.jobwire.worker"
 KILL_BOUND = 5.0
 """Seconds within which a cancel or a time limit must have stopped its container."""
 
@@ -43,6 +44,7 @@ class Container:
 
     id: str
     job: str
+    worker: str = ""
     created: float = 0.0
     started: float | None = None
     died: float | None = None
@@ -78,7 +80,10 @@ class Containers:
         assert isinstance(actor, dict)
         attributes = actor.get("Attributes", {})
         at = int(str(event["timeNano"])) / 1e9
-        container = self.by_id.setdefault(str(actor["ID"]), Container(str(actor["ID"]), attributes.get(JOB_LABEL, "")))
+        container = self.by_id.setdefault(
+            str(actor["ID"]),
+            Container(str(actor["ID"]), attributes.get(JOB_LABEL, ""), attributes.get(WORKER_LABEL, "")),
+        )
         action = str(event["Action"])
         if action == "create":
             container.created = at
@@ -113,6 +118,17 @@ class Containers:
             if any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)):
                 count += 1
         return count
+
+    def rerun_after(self, worker_id: str, moment: float) -> float | None:
+        """Seconds from `moment` (the worker's death) until each job it ran had started again elsewhere."""
+        orphans = {c.job for c in self.by_id.values() if c.worker == worker_id and c.started and c.started < moment}
+        restarts = []
+        for job in orphans:
+            later = [c.started for c in self.of(job) if c.worker != worker_id and c.started and c.started > moment]
+            if not later:
+                return None
+            restarts.append(min(later) - moment)
+        return max(restarts, default=None)
 
     def died_after(self, job_id: str, moment: float) -> float | None:
         """Seconds from `moment` until the job's last running container died; 0 if none ran; None if one runs."""

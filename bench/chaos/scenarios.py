@@ -76,6 +76,8 @@ async def worker_kill(run: Run, *, restart: bool) -> Row:
         recover = await first_finish_after(run, client, ids, fault, 120)
         await asyncio.sleep(3)
     jobs = await run.wait_finished(client, ids, 180)
+    if not restart:  # recovered: each of the dead worker's jobs running again elsewhere
+        recover = run.containers.rerun_after(workers[0].worker_id, fault)
     name = "worker kill -9, restarted" if restart else "worker kill -9, never back"
     return await run.row(name, ids, jobs, expect={"success"}, recover=recover, settle=20)
 
