@@ -59,15 +59,27 @@ class Containers:
         self.by_id: dict[str, Container] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+        self._since = 0.0
+
+    def _args(self) -> list[str]:
+        return [
+            "docker",
+            "events",
+            "--format",
+            "{{json .}}",
+            "--filter",
+            "type=container",
+            "--filter",
+            f"label={QUEUE_LABEL}={self.queue}",
+        ]
 
     async def start(self) -> None:
-        args = ["docker", "events", "--format", "{{json .}}", "--filter", "type=container"]
-        args += ["--filter", f"label={QUEUE_LABEL}={self.queue}"]
+        """Follow the events live (scenarios wait on them); `stop` reads them again up to its moment."""
+        self._since = time.time()
         self._process = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            *self._args(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
         )
         self._task = asyncio.create_task(self._read())
-        await asyncio.sleep(0.3)  # `docker events` subscribes before it prints anything; give it a moment
 
     async def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None
@@ -94,13 +106,28 @@ class Containers:
             container.exit_code = attributes.get("exitCode", "")
 
     async def stop(self) -> None:
-        await asyncio.sleep(0.5)  # the last events of the run are on their way
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
+        """Stop following; then replay every event from the start to now (`--until` ends the stream), so
+        that what the live stream had not delivered yet is counted too."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        self._process.kill()
+        await self._process.wait()
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 5)
+        replay = await asyncio.create_subprocess_exec(
+            *self._args(),
+            "--since",
+            f"{self._since - 1:.3f}",
+            "--until",
+            f"{time.time():.3f}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await replay.communicate()
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                self._take(json.loads(line))
 
     def of(self, job_id: str) -> list[Container]:
         return [c for c in self.by_id.values() if c.job == job_id]

@@ -16,9 +16,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import grpc
+
 from bench.chaos.harness import Row, Run, Server, until
 from bench.chaos.proxy import Proxy
-from jobwire import Client
+from jobwire import Client, JobwireError
 from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.v1 import jobs_pb2
 from tests.services import PostgresCluster
@@ -55,16 +57,27 @@ async def first_finish_after(run: Run, client: Client, ids: list[str], moment: f
 
 
 async def worker_kill(run: Run, *, restart: bool) -> Row:
+    """Restarted: 2 workers, one killed (-9) mid-job and started again 1 s later (3 rounds in the full run).
+    Never back: the victim alone holds 2 jobs longer than the grace; a second worker with free slots is
+    there when it dies, so a container the dead worker leaves running meets the job's second attempt."""
     server = await run.server(extra=["--worker-grace", GRACE])
     client = run.client(server.target)
-    workers = [await run.worker(server.target, cpus=2) for _ in range(2)]
-    await run.wait_workers(client, 2)
-    # never back: long enough to outlive the grace, so that a container left running meets the second attempt
-    long = f"sh -c 'echo start; sleep {12 if run.quick else 30}; echo end'" if not restart else SHORT
-    ids = [await run.submit(client, long, env={"N": str(n)}) for n in range(short_jobs(run) if restart else 4)]
-    await started(run, 2)
+    if restart:
+        workers = [await run.worker(server.target, cpus=2) for _ in range(2)]
+        await run.wait_workers(client, 2)
+        ids = [await run.submit(client, SHORT, env={"N": str(n)}) for n in range(short_jobs(run))]
+        await started(run, 2)
+    else:
+        workers = [await run.worker(server.target, cpus=2)]
+        await run.wait_workers(client, 1)
+        long = f"sh -c 'echo start; sleep {12 if run.quick else 30}; echo end'"
+        ids = [await run.submit(client, long, env={"N": str(n)}) for n in range(2)]
+        await started(run, 2)
+        workers.append(await run.worker(server.target, cpus=2))
+        await run.wait_workers(client, 2)
     rounds = 1 if run.quick or not restart else 3
     recover: float | None = None
+    fault = time.time()
     for round_ in range(rounds):
         victim = workers[round_ % 2]
         await victim.kill()
@@ -346,13 +359,15 @@ async def disk_full(run: Run, *, on_server: bool) -> Row:
         await asyncio.sleep(1.5)
         filler = await asyncio.to_thread(fill, disk)
         run.say("disk full")
-        refused = 0
+        refused, unclear = 0, set[str]()
         for n in range(2, 6) if on_server else ():  # on a full worker a new job's own write would fail
             try:
                 ids.append(await run.submit(client, command, env={"N": str(n)}))
-            except Exception as error:  # a clear refusal is allowed while the disk is full
+            except JobwireError as error:  # a clear refusal is allowed while the disk is full
                 refused += 1
                 run.say(f"submit refused: {error}")
+                if error.code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    unclear.add(f"{error.code}: {str(error)[:120]}")
         await asyncio.sleep(6)
         filler.unlink()
         fault = time.time()
@@ -372,6 +387,8 @@ async def disk_full(run: Run, *, on_server: bool) -> Row:
         )
         if not alive:
             row.failures.insert(0, "the server exited")
+        if unclear:
+            row.failures.append(f"{len(unclear)} refusal(s) not RESOURCE_EXHAUSTED/UNAVAILABLE: {' | '.join(unclear)}")
         await run.close()  # before the tmpfs goes
         return row
 
