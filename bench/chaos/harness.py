@@ -324,7 +324,9 @@ class Run:
         if row.duplicates:
             row.failures.append(f"{row.duplicates} job(s) ran twice at once")
         if row.containers_left:
-            row.failures.append(f"{row.containers_left} container(s) left after {settle:.0f} s")
+            states = await docker_lines("inspect", "--format", "{{.State.Status}}", *left)
+            counted = {state: states.count(state) for state in sorted(set(states))}
+            row.failures.append(f"{row.containers_left} container(s) left after {settle:.0f} s {counted}")
         if kill_max is not None and not kill_max <= KILL_BOUND:
             row.failures.append(f"a kill took {kill_max:.1f} s (bound {KILL_BOUND:.0f} s)")
         return row

@@ -185,7 +185,7 @@ async def cancel_during_create(run: Run) -> Row:
     await run.worker(server.target, cpus=4)
     await run.wait_workers(client, 1)
     chooser = random.Random(os.getpid())
-    count = 12 if run.quick else 40
+    count = 20 if run.quick else 40
 
     async def one(n: int) -> str:
         job_id = await run.submit(client, f"sh -c 'echo {n}; sleep 30'")
