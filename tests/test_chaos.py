@@ -4,7 +4,8 @@
 The scenarios are `bench/chaos/scenarios.py`, run on real processes, dockerd, PostgreSQL and a tmpfs
 exactly as `make chaos` runs them. The most telling seven run by default (about 80 s together once
 they pass; a failing one waits out its settling time); the slower ones (a worker that never returns
-waits out the grace and a 12 s job, the SIGTERM drain, the kill and reconnect rounds) run in `make chaos` and here with JOBWIRE_CHAOS_ALL=1.
+waits out the grace and a 12 s job, the SIGTERM drain, the kill and reconnect rounds) run in
+`make chaos` and here with JOBWIRE_CHAOS_ALL=1.
 """
 
 from __future__ import annotations
