@@ -11,7 +11,7 @@ WEB_GEN := web/src/gen
 WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
 GOOGLE_API_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck postgres deploy-envoy bench clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck postgres deploy-envoy bench chaos clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -109,6 +109,12 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 bench: $(BENCH_STAMP) docker images
 	bash scripts/ensure-debian-packages.sh redis-server=redis-server
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Fault injection (never part of `make test`; as root for the tmpfs scenarios): kill -9, cut and stalled
+# streams, cancels under load, PostgreSQL outages, full disks; the table goes to bench/results/chaos.md.
+# CHAOS_ARGS passes options, e.g. `make chaos CHAOS_ARGS="--quick --only cancels,server-kill"`.
+chaos: $(STAMP) docker images postgres
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 # Server + Envoy + a worker on queue `local`, all in one process tree.
 run: install docker images web

@@ -89,10 +89,14 @@ class PostgresCluster:
         raise RuntimeError(f"PostgreSQL did not start: {(self.directory / 'postgres.log').read_text()[-2000:]}")
 
     def halt(self) -> None:
-        """Stop the postmaster as an operator would (fast shutdown: clients are cut off), keeping the data."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGINT)  # runuser and the postmaster, whoever runs it
-        self.process.wait(30)
+        """Stop the server (fast shutdown: open connections are ended), keeping its data for `resume`."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # its own session: runuser passes no signal on
+            self.process.wait(60)
+
+    def resume(self) -> None:
+        """Start the server again on the same data and port (after `halt`)."""
+        self.launch()
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
