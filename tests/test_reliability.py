@@ -65,7 +65,8 @@ async def test_worker_killed_mid_job_is_replaced_after_the_grace_period(
 ) -> None:
     lost = await processes.worker(queue, stack.grpc_target)
     await eventually(lambda: _has_workers(jobs, queue, 1), "the first worker")
-    command = f"sh -c 'echo {queue}; sleep 2; echo done'"
+    # Long enough that the dead worker's container still runs when the job's second attempt starts.
+    command = f"sh -c 'echo {queue}; sleep 9; echo done'"
     job_id = (
         await jobs.SubmitJob(
             jobs_pb2.SubmitJobRequest(queue=queue, definition=definition(image=BUSYBOX, command=command))
@@ -87,6 +88,9 @@ async def test_worker_killed_mid_job_is_replaced_after_the_grace_period(
     assert "worker-lost" in requeued.message and requeued.attempt == 1
     assert len(kinds(job, jobs_pb2.JOB_EVENT_KIND_FINISHED)) == 1
     assert rescuer.process is not None and rescuer.process.returncode is None
+    # The rescuer removed the container the dead worker left (else it would stay, exited, for good).
+    left = docker.from_env().containers.list(all=True, filters={"label": f"io.jobwire.job={job_id}"})
+    assert left == [], [(container.labels, container.status) for container in left]
 
 
 async def _has_workers(jobs: jobs_pb2_grpc.JobServiceStub, queue: str, count: int) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,7 @@ from jobwire.worker.settings import WorkerSettings
 from jobwire.worker.staging import OutputLimits, Staging
 
 _ASSIGNMENT = "assignment.binpb"
+log = logging.getLogger(__name__)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _SMALL_FOLDER_OUTPUTS = 64
 """Most outputs a folder removed on the loop may hold (see `Execution._remove_folder`)."""
@@ -42,6 +44,7 @@ _START_LINGER = 0.01
 """Seconds the report that a container started is held back: a container that ends meanwhile has its
 start reported with its result, one message instead of two (see `Execution._started`)."""
 JOB_LABEL, ATTEMPT_LABEL, WORKER_LABEL = f"{LABEL}.job", f"{LABEL}.attempt", f"{LABEL}.worker"
+QUEUE_LABEL = f"{LABEL}.queue"
 GPUS_LABEL = f"{LABEL}.gpus"
 DEADLINE_LABEL = f"{LABEL}.deadline"
 """When the attempt's time limit ends, in whole seconds since the epoch: its container must be gone by then."""
@@ -154,8 +157,21 @@ class Execution:
         # `Daemon.remove_expired`), should this worker die and never return.
         labels = spec.labels | {DEADLINE_LABEL: str(math.ceil(time.time() + left_seconds))}
         left = dataclasses.replace(spec, timeout=left_seconds, labels=labels)
+        if self.attempt > 1:
+            await self._remove_earlier_attempts()
         outcome = await run_container(self.runtime, left, self._on_output, self._started)
         return await self._result(outcome, spec.timeout)
+
+    async def _remove_earlier_attempts(self) -> None:
+        """Remove this run's containers of earlier attempts on this machine: a worker that died holding
+        one (and never came back) left it running, and the server, past the grace, gave the job to
+        this attempt: the two must not run at once. (On another machine, its deadline bounds it.)"""
+        run = {JOB_LABEL: self.job_id, QUEUE_LABEL: self.assignment.queue}
+        for container in await self.runtime.ours(run):
+            earlier = container.get(ATTEMPT_LABEL, "")
+            if earlier.isdigit() and int(earlier) < self.attempt:
+                log.info("removing attempt %s of job %s: its worker is gone", earlier, self.job_id)
+                await self.runtime.remove(container["id"])
 
     async def _image(self, build_log: Callable[[str], None]) -> str:
         """The job's image: built (within the job's memory and CPUs, in the job network) or pulled."""
@@ -242,7 +258,7 @@ class Execution:
                 LABEL: "true",
                 JOB_LABEL: self.job_id,
                 ATTEMPT_LABEL: str(self.attempt),
-                f"{LABEL}.queue": self.assignment.queue,
+                QUEUE_LABEL: self.assignment.queue,
                 WORKER_LABEL: self.worker_id,
                 GPUS_LABEL: ",".join(self.gpu_devices),
             },
