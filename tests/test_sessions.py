@@ -31,7 +31,9 @@ class _Scheduler:
         self.calls.append(("started done", attempt.job_id))
         return True
 
-    async def finished(self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult) -> jobs_pb2.Job:
+    async def finished(
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, *, started: bool = False
+    ) -> jobs_pb2.Job:
         self.calls.append(("finished", attempt.job_id))
         self.finished_jobs[attempt.job_id].set()
         return jobs_pb2.Job(id=attempt.job_id)
