@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +23,7 @@ import grpc
 from google.protobuf import json_format
 
 from jobwire.connection import Calls, Retry, Target, open_channel
+from jobwire.core import tokens
 from jobwire.core.definition import MAX_BATCH_JOBS, DefinitionError, validate
 from jobwire.errors import InvalidDefinition
 from jobwire.files import FileClient, Progress
@@ -59,7 +59,7 @@ class SubmitOptions(TypedDict, total=False):
 
 def new_queue_name() -> str:
     """An unguessable queue name (192 random bits): knowing it is the only access control."""
-    return secrets.token_urlsafe(24)
+    return tokens.token(24)
 
 
 class Client:

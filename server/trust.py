@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 from collections.abc import Callable
 
+from jobwire.core import tokens
 from jobwire.server.errors import Conflict, PermissionDenied, Unauthenticated
 from jobwire.server.settings import ServerSettings
 from jobwire.server.store.base import CredentialStore
@@ -39,14 +39,14 @@ class Trust:
 
     async def create_queue(self) -> tuple[str, str]:
         """A new queue's unguessable name (192 bits) and its worker credential, which is not kept."""
-        queue, credential = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+        queue, credential = tokens.token(24), tokens.token(32)
         if not await self.store.add_queue_credential(queue, digest(credential), self.clock()):
             raise Conflict("a queue of that name exists; try again")  # 192 random bits: never in practice
         return queue, credential
 
     async def rotate(self, queue: str, credential: str) -> str:
         """Replace the queue's worker credential (given) with a new one, returned; the old one dies now."""
-        new = secrets.token_urlsafe(32)
+        new = tokens.token(32)
         await self._replace(queue, credential, digest(new))
         log.info("a queue's worker credential was rotated")
         return new

@@ -142,3 +142,12 @@ def test_git_flag_builds_from_the_repository() -> None:
     built = _definition(None, options)
     validate(built)
     assert (built.build.context, built.HasField("image")) == (repository, False)
+
+
+def test_queue_names_and_credentials_never_start_with_a_dash() -> None:
+    """They stand as command-line arguments, also after an option (`--credential TOKEN`)."""
+    from jobwire.core import tokens
+
+    made = [tokens.token(24) for _ in range(2000)]  # about 31 would start with `-` from token_urlsafe
+    assert not [value for value in made if value.startswith("-")]
+    assert {len(value) for value in made} == {32}
