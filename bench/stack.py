@@ -108,6 +108,8 @@ async def running_stack(scratch: Path, *, envoy: bool = False) -> AsyncIterator[
     directory.mkdir(parents=True)
     port = free_port()
     args = [JOBWIRE, "server", "--host", "127.0.0.1", "--port", str(port), "--data-directory", str(directory)]
+    # No cap on a queue's queued jobs: figure 6 queues 100,000 (more with JOBWIRE_BENCH_QUEUED_JOBS).
+    args += ["--max-queued-jobs", "0"]
     server = await spawn(args, directory / "server.log")
     stack = Stack(server, f"127.0.0.1:{port}", directory)
     envoy_process = None
