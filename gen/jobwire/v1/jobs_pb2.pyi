@@ -406,7 +406,12 @@ class Job(_message.Message):
     queue: _builtins.str
     """The queue of this run; empty on id-only reads (see `GetJob`)."""
     worker_id: _builtins.str
-    """The worker running it (while running) or that ran it."""
+    """The worker running it (while running) or that ran it. A job queued again
+    because its worker went silent past the grace keeps naming that worker until
+    another takes it: if that worker comes back with the attempt first, it
+    takes the attempt back (or delivers its result) instead of the job running
+    again.
+    """
     attempt: _builtins.int
     """The current attempt; each assignment to a worker is a new one."""
     waiting_reason: _builtins.str

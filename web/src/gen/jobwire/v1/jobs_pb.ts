@@ -255,7 +255,11 @@ export type Job = Message<"jobwire.v1.Job"> & {
   updateTime?: Timestamp | undefined;
 
   /**
-   * The worker running it (while running) or that ran it.
+   * The worker running it (while running) or that ran it. A job queued again
+   * because its worker went silent past the grace keeps naming that worker until
+   * another takes it: if that worker comes back with the attempt first, it
+   * takes the attempt back (or delivers its result) instead of the job running
+   * again.
    *
    * @generated from field: string worker_id = 7;
    */
