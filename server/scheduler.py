@@ -383,14 +383,16 @@ class Scheduler:
 
     async def renew(self, holder: Holder, attempts: Sequence[Attempt]) -> list[Attempt]:
         """Extend the worker's leases; returns its stale attempts."""
-        return await self.store.renew(holder, attempts, self.clock() + self.settings.lease_seconds)
+        now = self.clock()
+        return await self.store.renew(holder, attempts, now + self.settings.lease_seconds, now)
 
     async def reconnect(self, holder: Holder, held: Sequence[Attempt]) -> list[Attempt]:
         """A worker registered holding `held`: take those into its new session and renew them, re-queue
         its other jobs; returns the stale ones."""
-        stale = await self.store.retake(holder, held, self.clock() + self.settings.lease_seconds)
+        now = self.clock()
+        stale = await self.store.retake(holder, held, now + self.settings.lease_seconds, now)
         kept = [attempt for attempt in held if attempt not in stale]
-        lost = await self.store.requeue_worker(holder.worker_id, kept, self.clock(), queue=holder.queue)
+        lost = await self.store.requeue_worker(holder.worker_id, kept, now, queue=holder.queue)
         await self._requeued(lost)
         return stale
 

@@ -293,7 +293,7 @@ async def assert_stale(store: StateStore, attempt: Attempt, worker: str = "w1", 
     by = holder(worker, session)
     before = await store.get_job(attempt.job_id)
     assert await store.start(attempt, by, T0 + 50) is None
-    assert await store.renew(by, [attempt], T0 + 500) == [attempt]
+    assert await store.renew(by, [attempt], T0 + 500, T0 + 50) == [attempt]
     assert await store.append_logs(attempt, by, RUN, chunks("late"), 0) is None
     assert await store.release(attempt, by, "giving up", T0 + 50) is None
     assert await store.finish(attempt, by, result(), T0 + 50) is None
@@ -315,9 +315,11 @@ async def test_a_worker_back_past_its_lease_retakes_its_attempt_unless_given_aga
     await submit(store, 1)
     lost = attempt_of(await claim(store, worker="w1"))
     await store.requeue_expired(T0 + LEASE + 1)
-    assert await store.retake(holder("w1", "back"), [lost], T0 + 2 * LEASE) == []
+    assert await store.retake(holder("w1", "back"), [lost], T0 + 2 * LEASE, T0 + LEASE + 2) == []
     job = await store.get_job(lost.job_id)
     assert (job.state, job.attempt, job.worker_id) == (jobs_pb2.JOB_STATE_RUNNING, lost.attempt, "w1")
+    (back,) = [event for event in job.history if "came back" in event.message]
+    assert back.time.ToSeconds() == int(T0 + LEASE + 2)  # the scheduler's clock, as every transition's
     assert await store.claim(queue="q", holder=holder("w2"), now=T0 + LEASE + 3, lease=LEASE) == []  # not waiting
 
 
@@ -348,7 +350,7 @@ async def test_a_reconnecting_worker_retakes_its_attempts_and_its_old_session_is
     other = attempt_of(await claim(store, worker="w2"))
     again = holder("w1", "second session of w1")
     unknown = Attempt(running.job_id, running.attempt + 1)
-    assert await store.retake(again, [running, other, unknown], T0 + 500) == [other, unknown]
+    assert await store.retake(again, [running, other, unknown], T0 + 500, T0 + 50) == [other, unknown]
     lost = await store.requeue_expired(T0 + LEASE + 1)
     assert [attempt for _, attempt in lost] == [other]  # the re-take renewed w1's lease, and only w1's
     await assert_stale(store, running, worker="w1")  # the first session, gone
@@ -374,8 +376,11 @@ async def test_renew_refuses_another_workers_or_unknown_attempt(store: StateStor
     running = attempt_of(await claim(store, worker="w1"))
     wrong_attempt = Attempt(running.job_id, running.attempt + 1)
     unknown = Attempt(job_id(definition(9)), 1)
-    assert await store.renew(holder("w2"), [running], T0 + 500) == [running]
-    assert await store.renew(holder("w1"), [wrong_attempt, running, unknown], T0 + 500) == [wrong_attempt, unknown]
+    assert await store.renew(holder("w2"), [running], T0 + 500, T0 + 50) == [running]
+    assert await store.renew(holder("w1"), [wrong_attempt, running, unknown], T0 + 500, T0 + 50) == [
+        wrong_attempt,
+        unknown,
+    ]
 
 
 async def test_start_records_that_the_container_started(store: StateStore) -> None:
@@ -542,7 +547,7 @@ async def test_one_claim_takes_several_jobs_in_queue_order_within_the_gpus_it_ha
 async def test_renew_extends_the_lease(store: StateStore) -> None:
     await submit(store, 1)
     running = attempt_of(await claim(store, worker="w1"))
-    assert await store.renew(holder("w1"), [running], T0 + 100) == []
+    assert await store.renew(holder("w1"), [running], T0 + 100, T0 + 10) == []
     assert await store.requeue_expired(T0 + 60) == []
     assert [attempt for _, attempt in await store.requeue_expired(T0 + 101)] == [running]
 
@@ -1204,7 +1209,7 @@ async def assert_retaken_after_migration(store: StateStore) -> None:
     """A job running for w1 before jobs had sessions is re-taken when w1 registers again, then finishes."""
     running, again = Attempt(job_id(definition(1)), 1), holder("w1", "after the upgrade")
     assert await store.finish(running, again, result(), T0 + 2) is None  # not before the worker re-takes it
-    assert await store.retake(again, [running], T0 + 100) == []
+    assert await store.retake(again, [running], T0 + 100, T0 + 10) == []
     finished = await store.finish(running, again, result(), T0 + 2)
     assert finished is not None and finished.state == FINISHED
 

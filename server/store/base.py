@@ -170,10 +170,10 @@ class StateStore(CredentialStore, Protocol):
         """Record that the attempt's container started: the job without its history; None if the holder
         does not hold the attempt (it is stale)."""
 
-    async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+    async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float, now: float) -> list[Attempt]:
         """Extend the leases of the holder's attempts; returns those it does not hold (stale)."""
 
-    async def retake(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
+    async def retake(self, holder: Holder, attempts: Sequence[Attempt], until: float, now: float) -> list[Attempt]:
         """A worker registered again: move the attempts its worker holds, in whichever session, into
         the holder's session and extend their leases; returns those it does not hold (stale)."""
 

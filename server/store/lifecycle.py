@@ -3,7 +3,6 @@ what may happen, and writes the answer (`SqlBase._apply`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -96,25 +95,26 @@ class Lifecycle(SqlBase):
             await self._apply(db, holder.queue, attempt.job_id, transitions.released(holding, reason, now), now)
             return await self._job(db, holder.queue, attempt.job_id)
 
-    async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
-        return await self._extend(holder, attempts, until, transitions.holds)
+    async def renew(self, holder: Holder, attempts: Sequence[Attempt], until: float, now: float) -> list[Attempt]:
+        return await self._extend(holder, attempts, until, now, transitions.holds)
 
-    async def retake(self, holder: Holder, attempts: Sequence[Attempt], until: float) -> list[Attempt]:
-        return await self._extend(holder, attempts, until, transitions.may_retake)
+    async def retake(self, holder: Holder, attempts: Sequence[Attempt], until: float, now: float) -> list[Attempt]:
+        return await self._extend(holder, attempts, until, now, transitions.may_retake)
 
     async def _extend(
         self,
         holder: Holder,
         attempts: Sequence[Attempt],
         until: float,
+        now: float,
         may: Callable[[Holding | None, Attempt, Holder], bool],
     ) -> list[Attempt]:
         stale: list[Attempt] = []
         async with self._transaction() as db:
             for attempt in attempts:
                 if may(holding := await self._held(db, attempt, holder), attempt, holder):
-                    change = transitions.renewed(holder, until, holding, time.time())
-                    await self._apply(db, holder.queue, attempt.job_id, change, until)
+                    change = transitions.renewed(holder, until, holding, now)
+                    await self._apply(db, holder.queue, attempt.job_id, change, now)
                 else:
                     stale.append(attempt)
         return stale
