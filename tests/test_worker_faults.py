@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import subprocess
 import time
@@ -274,7 +275,7 @@ class FlakyFiles:
 async def test_an_upload_refused_for_good_is_the_jobs_error_and_a_passing_failure_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(staging, "UPLOAD_FIRST_RETRY", 0.01)
+    monkeypatch.setattr(staging, "UPLOAD_RETRY", dataclasses.replace(staging.UPLOAD_RETRY, initial_backoff=0.01))
     output = tmp_path / "out"
     output.mkdir()
     (output / "big").write_bytes(b"x" * 4096)

@@ -6,10 +6,10 @@ import asyncio
 import base64
 import logging
 import os
-import random
 import re
 import shutil
 import stat
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ import grpc
 import httpx
 from google.protobuf import struct_pb2
 
+from jobwire.connection import Retry
 from jobwire.core import egress
 from jobwire.core.definition import (
     MAX_RESULT_OUTPUTS,
@@ -36,8 +37,9 @@ from jobwire.worker.errors import StagingError
 log = logging.getLogger(__name__)
 DOWNLOAD_TRIES = 5
 READ_TIMEOUT = 60.0
-UPLOAD_FIRST_RETRY, UPLOAD_MAX_RETRY = 1.0, 30.0
-"""The first pause before an output upload is tried again, and the longest (each doubles)."""
+UPLOAD_RETRY = Retry(attempts=sys.maxsize, initial_backoff=1.0, max_backoff=30.0)
+"""Pauses before an output upload is tried again (with jitter, each doubling, at most 30 s), bounded
+by time (`upload_patience`), not by count."""
 _OWN_BLOB = re.compile(r"/f/([0-9a-f]{64})")
 INLINE_BUDGET = 1024 * 1024
 """Most bytes of inline (base64) contents in a result; further small files are uploaded as blobs,
@@ -173,7 +175,7 @@ class Staging:
         finished: its outputs are worth waiting for, up to `upload_patience`. A refusal that cannot
         pass (the file is past the server's size limit, the request is invalid) is the job's error."""
         loop = asyncio.get_running_loop()
-        give_up, delay = loop.time() + self.upload_patience, UPLOAD_FIRST_RETRY
+        give_up, delays = loop.time() + self.upload_patience, UPLOAD_RETRY.delays()
         while True:
             try:
                 await self.files.upload(path, digest)
@@ -181,7 +183,7 @@ class Staging:
             except (JobwireError, httpx.HTTPError) as error:
                 if not _passing(error):
                     raise StagingError(f"output {name} could not be stored: the server refused it: {error}") from None
-                pause = delay * random.uniform(0.5, 1.0)
+                pause = next(delays)
                 if loop.time() + pause > give_up:
                     raise StagingError(
                         f"output {name} could not be stored within {format_duration(self.upload_patience)}"
@@ -189,7 +191,6 @@ class Staging:
                     ) from None
                 log.warning("upload of output %s failed (%s); retrying in %.1f s", name, error, pause)
                 await asyncio.sleep(pause)
-                delay = min(delay * 2, UPLOAD_MAX_RETRY)
 
     async def _own_blob(self, url: str) -> str:
         """KEY when `url` is this server's own `/f/KEY` (what the seed's upload helper writes), else ''."""
