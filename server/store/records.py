@@ -16,9 +16,10 @@ from jobwire.server.store.transitions import FINISHED, RUNNING
 from jobwire.v1 import jobs_pb2
 
 LogKind: TypeAlias = jobs_pb2.LogKind.ValueType
+_J_COLUMNS = ", ".join(f"j.{column}" for column in JOB_COLUMNS.split(", "))
+"""`JOB_COLUMNS` of the runs table named `j`."""
 _LISTED = (
-    f"SELECT q.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
-    " FROM jobs j JOIN queue_jobs q ON q.queue = j.queue AND q.job_id = j.id"
+    f"SELECT q.seq, j.update_time, {_J_COLUMNS} FROM jobs j JOIN queue_jobs q ON q.queue = j.queue AND q.job_id = j.id"
 )
 LISTING_INDEXES = (
     f"CREATE INDEX jobs_running_by_queue ON jobs (queue) WHERE state = {RUNNING};"
@@ -49,14 +50,14 @@ async def _live_page(db: Any, queue: str, state: int, seq: int, count: int) -> l
     rows: list[Any] = []
     if state in (0, transitions.QUEUED):
         rows += await db.all(
-            f"SELECT w.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
+            f"SELECT w.seq, j.update_time, {_J_COLUMNS}"
             " FROM waiting w JOIN jobs j ON j.queue = w.queue AND j.id = w.job_id"
             " WHERE w.queue = ? AND w.seq > ? ORDER BY w.seq LIMIT ?",
             *(queue, seq, count),
         )
     if state in (0, RUNNING):
         rows += await db.all(  # CROSS JOIN: SQLite reads the running rows first, not the queue's every row
-            f"SELECT q.seq, j.update_time, {', '.join('j.' + c for c in JOB_COLUMNS.split(', '))}"
+            f"SELECT q.seq, j.update_time, {_J_COLUMNS}"
             " FROM jobs j CROSS JOIN queue_jobs q WHERE q.queue = j.queue AND q.job_id = j.id"
             f" AND j.queue = ? AND j.state = {RUNNING} AND q.seq > ? ORDER BY q.seq LIMIT ?",
             *(queue, seq, count),
