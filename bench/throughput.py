@@ -27,10 +27,13 @@ from bench.redis import private_redis
 from bench.runner import Context, Measurement, until
 from bench.stack import Service, Stack, cpu_seconds, machine_busy_seconds, running_stack, spawn, unique
 from jobwire import Client
+from jobwire.v1 import definition_pb2, jobs_pb2
 from jobwire.worker.daemon import Daemon
 from jobwire.worker.settings import WorkerSettings
 
 MODES = ("batches", "one by one")
+UNARY = "one by one, SubmitJob calls"
+"""jobwire only: one by one as a unary call each instead of the SDK's submission stream."""
 GOAL = "≥ 1,000 and > 1"
 Submit = Callable[[int], Awaitable[object]]
 
@@ -69,10 +72,15 @@ async def run(ctx: Context) -> list[Measurement]:
             metric, cost = f"CPU per job, all processes, submitted {mode}", mine.cpu_ms_per_job
             ratio, base = cost / theirs.cpu_ms_per_job, f"{name} on Redis"
             rows.append(Measurement(FIGURE, metric, cost, "ms", base, theirs.cpu_ms_per_job, ratio, "-"))
+    unary, theirs = ours[UNARY], arq["one by one"]
+    metric = f"jobs/s, {ctx.sizes['throughput_jobs']} submitted one by one as SubmitJob calls (as curl and grpcurl do)"
+    base, rate = "arq on Redis, one by one", theirs.jobs_per_second
+    ratio = unary.jobs_per_second / rate
+    rows.append(Measurement(FIGURE, metric, unary.jobs_per_second, "jobs/s", base, rate, ratio, "-"))
+    metric, cost = "CPU per job, all processes, submitted one by one as SubmitJob calls", unary.cpu_ms_per_job
+    rows.append(Measurement(FIGURE, metric, cost, "ms", base, theirs.cpu_ms_per_job, cost / theirs.cpu_ms_per_job, "-"))
     for call, (rate, server_ms) in floor.items():
-        metric = (
-            f"one by one, no job run: {call} calls, each after the last one's answer (server {server_ms:.2f} ms each)"
-        )
+        metric = f"one by one, no job run: {call}, each after the last one's answer (server {server_ms:.2f} ms each)"
         base, theirs = "arq on Redis, a whole job one by one", arq["one by one"].jobs_per_second
         rows.append(Measurement(FIGURE, metric, rate, "/s", base, theirs, rate / theirs, "-"))
     return rows
@@ -80,7 +88,7 @@ async def run(ctx: Context) -> list[Measurement]:
 
 async def _jobwire(ctx: Context) -> tuple[dict[str, Rate], dict[str, tuple[float, float]]]:
     """Rates per mode, both modes through the same server and workers; and what bounds one by one
-    (see `_unary_floor`)."""
+    (see `_call_floor`)."""
     sizes, rates = ctx.sizes, {}
     total, in_flight = sizes["throughput_jobs"], sizes["throughput_in_flight"]
     stack_and_workers = _simulated_stack(ctx)
@@ -89,14 +97,18 @@ async def _jobwire(ctx: Context) -> tuple[dict[str, Rate], dict[str, tuple[float
         async def done() -> int:
             return int((await client.queue_status(queue)).finished)
 
-        for mode in ("warm-up", *MODES):
+        for mode in ("warm-up", *MODES, UNARY):
             nonce, before = uuid.uuid4().hex, await done()
 
             def noop(index: int, nonce: str = nonce) -> dict[str, str]:
-                return {"image": "bench/none", "command": f"noop {nonce} {index}"}
+                return noop_definition(nonce, index)
 
             async def submit(index: int) -> object:
                 return await client.submit(queue, noop(index))
+
+            async def call(index: int) -> object:  # as curl or grpcurl would: one SubmitJob call each
+                request = jobs_pb2.SubmitJobRequest(queue=queue, definition=noop_message(noop(index)))
+                return await client.job_service.SubmitJob(request)
 
             async def submit_many(jobs: range) -> object:  # one SubmitJobs call
                 return await client.submit_many(queue, [noop(n) for n in jobs])
@@ -111,28 +123,41 @@ async def _jobwire(ctx: Context) -> tuple[dict[str, Rate], dict[str, tuple[float
             if mode == "batches":  # as Celery's batches: one call for many jobs, one call after another
                 rates[mode] = await timed_batches(submit_many, finished, total, in_flight)
             else:
-                rates[mode] = await timed(submit, finished, total, in_flight, mode)
+                rates[mode] = await timed(call if mode == UNARY else submit, finished, total, in_flight, "one by one")
             split = ", ".join(
                 f"{name} {(now - used[name]) * 1000 / total:.2f}"
                 for name, now in _cpu_by_process(stack.server.pid, workers.pid).items()
             )
             ctx.say(f"jobwire, submitted {mode}: {rates[mode]}; CPU ms per job by process: {split}")
-        floor = await _unary_floor(client, stack, total)
+        floor = await _call_floor(client, stack, total)
         ctx.say("one by one, no job run: " + ", ".join(f"{c} {r:.0f}/s ({ms:.2f} ms)" for c, (r, ms) in floor.items()))
     return rates, floor
 
 
-async def _unary_floor(client: Client, stack: Stack, total: int) -> dict[str, tuple[float, float]]:
-    """Calls/s and server CPU ms per call of unary calls made one after another with no job run:
-    the health check gRPC's own library serves (nothing of jobwire's but the process) and SubmitJob
-    to a queue no worker serves. A job submitted one by one costs at least the second; the first is
-    what gRPC's Python layer alone costs a call."""
+def noop_definition(nonce: str, index: int) -> dict[str, str]:
+    """A job the simulated workers finish at once, unique to `nonce` and `index`."""
+    return {"image": "bench/none", "command": f"noop {nonce} {index}"}
+
+
+def noop_message(definition: dict[str, str]) -> definition_pb2.JobDefinition:
+    return definition_pb2.JobDefinition(**definition)
+
+
+async def _call_floor(client: Client, stack: Stack, total: int) -> dict[str, tuple[float, float]]:
+    """Calls/s and server CPU ms per call of calls made one after another with no job run: the health
+    check gRPC's own library serves (nothing of jobwire's but the process), SubmitJob to a queue no
+    worker serves, and the same submission as a message on the SDK's `SubmitJobStream`. A job
+    submitted one by one costs at least the last; the first is what gRPC's Python layer alone costs a
+    call."""
     unserved, nonce = unique("bench-unserved"), uuid.uuid4().hex
     async with grpc.aio.insecure_channel(stack.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         calls: dict[str, Callable[[int], Awaitable[object]]] = {
-            "grpc.health.v1.Health/Check": lambda _: health.Check(health_pb2.HealthCheckRequest()),
-            "SubmitJob": lambda index: client.submit(unserved, image="bench/none", command=f"noop {nonce} {index}"),
+            "grpc.health.v1.Health/Check calls": lambda _: health.Check(health_pb2.HealthCheckRequest()),
+            "SubmitJob calls": lambda index: client.job_service.SubmitJob(
+                jobs_pb2.SubmitJobRequest(queue=unserved, definition=noop_message(noop_definition(nonce, index)))
+            ),
+            "SubmitJobStream messages": lambda index: client.submit(unserved, noop_definition(nonce, -index - 2)),
         }
         floor = {}
         for name, call in calls.items():

@@ -29,6 +29,7 @@ from jobwire.errors import InvalidDefinition
 from jobwire.files import FileClient, Progress
 from jobwire.inputs import Files, Upload, local_inputs, pack_context
 from jobwire.job import Job
+from jobwire.submissions import Submissions
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc, server_pb2, server_pb2_grpc
 
 DEFAULT_TARGET = "localhost:8080"
@@ -88,6 +89,8 @@ class Client:
         self._jobs: jobs_pb2_grpc.JobServiceAsyncStub | None = None
         self._files: FileClient | None = None
         self._info: server_pb2.GetServerInfoResponse | None = None
+        self.submissions = Submissions(lambda: self.job_service, self.calls)
+        """The kept-open stream `submit` sends submissions on (`SubmitJobStream`)."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -99,6 +102,7 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; calls in flight are cancelled."""
+        await self.submissions.close()
         if self._channel is not None:
             channel, self._channel, self._jobs, self._files = self._channel, None, None, None
             await channel.close()
@@ -159,7 +163,7 @@ class Client:
         request = jobs_pb2.SubmitJobRequest(queue=queue, definition=built)
         if "namespace" in options:
             request.control.namespace = options["namespace"]
-        response = await self.calls.unary(self.job_service.SubmitJob, request)
+        response = await self.submissions.submit(request)
         return Job(self, response.job_id, queue=queue, namespace=options.get("namespace", ""), snapshot=response.job)
 
     async def submit_many(

@@ -96,8 +96,14 @@ _UNTRUSTED = re.compile(r"CERTIFICATE_VERIFY_FAILED: [^:)]+|Peer name \S+ is not
 
 def translate(error: grpc.aio.AioRpcError, *, target: str, not_found: type[NotFound] = NotFound) -> JobwireError:
     """The SDK error for a failed call; `not_found` is the NotFound subclass the call looks up."""
-    code = error.code()
-    details = error.details() or code.name
+    return status_error(error.code(), error.details() or "", target=target, not_found=not_found)
+
+
+def status_error(
+    code: grpc.StatusCode, details: str, *, target: str, not_found: type[NotFound] = NotFound
+) -> JobwireError:
+    """The SDK error for a gRPC status, of a call or of one message's answer (`SubmitJobStream`)."""
+    details = details or code.name
     if code == grpc.StatusCode.UNAVAILABLE and (untrusted := _UNTRUSTED.search(details)):
         return ServerUnavailable(
             f"the jobwire server at {target} has a TLS certificate this client does not trust ({untrusted[0]}): "

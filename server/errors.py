@@ -178,11 +178,17 @@ def _first_failure(error: BaseException) -> ServerError | None:
     return dependency_error(error)
 
 
+def failure_status(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status a call that raised `error` answers with (`abort_on_failure`), or None for a bug."""
+    failure = _first_failure(error)
+    return None if failure is None else (status_code(failure), str(failure))
+
+
 async def abort_on_failure(context: Context, error: BaseException) -> None:
     """Abort the call with the status of the dependency failure (or ServerError) in `error` (an
     exception group too), if it holds one; return otherwise (the caller re-raises)."""
-    if (failure := _first_failure(error)) is not None:
-        await context.abort(status_code(failure), str(failure))
+    if (status := failure_status(error)) is not None:
+        await context.abort(*status)
 
 
 class grpc_errors:

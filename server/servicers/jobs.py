@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 
@@ -10,13 +11,15 @@ from google.api import httpbody_pb2
 from jobwire.core.definition import inline_bytes
 from jobwire.server import eventstream, transfers
 from jobwire.server.blobs import BlobStore
-from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, grpc_errors
+from jobwire.server.errors import Conflict, Context, InvalidArgument, NotFound, failure_status, grpc_errors
 from jobwire.server.logs import LogHub
 from jobwire.server.scheduler import Scheduler, job_url_view
 from jobwire.server.servicers.http import header, is_rest
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 
 _PAGE_DEFAULT, _PAGE_MAX = 100, 1000
+STREAM_SUBMISSIONS = 64
+"""Submissions of one `SubmitJobStream` handled at once; the stream is not read while that many are."""
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -27,8 +30,43 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.SubmitJobResponse:
         async with grpc_errors(context):
-            job = await self.scheduler.submit(request.queue, request.definition, request.control, request.id)
-            return jobs_pb2.SubmitJobResponse(success=True, job_id=job.id, job=job)
+            return await self._submit(request)
+
+    async def _submit(self, request: jobs_pb2.SubmitJobRequest) -> jobs_pb2.SubmitJobResponse:
+        job = await self.scheduler.submit(request.queue, request.definition, request.control, request.id)
+        return jobs_pb2.SubmitJobResponse(success=True, job_id=job.id, job=job)
+
+    # Answers go out through context.write, as each submission's commit returns, so this handler
+    # returns None.
+    async def SubmitJobStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[jobs_pb2.SubmitJobStreamRequest], context: Context
+    ) -> None:
+        """Each submission in a task of its own (up to `STREAM_SUBMISSIONS` at once, so those that
+        arrive together share a commit), answered with its tag; one that fails is answered with its
+        status and the stream goes on. A bug ends the stream (UNKNOWN), as it fails a unary call."""
+        writing, handling = asyncio.Lock(), asyncio.Semaphore(STREAM_SUBMISSIONS)
+
+        async def answer(request: jobs_pb2.SubmitJobStreamRequest) -> None:
+            try:
+                try:
+                    response = jobs_pb2.SubmitJobStreamResponse(
+                        tag=request.tag, submitted=await self._submit(request.submission)
+                    )
+                except Exception as error:
+                    if (status := failure_status(error)) is None:
+                        raise
+                    code, message = status
+                    failed = jobs_pb2.SubmitJobError(code=code.value[0], message=message)
+                    response = jobs_pb2.SubmitJobStreamResponse(tag=request.tag, error=failed)
+                async with writing:
+                    await context.write(response)
+            finally:
+                handling.release()
+
+        async with grpc_errors(context), asyncio.TaskGroup() as group:
+            async for request in request_iterator:
+                await handling.acquire()
+                group.create_task(answer(request))
 
     async def SubmitJobs(self, request: jobs_pb2.SubmitJobsRequest, context: Context) -> jobs_pb2.SubmitJobsResponse:
         async with grpc_errors(context):

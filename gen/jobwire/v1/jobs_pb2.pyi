@@ -603,6 +603,100 @@ class SubmitJobsResponse(_message.Message):
 Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
 
 @_typing.final
+class SubmitJobStreamRequest(_message.Message):
+    """Request of `SubmitJobStream`: one submission."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    SUBMISSION_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """Chosen by the client (unique among its submissions in flight on the
+    stream) and echoed in the answer.
+    """
+    @_builtins.property
+    def submission(self) -> Global___SubmitJobRequest:
+        """The submission, as `SubmitJob` takes it."""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        submission: Global___SubmitJobRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["submission", b"submission"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["submission", b"submission", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobStreamRequest: _TypeAlias = SubmitJobStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitJobStreamResponse(_message.Message):
+    """Response of `SubmitJobStream`: the answer to one submission."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """The `tag` of the submission answered."""
+    @_builtins.property
+    def submitted(self) -> Global___SubmitJobResponse:
+        """The submission was stored (or joined the same job)."""
+
+    @_builtins.property
+    def error(self) -> Global___SubmitJobError:
+        """The submission failed; nothing of it was stored."""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        submitted: Global___SubmitJobResponse | None = ...,
+        error: Global___SubmitJobError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "submitted", b"submitted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "submitted", b"submitted", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["submitted", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___SubmitJobStreamResponse: _TypeAlias = SubmitJobStreamResponse  # noqa: Y015
+
+@_typing.final
+class SubmitJobError(_message.Message):
+    """Why one submission of `SubmitJobStream` failed: the status `SubmitJob`
+    would have returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code), never 0."""
+    message: _builtins.str
+    """What to fix, or why to retry."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobError: _TypeAlias = SubmitJobError  # noqa: Y015
+
+@_typing.final
 class ListJobsRequest(_message.Message):
     """Request of `ListJobs`."""
 

@@ -52,6 +52,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsResponse.FromString,
                 _registered_method=True)
+        self.SubmitJobStream = channel.stream_stream(
+                '/jobwire.v1.JobService/SubmitJobStream',
+                request_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobStreamRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobStreamResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/jobwire.v1.JobService/ListJobs',
                 request_serializer=jobwire_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
@@ -148,6 +153,20 @@ class JobServiceServicer:
         call (the error names its index) and nothing is stored; so does a call
         over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
         one call instead of one per job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobStream(self, request_iterator, context):
+        """Submissions as messages on one stream the client keeps open, for clients
+        that submit many jobs one after another (the SDK's `submit`): each
+        request is a `SubmitJob` request and is answered by a response carrying
+        its `tag` and either what `SubmitJob` answers or the error it would have
+        failed with; a failed submission does not end the stream. Up to 64
+        submissions of one stream are handled at once (answers may come in any
+        order); the server reads no more until one is answered. gRPC only: over
+        REST use `SubmitJob` (or `SubmitJobs` for many at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -302,6 +321,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobsResponse.SerializeToString,
             ),
+            'SubmitJobStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitJobStream,
+                    request_deserializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobStreamRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_jobs__pb2.SubmitJobStreamResponse.SerializeToString,
+            ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
                     request_deserializer=jobwire_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
@@ -434,6 +458,33 @@ class JobService:
             '/jobwire.v1.JobService/SubmitJobs',
             jobwire_dot_v1_dot_jobs__pb2.SubmitJobsRequest.SerializeToString,
             jobwire_dot_v1_dot_jobs__pb2.SubmitJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jobwire.v1.JobService/SubmitJobStream',
+            jobwire_dot_v1_dot_jobs__pb2.SubmitJobStreamRequest.SerializeToString,
+            jobwire_dot_v1_dot_jobs__pb2.SubmitJobStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

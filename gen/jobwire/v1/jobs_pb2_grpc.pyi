@@ -52,6 +52,16 @@ class JobServiceStub:
     over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
     one call instead of one per job.
     """
+    SubmitJobStream: _grpc.StreamStreamMultiCallable[_jobs_pb2.SubmitJobStreamRequest, _jobs_pb2.SubmitJobStreamResponse]
+    """Submissions as messages on one stream the client keeps open, for clients
+    that submit many jobs one after another (the SDK's `submit`): each
+    request is a `SubmitJob` request and is answered by a response carrying
+    its `tag` and either what `SubmitJob` answers or the error it would have
+    failed with; a failed submission does not end the stream. Up to 64
+    submissions of one stream are handled at once (answers may come in any
+    order); the server reads no more until one is answered. gRPC only: over
+    REST use `SubmitJob` (or `SubmitJobs` for many at once).
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """Lists a queue's jobs one page at a time: the live ones (queued, running)
     in queue order, then the finished ones, the most recently finished first.
@@ -153,6 +163,16 @@ class JobServiceAsyncStub(JobServiceStub):
     call (the error names its index) and nothing is stored; so does a call
     over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
     one call instead of one per job.
+    """
+    SubmitJobStream: _aio.StreamStreamMultiCallable[_jobs_pb2.SubmitJobStreamRequest, _jobs_pb2.SubmitJobStreamResponse]  # type: ignore[assignment]
+    """Submissions as messages on one stream the client keeps open, for clients
+    that submit many jobs one after another (the SDK's `submit`): each
+    request is a `SubmitJob` request and is answered by a response carrying
+    its `tag` and either what `SubmitJob` answers or the error it would have
+    failed with; a failed submission does not end the stream. Up to 64
+    submissions of one stream are handled at once (answers may come in any
+    order); the server reads no more until one is answered. gRPC only: over
+    REST use `SubmitJob` (or `SubmitJobs` for many at once).
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists a queue's jobs one page at a time: the live ones (queued, running)
@@ -264,6 +284,22 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         call (the error names its index) and nothing is stored; so does a call
         over the server's 64 MiB message limit (RESOURCE_EXHAUSTED). For sweeps:
         one call instead of one per job.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitJobStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_jobs_pb2.SubmitJobStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.SubmitJobStreamResponse], _abc.AsyncIterator[_jobs_pb2.SubmitJobStreamResponse]]:
+        """Submissions as messages on one stream the client keeps open, for clients
+        that submit many jobs one after another (the SDK's `submit`): each
+        request is a `SubmitJob` request and is answered by a response carrying
+        its `tag` and either what `SubmitJob` answers or the error it would have
+        failed with; a failed submission does not end the stream. Up to 64
+        submissions of one stream are handled at once (answers may come in any
+        order); the server reads no more until one is answered. gRPC only: over
+        REST use `SubmitJob` (or `SubmitJobs` for many at once).
         """
 
     @_abc_1.abstractmethod

@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file jobwire/v1/jobs.proto.
  */
 export const file_jobwire_v1_jobs: GenFile = /*@__PURE__*/
-  fileDesc("ChVqb2J3aXJlL3YxL2pvYnMucHJvdG8SCmpvYndpcmUudjEiaQoITG9nQ2h1bmsSDAoEdGV4dBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdHJlYW0YAyABKA4yFS5qb2J3aXJlLnYxLkxvZ1N0cmVhbSKRAQoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoEa2luZBgCIAEoDjIYLmpvYndpcmUudjEuSm9iRXZlbnRLaW5kEg8KB2F0dGVtcHQYAyABKAUSEQoJd29ya2VyX2lkGAQgASgJEg8KB21lc3NhZ2UYBSABKAki5AMKCUpvYlJlc3VsdBIoCgZyZWFzb24YASABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIPCgdtZXNzYWdlGAIgASgJEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEiIKBGxvZ3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEjMKB291dHB1dHMYBSADKAsyIi5qb2J3aXJlLnYxLkpvYlJlc3VsdC5PdXRwdXRzRW50cnkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXdvcmtlcl9pZBgJIAEoCRIPCgdhdHRlbXB0GAogASgFEhIKCm9vbV9raWxsZWQYCyABKAgSEgoKbG9nc19zdGFydBgMIAEoAxpDCgxPdXRwdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuam9id2lyZS52MS5EYXRhUmVmOgI4AUIMCgpfZXhpdF9jb2RlIrMDCgNKb2ISCgoCaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlEg0KBXF1ZXVlGAMgASgJEhIKCm5hbWVzcGFjZXMYBCADKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl3b3JrZXJfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIWCg53YWl0aW5nX3JlYXNvbhgJIAEoCRItCgpkZWZpbml0aW9uGAogASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uEiUKBnJlc3VsdBgLIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0EiUKB2hpc3RvcnkYDCADKAsyFC5qb2J3aXJlLnYxLkpvYkV2ZW50Ei8KDWZpbmlzaF9yZWFzb24YDSABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIMCgR0YWdzGA4gAygJIpQBChBTdWJtaXRKb2JSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJEi0KCmRlZmluaXRpb24YAiABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24SJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbBIKCgJpZBgEIAEoCRINCgVkZWJ1ZxgFIAEoCCJSChFTdWJtaXRKb2JSZXNwb25zZRIPCgdzdWNjZXNzGAEgASgIEg4KBmpvYl9pZBgCIAEoCRIcCgNqb2IYAyABKAsyDy5qb2J3aXJlLnYxLkpvYiJOChFTdWJtaXRKb2JzUmVxdWVzdBINCgVxdWV1ZRgBIAEoCRIqCgRqb2JzGAIgAygLMhwuam9id2lyZS52MS5TdWJtaXRKb2JSZXF1ZXN0IkEKElN1Ym1pdEpvYnNSZXNwb25zZRIrCgRqb2JzGAEgAygLMh0uam9id2lyZS52MS5TdWJtaXRKb2JSZXNwb25zZSJsCg9MaXN0Sm9ic1JlcXVlc3QSDQoFcXVldWUYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSIwoFc3RhdGUYBCABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlIkoKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLmpvYndpcmUudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIuCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSIuCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiI4ChdHZXRKb2JEZWZpbml0aW9uUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkiSQoYR2V0Sm9iRGVmaW5pdGlvblJlc3BvbnNlEi0KCmRlZmluaXRpb24YASABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24iNAoTR2V0Sm9iUmVzdWx0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkicgoUR2V0Sm9iUmVzdWx0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEiMKBXN0YXRlGAIgASgOMhQuam9id2lyZS52MS5Kb2JTdGF0ZRIlCgZyZXN1bHQYAyABKAsyFS5qb2J3aXJlLnYxLkpvYlJlc3VsdCJyChFHZXRKb2JMb2dzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSIQoEa2luZBgCIAEoDjITLmpvYndpcmUudjEuTG9nS2luZBINCgVzaW5jZRgDIAEoAxINCgVxdWV1ZRgEIAEoCRIMCgRmaWxlGAUgASgJInMKEkdldEpvYkxvZ3NSZXNwb25zZRIkCgZjaHVua3MYASADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEhMKC3NsaWNlX3N0YXJ0GAIgASgDEhMKC25leHRfY3Vyc29yGAMgASgDEg0KBWZpbmFsGAQgASgIIlwKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFgoOcnVuX2xvZ3Nfc2luY2UYAiABKAMSEgoKYnVpbGRfbG9ncxgDIAEoCBINCgVxdWV1ZRgEIAEoCSJhChBXYXRjaEpvYlJlc3BvbnNlEh4KA2pvYhgBIAEoCzIPLmpvYndpcmUudjEuSm9iSAASJAoEbG9ncxgCIAEoCzIULmpvYndpcmUudjEuTG9nQmF0Y2hIAEIHCgVldmVudCJzCghMb2dCYXRjaBIhCgRraW5kGAEgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEg0KBXN0YXJ0GAIgASgDEiQKBmNodW5rcxgDIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSDwoHYXR0ZW1wdBgEIAEoBSJOChBTdHJlYW1Kb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRINCgVzaW5jZRgDIAEoAxIMCgR0ZXh0GAQgASgIIkEKEkdldEpvYklucHV0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEcGF0aBgCIAEoCRINCgVxdWV1ZRgDIAEoCSJCChNHZXRKb2JPdXRwdXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEg0KBXF1ZXVlGAMgASgJIkQKEENhbmNlbEpvYlJlcXVlc3QSDQoFcXVldWUYASABKAkSDgoGam9iX2lkGAIgASgJEhEKCW5hbWVzcGFjZRgDIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5qb2J3aXJlLnYxLkpvYiJuCg5Db3B5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkSJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbBIUCgxzb3VyY2VfcXVldWUYBCABKAkiQAoPQ29weUpvYlJlc3BvbnNlEg8KB3N1Y2Nlc3MYASABKAgSHAoDam9iGAIgASgLMg8uam9id2lyZS52MS5Kb2IiMQoQRGVsZXRlSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFcXVldWUYAiABKAkiIwoRRGVsZXRlSm9iUmVzcG9uc2USDgoGam9iX2lkGAEgASgJIiYKFUdldFF1ZXVlU3RhdHVzUmVxdWVzdBINCgVxdWV1ZRgBIAEoCSKDAQoWR2V0UXVldWVTdGF0dXNSZXNwb25zZRINCgVxdWV1ZRgBIAEoCRIOCgZxdWV1ZWQYAiABKAMSDwoHcnVubmluZxgDIAEoAxIQCghmaW5pc2hlZBgEIAEoAxInCgd3b3JrZXJzGAUgAygLMhYuam9id2lyZS52MS5Xb3JrZXJJbmZvItkBCgpXb3JrZXJJbmZvEgoKAmlkGAEgASgJEgwKBGNwdXMYAiABKAUSDAoEZ3B1cxgDIAMoCRIXCg9ydW5uaW5nX2pvYl9pZHMYBCADKAkSMgoObGFzdF9zZWVuX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3ZlcnNpb24YBiABKAkSEAoIaG9zdG5hbWUYByABKAkSMwoQbWF4X2pvYl9kdXJhdGlvbhgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiInChZHZXRRdWV1ZU1ldHJpY3NSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJKmoKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIVChFKT0JfU1RBVEVfUlVOTklORxACEhYKEkpPQl9TVEFURV9GSU5JU0hFRBADKpYCCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhkKFUZJTklTSF9SRUFTT05fU1VDQ0VTUxABEhcKE0ZJTklTSF9SRUFTT05fRVJST1IQAhIbChdGSU5JU0hfUkVBU09OX1RJTUVEX09VVBADEhsKF0ZJTklTSF9SRUFTT05fQ0FOQ0VMTEVEEAQSHQoZRklOSVNIX1JFQVNPTl9XT1JLRVJfTE9TVBAFEiQKIEZJTklTSF9SRUFTT05fUkVQTEFDRURfQllfQ0xJRU5UEAYSGQoVRklOSVNIX1JFQVNPTl9ERUxFVEVEEAcSGQoVRklOSVNIX1JFQVNPTl9FWFBJUkVEEAgqVQoJTG9nU3RyZWFtEhoKFkxPR19TVFJFQU1fVU5TUEVDSUZJRUQQABIVChFMT0dfU1RSRUFNX1NURE9VVBABEhUKEUxPR19TVFJFQU1fU1RERVJSEAIqSQoHTG9nS2luZBIYChRMT0dfS0lORF9VTlNQRUNJRklFRBAAEhAKDExPR19LSU5EX1JVThABEhIKDkxPR19LSU5EX0JVSUxEEAIq4QEKDEpvYkV2ZW50S2luZBIeChpKT0JfRVZFTlRfS0lORF9VTlNQRUNJRklFRBAAEhkKFUpPQl9FVkVOVF9LSU5EX1FVRVVFRBABEhsKF0pPQl9FVkVOVF9LSU5EX0FTU0lHTkVEEAISGgoWSk9CX0VWRU5UX0tJTkRfU1RBUlRFRBADEhsKF0pPQl9FVkVOVF9LSU5EX1JFUVVFVUVEEAQSGwoXSk9CX0VWRU5UX0tJTkRfRklOSVNIRUQQBRIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAYy7REKCkpvYlNlcnZpY2UScgoJU3VibWl0Sm9iEhwuam9id2lyZS52MS5TdWJtaXRKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5TdWJtaXRKb2JSZXNwb25zZSIogtPkkwIiIgovcS97cXVldWV9OgEqWhEiDC9xL3txdWV1ZX0vajoBKhJoCgpTdWJtaXRKb2JzEh0uam9id2lyZS52MS5TdWJtaXRKb2JzUmVxdWVzdBoeLmpvYndpcmUudjEuU3VibWl0Sm9ic1Jlc3BvbnNlIhuC0+STAhUiEC9xL3txdWV1ZX0vYmF0Y2g6ASoSaQoITGlzdEpvYnMSGy5qb2J3aXJlLnYxLkxpc3RKb2JzUmVxdWVzdBocLmpvYndpcmUudjEuTGlzdEpvYnNSZXNwb25zZSIigtPkkwIcEgovcS97cXVldWV9Wg4SDC9xL3txdWV1ZX0vahJtCgZHZXRKb2ISGS5qb2J3aXJlLnYxLkdldEpvYlJlcXVlc3QaGi5qb2J3aXJlLnYxLkdldEpvYlJlc3BvbnNlIiyC0+STAiYSCy9qL3tqb2JfaWR9WhcSFS9xL3txdWV1ZX0vai97am9iX2lkfRKrAQoQR2V0Sm9iRGVmaW5pdGlvbhIjLmpvYndpcmUudjEuR2V0Sm9iRGVmaW5pdGlvblJlcXVlc3QaJC5qb2J3aXJlLnYxLkdldEpvYkRlZmluaXRpb25SZXNwb25zZSJMgtPkkwJGEhsvai97am9iX2lkfS9kZWZpbml0aW9uLmpzb25aJxIlL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L2RlZmluaXRpb24uanNvbhKzAQoMR2V0Sm9iUmVzdWx0Eh8uam9id2lyZS52MS5HZXRKb2JSZXN1bHRSZXF1ZXN0GiAuam9id2lyZS52MS5HZXRKb2JSZXN1bHRSZXNwb25zZSJggtPkkwJaEhcvai97am9iX2lkfS9yZXN1bHQuanNvbloaEhgvai97am9iX2lkfS9yZXN1bHRzLmpzb25aIxIhL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3Jlc3VsdC5qc29uEo8CCgpHZXRKb2JMb2dzEh0uam9id2lyZS52MS5HZXRKb2JMb2dzUmVxdWVzdBoeLmpvYndpcmUudjEuR2V0Sm9iTG9nc1Jlc3BvbnNlIsEBgtPkkwK6ARIQL2ove2pvYl9pZH0vbG9nc1oiEiAvai97am9iX2lkfS97ZmlsZT1ydW4tbG9ncy5qc29ufVokEiIvai97am9iX2lkfS97ZmlsZT1idWlsZC1sb2dzLmpzb259WiwSKi9xL3txdWV1ZX0vai97am9iX2lkfS97ZmlsZT1ydW4tbG9ncy5qc29ufVouEiwvcS97cXVldWV9L2ove2pvYl9pZH0ve2ZpbGU9YnVpbGQtbG9ncy5qc29ufRKBAQoIV2F0Y2hKb2ISGy5qb2J3aXJlLnYxLldhdGNoSm9iUmVxdWVzdBocLmpvYndpcmUudjEuV2F0Y2hKb2JSZXNwb25zZSI4gtPkkwIyEhEvai97am9iX2lkfS93YXRjaFodEhsvcS97cXVldWV9L2ove2pvYl9pZH0vd2F0Y2gwARJ9CglTdHJlYW1Kb2ISHC5qb2J3aXJlLnYxLlN0cmVhbUpvYlJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IjqC0+STAjQSEi9qL3tqb2JfaWR9L3N0cmVhbVoeEhwvcS97cXVldWV9L2ove2pvYl9pZH0vc3RyZWFtMAESlQEKC0dldEpvYklucHV0Eh4uam9id2lyZS52MS5HZXRKb2JJbnB1dFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5Ik6C0+STAkgSHC9qL3tqb2JfaWR9L2lucHV0cy97cGF0aD0qKn1aKBImL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L2lucHV0cy97cGF0aD0qKn0wARKZAQoMR2V0Sm9iT3V0cHV0Eh8uam9id2lyZS52MS5HZXRKb2JPdXRwdXRSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJQgtPkkwJKEh0vai97am9iX2lkfS9vdXRwdXRzL3twYXRoPSoqfVopEicvcS97cXVldWV9L2ove2pvYl9pZH0vb3V0cHV0cy97cGF0aD0qKn0wARKaAQoJQ2FuY2VsSm9iEhwuam9id2lyZS52MS5DYW5jZWxKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5DYW5jZWxKb2JSZXNwb25zZSJQgtPkkwJKIhwvcS97cXVldWV9L2ove2pvYl9pZH0vY2FuY2VsWioiKC9xL3txdWV1ZX0vai97am9iX2lkfS97bmFtZXNwYWNlfS9jYW5jZWwShwEKB0NvcHlKb2ISGi5qb2J3aXJlLnYxLkNvcHlKb2JSZXF1ZXN0Ghsuam9id2lyZS52MS5Db3B5Sm9iUmVzcG9uc2UiQ4LT5JMCPSIhL3Eve3NvdXJjZV9xdWV1ZX0vai97am9iX2lkfS9jb3B5OgEqWhUiEC9qL3tqb2JfaWR9L2NvcHk6ASoSdgoJRGVsZXRlSm9iEhwuam9id2lyZS52MS5EZWxldGVKb2JSZXF1ZXN0Gh0uam9id2lyZS52MS5EZWxldGVKb2JSZXNwb25zZSIsgtPkkwImKhUvcS97cXVldWV9L2ove2pvYl9pZH1aDSoLL2ove2pvYl9pZH0ScgoOR2V0UXVldWVTdGF0dXMSIS5qb2J3aXJlLnYxLkdldFF1ZXVlU3RhdHVzUmVxdWVzdBoiLmpvYndpcmUudjEuR2V0UXVldWVTdGF0dXNSZXNwb25zZSIZgtPkkwITEhEvcS97cXVldWV9L3N0YXR1cxJnCg9HZXRRdWV1ZU1ldHJpY3MSIi5qb2J3aXJlLnYxLkdldFF1ZXVlTWV0cmljc1JlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IhqC0+STAhQSEi9xL3txdWV1ZX0vbWV0cmljc2IGcHJvdG8z", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition]);
+  fileDesc("ChVqb2J3aXJlL3YxL2pvYnMucHJvdG8SCmpvYndpcmUudjEiaQoITG9nQ2h1bmsSDAoEdGV4dBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdHJlYW0YAyABKA4yFS5qb2J3aXJlLnYxLkxvZ1N0cmVhbSKRAQoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoEa2luZBgCIAEoDjIYLmpvYndpcmUudjEuSm9iRXZlbnRLaW5kEg8KB2F0dGVtcHQYAyABKAUSEQoJd29ya2VyX2lkGAQgASgJEg8KB21lc3NhZ2UYBSABKAki5AMKCUpvYlJlc3VsdBIoCgZyZWFzb24YASABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIPCgdtZXNzYWdlGAIgASgJEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEiIKBGxvZ3MYBCADKAsyFC5qb2J3aXJlLnYxLkxvZ0NodW5rEjMKB291dHB1dHMYBSADKAsyIi5qb2J3aXJlLnYxLkpvYlJlc3VsdC5PdXRwdXRzRW50cnkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXdvcmtlcl9pZBgJIAEoCRIPCgdhdHRlbXB0GAogASgFEhIKCm9vbV9raWxsZWQYCyABKAgSEgoKbG9nc19zdGFydBgMIAEoAxpDCgxPdXRwdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuam9id2lyZS52MS5EYXRhUmVmOgI4AUIMCgpfZXhpdF9jb2RlIrMDCgNKb2ISCgoCaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlEg0KBXF1ZXVlGAMgASgJEhIKCm5hbWVzcGFjZXMYBCADKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl3b3JrZXJfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIWCg53YWl0aW5nX3JlYXNvbhgJIAEoCRItCgpkZWZpbml0aW9uGAogASgLMhkuam9id2lyZS52MS5Kb2JEZWZpbml0aW9uEiUKBnJlc3VsdBgLIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0EiUKB2hpc3RvcnkYDCADKAsyFC5qb2J3aXJlLnYxLkpvYkV2ZW50Ei8KDWZpbmlzaF9yZWFzb24YDSABKA4yGC5qb2J3aXJlLnYxLkZpbmlzaFJlYXNvbhIMCgR0YWdzGA4gAygJIpQBChBTdWJtaXRKb2JSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJEi0KCmRlZmluaXRpb24YAiABKAsyGS5qb2J3aXJlLnYxLkpvYkRlZmluaXRpb24SJwoHY29udHJvbBgDIAEoCzIWLmpvYndpcmUudjEuSm9iQ29udHJvbBIKCgJpZBgEIAEoCRINCgVkZWJ1ZxgFIAEoCCJSChFTdWJtaXRKb2JSZXNwb25zZRIPCgdzdWNjZXNzGAEgASgIEg4KBmpvYl9pZBgCIAEoCRIcCgNqb2IYAyABKAsyDy5qb2J3aXJlLnYxLkpvYiJOChFTdWJtaXRKb2JzUmVxdWVzdBINCgVxdWV1ZRgBIAEoCRIqCgRqb2JzGAIgAygLMhwuam9id2lyZS52MS5TdWJtaXRKb2JSZXF1ZXN0IkEKElN1Ym1pdEpvYnNSZXNwb25zZRIrCgRqb2JzGAEgAygLMh0uam9id2lyZS52MS5TdWJtaXRKb2JSZXNwb25zZSJXChZTdWJtaXRKb2JTdHJlYW1SZXF1ZXN0EgsKA3RhZxgBIAEoBBIwCgpzdWJtaXNzaW9uGAIgASgLMhwuam9id2lyZS52MS5TdWJtaXRKb2JSZXF1ZXN0IpIBChdTdWJtaXRKb2JTdHJlYW1SZXNwb25zZRILCgN0YWcYASABKAQSMgoJc3VibWl0dGVkGAIgASgLMh0uam9id2lyZS52MS5TdWJtaXRKb2JSZXNwb25zZUgAEisKBWVycm9yGAMgASgLMhouam9id2lyZS52MS5TdWJtaXRKb2JFcnJvckgAQgkKB291dGNvbWUiLwoOU3VibWl0Sm9iRXJyb3ISDAoEY29kZRgBIAEoBRIPCgdtZXNzYWdlGAIgASgJImwKD0xpc3RKb2JzUmVxdWVzdBINCgVxdWV1ZRgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULmpvYndpcmUudjEuSm9iU3RhdGUiSgoQTGlzdEpvYnNSZXNwb25zZRIdCgRqb2JzGAEgAygLMg8uam9id2lyZS52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIi4KDUdldEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg0KBXF1ZXVlGAIgASgJIi4KDkdldEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLmpvYndpcmUudjEuSm9iIjgKF0dldEpvYkRlZmluaXRpb25SZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSJJChhHZXRKb2JEZWZpbml0aW9uUmVzcG9uc2USLQoKZGVmaW5pdGlvbhgBIAEoCzIZLmpvYndpcmUudjEuSm9iRGVmaW5pdGlvbiI0ChNHZXRKb2JSZXN1bHRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSJyChRHZXRKb2JSZXN1bHRSZXNwb25zZRIOCgZqb2JfaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5qb2J3aXJlLnYxLkpvYlN0YXRlEiUKBnJlc3VsdBgDIAEoCzIVLmpvYndpcmUudjEuSm9iUmVzdWx0InIKEUdldEpvYkxvZ3NSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIhCgRraW5kGAIgASgOMhMuam9id2lyZS52MS5Mb2dLaW5kEg0KBXNpbmNlGAMgASgDEg0KBXF1ZXVlGAQgASgJEgwKBGZpbGUYBSABKAkicwoSR2V0Sm9iTG9nc1Jlc3BvbnNlEiQKBmNodW5rcxgBIAMoCzIULmpvYndpcmUudjEuTG9nQ2h1bmsSEwoLc2xpY2Vfc3RhcnQYAiABKAMSEwoLbmV4dF9jdXJzb3IYAyABKAMSDQoFZmluYWwYBCABKAgiXAoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIWCg5ydW5fbG9nc19zaW5jZRgCIAEoAxISCgpidWlsZF9sb2dzGAMgASgIEg0KBXF1ZXVlGAQgASgJImEKEFdhdGNoSm9iUmVzcG9uc2USHgoDam9iGAEgASgLMg8uam9id2lyZS52MS5Kb2JIABIkCgRsb2dzGAIgASgLMhQuam9id2lyZS52MS5Mb2dCYXRjaEgAQgcKBWV2ZW50InMKCExvZ0JhdGNoEiEKBGtpbmQYASABKA4yEy5qb2J3aXJlLnYxLkxvZ0tpbmQSDQoFc3RhcnQYAiABKAMSJAoGY2h1bmtzGAMgAygLMhQuam9id2lyZS52MS5Mb2dDaHVuaxIPCgdhdHRlbXB0GAQgASgFIk4KEFN0cmVhbUpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg0KBXF1ZXVlGAIgASgJEg0KBXNpbmNlGAMgASgDEgwKBHRleHQYBCABKAgiQQoSR2V0Sm9iSW5wdXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEg0KBXF1ZXVlGAMgASgJIkIKE0dldEpvYk91dHB1dFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBHBhdGgYAiABKAkSDQoFcXVldWUYAyABKAkiRAoQQ2FuY2VsSm9iUmVxdWVzdBINCgVxdWV1ZRgBIAEoCRIOCgZqb2JfaWQYAiABKAkSEQoJbmFtZXNwYWNlGAMgASgJIjEKEUNhbmNlbEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLmpvYndpcmUudjEuSm9iIm4KDkNvcHlKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRInCgdjb250cm9sGAMgASgLMhYuam9id2lyZS52MS5Kb2JDb250cm9sEhQKDHNvdXJjZV9xdWV1ZRgEIAEoCSJACg9Db3B5Sm9iUmVzcG9uc2USDwoHc3VjY2VzcxgBIAEoCBIcCgNqb2IYAiABKAsyDy5qb2J3aXJlLnYxLkpvYiIxChBEZWxldGVKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCSIjChFEZWxldGVKb2JSZXNwb25zZRIOCgZqb2JfaWQYASABKAkiJgoVR2V0UXVldWVTdGF0dXNSZXF1ZXN0Eg0KBXF1ZXVlGAEgASgJIoMBChZHZXRRdWV1ZVN0YXR1c1Jlc3BvbnNlEg0KBXF1ZXVlGAEgASgJEg4KBnF1ZXVlZBgCIAEoAxIPCgdydW5uaW5nGAMgASgDEhAKCGZpbmlzaGVkGAQgASgDEicKB3dvcmtlcnMYBSADKAsyFi5qb2J3aXJlLnYxLldvcmtlckluZm8i2QEKCldvcmtlckluZm8SCgoCaWQYASABKAkSDAoEY3B1cxgCIAEoBRIMCgRncHVzGAMgAygJEhcKD3J1bm5pbmdfam9iX2lkcxgEIAMoCRIyCg5sYXN0X3NlZW5fdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgGIAEoCRIQCghob3N0bmFtZRgHIAEoCRIzChBtYXhfam9iX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIicKFkdldFF1ZXVlTWV0cmljc1JlcXVlc3QSDQoFcXVldWUYASABKAkqagoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX0ZJTklTSEVEEAMqlgIKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVRklOSVNIX1JFQVNPTl9TVUNDRVNTEAESFwoTRklOSVNIX1JFQVNPTl9FUlJPUhACEhsKF0ZJTklTSF9SRUFTT05fVElNRURfT1VUEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIdChlGSU5JU0hfUkVBU09OX1dPUktFUl9MT1NUEAUSJAogRklOSVNIX1JFQVNPTl9SRVBMQUNFRF9CWV9DTElFTlQQBhIZChVGSU5JU0hfUkVBU09OX0RFTEVURUQQBxIZChVGSU5JU0hfUkVBU09OX0VYUElSRUQQCCpVCglMb2dTdHJlYW0SGgoWTE9HX1NUUkVBTV9VTlNQRUNJRklFRBAAEhUKEUxPR19TVFJFQU1fU1RET1VUEAESFQoRTE9HX1NUUkVBTV9TVERFUlIQAipJCgdMb2dLaW5kEhgKFExPR19LSU5EX1VOU1BFQ0lGSUVEEAASEAoMTE9HX0tJTkRfUlVOEAESEgoOTE9HX0tJTkRfQlVJTEQQAirhAQoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVSk9CX0VWRU5UX0tJTkRfUVVFVUVEEAESGwoXSk9CX0VWRU5UX0tJTkRfQVNTSUdORUQQAhIaChZKT0JfRVZFTlRfS0lORF9TVEFSVEVEEAMSGwoXSk9CX0VWRU5UX0tJTkRfUkVRVUVVRUQQBBIbChdKT0JfRVZFTlRfS0lORF9GSU5JU0hFRBAFEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBjLPEgoKSm9iU2VydmljZRJyCglTdWJtaXRKb2ISHC5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYlJlc3BvbnNlIiiC0+STAiIiCi9xL3txdWV1ZX06ASpaESIML3Eve3F1ZXVlfS9qOgEqEmgKClN1Ym1pdEpvYnMSHS5qb2J3aXJlLnYxLlN1Ym1pdEpvYnNSZXF1ZXN0Gh4uam9id2lyZS52MS5TdWJtaXRKb2JzUmVzcG9uc2UiG4LT5JMCFSIQL3Eve3F1ZXVlfS9iYXRjaDoBKhJgCg9TdWJtaXRKb2JTdHJlYW0SIi5qb2J3aXJlLnYxLlN1Ym1pdEpvYlN0cmVhbVJlcXVlc3QaIy5qb2J3aXJlLnYxLlN1Ym1pdEpvYlN0cmVhbVJlc3BvbnNlIgAoATABEmkKCExpc3RKb2JzEhsuam9id2lyZS52MS5MaXN0Sm9ic1JlcXVlc3QaHC5qb2J3aXJlLnYxLkxpc3RKb2JzUmVzcG9uc2UiIoLT5JMCHBIKL3Eve3F1ZXVlfVoOEgwvcS97cXVldWV9L2oSbQoGR2V0Sm9iEhkuam9id2lyZS52MS5HZXRKb2JSZXF1ZXN0Ghouam9id2lyZS52MS5HZXRKb2JSZXNwb25zZSIsgtPkkwImEgsvai97am9iX2lkfVoXEhUvcS97cXVldWV9L2ove2pvYl9pZH0SqwEKEEdldEpvYkRlZmluaXRpb24SIy5qb2J3aXJlLnYxLkdldEpvYkRlZmluaXRpb25SZXF1ZXN0GiQuam9id2lyZS52MS5HZXRKb2JEZWZpbml0aW9uUmVzcG9uc2UiTILT5JMCRhIbL2ove2pvYl9pZH0vZGVmaW5pdGlvbi5qc29uWicSJS9xL3txdWV1ZX0vai97am9iX2lkfS9kZWZpbml0aW9uLmpzb24SswEKDEdldEpvYlJlc3VsdBIfLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVxdWVzdBogLmpvYndpcmUudjEuR2V0Sm9iUmVzdWx0UmVzcG9uc2UiYILT5JMCWhIXL2ove2pvYl9pZH0vcmVzdWx0Lmpzb25aGhIYL2ove2pvYl9pZH0vcmVzdWx0cy5qc29uWiMSIS9xL3txdWV1ZX0vai97am9iX2lkfS9yZXN1bHQuanNvbhKPAgoKR2V0Sm9iTG9ncxIdLmpvYndpcmUudjEuR2V0Sm9iTG9nc1JlcXVlc3QaHi5qb2J3aXJlLnYxLkdldEpvYkxvZ3NSZXNwb25zZSLBAYLT5JMCugESEC9qL3tqb2JfaWR9L2xvZ3NaIhIgL2ove2pvYl9pZH0ve2ZpbGU9cnVuLWxvZ3MuanNvbn1aJBIiL2ove2pvYl9pZH0ve2ZpbGU9YnVpbGQtbG9ncy5qc29ufVosEiovcS97cXVldWV9L2ove2pvYl9pZH0ve2ZpbGU9cnVuLWxvZ3MuanNvbn1aLhIsL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3tmaWxlPWJ1aWxkLWxvZ3MuanNvbn0SgQEKCFdhdGNoSm9iEhsuam9id2lyZS52MS5XYXRjaEpvYlJlcXVlc3QaHC5qb2J3aXJlLnYxLldhdGNoSm9iUmVzcG9uc2UiOILT5JMCMhIRL2ove2pvYl9pZH0vd2F0Y2haHRIbL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3dhdGNoMAESfQoJU3RyZWFtSm9iEhwuam9id2lyZS52MS5TdHJlYW1Kb2JSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSI6gtPkkwI0EhIvai97am9iX2lkfS9zdHJlYW1aHhIcL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L3N0cmVhbTABEpUBCgtHZXRKb2JJbnB1dBIeLmpvYndpcmUudjEuR2V0Sm9iSW5wdXRSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJOgtPkkwJIEhwvai97am9iX2lkfS9pbnB1dHMve3BhdGg9Kip9WigSJi9xL3txdWV1ZX0vai97am9iX2lkfS9pbnB1dHMve3BhdGg9Kip9MAESmQEKDEdldEpvYk91dHB1dBIfLmpvYndpcmUudjEuR2V0Sm9iT3V0cHV0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiUILT5JMCShIdL2ove2pvYl9pZH0vb3V0cHV0cy97cGF0aD0qKn1aKRInL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L291dHB1dHMve3BhdGg9Kip9MAESmgEKCUNhbmNlbEpvYhIcLmpvYndpcmUudjEuQ2FuY2VsSm9iUmVxdWVzdBodLmpvYndpcmUudjEuQ2FuY2VsSm9iUmVzcG9uc2UiUILT5JMCSiIcL3Eve3F1ZXVlfS9qL3tqb2JfaWR9L2NhbmNlbFoqIigvcS97cXVldWV9L2ove2pvYl9pZH0ve25hbWVzcGFjZX0vY2FuY2VsEocBCgdDb3B5Sm9iEhouam9id2lyZS52MS5Db3B5Sm9iUmVxdWVzdBobLmpvYndpcmUudjEuQ29weUpvYlJlc3BvbnNlIkOC0+STAj0iIS9xL3tzb3VyY2VfcXVldWV9L2ove2pvYl9pZH0vY29weToBKloVIhAvai97am9iX2lkfS9jb3B5OgEqEnYKCURlbGV0ZUpvYhIcLmpvYndpcmUudjEuRGVsZXRlSm9iUmVxdWVzdBodLmpvYndpcmUudjEuRGVsZXRlSm9iUmVzcG9uc2UiLILT5JMCJioVL3Eve3F1ZXVlfS9qL3tqb2JfaWR9Wg0qCy9qL3tqb2JfaWR9EnIKDkdldFF1ZXVlU3RhdHVzEiEuam9id2lyZS52MS5HZXRRdWV1ZVN0YXR1c1JlcXVlc3QaIi5qb2J3aXJlLnYxLkdldFF1ZXVlU3RhdHVzUmVzcG9uc2UiGYLT5JMCExIRL3Eve3F1ZXVlfS9zdGF0dXMSZwoPR2V0UXVldWVNZXRyaWNzEiIuam9id2lyZS52MS5HZXRRdWV1ZU1ldHJpY3NSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSIagtPkkwIUEhIvcS97cXVldWV9L21ldHJpY3NiBnByb3RvMw", [file_google_api_annotations, file_google_api_httpbody, file_google_protobuf_duration, file_google_protobuf_timestamp, file_jobwire_v1_definition]);
 
 /**
  * A piece of a log. Concatenating the `text` of a log's chunks gives the
@@ -458,6 +458,108 @@ export const SubmitJobsResponseSchema: GenMessage<SubmitJobsResponse> = /*@__PUR
   messageDesc(file_jobwire_v1_jobs, 7);
 
 /**
+ * Request of `SubmitJobStream`: one submission.
+ *
+ * @generated from message jobwire.v1.SubmitJobStreamRequest
+ */
+export type SubmitJobStreamRequest = Message<"jobwire.v1.SubmitJobStreamRequest"> & {
+  /**
+   * Chosen by the client (unique among its submissions in flight on the
+   * stream) and echoed in the answer.
+   *
+   * @generated from field: uint64 tag = 1;
+   */
+  tag: bigint;
+
+  /**
+   * The submission, as `SubmitJob` takes it.
+   *
+   * @generated from field: jobwire.v1.SubmitJobRequest submission = 2;
+   */
+  submission?: SubmitJobRequest | undefined;
+};
+
+/**
+ * Describes the message jobwire.v1.SubmitJobStreamRequest.
+ * Use `create(SubmitJobStreamRequestSchema)` to create a new message.
+ */
+export const SubmitJobStreamRequestSchema: GenMessage<SubmitJobStreamRequest> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_jobs, 8);
+
+/**
+ * Response of `SubmitJobStream`: the answer to one submission.
+ *
+ * @generated from message jobwire.v1.SubmitJobStreamResponse
+ */
+export type SubmitJobStreamResponse = Message<"jobwire.v1.SubmitJobStreamResponse"> & {
+  /**
+   * The `tag` of the submission answered.
+   *
+   * @generated from field: uint64 tag = 1;
+   */
+  tag: bigint;
+
+  /**
+   * What `SubmitJob` would have answered, or its error.
+   *
+   * @generated from oneof jobwire.v1.SubmitJobStreamResponse.outcome
+   */
+  outcome: {
+    /**
+     * The submission was stored (or joined the same job).
+     *
+     * @generated from field: jobwire.v1.SubmitJobResponse submitted = 2;
+     */
+    value: SubmitJobResponse;
+    case: "submitted";
+  } | {
+    /**
+     * The submission failed; nothing of it was stored.
+     *
+     * @generated from field: jobwire.v1.SubmitJobError error = 3;
+     */
+    value: SubmitJobError;
+    case: "error";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message jobwire.v1.SubmitJobStreamResponse.
+ * Use `create(SubmitJobStreamResponseSchema)` to create a new message.
+ */
+export const SubmitJobStreamResponseSchema: GenMessage<SubmitJobStreamResponse> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_jobs, 9);
+
+/**
+ * Why one submission of `SubmitJobStream` failed: the status `SubmitJob`
+ * would have returned.
+ *
+ * @generated from message jobwire.v1.SubmitJobError
+ */
+export type SubmitJobError = Message<"jobwire.v1.SubmitJobError"> & {
+  /**
+   * The gRPC status code (google.rpc.Code), never 0.
+   *
+   * @generated from field: int32 code = 1;
+   */
+  code: number;
+
+  /**
+   * What to fix, or why to retry.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message jobwire.v1.SubmitJobError.
+ * Use `create(SubmitJobErrorSchema)` to create a new message.
+ */
+export const SubmitJobErrorSchema: GenMessage<SubmitJobError> = /*@__PURE__*/
+  messageDesc(file_jobwire_v1_jobs, 10);
+
+/**
  * Request of `ListJobs`.
  *
  * @generated from message jobwire.v1.ListJobsRequest
@@ -497,7 +599,7 @@ export type ListJobsRequest = Message<"jobwire.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 8);
+  messageDesc(file_jobwire_v1_jobs, 11);
 
 /**
  * Response of `ListJobs`.
@@ -527,7 +629,7 @@ export type ListJobsResponse = Message<"jobwire.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 9);
+  messageDesc(file_jobwire_v1_jobs, 12);
 
 /**
  * Request of `GetJob`.
@@ -556,7 +658,7 @@ export type GetJobRequest = Message<"jobwire.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 10);
+  messageDesc(file_jobwire_v1_jobs, 13);
 
 /**
  * Response of `GetJob`.
@@ -577,7 +679,7 @@ export type GetJobResponse = Message<"jobwire.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 11);
+  messageDesc(file_jobwire_v1_jobs, 14);
 
 /**
  * Request of `GetJobDefinition`.
@@ -606,7 +708,7 @@ export type GetJobDefinitionRequest = Message<"jobwire.v1.GetJobDefinitionReques
  * Use `create(GetJobDefinitionRequestSchema)` to create a new message.
  */
 export const GetJobDefinitionRequestSchema: GenMessage<GetJobDefinitionRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 12);
+  messageDesc(file_jobwire_v1_jobs, 15);
 
 /**
  * Response of `GetJobDefinition`.
@@ -627,7 +729,7 @@ export type GetJobDefinitionResponse = Message<"jobwire.v1.GetJobDefinitionRespo
  * Use `create(GetJobDefinitionResponseSchema)` to create a new message.
  */
 export const GetJobDefinitionResponseSchema: GenMessage<GetJobDefinitionResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 13);
+  messageDesc(file_jobwire_v1_jobs, 16);
 
 /**
  * Request of `GetJobResult`.
@@ -656,7 +758,7 @@ export type GetJobResultRequest = Message<"jobwire.v1.GetJobResultRequest"> & {
  * Use `create(GetJobResultRequestSchema)` to create a new message.
  */
 export const GetJobResultRequestSchema: GenMessage<GetJobResultRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 14);
+  messageDesc(file_jobwire_v1_jobs, 17);
 
 /**
  * Response of `GetJobResult`.
@@ -691,7 +793,7 @@ export type GetJobResultResponse = Message<"jobwire.v1.GetJobResultResponse"> & 
  * Use `create(GetJobResultResponseSchema)` to create a new message.
  */
 export const GetJobResultResponseSchema: GenMessage<GetJobResultResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 15);
+  messageDesc(file_jobwire_v1_jobs, 18);
 
 /**
  * Request of `GetJobLogs`.
@@ -742,7 +844,7 @@ export type GetJobLogsRequest = Message<"jobwire.v1.GetJobLogsRequest"> & {
  * Use `create(GetJobLogsRequestSchema)` to create a new message.
  */
 export const GetJobLogsRequestSchema: GenMessage<GetJobLogsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 16);
+  messageDesc(file_jobwire_v1_jobs, 19);
 
 /**
  * Response of `GetJobLogs`.
@@ -784,7 +886,7 @@ export type GetJobLogsResponse = Message<"jobwire.v1.GetJobLogsResponse"> & {
  * Use `create(GetJobLogsResponseSchema)` to create a new message.
  */
 export const GetJobLogsResponseSchema: GenMessage<GetJobLogsResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 17);
+  messageDesc(file_jobwire_v1_jobs, 20);
 
 /**
  * Request of `WatchJob`.
@@ -827,7 +929,7 @@ export type WatchJobRequest = Message<"jobwire.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 18);
+  messageDesc(file_jobwire_v1_jobs, 21);
 
 /**
  * One message of `WatchJob`.
@@ -865,7 +967,7 @@ export type WatchJobResponse = Message<"jobwire.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 19);
+  messageDesc(file_jobwire_v1_jobs, 22);
 
 /**
  * Consecutive chunks of one log of a job.
@@ -907,7 +1009,7 @@ export type LogBatch = Message<"jobwire.v1.LogBatch"> & {
  * Use `create(LogBatchSchema)` to create a new message.
  */
 export const LogBatchSchema: GenMessage<LogBatch> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 20);
+  messageDesc(file_jobwire_v1_jobs, 23);
 
 /**
  * Request of `StreamJob`.
@@ -954,7 +1056,7 @@ export type StreamJobRequest = Message<"jobwire.v1.StreamJobRequest"> & {
  * Use `create(StreamJobRequestSchema)` to create a new message.
  */
 export const StreamJobRequestSchema: GenMessage<StreamJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 21);
+  messageDesc(file_jobwire_v1_jobs, 24);
 
 /**
  * Request of `GetJobInput`.
@@ -990,7 +1092,7 @@ export type GetJobInputRequest = Message<"jobwire.v1.GetJobInputRequest"> & {
  * Use `create(GetJobInputRequestSchema)` to create a new message.
  */
 export const GetJobInputRequestSchema: GenMessage<GetJobInputRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 22);
+  messageDesc(file_jobwire_v1_jobs, 25);
 
 /**
  * Request of `GetJobOutput`.
@@ -1026,7 +1128,7 @@ export type GetJobOutputRequest = Message<"jobwire.v1.GetJobOutputRequest"> & {
  * Use `create(GetJobOutputRequestSchema)` to create a new message.
  */
 export const GetJobOutputRequestSchema: GenMessage<GetJobOutputRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 23);
+  messageDesc(file_jobwire_v1_jobs, 26);
 
 /**
  * Request of `CancelJob`.
@@ -1063,7 +1165,7 @@ export type CancelJobRequest = Message<"jobwire.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 24);
+  messageDesc(file_jobwire_v1_jobs, 27);
 
 /**
  * Response of `CancelJob`.
@@ -1084,7 +1186,7 @@ export type CancelJobResponse = Message<"jobwire.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 25);
+  messageDesc(file_jobwire_v1_jobs, 28);
 
 /**
  * Request of `CopyJob`.
@@ -1126,7 +1228,7 @@ export type CopyJobRequest = Message<"jobwire.v1.CopyJobRequest"> & {
  * Use `create(CopyJobRequestSchema)` to create a new message.
  */
 export const CopyJobRequestSchema: GenMessage<CopyJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 26);
+  messageDesc(file_jobwire_v1_jobs, 29);
 
 /**
  * Response of `CopyJob`.
@@ -1154,7 +1256,7 @@ export type CopyJobResponse = Message<"jobwire.v1.CopyJobResponse"> & {
  * Use `create(CopyJobResponseSchema)` to create a new message.
  */
 export const CopyJobResponseSchema: GenMessage<CopyJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 27);
+  messageDesc(file_jobwire_v1_jobs, 30);
 
 /**
  * Request of `DeleteJob`.
@@ -1182,7 +1284,7 @@ export type DeleteJobRequest = Message<"jobwire.v1.DeleteJobRequest"> & {
  * Use `create(DeleteJobRequestSchema)` to create a new message.
  */
 export const DeleteJobRequestSchema: GenMessage<DeleteJobRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 28);
+  messageDesc(file_jobwire_v1_jobs, 31);
 
 /**
  * Response of `DeleteJob`.
@@ -1203,7 +1305,7 @@ export type DeleteJobResponse = Message<"jobwire.v1.DeleteJobResponse"> & {
  * Use `create(DeleteJobResponseSchema)` to create a new message.
  */
 export const DeleteJobResponseSchema: GenMessage<DeleteJobResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 29);
+  messageDesc(file_jobwire_v1_jobs, 32);
 
 /**
  * Request of `GetQueueStatus`.
@@ -1224,7 +1326,7 @@ export type GetQueueStatusRequest = Message<"jobwire.v1.GetQueueStatusRequest"> 
  * Use `create(GetQueueStatusRequestSchema)` to create a new message.
  */
 export const GetQueueStatusRequestSchema: GenMessage<GetQueueStatusRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 30);
+  messageDesc(file_jobwire_v1_jobs, 33);
 
 /**
  * Response of `GetQueueStatus`.
@@ -1273,7 +1375,7 @@ export type GetQueueStatusResponse = Message<"jobwire.v1.GetQueueStatusResponse"
  * Use `create(GetQueueStatusResponseSchema)` to create a new message.
  */
 export const GetQueueStatusResponseSchema: GenMessage<GetQueueStatusResponse> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 31);
+  messageDesc(file_jobwire_v1_jobs, 34);
 
 /**
  * A worker as the queue sees it.
@@ -1343,7 +1445,7 @@ export type WorkerInfo = Message<"jobwire.v1.WorkerInfo"> & {
  * Use `create(WorkerInfoSchema)` to create a new message.
  */
 export const WorkerInfoSchema: GenMessage<WorkerInfo> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 32);
+  messageDesc(file_jobwire_v1_jobs, 35);
 
 /**
  * Request of `GetQueueMetrics`.
@@ -1364,7 +1466,7 @@ export type GetQueueMetricsRequest = Message<"jobwire.v1.GetQueueMetricsRequest"
  * Use `create(GetQueueMetricsRequestSchema)` to create a new message.
  */
 export const GetQueueMetricsRequestSchema: GenMessage<GetQueueMetricsRequest> = /*@__PURE__*/
-  messageDesc(file_jobwire_v1_jobs, 33);
+  messageDesc(file_jobwire_v1_jobs, 36);
 
 /**
  * Where a job is in its life.
@@ -1653,6 +1755,23 @@ export const JobService: GenService<{
     methodKind: "unary";
     input: typeof SubmitJobsRequestSchema;
     output: typeof SubmitJobsResponseSchema;
+  },
+  /**
+   * Submissions as messages on one stream the client keeps open, for clients
+   * that submit many jobs one after another (the SDK's `submit`): each
+   * request is a `SubmitJob` request and is answered by a response carrying
+   * its `tag` and either what `SubmitJob` answers or the error it would have
+   * failed with; a failed submission does not end the stream. Up to 64
+   * submissions of one stream are handled at once (answers may come in any
+   * order); the server reads no more until one is answered. gRPC only: over
+   * REST use `SubmitJob` (or `SubmitJobs` for many at once).
+   *
+   * @generated from rpc jobwire.v1.JobService.SubmitJobStream
+   */
+  submitJobStream: {
+    methodKind: "bidi_streaming";
+    input: typeof SubmitJobStreamRequestSchema;
+    output: typeof SubmitJobStreamResponseSchema;
   },
   /**
    * Lists a queue's jobs one page at a time: the live ones (queued, running)
