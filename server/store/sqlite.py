@@ -155,6 +155,35 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 14: no statement looks a queue entry up by job id alone any more (runs are keyed by (queue, id),
     # see 11): the index cost every submission a write.
     "DROP INDEX IF EXISTS queue_jobs_job",
+    # 15: a job leaves `waiting` by its key (queue, seq), found through its queue entry, instead of by
+    # an index on the job id: job ids are hashes, so that index took a write on a page of its own
+    # (a random one) for every submission and every claim. The triggers run only the statements a
+    # change needs: a claim leaves the queue, a re-queue joins it, a finish touches neither.
+    """
+    DROP TRIGGER job_state_changed;
+    DROP TRIGGER job_removed;
+    DROP INDEX waiting_job;
+    CREATE TRIGGER job_state_changed AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+      UPDATE queue_states SET jobs = jobs - 1 WHERE queue = NEW.queue AND state = OLD.state
+        AND EXISTS (SELECT 1 FROM queue_jobs WHERE queue = NEW.queue AND job_id = NEW.id);
+      INSERT INTO queue_states SELECT queue, NEW.state, 1 FROM queue_jobs WHERE queue = NEW.queue AND job_id = NEW.id
+        ON CONFLICT (queue, state) DO UPDATE SET jobs = jobs + 1;
+    END;
+    CREATE TRIGGER job_left_queue AFTER UPDATE OF state ON jobs WHEN OLD.state = 1 AND NEW.state != 1 BEGIN
+      DELETE FROM waiting
+        WHERE queue = NEW.queue AND seq = (SELECT seq FROM queue_jobs WHERE queue = NEW.queue AND job_id = NEW.id);
+    END;
+    CREATE TRIGGER job_queued_again AFTER UPDATE OF state ON jobs WHEN NEW.state = 1 AND OLD.state != 1 BEGIN
+      INSERT INTO waiting SELECT queue, seq, job_id, NEW.gpus FROM queue_jobs
+        WHERE queue = NEW.queue AND job_id = NEW.id;
+    END;
+    CREATE TRIGGER job_removed AFTER DELETE ON jobs BEGIN
+      UPDATE queue_states SET jobs = jobs - 1 WHERE queue = OLD.queue AND state = OLD.state
+        AND EXISTS (SELECT 1 FROM queue_jobs WHERE queue = OLD.queue AND job_id = OLD.id);
+      DELETE FROM waiting
+        WHERE queue = OLD.queue AND seq = (SELECT seq FROM queue_jobs WHERE queue = OLD.queue AND job_id = OLD.id);
+    END
+    """,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
