@@ -120,3 +120,29 @@ async def test_a_submission_too_large_for_the_stream_goes_as_a_call(stack: Stack
         job = await client.submit(queue, large)
         assert job.id == job_id(large)
         assert not client.submissions._open  # it never opened the stream
+
+
+async def test_a_submitter_that_never_reads_its_answers_is_held_back_and_others_are_served(
+    stack: Stack, jobs: jobs_pb2_grpc.JobServiceStub, queue: str
+) -> None:
+    """An attacker's stream writes submissions and reads no answer: the server handles 64 at once,
+    stops reading while their answers cannot be sent, and flow control then stops the writer (the
+    server holds a bounded amount for it); the server keeps serving everyone else meanwhile."""
+    async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
+        call = jobs_pb2_grpc.JobServiceStub(channel).SubmitJobStream()
+        # Refused at once, and its answer (which names the queue) as large as the submission: the
+        # windows of both directions fill after a few thousand.
+        bad_queue = jobs_pb2.SubmitJobRequest(queue="/" * 16 * 1024)
+        refused = jobs_pb2.SubmitJobStreamRequest(submission=bad_queue)
+        written, held_back = 0, False
+        while written < 6_000:  # 100 MB
+            try:
+                await asyncio.wait_for(call.write(refused), timeout=2)
+            except TimeoutError:
+                held_back = True
+                break
+            written += 1
+        assert held_back, f"{written:,} submissions written and none held back"
+        submitted = await jobs.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=_definition("echo served")))
+        assert submitted.job_id == job_id(_definition("echo served"))
+        call.cancel()
