@@ -9,10 +9,14 @@ command needs an explicit `sh -c '…'`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 _OPERATORS = set("|&;<>()")
 _GLOBS = set("*?")
+_PLAIN = re.compile(r"""[^'"\\$|&;<>()*?#]*""")
+"""A command with none of the characters `_Splitter` treats specially."""
+_BLANKS = re.compile(r"[ \t\n]+")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
@@ -22,6 +26,9 @@ class _ShellSyntax(Exception):
 
 def split_command(command: str, env: Mapping[str, str]) -> list[str]:
     """The argv of `command`; raises ValueError for unbalanced quotes."""
+    if _PLAIN.fullmatch(command):  # nothing but words and blanks: what most commands are
+        words = command.strip(" \t\n")
+        return _BLANKS.split(words) if words else []
     try:
         return _Splitter(command, env).words()
     except _ShellSyntax:

@@ -139,7 +139,9 @@ def _normalised_url(url: str) -> str:
 def canonical_json(value: Any) -> str:
     """`value` as safe-stable-stringify writes it: sorted keys, no spaces, JS numbers."""
     if isinstance(value, dict):
-        items = sorted(value.items(), key=lambda item: item[0].encode("utf-16-be"))
+        # JavaScript compares strings by UTF-16 code units; for ASCII keys that is Python's order.
+        ascii_keys = all(key.isascii() for key in value)
+        items = sorted(value.items()) if ascii_keys else sorted(value.items(), key=lambda item: _utf16(item[0]))
         return "{" + ",".join(f"{_string(k)}:{canonical_json(v)}" for k, v in items) + "}"
     if isinstance(value, list | tuple):
         return "[" + ",".join(canonical_json(v) for v in value) + "]"
@@ -152,8 +154,13 @@ def canonical_json(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+_string = json.JSONEncoder(ensure_ascii=False).encode
+"""A string as JSON, non-ASCII characters as they are (one encoder: `json.dumps` with options builds
+one per call)."""
+
+
+def _utf16(text: str) -> bytes:
+    return text.encode("utf-16-be")
 
 
 def js_number(number: float) -> str:
