@@ -11,7 +11,7 @@ WEB_GEN := web/src/gen
 WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
 GOOGLE_API_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto
 
-.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck postgres deploy-envoy bench chaos clean
+.PHONY: install gen check-gen lint typecheck test run images docker browser web web-typecheck postgres deploy-envoy bench profile chaos clean
 
 # A virtualenv at the repo root with jobwire (editable) and its dev tools.
 install: $(STAMP)
@@ -109,6 +109,13 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 bench: $(BENCH_STAMP) docker images
 	bash scripts/ensure-debian-packages.sh redis-server=redis-server
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Where the server's CPU goes on the submit and claim paths (py-spy over figure 2's two modes); writes
+# bench/results/profile/<label>.md and the folded stacks. PROFILE_ARGS passes options, e.g.
+# `make profile PROFILE_ARGS="--label after-main --jobs 4000"`. Recording the client (py-spy's parent)
+# needs root or kernel.yama.ptrace_scope=0; without, only the server and the workers are recorded.
+profile: $(BENCH_STAMP)
+	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
 # Fault injection (never part of `make test`; as root for the tmpfs scenarios): kill -9, cut and stalled
 # streams, cancels under load, PostgreSQL outages, full disks; the table goes to bench/results/chaos.md.
