@@ -39,8 +39,6 @@ share is its Python work around the statements.
   inline "is anything waiting" SELECT counts here), anything in `server/waiting.py` (the waiting lines).
 - submit path: `JobServicer.SubmitJob` / `SubmitJobs`, `Scheduler.submit` / `submit_many` and the
   scheduler's helpers they call (`_room`, `_checked`, `_submitted`, `_add_webhooks`, `publish_job`).
-- worker stream, other: the rest of `server/sessions.py` and `server/servicers/workers.py` (receiving and
-  dispatching the stream's messages, heartbeats, the outbox) and `Scheduler.started` / `renew`.
 - gRPC machinery, in three rows (and their sum):
   - poller thread: `Thread.run` when innermost (the only thread whose target is no Python code is
     gRPC's poller, Cython's `_poll_wrapper`; the executor's threads show `_worker`);
@@ -51,6 +49,8 @@ share is its Python work around the statements.
     samples were in grpc's Cython, the RPC handlers' coroutines that parse, call the servicer and
     serialise, and the rest in C task steps), `_send` and `WorkerServicer.Connect` (the worker
     stream's `context.write` and read, Cython).
+- worker stream, other: the rest of `server/sessions.py` and `server/servicers/workers.py` (receiving and
+  dispatching the stream's messages, heartbeats, the outbox) and `Scheduler.started` / `renew`.
 - event loop: asyncio's own turn (`BaseEventLoop._run_once`, `run_forever`, and `Handle._run` when it
   is not innermost but nothing inner is categorised).
 - other: everything else (e.g. the bus, metrics, protobuf's Python helpers, garbage collection).
@@ -151,13 +151,13 @@ CATEGORIES: list[tuple[str, Rule]] = [
             "Scheduler.publish_job",
         ),
     ),
+    ("gRPC machinery: poller thread", _leaf("Thread.run")),
+    ("gRPC machinery: selector wake-ups", _selector),
+    ("gRPC machinery: calls and streams", _any(_grpc, _leaf("Handle._run", "_send", "WorkerServicer.Connect"))),
     (
         "worker stream, other",
         _any(_in_file("server/sessions.py", "servicers/workers.py"), _named("Scheduler.started", "Scheduler.renew")),
     ),
-    ("gRPC machinery: poller thread", _leaf("Thread.run")),
-    ("gRPC machinery: selector wake-ups", _selector),
-    ("gRPC machinery: calls and streams", _any(_grpc, _leaf("Handle._run", "_send", "WorkerServicer.Connect"))),
     ("event loop", _named("BaseEventLoop._run_once", "BaseEventLoop.run_forever", "Handle._run")),
 ]
 ORDER = [name for name, _ in CATEGORIES] + [OTHER]
@@ -199,6 +199,16 @@ class Summary:
     inclusive: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
+def _scaffolding(name: str, file: str) -> bool:
+    """Frames under (nearly) every sample, left out of the inclusive table: the entry point, the event
+    loop's and the threads' own frames."""
+    return (
+        file.startswith(("asyncio/", "cyclopts/", "concurrent/futures/"))
+        or file in ("threading.py", "jobwire", "cli/app.py")
+        or name == "<module>"
+    )
+
+
 def summarise(lines: Iterable[str]) -> Summary:
     summary = Summary()
     for stack, count in parse(lines):
@@ -206,7 +216,7 @@ def summarise(lines: Iterable[str]) -> Summary:
         summary.categories[category(stack)] += count
         names = [f"{name} ({file})" if file else name for name, file in stack] or ["(no stack)"]
         summary.own[names[-1]] += count
-        for name in set(names):
+        for name in {f"{name} ({file})" for name, file in stack if not _scaffolding(name, file)}:
             summary.inclusive[name] += count
     return summary
 
@@ -275,9 +285,13 @@ class Recorder:
             await self.process.wait()
             raise RuntimeError(f"py-spy on pid {self.pid} failed: {self.said.decode(errors='replace')}")
 
-    async def stop(self) -> Path:
+    def interrupt(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGINT)
+
+    async def finish(self) -> Path:
+        """Once interrupted: py-spy's file, gzipped."""
+        assert self.process is not None
         rest, _ = await asyncio.wait_for(self.process.communicate(), 60)
         self.said += rest
         if not self.output.exists():
@@ -311,9 +325,11 @@ async def recording(pids: dict[str, int], stem: Path) -> AsyncIterator[dict[str,
             started.append(recorder)
         yield files
     finally:
+        for recorder in started:  # all first: the gzipping below must not be in the client's profile
+            recorder.interrupt()
         for name, recorder in recorders.items():
             if recorder in started:
-                files[name] = await recorder.stop()
+                files[name] = await recorder.finish()
 
 
 async def record(ctx: Context, label: str, out: Path) -> list[Recorded]:
@@ -394,7 +410,7 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
         f"after another. py-spy {_py_spy_version()} sampled each process {RATE} times a second "
         "(`--nonblocking`, no native frames), only running threads; the percentages are "
         f"shares of the server's samples, the µs per job those shares of the server's CPU time per job "
-        f"over the mode. Rates while profiled (py-spy pauses a process for each sample): {rates}. "
+        f"over the mode. Rates while profiled (three py-spy processes sharing the cores): {rates}. "
         "Categories: see `bench/profile.py` (a sample goes to its innermost categorised frame, so SQL run "
         "by a path counts as SQLite statements). The folded stacks are beside this file "
         f"(`{label}-<mode>.txt.gz`, `-workers`, `-client`).",
@@ -403,14 +419,23 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
         server = summarise(_read(run.files["server"]))
         us = run.cpu_ms_per_job["server"] * 1000
         lines += ["", f"## {run.mode}: server ({run.jobs_per_second:,.0f} jobs/s, {us:.0f} CPU µs per job)", ""]
-        lines += category_table(server, us)
+        expected = run.cpu_ms_per_job["server"] / 1000 * sz["throughput_jobs"] * RATE
+        lines += [
+            f"{server.samples} samples for {expected:.0f} expected from the server's CPU time. Samples beyond "
+            "it are waits py-spy took for running (it reads a thread's state and its stack at two moments), "
+            "most likely in the selector and the poller rows: those are upper bounds.",
+            "",
+            *category_table(server, us),
+        ]
         lines += ["", *function_table("top 15 by self time", server.own, server)]
-        lines += ["", *function_table("top 15 by inclusive time", server.inclusive, server)]
+        lines += ["", *function_table("top 15 by inclusive time (no loop or entry frames)", server.inclusive, server)]
         for name in ("workers", "client"):
             if name in run.files:
                 other = summarise(_read(run.files[name]))
                 ms = run.cpu_ms_per_job[name]
-                lines += ["", f"### {run.mode}: {name} ({ms * 1000:.0f} CPU µs per job, {other.samples} samples)", ""]
+                expected = ms / 1000 * sz["throughput_jobs"] * RATE
+                title = f"{ms * 1000:.0f} CPU µs per job, {other.samples} samples for {expected:.0f} expected"
+                lines += ["", f"### {run.mode}: {name} ({title})", ""]
                 lines += function_table("top 8 by self time", other.own, other, top=8)
     return "\n".join(lines) + "\n"
 
