@@ -69,14 +69,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import peers
 from bench.runner import RESULTS, Context, machine, sizes
-from bench.throughput import MODES, _cpu_by_process, _simulated_stack, timed, timed_batches
+from bench.throughput import MODES, _cpu_by_process, _simulated_stack, mode_calls, timed, timed_batches
 from jobwire import Client
 
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
@@ -337,25 +336,8 @@ async def record(ctx: Context, label: str, out: Path) -> list[Recorded]:
     total, in_flight = ctx.sizes["throughput_jobs"], ctx.sizes["throughput_in_flight"]
     done: list[Recorded] = []
     async with _simulated_stack(ctx) as (stack, queue, workers), Client(stack.target) as client:
-
-        async def finished_count() -> int:
-            return int((await client.queue_status(queue)).finished)
-
         for mode in ("warm-up", *MODES):
-            nonce, before = uuid.uuid4().hex, await finished_count()
-
-            def noop(index: int, nonce: str = nonce) -> dict[str, str]:
-                return {"image": "bench/none", "command": f"noop {nonce} {index}"}
-
-            async def submit(index: int) -> object:
-                return await client.submit(queue, noop(index))
-
-            async def submit_many(jobs: range) -> object:  # one SubmitJobs call
-                return await client.submit_many(queue, [noop(n) for n in jobs])
-
-            async def finished(before: int = before) -> int:
-                return await finished_count() - before
-
+            submit, _call, submit_many, finished = await mode_calls(client, queue)
             if mode == "warm-up":
                 await peers.warm_up(submit, finished)
                 continue
@@ -422,8 +404,15 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
         expected = run.cpu_ms_per_job["server"] / 1000 * sz["throughput_jobs"] * RATE
         lines += [
             f"{server.samples} samples for {expected:.0f} expected from the server's CPU time. Samples beyond "
-            "it are waits py-spy took for running (it reads a thread's state and its stack at two moments), "
-            "most likely in the selector and the poller rows: those are upper bounds.",
+            "it are threads py-spy saw as running that were not on a core: waits caught as they ended (it "
+            "reads a thread's state and its stack at two moments; the selector and poller rows are upper "
+            "bounds) and, on a busy machine, threads ready to run but waiting for a core."
+            + (
+                " **Here the samples exceed the CPU time by over 30%: the shares are of time ready to run "
+                "rather than of CPU; profile again on a quieter machine.**"
+                if server.samples > 1.3 * expected
+                else ""
+            ),
             "",
             *category_table(server, us),
         ]

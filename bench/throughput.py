@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -93,29 +94,8 @@ async def _jobwire(ctx: Context) -> tuple[dict[str, Rate], dict[str, tuple[float
     total, in_flight = sizes["throughput_jobs"], sizes["throughput_in_flight"]
     stack_and_workers = _simulated_stack(ctx)
     async with stack_and_workers as (stack, queue, workers), Client(stack.target) as client:
-
-        async def done() -> int:
-            return int((await client.queue_status(queue)).finished)
-
         for mode in ("warm-up", *MODES, UNARY):
-            nonce, before = uuid.uuid4().hex, await done()
-
-            def noop(index: int, nonce: str = nonce) -> dict[str, str]:
-                return noop_definition(nonce, index)
-
-            async def submit(index: int) -> object:
-                return await client.submit(queue, noop(index))
-
-            async def call(index: int) -> object:  # as curl or grpcurl would: one SubmitJob call each
-                request = jobs_pb2.SubmitJobRequest(queue=queue, definition=noop_message(noop(index)))
-                return await client.job_service.SubmitJob(request)
-
-            async def submit_many(jobs: range) -> object:  # one SubmitJobs call
-                return await client.submit_many(queue, [noop(n) for n in jobs])
-
-            async def finished(before: int = before) -> int:
-                return await done() - before
-
+            submit, call, submit_many, finished = await mode_calls(client, queue)
             if mode == "warm-up":
                 await peers.warm_up(submit, finished)
                 continue
@@ -132,6 +112,42 @@ async def _jobwire(ctx: Context) -> tuple[dict[str, Rate], dict[str, tuple[float
         floor = await _call_floor(client, stack, total)
         ctx.say("one by one, no job run: " + ", ".join(f"{c} {r:.0f}/s ({ms:.2f} ms)" for c, (r, ms) in floor.items()))
     return rates, floor
+
+
+class ModeCalls(NamedTuple):
+    """One mode's calls (of jobs no other mode submitted): `client.submit` of a no-op job by its index
+    (the SDK's submission stream), the same as one unary SubmitJob call (as curl or grpcurl would),
+    `client.submit_many` of jobs by their indices (one SubmitJobs call), and how many jobs of the
+    queue finished since the calls were made."""
+
+    submit: Submit
+    call: Submit
+    submit_many: Callable[[range], Awaitable[object]]
+    finished: Callable[[], Awaitable[int]]
+
+
+async def mode_calls(client: Client, queue: str) -> ModeCalls:
+    nonce = uuid.uuid4().hex
+
+    async def done() -> int:
+        return int((await client.queue_status(queue)).finished)
+
+    before = await done()
+
+    async def submit(index: int) -> object:
+        return await client.submit(queue, noop_definition(nonce, index))
+
+    async def call(index: int) -> object:
+        request = jobs_pb2.SubmitJobRequest(queue=queue, definition=noop_message(noop_definition(nonce, index)))
+        return await client.job_service.SubmitJob(request)
+
+    async def submit_many(jobs: range) -> object:
+        return await client.submit_many(queue, [noop_definition(nonce, n) for n in jobs])
+
+    async def finished() -> int:
+        return await done() - before
+
+    return ModeCalls(submit, call, submit_many, finished)
 
 
 def noop_definition(nonce: str, index: int) -> dict[str, str]:
