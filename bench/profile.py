@@ -1,14 +1,16 @@
-"""`python -m bench.profile [--label NAME] [--jobs N] [--out DIR]` (`make profile`): where the server's
-CPU goes on the submit and claim paths, recorded with py-spy while figure 2's two jobwire modes run.
+"""`python -m bench.profile [--label NAME] [--jobs N] [--tries N] [--out DIR]` (`make profile`): where
+the server's CPU goes on the submit and claim paths, recorded with py-spy while figure 2's two jobwire
+modes run.
 
 The setup is figure 2's (`bench.throughput`): a real `jobwire server` process, simulated workers (real
 worker daemons on a fake runtime, in a process of their own) and the client in this process. For each
 mode ("batches": SubmitJobs of `throughput_in_flight` jobs, one call after another; "one by one":
 `client.submit` awaited one after another) py-spy records the server, the workers' process and this
 process (`py-spy record --pid PID --rate 250 --format raw --nonblocking`), started just before the mode
-and stopped with SIGINT (py-spy writes on interrupt) after its last job finished. The CPU per job is a
-process's CPU time over the mode (as figure 2 measures it) per job; a category's µs per job is its
-share of the server's samples times the server's CPU per job.
+and stopped with SIGINT (py-spy writes on interrupt) after its last job finished; on a busy machine a
+mode runs again (`--tries`, see `record`) and the try whose samples best match its CPU time is kept.
+The CPU per job is a process's CPU time over the mode (as figure 2 measures it) per job; a category's
+µs per job is its share of the server's samples times the server's CPU per job.
 
 Why `--nonblocking` and no `--native`: py-spy keeps only samples of threads it sees running, and it
 sees that right only when it does not stop the process to sample it. Measured here (400 jobs a mode):
@@ -80,6 +82,8 @@ from jobwire import Client
 
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
 RATE = 250
+EXCESS = 1.3
+"""Server samples per sample its CPU time accounts for, above which a mode's profile is taken again."""
 OUT = RESULTS / "profile"
 FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
@@ -252,6 +256,14 @@ class Recorded:
     jobs_per_second: float
     cpu_ms_per_job: dict[str, float]
     files: dict[str, Path]
+    jobs: int
+    tries: int = 1
+
+    @property
+    def excess(self) -> float:
+        """The server's samples over those its CPU time accounts for (1: none beyond)."""
+        expected = self.cpu_ms_per_job["server"] / 1000 * self.jobs * RATE
+        return summarise(_read(self.files["server"])).samples / expected if expected else float("inf")
 
 
 class Recorder:
@@ -331,29 +343,46 @@ async def recording(pids: dict[str, int], stem: Path) -> AsyncIterator[dict[str,
                 files[name] = await recorder.finish()
 
 
-async def record(ctx: Context, label: str, out: Path) -> list[Recorded]:
-    """Figure 2's jobwire modes through one server and its simulated workers, each recorded."""
+async def record(ctx: Context, label: str, out: Path, tries: int) -> list[Recorded]:
+    """Figure 2's jobwire modes through one server and its simulated workers, each recorded; a mode is
+    run again (up to `tries` times in all) while its server's samples exceed its CPU time by over 30%
+    (a busy machine, see `report`), and the try with the least excess is kept."""
     total, in_flight = ctx.sizes["throughput_jobs"], ctx.sizes["throughput_in_flight"]
     done: list[Recorded] = []
     async with _simulated_stack(ctx) as (stack, queue, workers), Client(stack.target) as client:
-        for mode in ("warm-up", *MODES):
-            submit, _call, submit_many, finished = await mode_calls(client, queue)
-            if mode == "warm-up":
-                await peers.warm_up(submit, finished)
-                continue
-            pids = {"server": stack.server.pid, "workers": workers.pid, "client": os.getpid()}
-            stem = out / f"{label}-{mode.replace(' ', '-')}"
-            async with recording(pids, stem) as files:
-                used = _cpu_by_process(stack.server.pid, workers.pid)
-                if mode == "batches":
-                    rate = await timed_batches(submit_many, finished, total, in_flight)
-                else:
-                    rate = await timed(submit, finished, total, in_flight, mode)
-                now = _cpu_by_process(stack.server.pid, workers.pid)
-            cpu = {name: (now[name] - used[name]) * 1000 / total for name in now}
-            done.append(Recorded(mode, rate.jobs_per_second, cpu, files))
-            split = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
-            ctx.say(f"{mode}: {rate.jobs_per_second:.0f} jobs/s; CPU ms per job by process: {split}")
+        warm_up = await mode_calls(client, queue)
+        await peers.warm_up(warm_up.submit, warm_up.finished)
+        for mode in MODES:
+            best: Recorded | None = None
+            for attempt in range(1, tries + 1):
+                submit, _call, submit_many, finished = await mode_calls(client, queue)
+                pids = {"server": stack.server.pid, "workers": workers.pid, "client": os.getpid()}
+                stem = out / f"{label}-{mode.replace(' ', '-')}-try{attempt}"
+                async with recording(pids, stem) as files:
+                    used = _cpu_by_process(stack.server.pid, workers.pid)
+                    if mode == "batches":
+                        rate = await timed_batches(submit_many, finished, total, in_flight)
+                    else:
+                        rate = await timed(submit, finished, total, in_flight, mode)
+                    now = _cpu_by_process(stack.server.pid, workers.pid)
+                cpu = {name: (now[name] - used[name]) * 1000 / total for name in now}
+                run = Recorded(mode, rate.jobs_per_second, cpu, files, total, attempt)
+                split = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+                ctx.say(
+                    f"{mode}, try {attempt}: {rate.jobs_per_second:.0f} jobs/s; CPU ms per job by process: "
+                    f"{split}; server samples / CPU time {run.excess:.2f}"
+                )
+                worse, best = (best, run) if best is None or run.excess < best.excess else (run, best)
+                for path in worse.files.values() if worse is not None else ():
+                    path.unlink()
+                if best.excess <= EXCESS:
+                    break
+            assert best is not None
+            final = {name: Path(str(path).replace(f"-try{best.tries}", "")) for name, path in best.files.items()}
+            for name, path in best.files.items():
+                path.replace(final[name])
+            best.files = final
+            done.append(best)
     return done
 
 
@@ -400,7 +429,8 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
     for run in runs:
         server = summarise(_read(run.files["server"]))
         us = run.cpu_ms_per_job["server"] * 1000
-        lines += ["", f"## {run.mode}: server ({run.jobs_per_second:,.0f} jobs/s, {us:.0f} CPU µs per job)", ""]
+        heading = f"{run.jobs_per_second:,.0f} jobs/s, {us:.0f} CPU µs per job, try {run.tries}"
+        lines += ["", f"## {run.mode}: server ({heading})", ""]
         expected = run.cpu_ms_per_job["server"] / 1000 * sz["throughput_jobs"] * RATE
         lines += [
             f"{server.samples} samples for {expected:.0f} expected from the server's CPU time. Samples beyond "
@@ -410,7 +440,7 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
             + (
                 " **Here the samples exceed the CPU time by over 30%: the shares are of time ready to run "
                 "rather than of CPU; profile again on a quieter machine.**"
-                if server.samples > 1.3 * expected
+                if server.samples > EXCESS * expected
                 else ""
             ),
             "",
@@ -440,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default=f"after-{_commit()}", help="names the files (default after-<commit>)")
     parser.add_argument("--jobs", type=int, default=4000, help="jobs per mode (default 4000)")
+    parser.add_argument("--tries", type=int, default=3, help="runs of a mode at most, on a busy machine (default 3)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"where the files go (default {OUT})")
     options = parser.parse_args(argv)
     if not Path(PY_SPY).exists():
@@ -449,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = sizes(False, {"throughput_jobs": str(options.jobs)}, os.environ)
     with tempfile.TemporaryDirectory(prefix="jobwire-profile-") as scratch:
         ctx = Context(chosen, Path(scratch), quick=False)
-        runs = asyncio.run(record(ctx, options.label, options.out))
+        runs = asyncio.run(record(ctx, options.label, options.out, options.tries))
         page = options.out / f"{options.label}.md"
         page.write_text(report(options.label, ctx, runs, info))
     print(f"written: {page}")
