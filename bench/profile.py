@@ -175,13 +175,18 @@ def frames(stack: str) -> list[tuple[str, str]]:
     return found
 
 
-def category(stack: list[tuple[str, str]]) -> str:
-    """The category of a sample: that of its innermost frame any rule matches (see the module's docstring)."""
+def _labels(stack: list[tuple[str, str]]) -> Iterator[str]:
+    """The category of each frame that has one, innermost first."""
     for depth, (name, file) in enumerate(reversed(stack)):
         for label, rule in CATEGORIES:
             if rule(name, file, depth == 0):
-                return label
-    return OTHER
+                yield label
+                break
+
+
+def category(stack: list[tuple[str, str]]) -> str:
+    """The category of a sample: that of its innermost frame any rule matches (see the module's docstring)."""
+    return next(_labels(stack), OTHER)
 
 
 def parse(lines: Iterable[str]) -> Iterator[tuple[list[tuple[str, str]], int]]:
@@ -198,6 +203,7 @@ class Summary:
 
     samples: int = 0
     categories: collections.Counter[str] = field(default_factory=collections.Counter)
+    within: collections.Counter[str] = field(default_factory=collections.Counter)  # a frame of it anywhere
     own: collections.Counter[str] = field(default_factory=collections.Counter)
     inclusive: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -217,6 +223,8 @@ def summarise(lines: Iterable[str]) -> Summary:
     for stack, count in parse(lines):
         summary.samples += count
         summary.categories[category(stack)] += count
+        for label in set(_labels(stack)):
+            summary.within[label] += count
         names = [f"{name} ({file})" if file else name for name, file in stack] or ["(no stack)"]
         summary.own[names[-1]] += count
         for name in {f"{name} ({file})" for name, file in stack if not _scaffolding(name, file)}:
@@ -229,14 +237,18 @@ def _share(count: int, summary: Summary) -> float:
 
 
 def category_table(summary: Summary, cpu_us_per_job: float) -> list[str]:
-    lines = ["| category | % of samples | CPU µs per job |", "| --- | ---: | ---: |"]
+    lines = [
+        "| category | % of samples | CPU µs per job | % with a frame of it anywhere (what it calls included) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name in ORDER:
         share = _share(summary.categories[name], summary)
-        lines.append(f"| {name} | {share:.1f} | {share * cpu_us_per_job / 100:.0f} |")
+        within = f"{_share(summary.within[name], summary):.1f}" if name != OTHER else "-"
+        lines.append(f"| {name} | {share:.1f} | {share * cpu_us_per_job / 100:.0f} | {within} |")
     grpc = sum(summary.categories[name] for name in ORDER if name.startswith("gRPC machinery"))
     share = _share(grpc, summary)
-    lines.append(f"| gRPC machinery, its three rows together | {share:.1f} | {share * cpu_us_per_job / 100:.0f} |")
-    lines.append(f"| **all** ({summary.samples} samples) | 100 | {cpu_us_per_job:.0f} |")
+    lines.append(f"| gRPC machinery, its three rows together | {share:.1f} | {share * cpu_us_per_job / 100:.0f} | - |")
+    lines.append(f"| **all** ({summary.samples} samples) | 100 | {cpu_us_per_job:.0f} | 100 |")
     return lines
 
 
@@ -399,7 +411,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, object]) -> str:
+def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, object], tries: int) -> str:
     """The markdown page: what was run, then per mode the server's categories and top functions, and
     the workers' and client's top functions."""
     sz = ctx.sizes
@@ -411,7 +423,7 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
     lines = [
         f"# Profile `{label}`: the submit and claim paths (commit {_commit()})",
         "",
-        f"`python -m bench.profile --label {label} --jobs {sz['throughput_jobs']}`"
+        f"`python -m bench.profile --label {label} --jobs {sz['throughput_jobs']} --tries {tries}`"
         f" at {info['time']} on {info['cores']} cores ({info['cpu']}, load "
         f"{info['load_average']} before, shared with other runs), Python {info['python']}: figure 2's setup "
         f"(one `jobwire server` on SQLite, {sz['throughput_workers']} simulated workers of "
@@ -482,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(chosen, Path(scratch), quick=False)
         runs = asyncio.run(record(ctx, options.label, options.out, options.tries))
         page = options.out / f"{options.label}.md"
-        page.write_text(report(options.label, ctx, runs, info))
+        page.write_text(report(options.label, ctx, runs, info, options.tries))
     print(f"written: {page}")
     return 0
 

@@ -53,6 +53,8 @@ def test_samples_go_to_their_innermost_categorised_frame() -> None:
         "WAL checkpoints": 2,
         OTHER: 2,  # an executor thread (_worker innermost), the empty stack
     }
+    assert summary.within["submit path"] == 8  # with the SQL it runs
+    assert summary.within["SQLite statements"] == 5
     assert summary.own["SqliteStore._commit_when_quiet (server/store/sqlite.py)"] == 6
     assert summary.own["(no stack)"] == 1
     assert summary.inclusive["Scheduler.submit (server/scheduler.py)"] == 8
