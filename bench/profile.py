@@ -1,14 +1,16 @@
 """`python -m bench.profile [--label NAME] [--jobs N] [--tries N] [--out DIR]` (`make profile`): where
 the server's CPU goes on the submit and claim paths, recorded with py-spy while figure 2's two jobwire
-modes run.
+modes (and its unary one by one) run.
 
 The setup is figure 2's (`bench.throughput`): a real `jobwire server` process, simulated workers (real
 worker daemons on a fake runtime, in a process of their own) and the client in this process. For each
 mode ("batches": SubmitJobs of `throughput_in_flight` jobs, one call after another; "one by one":
-`client.submit` awaited one after another) py-spy records the server, the workers' process and this
-process (`py-spy record --pid PID --rate 250 --format raw --nonblocking`), started just before the mode
-and stopped with SIGINT (py-spy writes on interrupt) after its last job finished; on a busy machine a
-mode runs again (`--tries`, see `record`) and the try whose samples best match its CPU time is kept.
+`client.submit` awaited one after another, on the SDK's submission stream since it has one; "one by
+one, SubmitJob calls": a unary SubmitJob call each, as the SDK made before the stream and as curl does)
+py-spy records the server, the workers' process and this process (`py-spy record --pid PID --rate 250
+--format raw --nonblocking`), started just before the mode and stopped with SIGINT (py-spy writes on
+interrupt) after its last job finished; on a busy machine a mode runs again (`--tries`, see `record`)
+and the try whose samples best match its CPU time is kept.
 The CPU per job is a process's CPU time over the mode (as figure 2 measures it) per job; a category's
 µs per job is its share of the server's samples times the server's CPU per job.
 
@@ -39,8 +41,9 @@ share is its Python work around the statements.
 - finish path: `WorkerSession._on_finished`, `_on_released`, `Scheduler.finished`, `Scheduler.release`.
 - claim path: `WorkerSession._fill` / `_fill_forever`, `Scheduler.claim`, `SqliteStore.claim` (its one
   inline "is anything waiting" SELECT counts here), anything in `server/waiting.py` (the waiting lines).
-- submit path: `JobServicer.SubmitJob` / `SubmitJobs`, `Scheduler.submit` / `submit_many` and the
-  scheduler's helpers they call (`_room`, `_checked`, `_submitted`, `_add_webhooks`, `publish_job`).
+- submit path: `JobServicer.SubmitJob` / `SubmitJobs` / `_submit` / `SubmitJobStream` (and its
+  `answer`), `Scheduler.submit` / `submit_many` and the scheduler's helpers they call (`_room`,
+  `_checked`, `_submitted`, `_add_webhooks`, `publish_job`).
 - gRPC machinery, in three rows (and their sum):
   - poller thread: `Thread.run` when innermost (the only thread whose target is no Python code is
     gRPC's poller, Cython's `_poll_wrapper`; the executor's threads show `_worker`);
@@ -50,7 +53,8 @@ share is its Python work around the statements.
     `Handle._run` (a callback or task step running no Python frame: with native frames, 87% of those
     samples were in grpc's Cython, the RPC handlers' coroutines that parse, call the servicer and
     serialise, and the rest in C task steps), `_send` and `WorkerServicer.Connect` (the worker
-    stream's `context.write` and read, Cython).
+    stream's `context.write` and read, Cython), `SubmitJobStream` and its `answer` (the submission
+    stream's read and `context.write`).
 - worker stream, other: the rest of `server/sessions.py` and `server/servicers/workers.py` (receiving and
   dispatching the stream's messages, heartbeats, the outbox) and `Scheduler.started` / `renew`.
 - event loop: asyncio's own turn (`BaseEventLoop._run_once`, `run_forever`, and `Handle._run` when it
@@ -77,7 +81,7 @@ from pathlib import Path
 
 from bench import peers
 from bench.runner import RESULTS, Context, machine, sizes
-from bench.throughput import MODES, _cpu_by_process, _simulated_stack, mode_calls, timed, timed_batches
+from bench.throughput import MODES, UNARY, _cpu_by_process, _simulated_stack, mode_calls, timed, timed_batches
 from jobwire import Client
 
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
@@ -107,6 +111,12 @@ def _leaf(*names: str) -> Rule:
     return lambda name, _file, leaf: leaf and name in wanted
 
 
+def _outer(*names: str) -> Rule:
+    """Frames of `names` that are not innermost (see `_leaf`)."""
+    wanted = frozenset(names)
+    return lambda name, _file, leaf: not leaf and name in wanted
+
+
 def _any(*rules: Rule) -> Rule:
     return lambda name, file, leaf: any(rule(name, file, leaf) for rule in rules)
 
@@ -121,6 +131,8 @@ def _selector(name: str, file: str, _leaf: bool) -> bool:
 
 
 OTHER = "other"
+STREAM_IO = ("JobServicer.SubmitJobStream", "JobServicer.SubmitJobStream.<locals>.answer")
+"""The submission stream's reading and writing frames: innermost, they run grpc's Cython."""
 CATEGORIES: list[tuple[str, Rule]] = [
     ("WAL checkpoints", _named("SqliteStore._checkpoint", "SqliteStore._checkpoint_forever")),
     ("commits", _named("SqliteStore._commit_when_quiet")),
@@ -142,21 +154,28 @@ CATEGORIES: list[tuple[str, Rule]] = [
     ),
     (
         "submit path",
-        _named(
-            "JobServicer.SubmitJob",
-            "JobServicer.SubmitJobs",
-            "Scheduler.submit",
-            "Scheduler.submit_many",
-            "Scheduler._room",
-            "Scheduler._checked",
-            "Scheduler._submitted",
-            "Scheduler._add_webhooks",
-            "Scheduler.publish_job",
+        _any(
+            _outer(*STREAM_IO),
+            _named(
+                "JobServicer.SubmitJob",
+                "JobServicer.SubmitJobs",
+                "JobServicer._submit",
+                "Scheduler.submit",
+                "Scheduler.submit_many",
+                "Scheduler._room",
+                "Scheduler._checked",
+                "Scheduler._submitted",
+                "Scheduler._add_webhooks",
+                "Scheduler.publish_job",
+            ),
         ),
     ),
     ("gRPC machinery: poller thread", _leaf("Thread.run")),
     ("gRPC machinery: selector wake-ups", _selector),
-    ("gRPC machinery: calls and streams", _any(_grpc, _leaf("Handle._run", "_send", "WorkerServicer.Connect"))),
+    (
+        "gRPC machinery: calls and streams",
+        _any(_grpc, _leaf("Handle._run", "_send", "WorkerServicer.Connect", *STREAM_IO)),
+    ),
     (
         "worker stream, other",
         _any(_in_file("server/sessions.py", "servicers/workers.py"), _named("Scheduler.started", "Scheduler.renew")),
@@ -364,18 +383,18 @@ async def record(ctx: Context, label: str, out: Path, tries: int) -> list[Record
     async with _simulated_stack(ctx) as (stack, queue, workers), Client(stack.target) as client:
         warm_up = await mode_calls(client, queue)
         await peers.warm_up(warm_up.submit, warm_up.finished)
-        for mode in MODES:
+        for mode in (*MODES, UNARY):
             best: Recorded | None = None
             for attempt in range(1, tries + 1):
-                submit, _call, submit_many, finished = await mode_calls(client, queue)
+                submit, call, submit_many, finished = await mode_calls(client, queue)
                 pids = {"server": stack.server.pid, "workers": workers.pid, "client": os.getpid()}
-                stem = out / f"{label}-{mode.replace(' ', '-')}-try{attempt}"
+                stem = out / f"{label}-{re.sub(r'[^A-Za-z]+', '-', mode)}-try{attempt}"
                 async with recording(pids, stem) as files:
                     used = _cpu_by_process(stack.server.pid, workers.pid)
                     if mode == "batches":
                         rate = await timed_batches(submit_many, finished, total, in_flight)
                     else:
-                        rate = await timed(submit, finished, total, in_flight, mode)
+                        rate = await timed(call if mode == UNARY else submit, finished, total, 1, "one by one")
                     now = _cpu_by_process(stack.server.pid, workers.pid)
                 cpu = {name: (now[name] - used[name]) * 1000 / total for name in now}
                 run = Recorded(mode, rate.jobs_per_second, cpu, files, total, attempt)
@@ -430,7 +449,9 @@ def report(label: str, ctx: Context, runs: list[Recorded], info: dict[str, objec
         f"{sz['throughput_slots']} slots in one process, the client in the profiler's process), "
         f'{sz["throughput_jobs"]:,} no-op jobs per mode, "batches" as SubmitJobs of '
         f'{sz["throughput_in_flight"]} one call after another, "one by one" as `client.submit` awaited one '
-        f"after another. py-spy {_py_spy_version()} sampled each process {RATE} times a second "
+        'after another (on the SDK\'s submission stream where it has one), "one by one, SubmitJob calls" as '
+        f"unary SubmitJob calls awaited one after another. py-spy {_py_spy_version()} sampled each process {RATE} "
+        "times a second "
         "(`--nonblocking`, no native frames), only running threads; the percentages are "
         f"shares of the server's samples, the µs per job those shares of the server's CPU time per job "
         f"over the mode. Rates while profiled (three py-spy processes sharing the cores): {rates}. "

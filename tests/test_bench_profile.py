@@ -65,3 +65,8 @@ def test_a_frame_below_a_categorised_one_keeps_it_only_if_uncategorised() -> Non
     # Thread.run is the poller only when innermost; Handle._run is gRPC only when innermost.
     assert category(frames("Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81)")) == OTHER
     assert category(frames(f"{TASK};BaseEventLoop.call_soon (asyncio/base_events.py:761)")) == "event loop"
+    # The submission stream's `answer`: its own innermost time is the stream's write; around `_submit`, submitting.
+    answer = f"{TASK};JobServicer.SubmitJobStream.<locals>.answer (server/servicers/jobs.py:52)"
+    assert category(frames(answer)) == "gRPC machinery: calls and streams"
+    assert category(frames(f"{answer};JobServicer._submit (server/servicers/jobs.py:36)")) == "submit path"
+    assert category(frames(f"{answer};history_entry (server/store/rows.py:9)")) == "submit path"
