@@ -29,7 +29,7 @@ import asyncpg
 
 from jobwire.server.bus.memory import QUEUE_SIZE, MemorySubscription
 from jobwire.server.errors import JOB_STORE, raise_dependency_error
-from jobwire.server.store.postgres import CONNECT_SECONDS, migrate
+from jobwire.server.store.postgres import CONNECT_SECONDS, keep_session, migrate
 
 log = logging.getLogger(__name__)
 INLINE_LIMIT = 7000
@@ -63,7 +63,7 @@ class PostgresBus:
     @classmethod
     async def open(cls, dsn: str, queue_size: int = QUEUE_SIZE) -> PostgresBus:
         """Connect (a small pool to publish, one connection to listen) and start dispatching."""
-        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=CONNECT_SECONDS)
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=CONNECT_SECONDS, reset=keep_session)
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)  # the table of large message bodies

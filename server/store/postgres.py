@@ -182,6 +182,15 @@ within this bound rather than hang. Pools keep no floor of open connections (`mi
 one when a call needs it, so an outage costs no background reconnect loop (whose every failed try
 asyncpg logs with a traceback), and a connection broken by the outage is replaced on its next use."""
 
+async def keep_session(connection: Connection) -> None:
+    """A pool's `reset`: a connection goes back to its pool as it is (asyncpg still rolls back a
+    transaction left open). The default reset runs `SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL` on every release, one round trip more per store call, for session state
+    that jobwire's pooled connections never make: no SET, no session advisory lock (migrations take
+    a transaction's), no LISTEN (the bus listens on a connection of its own), cursors only inside
+    transactions."""
+
+
 _MIGRATION_LOCK = 0x6A6F6277  # pg_advisory_xact_lock key: replicas starting together migrate once
 
 
@@ -229,7 +238,9 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 10) -> PostgresStore:
         """Connect a pool to `dsn` (postgresql://…) and bring the schema up to date."""
-        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=max_size, timeout=CONNECT_SECONDS)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=max_size, timeout=CONNECT_SECONDS, reset=keep_session
+        )
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)
