@@ -16,10 +16,12 @@ from typing import Any
 import asyncpg
 
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
-from jobwire.server.store import credentials, records, runs
-from jobwire.server.store.database import Database, postgres_sql
+from jobwire.server.store import credentials, records, runs, transitions
+from jobwire.server.store.base import FINISHED_HOOK, Holder, Submission
+from jobwire.server.store.database import RUN_COLUMNS, Database, postgres_sql, run_of
 from jobwire.server.store.records import SqlStore
-from jobwire.server.store.rows import job_blob_keys, worker_columns
+from jobwire.server.store.rows import job_blob_keys, job_message, with_details, worker_columns
+from jobwire.server.store.transitions import Change
 from jobwire.v1 import jobs_pb2
 
 QUEUED, RUNNING, FINISHED = (
@@ -172,6 +174,26 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
       FOR EACH ROW EXECUTE FUNCTION jobwire_job_sized();
     INSERT INTO queue_sizes SELECT queue, SUM(octet_length(definition)) FROM jobs GROUP BY queue;
     """,
+    # 11: each queue's number of waiting (queued) jobs, for --max-queued-jobs: one row read per
+    # submission instead of counting up to the limit's rows of `waiting`. As queue_sizes, kept by a
+    # trigger deferred to the commit, so that submissions and claims of one queue on several
+    # replicas hold its row only while they commit (operations that change several queues' rows do
+    # so in queue order: see lifecycle, `_requeue` and `expire_queued`).
+    """
+    CREATE TABLE queue_waiting (queue TEXT PRIMARY KEY, jobs BIGINT NOT NULL);
+    CREATE FUNCTION jobwire_waiting_counted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO queue_waiting VALUES (NEW.queue, 1)
+          ON CONFLICT (queue) DO UPDATE SET jobs = queue_waiting.jobs + 1;
+      ELSE
+        UPDATE queue_waiting SET jobs = jobs - 1 WHERE queue = OLD.queue;
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER waiting_counted AFTER INSERT OR DELETE ON waiting DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION jobwire_waiting_counted();
+    INSERT INTO queue_waiting SELECT queue, COUNT(*) FROM waiting GROUP BY queue;
+    """,
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""
@@ -181,6 +203,7 @@ CONNECT_SECONDS = 5.0
 within this bound rather than hang. Pools keep no floor of open connections (`min_size=0`): they open
 one when a call needs it, so an outage costs no background reconnect loop (whose every failed try
 asyncpg logs with a traceback), and a connection broken by the outage is replaced on its next use."""
+
 
 async def keep_session(connection: Connection) -> None:
     """A pool's `reset`: a connection goes back to its pool as it is (asyncpg still rolls back a
@@ -210,6 +233,34 @@ async def migrate(connection: Connection) -> int:
                 await migration(connection)
             await connection.execute("UPDATE jobwire_schema SET version = $1", number)
         return len(MIGRATIONS)
+
+
+_SUBMIT = f"""
+WITH input AS (
+  SELECT * FROM unnest($1::text[], $2::bytea[], $3::int[], $4::text[]) WITH ORDINALITY
+    AS i (job_id, definition, gpus, namespace, n)
+), added AS (
+  INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)
+    SELECT job_id, {QUEUED}, $5, $6, $6, definition, gpus, $7 FROM input ORDER BY n
+    ON CONFLICT (queue, id) DO NOTHING RETURNING id
+), listed AS (
+  INSERT INTO queue_jobs (queue, job_id) SELECT $5, job_id FROM input WHERE job_id IN (SELECT id FROM added)
+    ORDER BY n ON CONFLICT DO NOTHING
+), named AS (
+  INSERT INTO namespaces SELECT $5, job_id, namespace FROM input WHERE job_id IN (SELECT id FROM added)
+    ON CONFLICT DO NOTHING
+)
+SELECT id FROM added"""
+"""A submission's new jobs in one statement (the row, its place in the queue, its namespace: the
+triggers of queue_jobs, run after the statement, see the rows it added); answers their ids. Its jobs
+already known to the queue are not touched: `Lifecycle._submit` takes them one by one."""
+_ANY_WAITING = "SELECT 1 FROM waiting WHERE queue = $1 AND gpus <= $2 LIMIT 1"
+_WAITING = (
+    "SELECT j.id, j.attempt FROM waiting w JOIN jobs j ON j.queue = w.queue AND j.id = w.job_id"
+    f" WHERE w.queue = $1 AND j.state = {QUEUED} AND w.gpus = 0 ORDER BY w.seq LIMIT $2 FOR UPDATE OF j SKIP LOCKED"
+)
+"""(id, attempt) of up to $2 of the queue's oldest waiting jobs that need no GPU device, locked."""
+_ARRAY_TYPES = {bool: "boolean[]", int: "bigint[]", float: "float8[]", str: "text[]", bytes: "bytea[]"}
 
 
 class PostgresDatabase:
@@ -283,6 +334,104 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         except Exception as error:
             raise_dependency_error(error, JOB_STORE)
             raise
+
+    # A job's life in fewer round trips than the shared statements (`lifecycle`) take one by one:
+    # the same rows, locks and `transitions` decisions, written by one statement where those
+    # write several.
+
+    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+        ids = [submission.job_id for submission in jobs]
+        if len(set(ids)) != len(ids):  # the same job twice in one call: one at a time, as SQLite does
+            return await super().submit(queue=queue, jobs=jobs, now=now)
+        change = transitions.queued(now)
+        definitions = [submission.definition for submission in jobs]
+        async with self._transaction() as db:
+            added = await db.all(
+                _SUBMIT,
+                ids,
+                [definition.SerializeToString() for definition in definitions],
+                [definition.requirements.gpus for definition in definitions],
+                [submission.namespace for submission in jobs],
+                *(queue, now, change.entry),
+            )
+            new = {row[0] for row in added}
+            answers = []
+            for submission in jobs:
+                if submission.job_id in new:
+                    fields = (submission.job_id, QUEUED, queue, 0, "", now, now, 0)
+                    answers.append((job_message(fields, namespaces=[submission.namespace]), True))
+                else:
+                    answers.append(await self._submit(db, submission, queue, now))
+        return answers
+
+    async def claim(
+        self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1
+    ) -> list[jobs_pb2.Job]:
+        """As `Lifecycle.claim`; nothing waiting costs one read outside any transaction (as most claims
+        find when several workers wake for one job), and a worker without free GPU devices takes its
+        jobs with one read and one write however many."""
+        async with self._reading() as db:
+            if await db.one(_ANY_WAITING, queue, gpus) is None:
+                return []
+        if gpus:  # each job taken leaves fewer devices for the next: one by one
+            return await super().claim(queue=queue, holder=holder, now=now, lease=lease, gpus=gpus, count=count)
+        async with self._transaction() as db:
+            rows = await db.all(_WAITING, queue, count)
+            if not rows:
+                return []
+            changes = [transitions.assigned(attempt, holder, now, lease) for _, attempt in rows]
+            written = await self._apply_all(db, queue, [job_id for job_id, _ in rows], changes)
+        return [with_details(job, definition, None, b"") for job, (definition,) in map(run_of, written)]
+
+    async def _apply_all(
+        self, db: Database, queue: str, job_ids: Sequence[str], changes: Sequence[Change]
+    ) -> list[Any]:
+        """`_apply` of each change (none of them a finish, all setting the same columns) to its job's
+        run, in one statement; answers the runs (`RUN_COLUMNS, definition`) in the order of `job_ids`."""
+        sets, values, arrays, names = [], [], [], []
+        for column in changes[0].columns:
+            column_values = [change.columns[column] for change in changes]
+            if all(value == column_values[0] for value in column_values):
+                values.append(column_values[0])
+                sets.append(f"{column} = ${len(values)}")
+            else:
+                arrays.append((column_values, _ARRAY_TYPES[type(column_values[0])]))
+                sets.append(f"{column} = u.u_{column}")
+                names.append(f"u_{column}")
+        arrays.append(([change.entry for change in changes], "bytea[]"))
+        sets.append("history = history || u.u_entry")
+        names.append("u_entry")
+        arrays.append((list(job_ids), "text[]"))
+        names.append("u_id")
+        values += [array for array, _ in arrays]
+        unnest = ", ".join(f"${len(values) - len(arrays) + n}::{kind}" for n, (_, kind) in enumerate(arrays, start=1))
+        sql = (
+            f"UPDATE jobs SET {', '.join(sets)} FROM unnest({unnest}) AS u ({', '.join(names)})"
+            f" WHERE jobs.queue = ${len(values) + 1} AND jobs.id = u.u_id RETURNING {RUN_COLUMNS}, definition"
+        )
+        rows = {row[0]: row for row in await db.all(sql, *values, queue)}
+        return [rows[job_id] for job_id in job_ids]
+
+    async def _apply(
+        self, db: Database, queue: str, job_id: str, change: Change, now: float, returning: str = ""
+    ) -> Any:
+        """As `SqlBase._apply`; a finish arms the run's `finished` webhooks in the same statement."""
+        if not change.finishes:
+            return await super()._apply(db, queue, job_id, change, now, returning)
+        sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
+        update = (
+            "WITH armed AS (UPDATE webhooks SET armed = TRUE, next_time = ?"
+            " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed)"
+            f" UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
+        )
+        values = (now, job_id, queue, FINISHED_HOOK, *change.columns.values(), change.entry, queue, job_id)
+        return await (db.one if returning else db.run)(update, *values)
+
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        """From the queue's counter (`queue_waiting`): one row, however long the queue."""
+        async with self._reading() as db:
+            row = await db.one("SELECT jobs FROM queue_waiting WHERE queue = ?", queue)
+        return min(int(row[0]) if row else 0, up_to)
 
     async def blob_references(self) -> set[str]:
         keys: set[str] = set()
