@@ -235,13 +235,15 @@ async def migrate(connection: Connection) -> int:
         return len(MIGRATIONS)
 
 
-_SUBMIT = f"""
+def _submitting(only_if_all_new: bool) -> str:
+    known = " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE queue = $5 AND id = ANY($1))" if only_if_all_new else ""
+    return f"""
 WITH input AS (
   SELECT * FROM unnest($1::text[], $2::bytea[], $3::int[], $4::text[]) WITH ORDINALITY
     AS i (job_id, definition, gpus, namespace, n)
 ), added AS (
   INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)
-    SELECT job_id, {QUEUED}, $5, $6, $6, definition, gpus, $7 FROM input ORDER BY n
+    SELECT job_id, {QUEUED}, $5, $6, $6, definition, gpus, $7 FROM input{known} ORDER BY n
     ON CONFLICT (queue, id) DO NOTHING RETURNING id
 ), listed AS (
   INSERT INTO queue_jobs (queue, job_id) SELECT $5, job_id FROM input WHERE job_id IN (SELECT id FROM added)
@@ -251,9 +253,15 @@ WITH input AS (
     ON CONFLICT DO NOTHING
 )
 SELECT id FROM added"""
+
+
+_SUBMIT = _submitting(False)
 """A submission's new jobs in one statement (the row, its place in the queue, its namespace: the
 triggers of queue_jobs, run after the statement, see the rows it added); answers their ids. Its jobs
 already known to the queue are not touched: `Lifecycle._submit` takes them one by one."""
+_SUBMIT_NEW = _submitting(True)
+"""`_SUBMIT`, adding nothing if the queue knows any of the jobs: run on its own (its own transaction),
+it is a whole submission of jobs all new, in one round trip."""
 _ANY_WAITING = "SELECT 1 FROM waiting WHERE queue = $1 AND gpus <= $2 LIMIT 1"
 _WAITING = (
     "SELECT j.id, j.attempt FROM"
@@ -347,29 +355,41 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     # write several.
 
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+        """As `Lifecycle.submit`, in one round trip when the jobs are all new (the statement is its
+        own transaction). One naming a job the queue knows takes one transaction, as on SQLite; only
+        when another call submits one of the same jobs between that check and the insert are this
+        call's jobs stored by two transactions (it answers once both committed; each job's answer is
+        as if the calls ran one after the other)."""
         ids = [submission.job_id for submission in jobs]
         if len(set(ids)) != len(ids):  # the same job twice in one call: one at a time, as SQLite does
             return await super().submit(queue=queue, jobs=jobs, now=now)
         change = transitions.queued(now)
         definitions = [submission.definition for submission in jobs]
-        async with self._transaction() as db:
-            added = await db.all(
-                _SUBMIT,
-                ids,
-                [definition.SerializeToString() for definition in definitions],
-                [definition.requirements.gpus for definition in definitions],
-                [submission.namespace for submission in jobs],
-                *(queue, now, change.entry),
-            )
-            new = {row[0] for row in added}
-            answers = []
-            for submission in jobs:
-                if submission.job_id in new:
-                    fields = (submission.job_id, QUEUED, queue, 0, "", now, now, 0)
-                    answers.append((job_message(fields, namespaces=[submission.namespace]), True))
-                else:
-                    answers.append(await self._submit(db, submission, queue, now))
-        return answers
+        values = (
+            ids,
+            [definition.SerializeToString() for definition in definitions],
+            [definition.requirements.gpus for definition in definitions],
+            [submission.namespace for submission in jobs],
+            *(queue, now, change.entry),
+        )
+        async with self._reading() as db:  # jobs all new: the statement is the whole submission
+            new = {row[0] for row in await db.all(_SUBMIT_NEW, *values)}
+        if len(new) < len(jobs):  # known jobs (or a concurrent submission of one): all in one transaction
+            async with self._transaction() as db:
+                new |= {row[0] for row in await db.all(_SUBMIT, *values)}
+                return [await self._answer(db, submission, new, queue, now) for submission in jobs]
+        return [await self._answer(None, submission, new, queue, now) for submission in jobs]
+
+    async def _answer(
+        self, db: Database | None, submission: Submission, new: set[str], queue: str, now: float
+    ) -> tuple[jobs_pb2.Job, bool]:
+        """A submitted job's run and whether the submission queued it: a new one as written, a known
+        one as `Lifecycle._submit` finds (and maybe queues) it."""
+        if submission.job_id in new:
+            fields = (submission.job_id, QUEUED, queue, 0, "", now, now, 0)
+            return job_message(fields, namespaces=[submission.namespace]), True
+        assert db is not None
+        return await self._submit(db, submission, queue, now)
 
     async def claim(
         self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1
