@@ -171,7 +171,7 @@ async def _run(ctx: Context, mode: str, replicas: int, cluster: PostgresCluster 
 async def _timed(ctx: Context, mode: str, clients: list[Client], queue: str, stats: asyncpg.Connection | None) -> Run:
     """Each client submits its share of the jobs to its server (after a warm-up job each), until all ran."""
     replicas, batch = len(clients), ctx.sizes["throughput_in_flight"]
-    share = ctx.sizes["throughput_jobs"] // replicas
+    share = ctx.sizes["postgres_jobs"] // replicas
     total, nonce = share * replicas, uuid.uuid4().hex
 
     def noop(index: int) -> dict[str, str]:
@@ -225,8 +225,7 @@ def _median(runs: list[Run], field: str) -> float:
 
 
 async def run(ctx: Context) -> list[Measurement]:
-    rounds = 1 if ctx.quick else int(os.environ.get("JOBWIRE_BENCH_PG_ROUNDS", "2"))
-    counts = (1, 2) if ctx.quick else (1, 2, 3)
+    rounds, counts = ctx.sizes["postgres_rounds"], tuple(range(1, ctx.sizes["postgres_replicas"] + 1))
     sqlite: dict[str, list[Run]] = {mode: [] for mode in MODES}
     pg: dict[tuple[str, int], list[Run]] = {(mode, n): [] for mode in MODES for n in counts}
     async with _cluster() as cluster:
@@ -238,7 +237,7 @@ async def run(ctx: Context) -> list[Measurement]:
                     pg[(mode, n)].append(await _run(ctx, mode, n, cluster))
                     ctx.say(f"round {round_ + 1}, {mode}, PostgreSQL, {n} replica(s): {_shown(pg[(mode, n)][-1])}")
     rows = []
-    jobs = ctx.sizes["throughput_jobs"]
+    jobs = ctx.sizes["postgres_jobs"]
     for mode in MODES:
         lite, one = sqlite[mode], pg[(mode, 1)]
         rate, base = _median(one, "jobs_per_second"), _median(lite, "jobs_per_second")
@@ -250,7 +249,7 @@ async def run(ctx: Context) -> list[Measurement]:
         metric = f"CPU per job, all processes (PostgreSQL's too), submitted {mode}: PostgreSQL"
         rows.append(Measurement(FIGURE, metric, cost, "ms", "SQLite", base, cost / base, "≤ 2", cost / base <= 2))
         for field, words in (
-            ("round_trips", "round trips to PostgreSQL per job (top-level statements, BEGIN/COMMIT included)"),
+            ("round_trips", "round trips to PostgreSQL per job (statements servers sent, BEGIN and COMMIT included)"),
             ("statements", "statements per job (triggers' included)"),
         ):
             value = _median(one, field)

@@ -17,11 +17,11 @@ import asyncpg
 
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
 from jobwire.server.store import credentials, records, runs, transitions
-from jobwire.server.store.base import FINISHED_HOOK, Holder, Submission
+from jobwire.server.store.base import FINISHED_HOOK, Attempt, Holder, Submission
 from jobwire.server.store.database import RUN_COLUMNS, Database, postgres_sql, run_of
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, job_message, with_details, worker_columns
-from jobwire.server.store.transitions import Change
+from jobwire.server.store.transitions import HOLDING, Change, Holding
 from jobwire.v1 import jobs_pb2
 
 QUEUED, RUNNING, FINISHED = (
@@ -459,6 +459,57 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         )
         values = (now, job_id, queue, FINISHED_HOOK, *change.columns.values(), change.entry, queue, job_id)
         return await (db.one if returning else db.run)(update, *values)
+
+    # A worker's start and finish of the attempt it holds, the usual case, are one statement (its own
+    # transaction): `transitions` decides the change for the holding the worker's attempt and session
+    # imply, and the statement writes it only if the run's holding is exactly that one (compared and
+    # set under the row's lock). Otherwise (a stale attempt, a worker back after its lease ran out)
+    # the shared path reads the holding, locked, and `transitions` decides on what it finds.
+
+    async def start(self, attempt: Attempt, holder: Holder, now: float) -> jobs_pb2.Job | None:
+        held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
+        if transitions.holds(held, attempt, holder):
+            job = await self._changed_if(
+                holder.queue, attempt.job_id, held, transitions.started(attempt, holder, now), now
+            )
+            if job is not None:
+                return job
+        return await super().start(attempt, holder, now)
+
+    async def finish(
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float, *, started: bool = False
+    ) -> jobs_pb2.Job | None:
+        held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
+        if transitions.may_finish(held, attempt, holder, result):
+            change = transitions.finished(attempt, holder, result, now, started=started)
+            job = await self._changed_if(holder.queue, attempt.job_id, held, change, now, change.columns["result"])
+            if job is not None:
+                return job
+        return await super().finish(attempt, holder, result, now, started=started)
+
+    async def _changed_if(
+        self, queue: str, job_id: str, held: Holding, change: Change, now: float, result: bytes | None = None
+    ) -> jobs_pb2.Job | None:
+        """`_changed` in one statement, if the run is held as `held`; None (and no change) if not."""
+        sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
+        holding = " AND ".join(f"{column} = ?" for column in HOLDING.split(", "))
+        sql = (
+            f"WITH run AS (UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ? AND {holding}"
+            f" RETURNING {RUN_COLUMNS}, definition)"
+        )
+        values: list[Any] = [*change.columns.values(), change.entry, queue, job_id, *held]
+        if change.finishes:
+            sql += (
+                ", armed AS (UPDATE webhooks SET armed = TRUE, next_time = ?"
+                " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed AND EXISTS (SELECT FROM run))"
+            )
+            values += [now, job_id, queue, FINISHED_HOOK]
+        async with self._reading() as db:
+            row = await db.one(sql + " SELECT * FROM run", *values)
+        if row is None:
+            return None
+        job, (definition,) = run_of(row)
+        return with_details(job, definition, result, b"")
 
     async def queued_count(self, queue: str, up_to: int) -> int:
         """From the queue's counter (`queue_waiting`): one row, however long the queue."""
