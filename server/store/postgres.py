@@ -17,10 +17,17 @@ import asyncpg
 
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
 from jobwire.server.store import credentials, records, runs, transitions
-from jobwire.server.store.base import FINISHED_HOOK, Attempt, Holder, Submission
+from jobwire.server.store.base import FINISHED_HOOK, Attempt, Holder, LogTotals, Submission
 from jobwire.server.store.database import RUN_COLUMNS, Database, postgres_sql, run_of
 from jobwire.server.store.records import SqlStore
-from jobwire.server.store.rows import job_blob_keys, job_message, with_details, worker_columns
+from jobwire.server.store.rows import (
+    already_stored,
+    job_blob_keys,
+    job_message,
+    with_details,
+    within_limit,
+    worker_columns,
+)
 from jobwire.server.store.transitions import HOLDING, Change, Holding
 from jobwire.v1 import jobs_pb2
 
@@ -275,6 +282,20 @@ of the tables' sizes: the queue's `waiting` rows in order (its primary key), eac
 looked up and locked, until $2 are (the subqueries are not flattened: one has OFFSET 0, the other
 locks). Written as a join, PostgreSQL planned it, on a fresh database before statistics, as a loop
 over every queued job that searched `waiting` for each: 100 ms a claim at a thousand queued jobs."""
+_LOG_END = (
+    "SELECT j.state, j.attempt, j.worker_id, j.session, l.chunks, l.stdout_chars, l.stderr_chars FROM jobs j"
+    " LEFT JOIN LATERAL (SELECT start + count AS chunks, stdout_chars, stderr_chars FROM logs"
+    " WHERE queue = j.queue AND job_id = j.id AND attempt = ? AND kind = ? ORDER BY start DESC LIMIT 1) l ON TRUE"
+    " WHERE j.queue = ? AND j.id = ?"
+)
+"""Who holds a run, and the totals of one of its logs (`LogTotals`; NULLs for none yet), in one read."""
+_LOG_APPEND = (
+    "INSERT INTO logs (queue, job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
+    " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT FROM jobs WHERE queue = ? AND id = ?"
+    f" AND {' AND '.join(f'{column} = ?' for column in HOLDING.split(', '))})"
+    " ON CONFLICT DO NOTHING RETURNING start"
+)
+"""A batch of a log, stored only if the run is still held as read and no batch took its place."""
 _ARRAY_TYPES = {bool: "boolean[]", int: "bigint[]", float: "float8[]", str: "text[]", bytes: "bytea[]"}
 
 
@@ -486,6 +507,39 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
             if job is not None:
                 return job
         return await super().finish(attempt, holder, result, now, started=started)
+
+    async def append_logs(
+        self,
+        attempt: Attempt,
+        holder: Holder,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int = 0,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
+        """As `SqlStore.append_logs`, in two statements with no transaction around them: one reads
+        who holds the run and where the log ends; the batch is then stored only if the run is held
+        as read and nothing was stored at that end meanwhile (the log's primary key). Anything else
+        (not held, or another append first) takes the locked path, which decides on what it finds."""
+        async with self._reading() as db:
+            row = await db.one(_LOG_END, attempt.attempt, kind, holder.queue, attempt.job_id)
+        if row is not None and transitions.holds(held := Holding(*row[:4]), attempt, holder):
+            stored = LogTotals() if row[4] is None else LogTotals(*row[4:])
+            kept = within_limit(stored.chars, chunks[already_stored(stored.chunks, start, len(chunks)) :], max_chars)
+            if not kept:
+                return stored.chunks, kept
+            batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
+            totals = stored.after(batch.chunks)
+            async with self._reading() as db:
+                written = await db.one(
+                    _LOG_APPEND,
+                    *(holder.queue, attempt.job_id, attempt.attempt, kind, stored.chunks, len(batch.chunks)),
+                    *(batch.SerializeToString(), totals.stdout_chars, totals.stderr_chars),
+                    *(holder.queue, attempt.job_id, *held),
+                )
+            if written is not None:
+                return stored.chunks, kept
+        return await super().append_logs(attempt, holder, kind, chunks, start, max_chars)
 
     async def _changed_if(
         self, queue: str, job_id: str, held: Holding, change: Change, now: float, result: bytes | None = None
