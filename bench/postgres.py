@@ -217,11 +217,12 @@ async def _counts(stats: asyncpg.Connection | None) -> tuple[float, float]:
         f" FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
         f" AND {_OURS}"
     )
+    assert row is not None  # an aggregate answers one row
     return (float(row[0]), float(row[1]))
 
 
 def _median(runs: list[Run], field: str) -> float:
-    return statistics.median(getattr(run, field) for run in runs)
+    return float(statistics.median(getattr(run, field) for run in runs))
 
 
 async def run(ctx: Context) -> list[Measurement]:
