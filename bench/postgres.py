@@ -20,7 +20,7 @@ Replicas: 1, 2 and 3 `jobwire server` processes on one database, each with one c
 share of the simulated workers; each client submits its share of the jobs to its own replica, one by
 one (each after the last one's answer) in one row, in batches in the other. That is what replicas are
 for: more clients than one server process (one core of Python) can answer. The goal (2 replicas do
-more than 1) is the one-by-one row's, where each client waits on its server's round trips to
+more than 1) is set on both rows. One by one, each client waits on its server's round trips to
 PostgreSQL and a second server answers a second client meanwhile. In batches one replica already
 keeps a 2-core machine busy (PostgreSQL's backends use about as much CPU as the server), so there
 more replicas add only their own overhead (pools, sessions, claims skipping each other's locked rows);
