@@ -21,6 +21,7 @@ FIGURES = {
     "5": "bench.transfer",
     "6": "bench.scale",
     "7": "bench.log_reads",
+    "8": "bench.postgres",
 }
 
 

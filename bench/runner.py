@@ -57,6 +57,9 @@ FULL = {
     "latency_calls": 20,
     "long_log_mib": 256,  # figure 7: the long log (Mi characters; the server keeps 256 Mi per log)
     "read_calls": 20,  # figure 7: result.json reads of each job
+    "postgres_jobs": 2000,  # figure 8: jobs per run (workers, slots and batch size as figure 2's)
+    "postgres_rounds": 2,  # figure 8: rounds of SQLite and PostgreSQL runs, alternated; medians reported
+    "postgres_replicas": 3,  # figure 8: most server replicas on one PostgreSQL
 }
 QUICK = {
     "overhead_runs": 2,
@@ -74,6 +77,9 @@ QUICK = {
     "latency_calls": 3,
     "long_log_mib": 4,
     "read_calls": 3,
+    "postgres_jobs": 40,
+    "postgres_rounds": 1,
+    "postgres_replicas": 2,
 }
 
 

@@ -1059,6 +1059,41 @@ async def test_queued_count_counts_a_queues_waiting_jobs_up_to_a_bound(store: St
     assert await store.queued_count("nobody", 100) == 0
 
 
+async def test_queued_count_stays_exact_through_every_way_a_job_enters_or_leaves_its_queue(store: StateStore) -> None:
+    """The count --max-queued-jobs reads (a counter on both backends) agrees with the jobs counted
+    by state after batched submissions, batched claims, a release, leases running out, a delete,
+    expiry and a batch resubmitting a known job."""
+
+    async def counted(expected: int, queue: str = "q") -> None:
+        truth = (await store.queue_counts(queue)).get(jobs_pb2.JOB_STATE_QUEUED, 0)
+        assert (await store.queued_count(queue, 1000), truth) == (expected, expected)
+
+    def submission(n: int) -> Submission:
+        return Submission(job_id(definition(n)), definition(n), DEFAULT_NAMESPACE)
+
+    await store.submit(queue="q", jobs=[submission(n) for n in range(5)], now=T0)
+    await store.submit(queue="other", jobs=[submission(n) for n in range(2)], now=T0)
+    await counted(5)
+    await counted(2, "other")
+    taken = await store.claim(queue="q", holder=holder(), now=T0, lease=LEASE, count=3)
+    assert len(taken) == 3
+    await claim(store, queue="other")
+    await counted(2)
+    await counted(1, "other")
+    assert await store.release(attempt_of(taken[0]), holder(), "bye", T0 + 1) is not None
+    await counted(3)
+    assert len(await store.requeue_expired(T0 + LEASE + 1)) == 3  # two in q, one in other
+    await counted(5)
+    await counted(2, "other")
+    assert await store.delete(queue="q", job_id=taken[1].id, now=T0 + 40) is not None
+    await counted(4)
+    assert len(await store.expire_queued(T0 + 50, 100, "1m", T0 + 60)) == 6
+    await counted(0)
+    await counted(0, "other")
+    await store.submit(queue="q", jobs=[submission(0), submission(7)], now=T0 + 70)  # known (expired), new
+    await counted(2)
+
+
 async def test_queue_bytes_count_the_definitions_of_a_queues_runs(store: StateStore) -> None:
     assert await store.queue_bytes("q") == 0
     await submit(store, 1)

@@ -29,7 +29,7 @@ import asyncpg
 
 from jobwire.server.bus.memory import QUEUE_SIZE, MemorySubscription
 from jobwire.server.errors import JOB_STORE, raise_dependency_error
-from jobwire.server.store.postgres import CONNECT_SECONDS, migrate
+from jobwire.server.store.postgres import CONNECT_SECONDS, keep_session, migrate
 
 log = logging.getLogger(__name__)
 INLINE_LIMIT = 7000
@@ -59,11 +59,13 @@ class PostgresBus:
         self._lost = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pointers = 0
+        self._pending: list[tuple[str, str, asyncio.Future[None]]] = []  # NOTIFYs not sent yet
+        self._sender: asyncio.Task[None] | None = None  # sending them
 
     @classmethod
     async def open(cls, dsn: str, queue_size: int = QUEUE_SIZE) -> PostgresBus:
         """Connect (a small pool to publish, one connection to listen) and start dispatching."""
-        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=CONNECT_SECONDS)
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=CONNECT_SECONDS, reset=keep_session)
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)  # the table of large message bodies
@@ -94,10 +96,43 @@ class PostgresBus:
         try:
             if len(payload) > INLINE_LIMIT:
                 payload = "#" + str(await self._store(message))
-            await self.pool.execute("SELECT pg_notify($1, $2)", channel(topic), payload)
+            await self._notify(channel(topic), payload)
         except Exception as error:
             raise_dependency_error(error, JOB_STORE)
             raise
+
+    async def _notify(self, name: str, payload: str) -> None:
+        """NOTIFY, sent with the others published meanwhile: while one statement of notifications is
+        on its way, the next ones wait and go together in the next (one round trip and one commit for
+        many, in the order published). Returns once its statement is done; fails as it does."""
+        sent = asyncio.get_running_loop().create_future()
+        self._pending.append((name, payload, sent))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_pending())
+        await asyncio.shield(sent)
+
+    async def _send_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self.pool.execute(
+                        "SELECT pg_notify(name, payload) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY"
+                        " AS notes(name, payload, n) ORDER BY n",
+                        [name for name, _, _ in batch],
+                        [payload for _, payload, _ in batch],
+                    )
+                except Exception as error:  # every publisher of the batch fails alike
+                    for _, _, sent in batch:
+                        if not sent.done():
+                            sent.set_exception(error)
+                            sent.exception()  # retrieved: a publisher that went away must not warn
+                else:
+                    for _, _, sent in batch:
+                        if not sent.done():
+                            sent.set_result(None)
+        finally:
+            self._sender = None
 
     async def _store(self, message: bytes) -> int:
         now = time.time()

@@ -29,7 +29,7 @@ JOB_COLUMNS = "id, state, queue, attempt, worker_id, create_time, update_time, f
 _JOB_WIDTH = JOB_COLUMNS.count(",") + 1
 _NAMESPACES = "(SELECT json_agg(namespace) FROM namespaces WHERE queue = jobs.queue AND job_id = jobs.id)"
 """The namespaces holding a run, as a JSON array (NULL or `[]` for none), read in the run's statement."""
-_RUN_COLUMNS = f"{JOB_COLUMNS}, {_NAMESPACES}"
+RUN_COLUMNS = f"{JOB_COLUMNS}, {_NAMESPACES}"
 JOB_RUN_ORDER = f"state = {FINISHED} DESC, update_time DESC"
 """Which of a job id's runs an id-only read shows: the most recently finished, else the most recently
 changed (a job URL is for reading a result; the queue's URL names one run exactly)."""
@@ -66,8 +66,8 @@ def sqlite_sql(sql: str) -> str:
     return sql.replace("json_agg(", "json_group_array(")
 
 
-def _run_of(row: Sequence[Any]) -> tuple[jobs_pb2.Job, Sequence[Any]]:
-    """A run read with `_RUN_COLUMNS` (and more columns after them): its Job, and those columns."""
+def run_of(row: Sequence[Any]) -> tuple[jobs_pb2.Job, Sequence[Any]]:
+    """A run read with `RUN_COLUMNS` (and more columns after them): its Job, and those columns."""
     names = json.loads(row[_JOB_WIDTH]) if row[_JOB_WIDTH] else []
     return job_message(tuple(row[:_JOB_WIDTH]), namespaces=sorted(names)), tuple(row[_JOB_WIDTH + 1 :])
 
@@ -125,8 +125,8 @@ class SqlBase:
     ) -> tuple[jobs_pb2.Job, Sequence[Any]] | None:
         """The job's run in `queue` with the namespaces holding it, and the values of the columns `more`
         lists (`, definition, …`), read by one statement."""
-        row = await db.one(f"SELECT {_RUN_COLUMNS}{more} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
-        return None if row is None else _run_of(row)
+        row = await db.one(f"SELECT {RUN_COLUMNS}{more} FROM jobs WHERE queue = ? AND id = ?", queue, job_id)
+        return None if row is None else run_of(row)
 
     async def _changed(
         self, db: Database, queue: str, job_id: str, change: Change, now: float, result: bytes | None = None
@@ -134,9 +134,9 @@ class SqlBase:
         """`_apply`, answering the run as the transition left it: its definition (and `result`) but no
         history, which is enough to assign it and to tell watchers. The row is written and read back
         by one statement."""
-        row = await self._apply(db, queue, job_id, change, now, f" RETURNING {_RUN_COLUMNS}, definition")
+        row = await self._apply(db, queue, job_id, change, now, f" RETURNING {RUN_COLUMNS}, definition")
         assert row is not None
-        job, (definition,) = _run_of(row)
+        job, (definition,) = run_of(row)
         return with_details(job, definition, result, b"")
 
     async def _details(self, db: Database, queue: str, job_id: str) -> jobs_pb2.Job | None:

@@ -24,6 +24,12 @@ state is a literal: bound, SQLite prepares the statement again on every run (~10
 value could let it use a partial index on `state`."""
 
 
+def _run_key(row: Sequence[Any]) -> tuple[str, str]:
+    """(queue, id) of a row that starts with them: an operation changing runs of several queues
+    changes them in this order, so that two such operations lock the queues' counters in one order."""
+    return (str(row[0]), str(row[1]))
+
+
 class Lifecycle(SqlBase):
     """Submission, assignment, the worker's messages, re-queueing and a client's ends of a job's run
     (its id in one queue: rows are keyed by (queue, id))."""
@@ -154,7 +160,7 @@ class Lifecycle(SqlBase):
     ) -> Lost:
         """Put the runs of (queue, id, *HOLDING) rows back in their queues; returns them and the lost attempts."""
         lost: Lost = []
-        for queue, job_id, *columns in rows:
+        for queue, job_id, *columns in sorted(rows, key=_run_key):  # queue order: see postgres, queue_waiting
             holding = Holding(*columns)
             await self._apply(db, queue, job_id, why(holding, now), now)
             job = await self._job(db, queue, job_id)
@@ -239,7 +245,7 @@ class Lifecycle(SqlBase):
                 " LIMIT ? FOR UPDATE SKIP LOCKED",
                 *(QUEUED, before, limit),
             )
-            for queue, job_id, *columns in rows:
+            for queue, job_id, *columns in sorted(rows, key=_run_key):  # queue order: see postgres, queue_waiting
                 change = transitions.expired(Holding(*columns), ttl, now)
                 if change is not None:
                     await self._apply(db, queue, job_id, change, now)

@@ -16,10 +16,19 @@ from typing import Any
 import asyncpg
 
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
-from jobwire.server.store import credentials, records, runs
-from jobwire.server.store.database import Database, postgres_sql
+from jobwire.server.store import credentials, records, runs, transitions
+from jobwire.server.store.base import FINISHED_HOOK, Attempt, Holder, LogTotals, Submission
+from jobwire.server.store.database import RUN_COLUMNS, Database, postgres_sql, run_of
 from jobwire.server.store.records import SqlStore
-from jobwire.server.store.rows import job_blob_keys, worker_columns
+from jobwire.server.store.rows import (
+    already_stored,
+    job_blob_keys,
+    job_message,
+    with_details,
+    within_limit,
+    worker_columns,
+)
+from jobwire.server.store.transitions import HOLDING, Change, Holding
 from jobwire.v1 import jobs_pb2
 
 QUEUED, RUNNING, FINISHED = (
@@ -172,6 +181,26 @@ MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
       FOR EACH ROW EXECUTE FUNCTION jobwire_job_sized();
     INSERT INTO queue_sizes SELECT queue, SUM(octet_length(definition)) FROM jobs GROUP BY queue;
     """,
+    # 11: each queue's number of waiting (queued) jobs, for --max-queued-jobs: one row read per
+    # submission instead of counting up to the limit's rows of `waiting`. As queue_sizes, kept by a
+    # trigger deferred to the commit, so that submissions and claims of one queue on several
+    # replicas hold its row only while they commit (operations that change several queues' rows do
+    # so in queue order: see lifecycle, `_requeue` and `expire_queued`).
+    """
+    CREATE TABLE queue_waiting (queue TEXT PRIMARY KEY, jobs BIGINT NOT NULL);
+    CREATE FUNCTION jobwire_waiting_counted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO queue_waiting VALUES (NEW.queue, 1)
+          ON CONFLICT (queue) DO UPDATE SET jobs = queue_waiting.jobs + 1;
+      ELSE
+        UPDATE queue_waiting SET jobs = jobs - 1 WHERE queue = OLD.queue;
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER waiting_counted AFTER INSERT OR DELETE ON waiting DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION jobwire_waiting_counted();
+    INSERT INTO queue_waiting SELECT queue, COUNT(*) FROM waiting GROUP BY queue;
+    """,
 ]
 """Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
 counts those applied."""
@@ -181,6 +210,16 @@ CONNECT_SECONDS = 5.0
 within this bound rather than hang. Pools keep no floor of open connections (`min_size=0`): they open
 one when a call needs it, so an outage costs no background reconnect loop (whose every failed try
 asyncpg logs with a traceback), and a connection broken by the outage is replaced on its next use."""
+
+
+async def keep_session(connection: Connection) -> None:
+    """A pool's `reset`: a connection goes back to its pool as it is (asyncpg still rolls back a
+    transaction left open). The default reset runs `SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL` on every release, one round trip more per store call, for session state
+    that jobwire's pooled connections never make: no SET, no session advisory lock (migrations take
+    a transaction's), no LISTEN (the bus listens on a connection of its own), cursors only inside
+    transactions."""
+
 
 _MIGRATION_LOCK = 0x6A6F6277  # pg_advisory_xact_lock key: replicas starting together migrate once
 
@@ -201,6 +240,63 @@ async def migrate(connection: Connection) -> int:
                 await migration(connection)
             await connection.execute("UPDATE jobwire_schema SET version = $1", number)
         return len(MIGRATIONS)
+
+
+def _submitting(only_if_all_new: bool) -> str:
+    known = " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE queue = $5 AND id = ANY($1))" if only_if_all_new else ""
+    return f"""
+WITH input AS (
+  SELECT * FROM unnest($1::text[], $2::bytea[], $3::int[], $4::text[]) WITH ORDINALITY
+    AS i (job_id, definition, gpus, namespace, n)
+), added AS (
+  INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)
+    SELECT job_id, {QUEUED}, $5, $6, $6, definition, gpus, $7 FROM input{known} ORDER BY n
+    ON CONFLICT (queue, id) DO NOTHING RETURNING id
+), listed AS (
+  INSERT INTO queue_jobs (queue, job_id) SELECT $5, job_id FROM input WHERE job_id IN (SELECT id FROM added)
+    ORDER BY n ON CONFLICT DO NOTHING
+), named AS (
+  INSERT INTO namespaces SELECT $5, job_id, namespace FROM input WHERE job_id IN (SELECT id FROM added)
+    ON CONFLICT DO NOTHING
+)
+SELECT id FROM added"""
+
+
+_SUBMIT = _submitting(False)
+"""A submission's new jobs in one statement (the row, its place in the queue, its namespace: the
+triggers of queue_jobs, run after the statement, see the rows it added); answers their ids. Its jobs
+already known to the queue are not touched: `Lifecycle._submit` takes them one by one."""
+_SUBMIT_NEW = _submitting(True)
+"""`_SUBMIT`, adding nothing if the queue knows any of the jobs: run on its own (its own transaction),
+it is a whole submission of jobs all new, in one round trip."""
+_ANY_WAITING = "SELECT 1 FROM waiting WHERE queue = $1 AND gpus <= $2 LIMIT 1"
+_WAITING = (
+    "SELECT j.id, j.attempt FROM"
+    " (SELECT queue, seq, job_id FROM waiting WHERE queue = $1 AND gpus <= $3 ORDER BY seq OFFSET 0) w,"
+    f" LATERAL (SELECT id, attempt FROM jobs WHERE queue = w.queue AND id = w.job_id AND state = {QUEUED}"
+    " FOR UPDATE SKIP LOCKED) j ORDER BY w.seq LIMIT $2"
+)
+"""(id, attempt) of up to $2 of the queue's oldest waiting jobs needing at most $3 GPU devices,
+locked. Written so that its plan is the one that costs what it takes whatever the planner believes
+of the tables' sizes: the queue's `waiting` rows in order (its primary key), each one's job row
+looked up and locked, until $2 are (the subqueries are not flattened: one has OFFSET 0, the other
+locks). Written as a join, PostgreSQL planned it, on a fresh database before statistics, as a loop
+over every queued job that searched `waiting` for each: 100 ms a claim at a thousand queued jobs."""
+_LOG_END = (
+    "SELECT j.state, j.attempt, j.worker_id, j.session, l.chunks, l.stdout_chars, l.stderr_chars FROM jobs j"
+    " LEFT JOIN LATERAL (SELECT start + count AS chunks, stdout_chars, stderr_chars FROM logs"
+    " WHERE queue = j.queue AND job_id = j.id AND attempt = ? AND kind = ? ORDER BY start DESC LIMIT 1) l ON TRUE"
+    " WHERE j.queue = ? AND j.id = ?"
+)
+"""Who holds a run, and the totals of one of its logs (`LogTotals`; NULLs for none yet), in one read."""
+_LOG_APPEND = (
+    "INSERT INTO logs (queue, job_id, attempt, kind, start, count, data, stdout_chars, stderr_chars)"
+    " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT FROM jobs WHERE queue = ? AND id = ?"
+    f" AND {' AND '.join(f'{column} = ?' for column in HOLDING.split(', '))})"
+    " ON CONFLICT DO NOTHING RETURNING start"
+)
+"""A batch of a log, stored only if the run is still held as read and no batch took its place."""
+_ARRAY_TYPES = {bool: "boolean[]", int: "bigint[]", float: "float8[]", str: "text[]", bytes: "bytea[]"}
 
 
 class PostgresDatabase:
@@ -229,7 +325,9 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 10) -> PostgresStore:
         """Connect a pool to `dsn` (postgresql://…) and bring the schema up to date."""
-        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=max_size, timeout=CONNECT_SECONDS)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=max_size, timeout=CONNECT_SECONDS, reset=keep_session
+        )
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)
@@ -272,6 +370,206 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         except Exception as error:
             raise_dependency_error(error, JOB_STORE)
             raise
+
+    # A job's life in fewer round trips than the shared statements (`lifecycle`) take one by one:
+    # the same rows, locks and `transitions` decisions, written by one statement where those
+    # write several.
+
+    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+        """As `Lifecycle.submit`, in one round trip when the jobs are all new (the statement is its
+        own transaction). One naming a job the queue knows takes one transaction, as on SQLite; only
+        when another call submits one of the same jobs between that check and the insert are this
+        call's jobs stored by two transactions (it answers once both committed; each job's answer is
+        as if the calls ran one after the other)."""
+        ids = [submission.job_id for submission in jobs]
+        if len(set(ids)) != len(ids):  # the same job twice in one call: one at a time, as SQLite does
+            return await super().submit(queue=queue, jobs=jobs, now=now)
+        change = transitions.queued(now)
+        definitions = [submission.definition for submission in jobs]
+        values = (
+            ids,
+            [definition.SerializeToString() for definition in definitions],
+            [definition.requirements.gpus for definition in definitions],
+            [submission.namespace for submission in jobs],
+            *(queue, now, change.entry),
+        )
+        async with self._reading() as db:  # jobs all new: the statement is the whole submission
+            new = {row[0] for row in await db.all(_SUBMIT_NEW, *values)}
+        if len(new) < len(jobs):  # known jobs (or a concurrent submission of one): all in one transaction
+            async with self._transaction() as db:
+                new |= {row[0] for row in await db.all(_SUBMIT, *values)}
+                return [await self._answer(db, submission, new, queue, now) for submission in jobs]
+        return [await self._answer(None, submission, new, queue, now) for submission in jobs]
+
+    async def _answer(
+        self, db: Database | None, submission: Submission, new: set[str], queue: str, now: float
+    ) -> tuple[jobs_pb2.Job, bool]:
+        """A submitted job's run and whether the submission queued it: a new one as written, a known
+        one as `Lifecycle._submit` finds (and maybe queues) it."""
+        if submission.job_id in new:
+            fields = (submission.job_id, QUEUED, queue, 0, "", now, now, 0)
+            return job_message(fields, namespaces=[submission.namespace]), True
+        assert db is not None
+        return await self._submit(db, submission, queue, now)
+
+    async def claim(
+        self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1
+    ) -> list[jobs_pb2.Job]:
+        """As `Lifecycle.claim` (with `_WAITING`); nothing waiting costs one read outside any transaction
+        (as most claims find when several workers wake for one job), and a worker without free GPU
+        devices takes its jobs with one read and one write however many."""
+        async with self._reading() as db:
+            if await db.one(_ANY_WAITING, queue, gpus) is None:
+                return []
+        async with self._transaction() as db:
+            if gpus:  # each job taken leaves fewer devices for the next: one at a time
+                claimed: list[jobs_pb2.Job] = []
+                while len(claimed) < count and (rows := await db.all(_WAITING, queue, 1, gpus)):
+                    job_id, attempt = rows[0]
+                    assigned = transitions.assigned(attempt, holder, now, lease)
+                    claimed.append(await self._changed(db, queue, job_id, assigned, now))
+                    gpus -= claimed[-1].definition.requirements.gpus
+                return claimed
+            rows = await db.all(_WAITING, queue, count, 0)
+            if not rows:
+                return []
+            changes = [transitions.assigned(attempt, holder, now, lease) for _, attempt in rows]
+            written = await self._apply_all(db, queue, [job_id for job_id, _ in rows], changes)
+        return [with_details(job, definition, None, b"") for job, (definition,) in map(run_of, written)]
+
+    async def _apply_all(
+        self, db: Database, queue: str, job_ids: Sequence[str], changes: Sequence[Change]
+    ) -> list[Any]:
+        """`_apply` of each change (none of them a finish, all setting the same columns) to its job's
+        run, in one statement; answers the runs (`RUN_COLUMNS, definition`) in the order of `job_ids`."""
+        sets, values, arrays, names = [], [], [], []
+        for column in changes[0].columns:
+            column_values = [change.columns[column] for change in changes]
+            if all(value == column_values[0] for value in column_values):
+                values.append(column_values[0])
+                sets.append(f"{column} = ${len(values)}")
+            else:
+                arrays.append((column_values, _ARRAY_TYPES[type(column_values[0])]))
+                sets.append(f"{column} = u.u_{column}")
+                names.append(f"u_{column}")
+        arrays.append(([change.entry for change in changes], "bytea[]"))
+        sets.append("history = history || u.u_entry")
+        names.append("u_entry")
+        arrays.append((list(job_ids), "text[]"))
+        names.append("u_id")
+        values += [array for array, _ in arrays]
+        unnest = ", ".join(f"${len(values) - len(arrays) + n}::{kind}" for n, (_, kind) in enumerate(arrays, start=1))
+        sql = (
+            f"UPDATE jobs SET {', '.join(sets)} FROM unnest({unnest}) AS u ({', '.join(names)})"
+            f" WHERE jobs.queue = ${len(values) + 1} AND jobs.id = u.u_id RETURNING {RUN_COLUMNS}, definition"
+        )
+        rows = {row[0]: row for row in await db.all(sql, *values, queue)}
+        return [rows[job_id] for job_id in job_ids]
+
+    async def _apply(
+        self, db: Database, queue: str, job_id: str, change: Change, now: float, returning: str = ""
+    ) -> Any:
+        """As `SqlBase._apply`; a finish arms the run's `finished` webhooks in the same statement."""
+        if not change.finishes:
+            return await super()._apply(db, queue, job_id, change, now, returning)
+        sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
+        update = (
+            "WITH armed AS (UPDATE webhooks SET armed = TRUE, next_time = ?"
+            " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed)"
+            f" UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
+        )
+        values = (now, job_id, queue, FINISHED_HOOK, *change.columns.values(), change.entry, queue, job_id)
+        return await (db.one if returning else db.run)(update, *values)
+
+    # A worker's start and finish of the attempt it holds, the usual case, are one statement (its own
+    # transaction): `transitions` decides the change for the holding the worker's attempt and session
+    # imply, and the statement writes it only if the run's holding is exactly that one (compared and
+    # set under the row's lock). Otherwise (a stale attempt, a worker back after its lease ran out)
+    # the shared path reads the holding, locked, and `transitions` decides on what it finds.
+
+    async def start(self, attempt: Attempt, holder: Holder, now: float) -> jobs_pb2.Job | None:
+        held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
+        if transitions.holds(held, attempt, holder):
+            job = await self._changed_if(
+                holder.queue, attempt.job_id, held, transitions.started(attempt, holder, now), now
+            )
+            if job is not None:
+                return job
+        return await super().start(attempt, holder, now)
+
+    async def finish(
+        self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float, *, started: bool = False
+    ) -> jobs_pb2.Job | None:
+        held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
+        if transitions.may_finish(held, attempt, holder, result):
+            change = transitions.finished(attempt, holder, result, now, started=started)
+            job = await self._changed_if(holder.queue, attempt.job_id, held, change, now, change.columns["result"])
+            if job is not None:
+                return job
+        return await super().finish(attempt, holder, result, now, started=started)
+
+    async def append_logs(
+        self,
+        attempt: Attempt,
+        holder: Holder,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int = 0,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
+        """As `SqlStore.append_logs`, in two statements with no transaction around them: one reads
+        who holds the run and where the log ends; the batch is then stored only if the run is held
+        as read and nothing was stored at that end meanwhile (the log's primary key). Anything else
+        (not held, or another append first) takes the locked path, which decides on what it finds."""
+        async with self._reading() as db:
+            row = await db.one(_LOG_END, attempt.attempt, kind, holder.queue, attempt.job_id)
+        if row is not None and transitions.holds(held := Holding(*row[:4]), attempt, holder):
+            stored = LogTotals() if row[4] is None else LogTotals(*row[4:])
+            kept = within_limit(stored.chars, chunks[already_stored(stored.chunks, start, len(chunks)) :], max_chars)
+            if not kept:
+                return stored.chunks, kept
+            batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
+            totals = stored.after(batch.chunks)
+            async with self._reading() as db:
+                written = await db.one(
+                    _LOG_APPEND,
+                    *(holder.queue, attempt.job_id, attempt.attempt, kind, stored.chunks, len(batch.chunks)),
+                    *(batch.SerializeToString(), totals.stdout_chars, totals.stderr_chars),
+                    *(holder.queue, attempt.job_id, *held),
+                )
+            if written is not None:
+                return stored.chunks, kept
+        return await super().append_logs(attempt, holder, kind, chunks, start, max_chars)
+
+    async def _changed_if(
+        self, queue: str, job_id: str, held: Holding, change: Change, now: float, result: bytes | None = None
+    ) -> jobs_pb2.Job | None:
+        """`_changed` in one statement, if the run is held as `held`; None (and no change) if not."""
+        sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
+        holding = " AND ".join(f"{column} = ?" for column in HOLDING.split(", "))
+        sql = (
+            f"WITH run AS (UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ? AND {holding}"
+            f" RETURNING {RUN_COLUMNS}, definition)"
+        )
+        values: list[Any] = [*change.columns.values(), change.entry, queue, job_id, *held]
+        if change.finishes:
+            sql += (
+                ", armed AS (UPDATE webhooks SET armed = TRUE, next_time = ?"
+                " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed AND EXISTS (SELECT FROM run))"
+            )
+            values += [now, job_id, queue, FINISHED_HOOK]
+        async with self._reading() as db:
+            row = await db.one(sql + " SELECT * FROM run", *values)
+        if row is None:
+            return None
+        job, (definition,) = run_of(row)
+        return with_details(job, definition, result, b"")
+
+    async def queued_count(self, queue: str, up_to: int) -> int:
+        """From the queue's counter (`queue_waiting`): one row, however long the queue."""
+        async with self._reading() as db:
+            row = await db.one("SELECT jobs FROM queue_waiting WHERE queue = ?", queue)
+        return min(int(row[0]) if row else 0, up_to)
 
     async def blob_references(self) -> set[str]:
         keys: set[str] = set()
