@@ -292,18 +292,14 @@ class SqlStore(Lifecycle):
         return workers_with_jobs([row[0] for row in rows], [(row[0], row[1]) for row in running])
 
     async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
-        async with self._reading() as db:
-            workers, slots, most_gpus = await db.one(
-                "SELECT COUNT(*), COALESCE(SUM(slots), 0), COALESCE(MAX(gpus), 0) FROM workers"
-                " WHERE queue = ? AND last_seen >= ?",
-                queue,
-                seen_since,
-            )
-            (busy,) = await db.one(  # the state is literal so that the partial index jobs_worker serves
-                f"SELECT COUNT(*) FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
-                " WHERE w.queue = ? AND w.last_seen >= ?",
-                queue,
-                seen_since,
+        async with self._reading() as db:  # one statement: one round trip on PostgreSQL
+            workers, slots, most_gpus, busy = await db.one(
+                "SELECT COUNT(*), COALESCE(SUM(slots), 0), COALESCE(MAX(gpus), 0),"
+                # the state is literal so that the partial index jobs_worker serves
+                f" (SELECT COUNT(*) FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
+                " WHERE w.queue = ? AND w.last_seen >= ?)"
+                " FROM workers WHERE queue = ? AND last_seen >= ?",
+                *(queue, seen_since, queue, seen_since),
             )
         return Capacity(workers, slots, busy, most_gpus)
 
