@@ -34,6 +34,10 @@ class Lifecycle(SqlBase):
     """Submission, assignment, the worker's messages, re-queueing and a client's ends of a job's run
     (its id in one queue: rows are keyed by (queue, id))."""
 
+    QUEUE_ENTRY = "INSERT INTO queue_jobs (queue, job_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    """What gives a new run its place in the queue (`queue_jobs.seq`); empty where the run's own row
+    holds it (SQLite)."""
+
     async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
         async with self._transaction() as db:
             return [await self._submit(db, job, queue, now) for job in jobs]
@@ -55,8 +59,8 @@ class Lifecycle(SqlBase):
             queued = transitions.may_queue_again(state, reason)
             if queued:
                 await self._apply(db, queue, job_id, change, now)
-        # after the job's row: the triggers of queue_jobs read its state
-        await db.run("INSERT INTO queue_jobs (queue, job_id) VALUES (?, ?) ON CONFLICT DO NOTHING", queue, job_id)
+        if self.QUEUE_ENTRY:  # after the job's row: the triggers of queue_jobs read its state
+            await db.run(self.QUEUE_ENTRY, queue, job_id)
         await db.run(
             "INSERT INTO namespaces VALUES (?, ?, ?) ON CONFLICT DO NOTHING", queue, job_id, submission.namespace
         )

@@ -70,6 +70,78 @@ def _history_into_jobs(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE events")
 
 
+_JOB_COLUMNS = (
+    "id, state, queue, attempt, worker_id, create_time, update_time, lease_expires, finish_reason, definition,"
+    " result, gpus, history, session"
+)
+_RUNS_WITH_PLACES = [
+    # `seq` last: SQLite 3.40 plans a correlated subquery of a RETURNING clause (`_NAMESPACES`) as a
+    # scan when the table's first column is its INTEGER PRIMARY KEY (measured: 150 µs a claim).
+    """CREATE TABLE runs (
+      id TEXT NOT NULL, state INTEGER NOT NULL, queue TEXT NOT NULL,
+      attempt INTEGER NOT NULL DEFAULT 0, worker_id TEXT NOT NULL DEFAULT '', create_time REAL NOT NULL,
+      update_time REAL NOT NULL, lease_expires REAL, finish_reason INTEGER NOT NULL DEFAULT 0,
+      definition BLOB NOT NULL, result BLOB, gpus INTEGER NOT NULL DEFAULT 0, history BLOB NOT NULL DEFAULT x'',
+      session TEXT NOT NULL DEFAULT '', seq INTEGER PRIMARY KEY AUTOINCREMENT, UNIQUE (queue, id)
+    )""",
+    f"INSERT INTO runs (seq, {_JOB_COLUMNS}) SELECT q.seq, {', '.join(f'j.{c}' for c in _JOB_COLUMNS.split(', '))}"
+    " FROM jobs j JOIN queue_jobs q ON q.queue = j.queue AND q.job_id = j.id ORDER BY q.seq",
+    # a place past every place given before, even those of runs since expired
+    "UPDATE sqlite_sequence"
+    " SET seq = MAX(seq, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue_jobs'), 0)) WHERE name = 'runs'",
+    f"INSERT INTO runs ({_JOB_COLUMNS}) SELECT {_JOB_COLUMNS} FROM jobs j"  # none, unless a place was lost
+    " WHERE NOT EXISTS (SELECT 1 FROM queue_jobs q WHERE q.queue = j.queue AND q.job_id = j.id) ORDER BY create_time",
+    "DROP TABLE queue_jobs",
+    "DELETE FROM sqlite_sequence WHERE name = 'queue_jobs'",
+    "DROP TABLE jobs",
+    "ALTER TABLE runs RENAME TO jobs",
+    "CREATE INDEX jobs_running_lease ON jobs (lease_expires) WHERE state = 2",
+    "CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = 2",
+    "CREATE INDEX jobs_id ON jobs (id)",
+    *records.LISTING_INDEXES.split(";"),
+    "CREATE VIEW queue_jobs AS SELECT seq, queue, id AS job_id FROM jobs",
+    "CREATE TRIGGER queue_jobs_deleted INSTEAD OF DELETE ON queue_jobs BEGIN SELECT 1; END",
+    """CREATE TRIGGER job_added AFTER INSERT ON jobs BEGIN
+      INSERT INTO queue_states VALUES (NEW.queue, NEW.state, 1)
+        ON CONFLICT (queue, state) DO UPDATE SET jobs = jobs + 1;
+      INSERT INTO queue_sizes VALUES (NEW.queue, length(NEW.definition))
+        ON CONFLICT (queue) DO UPDATE SET bytes = bytes + excluded.bytes;
+      INSERT INTO waiting SELECT NEW.queue, NEW.seq, NEW.id, NEW.gpus WHERE NEW.state = 1;
+    END""",
+    """CREATE TRIGGER job_state_changed AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+      UPDATE queue_states SET jobs = jobs - 1 WHERE queue = NEW.queue AND state = OLD.state;
+      INSERT INTO queue_states VALUES (NEW.queue, NEW.state, 1)
+        ON CONFLICT (queue, state) DO UPDATE SET jobs = jobs + 1;
+    END""",
+    """CREATE TRIGGER job_left_queue AFTER UPDATE OF state ON jobs WHEN OLD.state = 1 AND NEW.state != 1 BEGIN
+      DELETE FROM waiting WHERE queue = NEW.queue AND seq = NEW.seq;
+    END""",
+    """CREATE TRIGGER job_queued_again AFTER UPDATE OF state ON jobs WHEN NEW.state = 1 AND OLD.state != 1 BEGIN
+      INSERT INTO waiting VALUES (NEW.queue, NEW.seq, NEW.id, NEW.gpus);
+    END""",
+    """CREATE TRIGGER job_removed AFTER DELETE ON jobs BEGIN
+      UPDATE queue_states SET jobs = jobs - 1 WHERE queue = OLD.queue AND state = OLD.state;
+      UPDATE queue_sizes SET bytes = bytes - length(OLD.definition) WHERE queue = OLD.queue;
+      DELETE FROM waiting WHERE queue = OLD.queue AND seq = OLD.seq;
+    END""",
+]
+
+
+def _runs_with_places(db: sqlite3.Connection) -> None:
+    """Migration 16: a run's place in its queue is its row's own key (`seq`) instead of a row of
+    `queue_jobs` beside it, which every submission wrote with two indexes (one on hashed ids, a random
+    page each) and every transition's triggers looked up. `queue_jobs` stays as a view of the runs, so
+    the statements both stores share read it as before; the triggers keep `queue_states`, `queue_sizes`
+    and `waiting` from the run's row alone. The runs are copied with their places (`waiting` keeps
+    pointing at them) and the sequence goes on past every place given before."""
+    for trigger in ("queue_job_added", "queue_job_removed", "job_state_changed", "job_left_queue"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    for trigger in ("job_queued_again", "job_removed", "job_sized", "job_unsized"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    for step in _RUNS_WITH_PLACES:
+        db.execute(step)
+
+
 MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: GPU devices a job needs, so claims can skip jobs a worker has no room for.
     "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
@@ -184,6 +256,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         WHERE queue = OLD.queue AND seq = (SELECT seq FROM queue_jobs WHERE queue = OLD.queue AND job_id = OLD.id);
     END
     """,
+    # 16: a run's place in its queue is its own row's key (see `_runs_with_places`).
+    _runs_with_places,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
 connection); `PRAGMA user_version` counts those applied."""
@@ -212,6 +286,8 @@ class SqliteDatabase:
 
 class SqliteStore(SqlStore, credentials.CredentialRecords):
     """StateStore on one SQLite file; see the module's docstring for how it stays off the loop's way."""
+
+    QUEUE_ENTRY = ""  # a run's row is its place in the queue (migration 16)
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db, self._path, self._statements = db, path, SqliteDatabase(db)
