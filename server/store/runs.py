@@ -57,10 +57,11 @@ _SQLITE_TRIGGERS = [
       DELETE FROM waiting WHERE queue = OLD.queue AND job_id = OLD.id;
     END""",
 ]
-_JOB_COLUMNS = (
+ROW_COLUMNS = (
     "id, state, queue, attempt, worker_id, create_time, update_time, lease_expires, finish_reason, definition,"
     " result, gpus, history, session"
 )
+"""Every column of a run's row (SQLite's rebuilds copy them)."""
 _SQLITE_REBUILD = [
     *(f"DROP TRIGGER {name}" for name in ("queue_job_added", "queue_job_removed", "job_state_changed", "job_removed")),
     """CREATE TABLE runs (
@@ -70,7 +71,7 @@ _SQLITE_REBUILD = [
       gpus INTEGER NOT NULL DEFAULT 0, history BLOB NOT NULL DEFAULT x'', session TEXT NOT NULL DEFAULT '',
       PRIMARY KEY (queue, id)
     )""",
-    f"INSERT INTO runs ({_JOB_COLUMNS}) SELECT {_JOB_COLUMNS} FROM jobs",
+    f"INSERT INTO runs ({ROW_COLUMNS}) SELECT {ROW_COLUMNS} FROM jobs",
     """CREATE TABLE run_logs (
       queue TEXT NOT NULL, job_id TEXT NOT NULL, attempt INTEGER NOT NULL, kind INTEGER NOT NULL,
       start INTEGER NOT NULL, count INTEGER NOT NULL, data BLOB NOT NULL, stdout_chars INTEGER NOT NULL DEFAULT 0,

@@ -70,10 +70,6 @@ def _history_into_jobs(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE events")
 
 
-_JOB_COLUMNS = (
-    "id, state, queue, attempt, worker_id, create_time, update_time, lease_expires, finish_reason, definition,"
-    " result, gpus, history, session"
-)
 _RUNS_WITH_PLACES = [
     # `seq` last: SQLite 3.40 plans a correlated subquery of a RETURNING clause (`_NAMESPACES`) as a
     # scan when the table's first column is its INTEGER PRIMARY KEY (measured: 150 µs a claim).
@@ -84,15 +80,20 @@ _RUNS_WITH_PLACES = [
       definition BLOB NOT NULL, result BLOB, gpus INTEGER NOT NULL DEFAULT 0, history BLOB NOT NULL DEFAULT x'',
       session TEXT NOT NULL DEFAULT '', seq INTEGER PRIMARY KEY AUTOINCREMENT, UNIQUE (queue, id)
     )""",
-    f"INSERT INTO runs (seq, {_JOB_COLUMNS}) SELECT q.seq, {', '.join(f'j.{c}' for c in _JOB_COLUMNS.split(', '))}"
+    f"INSERT INTO runs (seq, {runs.ROW_COLUMNS})"
+    f" SELECT q.seq, {', '.join(f'j.{column}' for column in runs.ROW_COLUMNS.split(', '))}"
     " FROM jobs j JOIN queue_jobs q ON q.queue = j.queue AND q.job_id = j.id ORDER BY q.seq",
     # a place past every place given before, even those of runs since expired
     "UPDATE sqlite_sequence"
     " SET seq = MAX(seq, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue_jobs'), 0)) WHERE name = 'runs'",
-    f"INSERT INTO runs ({_JOB_COLUMNS}) SELECT {_JOB_COLUMNS} FROM jobs j"  # none, unless a place was lost
+    # none, unless a run lost its place
+    f"INSERT INTO runs ({runs.ROW_COLUMNS}) SELECT {runs.ROW_COLUMNS} FROM jobs j"
     " WHERE NOT EXISTS (SELECT 1 FROM queue_jobs q WHERE q.queue = j.queue AND q.job_id = j.id) ORDER BY create_time",
-    "DROP TABLE queue_jobs",
+    "DROP TABLE queue_jobs",  # and its indexes, one on hashed job ids alone that no statement read
     "DELETE FROM sqlite_sequence WHERE name = 'queue_jobs'",
+    # A job leaves `waiting` by its key (queue, seq), not through an index on its hashed id (a write on a
+    # random page for every submission and every claim).
+    "DROP INDEX waiting_job",
     "DROP TABLE jobs",
     "ALTER TABLE runs RENAME TO jobs",
     "CREATE INDEX jobs_running_lease ON jobs (lease_expires) WHERE state = 2",
@@ -128,16 +129,14 @@ _RUNS_WITH_PLACES = [
 
 
 def _runs_with_places(db: sqlite3.Connection) -> None:
-    """Migration 16: a run's place in its queue is its row's own key (`seq`) instead of a row of
+    """Migration 14: a run's place in its queue is its row's own key (`seq`) instead of a row of
     `queue_jobs` beside it, which every submission wrote with two indexes (one on hashed ids, a random
     page each) and every transition's triggers looked up. `queue_jobs` stays as a view of the runs, so
     the statements both stores share read it as before; the triggers keep `queue_states`, `queue_sizes`
-    and `waiting` from the run's row alone. The runs are copied with their places (`waiting` keeps
-    pointing at them) and the sequence goes on past every place given before."""
-    for trigger in ("queue_job_added", "queue_job_removed", "job_state_changed", "job_left_queue"):
-        db.execute(f"DROP TRIGGER {trigger}")
-    for trigger in ("job_queued_again", "job_removed", "job_sized", "job_unsized"):
-        db.execute(f"DROP TRIGGER {trigger}")
+    and `waiting` from the run's row alone, and run only the statements a change needs (a claim leaves
+    the queue, a re-queue joins it, a finish touches neither). The runs are copied with their places
+    (`waiting` keeps pointing at them) and the sequence goes on past every place given before; the old
+    triggers go with the tables they were on."""
     for step in _RUNS_WITH_PLACES:
         db.execute(step)
 
@@ -224,39 +223,7 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     END;
     INSERT INTO queue_sizes SELECT queue, SUM(length(definition)) FROM jobs GROUP BY queue
     """,
-    # 14: no statement looks a queue entry up by job id alone any more (runs are keyed by (queue, id),
-    # see 11): the index cost every submission a write.
-    "DROP INDEX IF EXISTS queue_jobs_job",
-    # 15: a job leaves `waiting` by its key (queue, seq), found through its queue entry, instead of by
-    # an index on the job id: job ids are hashes, so that index took a write on a page of its own
-    # (a random one) for every submission and every claim. The triggers run only the statements a
-    # change needs: a claim leaves the queue, a re-queue joins it, a finish touches neither.
-    """
-    DROP TRIGGER job_state_changed;
-    DROP TRIGGER job_removed;
-    DROP INDEX waiting_job;
-    CREATE TRIGGER job_state_changed AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
-      UPDATE queue_states SET jobs = jobs - 1 WHERE queue = NEW.queue AND state = OLD.state
-        AND EXISTS (SELECT 1 FROM queue_jobs WHERE queue = NEW.queue AND job_id = NEW.id);
-      INSERT INTO queue_states SELECT queue, NEW.state, 1 FROM queue_jobs WHERE queue = NEW.queue AND job_id = NEW.id
-        ON CONFLICT (queue, state) DO UPDATE SET jobs = jobs + 1;
-    END;
-    CREATE TRIGGER job_left_queue AFTER UPDATE OF state ON jobs WHEN OLD.state = 1 AND NEW.state != 1 BEGIN
-      DELETE FROM waiting
-        WHERE queue = NEW.queue AND seq = (SELECT seq FROM queue_jobs WHERE queue = NEW.queue AND job_id = NEW.id);
-    END;
-    CREATE TRIGGER job_queued_again AFTER UPDATE OF state ON jobs WHEN NEW.state = 1 AND OLD.state != 1 BEGIN
-      INSERT INTO waiting SELECT queue, seq, job_id, NEW.gpus FROM queue_jobs
-        WHERE queue = NEW.queue AND job_id = NEW.id;
-    END;
-    CREATE TRIGGER job_removed AFTER DELETE ON jobs BEGIN
-      UPDATE queue_states SET jobs = jobs - 1 WHERE queue = OLD.queue AND state = OLD.state
-        AND EXISTS (SELECT 1 FROM queue_jobs WHERE queue = OLD.queue AND job_id = OLD.id);
-      DELETE FROM waiting
-        WHERE queue = OLD.queue AND seq = (SELECT seq FROM queue_jobs WHERE queue = OLD.queue AND job_id = OLD.id);
-    END
-    """,
-    # 16: a run's place in its queue is its own row's key (see `_runs_with_places`).
+    # 14: a run's place in its queue is its own row's key (see `_runs_with_places`).
     _runs_with_places,
 ]
 """Applied in order after SCHEMA, each in a transaction of its own (SQL, or a function given the
