@@ -24,6 +24,8 @@ from jobwire.v1 import jobs_pb2, jobs_pb2_grpc
 STREAM_LIMIT = 1024 * 1024
 """Bytes of a submission sent on the stream; larger ones go as `SubmitJob` calls, so that one over the
 server's message limit fails alone (RESOURCE_EXHAUSTED ends a stream, and every submission on it)."""
+_STATUS = {status.value[0]: status for status in grpc.StatusCode}
+"""gRPC status codes by number, as a `SubmitJobError` carries them."""
 
 
 class _Broken(Exception):
@@ -69,7 +71,7 @@ class Submissions:
                 continue
             if answer.HasField("submitted"):
                 return answer.submitted
-            code = _status(answer.error.code)
+            code = _STATUS.get(answer.error.code, grpc.StatusCode.UNKNOWN)
             if code != grpc.StatusCode.UNAVAILABLE or (delay := next(delays, None)) is None:
                 raise status_error(code, answer.error.message, target=self._calls.target)
             await asyncio.sleep(delay)
@@ -121,10 +123,3 @@ class Submissions:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
-
-
-def _status(code: int) -> grpc.StatusCode:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status
-    return grpc.StatusCode.UNKNOWN

@@ -30,6 +30,10 @@ _JOB_WIDTH = JOB_COLUMNS.count(",") + 1
 _NAMESPACES = "(SELECT json_agg(namespace) FROM namespaces WHERE queue = jobs.queue AND job_id = jobs.id)"
 """The namespaces holding a run, as a JSON array (NULL or `[]` for none), read in the run's statement."""
 RUN_COLUMNS = f"{JOB_COLUMNS}, {_NAMESPACES}"
+ARM_FINISHED = (
+    "UPDATE webhooks SET armed = TRUE, next_time = ? WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed"
+)
+"""A finish arms the run's `finished` webhooks: (now, job id, queue, FINISHED_HOOK)."""
 JOB_RUN_ORDER = f"state = {FINISHED} DESC, update_time DESC"
 """Which of a job id's runs an id-only read shows: the most recently finished, else the most recently
 changed (a job URL is for reading a result; the queue's URL names one run exactly)."""
@@ -102,11 +106,7 @@ class SqlBase:
         else:
             await db.run(update, *values, queue, job_id)
         if change.finishes:
-            await db.run(
-                "UPDATE webhooks SET armed = TRUE, next_time = ?"
-                " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed",
-                *(now, job_id, queue, FINISHED_HOOK),
-            )
+            await db.run(ARM_FINISHED, *(now, job_id, queue, FINISHED_HOOK))
         return row
 
     async def _holding(self, db: Database, queue: str, job_id: str) -> Holding | None:

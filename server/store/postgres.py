@@ -18,7 +18,7 @@ import asyncpg
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
 from jobwire.server.store import credentials, records, runs, transitions
 from jobwire.server.store.base import FINISHED_HOOK, Attempt, Holder, LogTotals, Submission
-from jobwire.server.store.database import RUN_COLUMNS, Database, postgres_sql, run_of
+from jobwire.server.store.database import ARM_FINISHED, RUN_COLUMNS, Database, postgres_sql, run_of
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import (
     already_stored,
@@ -474,9 +474,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
             return await super()._apply(db, queue, job_id, change, now, returning)
         sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
         update = (
-            "WITH armed AS (UPDATE webhooks SET armed = TRUE, next_time = ?"
-            " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed)"
-            f" UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
+            f"WITH armed AS ({ARM_FINISHED}) UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
         )
         values = (now, job_id, queue, FINISHED_HOOK, *change.columns.values(), change.entry, queue, job_id)
         return await (db.one if returning else db.run)(update, *values)
@@ -553,10 +551,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         )
         values: list[Any] = [*change.columns.values(), change.entry, queue, job_id, *held]
         if change.finishes:
-            sql += (
-                ", armed AS (UPDATE webhooks SET armed = TRUE, next_time = ?"
-                " WHERE job_id = ? AND queue = ? AND event = ? AND NOT armed AND EXISTS (SELECT FROM run))"
-            )
+            sql += f", armed AS ({ARM_FINISHED} AND EXISTS (SELECT FROM run))"
             values += [now, job_id, queue, FINISHED_HOOK]
         async with self._reading() as db:
             row = await db.one(sql + " SELECT * FROM run", *values)
