@@ -47,6 +47,7 @@ import asyncpg
 from bench import peers
 from bench.runner import Context, Measurement, until
 from bench.stack import CLOCK_TICKS, JOBWIRE, Service, spawn, unique, wait_ready
+from bench.throughput import noop_definition
 from jobwire import Client
 from jobwire.cli.services import free_port
 from tests.services import PostgresCluster
@@ -180,7 +181,7 @@ async def _timed(ctx: Context, mode: str, clients: list[Client], queue: str, sta
     total, nonce = share * replicas, uuid.uuid4().hex
 
     def noop(index: int) -> dict[str, str]:
-        return {"image": "bench/none", "command": f"noop {nonce} {index}"}
+        return noop_definition(nonce, index)
 
     async def all_done(goal: int) -> None:
         async def done() -> bool:
