@@ -2,7 +2,8 @@
 
 The figure-2 workload (no-op jobs, simulated workers in a process of their own, real `jobwire server`
 processes) on a private PostgreSQL cluster (the tests' `PostgresCluster`: Debian's binaries, its own
-folder and port, durability off as SQLite's `synchronous=NORMAL` WAL is: no fsync per commit) and on
+folder and port, durability off as SQLite's `synchronous=NORMAL` WAL is: no fsync per commit;
+servers connect over its Unix socket, as a server on the database's machine would) and on
 SQLite, alternated (SQLite, then PostgreSQL, round after round; medians reported), since other load
 on the machine shifts absolute rates. Servers run with their default limits (`--max-queued-jobs`,
 `--max-queue-bytes`), so every submission checks them, as in production.
@@ -139,7 +140,7 @@ async def _run(ctx: Context, mode: str, replicas: int, cluster: PostgresCluster 
     """One run of `mode` through `replicas` servers (on a fresh database of `cluster`, or on SQLite)."""
     database, stats = "", None
     if cluster is not None:
-        database = await cluster.create_database()
+        database = await cluster.create_database(socket=True)
         stats = await asyncpg.connect(database)
         await stats.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     servers: list[tuple[Service, str]] = []

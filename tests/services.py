@@ -101,15 +101,19 @@ class PostgresCluster:
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
-    async def create_database(self) -> str:
-        """A fresh, empty database; returns its URL."""
+    def socket_dsn(self, database: str = "postgres") -> str:
+        """`dsn` over the cluster's Unix socket (as a server on the same machine would connect)."""
+        return f"postgresql://{self.user}@/{database}?host={self.directory}&port={self.port}"
+
+    async def create_database(self, *, socket: bool = False) -> str:
+        """A fresh, empty database; returns its URL (over TCP, or `socket_dsn`)."""
         name = f"t_{uuid.uuid4().hex[:16]}"
         connection = await asyncpg.connect(self.dsn())
         try:
             await connection.execute(f"CREATE DATABASE {name}")
         finally:
             await connection.close()
-        return self.dsn(name)
+        return self.socket_dsn(name) if socket else self.dsn(name)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
