@@ -242,6 +242,20 @@ async def migrate(connection: Connection) -> int:
         return len(MIGRATIONS)
 
 
+_ROOM = """ known AS (
+  SELECT FROM jobs WHERE queue = $5 AND id = ANY($1) LIMIT 1
+), held AS (
+  SELECT COALESCE((SELECT jobs FROM queue_waiting WHERE queue = $5), 0) AS jobs,
+    COALESCE((SELECT bytes FROM queue_sizes WHERE queue = $5), 0) AS bytes
+), refused AS (
+  SELECT jobs, bytes FROM held WHERE ($8::bigint > 0 AND jobs + cardinality($1) > $8)
+    OR ($9::bigint > 0 AND bytes + (SELECT SUM(octet_length(definition)) FROM input) > $9)
+),"""
+"""What `_SUBMIT_NEW` reads before it adds anything: whether the queue knows any of the jobs, its
+counters (as `Lifecycle.QUEUE_HELD`), and those counters again when the jobs do not fit its room
+(the same rule as `Room.refusal`, which turns them into the QueueFull raised)."""
+
+
 def _submitting(only_if_all_new: bool) -> str:
     if not only_if_all_new:
         adding, answer = "", ""
@@ -266,17 +280,6 @@ WITH input AS (
 SELECT id, NULL::bigint, NULL::bigint FROM added{answer}"""
 
 
-_ROOM = """ known AS (
-  SELECT FROM jobs WHERE queue = $5 AND id = ANY($1) LIMIT 1
-), held AS (
-  SELECT COALESCE((SELECT jobs FROM queue_waiting WHERE queue = $5), 0) AS jobs,
-    COALESCE((SELECT bytes FROM queue_sizes WHERE queue = $5), 0) AS bytes
-), refused AS (
-  SELECT jobs, bytes FROM held WHERE ($8::bigint > 0 AND jobs + cardinality($1) > $8)
-    OR ($9::bigint > 0 AND bytes + (SELECT SUM(octet_length(definition)) FROM input) > $9)
-),"""
-"""The room a submission of new jobs needs, checked in its statement: the jobs it knows, the queue's
-counters (`Lifecycle.QUEUE_HELD`) and, when the jobs do not fit, those counters (`Room.refusal`)."""
 _SUBMIT = _submitting(False)
 """A submission's new jobs in one statement (the row, its place in the queue, its namespace: the
 triggers of queue_jobs, run after the statement, see the rows it added); answers their ids. Its jobs
