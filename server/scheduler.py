@@ -28,6 +28,8 @@ from jobwire.server.store.base import (
     Attempt,
     Cancelled,
     Holder,
+    QueueFull,
+    Room,
     Submission,
     Webhook,
 )
@@ -81,8 +83,7 @@ class Scheduler:
         the same definition neither answer nor hold it back)."""
         check_queue(queue)
         submission = self._checked(definition, control, claimed_id)
-        await self._room(queue, [submission])
-        ((job, queued),) = await self.store.submit(queue=queue, jobs=[submission], now=self.clock())
+        ((job, queued),) = await self._room(queue, [submission])
         await self._submitted(job, queued, submission, control, replaces=True)
         if queued:
             await self.bus.publish(topics.queue(queue), topics.work_notice(1))
@@ -104,8 +105,7 @@ class Scheduler:
                 submissions.append(self._checked(request.definition, request.control, request.id))
             except InvalidArgument as error:
                 raise InvalidArgument(f"jobs[{index}]: {error}") from None
-        await self._room(queue, submissions)
-        stored = await self.store.submit(queue=queue, jobs=submissions, now=self.clock())
+        stored = await self._room(queue, submissions)
         # As if submitted one by one: the last job of a namespace is the one that replaces the others.
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
         for index, ((job, queued), submission) in enumerate(zip(stored, submissions, strict=True)):
@@ -114,28 +114,28 @@ class Scheduler:
             await self.bus.publish(topics.queue(queue), topics.work_notice(count))
         return [_shown(job) for job, _ in stored]
 
-    async def _room(self, queue: str, submissions: Sequence[Submission]) -> None:
-        """TooLarge unless the queue has room for `submissions`: more queued jobs
-        (`--max-queued-jobs`) and more bytes of definitions (`--max-queue-bytes`).
+    async def _room(self, queue: str, submissions: Sequence[Submission]) -> list[tuple[jobs_pb2.Job, bool]]:
+        """The submissions stored (`StateStore.submit`) if the queue has room for what they add, else
+        TooLarge: queued jobs (`--max-queued-jobs`) and bytes of definitions (`--max-queue-bytes`).
 
-        Checked before the submission's transaction, so submissions racing each other may pass the
-        limits by as much as they add at once; a resubmission of a job the queue holds counts as new."""
-        limit = self.settings.max_queued_jobs
-        if limit:
-            queued = await self.store.queued_count(queue, limit)
-            if queued + len(submissions) > limit:
+        The store checks the limits inside the submission (see `StateStore.submit`): on SQLite exactly,
+        however many submissions race for a queue's last places; on PostgreSQL submissions committing
+        at the same moment may pass them by what they add at once. Only what grows counts: a
+        resubmission of a job the queue holds queued adds no job, and one of a run it holds (queued,
+        running or finished) no bytes, so it is answered even by a full queue."""
+        room = Room(self.settings.max_queued_jobs, self.settings.max_queue_bytes)
+        try:
+            return await self.store.submit(queue=queue, jobs=submissions, now=self.clock(), room=room)
+        except QueueFull as full:
+            if full.jobs:
                 raise TooLarge(
-                    f"queue {queue!r} holds {queued:,} queued jobs, the limit is {limit:,} (max-queued-jobs):"
-                    " wait for workers to take some, or cancel some"
-                )
-        most = self.settings.max_queue_bytes
-        if most:
-            held = await self.store.queue_bytes(queue)
-            if held + sum(submission.definition.ByteSize() for submission in submissions) > most:
-                raise TooLarge(
-                    f"queue {queue!r} holds {held:,} bytes of job definitions, the limit is {most:,}"
-                    " (max-queue-bytes): put large inputs in files (by key) instead of inline"
-                )
+                    f"queue {queue!r} holds {full.queued:,} queued jobs, the limit is {room.max_jobs:,}"
+                    " (max-queued-jobs): wait for workers to take some, or cancel some"
+                ) from None
+            raise TooLarge(
+                f"queue {queue!r} holds {full.held:,} bytes of job definitions, the limit is {room.max_bytes:,}"
+                " (max-queue-bytes): put large inputs in files (by key) instead of inline"
+            ) from None
 
     async def expire_queued(self) -> int:
         """End the jobs that waited in their queues past `--queued-ttl` as expired (their finished
@@ -217,8 +217,9 @@ class Scheduler:
         return _shown(job)
 
     async def waiting_reason(self, job: jobs_pb2.Job, needs: int) -> str:
-        """Why a queued job (needing `needs` GPU devices) is not running yet, in words a person can act on."""
-        capacity = await self.store.capacity(job.queue, seen_since=self._live_since())
+        """Why a queued job (needing `needs` GPU devices) is not running yet, in words a person can act on
+        (from one store read: the queue's capacity and the job's place together)."""
+        capacity, position = await self.store.waiting(job.queue, job.id, seen_since=self._live_since())
         if not capacity.workers:
             return f"no worker is connected to queue {job.queue!r}; start one with `jobwire worker {job.queue}`"
         if needs > capacity.most_gpus:
@@ -227,7 +228,6 @@ class Scheduler:
                 f"needs {needs} GPU(s) but no worker on {job.queue!r} has that many (the most is {most});"
                 f" start one with `jobwire worker {job.queue} --gpus {needs}`"
             )
-        position = await self.store.queue_position(job.queue, job.id)
         ahead = f"{position:,}+" if position >= POSITION_LIMIT else str(position)
         if needs:
             return f"needs {needs} GPU(s): waiting for a worker with that many free; {ahead} job(s) ahead"

@@ -20,8 +20,10 @@ import pytest_asyncio
 import yaml
 from google.protobuf import struct_pb2
 
+from jobwire import Client
 from jobwire.cli.services import start_local_envoy, stop_envoy
 from jobwire.core.definition import MAX_INLINE_BYTES, job_id
+from jobwire.errors import TooLarge
 from jobwire.server.settings import ServerSettings
 from jobwire.v1 import definition_pb2, jobs_pb2, jobs_pb2_grpc
 from tests.conftest import eventually, own_server
@@ -190,3 +192,36 @@ def test_envoy_may_open_more_files_than_its_connection_cap(bounded: Bounded) -> 
     (files,) = [line for line in limits if line.startswith("Max open files")]
     soft = int(files.split()[3])
     assert cap >= 1024 and soft > cap + 1024, (soft, cap)
+
+
+async def test_concurrent_submissions_to_a_queue_one_job_below_its_limit_admit_exactly_one(tmp_path: Path) -> None:
+    """The limit is checked inside the submission's transaction: of many submissions racing for a
+    queue's last place (unary calls and the SDK's stream, all in flight at once), one is stored and
+    every other is refused, whatever the order the server takes them in."""
+    settings = ServerSettings(data_directory=tmp_path, host="127.0.0.1", port=0, max_queued_jobs=LIMIT)
+    queue = f"q-{uuid.uuid4().hex}"
+    async with own_server(settings) as target, Client(target) as client, grpc.aio.insecure_channel(target) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        await client.submit_many(queue, [{"image": "busybox", "command": f"true {n}"} for n in range(LIMIT - 1)])
+
+        async def unary(n: int) -> str:
+            definition = definition_pb2.JobDefinition(image="busybox", command=f"true unary {n}")
+            try:
+                await stub.SubmitJob(jobs_pb2.SubmitJobRequest(queue=queue, definition=definition))
+            except grpc.aio.AioRpcError as error:
+                return f"{error.code().name}: {error.details()}"
+            return "admitted"
+
+        async def streamed(n: int) -> str:
+            try:
+                await client.submit(queue, {"image": "busybox", "command": f"true stream {n}"})
+            except TooLarge as error:
+                return f"RESOURCE_EXHAUSTED: {error}"
+            return "admitted"
+
+        answers = await asyncio.gather(*(call(n) for n in range(16) for call in (unary, streamed)))
+        assert answers.count("admitted") == 1, answers
+        full = f"RESOURCE_EXHAUSTED: queue {queue!r} holds {LIMIT} queued jobs, the limit is {LIMIT}"
+        assert all(answer == "admitted" or answer.startswith(full) for answer in answers), answers
+        status = await client.queue_status(queue)
+        assert status.queued == LIMIT

@@ -34,6 +34,8 @@ from jobwire.server.store.base import (
     Capacity,
     Holder,
     LogTotals,
+    QueueFull,
+    Room,
     Submission,
     Webhook,
 )
@@ -88,6 +90,25 @@ async def submit(
         store, job_id=job_id(definition(n)), definition=definition(n), queue=queue, namespace=namespace, now=now
     )
     return job
+
+
+async def ahead(store: StateStore, queue: str, job: str) -> int:
+    """How many queued jobs `StateStore.waiting` counts ahead of the job."""
+    return (await store.waiting(queue, job, seen_since=0)).ahead
+
+
+async def capacity(store: StateStore, queue: str, *, seen_since: float = 0) -> Capacity:
+    """What `StateStore.waiting` finds the queue's workers offer."""
+    return (await store.waiting(queue, "", seen_since=seen_since)).capacity
+
+
+async def held(store: StateStore, queue: str) -> tuple[int, int]:
+    """(queued jobs, bytes of definitions) the queue holds as a submission's room check finds them:
+    those a probe that can never fit (a one-byte room) is refused with."""
+    probe = Submission(job_id(definition(-1)), definition(-1), DEFAULT_NAMESPACE)
+    with pytest.raises(QueueFull) as full:
+        await store.submit(queue=queue, jobs=[probe], now=T0, room=Room(max_jobs=1, max_bytes=1))
+    return full.value.queued, full.value.held
 
 
 def holder(worker: str = "w1", session: str = "", queue: str = "q") -> Holder:
@@ -812,17 +833,17 @@ async def test_listed_jobs_are_summaries(store: StateStore) -> None:
 
 async def test_queue_position_counts_queued_jobs_ahead(store: StateStore) -> None:
     ids = [(await submit(store, n, now=T0 + n)).id for n in range(3)]
-    assert [await store.queue_position("q", job) for job in ids] == [0, 1, 2]
+    assert [await ahead(store, "q", job) for job in ids] == [0, 1, 2]
     await claim(store)
-    assert [await store.queue_position("q", job) for job in ids[1:]] == [0, 1]
+    assert [await ahead(store, "q", job) for job in ids[1:]] == [0, 1]
     assert await store.queue_counts("q") == {QUEUED: 2, RUNNING: 1}
     assert await store.queue_counts("other") == {}
 
 
 async def test_queue_position_stops_counting_at_the_limit(store: StateStore) -> None:
     ids = [(await submit(store, n, now=T0 + n)).id for n in range(POSITION_LIMIT + 2)]
-    assert await store.queue_position("q", ids[-1]) == POSITION_LIMIT
-    assert await store.queue_position("q", ids[POSITION_LIMIT - 1]) == POSITION_LIMIT - 1
+    assert await ahead(store, "q", ids[-1]) == POSITION_LIMIT
+    assert await ahead(store, "q", ids[POSITION_LIMIT - 1]) == POSITION_LIMIT - 1
 
 
 async def recount(store: StateStore, queue: str) -> dict[int, int]:
@@ -862,7 +883,7 @@ async def test_queue_counts_and_claims_agree_with_the_jobs_through_every_transit
     await check()
     assert len(await store.expire(T0 + 50, 10)) == 3
     await check()
-    assert await store.queue_position("q", ids[4]) == 2  # q's re-queued run of the shared job, and ids[1]
+    assert await ahead(store, "q", ids[4]) == 2  # q's re-queued run of the shared job, and ids[1]
 
 
 async def test_a_failed_operation_is_undone_alone_when_its_turn_commits_together(tmp_path: Path) -> None:
@@ -960,7 +981,7 @@ async def test_listed_workers_show_the_jobs_running_for_them_now(store: StateSto
 
 
 async def test_capacity_counts_the_live_workers_slots_busy_slots_and_most_gpus(store: StateStore) -> None:
-    assert await store.capacity("q", seen_since=0) == Capacity()
+    assert await capacity(store, "q") == Capacity()
     await store.upsert_worker(worker("w1", T0), queue="q", session="s1")
     gpu_worker = jobs_pb2.WorkerInfo(id="w2", cpus=4, gpus=["0", "1", "2"], last_seen_time=timestamp(T0 - 100))
     await store.upsert_worker(gpu_worker, queue="q", session="s2")
@@ -969,9 +990,9 @@ async def test_capacity_counts_the_live_workers_slots_busy_slots_and_most_gpus(s
         await submit(store, n)
     await claim(store, worker="w1")
     await claim(store, worker="w2")
-    assert await store.capacity("q", seen_since=0) == Capacity(workers=2, slots=6, busy=2, most_gpus=3)
-    assert await store.capacity("q", seen_since=T0 - 50) == Capacity(workers=1, slots=2, busy=1, most_gpus=0)
-    assert await store.capacity("other", seen_since=0) == Capacity(workers=1, slots=2, busy=0, most_gpus=0)
+    assert await capacity(store, "q") == Capacity(workers=2, slots=6, busy=2, most_gpus=3)
+    assert await capacity(store, "q", seen_since=T0 - 50) == Capacity(workers=1, slots=2, busy=1, most_gpus=0)
+    assert await capacity(store, "other") == Capacity(workers=1, slots=2, busy=0, most_gpus=0)
 
 
 async def test_remove_worker_only_for_its_current_session(store: StateStore) -> None:
@@ -1049,14 +1070,36 @@ async def test_expire_queued_ends_only_jobs_queued_before_the_cutoff_as_expired(
     assert queued  # expired is no result: submitting it again queues it again
 
 
-async def test_queued_count_counts_a_queues_waiting_jobs_up_to_a_bound(store: StateStore) -> None:
-    for n in range(5):
-        await submit(store, n)
+async def test_a_submission_that_does_not_fit_its_queues_room_is_refused_whole(store: StateStore) -> None:
+    """Only what a submission adds counts: jobs it (re)queues, bytes of runs it creates; a refused one
+    stores nothing, whether all its jobs are new (PostgreSQL: one statement) or some are known."""
+
+    def submission(n: int) -> Submission:
+        return Submission(job_id(definition(n)), definition(n), DEFAULT_NAMESPACE)
+
+    size = definition(1).ByteSize()  # every definition(n) for n < 10 has as many bytes
+    await store.submit(queue="q", jobs=[submission(n) for n in range(3)], now=T0)
     await submit(store, 9, queue="other")
-    await claim(store)
-    assert await store.queued_count("q", 100) == 4
-    assert await store.queued_count("q", 3) == 3
-    assert await store.queued_count("nobody", 100) == 0
+    finished = await claim(store)
+    await store.finish(attempt_of(finished), holder(), result(jobs_pb2.FINISH_REASON_CANCELLED), T0)
+    assert await held(store, "q") == (2, 3 * size)
+    for room, jobs in ((Room(max_jobs=3), [3, 4]), (Room(max_jobs=3), [1, 3, 4]), (Room(max_bytes=4 * size), [3, 4])):
+        with pytest.raises(QueueFull) as full:
+            await store.submit(queue="q", jobs=[submission(n) for n in jobs], now=T0 + 1, room=room)
+        assert (full.value.queued, full.value.held, full.value.jobs) == (2, 3 * size, bool(room.max_jobs))
+        assert await store.get_job(job_id(definition(3)), queue="q") is None  # all or none
+    assert await held(store, "q") == (2, 3 * size)
+    full_room = Room(max_jobs=2, max_bytes=3 * size)  # the queue holds as much as it may
+    stored = await store.submit(queue="q", jobs=[submission(1), submission(2)], now=T0 + 2, room=full_room)
+    assert [queued for _, queued in stored] == [False, False]  # already queued: answered, not refused
+    with pytest.raises(QueueFull):  # queued again, so it counts, though its run holds its bytes already
+        await store.submit(queue="q", jobs=[submission(0)], now=T0 + 2, room=full_room)
+    stored = await store.submit(queue="q", jobs=[submission(0)], now=T0 + 2, room=Room(3, 3 * size))
+    assert [queued for _, queued in stored] == [True]
+    stored = await store.submit(queue="q", jobs=[submission(1), submission(3)], now=T0 + 3, room=Room(4, 4 * size))
+    assert [queued for _, queued in stored] == [False, True]  # a known job and a new one: exactly what fits
+    assert await held(store, "q") == (4, 4 * size)
+    assert await held(store, "other") == (1, size)
 
 
 async def test_queued_count_stays_exact_through_every_way_a_job_enters_or_leaves_its_queue(store: StateStore) -> None:
@@ -1066,7 +1109,7 @@ async def test_queued_count_stays_exact_through_every_way_a_job_enters_or_leaves
 
     async def counted(expected: int, queue: str = "q") -> None:
         truth = (await store.queue_counts(queue)).get(jobs_pb2.JOB_STATE_QUEUED, 0)
-        assert (await store.queued_count(queue, 1000), truth) == (expected, expected)
+        assert ((await held(store, queue))[0], truth) == (expected, expected)
 
     def submission(n: int) -> Submission:
         return Submission(job_id(definition(n)), definition(n), DEFAULT_NAMESPACE)
@@ -1095,17 +1138,17 @@ async def test_queued_count_stays_exact_through_every_way_a_job_enters_or_leaves
 
 
 async def test_queue_bytes_count_the_definitions_of_a_queues_runs(store: StateStore) -> None:
-    assert await store.queue_bytes("q") == 0
+    assert await held(store, "q") == (0, 0)
     await submit(store, 1)
     await submit(store, 2, queue="other")
     await submit(store, 1)  # the same run again: no new bytes
-    assert await store.queue_bytes("q") == definition(1).ByteSize()
+    assert (await held(store, "q"))[1] == definition(1).ByteSize()
     await store.finish(attempt_of(await claim(store)), holder(), result(), T0)
     await submit(store, 3)
-    assert await store.queue_bytes("q") == definition(1).ByteSize() + definition(3).ByteSize()
+    assert (await held(store, "q"))[1] == definition(1).ByteSize() + definition(3).ByteSize()
     await store.expire(T0 + 1, 10)  # retention forgets the finished run
-    assert await store.queue_bytes("q") == definition(3).ByteSize()
-    assert await store.queue_bytes("other") == definition(2).ByteSize()
+    assert (await held(store, "q"))[1] == definition(3).ByteSize()
+    assert (await held(store, "other"))[1] == definition(2).ByteSize()
 
 
 async def test_blob_references_are_the_keys_of_inputs_build_contexts_and_outputs(store: StateStore) -> None:
@@ -1172,7 +1215,7 @@ async def test_sqlite_workers_get_their_slots_and_gpus_beside_their_records(
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("INSERT INTO workers VALUES ('w1', 'q', 's1', ?, ?)", (T0, _OLD_WORKER.SerializeToString()))
     async with sqlite(tmp_path) as store:
-        assert await store.capacity("q", seen_since=0) == Capacity(workers=1, slots=3, most_gpus=2)
+        assert await capacity(store, "q") == Capacity(workers=1, slots=3, most_gpus=2)
         assert await store.list_workers("q", seen_since=0) == [_OLD_WORKER]
 
 
@@ -1195,7 +1238,7 @@ async def test_postgres_workers_get_their_slots_and_gpus_beside_their_records(
         await connection.close()
     store = await PostgresStore.open(url, max_size=2)
     try:
-        assert await store.capacity("q", seen_since=0) == Capacity(workers=1, slots=3, most_gpus=2)
+        assert await capacity(store, "q") == Capacity(workers=1, slots=3, most_gpus=2)
     finally:
         await store.close()
 

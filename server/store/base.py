@@ -26,7 +26,7 @@ FINAL_REASONS = frozenset(
 DEFAULT_NAMESPACE = "_"
 ALL_NAMESPACES = "*"
 POSITION_LIMIT = 1000
-"""queue_position counts no further: a job this far back reads as '1,000+ jobs ahead'."""
+"""`waiting` counts no further: a job this far back reads as '1,000+ jobs ahead'."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,46 @@ class Submission:
     job_id: str
     definition: definition_pb2.JobDefinition
     namespace: str
+
+
+@dataclass(frozen=True)
+class Room:
+    """What a queue may hold, checked by `StateStore.submit` inside the submission: queued jobs
+    (`--max-queued-jobs`) and bytes of job definitions, inline inputs included, of all its runs in
+    the store (`--max-queue-bytes`); 0 is no limit."""
+
+    max_jobs: int = 0
+    max_bytes: int = 0
+
+    def refusal(self, queued: int, held: int, jobs: int, size: int) -> QueueFull | None:
+        """Why a submission that (re)queues `jobs` jobs and stores `size` bytes of new definitions does
+        not fit a queue holding `queued` queued jobs and `held` bytes; None when it fits. Only what
+        grows is refused: a submission adding no job (all already queued) passes a full queue."""
+        if self.max_jobs and jobs and queued + jobs > self.max_jobs:
+            return QueueFull(queued, held, jobs=True)
+        if self.max_bytes and size and held + size > self.max_bytes:
+            return QueueFull(queued, held, jobs=False)
+        return None
+
+
+NO_LIMITS = Room()
+
+
+class QueueFull(Exception):
+    """A submission refused whole by its queue's `Room`: the queued jobs and bytes the queue held,
+    and which limit it would pass (`jobs`: the queued jobs, else the bytes; the jobs are checked first)."""
+
+    def __init__(self, queued: int, held: int, *, jobs: bool) -> None:
+        super().__init__(f"queue full: {queued} queued jobs, {held} bytes held")
+        self.queued, self.held, self.jobs = queued, held, jobs
+
+
+class Waiting(NamedTuple):
+    """Why a queued job waits, read at once: what the queue's live workers offer, and how many
+    queued jobs of the queue are ahead of it (counted up to POSITION_LIMIT)."""
+
+    capacity: Capacity
+    ahead: int
 
 
 @dataclass(frozen=True)
@@ -145,10 +185,19 @@ class StateStore(CredentialStore, Protocol):
     async def ping(self) -> None:
         """Raise when the store cannot be reached."""
 
-    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+    async def submit(
+        self, *, queue: str, jobs: Sequence[Submission], now: float, room: Room = NO_LIMITS
+    ) -> list[tuple[jobs_pb2.Job, bool]]:
         """Add the jobs to the queue in order, in one transaction; returns each job's run in the queue and
         whether this call (re)queued it (not when that run was queued or running already, or has a
-        final result: only a result earned in this queue answers)."""
+        final result: only a result earned in this queue answers).
+
+        QueueFull (and nothing stored) when what the call adds does not fit `room` beside what the
+        queue holds: the jobs it (re)queues and the definitions of the runs it creates (a job already
+        queued, or a known run queued again, adds no bytes). Checked inside the submission: on SQLite
+        (one writer) exactly; on PostgreSQL against the counters as committed when the submission
+        reads them, so submissions committing at the same time (READ COMMITTED, any replicas) may
+        pass a limit together by at most what they add at once."""
 
     async def get_job(self, job_id: str, *, queue: str = "") -> jobs_pb2.Job | None:
         """The job's run in `queue` with definition, result and history; None if unknown. Without a
@@ -281,23 +330,14 @@ class StateStore(CredentialStore, Protocol):
         """Workers of the queue heard from since `seen_since`, each with the jobs the store holds running
         for it (`running_job_ids` of the stored records is not kept)."""
 
-    async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
-        """What the workers of the queue heard from since `seen_since` offer, counted by the store
-        (a queue's thousand workers are not read one by one to say why a job waits)."""
-
     async def queue_counts(self, queue: str) -> dict[int, int]:
         """Number of the queue's jobs by state."""
 
-    async def queued_count(self, queue: str, up_to: int) -> int:
-        """The queue's queued jobs, counted up to `up_to` (so that a check against a limit costs at
-        most the limit, whatever the queue holds)."""
-
-    async def queue_bytes(self, queue: str) -> int:
-        """Bytes of the definitions (inline inputs included) of the queue's runs in the store."""
-
-    async def queue_position(self, queue: str, job_id: str) -> int:
-        """How many queued jobs of the queue are ahead of this one, counted up to POSITION_LIMIT
-        (so that the answer costs the same at the back of a queue of millions)."""
+    async def waiting(self, queue: str, job_id: str, *, seen_since: float) -> Waiting:
+        """What the workers of the queue heard from since `seen_since` offer, counted by the store (a
+        queue's thousand workers are not read one by one to say why a job waits), and how many queued
+        jobs of the queue are ahead of this one, counted up to POSITION_LIMIT (so that the answer costs
+        the same at the back of a queue of millions): one read, one round trip on PostgreSQL."""
 
 
 def is_postgres(url: str) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 from jobwire.server.store import transitions
-from jobwire.server.store.base import ALL_NAMESPACES, Attempt, Cancelled, Holder, Submission
+from jobwire.server.store.base import ALL_NAMESPACES, NO_LIMITS, Attempt, Cancelled, Holder, Room, Submission
 from jobwire.server.store.database import Database, SqlBase
 from jobwire.server.store.rows import job_message
 from jobwire.server.store.transitions import FINISHED, HOLDING, QUEUED, RUNNING, Holding
@@ -38,11 +38,46 @@ class Lifecycle(SqlBase):
     """What gives a new run its place in the queue (`queue_jobs.seq`); empty where the run's own row
     holds it (SQLite)."""
 
-    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
-        async with self._transaction() as db:
-            return [await self._submit(db, job, queue, now) for job in jobs]
+    QUEUE_HELD = (
+        "SELECT COALESCE((SELECT jobs FROM queue_waiting WHERE queue = ?), 0),"
+        " COALESCE((SELECT bytes FROM queue_sizes WHERE queue = ?), 0)"
+    )
+    """The queue's queued jobs and bytes of definitions, from its counters (one row each, however
+    long the queue): what `Room` is checked against."""
 
-    async def _submit(self, db: Database, submission: Submission, queue: str, now: float) -> tuple[jobs_pb2.Job, bool]:
+    async def submit(
+        self, *, queue: str, jobs: Sequence[Submission], now: float, room: Room = NO_LIMITS
+    ) -> list[tuple[jobs_pb2.Job, bool]]:
+        async with self._transaction() as db:
+            held = await self._queue_held(db, queue, room)
+            stored = [await self._submit(db, job, queue, now) for job in jobs]
+            self._fits(room, held, jobs, stored)
+            return [(job, queued) for job, queued, _ in stored]
+
+    async def _queue_held(self, db: Database, queue: str, room: Room) -> tuple[int, int]:
+        """(queued jobs, bytes) the queue holds, read only when `room` limits something. Read first in
+        the submission's transaction: the counters as they are before it adds anything (on
+        PostgreSQL the triggers keeping them run at the commit)."""
+        if not (room.max_jobs or room.max_bytes):
+            return (0, 0)
+        queued, held = await db.one(self.QUEUE_HELD, queue, queue)
+        return int(queued), int(held)
+
+    @staticmethod
+    def _fits(
+        room: Room, held: tuple[int, int], jobs: Sequence[Submission], stored: Sequence[tuple[Any, bool, bool]]
+    ) -> None:
+        """QueueFull (rolling the submission back) unless what it did fits `room`: the jobs it (re)queued
+        and the definitions of the runs it created."""
+        added = sum(queued for _, queued, _ in stored)
+        size = sum(job.definition.ByteSize() for job, (_, _, new) in zip(jobs, stored, strict=True) if new)
+        if (refusal := room.refusal(*held, added, size)) is not None:
+            raise refusal
+
+    async def _submit(
+        self, db: Database, submission: Submission, queue: str, now: float
+    ) -> tuple[jobs_pb2.Job, bool, bool]:
+        """The job's run in the queue, whether this (re)queued it, and whether it created the run."""
         job_id, definition = submission.job_id, submission.definition
         change = transitions.queued(now)
         inserted = await db.one(
@@ -65,10 +100,11 @@ class Lifecycle(SqlBase):
             "INSERT INTO namespaces VALUES (?, ?, ?) ON CONFLICT DO NOTHING", queue, job_id, submission.namespace
         )
         if inserted is not None:  # a new job: its row is all there is to it, so it is not read back
-            return job_message((job_id, QUEUED, queue, 0, "", now, now, 0), namespaces=[submission.namespace]), True
+            fields = (job_id, QUEUED, queue, 0, "", now, now, 0)
+            return job_message(fields, namespaces=[submission.namespace]), True, True
         job = await self._job(db, queue, job_id)
         assert job is not None
-        return job, queued
+        return job, queued, False
 
     async def claim(
         self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1

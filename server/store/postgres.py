@@ -17,7 +17,7 @@ import asyncpg
 
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
 from jobwire.server.store import credentials, records, runs, transitions
-from jobwire.server.store.base import FINISHED_HOOK, Attempt, Holder, LogTotals, Submission
+from jobwire.server.store.base import FINISHED_HOOK, NO_LIMITS, Attempt, Holder, LogTotals, Room, Submission
 from jobwire.server.store.database import ARM_FINISHED, RUN_COLUMNS, Database, postgres_sql, run_of
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import (
@@ -242,15 +242,33 @@ async def migrate(connection: Connection) -> int:
         return len(MIGRATIONS)
 
 
+_ROOM = """ known AS (
+  SELECT FROM jobs WHERE queue = $5 AND id = ANY($1) LIMIT 1
+), held AS (
+  SELECT COALESCE((SELECT jobs FROM queue_waiting WHERE queue = $5), 0) AS jobs,
+    COALESCE((SELECT bytes FROM queue_sizes WHERE queue = $5), 0) AS bytes
+), refused AS (
+  SELECT jobs, bytes FROM held WHERE ($8::bigint > 0 AND jobs + cardinality($1) > $8)
+    OR ($9::bigint > 0 AND bytes + (SELECT SUM(octet_length(definition)) FROM input) > $9)
+),"""
+"""What `_SUBMIT_NEW` reads before it adds anything: whether the queue knows any of the jobs, its
+counters (as `Lifecycle.QUEUE_HELD`), and those counters again when the jobs do not fit its room
+(the same rule as `Room.refusal`, which turns them into the QueueFull raised)."""
+
+
 def _submitting(only_if_all_new: bool) -> str:
-    known = " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE queue = $5 AND id = ANY($1))" if only_if_all_new else ""
+    if not only_if_all_new:
+        adding, answer = "", ""
+    else:  # nothing if the queue knows a job, or if the jobs do not fit its room ($8 jobs, $9 bytes; 0: no limit)
+        adding = " WHERE NOT EXISTS (SELECT FROM known) AND NOT EXISTS (SELECT FROM refused)"
+        answer = " UNION ALL SELECT NULL, jobs, bytes FROM refused WHERE NOT EXISTS (SELECT FROM known)"
     return f"""
 WITH input AS (
   SELECT * FROM unnest($1::text[], $2::bytea[], $3::int[], $4::text[]) WITH ORDINALITY
     AS i (job_id, definition, gpus, namespace, n)
-), added AS (
+),{_ROOM if only_if_all_new else ""} added AS (
   INSERT INTO jobs (id, state, queue, create_time, update_time, definition, gpus, history)
-    SELECT job_id, {QUEUED}, $5, $6, $6, definition, gpus, $7 FROM input{known} ORDER BY n
+    SELECT job_id, {QUEUED}, $5, $6, $6, definition, gpus, $7 FROM input{adding} ORDER BY n
     ON CONFLICT (queue, id) DO NOTHING RETURNING id
 ), listed AS (
   INSERT INTO queue_jobs (queue, job_id) SELECT $5, job_id FROM input WHERE job_id IN (SELECT id FROM added)
@@ -259,7 +277,7 @@ WITH input AS (
   INSERT INTO namespaces SELECT $5, job_id, namespace FROM input WHERE job_id IN (SELECT id FROM added)
     ON CONFLICT DO NOTHING
 )
-SELECT id FROM added"""
+SELECT id, NULL::bigint, NULL::bigint FROM added{answer}"""
 
 
 _SUBMIT = _submitting(False)
@@ -267,8 +285,10 @@ _SUBMIT = _submitting(False)
 triggers of queue_jobs, run after the statement, see the rows it added); answers their ids. Its jobs
 already known to the queue are not touched: `Lifecycle._submit` takes them one by one."""
 _SUBMIT_NEW = _submitting(True)
-"""`_SUBMIT`, adding nothing if the queue knows any of the jobs: run on its own (its own transaction),
-it is a whole submission of jobs all new, in one round trip."""
+"""`_SUBMIT`, adding nothing if the queue knows any of the jobs or they do not fit its room: run on
+its own (its own transaction), it is a whole submission of jobs all new, in one round trip. Answers
+the ids added; or, for jobs all new that do not fit, one row (NULL, queued jobs, bytes) of what the
+queue held; or nothing for a submission naming a known job (the caller takes the slow path)."""
 _ANY_WAITING = "SELECT 1 FROM waiting WHERE queue = $1 AND gpus <= $2 LIMIT 1"
 _WAITING = (
     "SELECT j.id, j.attempt FROM"
@@ -375,40 +395,56 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     # the same rows, locks and `transitions` decisions, written by one statement where those
     # write several.
 
-    async def submit(self, *, queue: str, jobs: Sequence[Submission], now: float) -> list[tuple[jobs_pb2.Job, bool]]:
+    async def submit(
+        self, *, queue: str, jobs: Sequence[Submission], now: float, room: Room = NO_LIMITS
+    ) -> list[tuple[jobs_pb2.Job, bool]]:
         """As `Lifecycle.submit`, in one round trip when the jobs are all new (the statement is its
-        own transaction). One naming a job the queue knows takes one transaction, as on SQLite; only
-        when another call submits one of the same jobs between that check and the insert are this
-        call's jobs stored by two transactions (it answers once both committed; each job's answer is
-        as if the calls ran one after the other)."""
+        own transaction, room checked in it). One naming a job the queue knows takes one transaction,
+        as on SQLite; only when another call submits one of the same jobs between that check and the
+        insert are this call's jobs stored by two transactions (it answers once both committed; each
+        job's answer is as if the calls ran one after the other).
+
+        The room is checked against the queue's counters as committed when the statement (or the
+        transaction's first read) runs: READ COMMITTED, so submissions to one queue committing at the
+        same moment, on one replica or several, do not see each other's jobs and may pass a limit
+        together by at most what they add at once (as before the check moved into the store)."""
         ids = [submission.job_id for submission in jobs]
         if len(set(ids)) != len(ids):  # the same job twice in one call: one at a time, as SQLite does
-            return await super().submit(queue=queue, jobs=jobs, now=now)
+            return await super().submit(queue=queue, jobs=jobs, now=now, room=room)
         change = transitions.queued(now)
-        definitions = [submission.definition for submission in jobs]
+        definitions = [submission.definition.SerializeToString() for submission in jobs]
         values = (
             ids,
-            [definition.SerializeToString() for definition in definitions],
-            [definition.requirements.gpus for definition in definitions],
+            definitions,
+            [submission.definition.requirements.gpus for submission in jobs],
             [submission.namespace for submission in jobs],
             *(queue, now, change.entry),
         )
         async with self._reading() as db:  # jobs all new: the statement is the whole submission
-            new = {row[0] for row in await db.all(_SUBMIT_NEW, *values)}
+            rows = await db.all(_SUBMIT_NEW, *values, room.max_jobs, room.max_bytes)
+        if rows and rows[0][0] is None:  # all new, and no room for them
+            refusal = room.refusal(rows[0][1], rows[0][2], len(jobs), sum(map(len, definitions)))
+            assert refusal is not None
+            raise refusal
+        new = {row[0] for row in rows}
         if len(new) < len(jobs):  # known jobs (or a concurrent submission of one): all in one transaction
             async with self._transaction() as db:
+                held = await self._queue_held(db, queue, room)
                 new |= {row[0] for row in await db.all(_SUBMIT, *values)}
-                return [await self._answer(db, submission, new, queue, now) for submission in jobs]
-        return [await self._answer(None, submission, new, queue, now) for submission in jobs]
+                stored = [await self._answer(db, submission, new, queue, now) for submission in jobs]
+                self._fits(room, held, jobs, stored)
+        else:
+            stored = [await self._answer(None, submission, new, queue, now) for submission in jobs]
+        return [(job, queued) for job, queued, _ in stored]
 
     async def _answer(
         self, db: Database | None, submission: Submission, new: set[str], queue: str, now: float
-    ) -> tuple[jobs_pb2.Job, bool]:
-        """A submitted job's run and whether the submission queued it: a new one as written, a known
-        one as `Lifecycle._submit` finds (and maybe queues) it."""
+    ) -> tuple[jobs_pb2.Job, bool, bool]:
+        """A submitted job's run, whether the submission queued it and whether it created the run: a new
+        one as written, a known one as `Lifecycle._submit` finds (and maybe queues) it."""
         if submission.job_id in new:
             fields = (submission.job_id, QUEUED, queue, 0, "", now, now, 0)
-            return job_message(fields, namespaces=[submission.namespace]), True
+            return job_message(fields, namespaces=[submission.namespace]), True, True
         assert db is not None
         return await self._submit(db, submission, queue, now)
 
@@ -559,12 +595,6 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
             return None
         job, (definition,) = run_of(row)
         return with_details(job, definition, result, b"")
-
-    async def queued_count(self, queue: str, up_to: int) -> int:
-        """From the queue's counter (`queue_waiting`): one row, however long the queue."""
-        async with self._reading() as db:
-            row = await db.one("SELECT jobs FROM queue_waiting WHERE queue = ?", queue)
-        return min(int(row[0]) if row else 0, up_to)
 
     async def blob_references(self) -> set[str]:
         keys: set[str] = set()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 from jobwire.server.store import transitions
-from jobwire.server.store.base import POSITION_LIMIT, Attempt, Capacity, Holder, LogTotals, Webhook
+from jobwire.server.store.base import POSITION_LIMIT, Attempt, Capacity, Holder, LogTotals, Waiting, Webhook
 from jobwire.server.store.database import JOB_COLUMNS, Database
 from jobwire.server.store.lifecycle import Lifecycle
 from jobwire.server.store.rows import already_stored, job_message, within_limit, worker_columns, workers_with_jobs
@@ -291,35 +291,16 @@ class SqlStore(Lifecycle):
             )
         return workers_with_jobs([row[0] for row in rows], [(row[0], row[1]) for row in running])
 
-    async def capacity(self, queue: str, *, seen_since: float) -> Capacity:
+    async def waiting(self, queue: str, job_id: str, *, seen_since: float) -> Waiting:
         async with self._reading() as db:  # one statement: one round trip on PostgreSQL
-            workers, slots, most_gpus, busy = await db.one(
+            workers, slots, most_gpus, busy, ahead = await db.one(
                 "SELECT COUNT(*), COALESCE(SUM(slots), 0), COALESCE(MAX(gpus), 0),"
                 # the state is literal so that the partial index jobs_worker serves
                 f" (SELECT COUNT(*) FROM workers w JOIN jobs j ON j.worker_id = w.id AND j.state = {RUNNING}"
-                " WHERE w.queue = ? AND w.last_seen >= ?)"
+                " WHERE w.queue = ? AND w.last_seen >= ?),"
+                " (SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = ?"
+                " AND seq < (SELECT seq FROM queue_jobs WHERE queue = ? AND job_id = ?) LIMIT ?) ahead)"
                 " FROM workers WHERE queue = ? AND last_seen >= ?",
-                *(queue, seen_since, queue, seen_since),
+                *(queue, seen_since, queue, queue, job_id, POSITION_LIMIT, queue, seen_since),
             )
-        return Capacity(workers, slots, busy, most_gpus)
-
-    async def queued_count(self, queue: str, up_to: int) -> int:
-        async with self._reading() as db:
-            (count,) = await db.one(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = ? LIMIT ?) queued", queue, up_to
-            )
-        return int(count or 0)
-
-    async def queue_bytes(self, queue: str) -> int:
-        async with self._reading() as db:
-            row = await db.one("SELECT bytes FROM queue_sizes WHERE queue = ?", queue)
-        return int(row[0]) if row else 0
-
-    async def queue_position(self, queue: str, job_id: str) -> int:
-        async with self._reading() as db:
-            (ahead,) = await db.one(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM waiting WHERE queue = ?"
-                " AND seq < (SELECT seq FROM queue_jobs WHERE queue = ? AND job_id = ?) LIMIT ?) ahead",
-                *(queue, queue, job_id, POSITION_LIMIT),
-            )
-        return int(ahead or 0)
+        return Waiting(Capacity(workers, slots, busy, most_gpus), int(ahead or 0))

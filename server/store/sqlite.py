@@ -24,6 +24,7 @@ from jobwire.server.store.base import Holder
 from jobwire.server.store.database import Database, sqlite_sql
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import job_blob_keys, worker_columns
+from jobwire.server.store.transitions import QUEUED
 from jobwire.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,13 @@ class SqliteStore(SqlStore, credentials.CredentialRecords):
     """StateStore on one SQLite file; see the module's docstring for how it stays off the loop's way."""
 
     QUEUE_ENTRY = ""  # a run's row is its place in the queue (migration 16)
+    QUEUE_HELD = (  # the per-queue state counters instead of PostgreSQL's queue_waiting
+        f"SELECT COALESCE((SELECT jobs FROM queue_states WHERE queue = ? AND state = {QUEUED}), 0),"
+        " COALESCE((SELECT bytes FROM queue_sizes WHERE queue = ?), 0)"
+    )
+    """As `Lifecycle.QUEUE_HELD`; read in the submission's own savepoint by the one writer, after
+    every submission before it and before any after it (no operation's statements suspend): a queue's
+    limits hold exactly however many submissions race for its last places."""
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db, self._path, self._statements = db, path, SqliteDatabase(db)
@@ -413,13 +421,6 @@ class SqliteStore(SqlStore, credentials.CredentialRecords):
             for definition, result in db.execute("SELECT definition, result FROM jobs"):
                 keys |= job_blob_keys(definition, result)
         return keys
-
-    async def queued_count(self, queue: str, up_to: int) -> int:
-        """From the per-queue state counters: one row, however long the queue."""
-        row = self._db.execute(
-            "SELECT jobs FROM queue_states WHERE queue = ? AND state = ?", (queue, jobs_pb2.JOB_STATE_QUEUED)
-        ).fetchone()
-        return min(int(row[0]) if row else 0, up_to)
 
     async def queue_counts(self, queue: str) -> dict[int, int]:
         rows = self._db.execute("SELECT state, jobs FROM queue_states WHERE queue = ? AND jobs > 0", (queue,))
