@@ -8,9 +8,12 @@ replicas never assign one job twice or deliver one webhook twice at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -318,6 +321,113 @@ _LOG_APPEND = (
 """A batch of a log, stored only if the run is still held as read and no batch took its place."""
 _ARRAY_TYPES = {bool: "boolean[]", int: "bigint[]", float: "float8[]", str: "text[]", bytes: "bytea[]"}
 
+LOG_ENDS_KEPT = 4096
+"""How many runs' log ends a store remembers (`_LogEnds`): more attempts than its workers run at once."""
+RunKey = tuple[str, str, int]
+"""A run's attempt: (queue, job id, attempt)."""
+
+
+@dataclass
+class _RunLogs:
+    """What a store knows of the logs of one attempt held by one session: each log's totals after the
+    last batch the store stored; with `claimed` (the store assigned the attempt) a log not named is empty."""
+
+    session: str
+    totals: dict[int, LogTotals] = field(default_factory=dict)
+    claimed: bool = False
+
+
+class _LogEnds:
+    """Where the logs of the attempts this store assigned or appended to end, as far as it knows, so
+    that an append needs no read first. Knowing is never trusted: `_LOG_APPEND` still checks the
+    holding, and a log's batches follow each other without a gap, so a memory behind the log (another
+    replica's append, one stored by the locked path) names a start where a batch is stored, which the
+    log's primary key refuses; the append then takes the read. The `kept` most recently used attempts;
+    an attempt's entry goes when it finishes, is released or re-queued, or on any doubt (an error)."""
+
+    def __init__(self, kept: int = LOG_ENDS_KEPT) -> None:
+        self.kept = kept
+        self.runs: OrderedDict[RunKey, _RunLogs] = OrderedDict()
+
+    def known(self, run: RunKey, session: str, kind: int) -> LogTotals | None:
+        logs = self.runs.get(run)
+        if logs is None or logs.session != session:
+            return None
+        self.runs.move_to_end(run)
+        return logs.totals.get(kind, LogTotals() if logs.claimed else None)
+
+    def claimed(self, run: RunKey, session: str) -> None:
+        self._keep(run, _RunLogs(session, claimed=True))
+
+    def stored(self, run: RunKey, session: str, kind: int, totals: LogTotals) -> None:
+        logs = self.runs.get(run)
+        if logs is None or logs.session != session:
+            logs = self._keep(run, _RunLogs(session))
+        self.runs.move_to_end(run)
+        logs.totals[kind] = totals
+
+    def forget(self, run: RunKey) -> None:
+        self.runs.pop(run, None)
+
+    def _keep(self, run: RunKey, logs: _RunLogs) -> _RunLogs:
+        self.runs[run] = logs
+        self.runs.move_to_end(run)
+        while len(self.runs) > self.kept:
+            self.runs.popitem(last=False)
+        return logs
+
+
+@dataclass(eq=False)
+class _Finish:
+    """One caller's finish waiting to be written with others (`PostgresStore._finish_together`):
+    once `done`, the run's row (`RUN_COLUMNS, definition, …`; None: not held as `held`) or `error`."""
+
+    queue: str
+    job_id: str
+    held: Holding
+    change: Change
+    now: float
+    done: bool = False
+    row: Any = None
+    error: BaseException | None = None
+
+
+class _Parameters:
+    """The numbered parameters ($1, $2, …) of a statement built piece by piece."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.unnested: list[str] = []
+        self.names: list[str] = []
+
+    def add(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+    def column(self, name: str, values: Sequence[Any]) -> str:
+        """One value per row: a parameter if all are equal, else a column (`u.name`) of `unnest()`."""
+        if all(value == values[0] for value in values):
+            return self.add(values[0])
+        return self.array(name, values)
+
+    def array(self, name: str, values: Sequence[Any]) -> str:
+        kind = _ARRAY_TYPES[type(next((value for value in values if value is not None), ""))]
+        self.unnested.append(f"{self.add(list(values))}::{kind}")
+        self.names.append(name)
+        return f"u.{name}"
+
+    def sets(self, changes: Sequence[Change]) -> str:
+        """The SET clause writing each change (all setting the same columns) to its row of `u`."""
+        sets = [
+            f"{column} = {self.column(f'u_{column}', [c.columns[column] for c in changes])}"
+            for column in changes[0].columns
+        ]
+        entry = self.array("u_entry", [change.entry for change in changes])
+        return ", ".join([*sets, f"history = history || {entry}"])
+
+    def unnest(self) -> str:
+        return f"unnest({', '.join(self.unnested)}) WITH ORDINALITY AS u ({', '.join(self.names)}, u_n)"
+
 
 class PostgresDatabase:
     """The `Database` of an asyncpg connection (or a pool: one statement each)."""
@@ -341,6 +451,9 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._log_ends = _LogEnds()
+        self._finishes: list[_Finish] = []
+        self._finishing = asyncio.Lock()
 
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 10) -> PostgresStore:
@@ -465,41 +578,32 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
                     assigned = transitions.assigned(attempt, holder, now, lease)
                     claimed.append(await self._changed(db, queue, job_id, assigned, now))
                     gpus -= claimed[-1].definition.requirements.gpus
+                for job in claimed:  # a new attempt: its logs are empty
+                    self._log_ends.claimed((queue, job.id, job.attempt), holder.session)
                 return claimed
             rows = await db.all(_WAITING, queue, count, 0)
             if not rows:
                 return []
             changes = [transitions.assigned(attempt, holder, now, lease) for _, attempt in rows]
             written = await self._apply_all(db, queue, [job_id for job_id, _ in rows], changes)
-        return [with_details(job, definition, None, b"") for job, (definition,) in map(run_of, written)]
+        claimed = [with_details(job, definition, None, b"") for job, (definition,) in map(run_of, written)]
+        for job in claimed:  # a new attempt: its logs are empty
+            self._log_ends.claimed((queue, job.id, job.attempt), holder.session)
+        return claimed
 
     async def _apply_all(
         self, db: Database, queue: str, job_ids: Sequence[str], changes: Sequence[Change]
     ) -> list[Any]:
         """`_apply` of each change (none of them a finish, all setting the same columns) to its job's
         run, in one statement; answers the runs (`RUN_COLUMNS, definition`) in the order of `job_ids`."""
-        sets, values, arrays, names = [], [], [], []
-        for column in changes[0].columns:
-            column_values = [change.columns[column] for change in changes]
-            if all(value == column_values[0] for value in column_values):
-                values.append(column_values[0])
-                sets.append(f"{column} = ${len(values)}")
-            else:
-                arrays.append((column_values, _ARRAY_TYPES[type(column_values[0])]))
-                sets.append(f"{column} = u.u_{column}")
-                names.append(f"u_{column}")
-        arrays.append(([change.entry for change in changes], "bytea[]"))
-        sets.append("history = history || u.u_entry")
-        names.append("u_entry")
-        arrays.append((list(job_ids), "text[]"))
-        names.append("u_id")
-        values += [array for array, _ in arrays]
-        unnest = ", ".join(f"${len(values) - len(arrays) + n}::{kind}" for n, (_, kind) in enumerate(arrays, start=1))
+        parameters = _Parameters()
+        sets = parameters.sets(changes)
+        ids = parameters.array("u_id", list(job_ids))
         sql = (
-            f"UPDATE jobs SET {', '.join(sets)} FROM unnest({unnest}) AS u ({', '.join(names)})"
-            f" WHERE jobs.queue = ${len(values) + 1} AND jobs.id = u.u_id RETURNING {RUN_COLUMNS}, definition"
+            f"UPDATE jobs SET {sets} FROM {parameters.unnest()} WHERE jobs.queue = {parameters.add(queue)}"
+            f" AND jobs.id = {ids} RETURNING {RUN_COLUMNS}, definition"
         )
-        rows = {row[0]: row for row in await db.all(sql, *values, queue)}
+        rows = {row[0]: row for row in await db.all(sql, *parameters.values)}
         return [rows[job_id] for job_id in job_ids]
 
     async def _apply(
@@ -534,13 +638,114 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     async def finish(
         self, attempt: Attempt, holder: Holder, result: jobs_pb2.JobResult, now: float, *, started: bool = False
     ) -> jobs_pb2.Job | None:
+        """As `Lifecycle.finish`; finishes of several runs that arrive while one is being written are
+        written together by the next statement (`_finish_together`)."""
+        self._log_ends.forget((holder.queue, attempt.job_id, attempt.attempt))
         held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
         if transitions.may_finish(held, attempt, holder, result):
             change = transitions.finished(attempt, holder, result, now, started=started)
-            job = await self._changed_if(holder.queue, attempt.job_id, held, change, now, change.columns["result"])
-            if job is not None:
-                return job
+            row = await self._finish_together(_Finish(holder.queue, attempt.job_id, held, change, now))
+            if row is not None:
+                job, (definition, *_) = run_of(row)
+                return with_details(job, definition, change.columns["result"], b"")
         return await super().finish(attempt, holder, result, now, started=started)
+
+    # Finishes together: while one statement writes finishes, the finishes that arrive (other worker
+    # sessions' messages, or other jobs' of one session: see sessions) wait for it, and the next
+    # statement writes all of them. Nothing waits for company: a finish arriving alone is written at
+    # once, by the one-run statement (`_changed_row_if`).
+
+    async def _finish_together(self, finish: _Finish) -> Any:
+        """The run's row after `finish` is written (None: the run is not held as `finish.held`, nothing
+        written), by a statement that may write other callers' finishes too; a failure of that
+        statement (the database down: `Unavailable`) is raised to each of its callers."""
+        self._finishes.append(finish)
+        try:
+            async with self._finishing:
+                while not finish.done:
+                    await self._write_finishes(self._next_finishes(), finish)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                self._finishes.remove(finish)
+            raise
+        if finish.error is not None:
+            raise finish.error
+        return finish.row
+
+    def _next_finishes(self) -> list[_Finish]:
+        """The finishes waiting, but one per run (a run's later finish waits for the next statement)."""
+        batch: list[_Finish] = []
+        later: list[_Finish] = []
+        runs: set[tuple[str, str]] = set()
+        for finish in self._finishes:
+            run = (finish.queue, finish.job_id)
+            (later if run in runs else batch).append(finish)
+            runs.add(run)
+        self._finishes = later
+        return batch
+
+    async def _write_finishes(self, batch: list[_Finish], mine: _Finish) -> None:
+        """Write `batch` (with `mine`, the caller's own, in it), marking each done with its outcome."""
+        try:
+            if len(batch) == 1:
+                (only,) = batch
+                rows = {1: await self._changed_row_if(only.queue, only.job_id, only.held, only.change, only.now)}
+            else:
+                rows = await self._finished_all(batch)
+        except asyncio.CancelledError:  # `mine`'s caller gave up: the others wait for the next statement
+            self._finishes[:0] = [finish for finish in batch if finish is not mine]
+            raise
+        except asyncpg.DeadlockDetectedError:
+            # Locked against another transaction's rows (a worker's renewal locks its runs in the order
+            # it names them): written by nobody, each finish takes the one-run locked path.
+            rows = {}
+        except Exception as error:
+            for finish in batch:
+                finish.done, finish.error = True, error
+            return
+        for n, finish in enumerate(batch, start=1):
+            finish.done, finish.row = True, rows.get(n)
+
+    async def _finished_all(self, batch: Sequence[_Finish]) -> dict[int, Any]:
+        """Each finish of `batch` (runs all different) written, in one statement, if its run is held as
+        its `held` says (compared and set under the row's lock; the rows locked in (queue, id) order, as
+        `requeue_worker` does), arming the finished runs' webhooks as `ARM_FINISHED` does; answers the
+        runs written (`RUN_COLUMNS, definition, …`) by their place in `batch` (from 1)."""
+        parameters = _Parameters()
+        sets = parameters.sets([finish.change for finish in batch])
+        queue = parameters.column("u_queue", [finish.queue for finish in batch])
+        job_id = parameters.array("u_id", [finish.job_id for finish in batch])
+        holding = " AND ".join(
+            f"jobs.{column} = {parameters.column(f'u_{column}', [finish.held[n] for finish in batch])}"
+            for n, column in enumerate(HOLDING.split(", "))
+        )
+        now = parameters.array("u_now", [finish.now for finish in batch])
+        run = f"jobs.queue = {queue} AND jobs.id = {job_id} AND {holding}"
+        sql = (
+            f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
+            f" locked AS (SELECT jobs.queue, jobs.id FROM jobs, u WHERE {run}"
+            " ORDER BY jobs.queue, jobs.id FOR UPDATE OF jobs),"
+            f" run AS (UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
+            f" RETURNING {RUN_COLUMNS}, definition, u.u_n, {now} AS u_now),"
+            " armed AS (UPDATE webhooks SET armed = TRUE, next_time = run.u_now FROM run"
+            " WHERE webhooks.queue = run.queue AND webhooks.job_id = run.id"
+            f" AND webhooks.event = {parameters.add(FINISHED_HOOK)} AND NOT webhooks.armed)"
+            " SELECT * FROM run"
+        )
+        async with self._reading() as db:
+            return {row[-2]: row for row in await db.all(sql, *parameters.values)}
+
+    async def release(self, attempt: Attempt, holder: Holder, reason: str, now: float) -> jobs_pb2.Job | None:
+        self._log_ends.forget((holder.queue, attempt.job_id, attempt.attempt))
+        return await super().release(attempt, holder, reason, now)
+
+    async def _requeue(
+        self, db: Database, rows: Sequence[Any], now: float, why: Callable[[Holding, float], Change]
+    ) -> list[tuple[jobs_pb2.Job, Attempt]]:
+        lost: list[tuple[jobs_pb2.Job, Attempt]] = await super()._requeue(db, rows, now, why)
+        for job, attempt in lost:
+            self._log_ends.forget((job.queue, attempt.job_id, attempt.attempt))
+        return lost
 
     async def append_logs(
         self,
@@ -551,34 +756,74 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         start: int,
         max_chars: int = 0,
     ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
-        """As `SqlStore.append_logs`, in two statements with no transaction around them: one reads
-        who holds the run and where the log ends; the batch is then stored only if the run is held
-        as read and nothing was stored at that end meanwhile (the log's primary key). Anything else
-        (not held, or another append first) takes the locked path, which decides on what it finds."""
+        """As `SqlStore.append_logs`, in one statement where the store knows where the log ends
+        (`_LogEnds`), else two, with no transaction around them: one reads who holds the run and where
+        the log ends; the batch is then stored only if the run is held as known and nothing was stored
+        at that end meanwhile (the log's primary key). Anything else (not held, another append first)
+        takes the read, then the locked path, which decides on what it finds."""
+        run = (holder.queue, attempt.job_id, attempt.attempt)
+        known = self._log_ends.known(run, holder.session, kind)
+        if known is not None:
+            held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
+            stored = await self._append_at(run, held, kind, chunks, start, max_chars, known)
+            if stored is not None:
+                return stored
+            self._log_ends.forget(run)
         async with self._reading() as db:
             row = await db.one(_LOG_END, attempt.attempt, kind, holder.queue, attempt.job_id)
         if row is not None and transitions.holds(held := Holding(*row[:4]), attempt, holder):
-            stored = LogTotals() if row[4] is None else LogTotals(*row[4:])
-            kept = within_limit(stored.chars, chunks[already_stored(stored.chunks, start, len(chunks)) :], max_chars)
-            if not kept:
-                return stored.chunks, kept
-            batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
-            totals = stored.after(batch.chunks)
+            known = LogTotals() if row[4] is None else LogTotals(*row[4:])
+            stored = await self._append_at(run, held, kind, chunks, start, max_chars, known)
+            if stored is not None:
+                return stored
+        return await super().append_logs(attempt, holder, kind, chunks, start, max_chars)
+
+    async def _append_at(
+        self,
+        run: RunKey,
+        held: Holding,
+        kind: jobs_pb2.LogKind.ValueType,
+        chunks: Sequence[jobs_pb2.LogChunk],
+        start: int,
+        max_chars: int,
+        stored: LogTotals,
+    ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
+        """The batch stored after `stored` (the log's totals, as read or known), if the run is held as
+        `held` and no batch is stored there; None (nothing stored) if not."""
+        kept = within_limit(stored.chars, chunks[already_stored(stored.chunks, start, len(chunks)) :], max_chars)
+        if not kept:
+            return stored.chunks, kept
+        batch = jobs_pb2.LogBatch(kind=kind, chunks=kept)
+        totals = stored.after(batch.chunks)
+        try:
             async with self._reading() as db:
                 written = await db.one(
                     _LOG_APPEND,
-                    *(holder.queue, attempt.job_id, attempt.attempt, kind, stored.chunks, len(batch.chunks)),
+                    *(*run, kind, stored.chunks, len(batch.chunks)),
                     *(batch.SerializeToString(), totals.stdout_chars, totals.stderr_chars),
-                    *(holder.queue, attempt.job_id, *held),
+                    *(*run[:2], *held),
                 )
-            if written is not None:
-                return stored.chunks, kept
-        return await super().append_logs(attempt, holder, kind, chunks, start, max_chars)
+        except BaseException:
+            self._log_ends.forget(run)  # stored or not: unknown
+            raise
+        if written is None:
+            return None
+        self._log_ends.stored(run, held.session, kind, totals)
+        return stored.chunks, kept
 
     async def _changed_if(
         self, queue: str, job_id: str, held: Holding, change: Change, now: float, result: bytes | None = None
     ) -> jobs_pb2.Job | None:
         """`_changed` in one statement, if the run is held as `held`; None (and no change) if not."""
+        row = await self._changed_row_if(queue, job_id, held, change, now)
+        if row is None:
+            return None
+        job, (definition,) = run_of(row)
+        return with_details(job, definition, result, b"")
+
+    async def _changed_row_if(self, queue: str, job_id: str, held: Holding, change: Change, now: float) -> Any:
+        """The run's row (`RUN_COLUMNS, definition`) after `change`, written if it is held as `held`
+        (a finish arms its webhooks in the same statement); None (and no change) if not."""
         sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
         holding = " AND ".join(f"{column} = ?" for column in HOLDING.split(", "))
         sql = (
@@ -590,11 +835,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
             sql += f", armed AS ({ARM_FINISHED} AND EXISTS (SELECT FROM run))"
             values += [now, job_id, queue, FINISHED_HOOK]
         async with self._reading() as db:
-            row = await db.one(sql + " SELECT * FROM run", *values)
-        if row is None:
-            return None
-        job, (definition,) = run_of(row)
-        return with_details(job, definition, result, b"")
+            return await db.one(sql + " SELECT * FROM run", *values)
 
     async def blob_references(self) -> set[str]:
         keys: set[str] = set()
