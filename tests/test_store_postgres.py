@@ -1,0 +1,160 @@
+"""The PostgreSQL store's short paths (see postgres, "A job's life in fewer round trips"): a log append
+from the log end the store remembers, and finishes that arrive together written by one statement. Each
+must decide as the locked path does, whatever happened behind the store's back; round trips are
+counted at the store's `Database` (one statement each)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from jobwire.server.errors import Unavailable
+from jobwire.server.store.base import FINISHED_HOOK, LogTotals, Webhook
+from jobwire.server.store.postgres import PostgresDatabase, PostgresStore, _LogEnds
+from jobwire.v1 import jobs_pb2
+from tests.services import PostgresCluster, running_cluster
+from tests.test_store import (
+    FINISHED,
+    LEASE,
+    RUN,
+    T0,
+    attempt_of,
+    chunks,
+    claim,
+    holder,
+    log_texts,
+    result,
+    submit,
+)
+
+
+@pytest.fixture
+async def store(postgres_cluster: PostgresCluster) -> AsyncIterator[PostgresStore]:
+    opened = await PostgresStore.open(await postgres_cluster.create_database(), max_size=4)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements the stores send through their `Database` (BEGIN and COMMIT are not counted)."""
+    sent: list[str] = []
+    for name in ("one", "all", "run"):
+        method = getattr(PostgresDatabase, name)
+
+        async def counted(self: PostgresDatabase, sql: str, *args: Any, _method: Any = method) -> Any:
+            sent.append(sql)
+            return await _method(self, sql, *args)
+
+        monkeypatch.setattr(PostgresDatabase, name, counted)
+    return sent
+
+
+async def test_a_log_behind_the_stores_memory_is_appended_where_it_ends(
+    store: PostgresStore, postgres_cluster: PostgresCluster, round_trips: list[str]
+) -> None:
+    """The store appends a claimed attempt's log without reading its end; another replica's append
+    leaves that memory behind, and the next append is still stored at the log's real end, once."""
+    await submit(store, 1)
+    attempt = attempt_of(await claim(store))
+    round_trips.clear()
+    assert await store.append_logs(attempt, holder(), RUN, chunks("a", "b"), 0) == (0, chunks("a", "b"))
+    assert await store.append_logs(attempt, holder(), RUN, chunks("c"), 2) == (2, chunks("c"))
+    assert len(round_trips) == 2  # no read of the log's end
+    other = PostgresStore(store.pool)  # another replica: the same database, its own memory
+    assert await other.append_logs(attempt, holder(), RUN, chunks("d"), 3) == (3, chunks("d"))
+    # the worker resends "d" with "e" (it had no answer yet): "d" is stored once, "e" after it
+    assert await store.append_logs(attempt, holder(), RUN, chunks("d", "e"), 3) == (4, chunks("e"))
+    assert await store.append_logs(attempt, holder(), RUN, chunks("f"), 5) == (5, chunks("f"))
+    assert await log_texts(store, attempt) == ["a", "b", "c", "d", "e", "f"]
+    assert await store.log_totals(attempt, RUN, queue="q") == LogTotals(6, 6, 0)
+    # a session that no longer holds the attempt is refused, memory or not
+    assert await store.append_logs(attempt, holder(session="another"), RUN, chunks("g"), 6) is None
+    await store.finish(attempt, holder(), result(), T0 + 1)
+    assert await store.append_logs(attempt, holder(), RUN, chunks("g"), 6) is None
+    assert await log_texts(store, attempt) == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_the_log_memory_keeps_the_most_recently_used_runs() -> None:
+    ends = _LogEnds(kept=2)
+    ends.claimed(("q", "a", 1), "s")
+    ends.stored(("q", "b", 1), "s", RUN, LogTotals(3, 3, 0))
+    assert ends.known(("q", "a", 1), "s", RUN) == LogTotals()  # claimed: empty; and used last
+    ends.claimed(("q", "c", 1), "s")
+    assert ends.known(("q", "b", 1), "s", RUN) is None  # the least recently used went
+    assert ends.known(("q", "a", 1), "other session", RUN) is None
+    ends.forget(("q", "a", 1))
+    assert list(ends.runs) == [("q", "c", 1)]
+
+
+async def test_finishes_arriving_together_are_written_by_one_statement_and_stale_ones_refused(
+    store: PostgresStore, round_trips: list[str]
+) -> None:
+    jobs = [await submit(store, n) for n in range(12)]
+    for job in jobs:
+        await store.add_webhook(Webhook(job.id, "q", FINISHED_HOOK, f"http://{job.id}", b"{}"), armed=False, now=T0)
+    claimed = [await claim(store) for _ in jobs]
+    attempts = [attempt_of(job) for job in claimed]
+    # stale: a session of w1 that does not hold it; an attempt lost and given to w2 since; and a lease
+    # that ran out with nobody given the job since (w1's result is still taken, as on the locked path)
+    stale_session, given_again, lost = attempts[:3]
+    assert len(await store.requeue_expired(T0 + LEASE + 1)) == len(jobs)
+    await store.retake(holder(), attempts[3:], T0 + 100, T0 + LEASE + 2)
+    await store.retake(holder(), [stale_session], T0 + 100, T0 + LEASE + 2)
+    assert (await claim(store, worker="w2", now=T0 + LEASE + 3)).id == given_again.job_id
+    round_trips.clear()
+    finishes = [
+        store.finish(stale_session, holder(session="another"), result(), T0 + 60),
+        *(store.finish(attempt, holder(), result(exit_code=n), T0 + 60) for n, attempt in enumerate(attempts[1:])),
+    ]
+    answers = await asyncio.gather(*finishes)
+    assert answers[0] is None and answers[1] is None  # refused
+    assert answers[2].id == lost.job_id and answers[2].attempt == lost.attempt  # taken back, then finished
+    assert [(job.id, job.state) for job in answers[2:]] == [(a.job_id, FINISHED) for a in attempts[2:]]
+    assert [job.result.exit_code for job in answers[2:]] == list(range(1, 11))
+    # the first finish alone, the other 11 in one statement; then the three not written as they said
+    # each read their run, locked, and the one whose lease ran out (nobody given it since) is written
+    assert len(round_trips) == 2 + 3 + 1
+    for attempt in attempts:
+        job = await store.get_job(attempt.job_id, queue="q")
+        assert job is not None
+        finishes_recorded = sum(event.kind == jobs_pb2.JOB_EVENT_KIND_FINISHED for event in job.history)
+        assert (job.state, finishes_recorded) == (
+            (jobs_pb2.JOB_STATE_RUNNING, 0) if attempt in (given_again, stale_session) else (FINISHED, 1)
+        )
+    armed = await store.claim_webhooks(T0 + 61, T0 + 90, 100)
+    assert sorted(hook.job_id for hook in armed) == sorted(attempt.job_id for attempt in attempts[2:])
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of the test's own, to stop."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+async def test_every_finish_of_a_statement_hit_by_postgresql_stopping_is_unavailable(
+    own_cluster: PostgresCluster,
+) -> None:
+    store = await PostgresStore.open(await own_cluster.create_database(), max_size=4)
+    try:
+        for n in range(8):
+            await submit(store, n)
+        attempts = [
+            attempt_of(job) for job in await store.claim(queue="q", holder=holder(), now=T0, lease=LEASE, count=8)
+        ]
+        own_cluster.halt()
+        answers = await asyncio.gather(
+            *(store.finish(attempt, holder(), result(), T0 + 1) for attempt in attempts), return_exceptions=True
+        )
+        assert all(isinstance(answer, Unavailable) for answer in answers), answers
+        own_cluster.resume()
+        answers = await asyncio.gather(*(store.finish(attempt, holder(), result(), T0 + 2) for attempt in attempts))
+        assert all(job is not None and job.state == FINISHED for job in answers)
+    finally:
+        await store.close()
