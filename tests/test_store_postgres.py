@@ -108,15 +108,15 @@ async def test_finishes_arriving_together_are_written_by_one_statement_and_stale
     await store.retake(holder(), [stale_session], T0 + 100, T0 + LEASE + 2)
     assert (await claim(store, worker="w2", now=T0 + LEASE + 3)).id == given_again.job_id
     round_trips.clear()
-    finishes = [
-        store.finish(stale_session, holder(session="another"), result(), T0 + 60),
+    finishes = [  # the session that does not hold its attempt last: one of those written together
         *(store.finish(attempt, holder(), result(exit_code=n), T0 + 60) for n, attempt in enumerate(attempts[1:])),
+        store.finish(stale_session, holder(session="another"), result(), T0 + 60),
     ]
-    answers = await asyncio.gather(*finishes)
-    assert answers[0] is None and answers[1] is None  # refused
-    assert answers[2].id == lost.job_id and answers[2].attempt == lost.attempt  # taken back, then finished
-    assert [(job.id, job.state) for job in answers[2:]] == [(a.job_id, FINISHED) for a in attempts[2:]]
-    assert [job.result.exit_code for job in answers[2:]] == list(range(1, 11))
+    *answers, refused = await asyncio.gather(*finishes)
+    assert refused is None and answers[0] is None  # refused
+    assert answers[1].id == lost.job_id and answers[1].attempt == lost.attempt  # taken back, then finished
+    assert [(job.id, job.state) for job in answers[1:]] == [(a.job_id, FINISHED) for a in attempts[2:]]
+    assert [job.result.exit_code for job in answers[1:]] == list(range(1, 11))
     # the first finish alone, the other 11 in one statement; then the three not written as they said
     # each read their run, locked, and the one whose lease ran out (nobody given it since) is written
     assert len(round_trips) == 2 + 3 + 1
