@@ -131,6 +131,24 @@ async def test_finishes_arriving_together_are_written_by_one_statement_and_stale
     assert sorted(hook.job_id for hook in armed) == sorted(attempt.job_id for attempt in attempts[2:])
 
 
+async def test_finishes_written_together_never_wait_for_a_run_another_transaction_locked(
+    store: PostgresStore,
+) -> None:
+    """A run locked elsewhere (e.g. by a renewal holding several) is left to the one-run path, which
+    waits for it alone: the others of its statement are written meanwhile, and no lock is held while
+    waiting, so no deadlock with a transaction locking runs in another order."""
+    for n in range(3):
+        await submit(store, n)
+    attempts = [attempt_of(job) for job in await store.claim(queue="q", holder=holder(), now=T0, lease=LEASE, count=3)]
+    async with store.pool.acquire() as connection, connection.transaction():
+        await connection.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", attempts[2].job_id)
+        finishes = [asyncio.ensure_future(store.finish(attempt, holder(), result(), T0 + 1)) for attempt in attempts]
+        done, _ = await asyncio.wait(finishes[:2], timeout=30)
+        assert done == set(finishes[:2]) and not finishes[2].done()  # the third waits for the lock
+    jobs = [task.result() for task in finishes[:2]] + [await finishes[2]]
+    assert all(job is not None and job.state == FINISHED for job in jobs)
+
+
 @pytest.fixture
 def own_cluster() -> Iterator[PostgresCluster]:
     """A cluster of the test's own, to stop."""

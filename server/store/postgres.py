@@ -695,10 +695,6 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         except asyncio.CancelledError:  # `mine`'s caller gave up: the others wait for the next statement
             self._finishes[:0] = [finish for finish in batch if finish is not mine]
             raise
-        except asyncpg.DeadlockDetectedError:
-            # Locked against another transaction's rows (a worker's renewal locks its runs in the order
-            # it names them): written by nobody, each finish takes the one-run locked path.
-            rows = {}
         except Exception as error:
             for finish in batch:
                 finish.done, finish.error = True, error
@@ -708,9 +704,12 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
 
     async def _finished_all(self, batch: Sequence[_Finish]) -> dict[int, Any]:
         """Each finish of `batch` (runs all different) written, in one statement, if its run is held as
-        its `held` says (compared and set under the row's lock; the rows locked in (queue, id) order, as
-        `requeue_worker` does), arming the finished runs' webhooks as `ARM_FINISHED` does; answers the
-        runs written (`RUN_COLUMNS, definition, …`) by their place in `batch` (from 1)."""
+        its `held` says (compared and set under the row's lock), arming the finished runs' webhooks as
+        `ARM_FINISHED` does; answers the runs written (`RUN_COLUMNS, definition, …`) by their place in
+        `batch` (from 1). The statement never waits for a lock: a run another transaction has locked
+        is skipped (not written, so its finish takes the one-run path, which waits for it alone).
+        Waiting while holding the other runs' locks could deadlock with a transaction that locks
+        several runs in another order (a worker's renewal locks its runs in the order it names them)."""
         parameters = _Parameters()
         sets = parameters.sets([finish.change for finish in batch])
         queue = parameters.column("u_queue", [finish.queue for finish in batch])
@@ -724,7 +723,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         sql = (
             f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
             f" locked AS (SELECT jobs.queue, jobs.id FROM jobs, u WHERE {run}"
-            " ORDER BY jobs.queue, jobs.id FOR UPDATE OF jobs),"
+            " FOR UPDATE OF jobs SKIP LOCKED),"
             f" run AS (UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
             f" RETURNING {RUN_COLUMNS}, definition, u.u_n, {now} AS u_now),"
             " armed AS (UPDATE webhooks SET armed = TRUE, next_time = run.u_now FROM run"
