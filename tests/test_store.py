@@ -20,8 +20,7 @@ from google.protobuf import struct_pb2
 
 from jobwire.core.definition import job_id
 from jobwire.core.units import timestamp
-from jobwire.server.store import StateStore
-from jobwire.server.store import postgres as postgres_store
+from jobwire.server.store import StateStore, postgres_schema
 from jobwire.server.store import sqlite as sqlite_store
 from jobwire.server.store.base import (
     ALL_NAMESPACES,
@@ -1228,7 +1227,7 @@ async def test_postgres_workers_get_their_slots_and_gpus_beside_their_records(
         await connection.execute(
             "CREATE TABLE jobwire_schema (version INTEGER NOT NULL); INSERT INTO jobwire_schema VALUES (4)"
         )
-        for migration in postgres_store.MIGRATIONS[:4]:
+        for migration in postgres_schema.MIGRATIONS[:4]:
             assert isinstance(migration, str)
             await connection.execute(migration)
         await connection.execute(
@@ -1252,7 +1251,7 @@ async def test_postgres_histories_move_from_the_events_table_into_the_job_rows(
         await connection.execute(
             "CREATE TABLE jobwire_schema (version INTEGER NOT NULL); INSERT INTO jobwire_schema VALUES (3)"
         )
-        for migration in postgres_store.MIGRATIONS[:3]:
+        for migration in postgres_schema.MIGRATIONS[:3]:
             assert isinstance(migration, str)
             await connection.execute(migration)
         await connection.execute(
@@ -1311,7 +1310,7 @@ async def test_postgres_running_jobs_get_a_session_and_are_retaken(
 ) -> None:
     url = await postgres_cluster.create_database()
     with monkeypatch.context() as old_version:  # the schema as migration 5 left it
-        old_version.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:5])
+        old_version.setattr(postgres_schema, "MIGRATIONS", postgres_schema.MIGRATIONS[:5])
         await (await PostgresStore.open(url, max_size=2)).close()
     connection = await asyncpg.connect(url)
     try:
@@ -1462,7 +1461,7 @@ async def test_postgres_a_job_listed_by_several_queues_becomes_a_run_per_queue(
 ) -> None:
     url = await postgres_cluster.create_database()
     with monkeypatch.context() as old_version:  # the schema as migration 6 left it
-        old_version.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:6])
+        old_version.setattr(postgres_schema, "MIGRATIONS", postgres_schema.MIGRATIONS[:6])
         await (await PostgresStore.open(url, max_size=2)).close()
     connection = await asyncpg.connect(url)
     try:

@@ -1,5 +1,6 @@
 """The PostgreSQL store's short paths (see postgres, "A job's life in fewer round trips"): a log append
-from the log end the store remembers, and finishes that arrive together written by one statement. Each
+from the log end the store remembers, finishes that arrive together written by one statement, and
+claims as a read and a compare-and-set. Each
 must decide as the locked path does, whatever happened behind the store's back; round trips are
 counted at the store's `Database` (one statement each)."""
 
@@ -13,7 +14,8 @@ import pytest
 
 from jobwire.server.errors import Unavailable
 from jobwire.server.store.base import FINISHED_HOOK, LogTotals, Webhook
-from jobwire.server.store.postgres import PostgresDatabase, PostgresStore, _LogEnds
+from jobwire.server.store.postgres import PostgresDatabase, PostgresStore
+from jobwire.server.store.postgres_batches import LogEnds
 from jobwire.v1 import jobs_pb2
 from tests.services import PostgresCluster, running_cluster
 from tests.test_store import (
@@ -81,7 +83,7 @@ async def test_a_log_behind_the_stores_memory_is_appended_where_it_ends(
 
 
 def test_the_log_memory_keeps_the_most_recently_used_runs() -> None:
-    ends = _LogEnds(kept=2)
+    ends = LogEnds(kept=2)
     ends.claimed(("q", "a", 1), "s")
     ends.stored(("q", "b", 1), "s", RUN, LogTotals(3, 3, 0))
     assert ends.known(("q", "a", 1), "s", RUN) == LogTotals()  # claimed: empty; and used last
@@ -147,6 +149,49 @@ async def test_finishes_written_together_never_wait_for_a_run_another_transactio
         assert done == set(finishes[:2]) and not finishes[2].done()  # the third waits for the lock
     jobs = [task.result() for task in finishes[:2]] + [await finishes[2]]
     assert all(job is not None and job.state == FINISHED for job in jobs)
+
+
+async def test_claims_of_workers_woken_together_take_different_runs_in_two_statements_each(
+    store: PostgresStore, round_trips: list[str]
+) -> None:
+    """Claims of one queue on one store read past the runs the others chose (`Claims`), so none of
+    them contends for a run and falls back to the locked path: a read and a compare-and-set each."""
+    jobs = [await submit(store, n) for n in range(12)]
+    round_trips.clear()
+    claims = await asyncio.gather(
+        *(store.claim(queue="q", holder=holder(f"w{n}"), now=T0, lease=LEASE, count=3) for n in range(4))
+    )
+    assert sorted(job.id for claimed in claims for job in claimed) == sorted(job.id for job in jobs)
+    assert [len(claimed) for claimed in claims] == [3, 3, 3, 3]
+    assert all(job.worker_id == f"w{n}" and job.attempt == 1 for n, claimed in enumerate(claims) for job in claimed)
+    assert len(round_trips) == 2 * 4
+    assert await store.claim(queue="q", holder=holder("w9"), now=T0, lease=LEASE, count=3) == []
+
+
+async def test_a_claim_makes_up_for_runs_held_elsewhere_or_taken_by_another_replica(store: PostgresStore) -> None:
+    """A run another transaction holds is skipped (not waited for) and the locked path takes the next
+    waiting ones instead; claims of two replicas at once assign every run once."""
+    jobs = [await submit(store, n) for n in range(3)]
+    async with store.pool.acquire() as connection, connection.transaction():
+        await connection.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", jobs[0].id)
+        claimed = await store.claim(queue="q", holder=holder(), now=T0, lease=LEASE, count=2)
+        assert [job.id for job in claimed] == [jobs[1].id, jobs[2].id]
+    assert [job.id for job in await store.claim(queue="q", holder=holder(), now=T0, lease=LEASE, count=2)] == [
+        jobs[0].id
+    ]
+    more = [await submit(store, n) for n in range(3, 43)]
+    other = PostgresStore(store.pool)  # another replica: the same database, its own claims
+    claims = await asyncio.gather(
+        *(
+            replica.claim(queue="q", holder=holder(f"w{n}"), now=T0, lease=LEASE, count=3)
+            for n, replica in enumerate([store, other] * 8)
+        )
+    )
+    taken = [job.id for claimed in claims for job in claimed]
+    assert sorted(taken) == sorted(job.id for job in more)  # each once
+    for job in more:
+        run = await store.get_job(job.id, queue="q")
+        assert run is not None and run.state == jobs_pb2.JOB_STATE_RUNNING and run.attempt == 1
 
 
 @pytest.fixture

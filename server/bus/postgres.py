@@ -29,7 +29,8 @@ import asyncpg
 
 from jobwire.server.bus.memory import QUEUE_SIZE, MemorySubscription
 from jobwire.server.errors import JOB_STORE, raise_dependency_error
-from jobwire.server.store.postgres import CONNECT_SECONDS, keep_session, migrate
+from jobwire.server.store.postgres import CONNECT_SECONDS, keep_session
+from jobwire.server.store.postgres_schema import migrate
 
 log = logging.getLogger(__name__)
 INLINE_LIMIT = 7000

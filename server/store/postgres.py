@@ -1,27 +1,28 @@
 """The PostgreSQL StateStore (asyncpg): shared by every server replica, claims with SKIP LOCKED.
 
-Each call is one transaction on a pooled connection. Rows a call changes are locked first
-(`FOR UPDATE`), so two replicas acting on one job serialise on it; claims, lease reaping,
-retention and webhook delivery skip rows another replica holds (`SKIP LOCKED`), so two
-replicas never assign one job twice or deliver one webhook twice at once.
+Each call is one transaction on a pooled connection, often a single statement. Rows a call changes
+are locked first (`FOR UPDATE`), or written by a compare-and-set under the row's lock, so two
+replicas acting on one job serialise on it; claims, lease reaping, retention and webhook delivery
+skip rows another replica holds (`SKIP LOCKED`), so two replicas never assign one job twice or
+deliver one webhook twice at once. The schema is `postgres_schema`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
-from jobwire.server.store import credentials, records, runs, transitions
+from jobwire.server.store import credentials, transitions
 from jobwire.server.store.base import FINISHED_HOOK, NO_LIMITS, Attempt, Holder, LogTotals, Room, Submission
 from jobwire.server.store.database import ARM_FINISHED, RUN_COLUMNS, Database, postgres_sql, run_of
+from jobwire.server.store.postgres_batches import Claims, Finish, LogEnds, Parameters, RunKey
+from jobwire.server.store.postgres_schema import migrate
 from jobwire.server.store.records import SqlStore
 from jobwire.server.store.rows import (
     already_stored,
@@ -29,7 +30,6 @@ from jobwire.server.store.rows import (
     job_message,
     with_details,
     within_limit,
-    worker_columns,
 )
 from jobwire.server.store.transitions import HOLDING, Change, Holding
 from jobwire.v1 import jobs_pb2
@@ -42,171 +42,6 @@ QUEUED, RUNNING, FINISHED = (
 
 Connection = Any  # asyncpg.Connection or a pool's proxy of one
 
-
-async def _worker_columns(connection: Connection) -> None:
-    await connection.execute(
-        "ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 0, ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0"
-    )
-    for worker_id, info in await connection.fetch("SELECT id, info FROM workers"):
-        slots, gpus = worker_columns(jobs_pb2.WorkerInfo.FromString(info))
-        await connection.execute("UPDATE workers SET slots = $1, gpus = $2 WHERE id = $3", slots, gpus, worker_id)
-
-
-MIGRATIONS: list[str | Callable[[Connection], Awaitable[None]]] = [
-    # 1: the schema as of SQLite's migration 3 (jobs with GPUs, webhooks, queue order), with the indexes that
-    # keep claims, lists, status and reaping fast at millions of jobs, and bus message bodies
-    # too large for a NOTIFY payload.
-    f"""
-    CREATE TABLE jobs (
-      id TEXT PRIMARY KEY, state INTEGER NOT NULL, queue TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
-      worker_id TEXT NOT NULL DEFAULT '', create_time DOUBLE PRECISION NOT NULL,
-      update_time DOUBLE PRECISION NOT NULL, lease_expires DOUBLE PRECISION,
-      finish_reason INTEGER NOT NULL DEFAULT 0, definition BYTEA NOT NULL, result BYTEA,
-      gpus INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX jobs_running_lease ON jobs (lease_expires) WHERE state = {RUNNING};
-    CREATE INDEX jobs_queued ON jobs (id) WHERE state = {QUEUED};
-    CREATE INDEX jobs_finished ON jobs (update_time) WHERE state = {FINISHED};
-    CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = {RUNNING};
-    CREATE TABLE queue_jobs (
-      seq BIGSERIAL PRIMARY KEY, queue TEXT NOT NULL, job_id TEXT NOT NULL, UNIQUE (queue, job_id)
-    );
-    CREATE INDEX queue_jobs_queue ON queue_jobs (queue, seq);
-    CREATE INDEX queue_jobs_job ON queue_jobs (job_id);
-    CREATE TABLE namespaces (
-      queue TEXT NOT NULL, job_id TEXT NOT NULL, namespace TEXT NOT NULL, PRIMARY KEY (queue, job_id, namespace)
-    );
-    CREATE INDEX namespaces_job ON namespaces (job_id);
-    CREATE INDEX namespaces_queue_namespace ON namespaces (queue, namespace);
-    CREATE TABLE events (seq BIGSERIAL PRIMARY KEY, job_id TEXT NOT NULL, data BYTEA NOT NULL);
-    CREATE INDEX events_job ON events (job_id, seq);
-    CREATE TABLE logs (
-      job_id TEXT NOT NULL, attempt INTEGER NOT NULL, kind INTEGER NOT NULL, start INTEGER NOT NULL,
-      count INTEGER NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (job_id, attempt, kind, start)
-    );
-    CREATE TABLE workers (
-      id TEXT PRIMARY KEY, queue TEXT NOT NULL, session TEXT NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
-      info BYTEA NOT NULL
-    );
-    CREATE INDEX workers_queue ON workers (queue, last_seen);
-    CREATE TABLE webhooks (
-      id BIGSERIAL PRIMARY KEY, job_id TEXT NOT NULL, event TEXT NOT NULL, url TEXT NOT NULL, body BYTEA NOT NULL,
-      armed BOOLEAN NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_time DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX webhooks_due ON webhooks (next_time) WHERE armed;
-    CREATE INDEX webhooks_job ON webhooks (job_id, event);
-    CREATE TABLE bus_messages (
-      id BIGSERIAL PRIMARY KEY, created DOUBLE PRECISION NOT NULL, data BYTEA NOT NULL
-    );
-    """,
-    # 2: `waiting` holds the queue_jobs rows of queued jobs, kept by triggers, so that a claim takes a
-    # queue's first waiting row instead of walking past every finished job (as SQLite's migration 4;
-    # SQLite's per-queue state counters are left out here: under many replicas those rows would be
-    # locked by every transition of the queue).
-    f"""
-    CREATE TABLE waiting (
-      queue TEXT NOT NULL, seq BIGINT NOT NULL, job_id TEXT NOT NULL, gpus INTEGER NOT NULL, PRIMARY KEY (queue, seq)
-    );
-    CREATE INDEX waiting_job ON waiting (job_id);
-    CREATE FUNCTION jobwire_queue_job_added() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-      INSERT INTO waiting SELECT NEW.queue, NEW.seq, id, gpus FROM jobs WHERE id = NEW.job_id AND state = {QUEUED};
-      RETURN NULL;
-    END $$;
-    CREATE TRIGGER queue_job_added AFTER INSERT ON queue_jobs FOR EACH ROW EXECUTE FUNCTION jobwire_queue_job_added();
-    CREATE FUNCTION jobwire_queue_job_removed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-      DELETE FROM waiting WHERE queue = OLD.queue AND seq = OLD.seq;
-      RETURN NULL;
-    END $$;
-    CREATE TRIGGER queue_job_removed AFTER DELETE ON queue_jobs
-      FOR EACH ROW EXECUTE FUNCTION jobwire_queue_job_removed();
-    CREATE FUNCTION jobwire_job_state_changed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-      DELETE FROM waiting WHERE job_id = OLD.id;
-      IF TG_OP = 'UPDATE' AND NEW.state = {QUEUED} THEN
-        INSERT INTO waiting SELECT queue, seq, job_id, NEW.gpus FROM queue_jobs WHERE job_id = NEW.id;
-      END IF;
-      RETURN NULL;
-    END $$;
-    CREATE TRIGGER job_state_changed AFTER UPDATE OF state ON jobs
-      FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION jobwire_job_state_changed();
-    CREATE TRIGGER job_removed AFTER DELETE ON jobs FOR EACH ROW EXECUTE FUNCTION jobwire_job_state_changed();
-    INSERT INTO waiting SELECT q.queue, q.seq, q.job_id, j.gpus FROM queue_jobs q JOIN jobs j ON j.id = q.job_id
-      WHERE j.state = {QUEUED};
-    """,
-    # 3: each batch records the characters of each stream stored up to its end (as SQLite's migration 5).
-    "ALTER TABLE logs ADD COLUMN stdout_chars BIGINT NOT NULL DEFAULT 0,"
-    " ADD COLUMN stderr_chars BIGINT NOT NULL DEFAULT 0",
-    # 4: a job's history lives in its row (as SQLite's migration 7): each `events` row becomes the
-    # bytes that append it (field 12 of Job, length-delimited: tag 0x62, a varint length, the entry).
-    r"""
-    ALTER TABLE jobs ADD COLUMN history BYTEA NOT NULL DEFAULT '';
-    CREATE FUNCTION pg_temp.jobwire_varint(n BIGINT) RETURNS BYTEA LANGUAGE plpgsql AS $$
-    DECLARE encoded BYTEA := '';
-    BEGIN
-      WHILE n >= 128 LOOP
-        encoded := encoded || set_byte('\x00'::bytea, 0, ((n & 127) | 128)::int);
-        n := n >> 7;
-      END LOOP;
-      RETURN encoded || set_byte('\x00'::bytea, 0, n::int);
-    END $$;
-    UPDATE jobs SET history = entries.history FROM (
-      SELECT job_id, string_agg('\x62'::bytea || pg_temp.jobwire_varint(length(data)) || data, '' ORDER BY seq)
-        AS history
-      FROM events GROUP BY job_id
-    ) entries WHERE jobs.id = entries.job_id;
-    DROP TABLE events;
-    """,
-    # 5: each worker's slots and GPU devices beside its record (as SQLite's migration 8).
-    _worker_columns,
-    # 6: the worker session holding a running job, beside its worker (see transitions: fencing).
-    "ALTER TABLE jobs ADD COLUMN session TEXT NOT NULL DEFAULT ''",
-    # 7: digests of queues' worker credentials and of workers' secrets (as SQLite's migration 10).
-    credentials.SCHEMA.format(time="DOUBLE PRECISION"),
-    # 8: a job's row is its run in one queue, keyed by (queue, id), as are its logs and webhooks
-    # (as SQLite's migration 11; see runs).
-    runs.split_postgres,
-    # 9: a queue's listing reads its running runs and its finished ones by time from indexes (as SQLite's migration 12).
-    records.LISTING_INDEXES,
-    # 10: each queue's bytes of job definitions (as SQLite's migration 13), for --max-queue-bytes. The
-    # trigger is deferred to the commit, so concurrent submissions to one queue hold its row only
-    # while they commit.
-    """
-    CREATE TABLE queue_sizes (queue TEXT PRIMARY KEY, bytes BIGINT NOT NULL);
-    CREATE FUNCTION jobwire_job_sized() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-      IF TG_OP = 'INSERT' THEN
-        INSERT INTO queue_sizes VALUES (NEW.queue, octet_length(NEW.definition))
-          ON CONFLICT (queue) DO UPDATE SET bytes = queue_sizes.bytes + EXCLUDED.bytes;
-      ELSE
-        UPDATE queue_sizes SET bytes = bytes - octet_length(OLD.definition) WHERE queue = OLD.queue;
-      END IF;
-      RETURN NULL;
-    END $$;
-    CREATE CONSTRAINT TRIGGER job_sized AFTER INSERT OR DELETE ON jobs DEFERRABLE INITIALLY DEFERRED
-      FOR EACH ROW EXECUTE FUNCTION jobwire_job_sized();
-    INSERT INTO queue_sizes SELECT queue, SUM(octet_length(definition)) FROM jobs GROUP BY queue;
-    """,
-    # 11: each queue's number of waiting (queued) jobs, for --max-queued-jobs: one row read per
-    # submission instead of counting up to the limit's rows of `waiting`. As queue_sizes, kept by a
-    # trigger deferred to the commit, so that submissions and claims of one queue on several
-    # replicas hold its row only while they commit (operations that change several queues' rows do
-    # so in queue order: see lifecycle, `_requeue` and `expire_queued`).
-    """
-    CREATE TABLE queue_waiting (queue TEXT PRIMARY KEY, jobs BIGINT NOT NULL);
-    CREATE FUNCTION jobwire_waiting_counted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-      IF TG_OP = 'INSERT' THEN
-        INSERT INTO queue_waiting VALUES (NEW.queue, 1)
-          ON CONFLICT (queue) DO UPDATE SET jobs = queue_waiting.jobs + 1;
-      ELSE
-        UPDATE queue_waiting SET jobs = jobs - 1 WHERE queue = OLD.queue;
-      END IF;
-      RETURN NULL;
-    END $$;
-    CREATE CONSTRAINT TRIGGER waiting_counted AFTER INSERT OR DELETE ON waiting DEFERRABLE INITIALLY DEFERRED
-      FOR EACH ROW EXECUTE FUNCTION jobwire_waiting_counted();
-    INSERT INTO queue_waiting SELECT queue, COUNT(*) FROM waiting GROUP BY queue;
-    """,
-]
-"""Applied in order at start (SQL, or a function given the connection); `jobwire_schema.version`
-counts those applied."""
 
 CONNECT_SECONDS = 5.0
 """How long opening a connection may take: while the database is unreachable, calls fail (UNAVAILABLE)
@@ -222,27 +57,6 @@ async def keep_session(connection: Connection) -> None:
     that jobwire's pooled connections never make: no SET, no session advisory lock (migrations take
     a transaction's), no LISTEN (the bus listens on a connection of its own), cursors only inside
     transactions."""
-
-
-_MIGRATION_LOCK = 0x6A6F6277  # pg_advisory_xact_lock key: replicas starting together migrate once
-
-
-async def migrate(connection: Connection) -> int:
-    """Apply the migrations not applied yet, under an advisory lock; returns the schema version."""
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        await connection.execute("CREATE TABLE IF NOT EXISTS jobwire_schema (version INTEGER NOT NULL)")
-        version = await connection.fetchval("SELECT version FROM jobwire_schema")
-        if version is None:
-            await connection.execute("INSERT INTO jobwire_schema VALUES (0)")
-            version = 0
-        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            if isinstance(migration, str):
-                await connection.execute(migration)
-            else:
-                await migration(connection)
-            await connection.execute("UPDATE jobwire_schema SET version = $1", number)
-        return len(MIGRATIONS)
 
 
 _ROOM = """ known AS (
@@ -293,18 +107,26 @@ its own (its own transaction), it is a whole submission of jobs all new, in one 
 the ids added; or, for jobs all new that do not fit, one row (NULL, queued jobs, bytes) of what the
 queue held; or nothing for a submission naming a known job (the caller takes the slow path)."""
 _ANY_WAITING = "SELECT 1 FROM waiting WHERE queue = $1 AND gpus <= $2 LIMIT 1"
-_WAITING = (
-    "SELECT j.id, j.attempt FROM"
-    " (SELECT queue, seq, job_id FROM waiting WHERE queue = $1 AND gpus <= $3 ORDER BY seq OFFSET 0) w,"
-    f" LATERAL (SELECT id, attempt FROM jobs WHERE queue = w.queue AND id = w.job_id AND state = {QUEUED}"
-    " FOR UPDATE SKIP LOCKED) j ORDER BY w.seq LIMIT $2"
-)
+
+
+def _waiting(lock: str) -> str:
+    return (
+        "SELECT j.id, j.attempt FROM"
+        " (SELECT queue, seq, job_id FROM waiting WHERE queue = $1 AND gpus <= $3 ORDER BY seq OFFSET 0) w,"
+        f" LATERAL (SELECT id, attempt FROM jobs WHERE queue = w.queue AND id = w.job_id AND state = {QUEUED}"
+        f" {lock}) j ORDER BY w.seq LIMIT $2"
+    )
+
+
+_WAITING = _waiting("FOR UPDATE SKIP LOCKED")
 """(id, attempt) of up to $2 of the queue's oldest waiting jobs needing at most $3 GPU devices,
 locked. Written so that its plan is the one that costs what it takes whatever the planner believes
 of the tables' sizes: the queue's `waiting` rows in order (its primary key), each one's job row
 looked up and locked, until $2 are (the subqueries are not flattened: one has OFFSET 0, the other
 locks). Written as a join, PostgreSQL planned it, on a fresh database before statistics, as a loop
 over every queued job that searched `waiting` for each: 100 ms a claim at a thousand queued jobs."""
+_OLDEST = _waiting("LIMIT 1")
+"""`_WAITING` read without locking (LIMIT 1 keeps the row's subquery from being flattened, as the lock does)."""
 _LOG_END = (
     "SELECT j.state, j.attempt, j.worker_id, j.session, l.chunks, l.stdout_chars, l.stderr_chars FROM jobs j"
     " LEFT JOIN LATERAL (SELECT start + count AS chunks, stdout_chars, stderr_chars FROM logs"
@@ -319,114 +141,6 @@ _LOG_APPEND = (
     " ON CONFLICT DO NOTHING RETURNING start"
 )
 """A batch of a log, stored only if the run is still held as read and no batch took its place."""
-_ARRAY_TYPES = {bool: "boolean[]", int: "bigint[]", float: "float8[]", str: "text[]", bytes: "bytea[]"}
-
-LOG_ENDS_KEPT = 4096
-"""How many runs' log ends a store remembers (`_LogEnds`): more attempts than its workers run at once."""
-RunKey = tuple[str, str, int]
-"""A run's attempt: (queue, job id, attempt)."""
-
-
-@dataclass
-class _RunLogs:
-    """What a store knows of the logs of one attempt held by one session: each log's totals after the
-    last batch the store stored; with `claimed` (the store assigned the attempt) a log not named is empty."""
-
-    session: str
-    totals: dict[int, LogTotals] = field(default_factory=dict)
-    claimed: bool = False
-
-
-class _LogEnds:
-    """Where the logs of the attempts this store assigned or appended to end, as far as it knows, so
-    that an append needs no read first. Knowing is never trusted: `_LOG_APPEND` still checks the
-    holding, and a log's batches follow each other without a gap, so a memory behind the log (another
-    replica's append, one stored by the locked path) names a start where a batch is stored, which the
-    log's primary key refuses; the append then takes the read. The `kept` most recently used attempts;
-    an attempt's entry goes when it finishes, is released or re-queued, or on any doubt (an error)."""
-
-    def __init__(self, kept: int = LOG_ENDS_KEPT) -> None:
-        self.kept = kept
-        self.runs: OrderedDict[RunKey, _RunLogs] = OrderedDict()
-
-    def known(self, run: RunKey, session: str, kind: int) -> LogTotals | None:
-        logs = self.runs.get(run)
-        if logs is None or logs.session != session:
-            return None
-        self.runs.move_to_end(run)
-        return logs.totals.get(kind, LogTotals() if logs.claimed else None)
-
-    def claimed(self, run: RunKey, session: str) -> None:
-        self._keep(run, _RunLogs(session, claimed=True))
-
-    def stored(self, run: RunKey, session: str, kind: int, totals: LogTotals) -> None:
-        logs = self.runs.get(run)
-        if logs is None or logs.session != session:
-            logs = self._keep(run, _RunLogs(session))
-        self.runs.move_to_end(run)
-        logs.totals[kind] = totals
-
-    def forget(self, run: RunKey) -> None:
-        self.runs.pop(run, None)
-
-    def _keep(self, run: RunKey, logs: _RunLogs) -> _RunLogs:
-        self.runs[run] = logs
-        self.runs.move_to_end(run)
-        while len(self.runs) > self.kept:
-            self.runs.popitem(last=False)
-        return logs
-
-
-@dataclass(eq=False)
-class _Finish:
-    """One caller's finish waiting to be written with others (`PostgresStore._finish_together`):
-    once `done`, the run's row (`RUN_COLUMNS, definition, …`; None: not held as `held`) or `error`."""
-
-    queue: str
-    job_id: str
-    held: Holding
-    change: Change
-    now: float
-    done: bool = False
-    row: Any = None
-    error: BaseException | None = None
-
-
-class _Parameters:
-    """The numbered parameters ($1, $2, …) of a statement built piece by piece."""
-
-    def __init__(self) -> None:
-        self.values: list[Any] = []
-        self.unnested: list[str] = []
-        self.names: list[str] = []
-
-    def add(self, value: Any) -> str:
-        self.values.append(value)
-        return f"${len(self.values)}"
-
-    def column(self, name: str, values: Sequence[Any]) -> str:
-        """One value per row: a parameter if all are equal, else a column (`u.name`) of `unnest()`."""
-        if all(value == values[0] for value in values):
-            return self.add(values[0])
-        return self.array(name, values)
-
-    def array(self, name: str, values: Sequence[Any]) -> str:
-        kind = _ARRAY_TYPES[type(next((value for value in values if value is not None), ""))]
-        self.unnested.append(f"{self.add(list(values))}::{kind}")
-        self.names.append(name)
-        return f"u.{name}"
-
-    def sets(self, changes: Sequence[Change]) -> str:
-        """The SET clause writing each change (all setting the same columns) to its row of `u`."""
-        sets = [
-            f"{column} = {self.column(f'u_{column}', [c.columns[column] for c in changes])}"
-            for column in changes[0].columns
-        ]
-        entry = self.array("u_entry", [change.entry for change in changes])
-        return ", ".join([*sets, f"history = history || {entry}"])
-
-    def unnest(self) -> str:
-        return f"unnest({', '.join(self.unnested)}) WITH ORDINALITY AS u ({', '.join(self.names)}, u_n)"
 
 
 class PostgresDatabase:
@@ -451,8 +165,9 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self._log_ends = _LogEnds()
-        self._finishes: list[_Finish] = []
+        self._log_ends = LogEnds()
+        self._claims = Claims()
+        self._finishes: list[Finish] = []
         self._finishing = asyncio.Lock()
 
     @classmethod
@@ -564,9 +279,61 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     async def claim(
         self, *, queue: str, holder: Holder, now: float, lease: float, gpus: int = 0, count: int = 1
     ) -> list[jobs_pb2.Job]:
-        """As `Lifecycle.claim` (with `_WAITING`); nothing waiting costs one read outside any transaction
-        (as most claims find when several workers wake for one job), and a worker without free GPU
-        devices takes its jobs with one read and one write however many."""
+        """As `Lifecycle.claim`. A worker without free GPU devices (most) takes its jobs with two
+        statements and no transaction around them: a read of the queue's oldest waiting runs (when
+        nothing waits, as most claims find when several workers wake for one job, that read is all),
+        then one compare-and-set assigning each run still queued at the attempt read, that no other
+        transaction holds. The read passes over the runs this store's other claims of the queue are
+        taking (`Claims`: workers woken together would otherwise all read the same oldest runs). Runs that
+        another replica's claim took between the two, or that a transaction held, are made up for by
+        the locked path (`_claim_locked`), which takes the next ones."""
+        if gpus:
+            claimed = await self._claim_locked(queue, holder, now, lease, gpus, count)
+        else:
+            async with self._claims.reading(queue) as taking:  # past the runs this store's other claims chose
+                passed = taking.passed_over()
+                async with self._reading() as db:
+                    read = await db.all(_OLDEST, queue, count + len(passed), 0)
+                rows = [row for row in read if row[0] not in passed][:count]
+                chosen = {job_id for job_id, _ in rows}
+                taking.assigning |= chosen
+            try:
+                claimed = await self._assign_if_waiting(queue, rows, holder, now, lease) if rows else []
+            finally:
+                self._claims.assigned(queue, chosen)
+            if len(claimed) < len(rows):  # taken meanwhile by another replica's claim, or held
+                claimed += await self._claim_locked(queue, holder, now, lease, 0, count - len(claimed))
+        for job in claimed:  # a new attempt: its logs are empty
+            self._log_ends.claimed((queue, job.id, job.attempt), holder.session)
+        return claimed
+
+    async def _assign_if_waiting(
+        self, queue: str, rows: Sequence[Any], holder: Holder, now: float, lease: float
+    ) -> list[jobs_pb2.Job]:
+        """Each (id, attempt) of `rows` assigned to `holder` if its run is still queued at that attempt
+        and no other transaction holds it (compared and set under the row's lock, which is skipped,
+        not waited for: see `_finished_all`), in one statement; the runs assigned, in `rows`' order."""
+        parameters = Parameters()
+        sets = parameters.sets([transitions.assigned(attempt, holder, now, lease) for _, attempt in rows])
+        job_id = parameters.array("u_id", [job_id for job_id, _ in rows])
+        was = parameters.array("u_was", [attempt for _, attempt in rows])
+        run = f"jobs.queue = {parameters.add(queue)} AND jobs.id = {job_id}"
+        run += f" AND jobs.state = {QUEUED} AND jobs.attempt = {was}"
+        sql = (
+            f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
+            f" locked AS (SELECT jobs.queue, jobs.id FROM jobs, u WHERE {run} FOR UPDATE OF jobs SKIP LOCKED)"
+            f" UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
+            f" RETURNING {RUN_COLUMNS}, definition, u.u_n"
+        )
+        async with self._reading() as db:
+            written = sorted(await db.all(sql, *parameters.values), key=lambda row: row[-1])
+        return [with_details(job, definition, None, b"") for job, (definition, _) in map(run_of, written)]
+
+    async def _claim_locked(
+        self, queue: str, holder: Holder, now: float, lease: float, gpus: int, count: int
+    ) -> list[jobs_pb2.Job]:
+        """As `Lifecycle.claim` (with `_WAITING`); nothing waiting costs one read outside any transaction,
+        and a worker without free GPU devices takes its jobs with one read and one write however many."""
         async with self._reading() as db:
             if await db.one(_ANY_WAITING, queue, gpus) is None:
                 return []
@@ -578,25 +345,20 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
                     assigned = transitions.assigned(attempt, holder, now, lease)
                     claimed.append(await self._changed(db, queue, job_id, assigned, now))
                     gpus -= claimed[-1].definition.requirements.gpus
-                for job in claimed:  # a new attempt: its logs are empty
-                    self._log_ends.claimed((queue, job.id, job.attempt), holder.session)
                 return claimed
             rows = await db.all(_WAITING, queue, count, 0)
             if not rows:
                 return []
             changes = [transitions.assigned(attempt, holder, now, lease) for _, attempt in rows]
             written = await self._apply_all(db, queue, [job_id for job_id, _ in rows], changes)
-        claimed = [with_details(job, definition, None, b"") for job, (definition,) in map(run_of, written)]
-        for job in claimed:  # a new attempt: its logs are empty
-            self._log_ends.claimed((queue, job.id, job.attempt), holder.session)
-        return claimed
+        return [with_details(job, definition, None, b"") for job, (definition,) in map(run_of, written)]
 
     async def _apply_all(
         self, db: Database, queue: str, job_ids: Sequence[str], changes: Sequence[Change]
     ) -> list[Any]:
         """`_apply` of each change (none of them a finish, all setting the same columns) to its job's
         run, in one statement; answers the runs (`RUN_COLUMNS, definition`) in the order of `job_ids`."""
-        parameters = _Parameters()
+        parameters = Parameters()
         sets = parameters.sets(changes)
         ids = parameters.array("u_id", list(job_ids))
         sql = (
@@ -644,7 +406,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         held = Holding(RUNNING, attempt.attempt, holder.worker_id, holder.session)
         if transitions.may_finish(held, attempt, holder, result):
             change = transitions.finished(attempt, holder, result, now, started=started)
-            row = await self._finish_together(_Finish(holder.queue, attempt.job_id, held, change, now))
+            row = await self._finish_together(Finish(holder.queue, attempt.job_id, held, change, now))
             if row is not None:
                 job, (definition, *_) = run_of(row)
                 return with_details(job, definition, change.columns["result"], b"")
@@ -655,7 +417,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     # statement writes all of them. Nothing waits for company: a finish arriving alone is written at
     # once, by the one-run statement (`_changed_row_if`).
 
-    async def _finish_together(self, finish: _Finish) -> Any:
+    async def _finish_together(self, finish: Finish) -> Any:
         """The run's row after `finish` is written (None: the run is not held as `finish.held`, nothing
         written), by a statement that may write other callers' finishes too; a failure of that
         statement (the database down: `Unavailable`) is raised to each of its callers."""
@@ -672,10 +434,10 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
             raise finish.error
         return finish.row
 
-    def _next_finishes(self) -> list[_Finish]:
+    def _next_finishes(self) -> list[Finish]:
         """The finishes waiting, but one per run (a run's later finish waits for the next statement)."""
-        batch: list[_Finish] = []
-        later: list[_Finish] = []
+        batch: list[Finish] = []
+        later: list[Finish] = []
         runs: set[tuple[str, str]] = set()
         for finish in self._finishes:
             run = (finish.queue, finish.job_id)
@@ -684,7 +446,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         self._finishes = later
         return batch
 
-    async def _write_finishes(self, batch: list[_Finish], mine: _Finish) -> None:
+    async def _write_finishes(self, batch: list[Finish], mine: Finish) -> None:
         """Write `batch` (with `mine`, the caller's own, in it), marking each done with its outcome."""
         try:
             if len(batch) == 1:
@@ -702,7 +464,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         for n, finish in enumerate(batch, start=1):
             finish.done, finish.row = True, rows.get(n)
 
-    async def _finished_all(self, batch: Sequence[_Finish]) -> dict[int, Any]:
+    async def _finished_all(self, batch: Sequence[Finish]) -> dict[int, Any]:
         """Each finish of `batch` (runs all different) written, in one statement, if its run is held as
         its `held` says (compared and set under the row's lock), arming the finished runs' webhooks as
         `ARM_FINISHED` does; answers the runs written (`RUN_COLUMNS, definition, …`) by their place in
@@ -710,7 +472,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         is skipped (not written, so its finish takes the one-run path, which waits for it alone).
         Waiting while holding the other runs' locks could deadlock with a transaction that locks
         several runs in another order (a worker's renewal locks its runs in the order it names them)."""
-        parameters = _Parameters()
+        parameters = Parameters()
         sets = parameters.sets([finish.change for finish in batch])
         queue = parameters.column("u_queue", [finish.queue for finish in batch])
         job_id = parameters.array("u_id", [finish.job_id for finish in batch])
@@ -756,7 +518,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         max_chars: int = 0,
     ) -> tuple[int, list[jobs_pb2.LogChunk]] | None:
         """As `SqlStore.append_logs`, in one statement where the store knows where the log ends
-        (`_LogEnds`), else two, with no transaction around them: one reads who holds the run and where
+        (`LogEnds`), else two, with no transaction around them: one reads who holds the run and where
         the log ends; the batch is then stored only if the run is held as known and nothing was stored
         at that end meanwhile (the log's primary key). Anything else (not held, another append first)
         takes the read, then the locked path, which decides on what it finds."""
