@@ -177,10 +177,15 @@ class WorkerSession:
         await self.outbox.put(workers_pb2.ConnectResponse(finished_ack=ack))
 
     def _forget(self, attempt: Attempt) -> None:
+        """The attempt no longer holds a slot. The session claims for the slot at once only if it was
+        full (so out of its queue's line) or the attempt held GPU devices (a job waiting for devices
+        may fit now): a slot freed beside free ones waits in line as they do, since work for them
+        wakes the line (see `jobwire.server.waiting`), and a claim there would find nothing."""
         if self.running.get(attempt.job_id) == attempt.attempt:
+            was_full = not self.free_slots()
             del self.running[attempt.job_id]
-            self.gpus_used.pop(attempt.job_id, None)
-            self.wake.set()
+            if self.gpus_used.pop(attempt.job_id, 0) or was_full:
+                self.wake.set()
 
     async def _on_finished(self, finished: workers_pb2.JobFinished) -> None:
         attempt = Attempt(finished.job_id, finished.attempt)
