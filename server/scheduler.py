@@ -85,8 +85,7 @@ class Scheduler:
         submission = self._checked(definition, control, claimed_id)
         ((job, queued),) = await self._room(queue, [submission])
         await self._submitted(job, queued, submission, control, replaces=True)
-        if queued:
-            await self.bus.publish(topics.queue(queue), topics.work_notice(1))
+        await self._announce(queue, [job] if queued else [])
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
             job.waiting_reason = await self.waiting_reason(job, definition.requirements.gpus)
         return _shown(job)
@@ -110,9 +109,17 @@ class Scheduler:
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
         for index, ((job, queued), submission) in enumerate(zip(stored, submissions, strict=True)):
             await self._submitted(job, queued, submission, requests[index].control, last[submission.namespace] == index)
-        if count := sum(queued for _, queued in stored):
-            await self.bus.publish(topics.queue(queue), topics.work_notice(count))
+        await self._announce(queue, [job for job, queued in stored if queued])
         return [_shown(job) for job, _ in stored]
+
+    async def _announce(self, queue: str, queued: Sequence[jobs_pb2.Job]) -> None:
+        """Tell the watchers of each job `queued` and the queue's workers (one notice for all), at once:
+        published together, they go out together (one NOTIFY statement on PostgreSQL, not one each)."""
+        if queued:
+            await asyncio.gather(
+                *(self.publish_job(job) for job in queued),
+                self.bus.publish(topics.queue(queue), topics.work_notice(len(queued))),
+            )
 
     async def _room(self, queue: str, submissions: Sequence[Submission]) -> list[tuple[jobs_pb2.Job, bool]]:
         """The submissions stored (`StateStore.submit`) if the queue has room for what they add, else
@@ -177,11 +184,10 @@ class Scheduler:
         control: definition_pb2.JobControl,
         replaces: bool,
     ) -> None:
-        """After a job is stored: watchers told, its webhooks added, and (`replaces`) the other jobs of
-        its namespace on the queue cancelled."""
+        """After a job is stored: its webhooks added, and (`replaces`) the other jobs of its namespace on
+        the queue cancelled (`_announce` then tells its watchers and the queue's workers)."""
         if queued:
             log.debug("job %s queued on %r", job.id, job.queue)
-            await self.publish_job(job)
         await self._add_webhooks(job, submission.namespace, control, queued)
         if replaces and submission.namespace != DEFAULT_NAMESPACE:
             for replaced in await self.store.replace_in_namespace(
@@ -328,7 +334,7 @@ class Scheduler:
         jobs = await self.store.claim(queue=queue, holder=holder, now=self.clock(), lease=lease, gpus=gpus, count=count)
         for job in jobs:
             log.debug("job %s assigned to %s (attempt %d)", job.id, holder.worker_id, job.attempt)
-            await self.publish_job(job)
+        await asyncio.gather(*(self.publish_job(job) for job in jobs))  # together: one NOTIFY for all
         return jobs
 
     async def started(self, attempt: Attempt, holder: Holder) -> bool:

@@ -125,6 +125,16 @@ of the tables' sizes: the queue's `waiting` rows in order (its primary key), eac
 looked up and locked, until $2 are (the subqueries are not flattened: one has OFFSET 0, the other
 locks). Written as a join, PostgreSQL planned it, on a fresh database before statistics, as a loop
 over every queued job that searched `waiting` for each: 100 ms a claim at a thousand queued jobs."""
+
+
+def _locking(run: str) -> str:
+    """The (queue, id) of the runs matching `run` (a condition on `jobs` and a row of `u`), locked,
+    those another transaction holds skipped: looked up one row of `u` at a time (LATERAL), since on
+    a join of `jobs` and `u` PostgreSQL, knowing nothing of `u`'s size, planned a scan of every
+    queued run of the queue (~2 ms a claim with 2,000 queued)."""
+    return f"SELECT l.queue, l.id FROM u, LATERAL (SELECT queue, id FROM jobs WHERE {run} FOR UPDATE SKIP LOCKED) l"
+
+
 _OLDEST = _waiting("LIMIT 1")
 """`_WAITING` read without locking (LIMIT 1 keeps the row's subquery from being flattened, as the lock does)."""
 _LOG_END = (
@@ -291,7 +301,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
             claimed = await self._claim_locked(queue, holder, now, lease, gpus, count)
         else:
             async with self._claims.reading(queue) as taking:  # past the runs this store's other claims chose
-                passed = taking.passed_over()
+                passed = set(taking.assigning)  # as the read begins: those committed meanwhile it may still see
                 async with self._reading() as db:
                     read = await db.all(_OLDEST, queue, count + len(passed), 0)
                 rows = [row for row in read if row[0] not in passed][:count]
@@ -321,7 +331,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         run += f" AND jobs.state = {QUEUED} AND jobs.attempt = {was}"
         sql = (
             f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
-            f" locked AS (SELECT jobs.queue, jobs.id FROM jobs, u WHERE {run} FOR UPDATE OF jobs SKIP LOCKED)"
+            f" locked AS ({_locking(run)})"
             f" UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
             f" RETURNING {RUN_COLUMNS}, definition, u.u_n"
         )
@@ -484,8 +494,7 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         run = f"jobs.queue = {queue} AND jobs.id = {job_id} AND {holding}"
         sql = (
             f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
-            f" locked AS (SELECT jobs.queue, jobs.id FROM jobs, u WHERE {run}"
-            " FOR UPDATE OF jobs SKIP LOCKED),"
+            f" locked AS ({_locking(run)}),"
             f" run AS (UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
             f" RETURNING {RUN_COLUMNS}, definition, u.u_n, {now} AS u_now),"
             " armed AS (UPDATE webhooks SET armed = TRUE, next_time = run.u_now FROM run"

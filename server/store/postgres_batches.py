@@ -124,25 +124,16 @@ class Parameters:
         return f"unnest({', '.join(self.unnested)}) WITH ORDINALITY AS u ({', '.join(self.names)}, u_n)"
 
 
-PASSED_OVER_KEPT = 256
-"""How many runs already assigned a queue's reads pass over at most (beyond: a read may name them,
-and their claim falls back to the locked path)."""
-
-
 @dataclass
 class Taking:
-    """The runs of one queue this store's claims are assigning, and those they assigned while a read
-    of the queue was on its way (a read that began before an assignment's commit may still see the
-    run waiting): the next read passes over both. Reads take turns (`turn`), so that each knows
-    every run the others chose."""
+    """The runs of one queue this store's claims chose and are assigning: the next read passes over
+    those being assigned as it begins (one committed while it runs may still show as waiting to it).
+    Reads take turns (`turn`), so each knows every run the reads before it chose; a run leaves
+    `assigning` once its assignment is committed, when no read beginning after sees it waiting."""
 
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     reads: int = 0
     assigning: set[str] = field(default_factory=set)
-    assigned: set[str] = field(default_factory=set)
-
-    def passed_over(self) -> set[str]:
-        return self.assigning | self.assigned
 
 
 class Claims:
@@ -162,8 +153,6 @@ class Claims:
                 yield taking
         finally:
             taking.reads -= 1
-            if not taking.reads:
-                taking.assigned.clear()
             self._tidy(queue, taking)
 
     def assigned(self, queue: str, runs: set[str]) -> None:
@@ -172,10 +161,8 @@ class Claims:
         if taking is None:  # nothing chosen, and no claim of the queue left
             return
         taking.assigning -= runs
-        if taking.reads and len(taking.assigned) + len(runs) <= PASSED_OVER_KEPT:
-            taking.assigned |= runs
         self._tidy(queue, taking)
 
     def _tidy(self, queue: str, taking: Taking) -> None:
-        if not (taking.reads or taking.assigning or taking.assigned) and self.queues.get(queue) is taking:
+        if not (taking.reads or taking.assigning) and self.queues.get(queue) is taking:
             del self.queues[queue]
