@@ -127,6 +127,10 @@ locks). Written as a join, PostgreSQL planned it, on a fresh database before sta
 over every queued job that searched `waiting` for each: 100 ms a claim at a thousand queued jobs."""
 
 
+CLAIM_TRIES = 3
+"""Reads and compare-and-sets a claim tries before it takes the locked path (`PostgresStore.claim`)."""
+
+
 def _locking(run: str) -> str:
     """The (queue, id) of the runs matching `run` (a condition on `jobs` and a row of `u`), locked,
     those another transaction holds skipped: looked up one row of `u` at a time (LATERAL), since on
@@ -294,28 +298,44 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         nothing waits, as most claims find when several workers wake for one job, that read is all),
         then one compare-and-set assigning each run still queued at the attempt read, that no other
         transaction holds. The read passes over the runs this store's other claims of the queue are
-        taking (`Claims`: workers woken together would otherwise all read the same oldest runs). Runs that
-        another replica's claim took between the two, or that a transaction held, are made up for by
-        the locked path (`_claim_locked`), which takes the next ones."""
+        taking (`Claims`: workers woken together would otherwise all read the same oldest runs). Runs
+        that another replica's claim took between the two, or that a transaction held, are made up
+        for by reading again past them; after `CLAIM_TRIES` reads, by the locked path
+        (`_claim_locked`), which skips what others hold."""
         if gpus:
             claimed = await self._claim_locked(queue, holder, now, lease, gpus, count)
         else:
-            async with self._claims.reading(queue) as taking:  # past the runs this store's other claims chose
-                passed = set(taking.assigning)  # as the read begins: those committed meanwhile it may still see
-                async with self._reading() as db:
-                    read = await db.all(_OLDEST, queue, count + len(passed), 0)
-                rows = [row for row in read if row[0] not in passed][:count]
-                chosen = {job_id for job_id, _ in rows}
-                taking.assigning |= chosen
-            try:
-                claimed = await self._assign_if_waiting(queue, rows, holder, now, lease) if rows else []
-            finally:
-                self._claims.assigned(queue, chosen)
-            if len(claimed) < len(rows):  # taken meanwhile by another replica's claim, or held
-                claimed += await self._claim_locked(queue, holder, now, lease, 0, count - len(claimed))
+            claimed = await self._claim_compared(queue, holder, now, lease, count)
         for job in claimed:  # a new attempt: its logs are empty
             self._log_ends.claimed((queue, job.id, job.attempt), holder.session)
         return claimed
+
+    async def _claim_compared(
+        self, queue: str, holder: Holder, now: float, lease: float, count: int
+    ) -> list[jobs_pb2.Job]:
+        """`claim` by reads and compare-and-sets (see there)."""
+        claimed: list[jobs_pb2.Job] = []
+        lost: set[str] = set()  # runs read as waiting that another claim took first
+        for _ in range(CLAIM_TRIES):
+            async with self._claims.reading(queue) as taking:  # past the runs this store's claims chose
+                passed = taking.assigning | lost  # as the read begins: one committed meanwhile may still show
+                async with self._reading() as db:
+                    read = await db.all(_OLDEST, queue, count - len(claimed) + len(passed), 0)
+                rows = [row for row in read if row[0] not in passed][: count - len(claimed)]
+                chosen = {job_id for job_id, _ in rows}
+                taking.assigning |= chosen
+            if not rows:
+                return claimed
+            try:
+                assigned = await self._assign_if_waiting(queue, rows, holder, now, lease)
+            finally:
+                self._claims.assigned(queue, chosen)
+            claimed += assigned
+            if len(assigned) == len(rows):
+                return claimed
+            lost |= chosen - {job.id for job in assigned}
+        # taken from under it again and again (claims of other replicas): the locked path
+        return claimed + await self._claim_locked(queue, holder, now, lease, 0, count - len(claimed))
 
     async def _assign_if_waiting(
         self, queue: str, rows: Sequence[Any], holder: Holder, now: float, lease: float
