@@ -76,6 +76,16 @@ def run_of(row: Sequence[Any]) -> tuple[jobs_pb2.Job, Sequence[Any]]:
     return job_message(tuple(row[:_JOB_WIDTH]), namespaces=sorted(names)), tuple(row[_JOB_WIDTH + 1 :])
 
 
+def assignments(change: Change) -> tuple[str, list[Any]]:
+    """The SET clause writing `change` to one run's row (its columns, then its history entry appended)
+    and its values, in order."""
+    sets, values = [f"{column} = ?" for column in change.columns], [*change.columns.values()]
+    if change.entry:
+        sets.append("history = history || ?")
+        values.append(change.entry)
+    return ", ".join(sets), values
+
+
 class SqlBase:
     """What every shared statement stands on: a backend opens operations; here, job rows are read and
     `transitions.Change`s written."""
@@ -94,12 +104,8 @@ class SqlBase:
         """Write what a transition decided to the job's run in `queue`: the row and its history in one
         statement (answering the row `returning` names, if it names one); a finish arms the run's
         `finished` webhooks in the same transaction."""
-        values = [*change.columns.values()]
-        sets = [f"{column} = ?" for column in change.columns]
-        if change.entry:
-            sets.append("history = history || ?")
-            values.append(change.entry)
-        update = f"UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
+        sets, values = assignments(change)
+        update = f"UPDATE jobs SET {sets} WHERE queue = ? AND id = ?{returning}"
         row = None
         if returning:
             row = await db.one(update, *values, queue, job_id)

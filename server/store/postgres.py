@@ -20,7 +20,7 @@ import asyncpg
 from jobwire.server.errors import JOB_STORE, ServerError, dependency_error, raise_dependency_error
 from jobwire.server.store import credentials, transitions
 from jobwire.server.store.base import FINISHED_HOOK, NO_LIMITS, Attempt, Holder, LogTotals, Room, Submission
-from jobwire.server.store.database import ARM_FINISHED, RUN_COLUMNS, Database, postgres_sql, run_of
+from jobwire.server.store.database import ARM_FINISHED, RUN_COLUMNS, Database, assignments, postgres_sql, run_of
 from jobwire.server.store.postgres_batches import Claims, Finish, LogEnds, Parameters, RunKey
 from jobwire.server.store.postgres_schema import migrate
 from jobwire.server.store.records import SqlStore
@@ -131,12 +131,20 @@ CLAIM_TRIES = 3
 """Reads and compare-and-sets a claim tries before it takes the locked path (`PostgresStore.claim`)."""
 
 
-def _locking(run: str) -> str:
-    """The (queue, id) of the runs matching `run` (a condition on `jobs` and a row of `u`), locked,
-    those another transaction holds skipped: looked up one row of `u` at a time (LATERAL), since on
-    a join of `jobs` and `u` PostgreSQL, knowing nothing of `u`'s size, planned a scan of every
-    queued run of the queue (~2 ms a claim with 2,000 queued)."""
-    return f"SELECT l.queue, l.id FROM u, LATERAL (SELECT queue, id FROM jobs WHERE {run} FOR UPDATE SKIP LOCKED) l"
+def _written_if(parameters: Parameters, sets: str, run: str, returning: str) -> str:
+    """`WITH u, locked, run`: the rows of `unnest` (`u`), and `run`, the update by `sets` of each run
+    matching `run` (a condition on `jobs` and a row of `u`) that no other transaction holds, answering
+    `returning`. The runs are looked up and locked one row of `u` at a time (LATERAL), skipping those
+    another transaction holds: on a join of `jobs` and `u` PostgreSQL, knowing nothing of `u`'s size,
+    planned a scan of every queued run of the queue (~2 ms a claim with 2,000 queued); and waiting for
+    a lock while holding others could deadlock with a transaction locking runs in another order."""
+    return (
+        f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
+        " locked AS (SELECT l.queue, l.id FROM u,"
+        f" LATERAL (SELECT queue, id FROM jobs WHERE {run} FOR UPDATE SKIP LOCKED) l),"
+        f" run AS (UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
+        f" RETURNING {returning})"
+    )
 
 
 _OLDEST = _waiting("LIMIT 1")
@@ -342,19 +350,14 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     ) -> list[jobs_pb2.Job]:
         """Each (id, attempt) of `rows` assigned to `holder` if its run is still queued at that attempt
         and no other transaction holds it (compared and set under the row's lock, which is skipped,
-        not waited for: see `_finished_all`), in one statement; the runs assigned, in `rows`' order."""
+        not waited for: `_written_if`), in one statement; the runs assigned, in `rows`' order."""
         parameters = Parameters()
         sets = parameters.sets([transitions.assigned(attempt, holder, now, lease) for _, attempt in rows])
         job_id = parameters.array("u_id", [job_id for job_id, _ in rows])
         was = parameters.array("u_was", [attempt for _, attempt in rows])
         run = f"jobs.queue = {parameters.add(queue)} AND jobs.id = {job_id}"
         run += f" AND jobs.state = {QUEUED} AND jobs.attempt = {was}"
-        sql = (
-            f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
-            f" locked AS ({_locking(run)})"
-            f" UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
-            f" RETURNING {RUN_COLUMNS}, definition, u.u_n"
-        )
+        sql = _written_if(parameters, sets, run, f"{RUN_COLUMNS}, definition, u.u_n") + " SELECT * FROM run"
         async with self._reading() as db:
             written = sorted(await db.all(sql, *parameters.values), key=lambda row: row[-1])
         return [with_details(job, definition, None, b"") for job, (definition, _) in map(run_of, written)]
@@ -404,11 +407,9 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         """As `SqlBase._apply`; a finish arms the run's `finished` webhooks in the same statement."""
         if not change.finishes:
             return await super()._apply(db, queue, job_id, change, now, returning)
-        sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
-        update = (
-            f"WITH armed AS ({ARM_FINISHED}) UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ?{returning}"
-        )
-        values = (now, job_id, queue, FINISHED_HOOK, *change.columns.values(), change.entry, queue, job_id)
+        sets, assigned = assignments(change)
+        update = f"WITH armed AS ({ARM_FINISHED}) UPDATE jobs SET {sets} WHERE queue = ? AND id = ?{returning}"
+        values = (now, job_id, queue, FINISHED_HOOK, *assigned, queue, job_id)
         return await (db.one if returning else db.run)(update, *values)
 
     # A worker's start and finish of the attempt it holds, the usual case, are one statement (its own
@@ -513,11 +514,8 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
         now = parameters.array("u_now", [finish.now for finish in batch])
         run = f"jobs.queue = {queue} AND jobs.id = {job_id} AND {holding}"
         sql = (
-            f"WITH u AS (SELECT * FROM {parameters.unnest()}),"
-            f" locked AS ({_locking(run)}),"
-            f" run AS (UPDATE jobs SET {sets} FROM u WHERE {run} AND (jobs.queue, jobs.id) IN (SELECT * FROM locked)"
-            f" RETURNING {RUN_COLUMNS}, definition, u.u_n, {now} AS u_now),"
-            " armed AS (UPDATE webhooks SET armed = TRUE, next_time = run.u_now FROM run"
+            _written_if(parameters, sets, run, f"{RUN_COLUMNS}, definition, u.u_n, {now} AS u_now")
+            + ", armed AS (UPDATE webhooks SET armed = TRUE, next_time = run.u_now FROM run"
             " WHERE webhooks.queue = run.queue AND webhooks.job_id = run.id"
             f" AND webhooks.event = {parameters.add(FINISHED_HOOK)} AND NOT webhooks.armed)"
             " SELECT * FROM run"
@@ -614,13 +612,13 @@ class PostgresStore(SqlStore, credentials.CredentialRecords):
     async def _changed_row_if(self, queue: str, job_id: str, held: Holding, change: Change, now: float) -> Any:
         """The run's row (`RUN_COLUMNS, definition`) after `change`, written if it is held as `held`
         (a finish arms its webhooks in the same statement); None (and no change) if not."""
-        sets = [f"{column} = ?" for column in change.columns] + ["history = history || ?"]
+        sets, values = assignments(change)
         holding = " AND ".join(f"{column} = ?" for column in HOLDING.split(", "))
         sql = (
-            f"WITH run AS (UPDATE jobs SET {', '.join(sets)} WHERE queue = ? AND id = ? AND {holding}"
+            f"WITH run AS (UPDATE jobs SET {sets} WHERE queue = ? AND id = ? AND {holding}"
             f" RETURNING {RUN_COLUMNS}, definition)"
         )
-        values: list[Any] = [*change.columns.values(), change.entry, queue, job_id, *held]
+        values += [queue, job_id, *held]
         if change.finishes:
             sql += f", armed AS ({ARM_FINISHED} AND EXISTS (SELECT FROM run))"
             values += [now, job_id, queue, FINISHED_HOOK]
