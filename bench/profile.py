@@ -42,8 +42,8 @@ share is its Python work around the statements.
 - claim path: `WorkerSession._fill` / `_fill_forever`, `Scheduler.claim`, `SqliteStore.claim` (its one
   inline "is anything waiting" SELECT counts here), anything in `server/waiting.py` (the waiting lines).
 - submit path: `JobServicer.SubmitJob` / `SubmitJobs` / `_submit` / `SubmitJobStream` (and its
-  `answer`), `Scheduler.submit` / `submit_many` and the scheduler's helpers they call (`_room`,
-  `_checked`, `_submitted`, `_add_webhooks`, `publish_job`).
+  `answer`), `Scheduler.submit` / `submit_many` and the scheduler's helpers they call
+  (`_store_submissions`, `_checked`, `_submitted`, `_add_webhooks`, `publish_job`).
 - gRPC machinery, in three rows (and their sum):
   - poller thread: `Thread.run` when innermost (the only thread whose target is no Python code is
     gRPC's poller, Cython's `_poll_wrapper`; the executor's threads show `_worker`);
@@ -162,7 +162,7 @@ CATEGORIES: list[tuple[str, Rule]] = [
                 "JobServicer._submit",
                 "Scheduler.submit",
                 "Scheduler.submit_many",
-                "Scheduler._room",
+                "Scheduler._store_submissions",
                 "Scheduler._checked",
                 "Scheduler._submitted",
                 "Scheduler._add_webhooks",

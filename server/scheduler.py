@@ -83,7 +83,7 @@ class Scheduler:
         the same definition neither answer nor hold it back)."""
         check_queue(queue)
         submission = self._checked(definition, control, claimed_id)
-        ((job, queued),) = await self._room(queue, [submission])
+        ((job, queued),) = await self._store_submissions(queue, [submission])
         await self._submitted(job, queued, submission, control, replaces=True)
         await self._announce(queue, [job] if queued else [])
         if job.state == jobs_pb2.JOB_STATE_QUEUED:
@@ -104,7 +104,7 @@ class Scheduler:
                 submissions.append(self._checked(request.definition, request.control, request.id))
             except InvalidArgument as error:
                 raise InvalidArgument(f"jobs[{index}]: {error}") from None
-        stored = await self._room(queue, submissions)
+        stored = await self._store_submissions(queue, submissions)
         # As if submitted one by one: the last job of a namespace is the one that replaces the others.
         last = {submission.namespace: index for index, submission in enumerate(submissions)}
         for index, ((job, queued), submission) in enumerate(zip(stored, submissions, strict=True)):
@@ -121,7 +121,9 @@ class Scheduler:
                 self.bus.publish(topics.queue(queue), topics.work_notice(len(queued))),
             )
 
-    async def _room(self, queue: str, submissions: Sequence[Submission]) -> list[tuple[jobs_pb2.Job, bool]]:
+    async def _store_submissions(
+        self, queue: str, submissions: Sequence[Submission]
+    ) -> list[tuple[jobs_pb2.Job, bool]]:
         """The submissions stored (`StateStore.submit`) if the queue has room for what they add, else
         TooLarge: queued jobs (`--max-queued-jobs`) and bytes of definitions (`--max-queue-bytes`).
 
